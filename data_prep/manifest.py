@@ -1,0 +1,208 @@
+"""The prepared-dataset contract between `distill-prep` and the trainer.
+
+A prepared dataset is a directory::
+
+    manifest.json          written last, atomically: its presence means the pipeline finished
+    token_counts.npy       int64[vocab_size]: how often each id occurs in the train split
+    tokenizer/             the tokenizer that produced the ids (save_pretrained output)
+    train/*.parquet        shards; columns `input_ids` (list<uint16|int32>, with [CLS] ... [SEP])
+    validation/*.parquet   and `word_start` (list<bool>, True where a token begins a word)
+
+This module has no Beam dependency so that the trainer can import it cheaply.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_NAME = "distill-prepared-dataset"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKEN_COUNTS_FILE = "token_counts.npy"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "validation")
+
+
+class DatasetError(ValueError):
+    """A prepared dataset is missing, unfinished, damaged or does not match the model."""
+
+
+@dataclass
+class TokenizerIdentity:
+    """Who produced the token ids: enough to refuse a dataset made with another vocabulary."""
+
+    type: str  # "hf-fast" or "sentencepiece"
+    name_or_path: str
+    vocab_size: int
+    vocab_sha256: str
+    special_token_ids: dict[str, int]  # cls, sep, pad, mask, unk (those that exist)
+    all_special_ids: list[int]
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset directory
+    rows: int
+    tokens: int  # sum of sequence lengths, special tokens included
+    sha256: str
+    bytes: int = 0
+
+
+@dataclass
+class SplitInfo:
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+
+@dataclass
+class Manifest:
+    tokenizer: TokenizerIdentity
+    max_seq_len: int
+    packing: str
+    token_dtype: str
+    splits: dict[str, SplitInfo]
+    token_counts: dict[str, Any]  # {"path", "sha256", "split"}
+    stats: dict[str, Any]
+    pipeline_options: dict[str, Any]
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name, split in self.splits.items():
+            data["splits"][name]["rows"] = split.rows
+            data["splits"][name]["tokens"] = split.tokens
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        splits = {
+            name: SplitInfo(shards=[ShardInfo(**s) for s in info["shards"]])
+            for name, info in data.pop("splits").items()
+        }
+        tokenizer = TokenizerIdentity(**data.pop("tokenizer"))
+        return cls(tokenizer=tokenizer, splits=splits, **data)
+
+
+def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer, name_or_path: str, kind: str = "hf-fast") -> TokenizerIdentity:
+    """Fingerprint a Hugging Face tokenizer (vocabulary hash + special ids)."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    specials = {}
+    for name in ("cls", "sep", "pad", "mask", "unk", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            specials[name] = int(token_id)
+    return TokenizerIdentity(
+        type=kind,
+        name_or_path=str(name_or_path),
+        vocab_size=len(vocab),
+        vocab_sha256=hashlib.sha256(blob).hexdigest(),
+        special_token_ids=specials,
+        all_special_ids=sorted(int(i) for i in tokenizer.all_special_ids),
+    )
+
+
+def write_json_atomically(path: str, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, fsync, then rename: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_manifest(data_dir: str) -> Manifest:
+    """Read `manifest.json`; a directory without one is an unfinished or wrong path."""
+    path = os.path.join(data_dir, MANIFEST_FILE)
+    if not os.path.isdir(data_dir):
+        raise DatasetError(
+            f"prepared dataset {data_dir!r} does not exist; run `distill-prep --output {data_dir} ...` first"
+        )
+    if not os.path.exists(path):
+        raise DatasetError(
+            f"{data_dir!r} has no {MANIFEST_FILE}: the data-prep pipeline did not finish there "
+            f"(or this is not a prepared dataset); rerun `distill-prep` into an empty directory"
+        )
+    try:
+        with open(path) as handle:
+            raw = json.load(handle)
+        manifest = Manifest.from_json(raw)
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise DatasetError(f"{path} is not a valid manifest ({exc}); rerun `distill-prep`") from exc
+    if manifest.format != FORMAT_NAME or manifest.format_version != FORMAT_VERSION:
+        raise DatasetError(
+            f"{path} has format {manifest.format!r} v{manifest.format_version}, this version reads "
+            f"{FORMAT_NAME!r} v{FORMAT_VERSION}; re-prepare the corpus with this version's `distill-prep`"
+        )
+    return manifest
+
+
+def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool = False) -> None:
+    """Check that every shard of `split` exists and holds the rows the manifest says.
+
+    Row counts come from the Parquet footers (cheap); `checksums=True` also re-hashes every file.
+    """
+    import pyarrow.parquet as pq
+
+    if split not in manifest.splits:
+        raise DatasetError(
+            f"{data_dir!r} has no {split!r} split (it has {sorted(manifest.splits)}); "
+            f"prepare it with distill-prep or pick another split"
+        )
+    info = manifest.splits[split]
+    if not info.shards or info.rows == 0:
+        raise DatasetError(f"split {split!r} of {data_dir!r} is empty; prepare a larger corpus")
+    for shard in info.shards:
+        path = os.path.join(data_dir, shard.path)
+        if not os.path.exists(path):
+            raise DatasetError(f"shard {path} listed in the manifest is missing; re-run distill-prep")
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows != shard.rows:
+            raise DatasetError(
+                f"shard {path} holds {rows} rows but the manifest says {shard.rows}; "
+                f"the dataset is damaged, re-run distill-prep"
+            )
+        if checksums and sha256_file(path) != shard.sha256:
+            raise DatasetError(f"shard {path} fails its sha256 check; the dataset is damaged, re-run distill-prep")
+
+
+def check_tokenizer_matches(manifest: Manifest, identity: TokenizerIdentity, what: str) -> None:
+    """Refuse to train or evaluate `what` on ids produced by a different vocabulary."""
+    prepared = manifest.tokenizer
+    if prepared.vocab_sha256 != identity.vocab_sha256 or prepared.special_token_ids != identity.special_token_ids:
+        raise DatasetError(
+            f"the tokenizer of {what} ({identity.name_or_path}, vocab {identity.vocab_size}) does not match the "
+            f"one the dataset was prepared with ({prepared.name_or_path}, vocab {prepared.vocab_size}); "
+            f"re-run distill-prep with --tokenizer {identity.name_or_path}"
+        )
