@@ -1,0 +1,168 @@
+"""Checkpoint layout, completeness and run identity.
+
+    OUTPUT/run.json                       identity of the run that owns this directory
+    OUTPUT/checkpoints/step_00000100/     DeepSpeed checkpoint (per-rank ZeRO shards) + ours:
+        trainer_state.json                step, samples consumed, seed/RNG scheme, resolved config
+        hf_config/config.json             the student's Hugging Face config (for export)
+        tokenizer/                        the tokenizer the data was prepared with
+        COMPLETE                          written last, after every rank finished writing
+    OUTPUT/checkpoints/latest             tag of the newest complete checkpoint (write-to-temp + rename)
+
+A checkpoint counts only with its COMPLETE marker; resume takes the newest complete one and warns
+about any newer, unfinished one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from data_prep.manifest import write_json_atomically
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+RUN_FILE = "run.json"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+# Keys that may change between restarts of the same run (they do not change what is learned).
+RESTARTABLE_KEYS = {
+    "output_dir", "data.path", "data.num_workers", "data.cache_dir", "data.verify_checksums",
+    "train.micro_batch", "train.log_every", "train.halt_at_step", "checkpoint.every_steps",
+    "checkpoint.keep_last", "deepspeed.config", "deepspeed.zero_stage", "teacher.attn_implementation",
+    "student.attn_implementation", "teacher.path",
+}
+
+
+class CheckpointError(RuntimeError):
+    """The output directory or a checkpoint cannot be used as asked."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS)
+
+
+def is_complete(tag_dir: str) -> bool:
+    return os.path.exists(os.path.join(tag_dir, COMPLETE))
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
+    """(step, tag, complete) of every checkpoint directory under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _TAG.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), name, is_complete(os.path.join(root, name))))
+    return sorted(found)
+
+
+def latest_complete(root: str) -> Optional[tuple[int, str]]:
+    """Newest complete checkpoint; unfinished newer ones are reported and skipped."""
+    best = None
+    for step, tag, complete in list_checkpoints(root):
+        if complete:
+            best = (step, tag)
+        else:
+            log.warning("skipping checkpoint %s: it has no %s marker (a save was interrupted)", os.path.join(root, tag), COMPLETE)
+    return best
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "weights":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def run_identity(config: dict[str, Any], manifest_sha256: str) -> dict[str, Any]:
+    """What makes two invocations 'the same run' (resumable into one another)."""
+    ident = {k: v for k, v in flatten(config).items() if k not in RESTARTABLE_KEYS}
+    ident["data.manifest_sha256"] = manifest_sha256
+    return ident
+
+
+def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
+    """Make `output_dir` this run's: returns True if it already was (resume), refuses foreign data."""
+    run_file = os.path.join(output_dir, RUN_FILE)
+    if os.path.exists(run_file):
+        with open(run_file) as handle:
+            previous = json.load(handle)["identity"]
+        diffs = [
+            f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}"
+            for k in sorted(set(previous) | set(identity))
+            if previous.get(k) != identity.get(k)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"output_dir {output_dir!r} holds another run (differs in {'; '.join(diffs)}); "
+                f"use a new output_dir, or restore the old settings to resume it"
+            )
+        return True
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise CheckpointError(
+            f"output_dir {output_dir!r} already holds data that is not a run of this tool; choose an empty or new directory"
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    write_json_atomically(run_file, {"identity": identity})
+    return False
+
+
+def write_latest(root: str, tag: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(tag)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def mark_complete(tag_dir: str) -> None:
+    path = os.path.join(tag_dir, COMPLETE)
+    with open(path, "w") as handle:
+        handle.write("ok\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    complete = [(s, t) for s, t, ok in list_checkpoints(root) if ok]
+    for _, tag in complete[:-keep_last]:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """Accept a run dir, its `checkpoints/` dir or one checkpoint dir; return (root, tag) of a complete one."""
+    path = os.path.abspath(path)
+    if _TAG.match(os.path.basename(path)):
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): its save was interrupted; use an earlier one")
+        return os.path.dirname(path), os.path.basename(path)
+    root = path if os.path.basename(path) == CHECKPOINTS else checkpoints_root(path)
+    found = latest_complete(root)
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint under {path}; pass a run directory written by distill-train or a checkpoint directory")
+    return root, found[1]
+
+
+def read_trainer_state(root: str, tag: str) -> dict[str, Any]:
+    with open(os.path.join(root, tag, TRAINER_STATE)) as handle:
+        return json.load(handle)

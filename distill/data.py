@@ -1,0 +1,145 @@
+"""Reading a prepared dataset and cutting it into micro batches, deterministically.
+
+Data order is a pure function of (seed, epoch, global stream index): stream index g is sample
+`perm_epoch[g % N]` of epoch g // N, and optimizer step s consumes stream indices
+[s*G, (s+1)*G). A resumed run, or one on another number of ranks, therefore sees exactly the
+samples it had not seen yet. Which rank and micro step gets which sample of a step is free (the
+gradient is their sum), so samples of similar length are grouped to save padding.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from data_prep.manifest import Manifest, load_manifest, verify_shards
+
+log = logging.getLogger(__name__)
+
+
+class TokenSequences:
+    """Random access to the sequences of one split (Arrow files memory-mapped by `datasets`)."""
+
+    def __init__(self, data_dir: str, split: str, manifest: Optional[Manifest] = None, cache_dir: Optional[str] = None, verify_checksums: bool = False):
+        import datasets
+        import pyarrow.compute as pc
+
+        self.data_dir = data_dir
+        self.manifest = manifest or load_manifest(data_dir)
+        verify_shards(data_dir, self.manifest, split, checksums=verify_checksums)
+        files = [os.path.join(data_dir, shard.path) for shard in self.manifest.splits[split].shards]
+        datasets.disable_progress_bars()
+        self.dataset = datasets.Dataset.from_parquet(files, cache_dir=cache_dir, keep_in_memory=False)
+        self.has_word_start = "word_start" in self.dataset.column_names
+        self._table = None
+        column = self.dataset.data.column("input_ids")
+        self.lengths = np.concatenate([pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]).astype(np.int32)
+        if len(self.lengths) != self.manifest.splits[split].rows:
+            raise ValueError(f"{data_dir}: read {len(self.lengths)} rows of {split!r}, manifest says {self.manifest.splits[split].rows}")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_table"] = None  # the datasets object pickles by file path; never ship table data to workers
+        return state
+
+    def rows(self, indices: np.ndarray) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
+        """(token ids, word-start flags) of the given row indices, in that order."""
+        if self._table is None:
+            self._table = self.dataset.data.table.select(["input_ids", "word_start"] if self.has_word_start else ["input_ids"])
+        table = self._table.take(np.asarray(indices, dtype=np.int64))
+        ids = table.column("input_ids").to_pylist()
+        starts = table.column("word_start").to_pylist() if self.has_word_start else [None] * len(ids)
+        return [(np.asarray(i, dtype=np.int64), None if s is None else np.asarray(s, dtype=bool)) for i, s in zip(ids, starts)]
+
+
+@dataclass
+class StepPlan:
+    """Which samples go to which rank and micro step at each optimizer step."""
+
+    num_samples: int
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    rank: int
+    seed: int
+    lengths: Optional[np.ndarray] = None  # set to group micro batches by length
+
+    def __post_init__(self):
+        per_step = self.micro_batch * self.world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not divisible by micro_batch {self.micro_batch} x {self.world_size} ranks = {per_step}; "
+                f"choose a global batch that is a multiple of {per_step} or change train.micro_batch"
+            )
+        self.accumulation = self.global_batch // per_step
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return self._perms[epoch]
+
+    def sample_ids(self, stream: np.ndarray) -> np.ndarray:
+        """Dataset row of each global stream index."""
+        out = np.empty(len(stream), dtype=np.int64)
+        epochs = stream // self.num_samples
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._permutation(int(epoch))[stream[sel] % self.num_samples]
+        return out
+
+    def step_stream(self, step: int) -> np.ndarray:
+        return np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
+
+    def micro_batch_of(self, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stream indices, row ids) for this rank's `micro`-th micro batch of `step`."""
+        stream = self.step_stream(step)
+        rows = self.sample_ids(stream)
+        if self.lengths is not None:
+            order = np.lexsort((stream, self.lengths[rows]))  # by length, ties by stream position
+            stream, rows = stream[order], rows[order]
+        chunk = micro * self.world_size + self.rank  # same micro step on all ranks has similar lengths
+        sl = slice(chunk * self.micro_batch, (chunk + 1) * self.micro_batch)
+        return stream[sl], rows[sl]
+
+    def step_fingerprint(self, step: int) -> str:
+        """Short hash of the set of rows a step trains on (world-size independent)."""
+        rows = np.sort(self.sample_ids(self.step_stream(step)))
+        return hashlib.sha1(rows.tobytes()).hexdigest()[:16]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item i = this rank's i-th micro batch from `start_step` on, masked and padded."""
+
+    def __init__(self, sequences: TokenSequences, plan: StepPlan, collator, start_step: int, end_step: int):
+        self.sequences = sequences
+        self.plan = plan
+        self.collator = collator
+        self.start_step = start_step
+        self.end_step = end_step
+
+    def __len__(self) -> int:
+        return (self.end_step - self.start_step) * self.plan.accumulation
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        step = self.start_step + i // self.plan.accumulation
+        stream, rows = self.plan.micro_batch_of(step, i % self.plan.accumulation)
+        return self.collator(self.sequences.rows(rows), stream)
+
+
+def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Ordered loader over micro batches; workers prefetch while the model computes."""
+    kwargs = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(
+        micro_batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory, **kwargs
+    )

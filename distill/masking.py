@@ -1,0 +1,143 @@
+"""Dynamic masking: a fresh mask every time a sequence is seen, drawn in the collator.
+
+The mask of a sequence is a pure function of (seed, global stream position of the sample), so a
+resumed run, or a run on another number of ranks, draws exactly the same masks.
+
+Per sequence: n = max(1, round(p * maskable tokens)) positions are selected without replacement,
+uniformly or with probability ~ count(token)^-s (DistilBERT's smoothing, s = 0.7), by
+Efraimidis-Spirakis keys (u^(1/w)); with whole-word masking whole words are selected (a word's
+weight is the mean of its tokens' weights) until n tokens are covered. Of the selected tokens
+80% become [MASK], 10% a random non-special token, 10% stay; special tokens and padding are never
+selected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MaskingPolicy:
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+    special_ids: Sequence[int]
+    mlm_probability: float = 0.15
+    mask_token_fraction: float = 0.8
+    random_token_fraction: float = 0.1
+    whole_word: bool = False
+    token_weights: Optional[np.ndarray] = None  # (vocab,) selection weight per id; None = uniform
+
+    def __post_init__(self):
+        is_special = np.zeros(self.vocab_size, dtype=bool)
+        is_special[np.asarray(list(self.special_ids), dtype=np.int64)] = True
+        self.is_special = is_special
+        self.random_candidates = np.flatnonzero(~is_special)
+
+    @classmethod
+    def with_smoothing(cls, token_counts: np.ndarray, smoothing: float, **kw) -> "MaskingPolicy":
+        """Policy whose selection weights are max(count, 1)^-smoothing (0 = uniform), specials 0."""
+        policy = cls(**kw)
+        if smoothing > 0:
+            counts = np.zeros(policy.vocab_size, dtype=np.float64)
+            counts[: len(token_counts)] = token_counts[: policy.vocab_size]
+            weights = np.maximum(counts, 1.0) ** (-smoothing)
+            weights[policy.is_special] = 0.0
+            policy.token_weights = weights
+        return policy
+
+
+def sample_rng(seed: int, stream_index: int) -> np.random.Generator:
+    """The generator that masks the sample at global stream position `stream_index`."""
+    return np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, stream_index]))
+
+
+def _weighted_order(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices ordered as a weighted sample without replacement (Efraimidis-Spirakis), 0-weight last."""
+    u = rng.random(len(weights))
+    with np.errstate(divide="ignore"):
+        keys = np.where(weights > 0, np.log(u) / np.where(weights > 0, weights, 1.0), -np.inf)
+    return np.argsort(-keys, kind="stable")
+
+
+def mask_sequence(ids: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return (input ids with replacements, labels with -100 where nothing is predicted)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    maskable = ~policy.is_special[ids]
+    n_maskable = int(maskable.sum())
+    labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    if n_maskable == 0:
+        return ids.copy(), labels
+    n_target = max(1, int(round(policy.mlm_probability * n_maskable)))
+    if policy.token_weights is not None:
+        token_w = policy.token_weights[ids] * maskable
+    else:
+        token_w = maskable.astype(np.float64)
+
+    if policy.whole_word and word_start is not None:
+        starts = np.asarray(word_start, dtype=bool) | ~maskable  # specials are words of their own
+        starts[0] = True
+        word_of = np.cumsum(starts) - 1
+        n_words = int(word_of[-1]) + 1
+        sizes = np.bincount(word_of, minlength=n_words)
+        word_maskable = np.bincount(word_of, weights=maskable, minlength=n_words) == sizes
+        word_w = np.bincount(word_of, weights=token_w, minlength=n_words) / sizes
+        word_w[~word_maskable] = 0.0
+        chosen_words = []
+        covered = 0
+        for w in _weighted_order(word_w, rng):
+            if word_w[w] <= 0 or covered >= n_target:
+                break
+            if covered + sizes[w] > n_target and covered > 0:
+                continue  # as BERT's whole-word masking: skip words that overshoot the budget
+            chosen_words.append(w)
+            covered += sizes[w]
+        selected = np.flatnonzero(np.isin(word_of, chosen_words))
+    else:
+        selected = _weighted_order(token_w, rng)[:n_target]
+        selected = selected[token_w[selected] > 0]
+
+    selected = np.sort(selected)
+    labels[selected] = ids[selected]
+    out = ids.copy()
+    roll = rng.random(len(selected))
+    to_mask = selected[roll < policy.mask_token_fraction]
+    to_random = selected[(roll >= policy.mask_token_fraction) & (roll < policy.mask_token_fraction + policy.random_token_fraction)]
+    out[to_mask] = policy.mask_id
+    if len(to_random):
+        out[to_random] = rng.choice(policy.random_candidates, size=len(to_random))
+    return out, labels
+
+
+class MaskingCollator:
+    """Mask each sequence with its own generator and pad the micro batch."""
+
+    def __init__(self, policy: MaskingPolicy, seed: int, pad_to_multiple_of: int = 8):
+        self.policy = policy
+        self.seed = seed
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        length = max(len(ids) for ids, _ in rows)
+        multiple = self.pad_to_multiple_of
+        length = ((length + multiple - 1) // multiple) * multiple
+        batch_ids = np.full((len(rows), length), self.policy.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+        attention = np.zeros((len(rows), length), dtype=np.int64)
+        for i, ((ids, word_start), g) in enumerate(zip(rows, stream_indices)):
+            masked, seq_labels = mask_sequence(ids, word_start, self.policy, sample_rng(self.seed, int(g)))
+            n = len(masked)
+            batch_ids[i, :n] = masked
+            labels[i, :n] = seq_labels
+            attention[i, :n] = 1
+        return {
+            "input_ids": torch.from_numpy(batch_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels),
+            "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
+        }

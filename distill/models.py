@@ -1,0 +1,263 @@
+"""Teacher loading, student construction and initialisation from teacher layers.
+
+Masked LMs of the BERT family (BERT, RoBERTa, XLM-R, CamemBERT) and DistilBERT are driven through
+one small interface: run the encoder, then apply the vocabulary head only at chosen positions.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill.losses import ModelOutputs
+
+log = logging.getLogger(__name__)
+
+# model_type -> (attribute of the encoder, attribute of the MLM head or None for DistilBERT's)
+_MLM_LAYOUT = {
+    "bert": ("bert", "cls"),
+    "roberta": ("roberta", "lm_head"),
+    "xlm-roberta": ("roberta", "lm_head"),
+    "camembert": ("roberta", "lm_head"),
+    "distilbert": ("distilbert", None),
+}
+_ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A teacher that cannot be loaded or used, or a student that cannot be built as asked."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return _DTYPES[name]
+
+
+def _layout(model: nn.Module) -> tuple[str, Optional[str]]:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _MLM_LAYOUT:
+        raise ModelError(
+            f"model type {model_type!r} is not supported as a masked LM here (supported: {', '.join(sorted(_MLM_LAYOUT))}); "
+            f"use a BERT-family masked-LM checkpoint"
+        )
+    return _MLM_LAYOUT[model_type]
+
+
+def apply_mlm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of `model`'s MLM head for hidden states of shape (..., H)."""
+    _, head = _layout(model)
+    if head is None:  # DistilBertForMaskedLM keeps its head as loose modules
+        x = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+        return model.vocab_projector(x)
+    return getattr(model, head)(hidden)
+
+
+def mlm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor]) -> ModelOutputs:
+    """Encoder forward; vocabulary logits only at the flat `logit_positions` (None: no logits)."""
+    encoder_name, _ = _layout(model)
+    hidden = getattr(model, encoder_name)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = None
+    if logit_positions is not None:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
+        logits = apply_mlm_head(model, selected)
+    return ModelOutputs(hidden=hidden, logits=logits)
+
+
+class StudentForDistillation(nn.Module):
+    """The module DeepSpeed wraps: returns (last hidden states, logits at the given positions)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, logit_positions=None):
+        out = mlm_forward(self.model, input_ids, attention_mask, logit_positions)
+        return out.hidden, out.logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher
+
+
+def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
+    """Load a local masked-LM checkpoint with `from_pretrained`, frozen: eval mode, no gradients."""
+    from transformers import AutoModelForMaskedLM
+
+    if not os.path.isdir(path):
+        raise ModelError(
+            f"teacher.path {path!r} is not a local directory; this job never downloads. On a machine with internet run "
+            f"`hf download {path} --local-dir DIR` (or save_pretrained) and set teacher.path=DIR"
+        )
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelError(f"teacher.path {path!r} has no config.json; point it at a directory written by save_pretrained")
+    try:
+        teacher = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+    except Exception as exc:  # transformers raises many types for unreadable checkpoints
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"teacher {path!r} could not be loaded as a masked LM ({first}); check the directory holds a complete Hugging Face checkpoint") from None
+    _layout(teacher)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Student
+
+
+def default_init_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers including the first and last (12 -> 6 gives 0,2,4,7,9,11)."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [int(i * (teacher_layers - 1) / (student_layers - 1) + 0.5) for i in range(student_layers)]
+
+
+def _teacher_shape(teacher: nn.Module) -> dict:
+    c = teacher.config
+    offset = (c.pad_token_id + 1) if c.model_type in _ROBERTA_LIKE else 0
+    return {
+        "hidden_size": c.hidden_size,
+        "num_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "num_layers": c.num_hidden_layers,
+        "max_position_embeddings": c.max_position_embeddings - offset,
+        "activation": c.hidden_act,
+        "position_offset": offset,
+    }
+
+
+def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_id: int, max_seq_len: int) -> nn.Module:
+    """Create the student model (random weights); `init_student_from_teacher` copies weights after."""
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    shape = _teacher_shape(teacher) if teacher is not None else {}
+    hidden = cfg.hidden_size or shape.get("hidden_size")
+    heads = cfg.num_heads or shape.get("num_heads")
+    inter = cfg.intermediate_size or shape.get("intermediate_size")
+    layers = cfg.num_layers or (shape["num_layers"] // 2 if shape else None)
+    positions = cfg.max_position_embeddings or shape.get("max_position_embeddings") or max_seq_len
+    activation = shape.get("activation", "gelu")
+    if not (hidden and heads and inter and layers):
+        raise ModelError("student shape incomplete: set student.hidden_size, num_heads, intermediate_size and num_layers")
+    if hidden % heads:
+        raise ModelError(f"student.hidden_size={hidden} is not divisible by student.num_heads={heads}")
+    if positions < max_seq_len:
+        raise ModelError(f"student has {positions} positions but the dataset's max_seq_len is {max_seq_len}; raise student.max_position_embeddings")
+    if cfg.architecture == "distilbert":
+        if activation not in ("gelu", "relu"):
+            raise ModelError(f"DistilBERT supports gelu/relu activations, the teacher uses {activation!r}; use student.architecture=bert")
+        config = DistilBertConfig(
+            vocab_size=vocab_size, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter,
+            max_position_embeddings=positions, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+            activation=activation, pad_token_id=pad_token_id, tie_word_embeddings=True,
+        )
+        config._attn_implementation = cfg.attn_implementation
+        return DistilBertForMaskedLM(config)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=positions, hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout, hidden_act=activation, pad_token_id=pad_token_id,
+    )
+    config._attn_implementation = cfg.attn_implementation
+    return BertForMaskedLM(config)
+
+
+_BERT_LAYER_TO_DISTILBERT = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+}
+
+
+def _head_pairs(teacher_type: str, student_type: str) -> list[tuple[str, str]]:
+    """(student key prefix, teacher key prefix) for the MLM head's transform and output bias."""
+    if teacher_type in _ROBERTA_LIKE:
+        t_dense, t_norm, t_bias = "lm_head.dense", "lm_head.layer_norm", "lm_head.bias"
+    else:
+        t_dense, t_norm, t_bias = "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias"
+    if student_type == "distilbert":
+        return [("vocab_transform", t_dense), ("vocab_layer_norm", t_norm), ("vocab_projector.bias", t_bias)]
+    return [("cls.predictions.transform.dense", t_dense), ("cls.predictions.transform.LayerNorm", t_norm), ("cls.predictions.bias", t_bias)]
+
+
+@torch.no_grad()
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True) -> dict[str, str]:
+    """Copy embeddings, teacher layers `layers` (in order) and the MLM head into the student.
+
+    Returns the student-key -> teacher-key map that was applied (used by tests and logged).
+    """
+    t_type, s_type = teacher.config.model_type, student.config.model_type
+    if t_type not in ("bert",) + tuple(_ROBERTA_LIKE):
+        raise ModelError(f"student.init=teacher supports BERT/RoBERTa-family teachers, not {t_type!r}; use student.init=random")
+    shape = _teacher_shape(teacher)
+    s_hidden = student.config.hidden_size if s_type == "bert" else student.config.dim
+    s_layers = student.config.num_hidden_layers if s_type == "bert" else student.config.n_layers
+    if s_hidden != shape["hidden_size"]:
+        raise ModelError(f"student.init=teacher needs the teacher's width {shape['hidden_size']}, the student has {s_hidden}; use student.init=random")
+    if len(layers) != s_layers:
+        raise ModelError(f"student.init_layers has {len(layers)} entries for a {s_layers}-layer student")
+    bad = [i for i in layers if not 0 <= i < shape["num_layers"]]
+    if bad:
+        raise ModelError(f"student.init_layers {bad} out of range for a {shape['num_layers']}-layer teacher")
+
+    t_sd = teacher.state_dict()
+    s_params = dict(student.state_dict(keep_vars=True))
+    tp = teacher.base_model_prefix
+    sp = "distilbert" if s_type == "distilbert" else "bert"
+    pairs: list[tuple[str, str]] = []
+    for name in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
+        pairs.append((f"{sp}.embeddings.{name}", f"{tp}.embeddings.{name}"))
+    for s_idx, t_idx in enumerate(layers):
+        t_layer = f"{tp}.encoder.layer.{t_idx}"
+        if s_type == "distilbert":
+            s_layer = f"distilbert.transformer.layer.{s_idx}"
+            mapping = _BERT_LAYER_TO_DISTILBERT
+        else:
+            s_layer = f"bert.encoder.layer.{s_idx}"
+            mapping = {k: k for k in _BERT_LAYER_TO_DISTILBERT}
+        for t_name, s_name in mapping.items():
+            for w in ("weight", "bias"):
+                pairs.append((f"{s_layer}.{s_name}.{w}", f"{t_layer}.{t_name}.{w}"))
+    for s_name, t_name in _head_pairs(t_type, s_type):
+        if s_name.endswith(".bias"):
+            pairs.append((s_name, t_name))
+        else:
+            pairs += [(f"{s_name}.weight", f"{t_name}.weight"), (f"{s_name}.bias", f"{t_name}.bias")]
+
+    applied = {}
+    for s_key, t_key in pairs:
+        s_params[s_key].copy_(t_sd[t_key].to(s_params[s_key].dtype))
+        applied[s_key] = t_key
+
+    # Position embeddings: RoBERTa-family rows start after padding_idx; optionally fold token type 0 in.
+    s_pos = s_params[f"{sp}.embeddings.position_embeddings.weight"]
+    offset = shape["position_offset"]
+    t_pos = t_sd[f"{tp}.embeddings.position_embeddings.weight"][offset : offset + s_pos.shape[0]].clone()
+    t_type_key = f"{tp}.embeddings.token_type_embeddings.weight"
+    if s_type == "bert" and t_type_key in t_sd:
+        s_params[f"bert.embeddings.token_type_embeddings.weight"].copy_(t_sd[t_type_key][: s_params["bert.embeddings.token_type_embeddings.weight"].shape[0]])
+        applied["bert.embeddings.token_type_embeddings.weight"] = t_type_key
+    elif fold_token_type and t_type_key in t_sd:
+        t_pos += t_sd[t_type_key][0]
+    s_pos.copy_(t_pos.to(s_pos.dtype))
+    applied[f"{sp}.embeddings.position_embeddings.weight"] = f"{tp}.embeddings.position_embeddings.weight" + (
+        f"[{offset}:] + token_type[0]" if fold_token_type and s_type != "bert" and t_type_key in t_sd else ""
+    )
+    return applied
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

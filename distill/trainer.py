@@ -1,0 +1,354 @@
+"""The distillation loop: frozen teacher + student in a DeepSpeed engine, losses from the config."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from data_prep.manifest import MANIFEST_FILE, TOKENIZER_DIR, DatasetError, check_tokenizer_matches, load_manifest, sha256_file, tokenizer_identity, write_json_atomically
+from distill import checkpoint as ckpt
+from distill.config import Config, ConfigError
+from distill.data import MicroBatches, StepPlan, TokenSequences, make_loader
+from distill.distributed import DistContext, all_reduce_sum, barrier, init_distributed, on_main_then_broadcast, setup_logging
+from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions_needed, needs_teacher_logits, select_logit_positions
+from distill.masking import MaskingCollator, MaskingPolicy
+from distill.models import ModelError, StudentForDistillation, build_student, count_parameters, default_init_layers, init_student_from_teacher, load_teacher, mlm_forward, resolve_dtype
+
+log = logging.getLogger("distill.train")
+_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16")
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON plus what this recipe owns (batch sizes, clipping, precision)."""
+    base: dict[str, Any] = {}
+    if cfg.deepspeed.config:
+        try:
+            with open(cfg.deepspeed.config) as handle:
+                base = json.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"deepspeed.config {cfg.deepspeed.config!r} does not exist (relative paths are resolved from the current directory)") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config {cfg.deepspeed.config!r} is not valid JSON ({exc})") from None
+    clashes = [k for k in _OWNED_DS_KEYS if k in base and base[k] != "auto"]
+    if clashes:
+        raise ConfigError(f"deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to \"auto\"")
+    per_step = cfg.train.micro_batch * world_size
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by train.micro_batch={cfg.train.micro_batch} x {world_size} ranks = {per_step}; "
+            f"use a global batch that is a multiple of {per_step}, or another micro batch"
+        )
+    ds = {k: v for k, v in base.items() if k not in _OWNED_DS_KEYS}
+    ds.update(
+        train_batch_size=cfg.train.global_batch,
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch,
+        gradient_accumulation_steps=cfg.train.global_batch // per_step,
+        gradient_clipping=cfg.optim.grad_clip,
+    )
+    ds.setdefault("steps_per_print", 10**9)
+    zero = dict(ds.get("zero_optimization", {}))
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 2)
+    ds["zero_optimization"] = zero
+    if precision == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+    elif precision == torch.float16:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+def warmup_linear_decay(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (1-d parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **extra)
+
+
+def _teacher_fingerprint(path: str) -> str:
+    """Config hash plus weight file names and sizes: cheap, and stable when the directory moves."""
+    digest = hashlib.sha256(open(os.path.join(path, "config.json"), "rb").read())
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            digest.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class RunSetup:
+    """Everything built before the first step."""
+
+    ctx: DistContext
+    sequences: TokenSequences
+    plan: StepPlan
+    collator: MaskingCollator
+    teacher: Optional[torch.nn.Module]
+    engine: Any
+    start_step: int
+    total_steps: int
+    logits_at: Optional[str]
+    teacher_logits: bool
+    manifest_sha: str
+
+
+def _load_tokenizer(cfg: Config, manifest):
+    from transformers import AutoTokenizer
+
+    data_tok = os.path.join(cfg.data.path, TOKENIZER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(data_tok, local_files_only=True)
+    if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
+        try:
+            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, local_files_only=True)
+        except Exception:  # a teacher directory without a tokenizer: only the vocab size can be checked
+            teacher_tok = None
+            log.warning("teacher %s has no loadable tokenizer; checking only the vocabulary size", cfg.teacher.path)
+        if teacher_tok is not None:
+            check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
+    return tokenizer
+
+
+def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
+    import deepspeed
+
+    manifest = load_manifest(cfg.data.path)
+    manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
+    tokenizer = _load_tokenizer(cfg, manifest)
+    precision = resolve_dtype(cfg.train.precision, ctx.device)
+    if ctx.device.type == "cpu" and precision != torch.float32:
+        raise ConfigError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on CPU")
+
+    teacher = None
+    if cfg.teacher.path:
+        teacher = load_teacher(cfg.teacher.path, resolve_dtype(cfg.teacher.dtype, ctx.device), cfg.teacher.attn_implementation, ctx.device)
+        if teacher.config.vocab_size < manifest.tokenizer.vocab_size:
+            raise DatasetError(
+                f"teacher vocabulary ({teacher.config.vocab_size}) is smaller than the dataset's tokenizer ({manifest.tokenizer.vocab_size}); "
+                f"re-run distill-prep with the teacher's tokenizer"
+            )
+    vocab_size = teacher.config.vocab_size if teacher is not None else manifest.tokenizer.vocab_size
+
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, teacher, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len)
+    if cfg.student.init == "teacher":
+        t_layers = teacher.config.num_hidden_layers
+        s_layers = len(default_init_layers(t_layers, cfg.student.num_layers or t_layers // 2)) if cfg.student.init_layers is None else len(cfg.student.init_layers)
+        layers = cfg.student.init_layers or default_init_layers(t_layers, s_layers)
+        init_student_from_teacher(student, teacher, layers, cfg.student.fold_token_type_embeddings)
+        log.info("student initialised from teacher layers %s", layers)
+    if "cos" in cfg.loss.weights and cfg.loss.weights["cos"] > 0 and teacher is not None:
+        s_width = getattr(student.config, "hidden_size", None) or student.config.dim
+        if s_width != teacher.config.hidden_size:
+            raise ConfigError(f"loss 'cos' compares hidden states and needs the teacher's width {teacher.config.hidden_size}, the student has {s_width}; set loss.weights.cos=0")
+    log.info("student: %s, %.2fM parameters; teacher: %s", type(student).__name__, count_parameters(student) / 1e6,
+             f"{type(teacher).__name__}, {count_parameters(teacher) / 1e6:.2f}M parameters, frozen" if teacher is not None else "none")
+
+    sequences = TokenSequences(cfg.data.path, cfg.data.split, manifest, cfg.data.cache_dir, cfg.data.verify_checksums)
+    plan = StepPlan(len(sequences), cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size, ctx.rank, cfg.seed,
+                    sequences.lengths if cfg.data.group_by_length else None)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(sequences) / cfg.train.global_batch))
+    counts = np.load(os.path.join(cfg.data.path, manifest.token_counts["path"])) if cfg.data.token_frequency_smoothing > 0 else np.zeros(0)
+    policy = MaskingPolicy.with_smoothing(
+        counts, cfg.data.token_frequency_smoothing, mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab_size, special_ids=manifest.tokenizer.all_special_ids, mlm_probability=cfg.data.mlm_probability,
+        mask_token_fraction=cfg.data.mask_token_fraction, random_token_fraction=cfg.data.random_token_fraction,
+        whole_word=cfg.data.whole_word_masking,
+    )
+    collator = MaskingCollator(policy, cfg.seed, cfg.data.pad_to_multiple_of)
+
+    identity = ckpt.run_identity(cfg.to_dict(), manifest_sha)
+    if teacher is not None:
+        identity["teacher.fingerprint"] = _teacher_fingerprint(cfg.teacher.path)
+    resuming = on_main_then_broadcast(ctx, lambda: ckpt.claim_output_dir(cfg.output_dir, identity))
+    root = ckpt.checkpoints_root(cfg.output_dir)
+    found = ckpt.latest_complete(root) if resuming else None
+
+    wrapper = StudentForDistillation(student)
+    optimizer = make_optimizer(wrapper, cfg, ctx.device)
+    warmup = int(cfg.optim.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup))
+    ds_config = deepspeed_config(cfg, ctx.world_size, precision)
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    log.info("DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
+             ds_config["zero_optimization"]["stage"], ctx.world_size, cfg.train.micro_batch, plan.accumulation, cfg.train.global_batch,
+             str(precision).replace("torch.", ""), total_steps, warmup)
+
+    start_step = 0
+    if found is not None:
+        step, tag = found
+        state = ckpt.read_trainer_state(root, tag)
+        if state["world_size"] != ctx.world_size or state["zero_stage"] != ds_config["zero_optimization"]["stage"]:
+            raise ckpt.CheckpointError(
+                f"checkpoint {tag} was written by {state['world_size']} ranks at ZeRO-{state['zero_stage']}; resume it with the same number of "
+                f"ranks and stage (now {ctx.world_size} ranks, ZeRO-{ds_config['zero_optimization']['stage']})"
+            )
+        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}; it is damaged: move it away to resume from an earlier one")
+        start_step = state["step"]
+        log.info("resumed from %s: step %d, %d samples consumed", os.path.join(root, tag), start_step, state["samples_consumed"])
+    elif resuming:
+        log.info("output_dir belongs to this run but holds no complete checkpoint: starting from step 0")
+
+    return RunSetup(ctx, sequences, plan, collator, teacher, engine, start_step, total_steps,
+                    logits_positions_needed(cfg.loss.weights, cfg.loss), needs_teacher_logits(cfg.loss.weights), manifest_sha)
+
+
+def save_checkpoint(cfg: Config, run: RunSetup, step: int) -> None:
+    """DeepSpeed shards on every rank, then (rank 0) our state, the COMPLETE marker and `latest`."""
+    root = ckpt.checkpoints_root(cfg.output_dir)
+    tag = ckpt.tag_for(step)
+    tag_dir = os.path.join(root, tag)
+    if run.ctx.is_main and os.path.isdir(tag_dir):
+        shutil.rmtree(tag_dir)  # an unfinished save of the same step from an earlier attempt
+    barrier()
+    t0 = time.time()
+    state = {
+        "step": step,
+        "samples_consumed": step * cfg.train.global_batch,
+        "total_steps": run.total_steps,
+        "world_size": run.ctx.world_size,
+        "zero_stage": run.engine.zero_optimization_stage(),
+        "rng": {"scheme": "dropout: torch seeded per (seed, step, micro step, rank); masks: per (seed, stream index)", "seed": cfg.seed},
+        "data_manifest_sha256": run.manifest_sha,
+        "config": cfg.to_dict(),
+    }
+    run.engine.save_checkpoint(root, tag=tag, client_state={"trainer_state": state}, save_latest=False)
+    barrier()
+    if run.ctx.is_main:
+        from transformers import AutoTokenizer
+
+        student = run.engine.module.model
+        student.config.architectures = [type(student).__name__]
+        student.config.save_pretrained(os.path.join(tag_dir, "hf_config"))
+        AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), local_files_only=True).save_pretrained(os.path.join(tag_dir, "tokenizer"))
+        write_json_atomically(os.path.join(tag_dir, ckpt.TRAINER_STATE), state)
+        ckpt.mark_complete(tag_dir)
+        ckpt.write_latest(root, tag)
+        ckpt.prune(root, cfg.checkpoint.keep_last)
+        log.info("checkpoint %s written in %.1fs", tag_dir, time.time() - t0)
+    barrier()
+
+
+def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the distillation described by `cfg`; returns the last step's metrics."""
+    ctx = init_distributed(local_rank)
+    setup_logging(ctx.rank, ctx.world_size)
+    run = build_run(cfg, ctx)
+    engine, plan = run.engine, run.plan
+    end_step = run.total_steps if cfg.train.halt_at_step is None else min(run.total_steps, cfg.train.halt_at_step)
+    writer = None
+    metrics_file = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=run.start_step or None)
+        writer.add_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", run.start_step)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as handle:
+            handle.write(cfg.to_yaml())
+        metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+
+    num_workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if ctx.device.type == "cuda" else 0)
+    loader = make_loader(MicroBatches(run.sequences, plan, run.collator, run.start_step, run.total_steps), num_workers, ctx.device.type == "cuda")
+    batches = iter(loader)
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not ctx.is_main, desc="distill", unit="step",
+                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    last: dict[str, Any] = {}
+    step = run.start_step
+    loss_names = [n for n, w in cfg.loss.weights.items() if w > 0]
+    engine.train()
+    while step < end_step:
+        t0 = time.time()
+        sums = {name: 0.0 for name in loss_names}
+        total_loss = 0.0
+        tokens = 0
+        for micro in range(plan.accumulation):
+            raw = next(batches)
+            torch.manual_seed(_seed_for(cfg.seed, step, micro, ctx.rank))  # dropout: a pure function of the position
+            batch = Batch(
+                input_ids=raw["input_ids"].to(ctx.device, non_blocking=True),
+                attention_mask=raw["attention_mask"].to(ctx.device, non_blocking=True),
+                labels=raw["labels"].to(ctx.device, non_blocking=True),
+            )
+            select_logit_positions(batch, run.logits_at)
+            teacher_out = None
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = mlm_forward(run.teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if run.teacher_logits else None)
+            hidden, logits = engine(batch.input_ids, batch.attention_mask, batch.logit_positions)
+            loss, terms = compute_losses(cfg.loss.weights, teacher_out, ModelOutputs(hidden=hidden, logits=logits), batch, cfg.loss)
+            engine.backward(loss)
+            engine.step()
+            total_loss += loss.item()
+            for name, value in terms.items():
+                sums[name] += value.item()
+            tokens += int(raw["attention_mask"].sum())
+        step += 1
+        reduced = all_reduce_sum([total_loss, tokens] + [sums[n] for n in loss_names], ctx.device)
+        denom = plan.accumulation * ctx.world_size
+        elapsed = time.time() - t0
+        grad_norm = engine.get_global_grad_norm()
+        last = {
+            "step": step,
+            "loss": reduced[0] / denom,
+            **{f"loss_{n}": reduced[2 + i] / denom for i, n in enumerate(loss_names)},
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": reduced[1] / elapsed,
+            "samples_per_s": cfg.train.global_batch / elapsed,
+            "samples_seen": step * cfg.train.global_batch,
+            "data": plan.step_fingerprint(step - 1),
+        }
+        progress.update(1)
+        if ctx.is_main:
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            if step % cfg.train.log_every == 0 or step == end_step:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "samples_seen") + tuple(f"loss_{n}" for n in loss_names):
+                    if last.get(key) is not None:
+                        tag = key.replace("loss_", "loss/") if key.startswith("loss_") else ("loss/total" if key == "loss" else f"train/{key}")
+                        writer.add_scalar(tag, last[key], step)
+                terms_text = " ".join(f"{n} {last[f'loss_{n}']:.4f}" for n in loss_names)
+                progress.write(
+                    f"[rank 0/{ctx.world_size}] step {step}/{run.total_steps} loss {last['loss']:.4f} ({terms_text}) lr {last['lr']:.2e} "
+                    f"grad {last['grad_norm'] if last['grad_norm'] is None else round(last['grad_norm'], 3)} {last['tokens_per_s']:.0f} tok/s"
+                )
+        if step % cfg.checkpoint.every_steps == 0 or step == end_step:
+            save_checkpoint(cfg, run, step)
+    progress.close()
+    if ctx.is_main:
+        writer.flush()
+        writer.close()
+        metrics_file.close()
+        if step < run.total_steps:
+            log.info("halted at step %d of %d (train.halt_at_step); rerun the same command to continue", step, run.total_steps)
+        else:
+            log.info("training finished at step %d; export with: distill-export --checkpoint %s --output DIR", step, cfg.output_dir)
+    barrier()
+    return last
