@@ -72,6 +72,15 @@ def deepspeed_config(cfg: Config, world_size: int, precision: torch.dtype) -> di
     return ds
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by this rank, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def warmup_linear_decay(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -323,6 +332,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             "tokens_per_s": reduced[1] / elapsed,
             "samples_per_s": cfg.train.global_batch / elapsed,
             "samples_seen": step * cfg.train.global_batch,
+            "peak_memory_mb": peak_memory_mb(ctx.device),
             "data": plan.step_fingerprint(step - 1),
         }
         progress.update(1)
@@ -330,7 +340,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
             if step % cfg.train.log_every == 0 or step == end_step:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "samples_seen") + tuple(f"loss_{n}" for n in loss_names):
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "samples_seen", "peak_memory_mb") + tuple(f"loss_{n}" for n in loss_names):
                     if last.get(key) is not None:
                         tag = key.replace("loss_", "loss/") if key.startswith("loss_") else ("loss/total" if key == "loss" else f"train/{key}")
                         writer.add_scalar(tag, last[key], step)

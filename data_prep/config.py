@@ -1,0 +1,28 @@
+"""Settings of one `distill-prep` run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class PrepConfig:
+    inputs: list[str]  # files, directories or globs (any Beam filesystem)
+    tokenizer: str  # Hugging Face fast tokenizer directory
+    output: str  # new (or empty) directory
+    max_seq_len: int = 128  # tokens per sequence, [CLS] and [SEP] included
+    min_seq_len: int = 12  # shorter sequences are dropped (DistilBERT dropped <= 11 tokens)
+    doc_split: Literal["line", "paragraph"] = "line"  # how .txt files hold documents
+    text_field: str = "text"  # field of .jsonl records that holds the text
+    validation_fraction: float = 0.01  # share of documents (by text hash) held out
+    max_unk_fraction: float = 0.5  # sequences with a larger share of unknown tokens are dropped
+    num_shards: int = 0  # train shards; 0 = about one per 256 MB of input text
+    batch_size: int = 256  # documents per tokenizer call
+    on_decode_error: Literal["error", "skip"] = "error"  # invalid UTF-8 / bad JSON lines: stop, or count and skip
+    overwrite: bool = False
+    seed: int = 0
+    max_piece_chars: int = 100_000  # long documents are tokenized in whitespace-aligned pieces of this size
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,277 @@
+"""The distill-prep Beam pipeline and the driver steps around it.
+
+    files ─► ReadDocuments ─► Reshuffle ─► BatchElements ─► TokenizeAndPack ─┬► train rows ─► WriteToParquet
+                 │                                             │              ├► validation rows ─► WriteToParquet
+                 └─ stats ──────────────┬──────────────────────┘ stats        └► token counts (train) ─► token_counts.npy
+                                        └─► MergeCounters ─► _prep_tmp/stats.json
+
+The driver checks inputs before anything is written, runs the pipeline, re-opens every shard to
+record rows, tokens and sha256, checks the token accounting, and writes `manifest.json` last.
+A failed run removes the output directory it created; no manifest is ever written for it.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from data_prep import manifest as mf
+from data_prep.config import PrepConfig
+from data_prep.errors import PrepInputError
+from data_prep.packing import pack_document, split_of
+from data_prep.sources import Document, expand_inputs, read_documents
+from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
+from data_prep.tokenization import load_tokenizer
+
+log = logging.getLogger("distill-prep")
+TMP_DIR = "_prep_tmp"
+SPLIT_NAMES = ("train", "validation")
+
+
+class ReadDocuments(beam.DoFn):
+    """File path -> document texts; per-file counters go to the 'stats' output."""
+
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+
+    def process(self, path: str):
+        stats = Counter(files=1)
+        for item in read_documents(path, self.cfg.doc_split, self.cfg.text_field, self.cfg.on_decode_error):
+            if isinstance(item, Document):
+                stats["documents_read"] += 1
+                yield item.text
+            else:
+                add_drop(stats, item.reason, item.count, 0, "documents")
+        yield beam.pvalue.TaggedOutput("stats", dict(stats))
+
+
+class TokenizeAndPack(beam.DoFn):
+    """A batch of documents -> packed rows of the train/validation split, counters and token counts."""
+
+    def __init__(self, cfg: PrepConfig, vocab_size: int):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+
+    def setup(self):
+        self.tokenizer = load_tokenizer(self.cfg.tokenizer, self.cfg.max_piece_chars)
+
+    def start_bundle(self):
+        self.stats = Counter()
+        self.counts = np.zeros(self.vocab_size, dtype=np.int64)
+
+    def process(self, texts: list[str]):
+        cfg, tok = self.cfg, self.tokenizer
+        for text, (ids, starts) in zip(texts, tok.encode_batch(texts)):
+            split = split_of(text, cfg.validation_fraction, cfg.seed)
+            self.stats[f"split.{split}.documents"] += 1
+            self.stats["tokens_read"] += len(ids)
+            packed = pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, cfg.max_seq_len, cfg.min_seq_len, cfg.max_unk_fraction)
+            for reason, (sequences, tokens) in packed.dropped.items():
+                add_drop(self.stats, reason, sequences, tokens, "sequences")
+            for seq, flags in packed.sequences:
+                self.stats[f"split.{split}.sequences"] += 1
+                self.stats[f"split.{split}.content_tokens"] += len(seq) - 2
+                self.stats[f"hist.{len(seq) // HISTOGRAM_BIN}"] += 1
+                if split == "train":
+                    self.counts += np.bincount(seq, minlength=self.vocab_size)[: self.vocab_size]
+                row = {"input_ids": seq.tolist(), "word_start": flags.tolist()}
+                yield row if split == "train" else beam.pvalue.TaggedOutput(split, row)
+
+    def finish_bundle(self):
+        yield beam.pvalue.TaggedOutput("stats", WindowedValue(dict(self.stats), 0, [GlobalWindow()]))
+        yield beam.pvalue.TaggedOutput("counts", WindowedValue(self.counts, 0, [GlobalWindow()]))
+
+
+class SumArrays(beam.CombineFn):
+    def __init__(self, size: int):
+        self.size = size
+
+    def create_accumulator(self):
+        return np.zeros(self.size, dtype=np.int64)
+
+    def add_input(self, acc, element):
+        acc += element
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = np.zeros(self.size, dtype=np.int64)
+        for acc in accumulators:
+            out += acc
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _write_json(data: dict, path: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(data).encode())
+
+
+def _write_npy(array: np.ndarray, path: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with FileSystems.create(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def parquet_schema(token_dtype: str):
+    import pyarrow as pa
+
+    return pa.schema([("input_ids", pa.list_(pa.uint16() if token_dtype == "uint16" else pa.int32())), ("word_start", pa.list_(pa.bool_()))])
+
+
+def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], vocab_size: int, token_dtype: str, num_shards: int) -> None:
+    """Attach the prep transforms to `pipeline` (also used by tests with TestPipeline)."""
+    tmp = os.path.join(cfg.output, TMP_DIR)
+    read = (
+        pipeline
+        | "Files" >> beam.Create(files)
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
+    )
+    packed = (
+        read.docs
+        | "SpreadDocuments" >> beam.Reshuffle()
+        | "Batch" >> beam.BatchElements(min_batch_size=min(16, cfg.batch_size), max_batch_size=cfg.batch_size)
+        | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
+    )
+    schema = parquet_schema(token_dtype)
+    splits = {"train": packed.train}
+    if cfg.validation_fraction > 0:
+        splits["validation"] = packed.validation
+    for name, rows in splits.items():
+        shards = num_shards if name == "train" else max(1, int(np.ceil(num_shards * cfg.validation_fraction)))
+        _ = rows | f"Write_{name}" >> beam.io.WriteToParquet(
+            os.path.join(cfg.output, name, "part"), schema, num_shards=shards, shard_name_template="-SSSSS-of-NNNNN",
+            file_name_suffix=".parquet", codec="snappy",
+        )
+    _ = (
+        (read.stats, packed.stats)
+        | "AllStats" >> beam.Flatten()
+        | "MergeStats" >> beam.CombineGlobally(MergeCounters())
+        | "WriteStats" >> beam.Map(_write_json, os.path.join(tmp, "stats.json"))
+    )
+    _ = (
+        packed.counts
+        | "SumCounts" >> beam.CombineGlobally(SumArrays(vocab_size))
+        | "WriteCounts" >> beam.Map(_write_npy, os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE))
+    )
+
+
+def beam_options(cfg: PrepConfig, beam_args: list[str], workers: int) -> PipelineOptions:
+    """DirectRunner with `workers` processes unless the user chose a runner."""
+    args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=DirectRunner")
+        if workers > 1:
+            args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+        else:
+            args += ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    return PipelineOptions(args)
+
+
+def _shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    infos = []
+    for path in sorted(glob.glob(os.path.join(cfg.output, split, "*.parquet"))):
+        table = pq.read_table(path, columns=["input_ids"])
+        tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        infos.append(mf.ShardInfo(path=os.path.relpath(path, cfg.output), rows=table.num_rows, tokens=tokens,
+                                  sha256=mf.sha256_file(path), bytes=os.path.getsize(path)))
+    return infos
+
+
+def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict) -> mf.Manifest:
+    """Re-open the shards, check the accounting, write manifest.json last (atomically)."""
+    with open(os.path.join(cfg.output, TMP_DIR, "stats.json")) as handle:
+        flat = json.load(handle)
+    stats = structure(flat)
+    stats["input_bytes"] = sum(size for _, size in files)
+    if stats.get("documents_read", 0) == 0:
+        raise PrepInputError(f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document skipped); check the inputs")
+    splits = {name: mf.SplitInfo(_shard_infos(cfg, name)) for name in SPLIT_NAMES if os.path.isdir(os.path.join(cfg.output, name))}
+    for name, info in splits.items():
+        expected = stats["splits"].get(name, {})
+        if info.rows != expected.get("sequences", 0) or info.tokens - 2 * info.rows != expected.get("content_tokens", 0):
+            raise RuntimeError(f"shards of {name!r} hold {info.rows} rows / {info.tokens} tokens, the pipeline counted {expected}; output is inconsistent")
+    if stats["tokens_read"] != stats["content_tokens_written"] + stats["tokens_dropped"]:
+        raise RuntimeError(f"token accounting broken: read {stats['tokens_read']} != written {stats['content_tokens_written']} + dropped {stats['tokens_dropped']}")
+    if splits["train"].rows == 0:
+        raise PrepInputError("no training sequences were produced (every sequence was dropped); lower --min-seq-len or check the corpus and tokenizer")
+    counts_path = os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE)
+    tokenizer.save(os.path.join(cfg.output, mf.TOKENIZER_DIR))
+    manifest = mf.Manifest(
+        tokenizer=tokenizer.identity(),
+        max_seq_len=cfg.max_seq_len,
+        packing="document",
+        token_dtype=token_dtype,
+        splits=splits,
+        token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": mf.sha256_file(counts_path), "split": "train"},
+        stats=stats,
+        pipeline_options={"prep": cfg.to_json(), "beam": options, "files": len(files)},
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    shutil.rmtree(os.path.join(cfg.output, TMP_DIR), ignore_errors=True)
+    mf.write_json_atomically(os.path.join(cfg.output, mf.MANIFEST_FILE), manifest.to_json())
+    return manifest
+
+
+def _claim_output(cfg: PrepConfig) -> None:
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise PrepInputError(f"--output {cfg.output!r} is a file; choose a directory path")
+    if os.path.isdir(cfg.output) and os.listdir(cfg.output):
+        if not cfg.overwrite:
+            raise PrepInputError(f"--output {cfg.output!r} already holds data; choose a new --output or pass --overwrite to replace it")
+        shutil.rmtree(cfg.output)
+    os.makedirs(cfg.output, exist_ok=True)
+
+
+def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: int = 0) -> mf.Manifest:
+    """Check inputs, run the pipeline, write the manifest; on failure remove the partial output."""
+    t0 = time.time()
+    if not 3 <= cfg.max_seq_len <= 1 << 20:
+        raise PrepInputError(f"--max-seq-len {cfg.max_seq_len} must be at least 3")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise PrepInputError(f"--validation-fraction {cfg.validation_fraction} must be in [0, 1)")
+    files = expand_inputs(cfg.inputs)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars)
+    token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
+    input_bytes = sum(size for _, size in files)
+    num_shards = cfg.num_shards or max(1, int(np.ceil(input_bytes / (256 << 20))))
+    workers = workers or os.cpu_count() or 1
+    log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards", len(files), input_bytes / 1e6, cfg.tokenizer, tokenizer.vocab_size, num_shards)
+    _claim_output(cfg)
+    options = beam_options(cfg, beam_args or [], workers)
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.vocab_size, token_dtype, num_shards)
+        log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
+        manifest = finalize(cfg, tokenizer, files, token_dtype, options.get_all_options(drop_default=True))
+    except BaseException:
+        shutil.rmtree(cfg.output, ignore_errors=True)
+        raise
+    log.info("wrote %s in %.1fs", cfg.output, time.time() - t0)
+    return manifest

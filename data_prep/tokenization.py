@@ -1,0 +1,112 @@
+"""Tokenizer adapters: text in, (token ids without specials, word-start flags) out.
+
+One interface so that the pipeline does not care which kind of tokenizer the teacher uses.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import numpy as np
+
+from data_prep.errors import PrepInputError
+from data_prep.manifest import TokenizerIdentity, tokenizer_identity
+
+REQUIRED_SPECIALS = ("cls", "sep", "pad", "mask")
+
+
+def _split_long(text: str, max_chars: int) -> list[str]:
+    """Cut `text` at whitespace into pieces of at most ~max_chars (a word longer than that stays whole)."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces = []
+    start = 0
+    while start < len(text):
+        end = start + max_chars
+        if end >= len(text):
+            pieces.append(text[start:])
+            break
+        cut = text.rfind(" ", start, end)
+        if cut <= start:
+            cut = text.find(" ", end)
+            if cut == -1:
+                pieces.append(text[start:])
+                break
+        pieces.append(text[start:cut])
+        start = cut + 1
+    return [p for p in pieces if p]
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer loaded from a local directory."""
+
+    kind = "hf-fast"
+
+    def __init__(self, path: str, max_piece_chars: int = 100_000):
+        self.path = path
+        self.max_piece_chars = max_piece_chars
+        self.tokenizer = load_hf_tokenizer(path)
+        self.vocab_size = len(self.tokenizer)
+        self.cls_id = self.tokenizer.cls_token_id
+        self.sep_id = self.tokenizer.sep_token_id
+        self.unk_id = self.tokenizer.unk_token_id
+
+    def identity(self) -> TokenizerIdentity:
+        return tokenizer_identity(self.tokenizer, self.path, self.kind)
+
+    def save(self, directory: str) -> None:
+        self.tokenizer.save_pretrained(directory)
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids (no special tokens) and word-start flags for each text."""
+        pieces: list[str] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            for piece in _split_long(text, self.max_piece_chars):
+                pieces.append(piece)
+                owner.append(i)
+        encoded = self.tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+        ids_parts: list[list[np.ndarray]] = [[] for _ in texts]
+        start_parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for j, i in enumerate(owner):
+            ids = np.asarray(encoded["input_ids"][j], dtype=np.int64)
+            words = np.asarray([-1 if w is None else w for w in encoded.word_ids(j)], dtype=np.int64)
+            starts = np.ones(len(ids), dtype=bool)
+            starts[1:] = (words[1:] != words[:-1]) | (words[1:] < 0)
+            ids_parts[i].append(ids)
+            start_parts[i].append(starts)
+        return [
+            (np.concatenate(a) if a else np.zeros(0, np.int64), np.concatenate(b) if b else np.zeros(0, bool))
+            for a, b in zip(ids_parts, start_parts)
+        ]
+
+
+def load_hf_tokenizer(path: str):
+    """AutoTokenizer from a local directory, or a one-line PrepInputError saying what is wrong."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not os.path.isdir(path):
+        raise PrepInputError(
+            f"--tokenizer {path!r} is not a local directory; pass the teacher's directory (with tokenizer.json / vocab files), "
+            f"downloaded beforehand: this job never downloads"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrepInputError(f"--tokenizer {path!r} is not a loadable tokenizer ({first[:200]}); pass a directory written by save_pretrained") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise PrepInputError(f"--tokenizer {path!r} is a slow (Python) tokenizer; save it with its tokenizer.json (a fast tokenizer)")
+    missing = [name for name in REQUIRED_SPECIALS if getattr(tokenizer, f"{name}_token_id", None) is None]
+    if missing:
+        raise PrepInputError(f"--tokenizer {path!r} has no {', '.join(missing)} token(s); masked-LM data needs [CLS], [SEP], [PAD] and [MASK] equivalents")
+    tokenizer.model_max_length = 10**12  # we cut sequences ourselves; silence the length warning
+    return tokenizer
+
+
+def load_tokenizer(path: str, max_piece_chars: int = 100_000) -> HFTokenizer:
+    """The tokenizer adapter for `path` (a later version adds sentencepiece `.model` files here)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return HFTokenizer(path, max_piece_chars)
+

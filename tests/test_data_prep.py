@@ -1,0 +1,210 @@
+"""distill-prep: packing rules, readers, Beam transforms (TestPipeline) and full runs checked independently."""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.config import PrepConfig
+from data_prep.manifest import load_manifest, sha256_file, verify_shards
+from data_prep.packing import pack_document, split_of
+from data_prep.pipeline import run_prep
+from data_prep.sources import Document, Dropped, read_documents
+from data_prep.tokenization import load_tokenizer
+from conftest import shared_data_path
+
+BIN = os.path.dirname(sys.executable)
+CLS, SEP, UNK = 2, 3, 1
+
+
+def test_pack_document_windows_specials_and_drops():
+    ids = np.arange(10, 30)  # 20 content tokens
+    starts = np.array([i % 3 == 0 for i in range(20)])
+    packed = pack_document(ids, starts, CLS, SEP, UNK, max_seq_len=8, min_seq_len=5, max_unk_fraction=0.5)
+    # windows of 6: [10..15] [16..21] [22..27] [28, 29] -> the last has 2 + 2 = 4 < 5 tokens: dropped
+    assert [s.tolist() for s, _ in packed.sequences] == [
+        [CLS, 10, 11, 12, 13, 14, 15, SEP], [CLS, 16, 17, 18, 19, 20, 21, SEP], [CLS, 22, 23, 24, 25, 26, 27, SEP]]
+    assert packed.sequences[1][1].tolist() == [True] + starts[6:12].tolist() + [True]
+    assert packed.dropped == {"too_short": [1, 2]}
+    unk_heavy = np.array([UNK, UNK, UNK, 40, 41, 42, UNK, UNK])
+    packed = pack_document(unk_heavy, np.ones(8, bool), CLS, SEP, UNK, 8, 3, 0.5)
+    # windows: [UNK UNK UNK 40 41 42] (3/6 = 0.5, kept) and [UNK UNK] (2/2 > 0.5, dropped)
+    assert len(packed.sequences) == 1 and packed.dropped == {"mostly_unknown": [1, 2]}
+
+
+def test_split_is_stable_and_close_to_the_fraction():
+    docs = [f"document number {i} with some text" for i in range(20000)]
+    splits = [split_of(d, 0.1) for d in docs]
+    assert splits == [split_of(d, 0.1) for d in docs]
+    assert splits.count("validation") / len(docs) == pytest.approx(0.1, abs=0.01)
+    assert all(split_of(d, 0.0) == "train" for d in docs[:100])
+
+
+def test_readers_line_paragraph_jsonl_gzip(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\n\n   \nsecond doc\nthird line\n\n\nlast\n")
+    assert [d.text for d in read_documents(str(txt), "line") if isinstance(d, Document)] == ["first doc", "second doc", "third line", "last"]
+    assert sum(isinstance(d, Dropped) for d in read_documents(str(txt), "line")) == 1  # the whitespace-only line
+    assert [d.text for d in read_documents(str(txt), "paragraph")] == ["first doc", "second doc third line", "last"]
+    jsonl = tmp_path / "b.jsonl.gz"
+    with gzip.open(jsonl, "wt") as handle:
+        handle.write(json.dumps({"text": "one"}) + "\n" + json.dumps({"body": "x"}) + "\nnot json\n" + json.dumps({"text": "two"}) + "\n")
+    items = list(read_documents(str(jsonl), text_field="text", on_error="skip"))
+    assert [i.text for i in items if isinstance(i, Document)] == ["one", "two"]
+    assert sorted(i.reason for i in items if isinstance(i, Dropped)) == ["bad_json", "missing_field"]
+
+
+def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from data_prep.pipeline import ReadDocuments, TokenizeAndPack
+
+    corpus = tmp_path / "c.txt"
+    docs = ["the list is sorted in place", "a dictionary maps keys to values and more keys"]
+    corpus.write_text("\n".join(docs) + "\n")
+    cfg = PrepConfig(inputs=[str(corpus)], tokenizer=tokenizer_dir, output=str(tmp_path / "o"), max_seq_len=8, min_seq_len=3, validation_fraction=0.0)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = []
+    for ids, _ in tok.encode_batch(docs):
+        for s in range(0, len(ids), 6):
+            if len(ids[s:s + 6]) + 2 >= 3:
+                expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
+    with TestPipeline() as p:
+        texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
+        assert_that(texts.docs, equal_to(docs), label="documents")
+        rows = (texts.docs | beam.combiners.ToList() | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
+        assert_that(rows.train | beam.Map(lambda r: tuple(r["input_ids"])), equal_to(expected), label="sequences")
+
+
+def _read_split(out, manifest, split):
+    rows = []
+    for shard in manifest.splits[split].shards:
+        table = pq.read_table(os.path.join(out, shard.path))
+        rows += list(zip(table.column("input_ids").to_pylist(), table.column("word_start").to_pylist()))
+    return rows
+
+
+def _expected_sequences(docs, tok, max_len, min_len):
+    """Independent tokenization and windowing of every document: {split: Counter(sequence tuples)}."""
+    out = {"train": collections.Counter(), "validation": collections.Counter()}
+    tokens_read = 0
+    encoded = tok.tokenizer(docs, add_special_tokens=False)
+    for doc, ids in zip(docs, encoded["input_ids"]):
+        tokens_read += len(ids)
+        for s in range(0, len(ids), max_len - 2):
+            window = ids[s:s + max_len - 2]
+            if len(window) + 2 >= min_len and sum(i == tok.unk_id for i in window) <= 0.5 * len(window):
+                out[split_of(doc, 0.05)][tuple([tok.cls_id] + window + [tok.sep_id])] += 1
+    return out, tokens_read
+
+
+def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_dir):
+    out = str(tmp_path / "prepared")
+    cfg = PrepConfig(inputs=[corpus_dir], tokenizer=tokenizer_dir, output=out, max_seq_len=64, validation_fraction=0.05, num_shards=3)
+    manifest = run_prep(cfg, workers=2)  # DirectRunner, multi_processing, 2 worker processes
+
+    reread = load_manifest(out)
+    assert reread.to_json() == manifest.to_json()
+    assert len(reread.splits["train"].shards) == 3 and reread.token_dtype == "uint16"
+    for split in ("train", "validation"):
+        verify_shards(out, reread, split, checksums=True)
+        for shard in reread.splits[split].shards:
+            assert sha256_file(os.path.join(out, shard.path)) == shard.sha256
+    tok = load_tokenizer(tokenizer_dir)
+    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    expected, tokens_read = _expected_sequences(docs, tok, 64, 12)
+    stats = reread.stats
+    assert stats["documents_read"] == len(docs)
+    assert stats["tokens_read"] == tokens_read
+    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
+
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    for split in ("train", "validation"):
+        rows = _read_split(out, reread, split)
+        assert collections.Counter(tuple(ids) for ids, _ in rows) == expected[split], f"{split} sequences differ from an independent computation"
+        assert sum(len(ids) for ids, _ in rows) == reread.splits[split].tokens
+        for ids, starts in rows:
+            assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) <= 64 and len(starts) == len(ids)
+            if split == "train":
+                np.add.at(counts, ids, 1)
+    assert np.array_equal(np.load(os.path.join(out, "token_counts.npy")), counts)
+
+    # word starts: tokens that begin a word per the tokenizer's own word_ids, for a few documents
+    sample = docs[:20]
+    train_rows = {tuple(ids): starts for ids, starts in _read_split(out, reread, "train")}
+    enc = tok.tokenizer(sample, add_special_tokens=False)
+    checked = 0
+    for i, ids in enumerate(enc["input_ids"]):
+        words = enc.word_ids(i)
+        window = ids[:62]
+        key = tuple([tok.cls_id] + window + [tok.sep_id])
+        if key in train_rows:
+            want = [True] + [j == 0 or words[j] != words[j - 1] for j in range(len(window))] + [True]
+            assert train_rows[key] == want
+            checked += 1
+    assert checked >= 5
+    # the per-split equality above means every sequence sits in its document's split: no document is in both
+    assert stats["splits"]["validation"]["documents"] + stats["splits"]["train"]["documents"] == len(docs)
+
+
+def _cli(*args):
+    proc = subprocess.run([os.path.join(BIN, "distill-prep"), *args], capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir):
+    out = tmp_path / "out"
+    code, err = _cli("--input", str(tmp_path / "nothing*.txt"), "--tokenizer", tokenizer_dir, "--output", str(out))
+    assert code == 2 and err == [f"distill-prep: error: --input '{tmp_path / 'nothing*.txt'}' matches no files; check the path or glob (quote globs so the shell does not expand them)"]
+    code, err = _cli("--input", corpus_dir, "--tokenizer", corpus_dir, "--output", str(out))
+    assert code == 2 and len(err) == 1 and "is not a loadable tokenizer" in err[0]
+    assert not out.exists()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    code, err = _cli("--input", corpus_dir, "--tokenizer", tokenizer_dir, "--output", str(existing))
+    assert code == 2 and len(err) == 1 and "already holds data" in err[0] and "--overwrite" in err[0]
+    assert os.listdir(existing) == ["keep.txt"]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_bytes(b"a fine line of text with enough words to keep it as a sequence\nbroken \xff\xfe bytes\n" * 3)
+    code, err = _cli("--input", str(bad), "--tokenizer", tokenizer_dir, "--output", str(out), "--workers", "2")
+    assert code == 2 and len(err) == 1, err
+    assert "a.txt line 2: invalid UTF-8" in err[0] and "--on-decode-error skip" in err[0]
+    assert not out.exists(), "a failed run leaves no output (and so no manifest)"
+    code, _ = _cli("--input", str(bad), "--tokenizer", tokenizer_dir, "--output", str(out), "--workers", "1", "--on-decode-error", "skip", "--min-seq-len", "3")
+    assert code == 0
+    manifest = load_manifest(str(out))
+    assert manifest.stats["dropped"]["invalid_utf8"]["documents"] == 3
+    assert manifest.stats["documents_read"] == 3
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.txt").write_text("\n\n   \n")
+    code, err = _cli("--input", str(empty), "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "o2"), "--workers", "1")
+    assert code == 2 and len(err) == 1 and "no text found" in err[0]
+    assert not (tmp_path / "o2").exists()
+
+
+def test_wikitext_accounting(tmp_path, tokenizer_dir):
+    valid = shared_data_path("wikitext-2", "valid.txt")
+    out = str(tmp_path / "wiki")
+    manifest = run_prep(PrepConfig(inputs=[valid], tokenizer=tokenizer_dir, output=out, max_seq_len=128, validation_fraction=0.01), workers=2)
+    stats = manifest.stats
+    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
+    assert stats["dropped"]["too_short"]["sequences"] > 0  # the " = Title = " lines
+    tok = load_tokenizer(tokenizer_dir)
+    lines = [l.strip() for l in open(valid, encoding="utf-8") if l.strip()]
+    assert stats["documents_read"] == len(lines)
+    assert stats["tokens_read"] == sum(len(ids) for ids in tok.tokenizer(lines, add_special_tokens=False)["input_ids"])
