@@ -12,6 +12,12 @@ from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 
 REQUIRED_SPECIALS = ("cls", "sep", "pad", "mask")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    """True if `path` holds a vocabulary (transformers would otherwise build an empty tokenizer)."""
+    return any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
 def _split_long(text: str, max_chars: int) -> list[str]:
@@ -91,6 +97,8 @@ def load_hf_tokenizer(path: str):
             f"--tokenizer {path!r} is not a local directory; pass the teacher's directory (with tokenizer.json / vocab files), "
             f"downloaded beforehand: this job never downloads"
         )
+    if not has_tokenizer_files(path):
+        raise PrepInputError(f"--tokenizer {path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the teacher's tokenizer directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:

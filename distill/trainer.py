@@ -126,18 +126,18 @@ class RunSetup:
 
 
 def _load_tokenizer(cfg: Config, manifest):
+    """The dataset's tokenizer; the teacher's own tokenizer (if it has one) must be the same."""
     from transformers import AutoTokenizer
 
-    data_tok = os.path.join(cfg.data.path, TOKENIZER_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(data_tok, local_files_only=True)
-    if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
-        try:
+    from data_prep.tokenization import has_tokenizer_files
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), local_files_only=True)
+    if cfg.teacher.path:
+        if has_tokenizer_files(cfg.teacher.path):
             teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, local_files_only=True)
-        except Exception:  # a teacher directory without a tokenizer: only the vocab size can be checked
-            teacher_tok = None
-            log.warning("teacher %s has no loadable tokenizer; checking only the vocabulary size", cfg.teacher.path)
-        if teacher_tok is not None:
             check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
+        else:
+            log.warning("teacher %s has no tokenizer files; checking only the vocabulary size against the dataset", cfg.teacher.path)
     return tokenizer
 
 
@@ -146,7 +146,6 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
 
     manifest = load_manifest(cfg.data.path)
     manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
-    tokenizer = _load_tokenizer(cfg, manifest)
     precision = resolve_dtype(cfg.train.precision, ctx.device)
     if ctx.device.type == "cpu" and precision != torch.float32:
         raise ConfigError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on CPU")
@@ -154,6 +153,8 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     teacher = None
     if cfg.teacher.path:
         teacher = load_teacher(cfg.teacher.path, resolve_dtype(cfg.teacher.dtype, ctx.device), cfg.teacher.attn_implementation, ctx.device)
+    tokenizer = _load_tokenizer(cfg, manifest)
+    if teacher is not None:
         if teacher.config.vocab_size < manifest.tokenizer.vocab_size:
             raise DatasetError(
                 f"teacher vocabulary ({teacher.config.vocab_size}) is smaller than the dataset's tokenizer ({manifest.tokenizer.vocab_size}); "
