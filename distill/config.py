@@ -35,10 +35,11 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    architecture: Literal["distilbert", "bert"] = _f("distilbert", "student model class: DistilBertForMaskedLM or BertForMaskedLM")
+    architecture: Literal["distilbert", "bert", "gpt2"] = _f("distilbert", "student model class: DistilBertForMaskedLM, BertForMaskedLM or GPT2LMHeadModel (GPT-2 teachers)")
     init: Literal["teacher", "random"] = _f("teacher", "copy embeddings, chosen layers and MLM head from the teacher, or random init")
     num_layers: Optional[int] = _f(None, "student depth; null = half the teacher's layers")
-    init_layers: Optional[list[int]] = _f(None, "teacher layers copied into the student, in order; null = evenly spaced incl. first and last (12->6: 0,2,4,7,9,11 as the DistilBERT release)")
+    init_layers: Optional[list[int]] = _f(None, "teacher layers copied into the student, in order (0-based); null = chosen by student.init_mapping")
+    init_mapping: Literal["spread", "every_other", "first", "last", "uniform"] = _f("spread", "which teacher layers initialise the student when init_layers is null: spread = evenly spaced incl. first and last (12->6: 0,2,4,7,9,11, the DistilBERT release), every_other = 0,2,4,..., first = the first k (Patient-KD), last = the last k, uniform = every (N/M)-th ending at the last")
     hidden_size: Optional[int] = _f(None, "student width; null = the teacher's (required without a teacher)")
     num_heads: Optional[int] = _f(None, "attention heads; null = the teacher's")
     intermediate_size: Optional[int] = _f(None, "feed-forward width; null = the teacher's")
@@ -69,6 +70,11 @@ class LossConfig:
     weights: dict[str, float] = _f({"ce": 5.0, "mlm": 2.0, "cos": 1.0}, "loss name -> weight; registered losses: see distill/losses.py (DistilBERT: ce 5, mlm 2, cos 1)")
     temperature: float = _f(2.0, "softmax temperature of the soft-target loss (scaled by T^2)")
     ce_positions: Literal["all", "masked"] = _f("all", "positions of the soft-target loss: all non-padding tokens (the DistilBERT release) or masked tokens only")
+    layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = _f("uniform", "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/layer_map.py)")
+    layer_map_layers: Optional[list[int]] = _f(None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map")
+    pkd_include_last: bool = _f(False, "pkd: also pair the student's last layer (Sun et al. leave it to the output losses: PKD-Skip 12->6 uses teacher layers 2,4,6,8,10)")
+    projection: Literal["shared", "separate", "per_layer"] = _f("shared", "tinybert_*: trainable maps of student hidden states to the teacher's width; shared = one matrix for embeddings and every layer (TinyBERT's released code), separate = W_e plus one W_h (the paper), per_layer = W_e plus one per layer. Dropped at export")
+    attention_teacher_layer: int = _f(-1, "minilm_*: teacher layer (0-based; negative counts from the end) whose self-attention the student's last layer mimics; -1 = last (MiniLM v1)")
 
 
 @dataclass

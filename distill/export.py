@@ -13,6 +13,7 @@ from distill import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 _WRAPPER_PREFIX = "model."
+_CAUSAL_TYPES = {"gpt2"}
 
 
 class ExportError(RuntimeError):
@@ -20,11 +21,18 @@ class ExportError(RuntimeError):
 
 
 def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from the per-rank ZeRO shards (no GPU, no process group needed)."""
+    """fp32 weights of the student gathered from the per-rank ZeRO shards (no GPU, no process group needed).
+
+    Only the student (`model.*` inside the training wrapper) is kept: what exists only for training, such
+    as TinyBERT's projections W_e / W_h (`projections.*`), is dropped.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return {k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k: v for k, v in state.items()}
+    dropped = sorted(k for k in state if not k.startswith(_WRAPPER_PREFIX))
+    if dropped:
+        log.info("not exported (training-only weights): %s", ", ".join(dropped))
+    return {k[len(_WRAPPER_PREFIX):]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
 
 
 def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> str:
@@ -33,18 +41,18 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     `checkpoint` may be a run directory (its newest complete checkpoint is used), its
     `checkpoints/` directory, or one `step_XXXXXXXX` directory.
     """
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if os.path.exists(output) and os.listdir(output) and not overwrite:
         raise ExportError(f"output {output!r} already holds files; choose a new --output or pass --overwrite")
     root, tag = ckpt.resolve_checkpoint(checkpoint)
     tag_dir = os.path.join(root, tag)
     config = AutoConfig.from_pretrained(os.path.join(tag_dir, "hf_config"), local_files_only=True)
-    model = AutoModelForMaskedLM.from_config(config)
+    model = (AutoModelForCausalLM if config.model_type in _CAUSAL_TYPES else AutoModelForMaskedLM).from_config(config)
     state = consolidated_state_dict(root, tag)
     expected = set(model.state_dict())
     missing = expected - set(state)
-    tied = {k for k in missing if k.endswith(("vocab_projector.weight", "decoder.weight", "decoder.bias"))}
+    tied = {k for k in missing if k.endswith(("vocab_projector.weight", "decoder.weight", "decoder.bias", "lm_head.weight"))}
     if missing - tied:
         raise ExportError(f"checkpoint {tag_dir} lacks weights {sorted(missing - tied)[:5]}; it does not belong to this student config")
     result = model.load_state_dict(state, strict=False)

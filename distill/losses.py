@@ -1,11 +1,19 @@
 """Distillation losses: small pure functions of (teacher outputs, student outputs, batch, config).
 
-Each loss is registered by name with what it needs (a teacher, vocabulary logits and where), so the
-trainer computes only that: in particular vocabulary logits are produced only at the positions some
-active loss uses (all non-padding tokens, or masked tokens only). The trainer knows no loss by name.
+Each loss is registered by name with what it needs (a teacher, vocabulary logits and where, hidden
+states of every layer, the student's hidden states projected to the teacher's width, the queries /
+keys / values of chosen layers), so the forward passes compute only that: in particular vocabulary
+logits are produced only at the positions some active loss uses (all non-padding tokens, or masked
+tokens only), and hidden states / attention internals only when a loss reads them. The trainer knows
+no loss by name.
+
+Literature covered: DistilBERT (ce, mlm, cos), Patient-KD (pkd), TinyBERT general distillation
+(tinybert_emb, tinybert_hidden, tinybert_attn, optional ce), MiniLM (minilm_attn, minilm_value),
+DistilGPT2 (ce, clm, cos on causal data).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,10 +25,60 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutputs:
-    """What a model produced for one micro batch."""
+    """What a model produced for one micro batch (the optional parts only when a loss needs them)."""
 
     hidden: torch.Tensor  # (B, L, H) last hidden states
     logits: Optional[torch.Tensor] = None  # (P, V) at `Batch.logit_positions`, or None
+    hidden_states: Optional[tuple] = None  # (embedding output, output of layer 0, ..., layer n-1), each (B, L, H)
+    projected: Optional[tuple] = None  # student only: `hidden_states` through the trainable projections (teacher width)
+    attention: Optional[dict] = None  # layer -> (queries, keys, values), each (B, heads, L, head_dim)
+    causal: bool = False  # attention is causal (GPT-2): key j is visible to query i only for j <= i
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss reads from one model's forward beyond last hidden states and logits."""
+
+    hidden_states: bool = False  # embedding output and every layer's output
+    projected: bool = False  # student: hidden states through the trainable projections W_e / W_h
+    attention_layers: tuple = ()  # layers (0-based) whose queries / keys / values are captured
+
+    def union(self, other: "Needs") -> "Needs":
+        return Needs(self.hidden_states or other.hidden_states, self.projected or other.projected,
+                     tuple(sorted(set(self.attention_layers) | set(other.attention_layers))))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+
+
+@dataclass
+class LossContext:
+    """The loss config plus what is known once the models exist (shapes, resolved layer mapping).
+
+    Attribute access falls through to the `LossConfig`, so losses read `ctx.temperature` etc.
+    """
+
+    cfg: object
+    teacher: Optional[ModelShape] = None
+    student: Optional[ModelShape] = None
+    layer_map: tuple = ()  # teacher layer (0-based) distilled into each student layer, one per student layer
+    attention_teacher_layer: int = -1  # MiniLM: the teacher layer (0-based, resolved) mimicked by the student's last layer
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.cfg, name)
+
+    @property
+    def pkd_pairs(self) -> list:
+        """(student layer, teacher layer) pairs of the patient loss: the student's last layer is left to
+        the output losses unless `pkd_include_last` (as in Sun et al.: PKD-Skip 2,4,6,8,10 of 12)."""
+        pairs = list(enumerate(self.layer_map))
+        return pairs if getattr(self.cfg, "pkd_include_last", False) else pairs[:-1]
 
 
 @dataclass
@@ -38,6 +96,14 @@ class Batch:
         return self.position_labels != IGNORE_INDEX
 
 
+def _no_needs(ctx) -> Needs:
+    return Needs()
+
+
+def _no_problem(ctx) -> Optional[str]:
+    return None
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable[[Optional[ModelOutputs], ModelOutputs, Batch, object], torch.Tensor]
@@ -45,19 +111,46 @@ class LossSpec:
     # where this loss needs vocabulary logits: None, "masked" (selected tokens) or "tokens" (all non-padding)
     logits_at: Callable[[object], Optional[str]]
     needs_teacher_logits: bool = False
+    student_needs: Callable[[LossContext], Needs] = _no_needs
+    teacher_needs: Callable[[LossContext], Needs] = _no_needs
+    # a problem with the models' shapes for this loss (e.g. widths differ), or None; called once at start
+    check: Callable[[LossContext], Optional[str]] = _no_problem
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register(name: str, needs_teacher: bool, logits_at: Callable[[object], Optional[str]] = lambda cfg: None, needs_teacher_logits: bool = False):
-    """Decorator: make a loss available under `name` in `loss.weights`."""
+def register(name: str, needs_teacher: bool, logits_at: Callable[[object], Optional[str]] = lambda cfg: None, needs_teacher_logits: bool = False,
+             student_needs: Callable[[LossContext], Needs] = _no_needs, teacher_needs: Callable[[LossContext], Needs] = _no_needs,
+             check: Callable[[LossContext], Optional[str]] = _no_problem):
+    """Decorator: make a loss available under `name` in `loss.weights`, with what it reads from the models."""
 
     def wrap(fn):
-        LOSSES[name] = LossSpec(fn=fn, needs_teacher=needs_teacher, logits_at=logits_at, needs_teacher_logits=needs_teacher_logits)
+        LOSSES[name] = LossSpec(fn=fn, needs_teacher=needs_teacher, logits_at=logits_at, needs_teacher_logits=needs_teacher_logits,
+                                student_needs=student_needs, teacher_needs=teacher_needs, check=check)
         return fn
 
     return wrap
+
+
+def _same_width(name: str):
+    def check(ctx: LossContext) -> Optional[str]:
+        if ctx.teacher and ctx.student and ctx.teacher.hidden_size != ctx.student.hidden_size:
+            return (f"loss '{name}' compares hidden states directly and needs the teacher's width {ctx.teacher.hidden_size}, the student has "
+                    f"{ctx.student.hidden_size}; set loss.weights.{name}=0 (or use the projected tinybert_* losses)")
+        return None
+
+    return check
+
+
+def _same_heads(name: str):
+    def check(ctx: LossContext) -> Optional[str]:
+        if ctx.teacher and ctx.student and ctx.teacher.num_heads != ctx.student.num_heads:
+            return (f"loss '{name}' compares attention head by head and needs as many heads as the teacher ({ctx.teacher.num_heads}), "
+                    f"the student has {ctx.student.num_heads}; set student.num_heads={ctx.teacher.num_heads} (widths may differ)")
+        return None
+
+    return check
 
 
 @register("ce", needs_teacher=True, logits_at=lambda cfg: "tokens" if cfg.ce_positions == "all" else "masked", needs_teacher_logits=True)
@@ -84,13 +177,127 @@ def masked_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch
     return F.cross_entropy(student.logits[keep].float(), batch.position_labels[keep])
 
 
-@register("cos", needs_teacher=True)
+@register("clm", needs_teacher=False, logits_at=lambda cfg: "masked")
+def causal_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """Causal LM cross-entropy: on causal data the collator's labels are the next tokens (-100 after the
+    last real token), so this is the masked-LM loss at the positions that have a next token."""
+    return masked_lm_loss(teacher, student, batch, cfg)
+
+
+@register("cos", needs_teacher=True, check=_same_width("cos"))
 def cosine_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """1 - cos(student, teacher) of last hidden states, averaged over non-padding tokens."""
     mask = batch.attention_mask.bool()
     s_hidden = student.hidden[mask].float()
     t_hidden = teacher.hidden[mask].float()
     return (1.0 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Intermediate-layer losses (Patient-KD, TinyBERT, MiniLM)
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the entries of the non-padding tokens (mask (B, L)) and all features."""
+    return F.mse_loss(a[mask].float(), b[mask].float())
+
+
+def _all_student_layers(ctx: LossContext) -> Needs:
+    return Needs(attention_layers=tuple(range(ctx.student.num_layers)))
+
+
+@register("pkd", needs_teacher=True, student_needs=lambda ctx: Needs(hidden_states=True), teacher_needs=lambda ctx: Needs(hidden_states=True),
+          check=lambda ctx: _same_width("pkd")(ctx) or (None if ctx.pkd_pairs else "loss 'pkd' has no layer pairs: a 1-layer student needs loss.pkd_include_last=true"))
+def patient_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """Patient-KD (Sun et al., 2019): MSE between the L2-normalised [CLS] (position 0) hidden states of
+    student layer j and teacher layer g(j), over the pairs `cfg.pkd_pairs`; the mean over (batch, layers,
+    features) as in the released code (F.mse_loss of the normalised (B, layers, H) stacks)."""
+    pairs = cfg.pkd_pairs
+    s_cls = torch.stack([student.hidden_states[j + 1][:, 0] for j, _ in pairs], dim=1).float()
+    t_cls = torch.stack([teacher.hidden_states[t + 1][:, 0] for _, t in pairs], dim=1).float()
+    return F.mse_loss(F.normalize(s_cls, p=2, dim=-1), F.normalize(t_cls, p=2, dim=-1))
+
+
+@register("tinybert_emb", needs_teacher=True, student_needs=lambda ctx: Needs(projected=True), teacher_needs=lambda ctx: Needs(hidden_states=True))
+def tinybert_embedding_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """TinyBERT embedding-layer loss: MSE(E_s W_e, E_t) over non-padding tokens."""
+    return _masked_mse(student.projected[0], teacher.hidden_states[0], batch.attention_mask.bool())
+
+
+@register("tinybert_hidden", needs_teacher=True, student_needs=lambda ctx: Needs(projected=True), teacher_needs=lambda ctx: Needs(hidden_states=True))
+def tinybert_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """TinyBERT hidden-state loss: sum over student layers m of MSE(H_s^m W_h, H_t^g(m)) over non-padding tokens."""
+    mask = batch.attention_mask.bool()
+    return sum(_masked_mse(student.projected[m + 1], teacher.hidden_states[t + 1], mask) for m, t in enumerate(cfg.layer_map))
+
+
+def _key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, L, L) True where query i may attend key j: both real tokens (and j <= i when causal)."""
+    real = attention_mask.bool()
+    mask = real[:, None, :, None] & real[:, None, None, :]
+    if causal:
+        length = attention_mask.shape[1]
+        mask = mask & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return mask
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a b^T / sqrt(head_dim) per head: (B, h, L, d) x (B, h, L, d) -> (B, h, L, L)."""
+    return torch.matmul(a.float(), b.float().transpose(-1, -2)) / math.sqrt(a.shape[-1])
+
+
+@register("tinybert_attn", needs_teacher=True, student_needs=_all_student_layers,
+          teacher_needs=lambda ctx: Needs(attention_layers=tuple(ctx.layer_map)), check=_same_heads("tinybert_attn"))
+def tinybert_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """TinyBERT attention loss: sum over student layers m of the MSE between pre-softmax attention scores
+    (q k^T / sqrt(d), per head) of student layer m and teacher layer g(m), averaged over the (query, key)
+    pairs where both are real tokens: padding is excluded through the attention mask, not by thresholding
+    scores as TinyBERT's released code does."""
+    allowed = _key_mask(batch.attention_mask, student.causal)
+    total = 0.0
+    for m, t in enumerate(cfg.layer_map):
+        s_q, s_k, _ = student.attention[m]
+        t_q, t_k, _ = teacher.attention[t]
+        mask = allowed.expand(-1, s_q.shape[1], -1, -1)
+        total = total + F.mse_loss(_scores(s_q, s_k)[mask], _scores(t_q, t_k)[mask])
+    return total
+
+
+def _relation_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """KL(softmax(t) || softmax(s)) over the visible keys of each (batch, head, real query), averaged."""
+    allowed = _key_mask(attention_mask, causal)
+    fill = torch.finfo(torch.float32).min
+    t_log = F.log_softmax(t_logits.masked_fill(~allowed, fill), dim=-1)
+    s_log = F.log_softmax(s_logits.masked_fill(~allowed, fill), dim=-1)
+    kl = torch.where(allowed, t_log.exp() * (t_log - s_log), torch.zeros((), device=t_log.device)).sum(-1)  # (B, h, L)
+    queries = attention_mask.bool()[:, None, :].expand_as(kl)
+    return kl[queries].mean()
+
+
+def _minilm_needs_teacher(ctx: LossContext) -> Needs:
+    return Needs(attention_layers=(ctx.attention_teacher_layer,))
+
+
+def _minilm_needs_student(ctx: LossContext) -> Needs:
+    return Needs(attention_layers=(ctx.student.num_layers - 1,))
+
+
+@register("minilm_attn", needs_teacher=True, student_needs=_minilm_needs_student, teacher_needs=_minilm_needs_teacher, check=_same_heads("minilm_attn"))
+def minilm_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """MiniLM self-attention distribution transfer: KL(A_T || A_S) of the teacher's chosen (last) layer and
+    the student's last layer, per head and real query, averaged over heads and queries."""
+    s_q, s_k, _ = student.attention[cfg.student.num_layers - 1]
+    t_q, t_k, _ = teacher.attention[cfg.attention_teacher_layer]
+    return _relation_kl(_scores(t_q, t_k), _scores(s_q, s_k), batch.attention_mask, student.causal)
+
+
+@register("minilm_value", needs_teacher=True, student_needs=_minilm_needs_student, teacher_needs=_minilm_needs_teacher, check=_same_heads("minilm_value"))
+def minilm_value_relation_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+    """MiniLM value-relation transfer: KL(softmax(V_T V_T^T / sqrt(d_T)) || softmax(V_S V_S^T / sqrt(d_S))) of the
+    same layers, per head and real query; head dims (so widths) may differ, no projection."""
+    _, _, s_v = student.attention[cfg.student.num_layers - 1]
+    _, _, t_v = teacher.attention[cfg.attention_teacher_layer]
+    return _relation_kl(_scores(t_v, t_v), _scores(s_v, s_v), batch.attention_mask, student.causal)
 
 
 def active_losses(weights: dict[str, float]) -> dict[str, tuple[LossSpec, float]]:
@@ -137,3 +344,18 @@ def select_logit_positions(batch: Batch, where: Optional[str]) -> Batch:
     batch.logit_positions = positions
     batch.position_labels = flat_labels[positions]
     return batch
+
+
+def needs_of(weights: dict[str, float], ctx: LossContext) -> tuple[Needs, Needs]:
+    """(teacher needs, student needs): the union over the active losses."""
+    teacher, student = Needs(), Needs()
+    for spec, _ in active_losses(weights).values():
+        teacher = teacher.union(spec.teacher_needs(ctx))
+        student = student.union(spec.student_needs(ctx))
+    return teacher, student
+
+
+def check_losses(weights: dict[str, float], ctx: LossContext) -> list[str]:
+    """Problems of the active losses with these models (empty when all fit)."""
+    problems = [spec.check(ctx) for spec, _ in active_losses(weights).values()]
+    return [p for p in problems if p]

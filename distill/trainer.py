@@ -23,6 +23,8 @@ from distill.distributed import DistContext, all_reduce_sum, barrier, init_distr
 from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions_needed, needs_teacher_logits, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, StudentForDistillation, build_student, count_parameters, default_init_layers, init_student_from_teacher, load_teacher, mlm_forward, resolve_dtype
+from distill.models import init_layers_for
+from distill.objectives import Objective
 
 log = logging.getLogger("distill.train")
 _OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16")
@@ -123,6 +125,7 @@ class RunSetup:
     logits_at: Optional[str]
     teacher_logits: bool
     manifest_sha: str
+    objective: Any = None  # distill.objectives.Objective: losses, what they need, the teacher's forward
 
 
 def _load_tokenizer(cfg: Config, manifest):
@@ -165,15 +168,11 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, teacher, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len)
     if cfg.student.init == "teacher":
-        t_layers = teacher.config.num_hidden_layers
-        s_layers = len(default_init_layers(t_layers, cfg.student.num_layers or t_layers // 2)) if cfg.student.init_layers is None else len(cfg.student.init_layers)
-        layers = cfg.student.init_layers or default_init_layers(t_layers, s_layers)
+        layers = init_layers_for(cfg.student, teacher, student.config.num_hidden_layers)
         init_student_from_teacher(student, teacher, layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", layers)
-    if "cos" in cfg.loss.weights and cfg.loss.weights["cos"] > 0 and teacher is not None:
-        s_width = getattr(student.config, "hidden_size", None) or student.config.dim
-        if s_width != teacher.config.hidden_size:
-            raise ConfigError(f"loss 'cos' compares hidden states and needs the teacher's width {teacher.config.hidden_size}, the student has {s_width}; set loss.weights.cos=0")
+    objective = Objective(cfg.loss, teacher, student)  # checks the active losses against the models' shapes
+    log.info("objective: %s", objective.describe())
     log.info("student: %s, %.2fM parameters; teacher: %s", type(student).__name__, count_parameters(student) / 1e6,
              f"{type(teacher).__name__}, {count_parameters(teacher) / 1e6:.2f}M parameters, frozen" if teacher is not None else "none")
 
@@ -197,7 +196,7 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     root = ckpt.checkpoints_root(cfg.output_dir)
     found = ckpt.latest_complete(root) if resuming else None
 
-    wrapper = StudentForDistillation(student)
+    wrapper = StudentForDistillation(student, objective.student_needs, cfg.loss.projection, objective.teacher_width)
     optimizer = make_optimizer(wrapper, cfg, ctx.device)
     warmup = int(cfg.optim.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup))
@@ -225,7 +224,7 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
         log.info("output_dir belongs to this run but holds no complete checkpoint: starting from step 0")
 
     return RunSetup(ctx, sequences, plan, collator, teacher, engine, start_step, total_steps,
-                    logits_positions_needed(cfg.loss.weights, cfg.loss), needs_teacher_logits(cfg.loss.weights), manifest_sha)
+                    objective.logits_at, objective.teacher_logits, manifest_sha, objective=objective)
 
 
 def save_checkpoint(cfg: Config, run: RunSetup, step: int) -> None:
@@ -307,12 +306,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 labels=raw["labels"].to(ctx.device, non_blocking=True),
             )
             select_logit_positions(batch, run.logits_at)
-            teacher_out = None
-            if run.teacher is not None:
-                with torch.no_grad():
-                    teacher_out = mlm_forward(run.teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if run.teacher_logits else None)
-            hidden, logits = engine(batch.input_ids, batch.attention_mask, batch.logit_positions)
-            loss, terms = compute_losses(cfg.loss.weights, teacher_out, ModelOutputs(hidden=hidden, logits=logits), batch, cfg.loss)
+            teacher_out = run.objective.teacher_forward(run.teacher, batch) if run.teacher is not None else None
+            student_out = engine.module.outputs(engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
+            loss, terms = run.objective.losses(teacher_out, student_out, batch)
             engine.backward(loss)
             engine.step()
             total_loss += loss.item()

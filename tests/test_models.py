@@ -119,3 +119,115 @@ def test_teacher_loading_errors(tmp_path, teacher_dir):
         load_teacher(str(tmp_path), torch.float32, "sdpa", torch.device("cpu"))
     teacher = load_teacher(teacher_dir, torch.float32, "sdpa", torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer mapping, attention capture, projections, GPT-2 students
+
+from distill.layer_map import LayerMapError, resolve_layers  # noqa: E402
+from distill.losses import Needs  # noqa: E402
+from distill.models import AttentionCapture, StudentForDistillation, model_forward  # noqa: E402
+
+
+def test_layer_mapping_strategies():
+    assert resolve_layers("spread", 12, 6) == [0, 2, 4, 7, 9, 11]
+    assert resolve_layers("every_other", 12, 6) == [0, 2, 4, 6, 8, 10]
+    assert resolve_layers("first", 12, 6) == [0, 1, 2, 3, 4, 5]
+    assert resolve_layers("last", 12, 6) == [6, 7, 8, 9, 10, 11]  # PKD-Last (1-based 7..12)
+    assert resolve_layers("uniform", 12, 6) == [1, 3, 5, 7, 9, 11]  # PKD-Skip (1-based 2,4,..,12)
+    assert resolve_layers("uniform", 12, 4) == [2, 5, 8, 11]  # TinyBERT g(m) = 3m
+    assert resolve_layers("uniform", 24, 6) == [3, 7, 11, 15, 19, 23]
+    assert resolve_layers("uniform", 4, 2, [3, 0]) == [3, 0]
+    with pytest.raises(LayerMapError, match="lists 1 teacher layers for a 2-layer"):
+        resolve_layers("uniform", 4, 2, [1])
+    with pytest.raises(LayerMapError, match="out of range"):
+        resolve_layers("uniform", 4, 2, [1, 4])
+    with pytest.raises(LayerMapError, match="every_other needs a teacher with at least 7"):
+        resolve_layers("every_other", 6, 4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "gpt2"])
+def test_captured_qkv_give_the_models_own_attention_probabilities(kind):
+    """softmax(q k^T / sqrt(d) + mask) from the hooks == the eager kernel's attention probabilities."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = _bert_teacher(layers=3)
+    elif kind == "distilbert":
+        model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, hidden_dim=64))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64))
+    model.config._attn_implementation = "eager"
+    model.eval()
+    ids = torch.randint(5, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    capture = AttentionCapture(model, [1, -1])
+    out = model_forward(model, ids, mask, None, Needs(attention_layers=(1, 2)), capture)
+    reference = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    for layer in (1, 2):
+        q, k, v = out.attention[layer]
+        assert q.shape == (2, 4, 9, 8) and v.shape == (2, 4, 9, 8)
+        scores = q @ k.transpose(-1, -2) / 8**0.5
+        allowed = mask.bool()[:, None, None, :]
+        if kind == "gpt2":
+            allowed = allowed & torch.ones(9, 9, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        real = mask.bool()
+        assert torch.allclose(probs.transpose(1, 2)[real], reference[layer].transpose(1, 2)[real], atol=1e-5)
+    assert out.causal == (kind == "gpt2")
+    capture.remove()
+
+
+@pytest.mark.parametrize("projection,count", [("shared", 1), ("separate", 2), ("per_layer", 3)])
+def test_projections_live_in_the_training_wrapper(projection, count):
+    teacher = _bert_teacher(layers=4)
+    student = build_student(StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=4, intermediate_size=32, num_layers=2),
+                            teacher, 97, 0, 64)
+    wrapper = StudentForDistillation(student, Needs(projected=True, attention_layers=(0, 1)), projection, target_width=32).eval()
+    assert len(wrapper.projections) == count
+    names = [n for n, _ in wrapper.named_parameters()]
+    assert sum(n.startswith("projections.") for n in names) == 2 * count and all(n.startswith(("model.", "projections.")) for n in names)
+    ids = torch.randint(5, 97, (2, 7))
+    out = wrapper.outputs(wrapper(ids, torch.ones_like(ids)))
+    assert len(out.projected) == 3 and all(p.shape == (2, 7, 32) for p in out.projected)
+    states = model_forward(student, ids, torch.ones_like(ids), None, Needs(hidden_states=True)).hidden_states
+    w = wrapper.projections[count - 1]
+    assert torch.allclose(out.projected[2], w(states[2]), atol=1e-6)
+    assert set(out.attention) == {0, 1}
+
+
+def test_gpt2_student_from_every_other_teacher_layer():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distill.models import init_layers_for
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64)).eval()
+    cfg = StudentConfig(architecture="gpt2", init_mapping="every_other")
+    student = build_student(cfg, teacher, 97, 0, 32)
+    assert type(student).__name__ == "GPT2LMHeadModel" and student.config.n_layer == 2 and student.config.n_positions == 64
+    layers = init_layers_for(cfg, teacher, 2)
+    assert layers == [0, 2]
+    init_student_from_teacher(student, teacher, layers)
+    t, s = teacher.state_dict(), student.state_dict()
+    for s_idx, t_idx in enumerate(layers):
+        for name in ("attn.c_attn.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "ln_1.weight", "ln_2.bias"):
+            assert torch.equal(s[f"transformer.h.{s_idx}.{name}"], t[f"transformer.h.{t_idx}.{name}"])
+    assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"]) and torch.equal(s["lm_head.weight"], t["transformer.wte.weight"])
+    assert torch.equal(s["transformer.ln_f.weight"], t["transformer.ln_f.weight"])
+    ids = torch.randint(5, 97, (2, 8))
+    student.eval()
+    out = model_forward(student, ids, torch.ones_like(ids), torch.tensor([0, 9]))
+    assert torch.allclose(out.logits, student(input_ids=ids).logits.reshape(-1, 97)[[0, 9]], atol=1e-5)
+
+
+def test_init_mapping_first_and_depth_from_init_layers():
+    from distill.models import init_layers_for
+
+    teacher = _bert_teacher(layers=6)
+    cfg = StudentConfig(init_mapping="first", num_layers=3)
+    assert init_layers_for(cfg, teacher, 3) == [0, 1, 2]
+    student = build_student(StudentConfig(init_layers=[1, 5]), teacher, 97, 0, 64)
+    assert student.config.n_layers == 2

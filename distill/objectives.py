@@ -1,0 +1,67 @@
+"""The training objective of a run: the active losses, what they need from each model, and the teacher side.
+
+Built once the teacher and student exist (the layer mapping depends on their depths). The trainer only
+calls `teacher_forward` and `losses`; the student's side of the needs goes to `StudentForDistillation`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill.config import ConfigError
+from distill.layer_map import LayerMapError, resolve_layers
+from distill.losses import (Batch, LossContext, ModelOutputs, Needs, check_losses, compute_losses, logits_positions_needed, needs_of,
+                            needs_teacher_logits)
+from distill.models import AttentionCapture, model_forward, model_shape
+
+
+class Objective:
+    def __init__(self, loss_cfg, teacher: Optional[nn.Module], student: nn.Module):
+        self.weights = loss_cfg.weights
+        t_shape = model_shape(teacher) if teacher is not None else None
+        s_shape = model_shape(student)
+        problems = []
+        layer_map: tuple = ()
+        attention_layer = -1
+        if t_shape is not None:
+            try:
+                layer_map = tuple(resolve_layers(loss_cfg.layer_map, t_shape.num_layers, s_shape.num_layers, loss_cfg.layer_map_layers,
+                                                 key="loss.layer_map_layers" if loss_cfg.layer_map_layers else "loss.layer_map"))
+            except LayerMapError as exc:
+                problems.append(str(exc))
+            attention_layer = loss_cfg.attention_teacher_layer
+            if not -t_shape.num_layers <= attention_layer < t_shape.num_layers:
+                problems.append(f"loss.attention_teacher_layer={attention_layer} is out of range for a {t_shape.num_layers}-layer teacher")
+            attention_layer %= t_shape.num_layers
+        self.ctx = LossContext(cfg=loss_cfg, teacher=t_shape, student=s_shape, layer_map=layer_map, attention_teacher_layer=attention_layer)
+        if not problems:
+            problems += check_losses(self.weights, self.ctx)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.teacher_needs, self.student_needs = needs_of(self.weights, self.ctx)
+        self.logits_at = logits_positions_needed(self.weights, loss_cfg)
+        self.teacher_logits = needs_teacher_logits(self.weights)
+        self.teacher_width = t_shape.hidden_size if t_shape is not None else None
+        self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if teacher is not None and self.teacher_needs.attention_layers else None
+
+    def describe(self) -> str:
+        parts = [f"losses {', '.join(f'{n} x{w:g}' for n, w in self.weights.items() if w > 0)}"]
+        if self.ctx.layer_map:
+            parts.append(f"layer map (student -> teacher) {list(self.ctx.layer_map)}")
+        for side, needs in (("teacher", self.teacher_needs), ("student", self.student_needs)):
+            extra = [name for name, on in (("hidden states", needs.hidden_states), ("projected states", needs.projected)) if on]
+            if needs.attention_layers:
+                extra.append(f"q/k/v of layers {list(needs.attention_layers)}")
+            if extra:
+                parts.append(f"{side}: {', '.join(extra)}")
+        return "; ".join(parts)
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module, batch: Batch) -> ModelOutputs:
+        return model_forward(teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if self.teacher_logits else None,
+                             self.teacher_needs, self.capture)
+
+    def losses(self, teacher_out: Optional[ModelOutputs], student_out: ModelOutputs, batch: Batch):
+        return compute_losses(self.weights, teacher_out, student_out, batch, self.ctx)
