@@ -47,7 +47,7 @@ def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir):
 
 def common_args(teacher_dir, data_dir, out, zero):
     return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=1e-3",
+            "student.init=random", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=3e-3",
             "checkpoint.every_steps=4", "checkpoint.keep_last=0", "train.log_every=1", f"deepspeed.config=configs/deepspeed/zero{zero}.json"]
 
 
@@ -81,7 +81,10 @@ def test_two_process_run_checkpoints_resumes_identically_and_exports(tmp_path, t
     for x, y in zip(a, b):
         assert x["data"] == y["data"], f"step {x['step']}: the resumed run trained on other samples"
         assert x["loss"] == y["loss"], f"step {x['step']}: {x['loss']} != {y['loss']}"
-    assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]]), "loss goes down"
+    # A random student against a random teacher: the distillation terms have far to fall (first 3 steps
+    # ~16.2, last 3 ~15.8 here; step-to-step noise is ~0.05), whereas a teacher-initialised student starts at ~0.
+    assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]]) - 0.15, "loss goes down"
+    assert a[-1]["loss_cos"] < 0.8 * a[0]["loss_cos"], "the student's hidden states move towards the teacher's"
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in a)
 
     exports = {}
