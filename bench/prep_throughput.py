@@ -68,9 +68,9 @@ def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size:
     def tokenize_and_pack(batch):
         rows = {"input_ids": [], "word_start": []}
         for ids, starts in tok.encode_batch(batch["text"]):
-            for seq, flags in pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, max_seq_len, 12, 0.5).sequences:
-                rows["input_ids"].append(seq.tolist())
-                rows["word_start"].append(flags.tolist())
+            for seq in pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, max_seq_len, 12, 0.5).sequences:
+                rows["input_ids"].append(seq.ids.tolist())
+                rows["word_start"].append(seq.word_start.tolist())
         return rows
 
     ds = datasets.Dataset.from_dict({"text": docs}).map(tokenize_and_pack, batched=True, batch_size=batch_size, remove_columns=["text"])

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new directory for the prepared dataset")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence including [CLS] and [SEP] (default 128)")
     p.add_argument("--min-seq-len", type=int, default=12, help="drop shorter sequences (default 12, as DistilBERT)")
+    p.add_argument("--packing", choices=["document", "full_sentences", "causal"], default="document",
+                   help="document: [CLS] window [SEP] within one document (default); full_sentences: across documents with [SEP] between "
+                   "them (RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly --max-seq-len, no word-start flags")
     p.add_argument("--doc-split", choices=["line", "paragraph"], default="line", help=".txt documents: one per line, or blank-line separated paragraphs")
     p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default text)")
     p.add_argument("--validation-fraction", type=float, default=0.01, help="share of documents held out, by text hash (default 0.01)")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     beam_log = os.path.join(tempfile.gettempdir(), f"distill-prep-{os.getpid()}.log")
     cfg = PrepConfig(
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, max_seq_len=args.max_seq_len,
-        min_seq_len=args.min_seq_len, doc_split=args.doc_split, text_field=args.text_field,
+        min_seq_len=args.min_seq_len, packing=args.packing, doc_split=args.doc_split, text_field=args.text_field,
         validation_fraction=args.validation_fraction, max_unk_fraction=args.max_unk_fraction,
         num_shards=args.num_shards, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
         overwrite=args.overwrite, seed=args.seed,

@@ -12,12 +12,14 @@ class PrepConfig:
     output: str  # new (or empty) directory
     max_seq_len: int = 128  # tokens per sequence, [CLS] and [SEP] included
     min_seq_len: int = 12  # shorter sequences are dropped (DistilBERT dropped <= 11 tokens)
+    packing: Literal["document", "full_sentences", "causal"] = "document"  # see data_prep/packing.py
     doc_split: Literal["line", "paragraph"] = "line"  # how .txt files hold documents
     text_field: str = "text"  # field of .jsonl records that holds the text
     validation_fraction: float = 0.01  # share of documents (by text hash) held out
     max_unk_fraction: float = 0.5  # sequences with a larger share of unknown tokens are dropped
     num_shards: int = 0  # train shards; 0 = about one per 256 MB of input text
     batch_size: int = 256  # documents per tokenizer call
+    batch_chars: int = 1_000_000  # ... or fewer documents when they hold this many characters
     on_decode_error: Literal["error", "skip"] = "error"  # invalid UTF-8 / bad JSON lines: stop, or count and skip
     overwrite: bool = False
     seed: int = 0

@@ -1,20 +1,42 @@
-"""Packing token runs into training sequences (pure functions, no Beam).
+"""Packing token runs into training sequences (pure functions and small stateful packers, no Beam).
 
-Mode `document`: each document's tokens are cut into consecutive windows of at most
-`max_seq_len - 2` tokens, each wrapped as `[CLS] window [SEP]`; sequences never cross documents.
+Modes (`PrepConfig.packing`):
+
+- `document`: each document's tokens are cut into consecutive windows of at most `max_seq_len - 2`
+  tokens, each wrapped as `[CLS] window [SEP]`; sequences never cross documents (DistilBERT).
+- `full_sentences`: documents are concatenated into one token stream with an extra `[SEP]` between
+  documents, cut into windows of `max_seq_len - 2`, each wrapped as `[CLS] window [SEP]`; sequences
+  cross document boundaries (RoBERTa FULL-SENTENCES).
+- `causal`: documents are concatenated with EOS after each one (GPT-2's `<|endoftext|>`), cut into
+  windows of exactly `max_seq_len` tokens, no other special tokens and no word-start flags.
+
+In the stream modes only the last window of a stream (a bundle of documents) can be short.
 Sequences shorter than `min_seq_len` (specials included) are dropped as `too_short`; sequences whose
-content is more than `max_unk_fraction` unknown tokens are dropped as `mostly_unknown`.
+content is more than `max_unk_fraction` unknown tokens are dropped as `mostly_unknown`. Drops count
+content tokens only (inserted separators / EOS are not read tokens), so
+tokens read == content tokens written + content tokens dropped.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+
+PACKING_MODES = ("document", "full_sentences", "causal")
+
+
+@dataclass
+class Sequence:
+    ids: np.ndarray  # int64, specials included
+    word_start: Optional[np.ndarray]  # bool, same length; None in causal mode
+    content_tokens: int  # tokens that came from documents (not inserted specials)
 
 
 @dataclass
 class Packed:
-    sequences: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (ids, word_start) with specials
+    sequences: list = field(default_factory=list)  # list[Sequence]
     dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> [sequences, content tokens]
 
     def drop(self, reason: str, tokens: int) -> None:
@@ -23,33 +45,154 @@ class Packed:
         entry[1] += tokens
 
 
+@dataclass(frozen=True)
+class PackSpec:
+    """What a packer needs to know about the tokenizer and the limits."""
+
+    mode: str
+    max_seq_len: int
+    min_seq_len: int
+    max_unk_fraction: float
+    unk_id: Optional[int]
+    cls_id: Optional[int] = None
+    sep_id: Optional[int] = None
+    eos_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.mode not in PACKING_MODES:
+            raise ValueError(f"packing {self.mode!r} is not one of {', '.join(PACKING_MODES)}")
+        if self.mode == "causal":
+            if self.eos_id is None:
+                raise ValueError("causal packing needs a tokenizer with an EOS token")
+            if self.max_seq_len < 2:
+                raise ValueError("max_seq_len must be at least 2 for causal packing")
+        else:
+            if self.cls_id is None or self.sep_id is None:
+                raise ValueError(f"{self.mode} packing needs a tokenizer with [CLS] and [SEP] tokens")
+            if self.max_seq_len < 3:
+                raise ValueError("max_seq_len must be at least 3 ([CLS] token [SEP])")
+
+
+def _check(out: Packed, spec: PackSpec, window: np.ndarray, real: np.ndarray, extra: int) -> bool:
+    """Apply the min-length and unknown-share filters to one window; count a drop."""
+    content = int(np.count_nonzero(real))
+    if len(window) + extra < spec.min_seq_len:
+        out.drop("too_short", content)
+        return False
+    if spec.unk_id is not None and content and np.count_nonzero((window == spec.unk_id) & real) > spec.max_unk_fraction * content:
+        out.drop("mostly_unknown", content)
+        return False
+    return True
+
+
 def pack_document(ids: np.ndarray, word_start: np.ndarray, cls_id: int, sep_id: int, unk_id: int | None,
                   max_seq_len: int, min_seq_len: int, max_unk_fraction: float) -> Packed:
     """Windows of one document as [CLS] ... [SEP] sequences, with drops counted."""
     if max_seq_len < 3:
         raise ValueError("max_seq_len must be at least 3 ([CLS] token [SEP])")
+    spec = PackSpec("document", max_seq_len, min_seq_len, max_unk_fraction, unk_id, cls_id, sep_id)
     out = Packed()
     width = max_seq_len - 2
     for start in range(0, len(ids), width):
         window = ids[start : start + width]
-        starts = word_start[start : start + width]
-        if len(window) + 2 < min_seq_len:
-            out.drop("too_short", len(window))
-            continue
-        if unk_id is not None and np.count_nonzero(window == unk_id) > max_unk_fraction * len(window):
-            out.drop("mostly_unknown", len(window))
+        if not _check(out, spec, window, np.ones(len(window), bool), 2):
             continue
         seq = np.concatenate(([cls_id], window, [sep_id]))
-        flags = np.concatenate(([True], starts, [True]))
-        out.sequences.append((seq, flags))
+        flags = np.concatenate(([True], word_start[start : start + width], [True]))
+        out.sequences.append(Sequence(seq, flags, len(window)))
     return out
+
+
+class DocumentPacker:
+    """`document` mode behind the packer interface (no state between documents)."""
+
+    def __init__(self, spec: PackSpec):
+        self.spec = spec
+        self.dropped: dict[str, list[int]] = {}
+
+    def add(self, ids: np.ndarray, word_start: np.ndarray) -> list[Sequence]:
+        s = self.spec
+        packed = pack_document(ids, word_start, s.cls_id, s.sep_id, s.unk_id, s.max_seq_len, s.min_seq_len, s.max_unk_fraction)
+        for reason, (n, tokens) in packed.dropped.items():
+            entry = self.dropped.setdefault(reason, [0, 0])
+            entry[0] += n
+            entry[1] += tokens
+        return packed.sequences
+
+    def flush(self) -> list[Sequence]:
+        return []
+
+
+class StreamPacker:
+    """`full_sentences` and `causal` modes: documents concatenated into one stream, cut into windows."""
+
+    def __init__(self, spec: PackSpec):
+        self.spec = spec
+        causal = spec.mode == "causal"
+        self.width = spec.max_seq_len if causal else spec.max_seq_len - 2
+        self.prefix = [] if causal else [spec.cls_id]
+        self.suffix = [] if causal else [spec.sep_id]
+        self.between = None if causal else spec.sep_id  # inserted before a document that continues a stream
+        self.after = spec.eos_id if causal else None  # appended after every document
+        self.keep_flags = not causal
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, word_start, real)
+        self._length = 0
+        self.dropped: dict[str, list[int]] = {}
+
+    def _append(self, ids, starts, real) -> None:
+        self._parts.append((ids, starts, real))
+        self._length += len(ids)
+
+    def _special(self, token_id: int):
+        return np.array([token_id], np.int64), np.ones(1, bool), np.zeros(1, bool)
+
+    def add(self, ids: np.ndarray, word_start: np.ndarray) -> list[Sequence]:
+        if not len(ids):
+            return []
+        if self.between is not None and self._length:
+            self._append(*self._special(self.between))
+        self._append(np.asarray(ids, np.int64), np.asarray(word_start, bool), np.ones(len(ids), bool))
+        if self.after is not None:
+            self._append(*self._special(self.after))
+        if self._length < self.width:
+            return []
+        ids_all, starts_all, real_all = (np.concatenate(x) for x in zip(*self._parts))
+        full = (len(ids_all) // self.width) * self.width
+        out = [seq for start in range(0, full, self.width)
+               for seq in self._emit(ids_all[start : start + self.width], starts_all[start : start + self.width], real_all[start : start + self.width])]
+        self._parts, self._length = [], 0
+        if full < len(ids_all):
+            self._append(ids_all[full:], starts_all[full:], real_all[full:])
+        return out
+
+    def flush(self) -> list[Sequence]:
+        """Emit (or drop) the short remainder at the end of a stream."""
+        if not self._parts:
+            return []
+        ids_all, starts_all, real_all = (np.concatenate(x) for x in zip(*self._parts))
+        self._parts, self._length = [], 0
+        return self._emit(ids_all, starts_all, real_all)
+
+    def _emit(self, window, starts, real) -> list[Sequence]:
+        packed = Packed(dropped=self.dropped)
+        if not _check(packed, self.spec, window, real, len(self.prefix) + len(self.suffix)):
+            return []
+        content = int(np.count_nonzero(real))
+        if not self.keep_flags:
+            return [Sequence(window.copy(), None, content)]
+        seq = np.concatenate((self.prefix, window, self.suffix)).astype(np.int64)
+        flags = np.concatenate(([True] * len(self.prefix), starts, [True] * len(self.suffix))).astype(bool)
+        return [Sequence(seq, flags, content)]
+
+
+def make_packer(spec: PackSpec):
+    """The packer of `spec.mode`: call `add(ids, word_start)` per document, `flush()` at the end."""
+    return DocumentPacker(spec) if spec.mode == "document" else StreamPacker(spec)
 
 
 def split_of(text: str, validation_fraction: float, seed: int = 0) -> str:
     """'validation' or 'train' from a stable hash of the document text (never both)."""
     if validation_fraction <= 0:
         return "train"
-    import hashlib
-
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=seed.to_bytes(8, "little")).digest()
     return "validation" if int.from_bytes(digest, "little") % 1_000_000 < validation_fraction * 1_000_000 else "train"

@@ -30,7 +30,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
-from data_prep.packing import pack_document, split_of
+from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
 from data_prep.sources import Document, expand_inputs, read_documents
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
 from data_prep.tokenization import load_tokenizer
@@ -57,39 +57,84 @@ class ReadDocuments(beam.DoFn):
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
 
 
+def pack_spec(cfg: PrepConfig, tok) -> PackSpec:
+    """The packing settings of `cfg` with the special-token ids of `tok`."""
+    return PackSpec(cfg.packing, cfg.max_seq_len, cfg.min_seq_len, cfg.max_unk_fraction, tok.unk_id, tok.cls_id, tok.sep_id, tok.eos_id)
+
+
+def _as_doc(element) -> tuple[str, Optional[str], int]:
+    """(text, split key or None, copies): readers emit plain text or this triple."""
+    return (element, None, 1) if isinstance(element, str) else element
+
+
 class TokenizeAndPack(beam.DoFn):
-    """A batch of documents -> packed rows of the train/validation split, counters and token counts."""
+    """Documents -> packed rows of the train/validation split, counters and token counts.
+
+    Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
+    packers keep their state for a whole bundle (across-document modes pack across batches).
+    """
 
     def __init__(self, cfg: PrepConfig, vocab_size: int):
         self.cfg = cfg
         self.vocab_size = vocab_size
 
     def setup(self):
-        self.tokenizer = load_tokenizer(self.cfg.tokenizer, self.cfg.max_piece_chars)
+        self.tokenizer = load_tokenizer(self.cfg.tokenizer, self.cfg.max_piece_chars, self.cfg.packing)
+        self.spec = pack_spec(self.cfg, self.tokenizer)
 
     def start_bundle(self):
         self.stats = Counter()
         self.counts = np.zeros(self.vocab_size, dtype=np.int64)
+        self.packers = {name: make_packer(self.spec) for name in SPLIT_NAMES}
+        self.buffer: list = []
+        self.buffered_chars = 0
 
-    def process(self, texts: list[str]):
-        cfg, tok = self.cfg, self.tokenizer
-        for text, (ids, starts) in zip(texts, tok.encode_batch(texts)):
-            split = split_of(text, cfg.validation_fraction, cfg.seed)
+    def process(self, element):
+        doc = _as_doc(element)
+        self.buffer.append(doc)
+        self.buffered_chars += len(doc[0])
+        if len(self.buffer) >= self.cfg.batch_size or self.buffered_chars >= self.cfg.batch_chars:
+            yield from self._tokenize_buffer()
+
+    def _tokenize_buffer(self):
+        cfg, docs = self.cfg, self.buffer
+        self.buffer, self.buffered_chars = [], 0
+        if not docs:
+            return
+        for (text, key, copies), (ids, starts) in zip(docs, self.tokenizer.encode_batch([d[0] for d in docs])):
+            split = split_of(key or text, cfg.validation_fraction, cfg.seed)
             self.stats[f"split.{split}.documents"] += 1
-            self.stats["tokens_read"] += len(ids)
-            packed = pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, cfg.max_seq_len, cfg.min_seq_len, cfg.max_unk_fraction)
-            for reason, (sequences, tokens) in packed.dropped.items():
-                add_drop(self.stats, reason, sequences, tokens, "sequences")
-            for seq, flags in packed.sequences:
-                self.stats[f"split.{split}.sequences"] += 1
-                self.stats[f"split.{split}.content_tokens"] += len(seq) - 2
-                self.stats[f"hist.{len(seq) // HISTOGRAM_BIN}"] += 1
-                if split == "train":
-                    self.counts += np.bincount(seq, minlength=self.vocab_size)[: self.vocab_size]
-                row = {"input_ids": seq.tolist(), "word_start": flags.tolist()}
-                yield row if split == "train" else beam.pvalue.TaggedOutput(split, row)
+            self.stats["tokens_read"] += len(ids) * copies
+            if copies > 1:
+                add_drop(self.stats, "duplicate", copies - 1, len(ids) * (copies - 1), "documents")
+            for seq in self.packers[split].add(ids, starts):
+                yield self._row(seq, split)
+
+    def _row(self, seq, split: str):
+        self.stats[f"split.{split}.sequences"] += 1
+        self.stats[f"split.{split}.content_tokens"] += seq.content_tokens
+        self.stats[f"split.{split}.special_tokens"] += len(seq.ids) - seq.content_tokens
+        self.stats[f"hist.{len(seq.ids) // HISTOGRAM_BIN}"] += 1
+        if split == "train":
+            self.counts += np.bincount(seq.ids, minlength=self.vocab_size)[: self.vocab_size]
+        row = {"input_ids": seq.ids.tolist()}
+        if seq.word_start is not None:
+            row["word_start"] = seq.word_start.tolist()
+        return row if split == "train" else beam.pvalue.TaggedOutput(split, row)
 
     def finish_bundle(self):
+        def windowed(out):
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                return beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, 0, [GlobalWindow()]))
+            return WindowedValue(out, 0, [GlobalWindow()])
+
+        for out in self._tokenize_buffer():
+            yield windowed(out)
+        for split, packer in self.packers.items():
+            for seq in packer.flush():
+                yield windowed(self._row(seq, split))
+            for reason, (sequences, tokens) in packer.dropped.items():
+                add_drop(self.stats, reason, sequences, tokens, "sequences")
         yield beam.pvalue.TaggedOutput("stats", WindowedValue(dict(self.stats), 0, [GlobalWindow()]))
         yield beam.pvalue.TaggedOutput("counts", WindowedValue(self.counts, 0, [GlobalWindow()]))
 
@@ -133,10 +178,14 @@ def _write_npy(array: np.ndarray, path: str) -> None:
         handle.write(buffer.getvalue())
 
 
-def parquet_schema(token_dtype: str):
+def parquet_schema(token_dtype: str, packing: str = "document"):
+    """Columns of the shards: `input_ids`, plus `word_start` except in causal mode (no masking metadata)."""
     import pyarrow as pa
 
-    return pa.schema([("input_ids", pa.list_(pa.uint16() if token_dtype == "uint16" else pa.int32())), ("word_start", pa.list_(pa.bool_()))])
+    fields = [("input_ids", pa.list_(getattr(pa, token_dtype)()))]
+    if packing != "causal":
+        fields.append(("word_start", pa.list_(pa.bool_())))
+    return pa.schema(fields)
 
 
 def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], vocab_size: int, token_dtype: str, num_shards: int) -> None:
@@ -151,10 +200,9 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], v
     packed = (
         read.docs
         | "SpreadDocuments" >> beam.Reshuffle()
-        | "Batch" >> beam.BatchElements(min_batch_size=min(16, cfg.batch_size), max_batch_size=cfg.batch_size)
         | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
     )
-    schema = parquet_schema(token_dtype)
+    schema = parquet_schema(token_dtype, cfg.packing)
     splits = {"train": packed.train}
     if cfg.validation_fraction > 0:
         splits["validation"] = packed.validation
@@ -215,7 +263,7 @@ def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dty
     splits = {name: mf.SplitInfo(_shard_infos(cfg, name)) for name in SPLIT_NAMES if os.path.isdir(os.path.join(cfg.output, name))}
     for name, info in splits.items():
         expected = stats["splits"].get(name, {})
-        if info.rows != expected.get("sequences", 0) or info.tokens - 2 * info.rows != expected.get("content_tokens", 0):
+        if info.rows != expected.get("sequences", 0) or info.tokens != expected.get("content_tokens", 0) + expected.get("special_tokens", 0):
             raise RuntimeError(f"shards of {name!r} hold {info.rows} rows / {info.tokens} tokens, the pipeline counted {expected}; output is inconsistent")
     if stats["tokens_read"] != stats["content_tokens_written"] + stats["tokens_dropped"]:
         raise RuntimeError(f"token accounting broken: read {stats['tokens_read']} != written {stats['content_tokens_written']} + dropped {stats['tokens_dropped']}")
@@ -226,7 +274,7 @@ def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dty
     manifest = mf.Manifest(
         tokenizer=tokenizer.identity(),
         max_seq_len=cfg.max_seq_len,
-        packing="document",
+        packing=cfg.packing,
         token_dtype=token_dtype,
         splits=splits,
         token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": mf.sha256_file(counts_path), "split": "train"},
@@ -257,7 +305,11 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
     if not 0 <= cfg.validation_fraction < 1:
         raise PrepInputError(f"--validation-fraction {cfg.validation_fraction} must be in [0, 1)")
     files = expand_inputs(cfg.inputs)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars)
+    if cfg.packing not in PACKING_MODES:
+        raise PrepInputError(f"--packing {cfg.packing!r} is not one of {', '.join(PACKING_MODES)}")
+    if cfg.min_seq_len > cfg.max_seq_len:
+        raise PrepInputError(f"--min-seq-len {cfg.min_seq_len} is larger than --max-seq-len {cfg.max_seq_len}; lower it")
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
     token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
     input_bytes = sum(size for _, size in files)
     num_shards = cfg.num_shards or max(1, int(np.ceil(input_bytes / (256 << 20))))

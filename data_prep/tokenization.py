@@ -11,7 +11,7 @@ import numpy as np
 from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 
-REQUIRED_SPECIALS = ("cls", "sep", "pad", "mask")
+REQUIRED_SPECIALS = {"document": ("cls", "sep", "pad", "mask"), "full_sentences": ("cls", "sep", "pad", "mask"), "causal": ("eos",)}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
@@ -47,13 +47,14 @@ class HFTokenizer:
 
     kind = "hf-fast"
 
-    def __init__(self, path: str, max_piece_chars: int = 100_000):
+    def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document"):
         self.path = path
         self.max_piece_chars = max_piece_chars
-        self.tokenizer = load_hf_tokenizer(path)
+        self.tokenizer = load_hf_tokenizer(path, packing)
         self.vocab_size = len(self.tokenizer)
         self.cls_id = self.tokenizer.cls_token_id
         self.sep_id = self.tokenizer.sep_token_id
+        self.eos_id = self.tokenizer.eos_token_id
         self.unk_id = self.tokenizer.unk_token_id
 
     def identity(self) -> TokenizerIdentity:
@@ -86,7 +87,7 @@ class HFTokenizer:
         ]
 
 
-def load_hf_tokenizer(path: str):
+def load_hf_tokenizer(path: str, packing: str = "document"):
     """AutoTokenizer from a local directory, or a one-line PrepInputError saying what is wrong."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -106,15 +107,20 @@ def load_hf_tokenizer(path: str):
         raise PrepInputError(f"--tokenizer {path!r} is not a loadable tokenizer ({first[:200]}); pass a directory written by save_pretrained") from None
     if not getattr(tokenizer, "is_fast", False):
         raise PrepInputError(f"--tokenizer {path!r} is a slow (Python) tokenizer; save it with its tokenizer.json (a fast tokenizer)")
-    missing = [name for name in REQUIRED_SPECIALS if getattr(tokenizer, f"{name}_token_id", None) is None]
+    missing = [name for name in REQUIRED_SPECIALS[packing] if getattr(tokenizer, f"{name}_token_id", None) is None]
+    if missing and packing == "causal":
+        raise PrepInputError(f"--tokenizer {path!r} has no EOS token; causal packing puts EOS between documents, use the teacher's GPT-2-style tokenizer")
     if missing:
-        raise PrepInputError(f"--tokenizer {path!r} has no {', '.join(missing)} token(s); masked-LM data needs [CLS], [SEP], [PAD] and [MASK] equivalents")
+        raise PrepInputError(
+            f"--tokenizer {path!r} has no {', '.join(missing)} token(s); masked-LM data needs [CLS], [SEP], [PAD] and [MASK] equivalents "
+            f"(for a GPT-2-style teacher pass --packing causal)"
+        )
     tokenizer.model_max_length = 10**12  # we cut sequences ourselves; silence the length warning
     return tokenizer
 
 
-def load_tokenizer(path: str, max_piece_chars: int = 100_000) -> HFTokenizer:
+def load_tokenizer(path: str, max_piece_chars: int = 100_000, packing: str = "document") -> HFTokenizer:
     """The tokenizer adapter for `path` (a later version adds sentencepiece `.model` files here)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    return HFTokenizer(path, max_piece_chars)
+    return HFTokenizer(path, max_piece_chars, packing)
 

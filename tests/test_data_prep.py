@@ -14,7 +14,7 @@ import pytest
 
 from data_prep.config import PrepConfig
 from data_prep.manifest import load_manifest, sha256_file, verify_shards
-from data_prep.packing import pack_document, split_of
+from data_prep.packing import PackSpec, make_packer, pack_document, split_of
 from data_prep.pipeline import run_prep
 from data_prep.sources import Document, Dropped, read_documents
 from data_prep.tokenization import load_tokenizer
@@ -29,9 +29,9 @@ def test_pack_document_windows_specials_and_drops():
     starts = np.array([i % 3 == 0 for i in range(20)])
     packed = pack_document(ids, starts, CLS, SEP, UNK, max_seq_len=8, min_seq_len=5, max_unk_fraction=0.5)
     # windows of 6: [10..15] [16..21] [22..27] [28, 29] -> the last has 2 + 2 = 4 < 5 tokens: dropped
-    assert [s.tolist() for s, _ in packed.sequences] == [
+    assert [s.ids.tolist() for s in packed.sequences] == [
         [CLS, 10, 11, 12, 13, 14, 15, SEP], [CLS, 16, 17, 18, 19, 20, 21, SEP], [CLS, 22, 23, 24, 25, 26, 27, SEP]]
-    assert packed.sequences[1][1].tolist() == [True] + starts[6:12].tolist() + [True]
+    assert packed.sequences[1].word_start.tolist() == [True] + starts[6:12].tolist() + [True]
     assert packed.dropped == {"too_short": [1, 2]}
     unk_heavy = np.array([UNK, UNK, UNK, 40, 41, 42, UNK, UNK])
     packed = pack_document(unk_heavy, np.ones(8, bool), CLS, SEP, UNK, 8, 3, 0.5)
@@ -39,6 +39,31 @@ def test_pack_document_windows_specials_and_drops():
     assert len(packed.sequences) == 1 and packed.dropped == {"mostly_unknown": [1, 2]}
 
 
+def _run_packer(spec, docs):
+    packer = make_packer(spec)
+    seqs = [s for d in docs for s in packer.add(np.asarray(d), np.ones(len(d), bool))] + packer.flush()
+    return seqs, packer.dropped
+
+
+def test_full_sentences_packing_crosses_documents_with_a_separator():
+    spec = PackSpec("full_sentences", max_seq_len=6, min_seq_len=4, max_unk_fraction=0.5, unk_id=UNK, cls_id=CLS, sep_id=SEP)
+    seqs, dropped = _run_packer(spec, [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]])
+    # stream: 10 11 12 SEP 20 21 SEP 30 31 32 33 34 | 40 -> windows of 4; no separator after an exact cut
+    assert [s.ids.tolist() for s in seqs] == [[CLS, 10, 11, 12, SEP, SEP], [CLS, 20, 21, SEP, 30, SEP], [CLS, 31, 32, 33, 34, SEP]]
+    assert [s.content_tokens for s in seqs] == [3, 3, 4]
+    assert dropped == {"too_short": [1, 1]}  # the remainder [CLS 40 SEP] has 3 < 4 tokens
+
+
+def test_causal_packing_eos_after_documents_fixed_windows():
+    EOS = 7
+    spec = PackSpec("causal", max_seq_len=4, min_seq_len=2, max_unk_fraction=0.5, unk_id=None, eos_id=EOS)
+    seqs, dropped = _run_packer(spec, [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]])
+    # stream: 10 11 12 EOS 20 21 EOS 30 31 32 33 34 EOS -> 3 windows of 4 and a remainder [EOS] (1 < 2, dropped, 0 content)
+    assert [s.ids.tolist() for s in seqs] == [[10, 11, 12, EOS], [20, 21, EOS, 30], [31, 32, 33, 34]]
+    assert all(s.word_start is None for s in seqs) and [s.content_tokens for s in seqs] == [3, 3, 4]
+    assert dropped == {"too_short": [1, 0]}
+    with pytest.raises(ValueError, match="EOS"):
+        PackSpec("causal", 8, 2, 0.5, None)
 def test_split_is_stable_and_close_to_the_fraction():
     docs = [f"document number {i} with some text" for i in range(20000)]
     splits = [split_of(d, 0.1) for d in docs]
@@ -81,7 +106,7 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     with TestPipeline() as p:
         texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
         assert_that(texts.docs, equal_to(docs), label="documents")
-        rows = (texts.docs | beam.combiners.ToList() | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
+        rows = (texts.docs | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
         assert_that(rows.train | beam.Map(lambda r: tuple(r["input_ids"])), equal_to(expected), label="sequences")
 
 
@@ -166,7 +191,7 @@ def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir):
     code, err = _cli("--input", str(tmp_path / "nothing*.txt"), "--tokenizer", tokenizer_dir, "--output", str(out))
     assert code == 2 and err == [f"distill-prep: error: --input '{tmp_path / 'nothing*.txt'}' matches no files; check the path or glob (quote globs so the shell does not expand them)"]
     code, err = _cli("--input", corpus_dir, "--tokenizer", corpus_dir, "--output", str(out))
-    assert code == 2 and len(err) == 1 and "is not a loadable tokenizer" in err[0]
+    assert code == 2 and len(err) == 1 and "holds no tokenizer files" in err[0]
     assert not out.exists()
 
     existing = tmp_path / "existing"
@@ -208,3 +233,59 @@ def test_wikitext_accounting(tmp_path, tokenizer_dir):
     lines = [l.strip() for l in open(valid, encoding="utf-8") if l.strip()]
     assert stats["documents_read"] == len(lines)
     assert stats["tokens_read"] == sum(len(ids) for ids in tok.tokenizer(lines, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
+    """A GPT-2-style byte-level BPE tokenizer (vocab 1000, <|endoftext|> as BOS/EOS, no [CLS]/[MASK]/unk)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir)), trainer)
+    out = str(tmp_path_factory.mktemp("gpt2tok"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def test_causal_run_eos_between_documents_no_masking_metadata(tmp_path, corpus_dir, gpt2_tokenizer_dir):
+    out = str(tmp_path / "causal")
+    L = 64
+    manifest = run_prep(PrepConfig(inputs=[corpus_dir], tokenizer=gpt2_tokenizer_dir, output=out, max_seq_len=L, min_seq_len=8,
+                                   packing="causal", validation_fraction=0.05), workers=2)
+    assert load_manifest(out).packing == "causal" and manifest.tokenizer.special_token_ids["eos"] >= 0
+    tok = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
+    eos = tok.eos_id
+    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    encoded = list(zip(docs, tok.tokenizer(docs, add_special_tokens=False)["input_ids"]))
+    stats = manifest.stats
+    assert stats["tokens_read"] == sum(len(ids) for _, ids in encoded)
+    missing = 0
+    for split in ("train", "validation"):
+        rows = [r for s in manifest.splits[split].shards for r in pq.read_table(os.path.join(out, s.path)).column("input_ids").to_pylist()]
+        assert pq.read_schema(os.path.join(out, manifest.splits[split].shards[0].path)).names == ["input_ids"]  # no word_start
+        assert sum(len(r) < L for r in rows) <= 4, "only the end of a bundle's stream may be short"
+        want = collections.Counter(t for d, ids in encoded if split_of(d, 0.05) == split for t in ids)
+        got = collections.Counter(t for r in rows for t in r if t != eos)
+        assert not got - want, f"{split}: tokens written that no document of this split holds"
+        doc_set = {tuple(ids) for d, ids in encoded if split_of(d, 0.05) == split}
+        inner = [tuple(seg) for r in rows for seg in _segments(r, eos)[1:-1]]
+        assert inner and all(seg in doc_set for seg in inner), "a run between two EOS is one whole document"
+        missing += sum(want.values()) - sum(got.values())
+    assert missing == stats["tokens_dropped"], "every token not written is counted as dropped"
+    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
+
+
+def _segments(row, eos):
+    segs, cur = [], []
+    for t in row:
+        if t == eos:
+            segs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    segs.append(cur)
+    return segs
