@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Tokenize, pack and shard a text corpus for distillation. Unknown options are passed to Apache Beam "
         "(e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).",
     )
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, optionally .gz)")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .parquet; .gz/.bz2 compressed)")
     p.add_argument("--tokenizer", required=True, help="the teacher's Hugging Face tokenizer directory")
     p.add_argument("--output", required=True, help="new directory for the prepared dataset")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence including [CLS] and [SEP] (default 128)")
@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="document: [CLS] window [SEP] within one document (default); full_sentences: across documents with [SEP] between "
                    "them (RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly --max-seq-len, no word-start flags")
     p.add_argument("--doc-split", choices=["line", "paragraph"], default="line", help=".txt documents: one per line, or blank-line separated paragraphs")
-    p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text (default text)")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files holding the text (default text)")
+    p.add_argument("--normalization", choices=["NFC", "NFKC", "none"], default="NFC", help="Unicode normalisation of every document (default NFC)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents (default: drop them, counted as 'duplicate')")
     p.add_argument("--validation-fraction", type=float, default=0.01, help="share of documents held out, by text hash (default 0.01)")
     p.add_argument("--max-unk-fraction", type=float, default=0.5, help="drop sequences with more unknown tokens than this share (default 0.5)")
     p.add_argument("--num-shards", type=int, default=0, help="train shards (default: one per 256 MB of input)")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     beam_log = os.path.join(tempfile.gettempdir(), f"distill-prep-{os.getpid()}.log")
     cfg = PrepConfig(
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, max_seq_len=args.max_seq_len,
-        min_seq_len=args.min_seq_len, packing=args.packing, doc_split=args.doc_split, text_field=args.text_field,
+        min_seq_len=args.min_seq_len, packing=args.packing, normalization=args.normalization, dedup=not args.no_dedup, doc_split=args.doc_split, text_field=args.text_field,
         validation_fraction=args.validation_fraction, max_unk_fraction=args.max_unk_fraction,
         num_shards=args.num_shards, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
         overwrite=args.overwrite, seed=args.seed,

@@ -14,7 +14,9 @@ class PrepConfig:
     min_seq_len: int = 12  # shorter sequences are dropped (DistilBERT dropped <= 11 tokens)
     packing: Literal["document", "full_sentences", "causal"] = "document"  # see data_prep/packing.py
     doc_split: Literal["line", "paragraph"] = "line"  # how .txt files hold documents
-    text_field: str = "text"  # field of .jsonl records that holds the text
+    text_field: str = "text"  # field of .jsonl records / column of .parquet files that holds the text
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"  # Unicode normalisation before tokenization
+    dedup: bool = True  # drop exact-duplicate documents (same text after cleaning) across the corpus
     validation_fraction: float = 0.01  # share of documents (by text hash) held out
     max_unk_fraction: float = 0.5  # sequences with a larger share of unknown tokens are dropped
     num_shards: int = 0  # train shards; 0 = about one per 256 MB of input text
@@ -23,6 +25,7 @@ class PrepConfig:
     on_decode_error: Literal["error", "skip"] = "error"  # invalid UTF-8 / bad JSON lines: stop, or count and skip
     overwrite: bool = False
     seed: int = 0
+    max_line_bytes: int = 4 << 20  # longer lines are read in pieces (never whole), see data_prep/sources.py
     max_piece_chars: int = 100_000  # long documents are tokenized in whitespace-aligned pieces of this size
     extra: dict[str, Any] = field(default_factory=dict)
 

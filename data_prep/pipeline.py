@@ -31,7 +31,8 @@ from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
-from data_prep.sources import Document, expand_inputs, read_documents
+from data_prep.cleaning import NORMALIZATIONS, clean_text, doc_hash
+from data_prep.sources import Dropped, expand_inputs, read_documents
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
 from data_prep.tokenization import load_tokenizer
 
@@ -41,20 +42,51 @@ SPLIT_NAMES = ("train", "validation")
 
 
 class ReadDocuments(beam.DoFn):
-    """File path -> document texts; per-file counters go to the 'stats' output."""
+    """File path -> (content hash, (text, split key)) of cleaned documents; per-file counters go to 'stats'."""
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
 
     def process(self, path: str):
+        cfg = self.cfg
         stats = Counter(files=1)
-        for item in read_documents(path, self.cfg.doc_split, self.cfg.text_field, self.cfg.on_decode_error):
-            if isinstance(item, Document):
-                stats["documents_read"] += 1
-                yield item.text
-            else:
+        for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes):
+            if isinstance(item, Dropped):
                 add_drop(stats, item.reason, item.count, 0, "documents")
+                continue
+            stats["documents_read"] += 1
+            text, removed = clean_text(item.text, cfg.normalization)
+            stats["control_chars_removed"] += removed
+            if not text:
+                add_drop(stats, "empty", 1, 0, "documents")
+                continue
+            yield doc_hash(text), (text, item.key)
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
+
+
+class KeepOneCopy(beam.CombineFn):
+    """Identical documents (same hash) -> (text, smallest split key, number of copies)."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, doc):
+        return self.merge_accumulators([acc, (doc[0], doc[1], 1)])
+
+    def merge_accumulators(self, accumulators):
+        out = None
+        for acc in accumulators:
+            if acc is None:
+                continue
+            if out is None:
+                out = acc
+            else:
+                key = min(out[1] or "", acc[1] or "") or None
+                out = (out[0], key, out[2] + acc[2])
+        return out
+
+    def extract_output(self, acc):
+        return acc
 
 
 def pack_spec(cfg: PrepConfig, tok) -> PackSpec:
@@ -197,9 +229,12 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], v
         | "SpreadFiles" >> beam.Reshuffle()
         | "Read" >> beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
     )
+    if cfg.dedup:  # group by content hash across the whole corpus; also spreads documents over workers
+        docs = read.docs | "Dedup" >> beam.CombinePerKey(KeepOneCopy()) | "Unkey" >> beam.Values()
+    else:
+        docs = read.docs | "Unkey" >> beam.Map(lambda kv: (kv[1][0], kv[1][1], 1)) | "SpreadDocuments" >> beam.Reshuffle()
     packed = (
-        read.docs
-        | "SpreadDocuments" >> beam.Reshuffle()
+        docs
         | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
     )
     schema = parquet_schema(token_dtype, cfg.packing)

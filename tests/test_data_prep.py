@@ -105,8 +105,8 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
                 expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
     with TestPipeline() as p:
         texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
-        assert_that(texts.docs, equal_to(docs), label="documents")
-        rows = (texts.docs | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
+        assert_that(texts.docs | beam.Map(lambda kv: kv[1][0]), equal_to(docs), label="documents")
+        rows = (texts.docs | beam.Map(lambda kv: (kv[1][0], None, 1)) | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
         assert_that(rows.train | beam.Map(lambda r: tuple(r["input_ids"])), equal_to(expected), label="sequences")
 
 
@@ -145,10 +145,13 @@ def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_di
         for shard in reread.splits[split].shards:
             assert sha256_file(os.path.join(out, shard.path)) == shard.sha256
     tok = load_tokenizer(tokenizer_dir)
-    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
-    expected, tokens_read = _expected_sequences(docs, tok, 64, 12)
+    all_docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    docs = list(dict.fromkeys(all_docs))  # exact duplicates are dropped
+    expected, unique_tokens = _expected_sequences(docs, tok, 64, 12)
+    _, tokens_read = _expected_sequences(all_docs, tok, 64, 12)
     stats = reread.stats
-    assert stats["documents_read"] == len(docs)
+    assert stats["documents_read"] == len(all_docs)
+    assert stats["dropped"]["duplicate"] == {"documents": len(all_docs) - len(docs), "tokens": tokens_read - unique_tokens}
     assert stats["tokens_read"] == tokens_read
     assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
 
@@ -289,3 +292,41 @@ def _segments(row, eos):
             cur.append(t)
     segs.append(cur)
     return segs
+
+
+def test_sources_parquet_bz2_long_lines_binary_and_cleaning(tmp_path):
+    import bz2
+
+    import pyarrow as pa
+
+    from data_prep.cleaning import clean_text
+    from data_prep.errors import PrepInputError
+
+    pq.write_table(pa.table({"body": ["first row", "  ", None, "third row"]}), tmp_path / "p.parquet")
+    items = list(read_documents(str(tmp_path / "p.parquet"), text_field="body", on_error="skip"))
+    assert [i.text for i in items if isinstance(i, Document)] == ["first row", "third row"]
+    assert sorted(i.reason for i in items if isinstance(i, Dropped)) == ["empty", "missing_field"]
+    with pytest.raises(PrepInputError, match="has no column 'text'"):
+        list(read_documents(str(tmp_path / "p.parquet")))
+
+    (tmp_path / "b.txt.bz2").write_bytes(bz2.compress("ein Dokument\nzwei\n".encode()))
+    assert [d.text for d in read_documents(str(tmp_path / "b.txt.bz2"))] == ["ein Dokument", "zwei"]
+
+    words = " ".join(f"w{i}" for i in range(3000))  # ~17 kB on one line, read in pieces of <= 1000 bytes
+    (tmp_path / "long.txt").write_text("short doc\n" + words + "\nafter\n")
+    docs = list(read_documents(str(tmp_path / "long.txt"), max_line_bytes=1000))
+    pieces = [d for d in docs if d.key is not None]
+    assert docs[0] == Document("short doc") and docs[-1] == Document("after")
+    assert len(pieces) > 10 and all(len(p.text.encode()) <= 1000 for p in pieces)
+    assert " ".join(p.text for p in pieces) == words and len({p.key for p in pieces}) == 1
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": words}) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    items = list(read_documents(str(tmp_path / "long.jsonl"), max_line_bytes=1000))
+    assert items == [Dropped("too_long"), Document("ok")]
+
+    (tmp_path / "bin.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(PrepInputError, match="binary file"):
+        list(read_documents(str(tmp_path / "bin.txt")))
+    assert list(read_documents(str(tmp_path / "bin.txt"), on_error="skip")) == [Dropped("binary_file")]
+
+    assert clean_text("Cafe\u0301\x07 ok\x1b ") == ("Caf\u00e9 ok", 2)  # NFC composes, controls go
+    assert clean_text("\ufb01ne", "NFKC")[0] == "fine" and clean_text("\ufb01ne", "NFC")[0] == "\ufb01ne"
