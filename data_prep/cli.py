@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
         "(e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).",
     )
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .parquet; .gz/.bz2 compressed)")
-    p.add_argument("--tokenizer", required=True, help="the teacher's Hugging Face tokenizer directory")
+    p.add_argument("--tokenizer", default="", help="the teacher's Hugging Face tokenizer directory, or a sentencepiece .model file")
+    p.add_argument("--train-sentencepiece", type=int, default=0, metavar="VOCAB_SIZE",
+                   help="instead of --tokenizer: train a sentencepiece (unigram) model of this size on a corpus sample; saved in OUTPUT/tokenizer/")
     p.add_argument("--output", required=True, help="new directory for the prepared dataset")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence including [CLS] and [SEP] (default 128)")
     p.add_argument("--min-seq-len", type=int, default=12, help="drop shorter sequences (default 12, as DistilBERT)")
@@ -78,7 +80,10 @@ def stderr_to_file(path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, beam_args = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if not args.tokenizer and not args.train_sentencepiece:
+        parser.error("pass --tokenizer DIR_OR_MODEL, or --train-sentencepiece VOCAB_SIZE to train one")
     # Progress goes to stdout; Beam's own chatter (and its worker processes') to a log file.
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # worker errors come back as exceptions, handled below
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         min_seq_len=args.min_seq_len, packing=args.packing, normalization=args.normalization, dedup=not args.no_dedup, doc_split=args.doc_split, text_field=args.text_field,
         validation_fraction=args.validation_fraction, max_unk_fraction=args.max_unk_fraction,
         num_shards=args.num_shards, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
-        overwrite=args.overwrite, seed=args.seed,
+        overwrite=args.overwrite, seed=args.seed, train_sentencepiece=args.train_sentencepiece,
     )
     try:
         with stderr_to_file(beam_log):

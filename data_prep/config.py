@@ -8,7 +8,7 @@ from typing import Any, Literal
 @dataclass
 class PrepConfig:
     inputs: list[str]  # files, directories or globs (any Beam filesystem)
-    tokenizer: str  # Hugging Face fast tokenizer directory
+    tokenizer: str  # Hugging Face fast tokenizer directory or sentencepiece .model ("" with train_sentencepiece)
     output: str  # new (or empty) directory
     max_seq_len: int = 128  # tokens per sequence, [CLS] and [SEP] included
     min_seq_len: int = 12  # shorter sequences are dropped (DistilBERT dropped <= 11 tokens)
@@ -27,6 +27,8 @@ class PrepConfig:
     seed: int = 0
     max_line_bytes: int = 4 << 20  # longer lines are read in pieces (never whole), see data_prep/sources.py
     max_piece_chars: int = 100_000  # long documents are tokenized in whitespace-aligned pieces of this size
+    train_sentencepiece: int = 0  # > 0: train a sentencepiece model of this vocabulary size on a corpus sample
+    sentencepiece_sample_chars: int = 50_000_000  # characters of cleaned documents the model is trained on
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ A failed run removes the output directory it created; no manifest is ever writte
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import glob
 import json
@@ -332,6 +333,31 @@ def _claim_output(cfg: PrepConfig) -> None:
     os.makedirs(cfg.output, exist_ok=True)
 
 
+def sample_documents(cfg: PrepConfig, files: list[str]):
+    """Cleaned documents from every file in turn, up to `sentencepiece_sample_chars` in all."""
+    budget = max(1, cfg.sentencepiece_sample_chars // max(1, len(files)))
+    for path in files:
+        taken = 0
+        for item in read_documents(path, cfg.doc_split, cfg.text_field, "skip", cfg.max_line_bytes):
+            if isinstance(item, Dropped):
+                continue
+            text = clean_text(item.text, cfg.normalization)[0]
+            if text:
+                yield text
+                taken += len(text)
+                if taken >= budget:
+                    break
+
+
+def _train_tokenizer(cfg: PrepConfig, files: list[str]) -> str:
+    from data_prep.sentencepiece_tok import train_sentencepiece
+
+    tmp = os.path.join(cfg.output, TMP_DIR)
+    os.makedirs(tmp, exist_ok=True)
+    log.info("training a sentencepiece model (vocab %d) on up to %d characters of the corpus", cfg.train_sentencepiece, cfg.sentencepiece_sample_chars)
+    return train_sentencepiece(sample_documents(cfg, files), cfg.train_sentencepiece, os.path.join(tmp, "spiece"))
+
+
 def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: int = 0) -> mf.Manifest:
     """Check inputs, run the pipeline, write the manifest; on failure remove the partial output."""
     t0 = time.time()
@@ -344,13 +370,23 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
         raise PrepInputError(f"--packing {cfg.packing!r} is not one of {', '.join(PACKING_MODES)}")
     if cfg.min_seq_len > cfg.max_seq_len:
         raise PrepInputError(f"--min-seq-len {cfg.min_seq_len} is larger than --max-seq-len {cfg.max_seq_len}; lower it")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+    if cfg.train_sentencepiece and cfg.tokenizer:
+        raise PrepInputError("--train-sentencepiece trains a new tokenizer; drop --tokenizer (or drop --train-sentencepiece to use yours)")
+    if not cfg.train_sentencepiece:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+    _claim_output(cfg)
+    if cfg.train_sentencepiece:
+        try:
+            cfg = dataclasses.replace(cfg, tokenizer=_train_tokenizer(cfg, [path for path, _ in files]))
+            tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+        except BaseException:
+            shutil.rmtree(cfg.output, ignore_errors=True)
+            raise
     token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
     input_bytes = sum(size for _, size in files)
     num_shards = cfg.num_shards or max(1, int(np.ceil(input_bytes / (256 << 20))))
     workers = workers or os.cpu_count() or 1
     log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards", len(files), input_bytes / 1e6, cfg.tokenizer, tokenizer.vocab_size, num_shards)
-    _claim_output(cfg)
     options = beam_options(cfg, beam_args or [], workers)
     try:
         with beam.Pipeline(options=options) as pipeline:

@@ -95,7 +95,8 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
     hf_logging.set_verbosity_error()
     if not os.path.isdir(path):
         raise PrepInputError(
-            f"--tokenizer {path!r} is not a local directory; pass the teacher's directory (with tokenizer.json / vocab files), "
+            f"--tokenizer {path!r} is not a local directory or .model file; pass the teacher's directory (with tokenizer.json / vocab files) "
+            f"or a sentencepiece .model, "
             f"downloaded beforehand: this job never downloads"
         )
     if not has_tokenizer_files(path):
@@ -119,8 +120,12 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
     return tokenizer
 
 
-def load_tokenizer(path: str, max_piece_chars: int = 100_000, packing: str = "document") -> HFTokenizer:
-    """The tokenizer adapter for `path` (a later version adds sentencepiece `.model` files here)."""
+def load_tokenizer(path: str, max_piece_chars: int = 100_000, packing: str = "document"):
+    """The tokenizer adapter for `path`: a sentencepiece `.model` file, or an HF fast tokenizer directory."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if os.path.isfile(path) and path.endswith(".model"):
+        from data_prep.sentencepiece_tok import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(path, max_piece_chars, packing)
     return HFTokenizer(path, max_piece_chars, packing)
 

@@ -330,3 +330,31 @@ def test_sources_parquet_bz2_long_lines_binary_and_cleaning(tmp_path):
 
     assert clean_text("Cafe\u0301\x07 ok\x1b ") == ("Caf\u00e9 ok", 2)  # NFC composes, controls go
     assert clean_text("\ufb01ne", "NFKC")[0] == "fine" and clean_text("\ufb01ne", "NFC")[0] == "\ufb01ne"
+
+
+def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from data_prep.manifest import tokenizer_identity
+
+    docs = list(dict.fromkeys(line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()))[:600]
+    (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
+    out = str(tmp_path / "spm")
+    manifest = run_prep(PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer="", output=out, train_sentencepiece=700, max_seq_len=32,
+                                   min_seq_len=3, validation_fraction=0.0), workers=1)
+    assert manifest.tokenizer.type == "sentencepiece" and manifest.tokenizer.vocab_size == 700
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer", "spiece.model"))
+    expected = collections.Counter()
+    for ids in sp.encode(docs):
+        for s in range(0, len(ids), 30):
+            expected[tuple([sp.piece_to_id("[CLS]")] + ids[s:s + 30] + [sp.piece_to_id("[SEP]")])] += 1
+    rows = _read_split(out, manifest, "train")
+    assert collections.Counter(tuple(ids) for ids, _ in rows) == expected
+    hf = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))  # what distill-train loads
+    assert tokenizer_identity(hf, "x").vocab_sha256 == manifest.tokenizer.vocab_sha256
+    assert (hf.mask_token_id, hf.pad_token_id) == (sp.piece_to_id("[MASK]"), 0)
+    # the saved .model is itself a --tokenizer for another run, behind the same interface
+    tok = load_tokenizer(os.path.join(out, "tokenizer", "spiece.model"))
+    (ids, starts), = tok.encode_batch([docs[0]])
+    assert ids.tolist() == sp.encode(docs[0]) and starts.tolist() == [i == 0 or sp.id_to_piece(int(t)).startswith("\u2581") for i, t in enumerate(ids)]

@@ -1,0 +1,120 @@
+"""Sentencepiece `.model` tokenizers behind the same interface as the HF adapter, and training one.
+
+Ids always come from the `sentencepiece` library itself. The dataset's `tokenizer/` directory holds
+the `.model` file and a Hugging Face fast tokenizer built from its pieces and scores, so that the
+trainer loads it with `AutoTokenizer` (same vocabulary, same special ids, same identity hash).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+from data_prep.errors import PrepInputError
+from data_prep.manifest import TokenizerIdentity, tokenizer_identity
+
+SPECIAL_PIECES = {  # role -> pieces that play it, first found wins
+    "cls": ("[CLS]", "<cls>"), "sep": ("[SEP]", "<sep>"), "mask": ("[MASK]", "<mask>"),
+    "pad": ("<pad>", "[PAD]"), "unk": ("<unk>", "[UNK]"), "eos": ("</s>", "<|endoftext|>"), "bos": ("<s>",),
+}
+TRAINED_SPECIALS = ["[CLS]", "[SEP]", "[MASK]"]
+MODEL_FILE = "spiece.model"
+
+
+def _load_processor(path: str):
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except Exception as exc:
+        raise PrepInputError(f"--tokenizer {path!r} is not a sentencepiece model ({str(exc).splitlines()[0][:120]}); pass a .model file or a tokenizer directory") from None
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece `.model` file: encode_batch -> (ids, word-start flags), like HFTokenizer."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document"):
+        from data_prep.tokenization import REQUIRED_SPECIALS
+
+        self.path = path
+        self.max_piece_chars = max_piece_chars
+        self.sp = _load_processor(path)
+        self.vocab_size = self.sp.get_piece_size()
+        pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+        self.ids = {}
+        for role, names in SPECIAL_PIECES.items():
+            for name in names:
+                i = self.sp.piece_to_id(name)
+                if self.sp.id_to_piece(i) == name and (name != "<unk>" or i == self.sp.unk_id()):
+                    self.ids[role] = i
+                    break
+        missing = [r for r in REQUIRED_SPECIALS[packing] if r not in self.ids]
+        if missing:
+            raise PrepInputError(
+                f"--tokenizer {path!r} has no {', '.join(missing)} piece(s) ({', '.join(SPECIAL_PIECES[missing[0]])}); "
+                f"use a model trained with them as user_defined_symbols, or --train-sentencepiece"
+            )
+        self.cls_id, self.sep_id = self.ids.get("cls"), self.ids.get("sep")
+        self.eos_id, self.unk_id = self.ids.get("eos"), self.ids.get("unk")
+        specials = set(self.ids.values())
+        self._starts_word = np.array([p.startswith("\u2581") or i in specials for i, p in enumerate(pieces)], dtype=bool)
+        self._hf = None
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        from data_prep.tokenization import _split_long
+
+        out = []
+        for text in texts:
+            parts = [np.asarray(ids, np.int64) for ids in self.sp.encode(_split_long(text, self.max_piece_chars))]
+            ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            starts = self._starts_word[ids] if len(ids) else np.zeros(0, bool)
+            if len(starts):
+                starts[0] = True
+            out.append((ids, starts))
+        return out
+
+    def hf_tokenizer(self):
+        """A PreTrainedTokenizerFast with the model's pieces, scores and special tokens."""
+        if self._hf is None:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+            from transformers import PreTrainedTokenizerFast
+
+            vocab = [(self.sp.id_to_piece(i), float(self.sp.get_score(i))) for i in range(self.vocab_size)]
+            tok = Tokenizer(models.Unigram(vocab, unk_id=self.sp.unk_id()))
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+            tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+            names = {f"{role}_token": self.sp.id_to_piece(i) for role, i in self.ids.items()}
+            self._hf = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+            self._hf.model_max_length = 10**12
+        return self._hf
+
+    def identity(self) -> TokenizerIdentity:
+        return tokenizer_identity(self.hf_tokenizer(), self.path, self.kind)
+
+    def save(self, directory: str) -> None:
+        self.hf_tokenizer().save_pretrained(directory)
+        shutil.copyfile(self.path, os.path.join(directory, MODEL_FILE))
+
+
+def train_sentencepiece(texts, vocab_size: int, model_prefix: str, model_type: str = "unigram") -> str:
+    """Train a sentencepiece model on an iterable of documents; returns the `.model` path.
+
+    Specials: <pad>=0, <unk>=1, </s>=2 (EOS) and [CLS], [SEP], [MASK] as user-defined pieces, so the
+    model serves masked-LM and causal packing alike. No extra normalisation (the pipeline already
+    applied NFC/NFKC), so the Hugging Face copy in the dataset encodes the same way.
+    """
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+            pad_id=0, unk_id=1, eos_id=2, bos_id=-1, user_defined_symbols=TRAINED_SPECIALS,
+            normalization_rule_name="identity", character_coverage=0.9995, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=False,
+        )
+    except RuntimeError as exc:
+        raise PrepInputError(f"--train-sentencepiece {vocab_size}: training failed ({str(exc).splitlines()[0][:160]}); use a smaller vocabulary or a larger corpus") from None
+    return model_prefix + ".model"
