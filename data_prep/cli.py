@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents (default: drop them, counted as 'duplicate')")
     p.add_argument("--validation-fraction", type=float, default=0.01, help="share of documents held out, by text hash (default 0.01)")
     p.add_argument("--max-unk-fraction", type=float, default=0.5, help="drop sequences with more unknown tokens than this share (default 0.5)")
-    p.add_argument("--num-shards", type=int, default=0, help="train shards (default: one per 256 MB of input)")
+    p.add_argument("--num-shards", type=int, default=0, help="train shards (default: from --shard-rows / --shard-mb)")
+    p.add_argument("--shard-rows", type=int, default=0, help="target rows per shard, estimated from a corpus sample (default: use --shard-mb)")
+    p.add_argument("--shard-mb", type=int, default=128, help="target MB of token data per shard (default 128)")
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
     p.add_argument("--workers", type=int, default=0, help="DirectRunner worker processes (default: one per CPU)")
     p.add_argument("--on-decode-error", choices=["error", "skip"], default="error", help="invalid UTF-8 / bad JSON lines: stop (default) or count and skip")
@@ -60,6 +62,11 @@ def print_summary(manifest) -> None:
     for reason, d in sorted(stats["dropped"].items()):
         units = ", ".join(f"{v:,} {k}" for k, v in d.items())
         table.add_row(f"dropped: {reason}", units)
+    table.add_row("packing / max length / token dtype", f"{manifest.packing} / {manifest.max_seq_len} / {manifest.token_dtype}")
+    hist = stats.get("length_histogram", {})
+    if hist:
+        total = sum(hist.values()) or 1
+        table.add_row("sequence lengths", "  ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0]))))
     table.add_row("accounting", f"{stats['tokens_read']:,} = {stats['content_tokens_written']:,} written + {stats['tokens_dropped']:,} dropped")
     Console().print(table)
 
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, max_seq_len=args.max_seq_len,
         min_seq_len=args.min_seq_len, packing=args.packing, normalization=args.normalization, dedup=not args.no_dedup, doc_split=args.doc_split, text_field=args.text_field,
         validation_fraction=args.validation_fraction, max_unk_fraction=args.max_unk_fraction,
-        num_shards=args.num_shards, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
+        num_shards=args.num_shards, shard_rows=args.shard_rows, shard_mb=args.shard_mb, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
         overwrite=args.overwrite, seed=args.seed, train_sentencepiece=args.train_sentencepiece,
     )
     try:

@@ -19,7 +19,9 @@ class PrepConfig:
     dedup: bool = True  # drop exact-duplicate documents (same text after cleaning) across the corpus
     validation_fraction: float = 0.01  # share of documents (by text hash) held out
     max_unk_fraction: float = 0.5  # sequences with a larger share of unknown tokens are dropped
-    num_shards: int = 0  # train shards; 0 = about one per 256 MB of input text
+    num_shards: int = 0  # train shards; 0 = from shard_rows / shard_mb and a sample of the corpus
+    shard_rows: int = 0  # target rows per shard (approximate: estimated from a sample); 0 = use shard_mb
+    shard_mb: int = 128  # target token data per shard in MB (uncompressed ids + flags)
     batch_size: int = 256  # documents per tokenizer call
     batch_chars: int = 1_000_000  # ... or fewer documents when they hold this many characters
     on_decode_error: Literal["error", "skip"] = "error"  # invalid UTF-8 / bad JSON lines: stop, or count and skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -221,6 +222,27 @@ def parquet_schema(token_dtype: str, packing: str = "document"):
     return pa.schema(fields)
 
 
+def _shuffle_key(row: dict, seed: int, shards: int):
+    """(shard, (sort key, row)): a keyed hash of the row's ids places it; the same rows always land alike."""
+    digest = hashlib.blake2b(np.asarray(row["input_ids"], np.int32).tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    key = int.from_bytes(digest, "little")
+    return key % shards, (key // shards, row)
+
+
+def _write_shard(shard: int, keyed_rows, directory: str, shards: int, token_dtype: str, packing: str) -> str:
+    """Sort one shard's rows by their shuffle key and write them as one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    rows = [row for _, row in sorted(keyed_rows, key=lambda kr: (kr[0], kr[1]["input_ids"]))]
+    table = pa.Table.from_pylist(rows, schema=parquet_schema(token_dtype, packing))
+    path = os.path.join(directory, f"part-{shard:05d}-of-{shards:05d}.parquet")
+    with FileSystems.create(path) as handle:
+        pq.write_table(table, handle, compression="snappy", row_group_size=8192)
+    return path
+
+
 def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], vocab_size: int, token_dtype: str, num_shards: int) -> None:
     """Attach the prep transforms to `pipeline` (also used by tests with TestPipeline)."""
     tmp = os.path.join(cfg.output, TMP_DIR)
@@ -244,9 +266,11 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], v
         splits["validation"] = packed.validation
     for name, rows in splits.items():
         shards = num_shards if name == "train" else max(1, int(np.ceil(num_shards * cfg.validation_fraction)))
-        _ = rows | f"Write_{name}" >> beam.io.WriteToParquet(
-            os.path.join(cfg.output, name, "part"), schema, num_shards=shards, shard_name_template="-SSSSS-of-NNNNN",
-            file_name_suffix=".parquet", codec="snappy",
+        _ = (
+            rows
+            | f"ShuffleKey_{name}" >> beam.Map(_shuffle_key, cfg.seed, shards)
+            | f"GroupShards_{name}" >> beam.GroupByKey()
+            | f"WriteShards_{name}" >> beam.Map(lambda kv, d, n, t, p: _write_shard(kv[0], kv[1], d, n, t, p), os.path.join(cfg.output, name), shards, token_dtype, cfg.packing)
         )
     _ = (
         (read.stats, packed.stats)
@@ -349,6 +373,24 @@ def sample_documents(cfg: PrepConfig, files: list[str]):
                     break
 
 
+def estimate_shards(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str) -> int:
+    """Train shards for `shard_rows` / `shard_mb`, from the rows and tokens per input byte of a ~1 MB sample."""
+    if cfg.num_shards:
+        return cfg.num_shards
+    sample = list(sample_documents(dataclasses.replace(cfg, sentencepiece_sample_chars=1_000_000), [p for p, _ in files]))
+    sample_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in sample) or 1
+    lengths = [len(ids) for ids, _ in tokenizer.encode_batch(sample)] if sample else [0]
+    width = cfg.max_seq_len - (0 if cfg.packing == "causal" else 2)
+    rows = sum(-(-n // width) for n in lengths) if cfg.packing == "document" else sum(lengths) / width
+    packed = any(p.lower().endswith((".gz", ".bz2", ".parquet")) for p, _ in files)
+    scale = sum(size for _, size in files) * (4.0 if packed else 1.0) / sample_bytes  # compressed input: ~4x the bytes as text
+    est_rows, est_tokens = rows * scale, sum(lengths) * scale
+    if cfg.shard_rows:
+        return max(1, int(np.ceil(est_rows / cfg.shard_rows)))
+    row_bytes = np.dtype(token_dtype).itemsize + (0 if cfg.packing == "causal" else 1)
+    return max(1, int(np.ceil(est_tokens * row_bytes / (cfg.shard_mb * (1 << 20)))))
+
+
 def _train_tokenizer(cfg: PrepConfig, files: list[str]) -> str:
     from data_prep.sentencepiece_tok import train_sentencepiece
 
@@ -384,7 +426,7 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
             raise
     token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
     input_bytes = sum(size for _, size in files)
-    num_shards = cfg.num_shards or max(1, int(np.ceil(input_bytes / (256 << 20))))
+    num_shards = estimate_shards(cfg, tokenizer, files, token_dtype)
     workers = workers or os.cpu_count() or 1
     log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards", len(files), input_bytes / 1e6, cfg.tokenizer, tokenizer.vocab_size, num_shards)
     options = beam_options(cfg, beam_args or [], workers)

@@ -358,3 +358,28 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     tok = load_tokenizer(os.path.join(out, "tokenizer", "spiece.model"))
     (ids, starts), = tok.encode_batch([docs[0]])
     assert ids.tolist() == sp.encode(docs[0]) and starts.tolist() == [i == 0 or sp.id_to_piece(int(t)).startswith("\u2581") for i, t in enumerate(ids)]
+
+
+def test_shards_are_globally_shuffled_deterministically(tmp_path, corpus_dir, tokenizer_dir):
+    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:800]
+    (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
+
+    def run(name, seed, workers):
+        cfg = PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer=tokenizer_dir, output=str(tmp_path / name), max_seq_len=32,
+                         validation_fraction=0.0, shard_rows=300, seed=seed)
+        m = run_prep(cfg, workers=workers)
+        return m, [tuple(ids) for ids, _ in _read_split(cfg.output, m, "train")]
+
+    m1, rows1 = run("a", 0, 1)
+    m2, rows2 = run("b", 0, 2)
+    _, rows3 = run("c", 1, 1)
+    assert m1.token_dtype == "uint16" and pq.read_schema(os.path.join(str(tmp_path / "a"), m1.splits["train"].shards[0].path)).field("input_ids").type.value_type == "uint16"
+    assert [s.sha256 for s in m1.splits["train"].shards] == [s.sha256 for s in m2.splits["train"].shards], "same seed, same shards (any worker count)"
+    assert rows1 != rows3 and sorted(rows1) == sorted(rows3), "another seed: same rows, another order"
+    tok = load_tokenizer(tokenizer_dir)
+    in_order = [tuple([tok.cls_id] + ids[s:s + 30] + [tok.sep_id]) for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"] for s in range(0, len(ids), 30)]
+    in_order = [r for r in in_order if len(r) >= 12]
+    assert sorted(rows1) == sorted(in_order) and rows1 != in_order
+    n = len(rows1)
+    assert len(m1.splits["train"].shards) == -(-n // 300) or abs(len(m1.splits["train"].shards) - n / 300) <= 1 + n / 600  # about n / 300 shards
+    assert sum(m1.stats["length_histogram"].values()) == n
