@@ -166,3 +166,79 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 def read_trainer_state(root: str, tag: str) -> dict[str, Any]:
     with open(os.path.join(root, tag, TRAINER_STATE)) as handle:
         return json.load(handle)
+
+
+UNIVERSAL = "universal"
+
+
+def universal_checkpoint(root: str, tag: str) -> str:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once) and return the root to load it from.
+
+    The universal copy lives in `root/universal/<tag>` and, like every checkpoint here, counts only
+    with its COMPLETE marker: the conversion writes to a temporary directory that is renamed when done.
+    """
+    import subprocess
+    import sys
+
+    universal_root = os.path.join(root, UNIVERSAL)
+    target = os.path.join(universal_root, tag)
+    if is_complete(target):
+        return universal_root
+    os.makedirs(universal_root, exist_ok=True)
+    staging = os.path.join(universal_root, f".{tag}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
+           "--output_folder", staging, "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log.info("converting %s to a universal checkpoint: %s", os.path.join(root, tag), " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        raise CheckpointError(f"could not convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); resume with the "
+                              f"world size and ZeRO stage that wrote it")
+    shutil.copy2(os.path.join(root, tag, TRAINER_STATE), os.path.join(staging, TRAINER_STATE))
+    _name_model_states_for_every_stage(staging)
+    _optimizer_state_for_every_stage(staging)
+    os.replace(staging, target)
+    mark_complete(target)
+    with open(os.path.join(universal_root, "latest_universal"), "w") as handle:  # ds_to_universal named the staging dir
+        handle.write(tag)
+    return universal_root
+
+
+def _name_model_states_for_every_stage(folder: str) -> None:
+    """Let any ZeRO stage find the model-states file: stage 3 looks for `zero_pp_rank_0_mp_rank_XX_model_states.pt`,
+    stages 1-2 for `mp_rank_XX_model_states.pt` (the universal loader takes weights from `zero/`, only metadata from these)."""
+    names = os.listdir(folder)
+    for name in names:
+        plain = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name)
+        zero3 = re.fullmatch(r"zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt", name)
+        alias = f"zero_pp_rank_0_mp_rank_{plain.group(1)}_model_states.pt" if plain else (f"mp_rank_{zero3.group(1)}_model_states.pt" if zero3 else None)
+        if alias and alias not in names:
+            os.link(os.path.join(folder, name), os.path.join(folder, alias))
+
+
+def _optimizer_state_for_every_stage(folder: str) -> None:
+    """ds_to_universal writes `zero/optimizer_state.pt` in the layout of the stage that saved it; ZeRO-1/2 read
+    top-level `param_groups`/`ds_version`, ZeRO-3 reads `optimizer_state_dict` (step, param groups). Give it both."""
+    import glob
+
+    import torch
+
+    path = os.path.join(folder, "zero", "optimizer_state.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    inner = state.get("optimizer_state_dict")
+    if not isinstance(inner, dict) or "param_groups" not in inner:
+        step_files = sorted(glob.glob(os.path.join(folder, "zero", "*", "step.pt")))
+        step = torch.load(step_files[0], map_location="cpu", weights_only=False) if step_files else torch.tensor(0.0)
+        state["optimizer_state_dict"] = {"state": {0: {"step": torch.as_tensor(step, dtype=torch.float32)}}, "param_groups": state["param_groups"]}
+    state.setdefault("param_groups", state["optimizer_state_dict"]["param_groups"])
+    for key, default in (("ds_version", _deepspeed_version()), ("clip_grad", 0.0), ("dynamic_loss_scale", False), ("overflow", False)):
+        state.setdefault(key, state["optimizer_state_dict"].get(key, default) if isinstance(state["optimizer_state_dict"], dict) else default)
+    torch.save(state, path)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

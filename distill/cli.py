@@ -46,9 +46,13 @@ def train_main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         from distill.trainer import train
 
-        train(config, args.local_rank)
+        result = train(config, args.local_rank)
     except _user_errors() as exc:
         return _fail("distill-train", exc)
+    if result.get("stopped_by"):
+        from distill.preemption import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE  # checkpointed on request: the scheduler requeues, the same command resumes
     return 0
 
 

@@ -19,6 +19,7 @@ from data_prep.manifest import MANIFEST_FILE, TOKENIZER_DIR, DatasetError, check
 from distill import checkpoint as ckpt
 from distill.config import Config, ConfigError
 from distill.data import MicroBatches, StepPlan, TokenSequences, make_loader
+from distill.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from distill.distributed import DistContext, all_reduce_sum, barrier, init_distributed, on_main_then_broadcast, setup_logging
 from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions_needed, needs_teacher_logits, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
@@ -201,6 +202,15 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     warmup = int(cfg.optim.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup))
     ds_config = deepspeed_config(cfg, ctx.world_size, precision)
+    load_root = root
+    if found is not None:
+        state = ckpt.read_trainer_state(root, found[1])
+        if state["world_size"] != ctx.world_size or state["zero_stage"] != ds_config["zero_optimization"]["stage"]:
+            # Elastic resume: DeepSpeed's universal checkpoint re-partitions parameters and optimizer state.
+            log.info("checkpoint %s was written by %d ranks at ZeRO-%d; resuming on %d ranks at ZeRO-%d through a universal checkpoint",
+                     found[1], state["world_size"], state["zero_stage"], ctx.world_size, ds_config["zero_optimization"]["stage"])
+            load_root = on_main_then_broadcast(ctx, lambda: ckpt.universal_checkpoint(root, found[1]))
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     log.info("DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
              ds_config["zero_optimization"]["stage"], ctx.world_size, cfg.train.micro_batch, plan.accumulation, cfg.train.global_batch,
@@ -210,12 +220,10 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     if found is not None:
         step, tag = found
         state = ckpt.read_trainer_state(root, tag)
-        if state["world_size"] != ctx.world_size or state["zero_stage"] != ds_config["zero_optimization"]["stage"]:
-            raise ckpt.CheckpointError(
-                f"checkpoint {tag} was written by {state['world_size']} ranks at ZeRO-{state['zero_stage']}; resume it with the same number of "
-                f"ranks and stage (now {ctx.world_size} ranks, ZeRO-{ds_config['zero_optimization']['stage']})"
-            )
-        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in engine.optimizer.param_groups]
+        path, _ = engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        for group, saved in zip(engine.optimizer.param_groups, hyper):
+            group.update(saved)  # recipe hyperparameters per group (a universal ZeRO-3 load copies group 0's to all)
         if path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}; it is damaged: move it away to resume from an earlier one")
         start_step = state["step"]
@@ -267,7 +275,11 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Run (or resume) the distillation described by `cfg`; returns the last step's metrics."""
     ctx = init_distributed(local_rank)
     setup_logging(ctx.rank, ctx.world_size)
+    stop = StopRequest(cfg.output_dir)  # SIGTERM/SIGUSR1 from here on: finish the step, checkpoint, exit
     run = build_run(cfg, ctx)
+    if ctx.is_main:
+        stop.clear_stop_file()
+    barrier()
     engine, plan = run.engine, run.plan
     end_step = run.total_steps if cfg.train.halt_at_step is None else min(run.total_steps, cfg.train.halt_at_step)
     writer = None
@@ -316,14 +328,15 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 sums[name] += value.item()
             tokens += int(raw["attention_mask"].sum())
         step += 1
-        reduced = all_reduce_sum([total_loss, tokens] + [sums[n] for n in loss_names], ctx.device)
+        reduced = all_reduce_sum([total_loss, tokens, float(stop.requested_here)] + [sums[n] for n in loss_names], ctx.device)
+        stop_now = reduced[2] > 0  # any rank asked: all stop after this same step
         denom = plan.accumulation * ctx.world_size
         elapsed = time.time() - t0
         grad_norm = engine.get_global_grad_norm()
         last = {
             "step": step,
             "loss": reduced[0] / denom,
-            **{f"loss_{n}": reduced[2 + i] / denom for i, n in enumerate(loss_names)},
+            **{f"loss_{n}": reduced[3 + i] / denom for i, n in enumerate(loss_names)},
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": reduced[1] / elapsed,
@@ -346,14 +359,20 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                     f"[rank 0/{ctx.world_size}] step {step}/{run.total_steps} loss {last['loss']:.4f} ({terms_text}) lr {last['lr']:.2e} "
                     f"grad {last['grad_norm'] if last['grad_norm'] is None else round(last['grad_norm'], 3)} {last['tokens_per_s']:.0f} tok/s"
                 )
-        if step % cfg.checkpoint.every_steps == 0 or step == end_step:
+        if step % cfg.checkpoint.every_steps == 0 or step == end_step or stop_now:
             save_checkpoint(cfg, run, step)
+        if stop_now:
+            last["stopped_by"] = stop.reason() if stop.requested_here else "another rank"
+            break
     progress.close()
     if ctx.is_main:
         writer.flush()
         writer.close()
         metrics_file.close()
-        if step < run.total_steps:
+        if "stopped_by" in last:
+            log.warning("stopped at step %d of %d on request (%s) after a complete checkpoint; rerun the same command to resume "
+                        "(exit code %d)", step, run.total_steps, last["stopped_by"], PREEMPTED_EXIT_CODE)
+        elif step < run.total_steps:
             log.info("halted at step %d of %d (train.halt_at_step); rerun the same command to continue", step, run.total_steps)
         else:
             log.info("training finished at step %d; export with: distill-export --checkpoint %s --output DIR", step, cfg.output_dir)

@@ -47,7 +47,7 @@ def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir):
 
 def common_args(teacher_dir, data_dir, out, zero):
     return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=3e-3",
+            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=3e-3",
             "checkpoint.every_steps=4", "checkpoint.keep_last=0", "train.log_every=1", f"deepspeed.config=configs/deepspeed/zero{zero}.json"]
 
 
