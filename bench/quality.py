@@ -77,11 +77,11 @@ SCALES = {
                    teacher_steps=6, student_steps=4, global_batch=16, micro_batch=8, eval_every=2, student_eval_every=2,
                    ft_examples=256, ft_epochs=1, ft_lr=1e-3, test_max_sequences=64, curve_max_sequences=32),
     # sized for about an hour on 2 CPU cores shared with other work (see README "Quality"): a 4 x 256
-    # teacher (2-layer students) on ~1.1M tokens, students on ~0.28M tokens each; one process
+    # teacher (2-layer students) on ~0.84M tokens, students on ~0.22M tokens each; one process
     # (2 DeepSpeed processes on 2 shared cores ran at ~0.4x the tokens/s of one: gloo all-reduce per step)
     "cpu": Scale(vocab=6000, max_seq_len=128, teacher=dict(layers=4, hidden=256, heads=4, intermediate=1024),
-                 teacher_steps=400, student_steps=100, global_batch=32, micro_batch=32, eval_every=50, student_eval_every=25,
-                 ft_examples=4000, ft_epochs=1, ft_lr=1e-4, test_max_sequences=600, curve_max_sequences=160),
+                 teacher_steps=300, student_steps=80, global_batch=32, micro_batch=32, eval_every=50, student_eval_every=20,
+                 ft_examples=3000, ft_epochs=1, ft_lr=1e-4, test_max_sequences=500, curve_max_sequences=128),
     # the same protocol at BERT-base size: 12 x 768 teacher, 6-layer students (GPU)
     "bert-base": Scale(vocab=16000, max_seq_len=128, teacher=dict(layers=12, hidden=768, heads=12, intermediate=3072),
                        teacher_steps=4000, student_steps=4000, global_batch=256, micro_batch=64, eval_every=500, student_eval_every=500,
