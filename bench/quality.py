@@ -234,6 +234,8 @@ class Runner:
     def run(self) -> dict:
         s, a = self.scale, self.args
         t_start = time.time()
+        if a.reuse_from:
+            self.link_shared(os.path.abspath(a.reuse_from))
         self.prepare()
         common = [f"train.global_batch={s.global_batch}", f"train.micro_batch={s.micro_batch}", "checkpoint.keep_last=0"] + s.extra
         t = s.teacher
@@ -258,6 +260,8 @@ class Runner:
                     over.append(f"optim.lr={s.student_lr}")
                 model = self.train(name, recipe, over + a.student_overrides)
                 runs[name] = {"variant": v, "seed": seed, "model": model, "curve": self.curve(name)}
+        if a.choice_only:
+            return self.choice_summary(runs)
         for name, r in runs.items():
             r["test"] = self.mlm_eval(name, r["model"], None if name == "teacher" else teacher)
         for name, r in runs.items():
@@ -266,6 +270,27 @@ class Runner:
         result["wall_seconds_this_invocation"] = time.time() - t_start
         result["stage_seconds_this_invocation"] = self.timings
         return result
+
+    def link_shared(self, src: str) -> None:
+        """Reuse another --out's tokenizer, prepared data and teacher (investigations of student settings)."""
+        for rel in ("tokenizer", "data", "test_data", os.path.join("models", "teacher"), os.path.join("curves", "teacher.json"),
+                    os.path.join("eval", "teacher.json"), os.path.join("sst2", "teacher.json")):
+            there, here = os.path.join(src, rel), self.path(rel)
+            if os.path.exists(there) and not os.path.exists(here):
+                os.makedirs(os.path.dirname(here), exist_ok=True)
+                os.symlink(there, here)
+        if not os.path.exists(self.path("models", "teacher", "config.json")):
+            raise SystemExit(f"quality: --reuse-from {src} holds no exported teacher (models/teacher)")
+
+    def choice_summary(self, runs: dict) -> dict:
+        """Choice-split (held-out part of valid.txt) metrics at the end of every run: for choosing settings
+        without looking at test.txt."""
+        rows = {}
+        for name, r in runs.items():
+            last = r["curve"][-1] if r["curve"] else {}
+            rows[name] = {"choice_mlm_loss": last.get("mlm_loss"), "choice_accuracy": last.get("accuracy")}
+        return {"scale": self.args.scale, "choice_only": True, "rows": rows, "runs": runs,
+                "student_overrides": self.args.student_overrides}
 
     def summarise(self, runs: dict) -> dict:
         teacher = runs["teacher"]
@@ -316,6 +341,12 @@ class Runner:
 
 
 def render_table(result: dict) -> str:
+    if result.get("choice_only"):
+        lines = [f"{'run':<14} {'choice-split mlm loss':>22} {'choice-split mask acc':>22}   (overrides: {' '.join(result['student_overrides']) or 'none'})"]
+        for name, r in result["rows"].items():
+            loss, acc = r["choice_mlm_loss"], r["choice_accuracy"]
+            lines.append(f"{name:<14} {loss if loss is None else round(loss, 4)!s:>22} {'-' if acc is None else f'{acc:.2%}':>22}")
+        return "\n".join(lines)
     def pm(mean, spread, fmt):
         if mean is None:
             return "-"
@@ -387,6 +418,9 @@ def main() -> int:
     p.add_argument("--nice", type=int, default=0, help="run training and fine-tuning under nice -n N (shared machines)")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("--choice-only", action="store_true",
+                   help="train and score on the choice split of valid.txt only (no test.txt, no SST-2): for choosing settings")
+    p.add_argument("--reuse-from", default=None, help="another --out whose tokenizer, prepared data and teacher are reused")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every DeepSpeed checkpoint (default: deleted once its curve point is measured)")
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra key=value overrides of the teacher recipe")
     p.add_argument("--student-overrides", nargs="*", default=[], help="extra key=value overrides of every student recipe")
@@ -414,9 +448,10 @@ def main() -> int:
     png_path = args.plot or os.path.join(runner.out, "quality_curves.png")
     with open(json_path, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
-    plot(result, png_path)
+    if not result.get("choice_only"):
+        plot(result, png_path)
     print(render_table(result))
-    print(f"JSON: {json_path}\nplot: {png_path}\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min "
+    print(f"JSON: {json_path}\n{'' if result.get('choice_only') else f'plot: {png_path}' + chr(10)}wall time of this invocation: {(time.time() - t0) / 60:.1f} min "
           f"(stages: {', '.join(f'{k} {v / 60:.1f} min' for k, v in runner.timings.items())})")
     return 0
 
