@@ -141,3 +141,35 @@ class MaskingCollator:
             "labels": torch.from_numpy(labels),
             "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
         }
+
+
+class CausalLMCollator:
+    """Micro batches of causal-LM data (`distill-prep --packing causal`): nothing is masked, the labels are
+    the next tokens (-100 at each sequence's last token, which has no next token, and on padding).
+
+    `input_ids` stay as stored; padding (right side, `pad_id`, attention 0) only fills the micro batch.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        length = max(len(ids) for ids, _ in rows)
+        multiple = self.pad_to_multiple_of
+        length = ((length + multiple - 1) // multiple) * multiple
+        batch_ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+        attention = np.zeros((len(rows), length), dtype=np.int64)
+        for i, (ids, _) in enumerate(rows):
+            ids = np.asarray(ids, dtype=np.int64)
+            n = len(ids)
+            batch_ids[i, :n] = ids
+            labels[i, : n - 1] = ids[1:]
+            attention[i, :n] = 1
+        return {
+            "input_ids": torch.from_numpy(batch_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels),
+            "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
+        }

@@ -462,5 +462,15 @@ def _init_gpt2_from_teacher(student: nn.Module, teacher: nn.Module, layers: list
     return applied
 
 
+def check_data_fits(model: nn.Module, packing: str) -> None:
+    """A causal model trains on causally packed data (`distill-prep --packing causal`), a masked LM on the others."""
+    causal = model.config.model_type in CAUSAL_TYPES
+    if causal and packing != "causal":
+        raise ModelError(f"a {model.config.model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}")
+    if not causal and packing == "causal":
+        raise ModelError(f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model.config.model_type}); "
+                         f"re-run distill-prep with --packing document")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -24,7 +24,8 @@ from distill.distributed import DistContext, all_reduce_sum, barrier, init_distr
 from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions_needed, needs_teacher_logits, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, StudentForDistillation, build_student, count_parameters, default_init_layers, init_student_from_teacher, load_teacher, mlm_forward, resolve_dtype
-from distill.models import init_layers_for
+from distill.masking import CausalLMCollator
+from distill.models import check_data_fits, init_layers_for
 from distill.objectives import Objective
 
 log = logging.getLogger("distill.train")
@@ -172,6 +173,7 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
         layers = init_layers_for(cfg.student, teacher, student.config.num_hidden_layers)
         init_student_from_teacher(student, teacher, layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", layers)
+    check_data_fits(student, manifest.packing)
     objective = Objective(cfg.loss, teacher, student)  # checks the active losses against the models' shapes
     log.info("objective: %s", objective.describe())
     log.info("student: %s, %.2fM parameters; teacher: %s", type(student).__name__, count_parameters(student) / 1e6,
@@ -189,6 +191,8 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
         whole_word=cfg.data.whole_word_masking,
     )
     collator = MaskingCollator(policy, cfg.seed, cfg.data.pad_to_multiple_of)
+    if manifest.packing == "causal":  # no masking: labels are the next tokens
+        collator = CausalLMCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, cfg.data.pad_to_multiple_of)
 
     identity = ckpt.run_identity(cfg.to_dict(), manifest_sha)
     if teacher is not None:
