@@ -231,3 +231,23 @@ def test_init_mapping_first_and_depth_from_init_layers():
     assert init_layers_for(cfg, teacher, 3) == [0, 1, 2]
     student = build_student(StudentConfig(init_layers=[1, 5]), teacher, 97, 0, 64)
     assert student.config.n_layers == 2
+
+
+def test_objective_reports_shape_problems_and_skips_logits_nobody_needs():
+    from distill.config import ConfigError, LossConfig
+    from distill.objectives import Objective
+
+    teacher = _bert_teacher(layers=4)
+    narrow = build_student(StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2),
+                           teacher, 97, 0, 64)
+    with pytest.raises(ConfigError, match=r"loss 'pkd' compares hidden states directly .* width 32, the student has 16.*"
+                                          r"loss 'tinybert_attn' compares attention head by head .* student.num_heads=4"):
+        Objective(LossConfig(weights={"pkd": 1.0, "tinybert_attn": 1.0}), teacher, narrow)
+    with pytest.raises(ConfigError, match="loss.layer_map_layers lists 3 teacher layers for a 2-layer student"):
+        Objective(LossConfig(weights={"tinybert_hidden": 1.0}, layer_map_layers=[0, 1, 2]), teacher, narrow)
+    with pytest.raises(ConfigError, match="attention_teacher_layer=7 is out of range"):
+        Objective(LossConfig(weights={"minilm_value": 1.0}, attention_teacher_layer=7), teacher, narrow)
+    objective = Objective(LossConfig(weights={"tinybert_emb": 1.0, "tinybert_hidden": 1.0, "ce": 0.0}, layer_map="last"), teacher, narrow)
+    assert objective.logits_at is None and not objective.teacher_logits  # no vocabulary projection at all
+    assert objective.ctx.layer_map == (2, 3) and objective.capture is None
+    assert objective.student_needs.projected and not objective.student_needs.attention_layers
