@@ -30,6 +30,8 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 RUN_FILE = "run.json"
+# What launchers may put into a fresh output_dir before training claims it (launch/slurm.sbatch).
+LAUNCHER_ENTRIES = {"logs", "STOP"}
 _TAG = re.compile(r"^step_(\d{8})$")
 
 # Keys that may change between restarts of the same run (they do not change what is learned).
@@ -114,7 +116,7 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
                 f"use a new output_dir, or restore the old settings to resume it"
             )
         return True
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if os.path.isdir(output_dir) and set(os.listdir(output_dir)) - LAUNCHER_ENTRIES:
         raise CheckpointError(
             f"output_dir {output_dir!r} already holds data that is not a run of this tool; choose an empty or new directory"
         )

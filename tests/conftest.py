@@ -42,6 +42,19 @@ def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
     return save_random_bert_teacher(tokenizer_dir, out, layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
 
 
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> str:
+    """The demo corpus prepared by distill-prep (Beam, 2 workers) at max_seq_len 64."""
+    import subprocess
+
+    out = str(tmp_path_factory.mktemp("prepared") / "data")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "distill-prep"), "--input", corpus_dir, "--tokenizer", tokenizer_dir,
+           "--output", out, "--max-seq-len", "64", "--validation-fraction", "0.05", "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
 def shared_data_path(*parts: str) -> str:
     """Path under ../shared/data, or skip the test (a user's fresh clone has no shared folder)."""
     path = os.path.join(SHARED_DATA, *parts)

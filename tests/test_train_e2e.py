@@ -37,14 +37,6 @@ def metrics(run_dir):
         return [json.loads(line) for line in handle]
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir):
-    out = str(tmp_path_factory.mktemp("prepared") / "data")
-    run([os.path.join(BIN, "distill-prep"), "--input", corpus_dir, "--tokenizer", tokenizer_dir, "--output", out,
-         "--max-seq-len", "64", "--validation-fraction", "0.05", "--workers", "2"])
-    return out
-
-
 def common_args(teacher_dir, data_dir, out, zero):
     return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
             "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=3e-3",
