@@ -228,6 +228,8 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
         path, _ = engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         for group, saved in zip(engine.optimizer.param_groups, hyper):
             group.update(saved)  # recipe hyperparameters per group (a universal ZeRO-3 load copies group 0's to all)
+        if load_root != root:
+            _unshare_adam_steps(engine.optimizer)
         if path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}; it is damaged: move it away to resume from an earlier one")
         start_step = state["step"]
@@ -237,6 +239,15 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
 
     return RunSetup(ctx, sequences, plan, collator, teacher, engine, start_step, total_steps,
                     objective.logits_at, objective.teacher_logits, manifest_sha, objective=objective)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """A universal ZeRO-3 load gives every parameter group the *same* `step` tensor; torch's Adam increments
+    it in place once per group, so later groups would use a step count too high (wrong bias correction)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def save_checkpoint(cfg: Config, run: RunSetup, step: int) -> None:
