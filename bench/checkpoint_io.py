@@ -89,6 +89,9 @@ def main() -> int:
         engine.save_checkpoint(root, tag=tag, client_state={"trainer_state": {"step": 1}}, save_latest=False)
         barrier()
         if ctx.is_main:
+            from data_prep.manifest import write_json_atomically
+
+            write_json_atomically(os.path.join(root, tag, ckpt.TRAINER_STATE), {"step": 1, "world_size": ctx.world_size, "zero_stage": args.zero})
             ckpt.mark_complete(os.path.join(root, tag))
             ckpt.write_latest(root, tag)
         barrier()

@@ -32,8 +32,13 @@ def _free_port() -> int:
 
 def init_distributed(local_rank_arg: int | None = None) -> DistContext:
     """Join the process group the launcher (deepspeed, torchrun, srun) set up, or make a 1-process one."""
+    import warnings
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed's ZeRO calls a collective torch renamed; the warning repeats on every rank and step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
     if "WORLD_SIZE" not in os.environ:  # started as a plain process
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})

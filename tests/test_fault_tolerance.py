@@ -133,18 +133,19 @@ def test_kill_during_save_never_becomes_latest_and_rerun_resumes_from_previous(t
     assert_same_weights(export(out, tmp_path / "export"), straight[1])
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_stop_signal_checkpoints_every_rank_exits_99_and_resumes_exactly(tmp_path, teacher_dir, prepared_dir, straight, signame):
+@pytest.mark.parametrize("rank,signame", [(1, "SIGUSR1"), (0, "SIGTERM")])
+def test_stop_signal_checkpoints_every_rank_exits_99_and_resumes_exactly(tmp_path, teacher_dir, prepared_dir, straight, rank, signame):
     out = tmp_path / "run"
     proc = start(job_args(teacher_dir, prepared_dir, out), 29654)
     wait_for(lambda: steps_logged(out) >= 2, proc, what="step 2")
-    worker(proc, 1).send_signal(getattr(signal, signame))  # one rank hears it; all stop after the same step
+    worker(proc, rank).send_signal(getattr(signal, signame))  # one rank hears it; all stop after the same step
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 99, output[-3000:]
     k = steps_logged(out)
     assert 2 <= k < STEPS and latest(out) == f"step_{k:08d}", (k, latest(out))
     assert (out / "checkpoints" / f"step_{k:08d}" / "COMPLETE").exists()
-    assert f"received {signame}" in output and f"stopped at step {k} of {STEPS}" in output
+    assert f"[rank {rank}/2] WARNING distill.preemption: received {signame}" in output
+    assert f"stopped at step {k} of {STEPS}" in output
 
     again = run(launcher(job_args(teacher_dir, prepared_dir, out), 29654))
     assert f"resumed from {out}/checkpoints/step_{k:08d}" in again.stdout + again.stderr
