@@ -262,6 +262,9 @@ class Runner:
                     over += [f"teacher.path={teacher}"]
                 if s.student_lr:
                     over.append(f"optim.lr={s.student_lr}")
+                if a.only_finished and not os.path.exists(self.path("models", name, "config.json")):
+                    log(f"{name}: not trained yet, left out (--only-finished)")
+                    continue
                 model = self.train(name, recipe, over + a.student_overrides)
                 runs[name] = {"variant": v, "seed": seed, "model": model, "curve": self.curve(name)}
         if a.choice_only:
@@ -424,6 +427,7 @@ def main() -> int:
     p.add_argument("--skip-finetune", action="store_true")
     p.add_argument("--choice-only", action="store_true",
                    help="train and score on the choice split of valid.txt only (no test.txt, no SST-2): for choosing settings")
+    p.add_argument("--only-finished", action="store_true", help="train nothing new: evaluate and tabulate the students already trained")
     p.add_argument("--reuse-from", default=None, help="another --out whose tokenizer, prepared data and teacher are reused")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every DeepSpeed checkpoint (default: deleted once its curve point is measured)")
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra key=value overrides of the teacher recipe")
