@@ -299,6 +299,18 @@ class Runner:
         return {"scale": self.args.scale, "choice_only": True, "rows": rows, "runs": runs,
                 "student_overrides": self.args.student_overrides}
 
+    def unigram_baseline(self) -> float | None:
+        """Masked-token accuracy of always predicting the test text's most frequent (non-special) token."""
+        import numpy as np
+
+        try:
+            manifest = json.load(open(self.path("test_data", "manifest.json")))
+            counts = np.load(self.path("test_data", manifest["token_counts"]["path"])).astype(np.float64)
+            counts[manifest["tokenizer"]["all_special_ids"]] = 0
+            return float(counts.max() / counts.sum())
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
+
     def summarise(self, runs: dict) -> dict:
         teacher = runs["teacher"]
         t_acc = teacher["test"]["models"]["student"]["accuracy"]
@@ -325,6 +337,10 @@ class Runner:
             row["mask_acc_retained"] = row["mask_acc_mean"] / t_acc if t_acc else None
             row["sst2_retained"] = row["sst2_mean"] / t_sst if (t_sst and row["sst2_mean"] is not None) else None
         checks = {}
+        baseline = self.unigram_baseline()
+        if baseline is not None:
+            # a teacher that predicts the most frequent token everywhere makes every other check vacuous
+            checks["teacher_beats_most_frequent_token_baseline"] = t_acc > baseline + 0.02
         if "a" in rows:
             a = rows["a"]
             checks["a_keeps_97pct_mask_acc"] = a["mask_acc_retained"] >= 0.97
@@ -344,6 +360,7 @@ class Runner:
             flat = {"last_quarter_relative_drop": (q[0]["mlm_loss"] - q[-1]["mlm_loss"]) / q[0]["mlm_loss"]}
             flat["flattened"] = flat["last_quarter_relative_drop"] < 0.02
         return {"scale": self.args.scale, "scale_sizes": self.scale.__dict__, "seeds": self.args.seeds, "rows": rows, "checks": checks,
+                "most_frequent_token_mask_acc_baseline": baseline,
                 "teacher_curve_flatness": flat, "runs": {n: {k: v for k, v in r.items() if k != "test"} | {"test": r["test"]} for n, r in runs.items()}}
 
 
@@ -369,6 +386,8 @@ def render_table(result: dict) -> str:
             f"{(r['sst2_retained'] or 0):>8.1%}"
         )
     lines.append("accuracies in %; ± is half the max-min range over seeds")
+    if result.get("most_frequent_token_mask_acc_baseline") is not None:
+        lines.append(f"always predicting the most frequent token: {result['most_frequent_token_mask_acc_baseline']:.2%} masked-token accuracy")
     flat = result.get("teacher_curve_flatness")
     if flat:
         lines.append(f"teacher held-out loss over its last quarter of training: {flat['last_quarter_relative_drop']:+.1%} "
