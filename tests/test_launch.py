@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -31,6 +33,61 @@ def test_two_nodes_with_no_ssh_node_ranks_train_one_model(tmp_path, teacher_dir,
     assert state["world_size"] == 2
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(os.listdir(out / "checkpoints" / "step_00000004"))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def _sshd(tmp_path):
+    """An sshd on a free local port that accepts one throw-away key; returns (port, ssh options, process)."""
+    if not all(shutil.which(b) for b in ("sshd", "pdsh", "ssh-keygen")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("the hostfile flow needs sshd and pdsh: apt-get install openssh-server pdsh (root)")
+        proc = subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"], capture_output=True, text=True,
+                              env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if proc.returncode != 0:
+            pytest.skip(f"apt-get install openssh-server pdsh failed: {proc.stderr.strip()[-200:]}")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    key, host_key = tmp_path / "id_ed25519", tmp_path / "host_ed25519"
+    for path in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id_ed25519.pub").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "sshd_config"
+    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {tmp_path}/authorized_keys\n"
+                      f"PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nPidFile {tmp_path}/sshd.pid\nUsePAM no\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    options = f"-i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+    for _ in range(50):
+        probe = subprocess.run(["ssh", "-p", str(port)] + options.split() + ["127.0.0.1", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return port, options, proc
+        time.sleep(0.2)
+    proc.terminate()
+    pytest.skip(f"sshd did not accept connections here: {probe.stderr.decode()[-200:]}")
+
+
+def test_hostfile_flow_starts_both_nodes_through_pdsh_and_ssh(tmp_path, teacher_dir, prepared_dir):
+    """The README's hostfile command: the launcher ssh-es (pdsh) into each host of the hostfile. Two host
+    names for this one machine stand in for two nodes; sshd runs on a private port with a throw-away key."""
+    port, options, sshd = _sshd(tmp_path)
+    try:
+        out = tmp_path / "run"
+        (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+        env = dict(ENV, PATH=f"{BIN}{os.pathsep}{ENV['PATH']}", PDSH_SSH_ARGS_APPEND=options)
+        cmd = [os.path.join(BIN, "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--ssh_port", str(port), "--no_ssh_check",
+               "--master_addr", "127.0.0.1", "--master_port", "29672", "--module", "distill", "--config", "configs/distilbert.yaml",
+               f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}", "student.init=random",
+               "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=2", "checkpoint.every_steps=2"]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert "Running on the following workers: localhost,127.0.0.1" in log
+        state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+        assert state["world_size"] == 2 and state["step"] == 2
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
 
 
 def test_node_launch_rejects_a_node_rank_outside_the_cluster():
