@@ -40,6 +40,8 @@ RESTARTABLE_KEYS = {
     "train.micro_batch", "train.log_every", "train.halt_at_step", "checkpoint.every_steps",
     "checkpoint.keep_last", "deepspeed.config", "deepspeed.zero_stage", "teacher.attn_implementation",
     "student.attn_implementation", "teacher.path",
+    # speed switches that do not change what is learned (bench/train_throughput.py measures each)
+    "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
 }
 
 

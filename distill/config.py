@@ -31,6 +31,7 @@ class TeacherConfig:
     path: Optional[str] = _f(None, "local Hugging Face masked-LM directory (config.json + weights); null = no teacher (plain MLM pretraining)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f("sdpa", "attention kernel of the teacher")
+    inference_mode: bool = _f(True, "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way")
 
 
 @dataclass
@@ -60,8 +61,11 @@ class DataConfig:
     token_frequency_smoothing: float = _f(0.7, "select tokens with probability ~ count^-s (DistilBERT: 0.7); 0 = uniform")
     whole_word_masking: bool = _f(False, "select whole words (all their sub-tokens) instead of single tokens")
     group_by_length: bool = _f(True, "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)")
+    length_group_steps: int = _f(1, "with group_by_length: pool the samples of this many consecutive steps, sort them by length and give each step one length bucket (steps in a seeded order), so micro batches have nearly equal lengths even with a small global batch (Hugging Face's length-grouped sampler); 1 = group only within each step. Changes which samples share a step")
     pad_to_multiple_of: int = _f(8, "pad each micro batch to a multiple of this length")
     num_workers: Optional[int] = _f(None, "data-loader worker processes per rank; null = 2 on GPU, 0 on CPU")
+    pin_memory: Optional[bool] = _f(None, "page-locked host batches so host-to-GPU copies run asynchronously; null = on with a GPU, off on CPU")
+    prefetch_factor: int = _f(4, "micro batches each data-loader worker prepares ahead (only with num_workers > 0)")
     cache_dir: Optional[str] = _f(None, "where the Arrow cache of the shards goes; null = the Hugging Face datasets cache")
 
 
@@ -96,6 +100,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "student precision; auto = bf16 on GPUs that support it, fp32 on CPU")
     log_every: int = _f(10, "steps between log lines / TensorBoard points")
     halt_at_step: Optional[int] = _f(None, "checkpoint and exit once this step is reached; the same command later resumes (time-sliced clusters, tests)")
+    logits_where_needed: bool = _f(True, "apply the vocabulary projection only to the hidden states at the positions some loss reads (gathered first); false = full-vocabulary logits at every position of the padded micro batch, then selected (the benchmark's baseline path: same values, far more FLOPs and memory)")
+    compile: bool = _f(False, "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths")
 
 
 @dataclass
@@ -286,6 +292,10 @@ def validate(config: Config) -> None:
         p.append("data.mask_token_fraction + data.random_token_fraction must be within [0, 1]")
     if config.data.token_frequency_smoothing < 0:
         p.append("data.token_frequency_smoothing must be >= 0 (0 = uniform)")
+    if config.data.length_group_steps < 1:
+        p.append("data.length_group_steps must be >= 1")
+    if config.data.prefetch_factor < 1:
+        p.append("data.prefetch_factor must be >= 1")
     if config.data.pad_to_multiple_of < 1:
         p.append("data.pad_to_multiple_of must be >= 1")
     for name in ("global_batch", "micro_batch", "log_every"):

@@ -71,6 +71,7 @@ class StepPlan:
     rank: int
     seed: int
     lengths: Optional[np.ndarray] = None  # set to group micro batches by length
+    group_steps: int = 1  # >1 (with lengths): pool this many consecutive steps' samples, sort by length, deal out in seeded order
 
     def __post_init__(self):
         per_step = self.micro_batch * self.world_size
@@ -81,6 +82,7 @@ class StepPlan:
             )
         self.accumulation = self.global_batch // per_step
         self._perms: dict[int, np.ndarray] = {}
+        self._pool: Optional[tuple[int, np.ndarray, np.ndarray]] = None  # (pool index, stream, rows) sorted by length
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -101,20 +103,44 @@ class StepPlan:
     def step_stream(self, step: int) -> np.ndarray:
         return np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
 
+    def step_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stream indices, row ids) of every sample of `step`, sorted by length when grouping.
+
+        With `group_steps` = M > 1 the samples of steps [kM, (k+1)M) are pooled and sorted by length, cut into M
+        buckets of `global_batch`, and bucket j trains at step kM + perm_k[j] (perm_k seeded by (seed, k)): micro
+        batches of nearly equal lengths even when the global batch is small (Hugging Face's length-grouped
+        sampler), still a pure function of (seed, step) and independent of the number of ranks."""
+        if self.lengths is None:
+            stream = self.step_stream(step)
+            return stream, self.sample_ids(stream)
+        if self.group_steps <= 1:
+            stream = self.step_stream(step)
+            rows = self.sample_ids(stream)
+            order = np.lexsort((stream, self.lengths[rows]))  # by length, ties by stream position
+            return stream[order], rows[order]
+        pool = step // self.group_steps
+        if self._pool is None or self._pool[0] != pool:
+            size = self.group_steps * self.global_batch
+            stream = np.arange(pool * size, (pool + 1) * size, dtype=np.int64)
+            rows = self.sample_ids(stream)
+            order = np.lexsort((stream, self.lengths[rows]))
+            self._pool = (pool, stream[order], rows[order])
+        _, stream, rows = self._pool
+        step_of_bucket = np.random.default_rng([self.seed, pool, 0x6C656E]).permutation(self.group_steps)
+        bucket = int(np.flatnonzero(step_of_bucket == step % self.group_steps)[0])
+        sl = slice(bucket * self.global_batch, (bucket + 1) * self.global_batch)
+        return stream[sl], rows[sl]
+
     def micro_batch_of(self, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
         """(stream indices, row ids) for this rank's `micro`-th micro batch of `step`."""
-        stream = self.step_stream(step)
-        rows = self.sample_ids(stream)
-        if self.lengths is not None:
-            order = np.lexsort((stream, self.lengths[rows]))  # by length, ties by stream position
-            stream, rows = stream[order], rows[order]
+        stream, rows = self.step_samples(step)
         chunk = micro * self.world_size + self.rank  # same micro step on all ranks has similar lengths
         sl = slice(chunk * self.micro_batch, (chunk + 1) * self.micro_batch)
         return stream[sl], rows[sl]
 
     def step_fingerprint(self, step: int) -> str:
         """Short hash of the set of rows a step trains on (world-size independent)."""
-        rows = np.sort(self.sample_ids(self.step_stream(step)))
+        rows = np.sort(self.step_samples(step)[1])
         return hashlib.sha1(rows.tobytes()).hexdigest()[:16]
 
 
@@ -137,9 +163,9 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.collator(self.sequences.rows(rows), stream)
 
 
-def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Ordered loader over micro batches; workers prefetch while the model computes."""
-    kwargs = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
+def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
+    """Ordered loader over micro batches; workers prefetch `prefetch_factor` micro batches each while the model computes."""
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         micro_batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory, **kwargs
     )

@@ -140,16 +140,23 @@ class AttentionCapture:
 
 
 def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor],
-                  needs: Needs = Needs(), capture: Optional[AttentionCapture] = None) -> ModelOutputs:
+                  needs: Needs = Needs(), capture: Optional[AttentionCapture] = None, full_logits: bool = False) -> ModelOutputs:
     """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
-    states of every layer and q/k/v of the `capture`d layers only when `needs` says so."""
+    states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
+
+    `full_logits` (the benchmark's baseline path, `train.logits_where_needed=false`): project every position
+    of the padded batch to the vocabulary, then select `logit_positions` (same values, (B*L)/P times the
+    head FLOPs and a (B, L, V) activation)."""
     encoder_name, _ = _layout(model)
     want_states = needs.hidden_states or needs.projected
     kwargs = {"output_hidden_states": True} if want_states else {}
     out = getattr(model, encoder_name)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state
     logits = None
-    if logit_positions is not None:
+    if logit_positions is not None and full_logits:
+        every = apply_mlm_head(model, hidden)
+        logits = every.reshape(-1, every.shape[-1]).index_select(0, logit_positions)
+    elif logit_positions is not None:
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
         logits = apply_mlm_head(model, selected)
     return ModelOutputs(
@@ -175,10 +182,12 @@ class StudentForDistillation(nn.Module):
     only `model.*`.
     """
 
-    def __init__(self, model: nn.Module, needs: Needs = Needs(), projection: str = "shared", target_width: Optional[int] = None):
+    def __init__(self, model: nn.Module, needs: Needs = Needs(), projection: str = "shared", target_width: Optional[int] = None,
+                 full_logits: bool = False):
         super().__init__()
         self.model = model
         self.needs = needs
+        self.full_logits = full_logits  # baseline path: vocabulary logits at every position (train.logits_where_needed=false)
         self.capture = AttentionCapture(model, needs.attention_layers) if needs.attention_layers else None
         if needs.projected:
             if target_width is None:
@@ -190,7 +199,7 @@ class StudentForDistillation(nn.Module):
             self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
 
     def forward(self, input_ids, attention_mask, logit_positions=None):
-        out = model_forward(self.model, input_ids, attention_mask, logit_positions, self.needs, self.capture)
+        out = model_forward(self.model, input_ids, attention_mask, logit_positions, self.needs, self.capture, self.full_logits)
         result = {"hidden": out.hidden, "logits": out.logits}
         if self.needs.hidden_states:
             result["hidden_states"] = out.hidden_states
@@ -470,6 +479,14 @@ def check_data_fits(model: nn.Module, packing: str) -> None:
     if not causal and packing == "causal":
         raise ModelError(f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model.config.model_type}); "
                          f"re-run distill-prep with --packing document")
+
+
+def compile_encoder(model: nn.Module) -> None:
+    """`torch.compile` the transformer body of `model` in place (`nn.Module.compile`: parameter names, and so
+    checkpoints and ZeRO's hooks on the module tree, stay as they are); the vocabulary head stays eager
+    because the number of logit positions changes every micro batch."""
+    encoder_name, _ = _layout(model)
+    getattr(model, encoder_name).compile(dynamic=True)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -58,10 +58,12 @@ class Objective:
                 parts.append(f"{side}: {', '.join(extra)}")
         return "; ".join(parts)
 
-    @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module, batch: Batch) -> ModelOutputs:
-        return model_forward(teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if self.teacher_logits else None,
-                             self.teacher_needs, self.capture)
+    def teacher_forward(self, teacher: nn.Module, batch: Batch, inference_mode: bool = True, full_logits: bool = False) -> ModelOutputs:
+        """The frozen teacher's forward: under `torch.inference_mode` (no autograd bookkeeping; `teacher.inference_mode`)
+        or `torch.no_grad` (the baseline path). Same values either way; the outputs only ever feed loss targets."""
+        with torch.inference_mode() if inference_mode else torch.no_grad():
+            return model_forward(teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if self.teacher_logits else None,
+                                 self.teacher_needs, self.capture, full_logits)
 
     def losses(self, teacher_out: Optional[ModelOutputs], student_out: ModelOutputs, batch: Batch):
         return compute_losses(self.weights, teacher_out, student_out, batch, self.ctx)

@@ -25,7 +25,7 @@ from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions
 from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, StudentForDistillation, build_student, count_parameters, default_init_layers, init_student_from_teacher, load_teacher, mlm_forward, resolve_dtype
 from distill.masking import CausalLMCollator
-from distill.models import check_data_fits, init_layers_for
+from distill.models import check_data_fits, compile_encoder, init_layers_for
 from distill.objectives import Objective
 
 log = logging.getLogger("distill.train")
@@ -181,7 +181,7 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
 
     sequences = TokenSequences(cfg.data.path, cfg.data.split, manifest, cfg.data.cache_dir, cfg.data.verify_checksums)
     plan = StepPlan(len(sequences), cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size, ctx.rank, cfg.seed,
-                    sequences.lengths if cfg.data.group_by_length else None)
+                    sequences.lengths if cfg.data.group_by_length else None, cfg.data.length_group_steps)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(sequences) / cfg.train.global_batch))
     counts = np.load(os.path.join(cfg.data.path, manifest.token_counts["path"])) if cfg.data.token_frequency_smoothing > 0 else np.zeros(0)
     policy = MaskingPolicy.with_smoothing(
@@ -201,7 +201,12 @@ def build_run(cfg: Config, ctx: DistContext) -> RunSetup:
     root = ckpt.checkpoints_root(cfg.output_dir)
     found = ckpt.latest_complete(root) if resuming else None
 
-    wrapper = StudentForDistillation(student, objective.student_needs, cfg.loss.projection, objective.teacher_width)
+    wrapper = StudentForDistillation(student, objective.student_needs, cfg.loss.projection, objective.teacher_width,
+                                     full_logits=not cfg.train.logits_where_needed)
+    if cfg.train.compile:
+        for model in (teacher, student):
+            if model is not None:
+                compile_encoder(model)
     optimizer = make_optimizer(wrapper, cfg, ctx.device)
     warmup = int(cfg.optim.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup))
@@ -309,7 +314,9 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
 
     num_workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if ctx.device.type == "cuda" else 0)
-    loader = make_loader(MicroBatches(run.sequences, plan, run.collator, run.start_step, run.total_steps), num_workers, ctx.device.type == "cuda")
+    pin_memory = cfg.data.pin_memory if cfg.data.pin_memory is not None else ctx.device.type == "cuda"
+    loader = make_loader(MicroBatches(run.sequences, plan, run.collator, run.start_step, run.total_steps), num_workers, pin_memory,
+                         cfg.data.prefetch_factor)
     batches = iter(loader)
     from tqdm.auto import tqdm
 
@@ -321,11 +328,15 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     engine.train()
     while step < end_step:
         t0 = time.time()
-        sums = {name: 0.0 for name in loss_names}
-        total_loss = 0.0
-        tokens = 0
+        # loss sums stay on the device (float64: the same sums as Python floats) and are read once per step,
+        # so the host never waits for the device inside the accumulation loop
+        sums = torch.zeros(1 + len(loss_names), dtype=torch.float64, device=ctx.device)
+        tokens = padded = positions = pairs = padded_pairs = 0  # pairs: sum of length^2 (attention FLOPs)
+        data_wait = 0.0
         for micro in range(plan.accumulation):
+            t_data = time.time()
             raw = next(batches)
+            data_wait += time.time() - t_data
             torch.manual_seed(_seed_for(cfg.seed, step, micro, ctx.rank))  # dropout: a pure function of the position
             batch = Batch(
                 input_ids=raw["input_ids"].to(ctx.device, non_blocking=True),
@@ -333,17 +344,22 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 labels=raw["labels"].to(ctx.device, non_blocking=True),
             )
             select_logit_positions(batch, run.logits_at)
-            teacher_out = run.objective.teacher_forward(run.teacher, batch) if run.teacher is not None else None
+            teacher_out = (run.objective.teacher_forward(run.teacher, batch, cfg.teacher.inference_mode, not cfg.train.logits_where_needed)
+                           if run.teacher is not None else None)
             student_out = engine.module.outputs(engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
             loss, terms = run.objective.losses(teacher_out, student_out, batch)
             engine.backward(loss)
             engine.step()
-            total_loss += loss.item()
-            for name, value in terms.items():
-                sums[name] += value.item()
-            tokens += int(raw["attention_mask"].sum())
+            sums += torch.stack([loss.detach()] + [terms[n] for n in loss_names]).double()
+            lengths = raw["attention_mask"].sum(1)
+            tokens += int(lengths.sum())
+            pairs += int((lengths * lengths).sum())
+            padded += raw["attention_mask"].numel()
+            padded_pairs += raw["attention_mask"].numel() * raw["attention_mask"].shape[1]
+            positions += 0 if batch.logit_positions is None else int(batch.logit_positions.numel())
         step += 1
-        reduced = all_reduce_sum([total_loss, tokens, float(stop.requested_here)] + [sums[n] for n in loss_names], ctx.device)
+        host_sums = sums.tolist()
+        reduced = all_reduce_sum([host_sums[0], tokens, float(stop.requested_here)] + host_sums[1:] + [padded, positions, data_wait, pairs, padded_pairs], ctx.device)
         stop_now = reduced[2] > 0  # any rank asked: all stop after this same step
         denom = plan.accumulation * ctx.world_size
         elapsed = time.time() - t0
@@ -358,6 +374,13 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             "samples_per_s": cfg.train.global_batch / elapsed,
             "samples_seen": step * cfg.train.global_batch,
             "peak_memory_mb": peak_memory_mb(ctx.device),
+            # for the throughput benchmark (bench/train_throughput.py): sums over ranks
+            "tokens": reduced[1],
+            "padded_tokens": reduced[3 + len(loss_names)],
+            "logit_positions": reduced[4 + len(loss_names)],
+            "data_wait_share": reduced[5 + len(loss_names)] / ctx.world_size / elapsed,
+            "token_pairs": reduced[6 + len(loss_names)],
+            "padded_token_pairs": reduced[7 + len(loss_names)],
             "data": plan.step_fingerprint(step - 1),
         }
         progress.update(1)
