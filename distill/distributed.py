@@ -39,6 +39,12 @@ def init_distributed(local_rank_arg: int | None = None) -> DistContext:
 
     # DeepSpeed's ZeRO calls a collective torch renamed; the warning repeats on every rank and step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available() and os.environ.get("DISTILL_CPU_SHM_COMM", "0") != "1":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at every process start (minutes on a
+        # small machine, and again whenever another environment rebuilt it); gloo is enough for CPU runs.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     if "WORLD_SIZE" not in os.environ:  # started as a plain process
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
