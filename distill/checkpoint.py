@@ -101,16 +101,23 @@ def run_identity(config: dict[str, Any], manifest_sha256: str) -> dict[str, Any]
     return ident
 
 
+def _default_identity() -> dict[str, Any]:
+    from distill.config import Config
+
+    return {k: v for k, v in flatten(Config().to_dict()).items() if k not in RESTARTABLE_KEYS}
+
+
 def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
     """Make `output_dir` this run's: returns True if it already was (resume), refuses foreign data."""
     run_file = os.path.join(output_dir, RUN_FILE)
     if os.path.exists(run_file):
         with open(run_file) as handle:
             previous = json.load(handle)["identity"]
+        defaults = _default_identity()  # a key added in a later version counts as its default in older runs
         diffs = [
-            f"{k}: {previous.get(k)!r} -> {identity.get(k)!r}"
+            f"{k}: {previous.get(k, defaults.get(k))!r} -> {identity.get(k, defaults.get(k))!r}"
             for k in sorted(set(previous) | set(identity))
-            if previous.get(k) != identity.get(k)
+            if previous.get(k, defaults.get(k)) != identity.get(k, defaults.get(k))
         ]
         if diffs:
             raise CheckpointError(
