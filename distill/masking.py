@@ -114,6 +114,23 @@ def mask_sequence(ids: np.ndarray, word_start: Optional[np.ndarray], policy: Mas
     return out, labels
 
 
+def _padded_arrays(rows, pad_id: int, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids filled with `pad_id`, labels filled with -100, zero attention) for the longest row, rounded up to `multiple`."""
+    length = max(len(ids) for ids, _ in rows)
+    length = ((length + multiple - 1) // multiple) * multiple
+    shape = (len(rows), length)
+    return np.full(shape, pad_id, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+
+
+def _as_batch(batch_ids, attention, labels, stream_indices) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.from_numpy(batch_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "labels": torch.from_numpy(labels),
+        "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
+    }
+
+
 class MaskingCollator:
     """Mask each sequence with its own generator and pad the micro batch."""
 
@@ -123,24 +140,14 @@ class MaskingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in rows)
-        multiple = self.pad_to_multiple_of
-        length = ((length + multiple - 1) // multiple) * multiple
-        batch_ids = np.full((len(rows), length), self.policy.pad_id, dtype=np.int64)
-        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
-        attention = np.zeros((len(rows), length), dtype=np.int64)
+        batch_ids, labels, attention = _padded_arrays(rows, self.policy.pad_id, self.pad_to_multiple_of)
         for i, ((ids, word_start), g) in enumerate(zip(rows, stream_indices)):
             masked, seq_labels = mask_sequence(ids, word_start, self.policy, sample_rng(self.seed, int(g)))
             n = len(masked)
             batch_ids[i, :n] = masked
             labels[i, :n] = seq_labels
             attention[i, :n] = 1
-        return {
-            "input_ids": torch.from_numpy(batch_ids),
-            "attention_mask": torch.from_numpy(attention),
-            "labels": torch.from_numpy(labels),
-            "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
-        }
+        return _as_batch(batch_ids, attention, labels, stream_indices)
 
 
 class CausalLMCollator:
@@ -155,21 +162,11 @@ class CausalLMCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in rows)
-        multiple = self.pad_to_multiple_of
-        length = ((length + multiple - 1) // multiple) * multiple
-        batch_ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
-        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
-        attention = np.zeros((len(rows), length), dtype=np.int64)
+        batch_ids, labels, attention = _padded_arrays(rows, self.pad_id, self.pad_to_multiple_of)
         for i, (ids, _) in enumerate(rows):
             ids = np.asarray(ids, dtype=np.int64)
             n = len(ids)
             batch_ids[i, :n] = ids
             labels[i, : n - 1] = ids[1:]
             attention[i, :n] = 1
-        return {
-            "input_ids": torch.from_numpy(batch_ids),
-            "attention_mask": torch.from_numpy(attention),
-            "labels": torch.from_numpy(labels),
-            "stream_indices": torch.as_tensor(np.asarray(stream_indices, dtype=np.int64)),
-        }
+        return _as_batch(batch_ids, attention, labels, stream_indices)

@@ -379,15 +379,7 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: li
     if t_type not in ("bert",) + tuple(_ROBERTA_LIKE):
         raise ModelError(f"student.init=teacher supports BERT/RoBERTa-family teachers, not {t_type!r}; use student.init=random")
     shape = _teacher_shape(teacher)
-    s_hidden = student.config.hidden_size if s_type == "bert" else student.config.dim
-    s_layers = student.config.num_hidden_layers if s_type == "bert" else student.config.n_layers
-    if s_hidden != shape["hidden_size"]:
-        raise ModelError(f"student.init=teacher needs the teacher's width {shape['hidden_size']}, the student has {s_hidden}; use student.init=random")
-    if len(layers) != s_layers:
-        raise ModelError(f"student.init_layers has {len(layers)} entries for a {s_layers}-layer student")
-    bad = [i for i in layers if not 0 <= i < shape["num_layers"]]
-    if bad:
-        raise ModelError(f"student.init_layers {bad} out of range for a {shape['num_layers']}-layer teacher")
+    _check_init(student, teacher, layers)  # DistilBertConfig maps hidden_size/num_hidden_layers to dim/n_layers
 
     t_sd = teacher.state_dict()
     s_params = dict(student.state_dict(keep_vars=True))
