@@ -19,14 +19,13 @@ from data_prep.manifest import MANIFEST_FILE, TOKENIZER_DIR, DatasetError, check
 from distill import checkpoint as ckpt
 from distill.config import Config, ConfigError
 from distill.data import MicroBatches, StepPlan, TokenSequences, make_loader
-from distill.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from distill.distributed import DistContext, all_reduce_sum, barrier, init_distributed, on_main_then_broadcast, setup_logging
-from distill.losses import Batch, ModelOutputs, compute_losses, logits_positions_needed, needs_teacher_logits, select_logit_positions
-from distill.masking import MaskingCollator, MaskingPolicy
-from distill.models import ModelError, StudentForDistillation, build_student, count_parameters, default_init_layers, init_student_from_teacher, load_teacher, mlm_forward, resolve_dtype
-from distill.masking import CausalLMCollator
-from distill.models import check_data_fits, compile_encoder, init_layers_for
+from distill.losses import Batch, select_logit_positions
+from distill.masking import CausalLMCollator, MaskingCollator, MaskingPolicy
+from distill.models import (StudentForDistillation, build_student, check_data_fits, compile_encoder, count_parameters, init_layers_for,
+                            init_student_from_teacher, load_teacher, resolve_dtype)
 from distill.objectives import Objective
+from distill.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
 log = logging.getLogger("distill.train")
 _OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16")
