@@ -76,18 +76,46 @@ HF_DISTILLER = {  # issue 6 point 6: Hugging Face's DistilBERT distiller referen
     "overrides": ["train.global_batch=32", "train.micro_batch=32", "student.num_layers=2", "train.precision=fp32", "teacher.dtype=fp32",
                   "loss.weights={ce: 5.0, mlm: 2.0, cos: 1.0}", "loss.ce_positions=all", "data.group_by_length=true",
                   "data.length_group_steps=32"],  # lengths grouped over pools of 32 batches, like the reference's sampler
-    "reference_tokens_per_s": 7000.0, "target_ratio": 1.5,
+    # the reference's sequences average ~60 tokens (one per corpus line, cut at 128): documents of 12-60 words
+    "short_docs": (12, 60),
+    "reference_tokens_per_s": 7000.0, "reference_sequences_per_s": 120.0, "target_ratio": 1.5,
 }
 
 
-def prepare(cache: str, max_seq_len: int, vocab_size: int, packing: str = "document") -> tuple[str, str]:
-    """Demo corpus -> WordPiece tokenizer -> distill-prep output (cached under `cache`)."""
+def write_short_documents(corpus: str, out_dir: str, min_words: int, max_words: int, seed: int = 0) -> None:
+    """The demo corpus cut into documents of a uniformly random number of words (one per line), so that
+    `--packing document` yields variable-length sequences like a line-per-sentence corpus."""
+    import random
+
+    rng = random.Random(seed)
+    os.makedirs(out_dir + ".tmp", exist_ok=True)
+    with open(os.path.join(out_dir + ".tmp", "short_documents.txt"), "w", encoding="utf-8") as out:
+        for name in sorted(os.listdir(corpus)):
+            for line in open(os.path.join(corpus, name), encoding="utf-8"):
+                words = line.split()
+                while words:
+                    n = rng.randint(min_words, max_words)
+                    out.write(" ".join(words[:n]) + "\n")
+                    words = words[n:]
+    os.replace(out_dir + ".tmp", out_dir)
+
+
+def prepare(cache: str, max_seq_len: int, vocab_size: int, packing: str = "document", short_docs: tuple[int, int] | None = None) -> tuple[str, str]:
+    """Demo corpus -> WordPiece tokenizer -> distill-prep output (cached under `cache`). `short_docs`
+    (min, max words): prepare the corpus cut into short documents instead (see write_short_documents)."""
     from distill.demo_assets import train_wordpiece_tokenizer, write_corpus
 
     suffix = "" if packing == "document" else f"_{packing}"
     corpus, tok, data = (os.path.join(cache, d) for d in ("corpus", f"tok{vocab_size}", f"data{vocab_size}_{max_seq_len}{suffix}"))
     if not os.path.isdir(corpus):
         write_corpus(corpus)
+    if short_docs:
+        short = os.path.join(cache, f"corpus_short_{short_docs[0]}_{short_docs[1]}")
+        if not os.path.isdir(short):
+            write_short_documents(corpus, short, *short_docs)
+        if not os.path.isdir(tok):
+            train_wordpiece_tokenizer(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), tok, vocab_size=vocab_size)
+        corpus, data = short, data + f"_short_{short_docs[0]}_{short_docs[1]}"
     if not os.path.isdir(tok):
         train_wordpiece_tokenizer(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), tok, vocab_size=vocab_size)
     if not os.path.exists(os.path.join(data, "manifest.json")):
@@ -165,6 +193,9 @@ def run_path(name: str, args, train_args: list[str], extra: list[str], port: int
         "flops_per_token": {k: v / measured[-1]["tokens"] / 1e6 for k, v in per_step[-1]["parts"].items()},
         "shapes": {"teacher": teacher.__dict__, "student": student.__dict__},
         "global_batch": cfg["train"]["global_batch"], "micro_batch": cfg["train"]["micro_batch"],
+        "phase_seconds": ({k: med([r["phase_seconds"][k] for r in measured]) for k in measured[0]["phase_seconds"]}
+                          if "phase_seconds" in measured[0] else None),
+        "step_seconds": med([r["tokens"] / r["tokens_per_s"] for r in measured]),
     }
 
 
@@ -193,6 +224,30 @@ def find_max_micro_batch(args, train_args, extra, port, env, start: int = 8, cap
     return best
 
 
+def print_breakdown(profiled: list[dict], timed: dict) -> None:
+    """Milliseconds per step and share of each phase (rank 0) for every profiled path."""
+    from distill.profiling import PHASES
+
+    print("\nwhere a step's time goes (rank 0, device synchronised at every phase boundary, collectives blocking):")
+    header = f"{'phase':<18}" + "".join(f"{r['name'].replace(' (profiled)', ''):>26}" for r in profiled)
+    print(header)
+    print("-" * len(header))
+    for phase in PHASES + ("other",):
+        cells = []
+        for r in profiled:
+            ph = r["phase_seconds"]
+            ms = (r["step_seconds"] - sum(ph.values())) * 1e3 if phase == "other" else ph.get(phase, 0.0) * 1e3
+            cells.append(f"{ms:>12,.1f} ms {100 * ms / 1e3 / r['step_seconds']:>8.1f}%")
+        print(f"{phase:<18}" + "".join(f"{c:>26}" for c in cells))
+    cells = []
+    for r in profiled:
+        plain = timed.get(r["name"].replace(" (profiled)", ""))
+        note = f" (unprofiled {plain['step_seconds'] * 1e3:,.0f})" if plain else ""
+        cells.append(f"{r['step_seconds'] * 1e3:,.1f} ms{note}")
+    print(f"{'step':<18}" + "".join(f"{c:>26}" for c in cells))
+    print("other = step time not in any phase (host bookkeeping, metric all-reduce, logging)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -210,6 +265,8 @@ def main() -> int:
     parser.add_argument("--ablate", action="store_true", help="also run the fast path with each piece switched off (or compile on) alone")
     parser.add_argument("--hf-distiller-config", action="store_true", help="issue 6 point 6: 1 process, fp32, 4x128x2 random BERT teacher, "
                         "2-layer DistilBERT, WordPiece 1000, seq <= 128 grouped by length, batch 32, alpha 5/2/1; target >= 1.5 x 7k tokens/s")
+    parser.add_argument("--profile", action="store_true", help="also run fast and baseline with train.profile_phases=true and print where a step's "
+                        "time goes (data, teacher, student forward, loss, backward, optimizer, comm); phases are serialised, so only shares count")
     parser.add_argument("--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path")
     parser.add_argument("--peak-tflops", type=float, help="peak per process for MFU (default: datasheet on GPU, measured matmul on CPU)")
     parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides of the fast path only")
@@ -226,7 +283,8 @@ def main() -> int:
     tokenizer = None
     data = args.data
     if not data:
-        data, tokenizer = prepare(args.cache, args.max_seq_len, args.vocab_size, args.packing)
+        data, tokenizer = prepare(args.cache, args.max_seq_len, args.vocab_size, args.packing,
+                                  HF_DISTILLER["short_docs"] if args.hf_distiller_config else None)
     teacher = args.teacher
     if not teacher:
         from distill.demo_assets import save_random_bert_teacher
@@ -266,6 +324,8 @@ def main() -> int:
         plan.append(("baseline", BASELINE))
     if args.ablate:
         plan += [(name, [*args.fast, *extra]) for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)]
+    if args.profile:
+        plan += [(f"{name} (profiled)", [*extra, "train.profile_phases=true"]) for name, extra in list(plan[:2])]
     results = []
     for i, (name, extra) in enumerate(plan):
         res = run_path(name, args, train_args, extra, args.master_port + i, env)
@@ -304,11 +364,17 @@ def main() -> int:
         f = ok["fast"]
         print(f"fast / baseline: {f['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, peak memory {f['peak_memory_mb']:,.0f} vs "
               f"{base['peak_memory_mb']:,.0f} MiB ({f['peak_memory_mb'] / base['peak_memory_mb']:.2f}x)")
+    profiled = [r for r in results if r.get("phase_seconds")]
+    if profiled:
+        print_breakdown(profiled, ok)
     if args.hf_distiller_config and "fast" in ok:
         target = HF_DISTILLER["reference_tokens_per_s"] * HF_DISTILLER["target_ratio"]
         got = ok["fast"]["tokens_per_s"]
         print(f"HF distiller reference ~{HF_DISTILLER['reference_tokens_per_s']:,.0f} real tokens/s; target >= {target:,.0f}: "
               f"fast path {got:,.0f} ({got / HF_DISTILLER['reference_tokens_per_s']:.2f}x the reference) -> {'PASS' if got >= target else 'FAIL'}")
+        seqs = ok["fast"]["samples_per_s"]
+        print(f"  in sequences: {ok['fast']['tokens_per_sequence']:.1f} real tokens per sequence (reference ~60); {seqs:,.1f} sequences/s vs "
+              f"~{HF_DISTILLER['reference_sequences_per_s']:.0f} ({seqs / HF_DISTILLER['reference_sequences_per_s']:.2f}x)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "peak_tflops": peak, "peak_note": peak_note, "procs": args.procs, "args": vars(args),

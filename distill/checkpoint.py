@@ -42,6 +42,7 @@ RESTARTABLE_KEYS = {
     "student.attn_implementation", "teacher.path",
     # speed switches that do not change what is learned (bench/train_throughput.py measures each)
     "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
+    "train.profile_phases",
 }
 
 

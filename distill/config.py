@@ -101,6 +101,7 @@ class TrainConfig:
     log_every: int = _f(10, "steps between log lines / TensorBoard points")
     halt_at_step: Optional[int] = _f(None, "checkpoint and exit once this step is reached; the same command later resumes (time-sliced clusters, tests)")
     logits_where_needed: bool = _f(True, "apply the vocabulary projection only to the hidden states at the positions some loss reads (gathered first); false = full-vocabulary logits at every position of the padded micro batch, then selected (the benchmark's baseline path: same values, far more FLOPs and memory)")
+    profile_phases: bool = _f(False, "record this rank's seconds per step phase (data, teacher forward, student forward, loss, backward, optimizer, comm) in metrics.jsonl, synchronising the device at each phase boundary and making collectives blocking: a diagnosis that slows the step (bench/train_throughput.py --profile)")
     compile: bool = _f(False, "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths")
 
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from distill.config import ConfigError
 from distill.layer_map import LayerMapError, resolve_layers
-from distill.losses import (Batch, LossContext, ModelOutputs, Needs, check_losses, compute_losses, logits_positions_needed, needs_of,
-                            needs_teacher_logits)
+from distill.losses import (Batch, LossContext, ModelOutputs, check_losses, compute_losses, logits_positions_needed, needs_of,
+                            needs_teacher, needs_teacher_logits)
 from distill.models import AttentionCapture, model_forward, model_shape
 
 
@@ -43,6 +43,7 @@ class Objective:
         self.teacher_needs, self.student_needs = needs_of(self.weights, self.ctx)
         self.logits_at = logits_positions_needed(self.weights, loss_cfg)
         self.teacher_logits = needs_teacher_logits(self.weights)
+        self.uses_teacher = needs_teacher(self.weights)  # false e.g. for MLM only from a teacher-initialised student
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
         self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if teacher is not None and self.teacher_needs.attention_layers else None
 

@@ -26,6 +26,7 @@ from distill.models import (StudentForDistillation, build_student, check_data_fi
                             init_student_from_teacher, load_teacher, resolve_dtype)
 from distill.objectives import Objective
 from distill.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from distill.profiling import COMMS_LOGGER, PhaseTimer
 
 log = logging.getLogger("distill.train")
 _OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16")
@@ -63,6 +64,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: torch.dtype) -> di
         gradient_clipping=cfg.optim.grad_clip,
     )
     ds.setdefault("steps_per_print", 10**9)
+    if cfg.train.profile_phases:
+        ds["comms_logger"] = dict(COMMS_LOGGER)  # collectives timed (and made blocking) for the phase breakdown
     zero = dict(ds.get("zero_optimization", {}))
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
@@ -323,6 +326,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                     dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     last: dict[str, Any] = {}
     step = run.start_step
+    phases = PhaseTimer(ctx.device, cfg.train.profile_phases)
     loss_names = [n for n, w in cfg.loss.weights.items() if w > 0]
     engine.train()
     while step < end_step:
@@ -334,7 +338,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
         data_wait = 0.0
         for micro in range(plan.accumulation):
             t_data = time.time()
-            raw = next(batches)
+            with phases("data"):
+                raw = next(batches)
             data_wait += time.time() - t_data
             torch.manual_seed(_seed_for(cfg.seed, step, micro, ctx.rank))  # dropout: a pure function of the position
             batch = Batch(
@@ -343,12 +348,17 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
                 labels=raw["labels"].to(ctx.device, non_blocking=True),
             )
             select_logit_positions(batch, run.logits_at)
-            teacher_out = (run.objective.teacher_forward(run.teacher, batch, cfg.teacher.inference_mode, not cfg.train.logits_where_needed)
-                           if run.teacher is not None else None)
-            student_out = engine.module.outputs(engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
-            loss, terms = run.objective.losses(teacher_out, student_out, batch)
-            engine.backward(loss)
-            engine.step()
+            with phases("teacher_forward"):
+                teacher_out = (run.objective.teacher_forward(run.teacher, batch, cfg.teacher.inference_mode, not cfg.train.logits_where_needed)
+                               if run.teacher is not None and run.objective.uses_teacher else None)
+            with phases("student_forward"):
+                student_out = engine.module.outputs(engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
+            with phases("loss"):
+                loss, terms = run.objective.losses(teacher_out, student_out, batch)
+            with phases("backward"):
+                engine.backward(loss)
+            with phases("optimizer"):
+                engine.step()
             sums += torch.stack([loss.detach()] + [terms[n] for n in loss_names]).double()
             lengths = raw["attention_mask"].sum(1)
             tokens += int(lengths.sum())
@@ -382,6 +392,8 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
             "padded_token_pairs": reduced[7 + len(loss_names)],
             "data": plan.step_fingerprint(step - 1),
         }
+        if phases.enabled:  # this rank's seconds per phase (train.profile_phases)
+            last["phase_seconds"] = phases.take()
         progress.update(1)
         if ctx.is_main:
             metrics_file.write(json.dumps(last) + "\n")

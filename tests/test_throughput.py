@@ -131,3 +131,37 @@ def test_length_grouping_across_steps_is_a_partition_independent_of_ranks():
     # group_steps=1 keeps each step's own random set of samples
     single = StepPlan(1000, 32, 8, 1, 0, 56, lengths)
     assert np.array_equal(np.sort(single.step_samples(3)[0]), np.arange(96, 128))
+
+
+def test_teacher_forward_is_skipped_when_no_loss_reads_it():
+    teacher, student = _models()
+    assert Objective(LossConfig(weights={"mlm": 1.0}), teacher, student).uses_teacher is False  # (c) of bench/quality.py
+    assert Objective(LossConfig(weights={"mlm": 1.0, "cos": 1.0}), teacher, student).uses_teacher is True
+
+
+def test_phase_timer_attributes_time_and_collectives_to_phases():
+    import time
+
+    from deepspeed.comm.comm import comms_logger
+
+    from distill.profiling import PhaseTimer
+
+    timer = PhaseTimer(torch.device("cpu"), enabled=True)
+    with timer("teacher_forward"):
+        time.sleep(0.05)
+    with timer("backward"):
+        time.sleep(0.03)
+        # a 20 ms collective as DeepSpeed's comms logger records it: {name: {bytes: [count, latencies ms, algbw, busbw]}}
+        comms_logger.comms_dict.setdefault("test_all_reduce", {})[1024] = [1, [20.0], [0.0], [0.0]]
+    with timer("backward"):
+        time.sleep(0.01)
+    took = timer.take()
+    assert took["teacher_forward"] >= 0.05
+    assert took["comm"] == pytest.approx(0.02)
+    assert took["backward"] >= 0.02  # 40 ms slept, 20 ms of it reported as comm (no upper bounds: a loaded machine sleeps longer)
+    comms_logger.comms_dict.pop("test_all_reduce")
+    assert timer.take()["backward"] == 0.0, "take() starts the counters again"
+    off = PhaseTimer(torch.device("cpu"), enabled=False)
+    with off("loss"):
+        time.sleep(0.01)
+    assert sum(off.take().values()) == 0.0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -66,7 +65,8 @@ def test_two_process_run_checkpoints_resumes_identically_and_exports(tmp_path, t
     state = json.load(open(os.path.join(step4, "trainer_state.json")))
     assert state["step"] == 4 and state["samples_consumed"] == 4 * 32 and state["world_size"] == 2 and state["zero_stage"] == zero
 
-    second = deepspeed(common_args(teacher_dir, prepared_dir, resumed, zero), port)
+    # the resumed half runs with the phase breakdown on: it must not change a single loss (checked below)
+    second = deepspeed(common_args(teacher_dir, prepared_dir, resumed, zero) + ["train.profile_phases=true"], port)
     assert "resumed from" in second.stderr + second.stdout
     a, b = metrics(straight), metrics(resumed)
     assert [m["step"] for m in a] == list(range(1, 9)) and [m["step"] for m in b] == list(range(1, 9))
@@ -78,6 +78,12 @@ def test_two_process_run_checkpoints_resumes_identically_and_exports(tmp_path, t
     assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]]) - 0.15, "loss goes down"
     assert a[-1]["loss_cos"] < 0.8 * a[0]["loss_cos"], "the student's hidden states move towards the teacher's"
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in a)
+    assert all("phase_seconds" not in m for m in a + b[:4]) and all("phase_seconds" in m for m in b[4:])
+    for m in b[4:]:
+        phases, step_s = m["phase_seconds"], m["tokens"] / m["tokens_per_s"]
+        assert all(phases[p] > 0 for p in ("teacher_forward", "student_forward", "loss", "backward", "optimizer")), phases
+        assert phases["comm"] > 0, "2 ranks reduce gradients: DeepSpeed's comms logger saw collectives"
+        assert 0.5 * step_s < sum(phases.values()) <= step_s * 1.01, (phases, step_s)
 
     exports = {}
     for name, run_dir in (("straight", straight), ("resumed", resumed)):
