@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from data_prep.config import PrepConfig
-from data_prep.errors import PrepInputError, extract_message
+from data_prep.errors import extract_message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill-prep: pipeline failed; Beam log: {beam_log}", file=sys.stderr)
             raise
         print(f"distill-prep: error: {' '.join(message.split())}", file=sys.stderr)
+        os.unlink(beam_log)  # the one-line message says it all; keep the log only for unexpected failures
         return 2
     os.unlink(beam_log)
     print_summary(manifest)

@@ -1,9 +1,11 @@
 """The distill-prep Beam pipeline and the driver steps around it.
 
-    files ─► ReadDocuments ─► Reshuffle ─► BatchElements ─► TokenizeAndPack ─┬► train rows ─► WriteToParquet
-                 │                                             │              ├► validation rows ─► WriteToParquet
-                 └─ stats ──────────────┬──────────────────────┘ stats        └► token counts (train) ─► token_counts.npy
-                                        └─► MergeCounters ─► _prep_tmp/stats.json
+    files ─► Reshuffle ─► ReadDocuments ─► Dedup (by hash) ─► TokenizeAndPack ─┬► train rows ─► shuffle key ─► GroupByKey ─► Parquet shard
+                               │                                     │           ├► validation rows ─► (same)
+                               └─ stats ──────────┬──────────────────┘ stats     └► token counts (train) ─► token_counts.npy
+                                                  └─► MergeCounters ─► _prep_tmp/stats.json
+
+The tokenizer is read once by the driver and travels inside TokenizeAndPack as bytes.
 
 The driver checks inputs before anything is written, runs the pipeline, re-opens every shard to
 record rows, tokens and sha256, checks the token accounting, and writes `manifest.json` last.
@@ -33,10 +35,10 @@ from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
-from data_prep.cleaning import NORMALIZATIONS, clean_text, doc_hash
+from data_prep.cleaning import clean_text, doc_hash
 from data_prep.sources import Dropped, expand_inputs, read_documents
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
-from data_prep.tokenization import load_tokenizer
+from data_prep.tokenization import TokenizerPayload, load_tokenizer
 
 log = logging.getLogger("distill-prep")
 TMP_DIR = "_prep_tmp"
@@ -106,14 +108,16 @@ class TokenizeAndPack(beam.DoFn):
 
     Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
     packers keep their state for a whole bundle (across-document modes pack across batches).
+    The tokenizer travels inside the DoFn as bytes (`TokenizerPayload`): workers never read `--tokenizer`.
     """
 
-    def __init__(self, cfg: PrepConfig, vocab_size: int):
+    def __init__(self, cfg: PrepConfig, tokenizer: TokenizerPayload, vocab_size: int):
         self.cfg = cfg
+        self.tokenizer_payload = tokenizer
         self.vocab_size = vocab_size
 
     def setup(self):
-        self.tokenizer = load_tokenizer(self.cfg.tokenizer, self.cfg.max_piece_chars, self.cfg.packing)
+        self.tokenizer = self.tokenizer_payload.load()
         self.spec = pack_spec(self.cfg, self.tokenizer)
 
     def start_bundle(self):
@@ -243,8 +247,9 @@ def _write_shard(shard: int, keyed_rows, directory: str, shards: int, token_dtyp
     return path
 
 
-def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], vocab_size: int, token_dtype: str, num_shards: int) -> None:
-    """Attach the prep transforms to `pipeline` (also used by tests with TestPipeline)."""
+def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], tokenizer: TokenizerPayload, vocab_size: int,
+                   token_dtype: str, num_shards: int) -> None:
+    """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn."""
     tmp = os.path.join(cfg.output, TMP_DIR)
     read = (
         pipeline
@@ -258,9 +263,8 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], v
         docs = read.docs | "Unkey" >> beam.Map(lambda kv: (kv[1][0], kv[1][1], 1)) | "SpreadDocuments" >> beam.Reshuffle()
     packed = (
         docs
-        | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
+        | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, tokenizer, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
     )
-    schema = parquet_schema(token_dtype, cfg.packing)
     splits = {"train": packed.train}
     if cfg.validation_fraction > 0:
         splits["validation"] = packed.validation
@@ -285,18 +289,55 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], v
     )
 
 
+IN_PROCESS_MAX_BYTES = 16 << 20  # auto mode: smaller inputs run in the launcher process
+
+
+def choose_workers(workers: int, files: list[tuple[str, int]]) -> int:
+    """`workers` if given; else 1 (in-process) for inputs under IN_PROCESS_MAX_BYTES, one process per CPU above.
+
+    On a small corpus, starting worker processes and moving every stage's data between them and the
+    runner over gRPC costs more than the work (bench/prep_throughput.py: 1.1 MB and 11 MB of WikiText run
+    faster and in less memory in-process; the fast tokenizer still encodes each batch on all cores).
+    Compressed inputs count as 4x their size.
+    """
+    if workers:
+        return workers
+    text_bytes = sum(size * (4 if path.lower().endswith((".gz", ".bz2", ".parquet")) else 1) for path, size in files)
+    return 1 if text_bytes <= IN_PROCESS_MAX_BYTES else (os.cpu_count() or 1)
+
+
 def beam_options(cfg: PrepConfig, beam_args: list[str], workers: int) -> PipelineOptions:
-    """DirectRunner with `workers` processes unless the user chose a runner."""
+    """The local runner's settings (`workers` processes) unless the user chose a runner."""
     args = list(beam_args)
     if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
         args.append("--default_sdk_harness_log_level=WARNING")
     if not any(a.startswith("--runner") for a in args):
-        args.append("--runner=DirectRunner")
         if workers > 1:
             args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
         else:
             args += ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
     return PipelineOptions(args)
+
+
+def local_runner(options: PipelineOptions):
+    """The runner for a run without `--runner`: the FnApiRunner, built as Beam's DirectRunner builds it.
+
+    Beam's DirectRunner first tries the Prism runner, a Go binary it downloads from GitHub: offline, that
+    fails and falls back to the FnApiRunner, leaking an empty `beam-temp*` directory in the temp dir on
+    every run; online, the job runs on Prism, another runner than the one tested and measured here.
+    Going to the FnApiRunner directly gives the same execution on every machine, with the pipeline options handed to
+    its worker processes as the DirectRunner does. Returns None when the user named a runner.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if options.view_as(StandardOptions).runner is not None:
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 def _shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
@@ -357,15 +398,15 @@ def _claim_output(cfg: PrepConfig) -> None:
     os.makedirs(cfg.output, exist_ok=True)
 
 
-def sample_documents(cfg: PrepConfig, files: list[str]):
-    """Cleaned documents from every file in turn, up to `sentencepiece_sample_chars` in all."""
-    budget = max(1, cfg.sentencepiece_sample_chars // max(1, len(files)))
+def sample_documents(cfg: PrepConfig, files: list[str], chars: Optional[int] = None):
+    """Cleaned documents from every file in turn, up to `chars` (default `sentencepiece_sample_chars`) in all."""
+    budget = max(1, (chars or cfg.sentencepiece_sample_chars) // max(1, len(files)))
     for path in files:
         taken = 0
         for item in read_documents(path, cfg.doc_split, cfg.text_field, "skip", cfg.max_line_bytes):
             if isinstance(item, Dropped):
                 continue
-            text = clean_text(item.text, cfg.normalization)[0]
+            text = clean_text(item.text, cfg.normalization)[0][: budget - taken]
             if text:
                 yield text
                 taken += len(text)
@@ -373,31 +414,52 @@ def sample_documents(cfg: PrepConfig, files: list[str]):
                     break
 
 
+ESTIMATE_SAMPLE_CHARS = 256_000
+ESTIMATE_SAMPLE_FILES = 16
+
+
 def estimate_shards(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str) -> int:
-    """Train shards for `shard_rows` / `shard_mb`, from the rows and tokens per input byte of a ~1 MB sample."""
+    """Train shards for `shard_rows` / `shard_mb`, from the rows and tokens per input byte of a sample.
+
+    The sample is ~256k characters from at most 16 files spread over the list (not a pass over the corpus).
+    With `shard_mb`, an uncompressed input too small to fill one shard (even at two tokens per byte,
+    which covers the specials of short rows) gets one shard without sampling.
+    """
     if cfg.num_shards:
         return cfg.num_shards
-    sample = list(sample_documents(dataclasses.replace(cfg, sentencepiece_sample_chars=1_000_000), [p for p, _ in files]))
+    row_bytes = np.dtype(token_dtype).itemsize + (0 if cfg.packing == "causal" else 1)
+    packed = any(p.lower().endswith((".gz", ".bz2", ".parquet")) for p, _ in files)
+    if not cfg.shard_rows and not packed and 2 * sum(size for _, size in files) * row_bytes <= cfg.shard_mb * (1 << 20):
+        return 1
+    step = max(1, -(-len(files) // ESTIMATE_SAMPLE_FILES))
+    sample = list(sample_documents(cfg, [p for p, _ in files[::step]], ESTIMATE_SAMPLE_CHARS))
     sample_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in sample) or 1
     lengths = [len(ids) for ids, _ in tokenizer.encode_batch(sample)] if sample else [0]
     width = cfg.max_seq_len - (0 if cfg.packing == "causal" else 2)
     rows = sum(-(-n // width) for n in lengths) if cfg.packing == "document" else sum(lengths) / width
-    packed = any(p.lower().endswith((".gz", ".bz2", ".parquet")) for p, _ in files)
     scale = sum(size for _, size in files) * (4.0 if packed else 1.0) / sample_bytes  # compressed input: ~4x the bytes as text
     est_rows, est_tokens = rows * scale, sum(lengths) * scale
     if cfg.shard_rows:
         return max(1, int(np.ceil(est_rows / cfg.shard_rows)))
-    row_bytes = np.dtype(token_dtype).itemsize + (0 if cfg.packing == "causal" else 1)
     return max(1, int(np.ceil(est_tokens * row_bytes / (cfg.shard_mb * (1 << 20)))))
 
 
-def _train_tokenizer(cfg: PrepConfig, files: list[str]) -> str:
-    from data_prep.sentencepiece_tok import train_sentencepiece
+def _train_tokenizer(cfg: PrepConfig, files: list[str]):
+    """Train a sentencepiece model on the launcher (in a temporary directory) and hold it as bytes.
 
-    tmp = os.path.join(cfg.output, TMP_DIR)
-    os.makedirs(tmp, exist_ok=True)
+    The workers get the bytes inside the DoFn; the model is saved as OUTPUT/tokenizer/spiece.model.
+    """
+    import tempfile
+
+    from data_prep.sentencepiece_tok import MODEL_FILE, SentencePieceTokenizer, train_sentencepiece
+
     log.info("training a sentencepiece model (vocab %d) on up to %d characters of the corpus", cfg.train_sentencepiece, cfg.sentencepiece_sample_chars)
-    return train_sentencepiece(sample_documents(cfg, files), cfg.train_sentencepiece, os.path.join(tmp, "spiece"))
+    with tempfile.TemporaryDirectory(prefix="distill-prep-spm-") as tmp:
+        model = train_sentencepiece(sample_documents(cfg, files), cfg.train_sentencepiece, os.path.join(tmp, "spiece"))
+        with open(model, "rb") as handle:
+            model_bytes = handle.read()
+    name = os.path.join(cfg.output, mf.TOKENIZER_DIR, MODEL_FILE)
+    return SentencePieceTokenizer(name, cfg.max_piece_chars, cfg.packing, model_bytes=model_bytes)
 
 
 def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: int = 0) -> mf.Manifest:
@@ -419,22 +481,28 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
     _claim_output(cfg)
     if cfg.train_sentencepiece:
         try:
-            cfg = dataclasses.replace(cfg, tokenizer=_train_tokenizer(cfg, [path for path, _ in files]))
-            tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+            tokenizer = _train_tokenizer(cfg, [path for path, _ in files])
+            cfg = dataclasses.replace(cfg, tokenizer=tokenizer.path)
         except BaseException:
             shutil.rmtree(cfg.output, ignore_errors=True)
             raise
     token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
     input_bytes = sum(size for _, size in files)
     num_shards = estimate_shards(cfg, tokenizer, files, token_dtype)
-    workers = workers or os.cpu_count() or 1
-    log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards", len(files), input_bytes / 1e6, cfg.tokenizer, tokenizer.vocab_size, num_shards)
+    workers = choose_workers(workers, files)
     options = beam_options(cfg, beam_args or [], workers)
+    runner = local_runner(options)
+    mode = ("in-process" if workers == 1 else f"{workers} worker processes") if runner is not None else "runner from the Beam options"
+    log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards; %s", len(files), input_bytes / 1e6, cfg.tokenizer,
+             tokenizer.vocab_size, num_shards, mode)
+    recorded = options.get_all_options(drop_default=True)
+    if runner is not None:
+        recorded["runner"] = "FnApiRunner"
     try:
-        with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.vocab_size, token_dtype, num_shards)
+        with beam.Pipeline(runner=runner, options=options) as pipeline:
+            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards)
         log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
-        manifest = finalize(cfg, tokenizer, files, token_dtype, options.get_all_options(drop_default=True))
+        manifest = finalize(cfg, tokenizer, files, token_dtype, recorded)
     except BaseException:
         shutil.rmtree(cfg.output, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@ trainer loads it with `AutoTokenizer` (same vocabulary, same special ids, same i
 from __future__ import annotations
 
 import os
-import shutil
+import zlib
 
 import numpy as np
 
@@ -22,26 +22,42 @@ TRAINED_SPECIALS = ["[CLS]", "[SEP]", "[MASK]"]
 MODEL_FILE = "spiece.model"
 
 
-def _load_processor(path: str):
+def _read_model(path: str) -> bytes:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            return handle.read()
+    except Exception as exc:
+        raise PrepInputError(f"--tokenizer {path!r} cannot be read ({str(exc).splitlines()[0][:120]}); pass a readable .model file") from None
+
+
+def _load_processor(path: str, model_bytes: bytes):
     import sentencepiece as spm
 
     try:
-        return spm.SentencePieceProcessor(model_file=path)
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
     except Exception as exc:
         raise PrepInputError(f"--tokenizer {path!r} is not a sentencepiece model ({str(exc).splitlines()[0][:120]}); pass a .model file or a tokenizer directory") from None
 
 
 class SentencePieceTokenizer:
-    """A sentencepiece `.model` file: encode_batch -> (ids, word-start flags), like HFTokenizer."""
+    """A sentencepiece `.model` file: encode_batch -> (ids, word-start flags), like HFTokenizer.
+
+    The model is held as bytes (`model_bytes`, else read from `path` once), so that `payload()` can ship
+    it to the workers inside the DoFn.
+    """
 
     kind = "sentencepiece"
 
-    def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document"):
+    def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document", model_bytes: bytes | None = None):
         from data_prep.tokenization import REQUIRED_SPECIALS
 
         self.path = path
         self.max_piece_chars = max_piece_chars
-        self.sp = _load_processor(path)
+        self.packing = packing
+        self.model_bytes = _read_model(path) if model_bytes is None else model_bytes
+        self.sp = _load_processor(path, self.model_bytes)
         self.vocab_size = self.sp.get_piece_size()
         pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
         self.ids = {}
@@ -91,12 +107,18 @@ class SentencePieceTokenizer:
             self._hf.model_max_length = 10**12
         return self._hf
 
+    def payload(self):
+        from data_prep.tokenization import TokenizerPayload
+
+        return TokenizerPayload(self.kind, zlib.compress(self.model_bytes, 9), self.path, (), self.max_piece_chars, self.packing)
+
     def identity(self) -> TokenizerIdentity:
         return tokenizer_identity(self.hf_tokenizer(), self.path, self.kind)
 
     def save(self, directory: str) -> None:
         self.hf_tokenizer().save_pretrained(directory)
-        shutil.copyfile(self.path, os.path.join(directory, MODEL_FILE))
+        with open(os.path.join(directory, MODEL_FILE), "wb") as handle:
+            handle.write(self.model_bytes)
 
 
 def train_sentencepiece(texts, vocab_size: int, model_prefix: str, model_type: str = "unigram") -> str:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
+from dataclasses import dataclass
+
 import numpy as np
 
 from data_prep.errors import PrepInputError
@@ -42,20 +45,75 @@ def _split_long(text: str, max_chars: int) -> list[str]:
     return [p for p in pieces if p]
 
 
+@dataclass(frozen=True)
+class TokenizerPayload:
+    """A tokenizer as bytes, read once on the launcher and pickled with the DoFns that use it.
+
+    Workers (Dataflow, Flink, Spark, the DirectRunner's processes) rebuild the tokenizer from these
+    bytes in `setup()`: they never read the launcher's `--tokenizer` path (or the sentencepiece model
+    `--train-sentencepiece` trained on the launcher's disk).
+    """
+
+    kind: str  # "hf-fast": zlib(tokenizer.json text) / "sentencepiece": zlib(.model bytes)
+    data: bytes
+    source: str  # the path it was read from, for messages and the manifest
+    special_ids: tuple = ()  # hf-fast: ((role, id or None), ...) for cls, sep, eos, unk
+    max_piece_chars: int = 100_000
+    packing: str = "document"
+
+    def load(self):
+        """The tokenizer adapter, built from the bytes alone."""
+        if self.kind == "sentencepiece":
+            from data_prep.sentencepiece_tok import SentencePieceTokenizer
+
+            return SentencePieceTokenizer(self.source, self.max_piece_chars, self.packing, model_bytes=zlib.decompress(self.data))
+        return HFTokenizer.from_payload(self)
+
+
+def _fast_backend(tokenizer_json: str):
+    """A `tokenizers.Tokenizer` from its JSON, with truncation and padding off (we cut sequences ourselves)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 class HFTokenizer:
-    """A Hugging Face fast tokenizer loaded from a local directory."""
+    """A Hugging Face fast tokenizer loaded from a local directory (on workers: from its tokenizer.json text).
+
+    Encoding goes straight to the `tokenizers` backend, as `PreTrainedTokenizerFast.__call__` does
+    (`encode_batch(..., add_special_tokens=False)`), so workers need neither the directory nor `transformers`.
+    """
 
     kind = "hf-fast"
 
     def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document"):
         self.path = path
         self.max_piece_chars = max_piece_chars
+        self.packing = packing
         self.tokenizer = load_hf_tokenizer(path, packing)
+        self._json = self.tokenizer.backend_tokenizer.to_str()
+        self._init_backend(self._json, {role: getattr(self.tokenizer, f"{role}_token_id") for role in ("cls", "sep", "eos", "unk")})
         self.vocab_size = len(self.tokenizer)
-        self.cls_id = self.tokenizer.cls_token_id
-        self.sep_id = self.tokenizer.sep_token_id
-        self.eos_id = self.tokenizer.eos_token_id
-        self.unk_id = self.tokenizer.unk_token_id
+
+    def _init_backend(self, tokenizer_json: str, ids: dict) -> None:
+        self.backend = _fast_backend(tokenizer_json)
+        self.cls_id, self.sep_id, self.eos_id, self.unk_id = ids["cls"], ids["sep"], ids["eos"], ids["unk"]
+
+    @classmethod
+    def from_payload(cls, payload: TokenizerPayload) -> "HFTokenizer":
+        self = cls.__new__(cls)
+        self.path, self.max_piece_chars, self.packing, self.tokenizer = payload.source, payload.max_piece_chars, payload.packing, None
+        self._json = zlib.decompress(payload.data).decode("utf-8")
+        self._init_backend(self._json, dict(payload.special_ids))
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        return self
+
+    def payload(self) -> TokenizerPayload:
+        ids = (("cls", self.cls_id), ("sep", self.sep_id), ("eos", self.eos_id), ("unk", self.unk_id))
+        return TokenizerPayload(self.kind, zlib.compress(self._json.encode("utf-8"), 9), self.path, ids, self.max_piece_chars, self.packing)
 
     def identity(self) -> TokenizerIdentity:
         return tokenizer_identity(self.tokenizer, self.path, self.kind)
@@ -71,12 +129,12 @@ class HFTokenizer:
             for piece in _split_long(text, self.max_piece_chars):
                 pieces.append(piece)
                 owner.append(i)
-        encoded = self.tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+        encodings = self.backend.encode_batch(pieces, add_special_tokens=False) if pieces else []
         ids_parts: list[list[np.ndarray]] = [[] for _ in texts]
         start_parts: list[list[np.ndarray]] = [[] for _ in texts]
-        for j, i in enumerate(owner):
-            ids = np.asarray(encoded["input_ids"][j], dtype=np.int64)
-            words = np.asarray([-1 if w is None else w for w in encoded.word_ids(j)], dtype=np.int64)
+        for enc, i in zip(encodings, owner):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            words = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
             starts = np.ones(len(ids), dtype=bool)
             starts[1:] = (words[1:] != words[:-1]) | (words[1:] < 0)
             ids_parts[i].append(ids)
@@ -123,7 +181,7 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
 def load_tokenizer(path: str, max_piece_chars: int = 100_000, packing: str = "document"):
     """The tokenizer adapter for `path`: a sentencepiece `.model` file, or an HF fast tokenizer directory."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    if os.path.isfile(path) and path.endswith(".model"):
+    if path.endswith(".model") and ("://" in path or os.path.isfile(path)):  # read once here, through Beam's filesystems
         from data_prep.sentencepiece_tok import SentencePieceTokenizer
 
         return SentencePieceTokenizer(path, max_piece_chars, packing)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -103,10 +106,10 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
         for s in range(0, len(ids), 6):
             if len(ids[s:s + 6]) + 2 >= 3:
                 expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
-    with TestPipeline() as p:
+    with TestPipeline(runner="FnApiRunner") as p:  # the runner distill-prep uses locally (DirectRunner's detour via Prism leaks a temp dir)
         texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
         assert_that(texts.docs | beam.Map(lambda kv: kv[1][0]), equal_to(docs), label="documents")
-        rows = (texts.docs | beam.Map(lambda kv: (kv[1][0], None, 1)) | beam.ParDo(TokenizeAndPack(cfg, tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
+        rows = (texts.docs | beam.Map(lambda kv: (kv[1][0], None, 1)) | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
         assert_that(rows.train | beam.Map(lambda r: tuple(r["input_ids"])), equal_to(expected), label="sequences")
 
 
@@ -132,10 +135,21 @@ def _expected_sequences(docs, tok, max_len, min_len):
     return out, tokens_read
 
 
-def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_dir):
+def _private_tmpdir(tmp_path, monkeypatch) -> str:
+    """A fresh TMPDIR for this process and the processes it starts."""
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return str(scratch)
+
+
+def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    scratch = _private_tmpdir(tmp_path, monkeypatch)
     out = str(tmp_path / "prepared")
     cfg = PrepConfig(inputs=[corpus_dir], tokenizer=tokenizer_dir, output=out, max_seq_len=64, validation_fraction=0.05, num_shards=3)
-    manifest = run_prep(cfg, workers=2)  # DirectRunner, multi_processing, 2 worker processes
+    manifest = run_prep(cfg, workers=2)  # local FnApiRunner, multi_processing, 2 worker processes
+    assert os.listdir(scratch) == [], "the run left temporary files behind (Beam's beam-temp* directories)"
 
     reread = load_manifest(out)
     assert reread.to_json() == manifest.to_json()
@@ -189,7 +203,8 @@ def _cli(*args):
     return proc.returncode, proc.stderr.strip().splitlines()
 
 
-def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir):
+def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir, monkeypatch):
+    scratch = _private_tmpdir(tmp_path, monkeypatch)  # every run below, failed or not, must leave it empty
     out = tmp_path / "out"
     code, err = _cli("--input", str(tmp_path / "nothing*.txt"), "--tokenizer", tokenizer_dir, "--output", str(out))
     assert code == 2 and err == [f"distill-prep: error: --input '{tmp_path / 'nothing*.txt'}' matches no files; check the path or glob (quote globs so the shell does not expand them)"]
@@ -223,6 +238,56 @@ def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir):
     code, err = _cli("--input", str(empty), "--tokenizer", tokenizer_dir, "--output", str(tmp_path / "o2"), "--workers", "1")
     assert code == 2 and len(err) == 1 and "no text found" in err[0]
     assert not (tmp_path / "o2").exists()
+    assert os.listdir(scratch) == [], "failed and finished runs leave no temporary files or directories"
+
+
+def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    """Workers rebuild the tokenizer from bytes pickled with the DoFn, never from the --tokenizer path.
+
+    HF directory: the pipeline is built, the directory deleted, then the job runs in 2 worker processes.
+    Sentencepiece .model: the DoFn is pickled, the file deleted, and a fresh interpreter runs it.
+    """
+    import apache_beam as beam
+    from apache_beam.internal import pickler
+
+    from data_prep.pipeline import TokenizeAndPack, beam_options, build_pipeline, local_runner
+    from data_prep.sentencepiece_tok import train_sentencepiece
+
+    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:300]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(docs) + "\n")
+
+    tok_dir = str(tmp_path / "hf_tokenizer")
+    shutil.copytree(tokenizer_dir, tok_dir)
+    out = str(tmp_path / "out")
+    cfg = PrepConfig(inputs=[str(corpus)], tokenizer=tok_dir, output=out, max_seq_len=32, min_seq_len=3, validation_fraction=0.0, dedup=False)
+    tok = load_tokenizer(tok_dir)
+    options = beam_options(cfg, [], workers=2)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+    build_pipeline(pipeline, cfg, [str(corpus)], tok.payload(), tok.vocab_size, "uint16", 1)
+    shutil.rmtree(tok_dir)
+    pipeline.run().wait_until_finish()
+    rows = [tuple(r) for path in sorted((tmp_path / "out" / "train").iterdir()) for r in pq.read_table(path).column("input_ids").to_pylist()]
+    expected = [tuple([tok.cls_id] + ids[s:s + 30] + [tok.sep_id]) for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"] for s in range(0, len(ids), 30)]
+    assert collections.Counter(rows) == collections.Counter(expected)
+
+    model = train_sentencepiece(docs, 400, str(tmp_path / "spm"))
+    sp_tok = load_tokenizer(model)
+    fn = TokenizeAndPack(dataclasses.replace(cfg, tokenizer=model), sp_tok.payload(), sp_tok.vocab_size)
+    (tmp_path / "dofn.pkl").write_bytes(pickler.dumps(fn))
+    os.unlink(model)
+    script = (
+        "import json, sys\n"
+        "from apache_beam.internal import pickler\n"
+        "fn = pickler.loads(open(sys.argv[1], 'rb').read())\n"
+        "fn.setup(); fn.start_bundle()\n"
+        "out = [o for d in sys.argv[2:] for o in fn.process(d)] + list(fn.finish_bundle())\n"
+        "print(json.dumps([o['input_ids'] for o in out if isinstance(o, dict)] + [o.value['input_ids'] for o in out if type(o).__name__ == 'WindowedValue' and isinstance(o.value, dict)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dofn.pkl"), *docs[:5]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = [[sp_tok.cls_id] + ids[s:s + 30] + [sp_tok.sep_id] for ids in sp_tok.sp.encode(docs[:5]) for s in range(0, len(ids), 30)]
+    assert sorted(json.loads(proc.stdout.strip().splitlines()[-1])) == sorted(w for w in want if len(w) >= 3)
 
 
 def test_wikitext_accounting(tmp_path, tokenizer_dir):
@@ -332,6 +397,34 @@ def test_sources_parquet_bz2_long_lines_binary_and_cleaning(tmp_path):
     assert clean_text("\ufb01ne", "NFKC")[0] == "fine" and clean_text("\ufb01ne", "NFC")[0] == "\ufb01ne"
 
 
+def test_a_huge_single_line_is_read_in_pieces(tmp_path):
+    """Issue point 9 in small: a 16 MB line is never held whole (bench/prep_throughput.py --huge-line-mb 100 runs 100 MB)."""
+    import hashlib
+    import tracemalloc
+
+    (tmp_path / "warm.txt").write_text("x\n")
+    list(read_documents(str(tmp_path / "warm.txt")))  # import Beam's filesystems before measuring
+    words = " ".join(f"w{i}" for i in range(100_000))
+    path = tmp_path / "one_line.txt"
+    with open(path, "w") as handle:
+        for _ in range(16_000_000 // len(words)):
+            handle.write(words + " ")
+        handle.write("\n")
+    size = path.stat().st_size
+    whole = hashlib.sha256(path.read_bytes().strip()).hexdigest()
+    tracemalloc.start()
+    digest, pieces, longest, keys = hashlib.sha256(), 0, 0, set()
+    for doc in read_documents(str(path), max_line_bytes=256 << 10):
+        digest.update((" " if pieces else "").encode() + doc.text.encode())
+        pieces, longest = pieces + 1, max(longest, len(doc.text.encode()))
+        keys.add(doc.key)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pieces >= size // (256 << 10) and longest <= 256 << 10 and len(keys) == 1 and None not in keys
+    assert digest.hexdigest() == whole, "the pieces, joined at the cut spaces, are the line"
+    assert peak < size / 4, f"reading a {size / 1e6:.0f} MB line peaked at {peak / 1e6:.1f} MB of Python memory"
+
+
 def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -344,6 +437,9 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     manifest = run_prep(PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer="", output=out, train_sentencepiece=700, max_seq_len=32,
                                    min_seq_len=3, validation_fraction=0.0), workers=1)
     assert manifest.tokenizer.type == "sentencepiece" and manifest.tokenizer.vocab_size == 700
+    # the model was trained in a temporary directory and reached the pipeline as bytes: the path it is
+    # known by was only written by the driver after the pipeline had finished
+    assert manifest.tokenizer.name_or_path == os.path.join(out, "tokenizer", "spiece.model")
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer", "spiece.model"))
     expected = collections.Counter()
     for ids in sp.encode(docs):
