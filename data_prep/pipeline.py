@@ -103,18 +103,32 @@ def _as_doc(element) -> tuple[str, Optional[str], int]:
     return (element, None, 1) if isinstance(element, str) else element
 
 
+def token_dtype_for(vocab_size: int) -> str:
+    """The smallest dtype that holds every id of the vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def decode_row(row, token_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(input_ids, word_start or None) of a row as the pipeline passes it: (ids bytes, flag bytes or None)."""
+    ids = np.frombuffer(row[0], dtype=token_dtype)
+    return ids, None if row[1] is None else np.frombuffer(row[1], dtype=bool)
+
+
 class TokenizeAndPack(beam.DoFn):
     """Documents -> packed rows of the train/validation split, counters and token counts.
 
     Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
     packers keep their state for a whole bundle (across-document modes pack across batches).
     The tokenizer travels inside the DoFn as bytes (`TokenizerPayload`): workers never read `--tokenizer`.
+    A row is (input_ids as bytes of the token dtype, word_start as one byte per token or None): cheap to
+    encode and to shuffle, unlike lists of Python ints (see `decode_row`).
     """
 
     def __init__(self, cfg: PrepConfig, tokenizer: TokenizerPayload, vocab_size: int):
         self.cfg = cfg
         self.tokenizer_payload = tokenizer
         self.vocab_size = vocab_size
+        self.token_dtype = token_dtype_for(vocab_size)
 
     def setup(self):
         self.tokenizer = self.tokenizer_payload.load()
@@ -123,6 +137,7 @@ class TokenizeAndPack(beam.DoFn):
     def start_bundle(self):
         self.stats = Counter()
         self.counts = np.zeros(self.vocab_size, dtype=np.int64)
+        self.train_ids: list[np.ndarray] = []  # counted once per batch (a bincount per row costs a vocabulary-sized array)
         self.packers = {name: make_packer(self.spec) for name in SPLIT_NAMES}
         self.buffer: list = []
         self.buffered_chars = 0
@@ -147,6 +162,12 @@ class TokenizeAndPack(beam.DoFn):
                 add_drop(self.stats, "duplicate", copies - 1, len(ids) * (copies - 1), "documents")
             for seq in self.packers[split].add(ids, starts):
                 yield self._row(seq, split)
+        self._count_train_ids()
+
+    def _count_train_ids(self):
+        if self.train_ids:
+            self.counts += np.bincount(np.concatenate(self.train_ids), minlength=self.vocab_size)[: self.vocab_size]
+            self.train_ids = []
 
     def _row(self, seq, split: str):
         self.stats[f"split.{split}.sequences"] += 1
@@ -154,10 +175,8 @@ class TokenizeAndPack(beam.DoFn):
         self.stats[f"split.{split}.special_tokens"] += len(seq.ids) - seq.content_tokens
         self.stats[f"hist.{len(seq.ids) // HISTOGRAM_BIN}"] += 1
         if split == "train":
-            self.counts += np.bincount(seq.ids, minlength=self.vocab_size)[: self.vocab_size]
-        row = {"input_ids": seq.ids.tolist()}
-        if seq.word_start is not None:
-            row["word_start"] = seq.word_start.tolist()
+            self.train_ids.append(seq.ids)
+        row = (seq.ids.astype(self.token_dtype).tobytes(), None if seq.word_start is None else seq.word_start.astype(bool).tobytes())
         return row if split == "train" else beam.pvalue.TaggedOutput(split, row)
 
     def finish_bundle(self):
@@ -173,6 +192,7 @@ class TokenizeAndPack(beam.DoFn):
                 yield windowed(self._row(seq, split))
             for reason, (sequences, tokens) in packer.dropped.items():
                 add_drop(self.stats, reason, sequences, tokens, "sequences")
+        self._count_train_ids()
         yield beam.pvalue.TaggedOutput("stats", WindowedValue(dict(self.stats), 0, [GlobalWindow()]))
         yield beam.pvalue.TaggedOutput("counts", WindowedValue(self.counts, 0, [GlobalWindow()]))
 
@@ -226,9 +246,9 @@ def parquet_schema(token_dtype: str, packing: str = "document"):
     return pa.schema(fields)
 
 
-def _shuffle_key(row: dict, seed: int, shards: int):
+def _shuffle_key(row: tuple, seed: int, shards: int):
     """(shard, (sort key, row)): a keyed hash of the row's ids places it; the same rows always land alike."""
-    digest = hashlib.blake2b(np.asarray(row["input_ids"], np.int32).tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    digest = hashlib.blake2b(row[0], digest_size=8, key=seed.to_bytes(8, "little")).digest()
     key = int.from_bytes(digest, "little")
     return key % shards, (key // shards, row)
 
@@ -239,8 +259,16 @@ def _write_shard(shard: int, keyed_rows, directory: str, shards: int, token_dtyp
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    rows = [row for _, row in sorted(keyed_rows, key=lambda kr: (kr[0], kr[1]["input_ids"]))]
-    table = pa.Table.from_pylist(rows, schema=parquet_schema(token_dtype, packing))
+    rows = [row for _, row in sorted(keyed_rows, key=lambda kr: (kr[0], kr[1][0]))]
+    schema = parquet_schema(token_dtype, packing)
+    ids = [np.frombuffer(r[0], dtype=token_dtype) for r in rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
+    columns = [pa.ListArray.from_arrays(offsets, np.concatenate(ids) if ids else np.zeros(0, token_dtype), type=schema.field("input_ids").type)]
+    if "word_start" in schema.names:
+        starts = np.frombuffer(b"".join(r[1] for r in rows), dtype=bool)
+        columns.append(pa.ListArray.from_arrays(offsets, starts, type=schema.field("word_start").type))
+    table = pa.Table.from_arrays(columns, schema=schema)
     path = os.path.join(directory, f"part-{shard:05d}-of-{shards:05d}.parquet")
     with FileSystems.create(path) as handle:
         pq.write_table(table, handle, compression="snappy", row_group_size=8192)
@@ -486,7 +514,7 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
         except BaseException:
             shutil.rmtree(cfg.output, ignore_errors=True)
             raise
-    token_dtype = "uint16" if tokenizer.vocab_size <= 65536 else "int32"
+    token_dtype = token_dtype_for(tokenizer.vocab_size)
     input_bytes = sum(size for _, size in files)
     num_shards = estimate_shards(cfg, tokenizer, files, token_dtype)
     workers = choose_workers(workers, files)

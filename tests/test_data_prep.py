@@ -94,7 +94,7 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from data_prep.pipeline import ReadDocuments, TokenizeAndPack
+    from data_prep.pipeline import ReadDocuments, TokenizeAndPack, decode_row
 
     corpus = tmp_path / "c.txt"
     docs = ["the list is sorted in place", "a dictionary maps keys to values and more keys"]
@@ -110,7 +110,7 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
         texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
         assert_that(texts.docs | beam.Map(lambda kv: kv[1][0]), equal_to(docs), label="documents")
         rows = (texts.docs | beam.Map(lambda kv: (kv[1][0], None, 1)) | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
-        assert_that(rows.train | beam.Map(lambda r: tuple(r["input_ids"])), equal_to(expected), label="sequences")
+        assert_that(rows.train | beam.Map(lambda r: tuple(decode_row(r, "uint16")[0].tolist())), equal_to(expected), label="sequences")
 
 
 def _read_split(out, manifest, split):
@@ -279,10 +279,12 @@ def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_d
     script = (
         "import json, sys\n"
         "from apache_beam.internal import pickler\n"
+        "from data_prep.pipeline import decode_row\n"
         "fn = pickler.loads(open(sys.argv[1], 'rb').read())\n"
         "fn.setup(); fn.start_bundle()\n"
         "out = [o for d in sys.argv[2:] for o in fn.process(d)] + list(fn.finish_bundle())\n"
-        "print(json.dumps([o['input_ids'] for o in out if isinstance(o, dict)] + [o.value['input_ids'] for o in out if type(o).__name__ == 'WindowedValue' and isinstance(o.value, dict)]))\n"
+        "rows = [o for o in out if isinstance(o, tuple)] + [o.value for o in out if type(o).__name__ == 'WindowedValue' and isinstance(o.value, tuple)]\n"
+        "print(json.dumps([decode_row(r, 'uint16')[0].tolist() for r in rows]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dofn.pkl"), *docs[:5]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
