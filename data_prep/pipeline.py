@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import glob
 import hashlib
 import json
 import logging
@@ -368,55 +367,136 @@ def local_runner(options: PipelineOptions):
     return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
+def is_remote(path: str) -> bool:
+    """True for object-store / cluster paths (gs://, s3://, hdfs://): no directories, no rename; Beam's filesystems only."""
+    return "://" in path
+
+
+def _sha256(path: str, chunk_size: int = 1 << 20) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _list_files(pattern: str) -> list:
+    """FileMetadata of the files matching `pattern`, sorted by path (none: empty)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
+
+
+def remove_output(path: str) -> None:
+    """Delete a (partial) output: the directory locally, every object under the prefix on an object store."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        found = [m.path for m in _list_files(path.rstrip("/") + "/**")]
+        if found:
+            FileSystems.delete(found)
+    except Exception as exc:  # the run's own error matters more; say what is left behind
+        log.warning("could not remove %s (%s); delete it before reusing the path", path, exc)
+
+
 def _shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
 
     infos = []
-    for path in sorted(glob.glob(os.path.join(cfg.output, split, "*.parquet"))):
-        table = pq.read_table(path, columns=["input_ids"])
+    root = cfg.output.rstrip("/") + "/"
+    for meta in _list_files(os.path.join(cfg.output, split, "*.parquet")):
+        with FileSystems.open(meta.path, compression_type="uncompressed") as handle:
+            table = pq.read_table(handle, columns=["input_ids"])
         tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
-        infos.append(mf.ShardInfo(path=os.path.relpath(path, cfg.output), rows=table.num_rows, tokens=tokens,
-                                  sha256=mf.sha256_file(path), bytes=os.path.getsize(path)))
+        infos.append(mf.ShardInfo(path=meta.path[len(root):] if meta.path.startswith(root) else os.path.relpath(meta.path, cfg.output),
+                                  rows=table.num_rows, tokens=tokens, sha256=_sha256(meta.path), bytes=meta.size_in_bytes))
     return infos
 
 
+def _save_tokenizer(tokenizer, cfg: PrepConfig) -> None:
+    """OUTPUT/tokenizer/: written in place locally, else written to a temporary directory and copied up."""
+    import tempfile
+
+    from apache_beam.io.filesystems import FileSystems
+
+    target = os.path.join(cfg.output, mf.TOKENIZER_DIR)
+    if not is_remote(cfg.output):
+        tokenizer.save(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="distill-prep-tokenizer-") as tmp:
+        tokenizer.save(tmp)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as src, FileSystems.create(os.path.join(target, name)) as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _write_manifest(cfg: PrepConfig, manifest: mf.Manifest) -> None:
+    """manifest.json, last: locally write-to-temp + rename; an object store publishes an object whole when it is closed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = os.path.join(cfg.output, mf.MANIFEST_FILE)
+    if not is_remote(cfg.output):
+        mf.write_json_atomically(path, manifest.to_json())
+        return
+    with FileSystems.create(path, mime_type="application/json") as handle:
+        handle.write((json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+
+
 def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict) -> mf.Manifest:
-    """Re-open the shards, check the accounting, write manifest.json last (atomically)."""
-    with open(os.path.join(cfg.output, TMP_DIR, "stats.json")) as handle:
-        flat = json.load(handle)
+    """Re-open the shards, check the accounting, write manifest.json last (atomically). Any Beam filesystem."""
+    from apache_beam.io.filesystems import FileSystems
+
+    tmp = os.path.join(cfg.output, TMP_DIR)
+    with FileSystems.open(os.path.join(tmp, "stats.json"), compression_type="uncompressed") as handle:
+        flat = json.loads(handle.read())
     stats = structure(flat)
     stats["input_bytes"] = sum(size for _, size in files)
     if stats.get("documents_read", 0) == 0:
         raise PrepInputError(f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document skipped); check the inputs")
-    splits = {name: mf.SplitInfo(_shard_infos(cfg, name)) for name in SPLIT_NAMES if os.path.isdir(os.path.join(cfg.output, name))}
+    splits = {name: info for name in SPLIT_NAMES if (info := mf.SplitInfo(_shard_infos(cfg, name))).shards}
     for name, info in splits.items():
         expected = stats["splits"].get(name, {})
         if info.rows != expected.get("sequences", 0) or info.tokens != expected.get("content_tokens", 0) + expected.get("special_tokens", 0):
             raise RuntimeError(f"shards of {name!r} hold {info.rows} rows / {info.tokens} tokens, the pipeline counted {expected}; output is inconsistent")
     if stats["tokens_read"] != stats["content_tokens_written"] + stats["tokens_dropped"]:
         raise RuntimeError(f"token accounting broken: read {stats['tokens_read']} != written {stats['content_tokens_written']} + dropped {stats['tokens_dropped']}")
-    if splits["train"].rows == 0:
+    if "train" not in splits or splits["train"].rows == 0:
         raise PrepInputError("no training sequences were produced (every sequence was dropped); lower --min-seq-len or check the corpus and tokenizer")
-    counts_path = os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE)
-    tokenizer.save(os.path.join(cfg.output, mf.TOKENIZER_DIR))
+    _save_tokenizer(tokenizer, cfg)
     manifest = mf.Manifest(
         tokenizer=tokenizer.identity(),
         max_seq_len=cfg.max_seq_len,
         packing=cfg.packing,
         token_dtype=token_dtype,
         splits=splits,
-        token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": mf.sha256_file(counts_path), "split": "train"},
+        token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": _sha256(os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE)), "split": "train"},
         stats=stats,
         pipeline_options={"prep": cfg.to_json(), "beam": options, "files": len(files)},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    shutil.rmtree(os.path.join(cfg.output, TMP_DIR), ignore_errors=True)
-    mf.write_json_atomically(os.path.join(cfg.output, mf.MANIFEST_FILE), manifest.to_json())
+    remove_output(tmp)
+    _write_manifest(cfg, manifest)
     return manifest
 
 
 def _claim_output(cfg: PrepConfig) -> None:
+    if is_remote(cfg.output):
+        try:
+            existing = _list_files(cfg.output.rstrip("/") + "/**")
+        except Exception as exc:
+            raise PrepInputError(f"cannot list --output {cfg.output!r} ({str(exc).splitlines()[0][:160]}); check the path and its filesystem") from None
+        if existing:
+            if not cfg.overwrite:
+                raise PrepInputError(f"--output {cfg.output!r} already holds data; choose a new --output or pass --overwrite to replace it")
+            remove_output(cfg.output)
+        return
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise PrepInputError(f"--output {cfg.output!r} is a file; choose a directory path")
     if os.path.isdir(cfg.output) and os.listdir(cfg.output):
@@ -512,7 +592,7 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
             tokenizer = _train_tokenizer(cfg, [path for path, _ in files])
             cfg = dataclasses.replace(cfg, tokenizer=tokenizer.path)
         except BaseException:
-            shutil.rmtree(cfg.output, ignore_errors=True)
+            remove_output(cfg.output)
             raise
     token_dtype = token_dtype_for(tokenizer.vocab_size)
     input_bytes = sum(size for _, size in files)
@@ -532,7 +612,7 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
         log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
         manifest = finalize(cfg, tokenizer, files, token_dtype, recorded)
     except BaseException:
-        shutil.rmtree(cfg.output, ignore_errors=True)
+        remove_output(cfg.output)
         raise
     log.info("wrote %s in %.1fs", cfg.output, time.time() - t0)
     return manifest

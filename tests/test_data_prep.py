@@ -241,6 +241,112 @@ def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir, monkeypatch):
     assert os.listdir(scratch) == [], "failed and finished runs leave no temporary files or directories"
 
 
+def _object_store_on_disk():
+    """A Beam filesystem for `testobj://` paths that behaves like an object store (no directories, no rename),
+    its objects kept as files under `ObjectStoreOnDisk.root`; Beam finds it by its scheme once defined."""
+    from apache_beam.io.filesystem import CompressedFile, CompressionTypes, FileMetadata, FileSystem
+
+    class ObjectStoreOnDisk(FileSystem):
+        root = ""
+
+        @classmethod
+        def scheme(cls):
+            return "testobj"
+
+        def _local(self, url):
+            return os.path.join(self.root, url[len("testobj://"):])
+
+        def join(self, base, *parts):
+            return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+        def split(self, url):
+            head, _, tail = url.rpartition("/")
+            return head, tail
+
+        def mkdirs(self, url):
+            pass
+
+        def has_dirs(self):
+            return False
+
+        def _list(self, prefix):
+            for dirpath, _, names in os.walk(self.root):
+                for name in names:
+                    local = os.path.join(dirpath, name)
+                    url = "testobj://" + os.path.relpath(local, self.root)
+                    if url.startswith(prefix):
+                        yield FileMetadata(url, os.path.getsize(local), os.path.getmtime(local))
+
+        def _open(self, url, mode, compression_type):
+            if "w" in mode:
+                os.makedirs(os.path.dirname(self._local(url)), exist_ok=True)
+            raw = open(self._local(url), mode)
+            if compression_type == CompressionTypes.AUTO:
+                compression_type = CompressionTypes.detect_compression_type(url)
+            return raw if compression_type == CompressionTypes.UNCOMPRESSED else CompressedFile(raw, compression_type=compression_type)
+
+        def create(self, url, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+            return self._open(url, "wb", compression_type)
+
+        def open(self, url, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+            return self._open(url, "rb", compression_type)
+
+        def copy(self, sources, destinations):
+            raise NotImplementedError("distill-prep needs no copy")
+
+        def rename(self, sources, destinations):
+            raise NotImplementedError("object stores have no rename")
+
+        def exists(self, url):
+            return os.path.isfile(self._local(url))
+
+        def size(self, url):
+            return os.path.getsize(self._local(url))
+
+        def last_updated(self, url):
+            return os.path.getmtime(self._local(url))
+
+        def checksum(self, url):
+            return str(self.size(url))
+
+        def metadata(self, url):
+            return FileMetadata(url, self.size(url), self.last_updated(url))
+
+        def delete(self, urls):
+            for url in urls:
+                os.remove(self._local(url))
+
+    return ObjectStoreOnDisk
+
+
+def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
+    """--output gs://...: the driver too goes through Beam's filesystems only (no local directory, no rename)."""
+    from data_prep.errors import PrepInputError
+    from data_prep.manifest import verify_shards
+
+    store = _object_store_on_disk()
+    store.root = str(tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:400]
+    (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
+    cfg = PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer=tokenizer_dir, output="testobj://bucket/prepared", max_seq_len=32, validation_fraction=0.1)
+    manifest = run_prep(cfg, workers=1)  # in-process: the test filesystem is defined in this process only
+    local = str(tmp_path / "store" / "bucket" / "prepared")
+    assert load_manifest(local).to_json() == manifest.to_json()
+    for split in ("train", "validation"):
+        verify_shards(local, manifest, split, checksums=True)
+    objects = {os.path.relpath(os.path.join(d, f), local).split(os.sep)[0] for d, _, files in os.walk(local) for f in files}
+    assert objects == {"manifest.json", "token_counts.npy", "tokenizer", "train", "validation"}  # no _prep_tmp objects left
+    assert load_tokenizer(os.path.join(local, "tokenizer")).vocab_size == manifest.tokenizer.vocab_size
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "store"], "nothing written to a local directory named like the URL"
+    with pytest.raises(PrepInputError, match="already holds data"):
+        run_prep(cfg, workers=1)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(PrepInputError, match="no text found"):
+        run_prep(dataclasses.replace(cfg, inputs=[str(tmp_path / "blank.txt")], overwrite=True), workers=1)
+    assert not [f for _, _, files in os.walk(local) for f in files], "a failed run leaves no objects under the output prefix"
+
+
 def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
     """Workers rebuild the tokenizer from bytes pickled with the DoFn, never from the --tokenizer path.
 
