@@ -74,7 +74,9 @@ class KeepOneCopy(beam.CombineFn):
         return None
 
     def add_input(self, acc, doc):
-        return self.merge_accumulators([acc, (doc[0], doc[1], 1)])
+        if acc is None:
+            return (doc[0], doc[1], 1)
+        return (acc[0], min(acc[1] or "", doc[1] or "") or None, acc[2] + 1)
 
     def merge_accumulators(self, accumulators):
         out = None
