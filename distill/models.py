@@ -288,7 +288,7 @@ def init_layers_for(cfg, teacher: nn.Module, student_layers: int) -> list[int]:
     """Teacher layers copied into the student: student.init_layers, else the student.init_mapping strategy."""
     try:
         return resolve_layers(cfg.init_mapping, _teacher_shape(teacher)["num_layers"], student_layers, cfg.init_layers,
-                              key="student.init_layers" if cfg.init_layers else f"student.init_mapping")
+                              key="student.init_layers" if cfg.init_layers else "student.init_mapping")
     except ValueError as exc:
         raise ModelError(str(exc)) from None
 
@@ -416,7 +416,7 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: li
     t_pos = t_sd[f"{tp}.embeddings.position_embeddings.weight"][offset : offset + s_pos.shape[0]].clone()
     t_type_key = f"{tp}.embeddings.token_type_embeddings.weight"
     if s_type == "bert" and t_type_key in t_sd:
-        s_params[f"bert.embeddings.token_type_embeddings.weight"].copy_(t_sd[t_type_key][: s_params["bert.embeddings.token_type_embeddings.weight"].shape[0]])
+        s_params["bert.embeddings.token_type_embeddings.weight"].copy_(t_sd[t_type_key][: s_params["bert.embeddings.token_type_embeddings.weight"].shape[0]])
         applied["bert.embeddings.token_type_embeddings.weight"] = t_type_key
     elif fold_token_type and t_type_key in t_sd:
         t_pos += t_sd[t_type_key][0]
