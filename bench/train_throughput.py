@@ -109,15 +109,13 @@ def prepare(cache: str, max_seq_len: int, vocab_size: int, packing: str = "docum
     corpus, tok, data = (os.path.join(cache, d) for d in ("corpus", f"tok{vocab_size}", f"data{vocab_size}_{max_seq_len}{suffix}"))
     if not os.path.isdir(corpus):
         write_corpus(corpus)
+    if not os.path.isdir(tok):  # always on the demo corpus itself
+        train_wordpiece_tokenizer(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), tok, vocab_size=vocab_size)
     if short_docs:
         short = os.path.join(cache, f"corpus_short_{short_docs[0]}_{short_docs[1]}")
         if not os.path.isdir(short):
             write_short_documents(corpus, short, *short_docs)
-        if not os.path.isdir(tok):
-            train_wordpiece_tokenizer(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), tok, vocab_size=vocab_size)
         corpus, data = short, data + f"_short_{short_docs[0]}_{short_docs[1]}"
-    if not os.path.isdir(tok):
-        train_wordpiece_tokenizer(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), tok, vocab_size=vocab_size)
     if not os.path.exists(os.path.join(data, "manifest.json")):
         subprocess.run([os.path.join(BIN, "distill-prep"), "--input", corpus, "--tokenizer", tok, "--output", data, "--packing", packing,
                         "--max-seq-len", str(max_seq_len), "--validation-fraction", "0.01", "--overwrite"], check=True)
@@ -325,7 +323,7 @@ def main() -> int:
     if args.ablate:
         plan += [(name, [*args.fast, *extra]) for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)]
     if args.profile:
-        plan += [(f"{name} (profiled)", [*extra, "train.profile_phases=true"]) for name, extra in list(plan[:2])]
+        plan += [(f"{name} (profiled)", [*extra, "train.profile_phases=true"]) for name, extra in list(plan) if name in ("fast", "baseline")]
     results = []
     for i, (name, extra) in enumerate(plan):
         res = run_path(name, args, train_args, extra, args.master_port + i, env)
