@@ -73,15 +73,19 @@ class PackSpec:
                 raise ValueError("max_seq_len must be at least 3 ([CLS] token [SEP])")
 
 
-def _check(out: Packed, spec: PackSpec, window: np.ndarray, real: np.ndarray, extra: int) -> bool:
-    """Apply the min-length and unknown-share filters to one window; count a drop."""
-    content = int(np.count_nonzero(real))
+def _check(out: Packed, spec: PackSpec, window: np.ndarray, real: Optional[np.ndarray], extra: int) -> bool:
+    """Apply the min-length and unknown-share filters to one window; count a drop.
+
+    `real` flags the tokens that came from documents; None means all of them did (document mode)."""
+    content = len(window) if real is None else int(np.count_nonzero(real))
     if len(window) + extra < spec.min_seq_len:
         out.drop("too_short", content)
         return False
-    if spec.unk_id is not None and content and np.count_nonzero((window == spec.unk_id) & real) > spec.max_unk_fraction * content:
-        out.drop("mostly_unknown", content)
-        return False
+    if spec.unk_id is not None and content:
+        unknown = window == spec.unk_id
+        if np.count_nonzero(unknown if real is None else unknown & real) > spec.max_unk_fraction * content:
+            out.drop("mostly_unknown", content)
+            return False
     return True
 
 
@@ -90,17 +94,24 @@ def pack_document(ids: np.ndarray, word_start: np.ndarray, cls_id: int, sep_id: 
     """Windows of one document as [CLS] ... [SEP] sequences, with drops counted."""
     if max_seq_len < 3:
         raise ValueError("max_seq_len must be at least 3 ([CLS] token [SEP])")
-    spec = PackSpec("document", max_seq_len, min_seq_len, max_unk_fraction, unk_id, cls_id, sep_id)
     out = Packed()
-    width = max_seq_len - 2
+    _pack_windows(ids, word_start, PackSpec("document", max_seq_len, min_seq_len, max_unk_fraction, unk_id, cls_id, sep_id), out)
+    return out
+
+
+def _pack_windows(ids: np.ndarray, word_start: np.ndarray, spec: PackSpec, out: Packed) -> None:
+    """pack_document's loop, for a spec built once (the packer calls it per document)."""
+    width = spec.max_seq_len - 2
     for start in range(0, len(ids), width):
         window = ids[start : start + width]
-        if not _check(out, spec, window, np.ones(len(window), bool), 2):
+        if not _check(out, spec, window, None, 2):
             continue
-        seq = np.concatenate(([cls_id], window, [sep_id]))
-        flags = np.concatenate(([True], word_start[start : start + width], [True]))
-        out.sequences.append(Sequence(seq, flags, len(window)))
-    return out
+        n = len(window)
+        seq = np.empty(n + 2, np.int64)
+        seq[0], seq[1:-1], seq[-1] = spec.cls_id, window, spec.sep_id
+        flags = np.empty(n + 2, bool)
+        flags[0], flags[1:-1], flags[-1] = True, word_start[start : start + width], True
+        out.sequences.append(Sequence(seq, flags, n))
 
 
 class DocumentPacker:
@@ -111,12 +122,8 @@ class DocumentPacker:
         self.dropped: dict[str, list[int]] = {}
 
     def add(self, ids: np.ndarray, word_start: np.ndarray) -> list[Sequence]:
-        s = self.spec
-        packed = pack_document(ids, word_start, s.cls_id, s.sep_id, s.unk_id, s.max_seq_len, s.min_seq_len, s.max_unk_fraction)
-        for reason, (n, tokens) in packed.dropped.items():
-            entry = self.dropped.setdefault(reason, [0, 0])
-            entry[0] += n
-            entry[1] += tokens
+        packed = Packed(dropped=self.dropped)  # drops are counted straight into the packer's totals
+        _pack_windows(ids, word_start, self.spec, packed)
         return packed.sequences
 
     def flush(self) -> list[Sequence]:

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import apache_beam as beam
@@ -115,12 +116,19 @@ def decode_row(row, token_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]
     return ids, None if row[1] is None else np.frombuffer(row[1], dtype=bool)
 
 
+ROW_STAT_KEYS = {split: (f"split.{split}.sequences", f"split.{split}.content_tokens", f"split.{split}.special_tokens") for split in SPLIT_NAMES}
+HIST_KEYS = [f"hist.{b}" for b in range(1024)]
+
+
 class TokenizeAndPack(beam.DoFn):
     """Documents -> packed rows of the train/validation split, counters and token counts.
 
     Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
     packers keep their state for a whole bundle (across-document modes pack across batches).
     The tokenizer travels inside the DoFn as bytes (`TokenizerPayload`): workers never read `--tokenizer`.
+    One batch is encoded on a helper thread while the previous one is packed on this one (the Rust
+    tokenizer releases the GIL), so packing, counting and Beam's own work overlap the tokenization;
+    batches are packed in the order they arrived, so the output does not depend on the timing.
     A row is (input_ids as bytes of the token dtype, word_start as one byte per token or None): cheap to
     encode and to shuffle, unlike lists of Python ints (see `decode_row`).
     """
@@ -134,6 +142,12 @@ class TokenizeAndPack(beam.DoFn):
     def setup(self):
         self.tokenizer = self.tokenizer_payload.load()
         self.spec = pack_spec(self.cfg, self.tokenizer)
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-prep-tokenize")
+
+    def teardown(self):
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None:
+            encoder.shutdown(wait=True)
 
     def start_bundle(self):
         self.stats = Counter()
@@ -142,6 +156,7 @@ class TokenizeAndPack(beam.DoFn):
         self.packers = {name: make_packer(self.spec) for name in SPLIT_NAMES}
         self.buffer: list = []
         self.buffered_chars = 0
+        self.in_flight = None  # (documents, future of their encodings): the batch being tokenized
 
     def process(self, element):
         doc = _as_doc(element)
@@ -150,12 +165,21 @@ class TokenizeAndPack(beam.DoFn):
         if len(self.buffer) >= self.cfg.batch_size or self.buffered_chars >= self.cfg.batch_chars:
             yield from self._tokenize_buffer()
 
-    def _tokenize_buffer(self):
-        cfg, docs = self.cfg, self.buffer
+    def _tokenize_buffer(self, drain: bool = False):
+        """Start encoding the buffered documents; pack the batch started before (all of them if `drain`)."""
+        docs = self.buffer
         self.buffer, self.buffered_chars = [], 0
-        if not docs:
-            return
-        for (text, key, copies), (ids, starts) in zip(docs, self.tokenizer.encode_batch([d[0] for d in docs])):
+        previous = self.in_flight
+        self.in_flight = (docs, self.encoder.submit(self.tokenizer.encode_batch, [d[0] for d in docs])) if docs else None
+        if previous:
+            yield from self._pack(*previous)
+        if drain and self.in_flight:
+            current, self.in_flight = self.in_flight, None
+            yield from self._pack(*current)
+
+    def _pack(self, docs, encodings):
+        cfg = self.cfg
+        for (text, key, copies), (ids, starts) in zip(docs, encodings.result()):
             split = split_of(key or text, cfg.validation_fraction, cfg.seed)
             self.stats[f"split.{split}.documents"] += 1
             self.stats["tokens_read"] += len(ids) * copies
@@ -171,10 +195,12 @@ class TokenizeAndPack(beam.DoFn):
             self.train_ids = []
 
     def _row(self, seq, split: str):
-        self.stats[f"split.{split}.sequences"] += 1
-        self.stats[f"split.{split}.content_tokens"] += seq.content_tokens
-        self.stats[f"split.{split}.special_tokens"] += len(seq.ids) - seq.content_tokens
-        self.stats[f"hist.{len(seq.ids) // HISTOGRAM_BIN}"] += 1
+        sequences, content, special = ROW_STAT_KEYS[split]
+        stats, n = self.stats, len(seq.ids)
+        stats[sequences] += 1
+        stats[content] += seq.content_tokens
+        stats[special] += n - seq.content_tokens
+        stats[HIST_KEYS[n // HISTOGRAM_BIN] if n // HISTOGRAM_BIN < len(HIST_KEYS) else f"hist.{n // HISTOGRAM_BIN}"] += 1
         if split == "train":
             self.train_ids.append(seq.ids)
         row = (seq.ids.astype(self.token_dtype).tobytes(), None if seq.word_start is None else seq.word_start.astype(bool).tobytes())
@@ -186,7 +212,7 @@ class TokenizeAndPack(beam.DoFn):
                 return beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, 0, [GlobalWindow()]))
             return WindowedValue(out, 0, [GlobalWindow()])
 
-        for out in self._tokenize_buffer():
+        for out in self._tokenize_buffer(drain=True):
             yield windowed(out)
         for split, packer in self.packers.items():
             for seq in packer.flush():

@@ -123,26 +123,38 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids (no special tokens) and word-start flags for each text."""
+        if not texts:
+            return []
+        limit = self.max_piece_chars
+        if all(len(text) <= limit for text in texts):  # the common case: one piece per text
+            return [_ids_and_starts(enc) for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
         pieces: list[str] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
-            for piece in _split_long(text, self.max_piece_chars):
+            for piece in _split_long(text, limit):
                 pieces.append(piece)
                 owner.append(i)
         encodings = self.backend.encode_batch(pieces, add_special_tokens=False) if pieces else []
         ids_parts: list[list[np.ndarray]] = [[] for _ in texts]
         start_parts: list[list[np.ndarray]] = [[] for _ in texts]
         for enc, i in zip(encodings, owner):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            words = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
-            starts = np.ones(len(ids), dtype=bool)
-            starts[1:] = (words[1:] != words[:-1]) | (words[1:] < 0)
+            ids, starts = _ids_and_starts(enc)
             ids_parts[i].append(ids)
             start_parts[i].append(starts)
         return [
             (np.concatenate(a) if a else np.zeros(0, np.int64), np.concatenate(b) if b else np.zeros(0, bool))
             for a, b in zip(ids_parts, start_parts)
         ]
+
+
+def _ids_and_starts(encoding) -> tuple[np.ndarray, np.ndarray]:
+    """One fast-tokenizer encoding as (int64 ids, word-start flags): a token starts a word when its word
+    index differs from the previous token's, or when it belongs to no word (None -> NaN, unequal to all)."""
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    words = np.array(encoding.word_ids, dtype=np.float64)
+    starts = np.ones(len(ids), dtype=bool)
+    starts[1:] = words[1:] != words[:-1]
+    return ids, starts
 
 
 def load_hf_tokenizer(path: str, packing: str = "document"):
