@@ -117,7 +117,11 @@ def decode_row(row, token_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]
 
 
 ROW_STAT_KEYS = {split: (f"split.{split}.sequences", f"split.{split}.content_tokens", f"split.{split}.special_tokens") for split in SPLIT_NAMES}
-HIST_KEYS = [f"hist.{b}" for b in range(1024)]
+HIST_KEYS = [f"hist.{b}" for b in range(1024)]  # built once: a key per row is on the hot path
+
+
+def _hist_key(bin_index: int) -> str:
+    return HIST_KEYS[bin_index] if bin_index < len(HIST_KEYS) else f"hist.{bin_index}"
 
 
 class TokenizeAndPack(beam.DoFn):
@@ -200,7 +204,7 @@ class TokenizeAndPack(beam.DoFn):
         stats[sequences] += 1
         stats[content] += seq.content_tokens
         stats[special] += n - seq.content_tokens
-        stats[HIST_KEYS[n // HISTOGRAM_BIN] if n // HISTOGRAM_BIN < len(HIST_KEYS) else f"hist.{n // HISTOGRAM_BIN}"] += 1
+        stats[_hist_key(n // HISTOGRAM_BIN)] += 1
         if split == "train":
             self.train_ids.append(seq.ids)
         row = (seq.ids.astype(self.token_dtype).tobytes(), None if seq.word_start is None else seq.word_start.astype(bool).tobytes())
