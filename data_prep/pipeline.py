@@ -1,10 +1,13 @@
 """The distill-prep Beam pipeline and the driver steps around it.
 
-    files ─► Reshuffle ─► ReadDocuments ─► Dedup (by hash) ─► TokenizeAndPack ─┬► train rows ─► shuffle key ─► GroupByKey ─► Parquet shard
-                               │                                     │           ├► validation rows ─► (same)
-                               └─ stats ──────────┬──────────────────┘ stats     └► token counts (train) ─► token_counts.npy
-                                                  └─► MergeCounters ─► _prep_tmp/stats.json
+    (index, file) ─► ReadDocuments ─► TokenizeAndPack ─┬► train rows ───────► shuffle into shards ─► Parquet shards
+    (clean, dedup by hash,  │           (batched,       ├► validation rows ──► (same)
+     data_prep/documents)   │            helper thread) └► token counts (train) ─► token_counts.npy
+                            └─ stats ──────┴─► MergeCounters ─► _prep_tmp/stats.json
 
+Dedup groups 16-byte hashes, never text (data_prep/documents.py); the shuffle into shards goes through
+spill files on the local runner and through the runner's GroupByKey elsewhere (data_prep/shards.py).
+So on the local runner no grouping holds the corpus, and memory stays flat as it grows.
 The tokenizer is read once by the driver and travels inside TokenizeAndPack as bytes.
 
 The driver checks inputs before anything is written, runs the pipeline, re-opens every shard to
@@ -35,64 +38,15 @@ from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
-from data_prep.cleaning import clean_text, doc_hash
-from data_prep.sources import Dropped, expand_inputs, read_documents
+from data_prep.documents import ReadDocuments, cleaned_documents
+from data_prep.shards import SPILL_BYTES, ShuffleThroughFiles, ShuffleThroughRunner
+from data_prep.sources import expand_inputs
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
 from data_prep.tokenization import TokenizerPayload, load_tokenizer
 
 log = logging.getLogger("distill-prep")
 TMP_DIR = "_prep_tmp"
 SPLIT_NAMES = ("train", "validation")
-
-
-class ReadDocuments(beam.DoFn):
-    """File path -> (content hash, (text, split key)) of cleaned documents; per-file counters go to 'stats'."""
-
-    def __init__(self, cfg: PrepConfig):
-        self.cfg = cfg
-
-    def process(self, path: str):
-        cfg = self.cfg
-        stats = Counter(files=1)
-        for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes):
-            if isinstance(item, Dropped):
-                add_drop(stats, item.reason, item.count, 0, "documents")
-                continue
-            stats["documents_read"] += 1
-            text, removed = clean_text(item.text, cfg.normalization)
-            stats["control_chars_removed"] += removed
-            if not text:
-                add_drop(stats, "empty", 1, 0, "documents")
-                continue
-            yield doc_hash(text), (text, item.key)
-        yield beam.pvalue.TaggedOutput("stats", dict(stats))
-
-
-class KeepOneCopy(beam.CombineFn):
-    """Identical documents (same hash) -> (text, smallest split key, number of copies)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, doc):
-        if acc is None:
-            return (doc[0], doc[1], 1)
-        return (acc[0], min(acc[1] or "", doc[1] or "") or None, acc[2] + 1)
-
-    def merge_accumulators(self, accumulators):
-        out = None
-        for acc in accumulators:
-            if acc is None:
-                continue
-            if out is None:
-                out = acc
-            else:
-                key = min(out[1] or "", acc[1] or "") or None
-                out = (out[0], key, out[2] + acc[2])
-        return out
-
-    def extract_output(self, acc):
-        return acc
 
 
 def pack_spec(cfg: PrepConfig, tok) -> PackSpec:
@@ -267,59 +221,21 @@ def _write_npy(array: np.ndarray, path: str) -> None:
         handle.write(buffer.getvalue())
 
 
-def parquet_schema(token_dtype: str, packing: str = "document"):
-    """Columns of the shards: `input_ids`, plus `word_start` except in causal mode (no masking metadata)."""
-    import pyarrow as pa
-
-    fields = [("input_ids", pa.list_(getattr(pa, token_dtype)()))]
-    if packing != "causal":
-        fields.append(("word_start", pa.list_(pa.bool_())))
-    return pa.schema(fields)
-
-
-def _shuffle_key(row: tuple, seed: int, shards: int):
-    """(shard, (sort key, row)): a keyed hash of the row's ids places it; the same rows always land alike."""
-    digest = hashlib.blake2b(row[0], digest_size=8, key=seed.to_bytes(8, "little")).digest()
-    key = int.from_bytes(digest, "little")
-    return key % shards, (key // shards, row)
-
-
-def _write_shard(shard: int, keyed_rows, directory: str, shards: int, token_dtype: str, packing: str) -> str:
-    """Sort one shard's rows by their shuffle key and write them as one Parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    rows = [row for _, row in sorted(keyed_rows, key=lambda kr: (kr[0], kr[1][0]))]
-    schema = parquet_schema(token_dtype, packing)
-    ids = [np.frombuffer(r[0], dtype=token_dtype) for r in rows]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in ids], out=offsets[1:])
-    columns = [pa.ListArray.from_arrays(offsets, np.concatenate(ids) if ids else np.zeros(0, token_dtype), type=schema.field("input_ids").type)]
-    if "word_start" in schema.names:
-        starts = np.frombuffer(b"".join(r[1] for r in rows), dtype=bool)
-        columns.append(pa.ListArray.from_arrays(offsets, starts, type=schema.field("word_start").type))
-    table = pa.Table.from_arrays(columns, schema=schema)
-    path = os.path.join(directory, f"part-{shard:05d}-of-{shards:05d}.parquet")
-    with FileSystems.create(path) as handle:
-        pq.write_table(table, handle, compression="snappy", row_group_size=8192)
-    return path
-
-
 def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], tokenizer: TokenizerPayload, vocab_size: int,
-                   token_dtype: str, num_shards: int) -> None:
-    """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn."""
+                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES) -> None:
+    """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn.
+
+    `spill`: shuffle rows into shards through spill files (the local runner, whose GroupByKey is in
+    memory), `spill_bytes` buffered per bundle; False: through the runner's GroupByKey (Dataflow, Flink,
+    Spark). Both write the same shards.
+    """
     tmp = os.path.join(cfg.output, TMP_DIR)
-    read = (
+    docs, read_stats = (
         pipeline
-        | "Files" >> beam.Create(files)
+        | "Files" >> beam.Create(list(enumerate(files)))
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
+        | "Read" >> ReadDocuments(cfg, files)
     )
-    if cfg.dedup:  # group by content hash across the whole corpus; also spreads documents over workers
-        docs = read.docs | "Dedup" >> beam.CombinePerKey(KeepOneCopy()) | "Unkey" >> beam.Values()
-    else:
-        docs = read.docs | "Unkey" >> beam.Map(lambda kv: (kv[1][0], kv[1][1], 1)) | "SpreadDocuments" >> beam.Reshuffle()
     packed = (
         docs
         | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, tokenizer, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
@@ -329,14 +245,14 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], t
         splits["validation"] = packed.validation
     for name, rows in splits.items():
         shards = num_shards if name == "train" else max(1, int(np.ceil(num_shards * cfg.validation_fraction)))
-        _ = (
-            rows
-            | f"ShuffleKey_{name}" >> beam.Map(_shuffle_key, cfg.seed, shards)
-            | f"GroupShards_{name}" >> beam.GroupByKey()
-            | f"WriteShards_{name}" >> beam.Map(lambda kv, d, n, t, p: _write_shard(kv[0], kv[1], d, n, t, p), os.path.join(cfg.output, name), shards, token_dtype, cfg.packing)
-        )
+        directory = os.path.join(cfg.output, name)
+        if spill:
+            shuffle = ShuffleThroughFiles(directory, os.path.join(tmp, "spill", name), shards, cfg.seed, token_dtype, cfg.packing, spill_bytes)
+        else:
+            shuffle = ShuffleThroughRunner(directory, shards, cfg.seed, token_dtype, cfg.packing)
+        _ = rows | f"Shuffle_{name}" >> shuffle
     _ = (
-        (read.stats, packed.stats)
+        (read_stats, packed.stats)
         | "AllStats" >> beam.Flatten()
         | "MergeStats" >> beam.CombineGlobally(MergeCounters())
         | "WriteStats" >> beam.Map(_write_json, os.path.join(tmp, "stats.json"))
@@ -541,17 +457,15 @@ def _claim_output(cfg: PrepConfig) -> None:
 def sample_documents(cfg: PrepConfig, files: list[str], chars: Optional[int] = None):
     """Cleaned documents from every file in turn, up to `chars` (default `sentencepiece_sample_chars`) in all."""
     budget = max(1, (chars or cfg.sentencepiece_sample_chars) // max(1, len(files)))
+    lenient = dataclasses.replace(cfg, on_decode_error="skip")
     for path in files:
         taken = 0
-        for item in read_documents(path, cfg.doc_split, cfg.text_field, "skip", cfg.max_line_bytes):
-            if isinstance(item, Dropped):
-                continue
-            text = clean_text(item.text, cfg.normalization)[0][: budget - taken]
-            if text:
-                yield text
-                taken += len(text)
-                if taken >= budget:
-                    break
+        for _, text, _ in cleaned_documents(path, lenient, None):
+            text = text[: budget - taken]
+            yield text
+            taken += len(text)
+            if taken >= budget:
+                break
 
 
 ESTIMATE_SAMPLE_CHARS = 256_000
@@ -640,7 +554,8 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
         recorded["runner"] = "FnApiRunner"
     try:
         with beam.Pipeline(runner=runner, options=options) as pipeline:
-            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards)
+            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards,
+                           spill=runner is not None)
         log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
         manifest = finalize(cfg, tokenizer, files, token_dtype, recorded)
     except BaseException:

@@ -94,12 +94,15 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from data_prep.pipeline import ReadDocuments, TokenizeAndPack, decode_row
+    from data_prep.documents import ReadDocuments
+    from data_prep.pipeline import TokenizeAndPack, decode_row
 
-    corpus = tmp_path / "c.txt"
     docs = ["the list is sorted in place", "a dictionary maps keys to values and more keys"]
-    corpus.write_text("\n".join(docs) + "\n")
-    cfg = PrepConfig(inputs=[str(corpus)], tokenizer=tokenizer_dir, output=str(tmp_path / "o"), max_seq_len=8, min_seq_len=3, validation_fraction=0.0)
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text(f"{docs[0]}\n{docs[1]}\n{docs[0]}\n")  # a duplicate inside one file ...
+    second.write_text(f"  {docs[1]} \n\x07\n")  # ... one across files (after cleaning), and a line that cleans to nothing
+    files = [str(first), str(second)]
+    cfg = PrepConfig(inputs=files, tokenizer=tokenizer_dir, output=str(tmp_path / "o"), max_seq_len=8, min_seq_len=3, validation_fraction=0.0)
     tok = load_tokenizer(tokenizer_dir)
     expected = []
     for ids, _ in tok.encode_batch(docs):
@@ -107,10 +110,14 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
             if len(ids[s:s + 6]) + 2 >= 3:
                 expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
     with TestPipeline(runner="FnApiRunner") as p:  # the runner distill-prep uses locally (DirectRunner's detour via Prism leaks a temp dir)
-        texts = p | beam.Create([str(corpus)]) | beam.ParDo(ReadDocuments(cfg)).with_outputs("stats", main="docs")
-        assert_that(texts.docs | beam.Map(lambda kv: kv[1][0]), equal_to(docs), label="documents")
-        rows = (texts.docs | beam.Map(lambda kv: (kv[1][0], None, 1)) | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train"))
+        kept, stats = p | beam.Create(list(enumerate(files))) | ReadDocuments(cfg, files)
+        assert_that(kept, equal_to([(docs[0], None, 2), (docs[1], None, 2)]), label="first copies, with their copy counts")
+        assert_that(stats | beam.Map(lambda s: (s["files"], s["documents_read"], s.get("dropped.empty.documents", 0))),
+                    equal_to([(1, 3, 0), (1, 2, 1)]), label="per-file counters")
+        rows = kept | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train")
         assert_that(rows.train | beam.Map(lambda r: tuple(decode_row(r, "uint16")[0].tolist())), equal_to(expected), label="sequences")
+        unique = p | "NoDedup" >> beam.Create(list(enumerate(files))) | "ReadAll" >> ReadDocuments(dataclasses.replace(cfg, dedup=False), files)
+        assert_that(unique[0], equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]), label="every copy without dedup")
 
 
 def _read_split(out, manifest, split):
@@ -587,3 +594,31 @@ def test_shards_are_globally_shuffled_deterministically(tmp_path, corpus_dir, to
     n = len(rows1)
     assert len(m1.splits["train"].shards) == -(-n // 300) or abs(len(m1.splits["train"].shards) - n / 300) <= 1 + n / 600  # about n / 300 shards
     assert sum(m1.stats["length_histogram"].values()) == n
+
+
+@pytest.mark.parametrize("packing", ["document", "causal"])
+def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing):
+    """The local route (rows in spill files, only file names grouped) and the distributed route (the runner's
+    GroupByKey) write byte-identical shards; tiny spill buffers force many spill files per shard."""
+    import apache_beam as beam
+
+    from data_prep.pipeline import beam_options, build_pipeline, local_runner, token_dtype_for
+
+    tok_dir = tokenizer_dir if packing == "document" else gpt2_tokenizer_dir
+    tok = load_tokenizer(tok_dir, packing=packing)
+    files = [os.path.join(corpus_dir, name) for name in sorted(os.listdir(corpus_dir))]
+    contents = {}
+    for route, spill_bytes in (("runner", 0), ("spill", 4096)):
+        cfg = PrepConfig(inputs=files, tokenizer=tok_dir, output=str(tmp_path / route), max_seq_len=32, validation_fraction=0.1, packing=packing)
+        options = beam_options(cfg, [], workers=1)
+        with beam.Pipeline(runner=local_runner(options), options=options) as pipeline:
+            build_pipeline(pipeline, cfg, files, tok.payload(), tok.vocab_size, token_dtype_for(tok.vocab_size), 3,
+                           spill=route == "spill", spill_bytes=spill_bytes or 1 << 26)
+        contents[route] = {os.path.relpath(os.path.join(d, f), cfg.output): open(os.path.join(d, f), "rb").read()
+                           for d, _, names in os.walk(cfg.output) for f in names if f.endswith(".parquet")}
+        rows = sum(pq.read_metadata(os.path.join(cfg.output, path)).num_rows for path in contents[route])
+        assert rows * 16 > 20 * 4096, "the corpus must spill many times over"
+        assert not [f for _, _, names in os.walk(os.path.join(cfg.output, "_prep_tmp")) for f in names if f.endswith(".spill")], "spill files are deleted once their shard is written"
+    assert sorted(contents["spill"]) == ["train/part-00000-of-00003.parquet", "train/part-00001-of-00003.parquet", "train/part-00002-of-00003.parquet",
+                                         "validation/part-00000-of-00001.parquet"]
+    assert contents["spill"] == contents["runner"]
