@@ -101,6 +101,7 @@ class HFTokenizer:
     def _init_backend(self, tokenizer_json: str, ids: dict) -> None:
         self.backend = _fast_backend(tokenizer_json)
         self.cls_id, self.sep_id, self.eos_id, self.unk_id = ids["cls"], ids["sep"], ids["eos"], ids["unk"]
+        self.continues_word = _continuation_table(self.backend)
 
     @classmethod
     def from_payload(cls, payload: TokenizerPayload) -> "HFTokenizer":
@@ -127,24 +128,61 @@ class HFTokenizer:
             return []
         limit = self.max_piece_chars
         if all(len(text) <= limit for text in texts):  # the common case: one piece per text
-            return [_ids_and_starts(enc) for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
+            return [self._ids_and_starts(enc) for enc in self._encode(texts)]
         pieces: list[str] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
             for piece in _split_long(text, limit):
                 pieces.append(piece)
                 owner.append(i)
-        encodings = self.backend.encode_batch(pieces, add_special_tokens=False) if pieces else []
+        encodings = self._encode(pieces) if pieces else []
         ids_parts: list[list[np.ndarray]] = [[] for _ in texts]
         start_parts: list[list[np.ndarray]] = [[] for _ in texts]
         for enc, i in zip(encodings, owner):
-            ids, starts = _ids_and_starts(enc)
+            ids, starts = self._ids_and_starts(enc)
             ids_parts[i].append(ids)
             start_parts[i].append(starts)
         return [
             (np.concatenate(a) if a else np.zeros(0, np.int64), np.concatenate(b) if b else np.zeros(0, bool))
             for a, b in zip(ids_parts, start_parts)
         ]
+
+
+    def _needs_word_ids(self) -> bool:
+        return self.packing != "causal" and self.continues_word is None
+
+    def _encode(self, texts: list[str]):
+        """Encodings without special tokens; without character offsets (faster) unless word ids are needed."""
+        if self._needs_word_ids() or not hasattr(self.backend, "encode_batch_fast"):
+            return self.backend.encode_batch(texts, add_special_tokens=False)
+        return self.backend.encode_batch_fast(texts, add_special_tokens=False)
+
+    def _ids_and_starts(self, encoding) -> tuple[np.ndarray, np.ndarray]:
+        if self._needs_word_ids():
+            return _ids_and_starts(encoding)
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        if self.packing == "causal":  # no masking metadata: the flags are never stored
+            return ids, np.ones(len(ids), dtype=bool)
+        return ids, ~self.continues_word[ids]
+
+
+def _continuation_table(backend):
+    """For a WordPiece model: a flag per id, True for the tokens that continue a word ('##' prefix); else None.
+
+    WordPiece splits every pre-tokenized word into a first piece without the prefix and continuation
+    pieces with it, so a token starts a word exactly when it is not a continuation piece, which is what
+    the word ids say (tests/test_data_prep.py compares the two) without asking the tokenizer for offsets.
+    """
+    from tokenizers import models
+
+    model = backend.model
+    prefix = getattr(model, "continuing_subword_prefix", None) if isinstance(model, models.WordPiece) else None
+    if not prefix:
+        return None
+    table = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=bool)
+    for token, index in backend.get_vocab(with_added_tokens=False).items():
+        table[index] = token.startswith(prefix)
+    return table
 
 
 def _ids_and_starts(encoding) -> tuple[np.ndarray, np.ndarray]:

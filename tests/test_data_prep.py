@@ -89,6 +89,23 @@ def test_readers_line_paragraph_jsonl_gzip(tmp_path):
     assert sorted(i.reason for i in items if isinstance(i, Dropped)) == ["bad_json", "missing_field"]
 
 
+def test_wordpiece_word_starts_without_offsets_match_word_ids(tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir):
+    """The WordPiece fast path ('##' table, no offsets) gives the flags the tokenizer's own word ids give, on
+    every document of the corpus plus punctuation, digits, accents and unknown characters; causal mode keeps the ids."""
+    from data_prep.tokenization import _ids_and_starts
+
+    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    docs += ["Hello, world!! (x+y)=3.14 -- don't stop", "naïve café ☃ 漢字 [MASK] ##ing", "a" * 300]
+    tok = load_tokenizer(tokenizer_dir)
+    assert tok.continues_word is not None and tok.continues_word.any()
+    reference = [_ids_and_starts(e) for e in tok.backend.encode_batch(docs, add_special_tokens=False)]
+    for (ids, starts), (want_ids, want_starts) in zip(tok.encode_batch(docs), reference):
+        assert ids.tolist() == want_ids.tolist() and starts.tolist() == want_starts.tolist()
+    gpt2 = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
+    assert gpt2.continues_word is None
+    assert [ids.tolist() for ids, _ in gpt2.encode_batch(docs[:50])] == [e.ids for e in gpt2.backend.encode_batch(docs[:50], add_special_tokens=False)]
+
+
 def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
