@@ -24,6 +24,8 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.rows import RowBlock
+
 PACKING_MODES = ("document", "full_sentences", "causal")
 
 
@@ -114,6 +116,51 @@ def _pack_windows(ids: np.ndarray, word_start: np.ndarray, spec: PackSpec, out: 
         out.sequences.append(Sequence(seq, flags, n))
 
 
+def _count_drops(dropped: dict, reason: str, mask: np.ndarray, tokens: np.ndarray) -> None:
+    if mask.any():
+        entry = dropped.setdefault(reason, [0, 0])
+        entry[0] += int(np.count_nonzero(mask))
+        entry[1] += int(tokens[mask].sum())
+
+
+def pack_documents(docs: list[tuple[np.ndarray, np.ndarray]], spec: PackSpec, dropped: dict) -> RowBlock:
+    """`document` mode for many documents at once, in numpy: the rows `_pack_windows` gives document by
+    document, in the same order, with the same drops counted into `dropped` (tests/test_data_prep.py compares them)."""
+    width = spec.max_seq_len - 2
+    lengths = np.fromiter((len(ids) for ids, _ in docs), dtype=np.int64, count=len(docs))
+    if not lengths.sum():
+        return RowBlock(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    ids = np.concatenate([np.asarray(ids, np.int64) for ids, _ in docs])
+    starts = np.concatenate([np.asarray(flags, bool) for _, flags in docs])
+    windows = -(-lengths // width)
+    doc_of_window = np.repeat(np.arange(len(docs)), windows)
+    first_window = np.cumsum(windows) - windows
+    k = np.arange(len(doc_of_window)) - first_window[doc_of_window]  # window number inside its document
+    begin = (np.cumsum(lengths) - lengths)[doc_of_window] + k * width
+    size = np.minimum(width, lengths[doc_of_window] - k * width)
+    too_short = size + 2 < spec.min_seq_len
+    mostly_unknown = np.zeros_like(too_short)
+    if spec.unk_id is not None:
+        unknown = np.concatenate(([0], np.cumsum(ids == spec.unk_id)))
+        mostly_unknown = ~too_short & (unknown[begin + size] - unknown[begin] > spec.max_unk_fraction * size)
+    _count_drops(dropped, "too_short", too_short, size)
+    _count_drops(dropped, "mostly_unknown", mostly_unknown, size)
+    keep = ~(too_short | mostly_unknown)
+    begin, size = begin[keep], size[keep]
+    row_lengths = size + 2
+    row_start = np.cumsum(row_lengths) - row_lengths
+    source = np.repeat(begin, size) + np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+    content = np.ones(int(row_lengths.sum()), dtype=bool)
+    content[row_start] = False
+    content[row_start + row_lengths - 1] = False
+    out_ids = np.empty(len(content), dtype=np.int64)
+    out_ids[row_start], out_ids[row_start + row_lengths - 1] = spec.cls_id, spec.sep_id
+    out_ids[content] = ids[source]
+    out_flags = np.ones(len(content), dtype=bool)
+    out_flags[content] = starts[source]
+    return RowBlock(row_lengths, out_ids, out_flags)
+
+
 class DocumentPacker:
     """`document` mode behind the packer interface (no state between documents)."""
 
@@ -126,8 +173,20 @@ class DocumentPacker:
         _pack_windows(ids, word_start, self.spec, packed)
         return packed.sequences
 
+    def add_batch(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[RowBlock, int]:
+        """(the rows of these documents as one block of int64 ids, their content tokens)."""
+        block = pack_documents(docs, self.spec, self.dropped)
+        return block, len(block.ids) - 2 * len(block)
+
     def flush(self) -> list[Sequence]:
         return []
+
+    def flush_batch(self) -> tuple[RowBlock, int]:
+        return _as_block([], True)
+
+
+def _as_block(sequences: list[Sequence], with_flags: bool) -> tuple[RowBlock, int]:
+    return RowBlock.from_sequences(sequences, "int64", with_flags), sum(s.content_tokens for s in sequences)
 
 
 class StreamPacker:
@@ -180,6 +239,13 @@ class StreamPacker:
         self._parts, self._length = [], 0
         return self._emit(ids_all, starts_all, real_all)
 
+    def add_batch(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[RowBlock, int]:
+        """(rows completed by adding these documents in order as one block of int64 ids, their content tokens)."""
+        return _as_block([seq for ids, starts in docs for seq in self.add(ids, starts)], self.keep_flags)
+
+    def flush_batch(self) -> tuple[RowBlock, int]:
+        return _as_block(self.flush(), self.keep_flags)
+
     def _emit(self, window, starts, real) -> list[Sequence]:
         packed = Packed(dropped=self.dropped)
         if not _check(packed, self.spec, window, real, len(self.prefix) + len(self.suffix)):
@@ -193,7 +259,7 @@ class StreamPacker:
 
 
 def make_packer(spec: PackSpec):
-    """The packer of `spec.mode`: call `add(ids, word_start)` per document, `flush()` at the end."""
+    """The packer of `spec.mode`: `add` / `add_batch` documents (one, or many at once as a RowBlock), `flush` / `flush_batch` at the end."""
     return DocumentPacker(spec) if spec.mode == "document" else StreamPacker(spec)
 
 

@@ -38,6 +38,7 @@ from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
+from data_prep.rows import RowBlock
 from data_prep.documents import ReadDocuments, cleaned_documents
 from data_prep.shards import SPILL_BYTES, ShuffleThroughFiles, ShuffleThroughRunner
 from data_prep.sources import expand_inputs
@@ -64,31 +65,17 @@ def token_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "int32"
 
 
-def decode_row(row, token_dtype: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(input_ids, word_start or None) of a row as the pipeline passes it: (ids bytes, flag bytes or None)."""
-    ids = np.frombuffer(row[0], dtype=token_dtype)
-    return ids, None if row[1] is None else np.frombuffer(row[1], dtype=bool)
-
-
-ROW_STAT_KEYS = {split: (f"split.{split}.sequences", f"split.{split}.content_tokens", f"split.{split}.special_tokens") for split in SPLIT_NAMES}
-HIST_KEYS = [f"hist.{b}" for b in range(1024)]  # built once: a key per row is on the hot path
-
-
-def _hist_key(bin_index: int) -> str:
-    return HIST_KEYS[bin_index] if bin_index < len(HIST_KEYS) else f"hist.{bin_index}"
-
-
 class TokenizeAndPack(beam.DoFn):
-    """Documents -> packed rows of the train/validation split, counters and token counts.
+    """Documents -> blocks of packed rows of the train/validation split, counters and token counts.
 
+    An element is one document (text, split key or None, copies), a plain text, or a list of documents.
     Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
     packers keep their state for a whole bundle (across-document modes pack across batches).
     The tokenizer travels inside the DoFn as bytes (`TokenizerPayload`): workers never read `--tokenizer`.
     One batch is encoded on a helper thread while the previous one is packed on this one (the Rust
     tokenizer releases the GIL), so packing, counting and Beam's own work overlap the tokenization;
     batches are packed in the order they arrived, so the output does not depend on the timing.
-    A row is (input_ids as bytes of the token dtype, word_start as one byte per token or None): cheap to
-    encode and to shuffle, unlike lists of Python ints (see `decode_row`).
+    Each batch leaves as one `RowBlock` per split (ids in the token dtype): per-row work is numpy work.
     """
 
     def __init__(self, cfg: PrepConfig, tokenizer: TokenizerPayload, vocab_size: int):
@@ -110,18 +97,18 @@ class TokenizeAndPack(beam.DoFn):
     def start_bundle(self):
         self.stats = Counter()
         self.counts = np.zeros(self.vocab_size, dtype=np.int64)
-        self.train_ids: list[np.ndarray] = []  # counted once per batch (a bincount per row costs a vocabulary-sized array)
         self.packers = {name: make_packer(self.spec) for name in SPLIT_NAMES}
         self.buffer: list = []
         self.buffered_chars = 0
         self.in_flight = None  # (documents, future of their encodings): the batch being tokenized
 
     def process(self, element):
-        doc = _as_doc(element)
-        self.buffer.append(doc)
-        self.buffered_chars += len(doc[0])
-        if len(self.buffer) >= self.cfg.batch_size or self.buffered_chars >= self.cfg.batch_chars:
-            yield from self._tokenize_buffer()
+        for doc in (element if isinstance(element, list) else [element]):
+            doc = _as_doc(doc)
+            self.buffer.append(doc)
+            self.buffered_chars += len(doc[0])
+            if len(self.buffer) >= self.cfg.batch_size or self.buffered_chars >= self.cfg.batch_chars:
+                yield from self._tokenize_buffer()
 
     def _tokenize_buffer(self, drain: bool = False):
         """Start encoding the buffered documents; pack the batch started before (all of them if `drain`)."""
@@ -136,33 +123,35 @@ class TokenizeAndPack(beam.DoFn):
             yield from self._pack(*current)
 
     def _pack(self, docs, encodings):
-        cfg = self.cfg
-        for (text, key, copies), (ids, starts) in zip(docs, encodings.result()):
-            split = split_of(key or text, cfg.validation_fraction, cfg.seed)
-            self.stats[f"split.{split}.documents"] += 1
-            self.stats["tokens_read"] += len(ids) * copies
+        cfg, stats = self.cfg, self.stats
+        by_split: dict[str, list] = {name: [] for name in SPLIT_NAMES}
+        for (text, key, copies), encoded in zip(docs, encodings.result()):
+            by_split[split_of(key or text, cfg.validation_fraction, cfg.seed)].append(encoded)
+            stats["tokens_read"] += len(encoded[0]) * copies
             if copies > 1:
-                add_drop(self.stats, "duplicate", copies - 1, len(ids) * (copies - 1), "documents")
-            for seq in self.packers[split].add(ids, starts):
-                yield self._row(seq, split)
-        self._count_train_ids()
+                add_drop(stats, "duplicate", copies - 1, len(encoded[0]) * (copies - 1), "documents")
+        for split, encoded in by_split.items():
+            if encoded:
+                stats[f"split.{split}.documents"] += len(encoded)
+                yield from self._emit(split, *self.packers[split].add_batch(encoded))
 
-    def _count_train_ids(self):
-        if self.train_ids:
-            self.counts += np.bincount(np.concatenate(self.train_ids), minlength=self.vocab_size)[: self.vocab_size]
-            self.train_ids = []
-
-    def _row(self, seq, split: str):
-        sequences, content, special = ROW_STAT_KEYS[split]
-        stats, n = self.stats, len(seq.ids)
-        stats[sequences] += 1
-        stats[content] += seq.content_tokens
-        stats[special] += n - seq.content_tokens
-        stats[_hist_key(n // HISTOGRAM_BIN)] += 1
+    def _emit(self, split: str, block: RowBlock, content_tokens: int):
+        """Count a block of rows and pass it on in the token dtype (validation rows on their own output)."""
+        if not len(block):
+            return
+        stats = self.stats
+        stats[f"split.{split}.sequences"] += len(block)
+        stats[f"split.{split}.content_tokens"] += content_tokens
+        stats[f"split.{split}.special_tokens"] += len(block.ids) - content_tokens
+        histogram = np.bincount(block.lengths // HISTOGRAM_BIN)
+        for bin_index in np.flatnonzero(histogram).tolist():
+            stats[f"hist.{bin_index}"] += int(histogram[bin_index])
+        block = RowBlock(block.lengths, block.ids.astype(self.token_dtype), block.flags)
         if split == "train":
-            self.train_ids.append(seq.ids)
-        row = (seq.ids.astype(self.token_dtype).tobytes(), None if seq.word_start is None else seq.word_start.astype(bool).tobytes())
-        return row if split == "train" else beam.pvalue.TaggedOutput(split, row)
+            self.counts += np.bincount(block.ids, minlength=self.vocab_size)[: self.vocab_size]
+            yield block
+        else:
+            yield beam.pvalue.TaggedOutput(split, block)
 
     def finish_bundle(self):
         def windowed(out):
@@ -173,11 +162,10 @@ class TokenizeAndPack(beam.DoFn):
         for out in self._tokenize_buffer(drain=True):
             yield windowed(out)
         for split, packer in self.packers.items():
-            for seq in packer.flush():
-                yield windowed(self._row(seq, split))
+            for out in self._emit(split, *packer.flush_batch()):
+                yield windowed(out)
             for reason, (sequences, tokens) in packer.dropped.items():
                 add_drop(self.stats, reason, sequences, tokens, "sequences")
-        self._count_train_ids()
         yield beam.pvalue.TaggedOutput("stats", WindowedValue(dict(self.stats), 0, [GlobalWindow()]))
         yield beam.pvalue.TaggedOutput("counts", WindowedValue(self.counts, 0, [GlobalWindow()]))
 

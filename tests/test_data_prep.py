@@ -42,6 +42,36 @@ def test_pack_document_windows_specials_and_drops():
     assert len(packed.sequences) == 1 and packed.dropped == {"mostly_unknown": [1, 2]}
 
 
+def test_document_packing_in_numpy_equals_the_per_document_loop():
+    """pack_documents (all documents of a batch at once) == pack_document on each: rows, order, flags, drops."""
+    from data_prep.packing import pack_documents
+
+    rng = np.random.default_rng(0)
+    reasons = set()
+    for max_len, min_len in ((8, 5), (16, 3), (5, 5)):
+        docs = []
+        for _ in range(300):
+            n = int(rng.choice([0, 1, 3, 6, 7, int(rng.integers(0, 60))]))
+            ids = rng.integers(4, 40, n)
+            ids[rng.random(n) < rng.choice([0.0, 0.3, 0.9])] = UNK
+            docs.append((ids, rng.random(n) < 0.6))
+        spec = PackSpec("document", max_len, min_len, 0.5, UNK, CLS, SEP)
+        dropped: dict = {}
+        block = pack_documents(docs, spec, dropped)
+        want, want_dropped = [], {}
+        for ids, starts in docs:
+            packed = pack_document(ids, starts, CLS, SEP, UNK, max_len, min_len, 0.5)
+            want += packed.sequences
+            for reason, (n, t) in packed.dropped.items():
+                entry = want_dropped.setdefault(reason, [0, 0])
+                entry[0] += n
+                entry[1] += t
+        assert [(ids.tolist(), flags.tolist()) for ids, flags in block.rows()] == [(s.ids.tolist(), s.word_start.tolist()) for s in want]
+        assert dropped == want_dropped
+        reasons |= set(dropped)
+    assert reasons == {"too_short", "mostly_unknown"}
+
+
 def _run_packer(spec, docs):
     packer = make_packer(spec)
     seqs = [s for d in docs for s in packer.add(np.asarray(d), np.ones(len(d), bool))] + packer.flush()
@@ -112,7 +142,7 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     from apache_beam.testing.util import assert_that, equal_to
 
     from data_prep.documents import ReadDocuments
-    from data_prep.pipeline import TokenizeAndPack, decode_row
+    from data_prep.pipeline import TokenizeAndPack
 
     docs = ["the list is sorted in place", "a dictionary maps keys to values and more keys"]
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
@@ -132,7 +162,7 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
         assert_that(stats | beam.Map(lambda s: (s["files"], s["documents_read"], s.get("dropped.empty.documents", 0))),
                     equal_to([(1, 3, 0), (1, 2, 1)]), label="per-file counters")
         rows = kept | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train")
-        assert_that(rows.train | beam.Map(lambda r: tuple(decode_row(r, "uint16")[0].tolist())), equal_to(expected), label="sequences")
+        assert_that(rows.train | beam.FlatMap(lambda block: [tuple(ids.tolist()) for ids, _ in block.rows()]), equal_to(expected), label="sequences")
         unique = p | "NoDedup" >> beam.Create(list(enumerate(files))) | "ReadAll" >> ReadDocuments(dataclasses.replace(cfg, dedup=False), files)
         assert_that(unique[0], equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]), label="every copy without dedup")
 
@@ -409,12 +439,11 @@ def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_d
     script = (
         "import json, sys\n"
         "from apache_beam.internal import pickler\n"
-        "from data_prep.pipeline import decode_row\n"
+        "from data_prep.rows import RowBlock\n"
         "fn = pickler.loads(open(sys.argv[1], 'rb').read())\n"
         "fn.setup(); fn.start_bundle()\n"
-        "out = [o for d in sys.argv[2:] for o in fn.process(d)] + list(fn.finish_bundle())\n"
-        "rows = [o for o in out if isinstance(o, tuple)] + [o.value for o in out if type(o).__name__ == 'WindowedValue' and isinstance(o.value, tuple)]\n"
-        "print(json.dumps([decode_row(r, 'uint16')[0].tolist() for r in rows]))\n"
+        "out = [o for d in sys.argv[2:] for o in fn.process(d)] + [getattr(o, 'value', o) for o in fn.finish_bundle()]\n"
+        "print(json.dumps([ids.tolist() for o in out if isinstance(o, RowBlock) for ids, _ in o.rows()]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dofn.pkl"), *docs[:5]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
