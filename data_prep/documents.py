@@ -3,14 +3,14 @@
 Dedup runs in two passes over the files, so no document text ever goes through a GroupByKey (the
 local runner holds every grouped element in memory; text is the bulk of a corpus):
 
-    (index, path) ─► ScanDocuments ─► (content hash, (split key, file index, ordinal)) ─► CombinePerKey(FirstCopy)
-                          └─ stats                      ─► (file index, (ordinal, copies)) ─► GroupByKey ─► ReadKeptDocuments ─► (text, key, copies)
+    (index, file) ─► ScanDocuments ─► (partition, block of (content hash, file, ordinal) records) ─► GroupByKey
+          └─ stats       ─► first_copies ─► (file, block of (ordinal, copies)) ─► GroupByKey ─► ReadKeptDocuments ─► [(text, key, copies), ...]
 
-The first pass keeps 16-byte hashes and locations only (a few dozen bytes per distinct document);
-the second re-reads each file and cleans only the documents it keeps, the first copy of each text
-(smallest split key, then file, then position), carrying how many copies it stands for. Without
-dedup, `ReadAllDocuments` is one pass. Either way documents go to tokenization in file order within
-a file; files are the unit of parallelism.
+The first pass keeps 28 bytes per document (a 16-byte hash and its location) in numpy blocks,
+partitioned by hash; each partition finds the first copy of every text (smallest file index, then
+position) and how many copies it stands for. The second pass re-reads each file and cleans only the
+documents it keeps. Without dedup, `ReadAllDocuments` is one pass. Documents leave in lists of up to
+`batch_size` (one Beam element per batch, not per document), in file order; files are the unit of parallelism.
 """
 from __future__ import annotations
 
@@ -18,11 +18,21 @@ from collections import Counter
 from typing import Iterator, Optional
 
 import apache_beam as beam
+import numpy as np
 
 from data_prep.cleaning import clean_text, doc_hash
 from data_prep.config import PrepConfig
 from data_prep.sources import Dropped, read_documents
 from data_prep.stats import add_drop
+
+HASH_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("file", "<u4"), ("ordinal", "<u8")])
+KEPT_RECORD = np.dtype([("ordinal", "<u8"), ("copies", "<u4")])
+PARTITION_BYTES = 256 << 20  # input bytes per dedup partition
+
+
+def dedup_partitions(input_bytes: int) -> int:
+    """Hash partitions of the dedup pass: one per 256 MB of input, 1 to 256."""
+    return int(min(256, max(1, input_bytes // PARTITION_BYTES)))
 
 
 def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None) -> Iterator[tuple[int, str, Optional[str]]]:
@@ -52,61 +62,70 @@ def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep
 
 
 class ScanDocuments(beam.DoFn):
-    """Dedup pass 1: (file index, path) -> (content hash, (split key or "", file index, ordinal)); counters to 'stats'."""
+    """Dedup pass 1: (file index, path) -> (partition, bytes of HASH_RECORDs) per partition hit; counters to 'stats'."""
 
-    def __init__(self, cfg: PrepConfig):
+    def __init__(self, cfg: PrepConfig, partitions: int):
         self.cfg = cfg
+        self.partitions = partitions
 
     def process(self, element: tuple[int, str]):
         index, path = element
         stats = Counter(files=1)
-        for ordinal, text, key in cleaned_documents(path, self.cfg, stats):
-            yield doc_hash(text), (key or "", index, ordinal)
+        digests, ordinals = [], []
+        for ordinal, text, _ in cleaned_documents(path, self.cfg, stats):
+            digests.append(doc_hash(text))
+            ordinals.append(ordinal)
+        if digests:
+            halves = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
+            records = np.empty(len(digests), dtype=HASH_RECORD)
+            records["hi"], records["lo"], records["file"], records["ordinal"] = halves[:, 0], halves[:, 1], index, ordinals
+            partition = records["hi"] % np.uint64(self.partitions)
+            for p in np.unique(partition).tolist():
+                yield p, records[partition == p].tobytes()
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
 
 
-class FirstCopy(beam.CombineFn):
-    """Locations of one text -> (the smallest location, number of copies)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, location):
-        return (location, 1) if acc is None else (min(acc[0], location), acc[1] + 1)
-
-    def merge_accumulators(self, accumulators):
-        out = None
-        for acc in accumulators:
-            if acc is not None:
-                out = acc if out is None else (min(out[0], acc[0]), out[1] + acc[1])
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-def kept_by_file(element) -> tuple[int, tuple[int, int]]:
-    """(hash, ((key, file index, ordinal), copies)) -> (file index, (ordinal, copies))."""
-    _, ((_, index, ordinal), copies) = element
-    return index, (ordinal, copies)
+def first_copies(partition: int, blocks) -> Iterator[tuple[int, bytes]]:
+    """One hash partition -> (file index, bytes of KEPT_RECORDs): the first copy of every text and its number of copies."""
+    records = np.frombuffer(b"".join(blocks), dtype=HASH_RECORD)
+    records = records[np.lexsort((records["ordinal"], records["file"], records["lo"], records["hi"]))]
+    first = np.ones(len(records), dtype=bool)
+    first[1:] = (records["hi"][1:] != records["hi"][:-1]) | (records["lo"][1:] != records["lo"][:-1])
+    starts = np.flatnonzero(first)
+    kept = records[starts]
+    out = np.empty(len(kept), dtype=KEPT_RECORD)
+    out["ordinal"], out["copies"] = kept["ordinal"], np.diff(np.append(starts, len(records)))
+    by_file = np.argsort(kept["file"], kind="stable")
+    files, counts = np.unique(kept["file"][by_file], return_counts=True)
+    start = 0
+    for file_index, count in zip(files.tolist(), counts.tolist()):
+        yield file_index, out[by_file[start : start + count]].tobytes()
+        start += count
 
 
 class ReadKeptDocuments(beam.DoFn):
-    """Dedup pass 2: (file index, [(ordinal, copies)]) -> (text, split key or None, copies) of the kept documents."""
+    """Dedup pass 2: (file index, [bytes of KEPT_RECORDs]) -> lists of (text, split key or None, copies), the kept documents."""
 
     def __init__(self, cfg: PrepConfig, files: list[str]):
         self.cfg = cfg
         self.files = files
 
     def process(self, element):
-        index, kept = element
-        copies = dict(kept)
+        index, blocks = element
+        kept = np.frombuffer(b"".join(blocks), dtype=KEPT_RECORD)
+        copies = dict(zip(kept["ordinal"].tolist(), kept["copies"].tolist()))
+        batch = []
         for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies):
-            yield text, key, copies[ordinal]
+            batch.append((text, key, copies[ordinal]))
+            if len(batch) >= self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 class ReadAllDocuments(beam.DoFn):
-    """No dedup: (file index, path) -> (text, split key or None, 1) of every document; counters to 'stats'."""
+    """No dedup: (file index, path) -> lists of (text, split key or None, 1), every document; counters to 'stats'."""
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
@@ -114,28 +133,35 @@ class ReadAllDocuments(beam.DoFn):
     def process(self, element: tuple[int, str]):
         _, path = element
         stats = Counter(files=1)
+        batch = []
         for _, text, key in cleaned_documents(path, self.cfg, stats):
-            yield text, key, 1
+            batch.append((text, key, 1))
+            if len(batch) >= self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
 
 
 class ReadDocuments(beam.PTransform):
-    """PCollection of (file index, path) -> documents (text, split key or None, copies) and a 'stats' PCollection."""
+    """PCollection of (file index, path) -> lists of documents (text, split key or None, copies) and a 'stats' PCollection."""
 
-    def __init__(self, cfg: PrepConfig, files: list[str]):
+    def __init__(self, cfg: PrepConfig, files: list[str], partitions: int = 1):
         super().__init__()
         self.cfg = cfg
         self.files = files
+        self.partitions = partitions
 
     def expand(self, indexed_paths):
         if not self.cfg.dedup:
             read = indexed_paths | "ReadAll" >> beam.ParDo(ReadAllDocuments(self.cfg)).with_outputs("stats", main="docs")
             return read.docs, read.stats
-        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg)).with_outputs("stats", main="hashes")
+        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg, self.partitions)).with_outputs("stats", main="hashes")
         docs = (
             scan.hashes
-            | "FirstCopy" >> beam.CombinePerKey(FirstCopy())
-            | "ByFile" >> beam.Map(kept_by_file)
+            | "GroupByHash" >> beam.GroupByKey()
+            | "FirstCopies" >> beam.FlatMapTuple(first_copies)
             | "GroupByFile" >> beam.GroupByKey()
             | "ReadKept" >> beam.ParDo(ReadKeptDocuments(self.cfg, self.files))
         )

@@ -39,7 +39,7 @@ from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
 from data_prep.rows import RowBlock
-from data_prep.documents import ReadDocuments, cleaned_documents
+from data_prep.documents import ReadDocuments, cleaned_documents, dedup_partitions
 from data_prep.shards import SPILL_BYTES, ShuffleThroughFiles, ShuffleThroughRunner
 from data_prep.sources import expand_inputs
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
@@ -72,8 +72,9 @@ class TokenizeAndPack(beam.DoFn):
     Documents are tokenized in batches of `batch_size` documents or `batch_chars` characters; the
     packers keep their state for a whole bundle (across-document modes pack across batches).
     The tokenizer travels inside the DoFn as bytes (`TokenizerPayload`): workers never read `--tokenizer`.
-    One batch is encoded on a helper thread while the previous one is packed on this one (the Rust
-    tokenizer releases the GIL), so packing, counting and Beam's own work overlap the tokenization;
+    One batch is encoded on a helper thread (`start_batch`: the tokenizer's own code, which releases the
+    GIL) while this thread turns the previous one into arrays (`finish_batch`) and packs it, so Python
+    work (reading, packing, counting, Beam's own) overlaps the tokenization;
     batches are packed in the order they arrived, so the output does not depend on the timing.
     Each batch leaves as one `RowBlock` per split (ids in the token dtype): per-row work is numpy work.
     """
@@ -115,7 +116,7 @@ class TokenizeAndPack(beam.DoFn):
         docs = self.buffer
         self.buffer, self.buffered_chars = [], 0
         previous = self.in_flight
-        self.in_flight = (docs, self.encoder.submit(self.tokenizer.encode_batch, [d[0] for d in docs])) if docs else None
+        self.in_flight = (docs, self.encoder.submit(self.tokenizer.start_batch, [d[0] for d in docs])) if docs else None
         if previous:
             yield from self._pack(*previous)
         if drain and self.in_flight:
@@ -125,7 +126,7 @@ class TokenizeAndPack(beam.DoFn):
     def _pack(self, docs, encodings):
         cfg, stats = self.cfg, self.stats
         by_split: dict[str, list] = {name: [] for name in SPLIT_NAMES}
-        for (text, key, copies), encoded in zip(docs, encodings.result()):
+        for (text, key, copies), encoded in zip(docs, self.tokenizer.finish_batch(encodings.result())):
             by_split[split_of(key or text, cfg.validation_fraction, cfg.seed)].append(encoded)
             stats["tokens_read"] += len(encoded[0]) * copies
             if copies > 1:
@@ -210,19 +211,20 @@ def _write_npy(array: np.ndarray, path: str) -> None:
 
 
 def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], tokenizer: TokenizerPayload, vocab_size: int,
-                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES) -> None:
+                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES, dedup_partitions: int = 1) -> None:
     """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn.
 
     `spill`: shuffle rows into shards through spill files (the local runner, whose GroupByKey is in
     memory), `spill_bytes` buffered per bundle; False: through the runner's GroupByKey (Dataflow, Flink,
-    Spark). Both write the same shards.
+    Spark). Both write the same shards. `dedup_partitions`: hash partitions of the dedup pass (data_prep/documents.py).
     """
     tmp = os.path.join(cfg.output, TMP_DIR)
     docs, read_stats = (
         pipeline
         | "Files" >> beam.Create(list(enumerate(files)))
-        | "SpreadFiles" >> beam.Reshuffle()
-        | "Read" >> ReadDocuments(cfg, files)
+        | "SpreadFiles" >> beam.GroupByKey()  # one file per key: files spread over the workers
+        | "OneFile" >> beam.MapTuple(lambda index, paths: (index, next(iter(paths))))
+        | "Read" >> ReadDocuments(cfg, files, dedup_partitions)
     )
     packed = (
         docs
@@ -242,12 +244,12 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], t
     _ = (
         (read_stats, packed.stats)
         | "AllStats" >> beam.Flatten()
-        | "MergeStats" >> beam.CombineGlobally(MergeCounters())
+        | "MergeStats" >> beam.CombineGlobally(MergeCounters()).without_defaults()
         | "WriteStats" >> beam.Map(_write_json, os.path.join(tmp, "stats.json"))
     )
     _ = (
         packed.counts
-        | "SumCounts" >> beam.CombineGlobally(SumArrays(vocab_size))
+        | "SumCounts" >> beam.CombineGlobally(SumArrays(vocab_size)).without_defaults()
         | "WriteCounts" >> beam.Map(_write_npy, os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE))
     )
 
@@ -274,6 +276,8 @@ def beam_options(cfg: PrepConfig, beam_args: list[str], workers: int) -> Pipelin
     args = list(beam_args)
     if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
         args.append("--default_sdk_harness_log_level=WARNING")
+    if not any("pipeline_type_check" in a for a in args):
+        args.append("--no_pipeline_type_check")  # our transforms are untyped; checking them costs ~0.1 s per run
     if not any(a.startswith("--runner") for a in args):
         if workers > 1:
             args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
@@ -543,7 +547,7 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
     try:
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards,
-                           spill=runner is not None)
+                           spill=runner is not None, dedup_partitions=dedup_partitions(input_bytes))
         log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
         manifest = finalize(cfg, tokenizer, files, token_dtype, recorded)
     except BaseException:

@@ -115,6 +115,14 @@ class RowBlock:
             order[start : start + size] = sorted(order[start : start + size].tolist(), key=content)
         return order
 
+    HEADER_SIZE = _SPILL_HEADER.size
+
+    @staticmethod
+    def header(data: bytes) -> tuple[int, int]:
+        """(rows, tokens) from the first HEADER_SIZE bytes of `to_bytes`."""
+        rows, tokens, _ = _SPILL_HEADER.unpack_from(data, 0)
+        return rows, tokens
+
     def to_bytes(self) -> bytes:
         """Spill-file bytes: header (rows, tokens, has flags), lengths (u32), ids, flags."""
         header = _SPILL_HEADER.pack(len(self.lengths), len(self.ids), self.flags is not None)

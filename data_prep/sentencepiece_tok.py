@@ -80,12 +80,27 @@ class SentencePieceTokenizer:
         self._hf = None
 
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.finish_batch(self.start_batch(texts))
+
+    def start_batch(self, texts: list[str]):
+        """Every text's pieces encoded in one sentencepiece call (its own threads, one per CPU)."""
         from data_prep.tokenization import _split_long
 
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            for piece in _split_long(text, self.max_piece_chars):
+                pieces.append(piece)
+                owner.append(i)
+        return (self.sp.encode(pieces, num_threads=os.cpu_count() or 1) if pieces else []), owner, len(texts)
+
+    def finish_batch(self, started) -> list[tuple[np.ndarray, np.ndarray]]:
+        encoded, owner, count = started
+        parts: list[list] = [[] for _ in range(count)]
+        for ids, i in zip(encoded, owner):
+            parts[i].append(np.asarray(ids, np.int64))
         out = []
-        for text in texts:
-            parts = [np.asarray(ids, np.int64) for ids in self.sp.encode(_split_long(text, self.max_piece_chars))]
-            ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        for text_parts in parts:
+            ids = np.concatenate(text_parts) if text_parts else np.zeros(0, np.int64)
             starts = self._starts_word[ids] if len(ids) else np.zeros(0, bool)
             if len(starts):
                 starts[0] = True

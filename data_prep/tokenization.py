@@ -124,20 +124,30 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids (no special tokens) and word-start flags for each text."""
-        if not texts:
-            return []
+        return self.finish_batch(self.start_batch(texts))
+
+    def start_batch(self, texts: list[str]):
+        """The part of `encode_batch` that runs in Rust without the GIL (on all cores); `finish_batch` completes it.
+
+        TokenizeAndPack runs this on a helper thread while its own thread finishes the previous batch."""
         limit = self.max_piece_chars
         if all(len(text) <= limit for text in texts):  # the common case: one piece per text
-            return [self._ids_and_starts(enc) for enc in self._encode(texts)]
+            return self._encode(texts) if texts else [], None, len(texts)
         pieces: list[str] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
             for piece in _split_long(text, limit):
                 pieces.append(piece)
                 owner.append(i)
-        encodings = self._encode(pieces) if pieces else []
-        ids_parts: list[list[np.ndarray]] = [[] for _ in texts]
-        start_parts: list[list[np.ndarray]] = [[] for _ in texts]
+        return (self._encode(pieces) if pieces else []), owner, len(texts)
+
+    def finish_batch(self, started) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, word starts) per text from what `start_batch` returned."""
+        encodings, owner, count = started
+        if owner is None:
+            return [self._ids_and_starts(enc) for enc in encodings]
+        ids_parts: list[list[np.ndarray]] = [[] for _ in range(count)]
+        start_parts: list[list[np.ndarray]] = [[] for _ in range(count)]
         for enc, i in zip(encodings, owner):
             ids, starts = self._ids_and_starts(enc)
             ids_parts[i].append(ids)
@@ -146,7 +156,6 @@ class HFTokenizer:
             (np.concatenate(a) if a else np.zeros(0, np.int64), np.concatenate(b) if b else np.zeros(0, bool))
             for a, b in zip(ids_parts, start_parts)
         ]
-
 
     def _needs_word_ids(self) -> bool:
         return self.packing != "causal" and self.continues_word is None

@@ -157,14 +157,15 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
             if len(ids[s:s + 6]) + 2 >= 3:
                 expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
     with TestPipeline(runner="FnApiRunner") as p:  # the runner distill-prep uses locally (DirectRunner's detour via Prism leaks a temp dir)
-        kept, stats = p | beam.Create(list(enumerate(files))) | ReadDocuments(cfg, files)
+        batches, stats = p | beam.Create(list(enumerate(files))) | ReadDocuments(cfg, files, partitions=3)
+        kept = batches | beam.FlatMap(lambda batch: batch)
         assert_that(kept, equal_to([(docs[0], None, 2), (docs[1], None, 2)]), label="first copies, with their copy counts")
         assert_that(stats | beam.Map(lambda s: (s["files"], s["documents_read"], s.get("dropped.empty.documents", 0))),
                     equal_to([(1, 3, 0), (1, 2, 1)]), label="per-file counters")
         rows = kept | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train")
         assert_that(rows.train | beam.FlatMap(lambda block: [tuple(ids.tolist()) for ids, _ in block.rows()]), equal_to(expected), label="sequences")
         unique = p | "NoDedup" >> beam.Create(list(enumerate(files))) | "ReadAll" >> ReadDocuments(dataclasses.replace(cfg, dedup=False), files)
-        assert_that(unique[0], equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]), label="every copy without dedup")
+        assert_that(unique[0] | "Unbatch" >> beam.FlatMap(lambda batch: batch), equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]), label="every copy without dedup")
 
 
 def _read_split(out, manifest, split):
