@@ -1,20 +1,33 @@
-"""distill-prep throughput, side by side with a plain single-process `datasets.map(batched=True)` loop.
+"""distill-prep throughput and memory, side by side with a plain single-process `datasets.map(batched=True)` loop.
 
-    python bench/prep_throughput.py                     # WikiText-2 valid (../shared/data) or the demo corpus
-    python bench/prep_throughput.py --input corpus/ --tokenizer /models/bert-base-uncased --workers 2
+    python bench/prep_throughput.py                     # S = 10 distinct copies of WikiText-2 valid (11 MB), 10xS = 100 (112 MB)
+    python bench/prep_throughput.py --copies 1 10       # quicker: 1.1 MB and 11 MB
+    python bench/prep_throughput.py --input corpus/*.txt --tokenizer /models/bert-base-uncased
     python bench/prep_throughput.py --huge-line-mb 100  # one 100 MB single-line document: time, memory, accounting
 
-Both sides do the same work on the same corpus, at size S and at 10xS: read documents, tokenize with the
-same fast tokenizer, pack into [CLS] ... [SEP] windows, and (pipeline only) clean, dedup, shuffle, shard,
-count and write the manifest. Prints tokens/s, the ratios, and the pipeline's peak RSS (the driver plus
-its Beam worker processes), for distill-prep's default mode and with worker processes forced.
+Every side does the same work on the same corpus: read the documents, tokenize them with the same fast
+tokenizer (no special tokens, word-start flags), pack them into [CLS] ... [SEP] windows. The pipeline also
+cleans, dedups, splits train/validation, shuffles, shards, counts and writes the manifest. Sides:
+
+- `datasets.map` + tokenizer call: the plain loop, as Hugging Face's examples write it
+  (`tokenizer(batch["text"], add_special_tokens=False)`, word ids from the BatchEncoding);
+- `datasets.map` + adapter: the same loop calling distill-prep's own tokenizer adapter (its faster path), a
+  stricter reference;
+- distill-prep default (its automatic choice of in-process or worker processes), and with `--workers N` forced.
+
+Each measurement runs in a fresh Python process that imports its libraries before its clock starts, and
+reports wall seconds, CPU seconds (its threads and child processes) and its peak RSS (with its children).
+Measurements are interleaved over `--rounds` rounds and the fastest of each is kept (the machine's speed
+drifts), with the largest peak RSS seen.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,12 +37,15 @@ import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
+SIDES = ("plain", "adapter", "pipeline", "workers")
+LABELS = {"plain": "datasets.map + tokenizer call (plain loop)", "adapter": "datasets.map + distill-prep's tokenizer adapter",
+          "pipeline": "distill-prep default", "workers": "distill-prep --workers {n}"}
 
 
 class PeakRSS:
     """Poll the resident memory of this process and its children; keep the peak of the sum."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.05):
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
@@ -62,70 +78,112 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size: int) -> tuple[int, float, float]:
-    """Plain datasets.map over the same documents: tokenize + pack, one process. Returns (tokens, seconds, CPU seconds)."""
+def _documents(files: list[str]) -> list[str]:
+    return list(dict.fromkeys(line.strip() for path in files for line in open(path, encoding="utf-8") if line.strip()))  # same dedup
+
+
+def _word_starts(word_ids):
+    import numpy as np
+
+    words = np.array(word_ids, dtype=np.float64)  # None -> NaN: a token of no word starts one
+    starts = np.ones(len(words), dtype=bool)
+    starts[1:] = words[1:] != words[:-1]
+    return starts
+
+
+def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size: int, adapter: bool) -> int:
+    """datasets.map over the documents: tokenize + pack, one process. Returns the tokens written."""
     import datasets
+    import numpy as np
 
     from data_prep.packing import pack_document
     from data_prep.tokenization import load_tokenizer
 
     datasets.disable_progress_bars()
-    start, cpu = time.time(), cpu_seconds()
     tok = load_tokenizer(tokenizer_dir)
-    docs = list(dict.fromkeys(line.strip() for path in files for line in open(path, encoding="utf-8") if line.strip()))  # same dedup
+    hf = tok.tokenizer
 
-    def tokenize_and_pack(batch):
+    def pack(rows, ids, starts):
+        for seq in pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, max_seq_len, 12, 0.5).sequences:
+            rows["input_ids"].append(seq.ids.tolist())
+            rows["word_start"].append(seq.word_start.tolist())
+
+    def with_adapter(batch):
         rows = {"input_ids": [], "word_start": []}
         for ids, starts in tok.encode_batch(batch["text"]):
-            for seq in pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, max_seq_len, 12, 0.5).sequences:
-                rows["input_ids"].append(seq.ids.tolist())
-                rows["word_start"].append(seq.word_start.tolist())
+            pack(rows, ids, starts)
         return rows
 
-    ds = datasets.Dataset.from_dict({"text": docs}).map(tokenize_and_pack, batched=True, batch_size=batch_size, remove_columns=["text"])
-    tokens = sum(len(x) for x in ds["input_ids"])
-    return tokens, time.time() - start, cpu_seconds() - cpu
+    def plain(batch):
+        rows = {"input_ids": [], "word_start": []}
+        encoded = hf(batch["text"], add_special_tokens=False)
+        for i, ids in enumerate(encoded["input_ids"]):
+            pack(rows, np.asarray(ids, dtype=np.int64), _word_starts(encoded.word_ids(i)))
+        return rows
+
+    ds = datasets.Dataset.from_dict({"text": _documents(files)})
+    ds = ds.map(with_adapter if adapter else plain, batched=True, batch_size=batch_size, remove_columns=["text"])
+    return sum(len(x) for x in ds["input_ids"])
 
 
-def scaled_corpus(files: list[str], copies: int, directory: str) -> list[str]:
-    """`copies` distinct copies of the corpus (each line prefixed with its copy number, so dedup keeps them)."""
-    os.makedirs(directory, exist_ok=True)
-    out = []
-    for c in range(copies):
-        path = os.path.join(directory, f"copy{c:03d}.txt")
-        with open(path, "w", encoding="utf-8") as handle:
-            for f in files:
-                for line in open(f, encoding="utf-8"):
-                    handle.write(f"{c} {line}" if line.strip() else line)
-        out.append(path)
-    return out
-
-
-def run_pipeline(files, tokenizer, out, args, workers):
-    """run_prep in this process (Beam's chatter, also its worker processes', to a log file).
-
-    Returns (manifest, seconds, peak RSS, CPU seconds of this process and the worker processes)."""
+def run_pipeline(files, tokenizer, out, max_seq_len, batch_size, workers):
+    """run_prep (Beam's chatter, also its worker processes', to a log file). Returns (tokens written, manifest)."""
     from data_prep.cli import stderr_to_file
     from data_prep.config import PrepConfig
     from data_prep.pipeline import run_prep
 
-    cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=out, max_seq_len=args.max_seq_len, batch_size=args.batch_size)
-    start, cpu = time.time(), cpu_seconds()
-    with PeakRSS() as rss, stderr_to_file(os.path.join(os.path.dirname(out), "beam.log")):
+    cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=out, max_seq_len=max_seq_len, batch_size=batch_size)
+    with stderr_to_file(os.path.join(os.path.dirname(out), "beam.log")):
         manifest = run_prep(cfg, workers=workers)
-    seconds, cpu = time.time() - start, cpu_seconds() - cpu
     shutil.rmtree(out, ignore_errors=True)
-    return manifest, seconds, rss.peak, cpu
+    return sum(s.tokens for s in manifest.splits.values()), manifest
 
 
-def written_tokens(manifest) -> int:
-    return sum(s.tokens for s in manifest.splits.values())
+def measure(args) -> int:
+    """One side, in this fresh process: import first, then time. Prints one JSON line."""
+    import importlib
+
+    from data_prep.tokenization import load_tokenizer
+
+    for module in ("datasets", "apache_beam.runners.portability.fn_api_runner.fn_runner", "data_prep.pipeline"):
+        importlib.import_module(module)  # libraries load before the clock, for every side alike
+
+    load_tokenizer(args.tokenizer)  # transformers and tokenizers imported
+    files = sorted(os.path.join(args.corpus, f) for f in os.listdir(args.corpus))
+    start, cpu = time.time(), cpu_seconds()
+    with PeakRSS() as rss:
+        extra = {}
+        if args.measure in ("plain", "adapter"):
+            tokens = baseline(files, args.tokenizer, args.max_seq_len, args.batch_size, adapter=args.measure == "adapter")
+        else:
+            workers = args.workers if args.measure == "pipeline" else args.compare_workers
+            tokens, manifest = run_pipeline(files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers)
+            beam = manifest.pipeline_options["beam"]
+            extra = {"mode": f"{beam.get('direct_num_workers', 1)} worker processes" if beam.get("direct_running_mode") == "multi_processing" else "in-process",
+                     "documents": manifest.stats["documents_read"]}
+    print(json.dumps({"tokens": tokens, "seconds": time.time() - start, "cpu": cpu_seconds() - cpu, "peak_rss": rss.peak, **extra}))
+    return 0
 
 
-def mode_name(manifest) -> str:
-    beam = manifest.pipeline_options["beam"]
-    n = beam.get("direct_num_workers", 1)
-    return f"{n} worker processes" if beam.get("direct_running_mode") == "multi_processing" else "in-process"
+def scaled_corpus(files: list[str], copies: int, directory: str) -> str:
+    """A directory of `copies` distinct copies of the corpus (each line prefixed with its copy number, so dedup keeps them)."""
+    os.makedirs(directory, exist_ok=True)
+    for c in range(copies):
+        with open(os.path.join(directory, f"copy{c:03d}.txt"), "w", encoding="utf-8") as handle:
+            for f in files:
+                for line in open(f, encoding="utf-8"):
+                    handle.write(f"{c} {line}" if line.strip() else line)
+    return directory
+
+
+def _child(side: str, corpus: str, args, scratch: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure", side, "--corpus", corpus, "--tokenizer", args.tokenizer, "--scratch", scratch,
+           "--max-seq-len", str(args.max_seq_len), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--compare-workers", str(args.compare_workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} on {corpus} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def huge_line(args, work: str) -> int:
@@ -150,13 +208,15 @@ def huge_line(args, work: str) -> int:
             run += 1
         handle.write("\n")
     size = os.path.getsize(path)
-    load_tokenizer(tokenizer)  # import transformers before the clock starts, as the other figures do
-    manifest, seconds, peak, cpu = run_pipeline([path], tokenizer, os.path.join(work, "out_huge"), args, args.workers)
+    load_tokenizer(tokenizer)  # import transformers before the clock starts
+    start, cpu = time.time(), cpu_seconds()
+    with PeakRSS() as rss:
+        tokens, manifest = run_pipeline([path], tokenizer, os.path.join(work, "out_huge"), args.max_seq_len, args.batch_size, args.workers)
+    seconds, cpu = time.time() - start, cpu_seconds() - cpu
     st = manifest.stats
     ok = st["tokens_read"] == st["content_tokens_written"] + st["tokens_dropped"]
-    print(f"one line of {size / 1e6:,.1f} MB ({size:,} bytes, no newline inside), distill-prep {mode_name(manifest)}, max line piece 4 MB:")
-    print(f"  wall {seconds:.1f}s, CPU {cpu:.1f}s, peak RSS (driver + workers) {peak / 2**20:,.0f} MiB, {written_tokens(manifest):,} tokens written "
-          f"({written_tokens(manifest) / seconds:,.0f} tokens/s)")
+    print(f"one line of {size / 1e6:,.1f} MB ({size:,} bytes, no newline inside), max line piece 4 MB:")
+    print(f"  wall {seconds:.1f}s, CPU {cpu:.1f}s, peak RSS (driver + workers) {rss.peak / 2**20:,.0f} MiB, {tokens:,} tokens written ({tokens / seconds:,.0f} tokens/s)")
     print(f"  documents (line pieces) read {st['documents_read']:,}; tokens read {st['tokens_read']:,} = written {st['content_tokens_written']:,} "
           f"+ dropped {st['tokens_dropped']:,} ({', '.join(f'{k}: {v}' for k, v in sorted(st['dropped'].items()))}): {'holds' if ok else 'BROKEN'}")
     return 0 if ok else 1
@@ -172,15 +232,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="text files (default: WikiText-2 valid, else the demo corpus)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: WordPiece 8000 trained on the input)")
-    parser.add_argument("--workers", type=int, default=0, help="distill-prep --workers (default 0: its automatic choice)")
-    parser.add_argument("--compare-workers", type=int, default=os.cpu_count() or 1,
-                        help="also run with this many worker processes forced, at both sizes (0: skip)")
+    parser.add_argument("--copies", type=int, nargs="+", default=[10, 100], help="corpus sizes, in distinct copies of the input (default: 10 100)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest of each side is kept")
+    parser.add_argument("--workers", type=int, default=0, help="distill-prep --workers for the default side (0: its automatic choice)")
+    parser.add_argument("--compare-workers", type=int, default=os.cpu_count() or 1, help="also run with this many worker processes forced (0: skip)")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--scale", type=int, default=10, help="memory check: also run on this many distinct copies of the corpus")
+    parser.add_argument("--pipeline-only", action="store_true", help="skip the datasets.map sides (memory at a large size, quicker)")
     parser.add_argument("--huge-line-mb", type=int, default=0, help="instead: run distill-prep on one single-line document of this many MB")
+    parser.add_argument("--measure", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from distill.demo_assets import write_corpus
+    if args.measure:
+        return measure(args)
 
     work = tempfile.mkdtemp(prefix="prep_bench_")
     try:
@@ -188,40 +253,45 @@ def main() -> int:
             return huge_line(args, work)
         files = args.input
         if not files:
+            from distill.demo_assets import write_corpus
+
             files = [SHARED_WIKITEXT] if os.path.exists(SHARED_WIKITEXT) else write_corpus(os.path.join(work, "corpus"))
-        tokenizer = args.tokenizer or _default_tokenizer(files, work)
-        from data_prep.tokenization import load_tokenizer
+        args.tokenizer = args.tokenizer or _default_tokenizer(files, work)
+        sides = [s for s in SIDES if (s != "workers" or args.compare_workers) and not (args.pipeline_only and s in ("plain", "adapter"))]
+        results = {}
+        for copies in args.copies:
+            corpus = scaled_corpus(files, copies, os.path.join(work, f"x{copies}"))
+            best: dict[str, dict] = {}
+            for _ in range(args.rounds):
+                for side in sides:
+                    r = _child(side, corpus, args, work)
+                    if side not in best or r["seconds"] < best[side]["seconds"]:
+                        best[side] = {**r, "peak_rss": max(r["peak_rss"], best.get(side, {}).get("peak_rss", 0))}
+                    else:
+                        best[side]["peak_rss"] = max(best[side]["peak_rss"], r["peak_rss"])
+            results[copies] = (corpus, best)
+            shutil.rmtree(corpus)
 
-        load_tokenizer(tokenizer)  # import transformers once, before any clock starts (both sides load the tokenizer on the clock)
-        big_files = scaled_corpus(files, args.scale, os.path.join(work, "big"))
-        sizes = {"S": files, f"{args.scale}xS": big_files}
-        rows = []
-        for name, inputs in sizes.items():
-            base_tokens, base_seconds, base_cpu = baseline(inputs, tokenizer, args.max_seq_len, args.batch_size)
-            runs = [run_pipeline(inputs, tokenizer, os.path.join(work, "out"), args, args.workers)]
-            if args.compare_workers:
-                runs.append(run_pipeline(inputs, tokenizer, os.path.join(work, "out"), args, args.compare_workers))
-            for manifest, *_ in runs:
-                if written_tokens(manifest) != base_tokens:
-                    print(f"note ({name}): pipeline wrote {written_tokens(manifest)} tokens, the baseline {base_tokens} (cleaning changed some documents)")
-            rows.append((name, inputs, base_tokens, base_seconds, base_cpu, runs))
-
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (other jobs share the CPUs)")
-        for name, inputs, base_tokens, base_seconds, base_cpu, runs in rows:
-            size = sum(os.path.getsize(f) for f in inputs)
-            print(f"corpus {name}: {len(inputs)} file(s), {size / 1e6:.1f} MB, {runs[0][0].stats['documents_read']:,} documents, {base_tokens:,} tokens written")
-            base_rate = base_tokens / base_seconds
-            base_per_cpu = base_tokens / base_cpu
-            print(f"  datasets.map (1 process, tokenize + pack):  {base_rate:>10,.0f} tokens/s  ({base_seconds:.1f}s; CPU {base_cpu:.1f}s, {base_per_cpu:,.0f} tokens/CPU-s)")
-            for i, (manifest, seconds, peak, cpu) in enumerate(runs):
-                label = "default" if i == 0 else f"--workers {args.compare_workers}"
-                rate = written_tokens(manifest) / seconds
-                print(f"  distill-prep {label} ({mode_name(manifest)}; + clean/dedup/shuffle/shard/count/manifest): "
-                      f"{rate:>10,.0f} tokens/s  ({seconds:.1f}s, peak RSS {peak / 2**20:,.0f} MiB; CPU {cpu:.1f}s, "
-                      f"{written_tokens(manifest) / cpu:,.0f} tokens/CPU-s)  ratio {rate / base_rate:.2f}x (per CPU-s {written_tokens(manifest) / cpu / base_per_cpu:.2f}x)")
-        for i in range(len(rows[0][5])):
-            label = "default" if i == 0 else f"--workers {args.compare_workers}"
-            print(f"peak RSS {rows[1][0]} / S ({label}): {rows[1][5][i][2] / rows[0][5][i][2]:.2f}x")
+        print(f"machine: {os.cpu_count()} CPUs; fastest of {args.rounds} interleaved rounds per side; load average {os.getloadavg()[0]:.1f} at the end")
+        for copies, (corpus, best) in results.items():
+            base = best.get("plain")
+            size = sum(os.path.getsize(f) for f in files) * copies
+            print(f"corpus {copies} x {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB), {best['pipeline'].get('documents', 0):,} documents, "
+                  f"{best['pipeline']['tokens']:,} tokens written by the pipeline")
+            for side in sides:
+                r = best[side]
+                rate = r["tokens"] / r["seconds"]
+                label = LABELS[side].format(n=args.compare_workers) + (f" ({r['mode']})" if "mode" in r else "")
+                ratios = "" if side == "plain" or not base else f"  {rate / (base['tokens'] / base['seconds']):.2f}x the plain loop"
+                if side not in ("plain", "adapter") and base:
+                    ratios += f", {rate / (best['adapter']['tokens'] / best['adapter']['seconds']):.2f}x the adapter loop"
+                print(f"  {label:<62} {rate:>10,.0f} tokens/s ({r['seconds']:.1f}s, CPU {r['cpu']:.1f}s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB){ratios}")
+            if base and best["pipeline"]["tokens"] != base["tokens"]:
+                print(f"  note: the pipeline wrote {best['pipeline']['tokens']:,} tokens, the baseline {base['tokens']:,} (cleaning changed some documents)")
+        if len(results) >= 2:
+            (small, (_, a)), (large, (_, b)) = list(results.items())[0], list(results.items())[-1]
+            for side in sides:
+                print(f"peak RSS at {large} copies / at {small} copies, {LABELS[side].format(n=args.compare_workers)}: {b[side]['peak_rss'] / a[side]['peak_rss']:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -352,11 +352,15 @@ def _shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
     infos = []
     root = cfg.output.rstrip("/") + "/"
     for meta in _list_files(os.path.join(cfg.output, split, "*.parquet")):
+        rows = tokens = 0
         with FileSystems.open(meta.path, compression_type="uncompressed") as handle:
-            table = pq.read_table(handle, columns=["input_ids"])
-        tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+            shard = pq.ParquetFile(handle)
+            for group in range(shard.num_row_groups):  # one row group at a time: memory does not grow with the shard
+                ids = shard.read_row_group(group, columns=["input_ids"]).column("input_ids")
+                rows += len(ids)
+                tokens += int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
         infos.append(mf.ShardInfo(path=meta.path[len(root):] if meta.path.startswith(root) else os.path.relpath(meta.path, cfg.output),
-                                  rows=table.num_rows, tokens=tokens, sha256=_sha256(meta.path), bytes=meta.size_in_bytes))
+                                  rows=rows, tokens=tokens, sha256=_sha256(meta.path), bytes=meta.size_in_bytes))
     return infos
 
 

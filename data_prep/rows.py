@@ -8,7 +8,6 @@ which is what makes the shuffle deterministic: same rows and seed, same shards, 
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -16,7 +15,6 @@ import numpy as np
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _TOKEN, _POSITION, _LENGTH = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9)
-_SPILL_HEADER = struct.Struct("<QQ?")  # rows, tokens, with flags
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -114,30 +112,3 @@ class RowBlock:
         for start, size in zip(bounds[:-1][sizes > 1].tolist(), sizes[sizes > 1].tolist()):
             order[start : start + size] = sorted(order[start : start + size].tolist(), key=content)
         return order
-
-    HEADER_SIZE = _SPILL_HEADER.size
-
-    @staticmethod
-    def header(data: bytes) -> tuple[int, int]:
-        """(rows, tokens) from the first HEADER_SIZE bytes of `to_bytes`."""
-        rows, tokens, _ = _SPILL_HEADER.unpack_from(data, 0)
-        return rows, tokens
-
-    def to_bytes(self) -> bytes:
-        """Spill-file bytes: header (rows, tokens, has flags), lengths (u32), ids, flags."""
-        header = _SPILL_HEADER.pack(len(self.lengths), len(self.ids), self.flags is not None)
-        parts = [header, self.lengths.astype("<u4").tobytes(), self.ids.tobytes()]
-        if self.flags is not None:
-            parts.append(self.flags.tobytes())
-        return b"".join(parts)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, token_dtype: str) -> "RowBlock":
-        rows, tokens, with_flags = _SPILL_HEADER.unpack_from(data, 0)
-        pos = _SPILL_HEADER.size
-        lengths = np.frombuffer(data, dtype="<u4", count=rows, offset=pos).astype(np.int64)
-        pos += 4 * rows
-        ids = np.frombuffer(data, dtype=token_dtype, count=tokens, offset=pos)
-        pos += ids.nbytes
-        flags = np.frombuffer(data, dtype=bool, count=tokens, offset=pos) if with_flags else None
-        return cls(lengths, ids, flags)

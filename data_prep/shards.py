@@ -1,15 +1,20 @@
 """Blocks of packed rows -> globally shuffled Parquet shards, by one of two routes that write identical files.
 
 Every row gets a seeded 64-bit key from its token ids (`RowBlock.shuffle_keys`): shard = key % shards,
-and inside a shard rows are sorted by (key // shards, ids, flags). Same rows and seed, same shards, on
-any runner and worker count.
+and inside a shard rows are sorted by (key, ids, flags). Same rows and seed, same shards, on any
+runner and worker count; row groups hold `ROW_GROUP` rows (the last one fewer) on both routes.
 
 - `ShuffleThroughRunner`: rows go one by one through the runner's GroupByKey (Dataflow, Flink and
   Spark shuffle through disk across machines).
 - `ShuffleThroughFiles`: the local runner's GroupByKey holds every element in memory, so rows go to
-  spill files instead (`SpillRows`, up to `spill_bytes` buffered per bundle) and only the file names
-  are grouped; each shard is then read back, sorted and written (`write_spilled_shard`). Memory stays
-  bounded by the spill buffer and one shard, whatever the corpus size.
+  spill files instead and only the file names are grouped. `SpillRows` buffers rows per shard (up to
+  `spill_bytes` per bundle) and writes each shard's buffer as one file sorted by key;
+  `write_spilled_shard` then writes a shard one key range at a time, reading from every spill file only
+  the rows of that range (`SHARD_PIECE_BYTES` of tokens at most, on average). Memory stays bounded by the
+  spill buffer and one key range, whatever the corpus and shard sizes.
+
+Spill file: rows n (u64), keys (n × u64, ascending), lengths (n × u32), ids (token dtype), word-start
+flags (one byte per token, absent in causal mode).
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from data_prep.rows import RowBlock
 
-SPILL_BYTES = 32 << 20
-_KEYS_HEADER = struct.Struct("<Q")
+SPILL_BYTES = 16 << 20
+SHARD_PIECE_BYTES = 8 << 20
+ROW_GROUP = 8192  # rows per Parquet row group
+_ROWS = struct.Struct("<Q")
 
 
 def parquet_schema(token_dtype: str, packing: str = "document"):
@@ -42,36 +49,62 @@ def shard_path(directory: str, shard: int, shards: int) -> str:
     return os.path.join(directory, f"part-{shard:05d}-of-{shards:05d}.parquet")
 
 
-ROW_GROUP = 8192  # rows per Parquet row group, also the rows gathered at a time when a shard is written
+class ShardWriter:
+    """One Parquet shard, written from rows handed over in their final order, in row groups of ROW_GROUP rows."""
 
+    def __init__(self, path: str, token_dtype: str, packing: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
 
-def write_shard(block: RowBlock, keys: np.ndarray, shards: int, path: str, token_dtype: str, packing: str) -> str:
-    """Sort one shard's rows by (key // shards, ids, flags) and write them as one Parquet file at `path`.
+        # Arrow's default allocator (mimalloc) keeps the pages of every row group written; the system one hands
+        # them back (a 20 MB shard: +72 MB peak RSS with mimalloc, +37 MB with the system allocator).
+        pa.set_memory_pool(pa.system_memory_pool())
+        self.path, self.token_dtype = path, token_dtype
+        self.schema = parquet_schema(token_dtype, packing)
+        self.with_flags = packing != "causal"
+        self.handle = FileSystems.create(path)
+        self.writer = pq.ParquetWriter(self.handle, self.schema, compression="snappy")
+        self.pending: list[RowBlock] = []
+        self.pending_rows = 0
+        self.rows_written = 0
 
-    Rows are gathered one row group at a time, so writing needs little memory beyond `block` itself."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
+    def write(self, rows: RowBlock) -> None:
+        self.pending.append(rows)
+        self.pending_rows += len(rows)
+        if self.pending_rows >= ROW_GROUP:
+            block = RowBlock.concat(self.pending, self.token_dtype, self.with_flags)
+            full = (len(block) // ROW_GROUP) * ROW_GROUP
+            for start in range(0, full, ROW_GROUP):
+                self._write_group(block.take(np.arange(start, start + ROW_GROUP)))
+            rest = block.take(np.arange(full, len(block)))
+            self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
 
-    # Arrow's default allocator (mimalloc) keeps the pages of every row group written; the system one hands
-    # them back, which halved the writer's peak RSS on a 20 MB shard (+72 -> +37 MB).
-    pa.set_memory_pool(pa.system_memory_pool())
-    schema = parquet_schema(token_dtype, packing)
+    def _write_group(self, rows: RowBlock) -> None:
+        import pyarrow as pa
 
-    def table(rows: RowBlock):
-        if len(rows.ids) >= 1 << 31:
-            raise ValueError(f"a row group of {path} would hold over 2^31 tokens; lower --max-seq-len")
         offsets = rows.offsets.astype(np.int32)
-        columns = [pa.ListArray.from_arrays(offsets, rows.ids.astype(token_dtype, copy=False), type=schema.field("input_ids").type)]
-        if "word_start" in schema.names:
-            columns.append(pa.ListArray.from_arrays(offsets, rows.flags, type=schema.field("word_start").type))
-        return pa.Table.from_arrays(columns, schema=schema)
+        columns = [pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type)]
+        if self.with_flags:
+            columns.append(pa.ListArray.from_arrays(offsets, rows.flags, type=self.schema.field("word_start").type))
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.rows_written += len(rows)
 
-    order = block.sort_order(keys // np.uint64(shards))
-    with FileSystems.create(path) as handle, pq.ParquetWriter(handle, schema, compression="snappy") as writer:
-        for start in range(0, max(1, len(order)), ROW_GROUP):
-            writer.write_table(table(block.take(order[start : start + ROW_GROUP])))
-    return path
+    def close(self) -> str:
+        if self.pending_rows or not self.rows_written:
+            self._write_group(RowBlock.concat(self.pending, self.token_dtype, self.with_flags))
+        self.writer.close()
+        self.handle.close()
+        return self.path
+
+
+def write_shard(block: RowBlock, keys: np.ndarray, path: str, token_dtype: str, packing: str) -> str:
+    """Sort one shard's rows by (key, ids, flags) and write them as one Parquet file at `path`."""
+    writer = ShardWriter(path, token_dtype, packing)
+    order = block.sort_order(keys)
+    for start in range(0, len(order), ROW_GROUP):
+        writer.write(block.take(order[start : start + ROW_GROUP]))
+    return writer.close()
 
 
 class ShuffleThroughRunner(beam.PTransform):
@@ -95,7 +128,7 @@ class ShuffleThroughRunner(beam.PTransform):
             ids = [np.frombuffer(i, dtype=dtype) for _, i, _ in rows]
             block = RowBlock(np.array([len(i) for i in ids], dtype=np.int64), np.concatenate(ids) if ids else np.zeros(0, dtype),
                              None if packing == "causal" else np.frombuffer(b"".join(f for _, _, f in rows), dtype=bool))
-            return write_shard(block, keys, shards, shard_path(directory, shard, shards), dtype, packing)
+            return write_shard(block, keys, shard_path(directory, shard, shards), dtype, packing)
 
         return (
             blocks
@@ -106,12 +139,9 @@ class ShuffleThroughRunner(beam.PTransform):
 
 
 class SpillRows(beam.DoFn):
-    """Row blocks -> (shard, spill file): rows are buffered per shard and written out whenever `spill_bytes` are held.
-
-    A spill file holds one shard's rows of one flush: the number of rows (u64), their keys (u64 each),
-    then the rows as `RowBlock.to_bytes`. File names are unique per write, so a retried bundle never
-    clobbers a file another attempt emitted.
-    """
+    """Row blocks -> (shard, spill file): rows are buffered per shard and written out, sorted by key,
+    whenever `spill_bytes` are held. File names are unique per write, so a retried bundle never
+    clobbers a file another attempt emitted."""
 
     def __init__(self, directory: str, shards: int, seed: int, token_dtype: str, with_flags: bool, spill_bytes: int = SPILL_BYTES):
         self.directory, self.shards, self.seed, self.spill_bytes = directory, shards, seed, spill_bytes
@@ -141,10 +171,14 @@ class SpillRows(beam.DoFn):
 
         for shard, parts in sorted(self.buffers.items()):
             keys = np.concatenate([k for k, _ in parts])
-            block = RowBlock.concat([b for _, b in parts], self.token_dtype, self.with_flags)
+            order = np.argsort(keys, kind="stable")
+            block = RowBlock.concat([b for _, b in parts], self.token_dtype, self.with_flags).take(order)
+            arrays = [keys[order].astype("<u8"), block.lengths.astype("<u4"), block.ids] + ([block.flags] if self.with_flags else [])
             path = os.path.join(self.directory, f"{shard:05d}", f"{uuid.uuid4().hex}.spill")
             with FileSystems.create(path) as handle:
-                handle.write(_KEYS_HEADER.pack(len(keys)) + keys.astype("<u8").tobytes() + block.to_bytes())
+                handle.write(_ROWS.pack(len(keys)))
+                for array in arrays:
+                    handle.write(memoryview(np.ascontiguousarray(array)).cast("B"))  # no bytes copy of the data
             yield shard, path
         self.buffers, self.held = {}, 0
 
@@ -153,43 +187,60 @@ class SpillRows(beam.DoFn):
             yield WindowedValue(shard_and_path, 0, [GlobalWindow()])
 
 
-def read_spills(paths: list[str], token_dtype: str, with_flags: bool) -> tuple[np.ndarray, RowBlock]:
-    """(keys, rows) of spill files, read one file at a time into arrays sized from their headers."""
-    from apache_beam.io.filesystems import FileSystems
+class SpillFile:
+    """A spill file's keys and row offsets in memory (12 bytes a row); its tokens read a key range at a time."""
 
-    def read(path: str) -> bytes:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            return handle.read()
+    def __init__(self, path: str, token_dtype: str, with_flags: bool):
+        from apache_beam.io.filesystems import FileSystems
 
-    parts = []  # (rows, tokens) per file, from a small first read of each
-    for path in paths:
+        self.path, self.dtype, self.with_flags = path, np.dtype(token_dtype), with_flags
         with FileSystems.open(path, compression_type="uncompressed") as handle:
-            (rows,) = _KEYS_HEADER.unpack(handle.read(_KEYS_HEADER.size))
-            handle.seek(_KEYS_HEADER.size + 8 * rows)
-            parts.append(RowBlock.header(handle.read(RowBlock.HEADER_SIZE)))
-    total_rows, total_tokens = sum(r for r, _ in parts), sum(t for _, t in parts)
-    keys = np.empty(total_rows, dtype=np.uint64)
-    out = RowBlock(np.empty(total_rows, np.int64), np.empty(total_tokens, token_dtype), np.empty(total_tokens, bool) if with_flags else None)
-    row, token = 0, 0
-    for path, (rows, tokens) in zip(paths, parts):
-        data = read(path)
-        keys[row : row + rows] = np.frombuffer(data, dtype="<u8", count=rows, offset=_KEYS_HEADER.size)
-        block = RowBlock.from_bytes(memoryview(data)[_KEYS_HEADER.size + 8 * rows :], token_dtype)  # a view, not a copy
-        out.lengths[row : row + rows] = block.lengths
-        out.ids[token : token + tokens] = block.ids
-        if with_flags:
-            out.flags[token : token + tokens] = block.flags
-        row, token = row + rows, token + tokens
-    return keys, out
+            (rows,) = _ROWS.unpack(handle.read(_ROWS.size))
+            self.keys = np.frombuffer(handle.read(8 * rows), dtype="<u8")
+            self.lengths = np.frombuffer(handle.read(4 * rows), dtype="<u4").astype(np.int64)
+        self.offsets = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self.ids_at = _ROWS.size + 12 * rows
+        self.flags_at = self.ids_at + int(self.offsets[-1]) * self.dtype.itemsize
+
+    def read(self, low: int, high: int) -> tuple[np.ndarray, RowBlock]:
+        """(keys, rows) of the rows with low <= key < high."""
+        from apache_beam.io.filesystems import FileSystems
+
+        a = int(np.searchsorted(self.keys, np.uint64(low), side="left"))
+        b = len(self.keys) if high >= 1 << 64 else int(np.searchsorted(self.keys, np.uint64(high), side="left"))
+        first, last = int(self.offsets[a]), int(self.offsets[b])
+        if a == b:
+            return self.keys[a:b], RowBlock(self.lengths[a:b], np.zeros(0, self.dtype), np.zeros(0, bool) if self.with_flags else None)
+        with FileSystems.open(self.path, compression_type="uncompressed") as handle:
+            handle.seek(self.ids_at + first * self.dtype.itemsize)
+            ids = np.frombuffer(handle.read((last - first) * self.dtype.itemsize), dtype=self.dtype)
+            flags = None
+            if self.with_flags:
+                handle.seek(self.flags_at + first)
+                flags = np.frombuffer(handle.read(last - first), dtype=bool)
+        return self.keys[a:b], RowBlock(self.lengths[a:b], ids, flags)
 
 
 def write_spilled_shard(shard: int, spill_files, directory: str, shards: int, token_dtype: str, packing: str) -> str:
-    """Read one shard's spill files, write its Parquet file, delete the spill files."""
+    """Write one shard from its spill files, one key range at a time; delete the spill files."""
     from apache_beam.io.filesystems import FileSystems
 
     spill_files = sorted(spill_files)
-    keys, block = read_spills(spill_files, token_dtype, packing != "causal")
-    path = write_shard(block, keys, shards, shard_path(directory, shard, shards), token_dtype, packing)
+    with_flags = packing != "causal"
+    files = [SpillFile(path, token_dtype, with_flags) for path in spill_files]
+    tokens = sum(int(f.offsets[-1]) for f in files)
+    pieces = max(1, -(-tokens * (np.dtype(token_dtype).itemsize + with_flags) // SHARD_PIECE_BYTES))
+    bounds = [(i << 64) // pieces for i in range(pieces + 1)]  # keys are uniform: equal key ranges hold about equal tokens
+    writer = ShardWriter(shard_path(directory, shard, shards), token_dtype, packing)
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        parts = [f.read(low, high) for f in files]
+        keys = np.concatenate([k for k, _ in parts]).astype(np.uint64) if parts else np.zeros(0, np.uint64)
+        block = RowBlock.concat([b for _, b in parts], token_dtype, with_flags)
+        order = block.sort_order(keys)
+        for start in range(0, len(order), ROW_GROUP):
+            writer.write(block.take(order[start : start + ROW_GROUP]))
+    path = writer.close()
     FileSystems.delete(spill_files)
     return path
 

@@ -644,10 +644,16 @@ def test_shards_are_globally_shuffled_deterministically(tmp_path, corpus_dir, to
 
 
 @pytest.mark.parametrize("packing", ["document", "causal"])
-def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing):
+def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing, monkeypatch):
     """The local route (rows in spill files, only file names grouped) and the distributed route (the runner's
-    GroupByKey) write byte-identical shards; tiny spill buffers force many spill files per shard."""
+    GroupByKey) write byte-identical shards; tiny spill buffers force many spill files per shard, and tiny
+    key ranges many reads of each (the pipeline runs in this process, so the patched limit applies)."""
     import apache_beam as beam
+
+    import data_prep.shards
+
+    monkeypatch.setattr(data_prep.shards, "SHARD_PIECE_BYTES", 5000)
+    monkeypatch.setattr(data_prep.shards, "ROW_GROUP", 100)
 
     from data_prep.pipeline import beam_options, build_pipeline, local_runner, token_dtype_for
 
@@ -665,6 +671,7 @@ def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_
                            for d, _, names in os.walk(cfg.output) for f in names if f.endswith(".parquet")}
         rows = sum(pq.read_metadata(os.path.join(cfg.output, path)).num_rows for path in contents[route])
         assert rows * 16 > 20 * 4096, "the corpus must spill many times over"
+        assert sum(pq.read_metadata(os.path.join(cfg.output, path)).num_row_groups for path in contents[route]) > 8
         assert not [f for _, _, names in os.walk(os.path.join(cfg.output, "_prep_tmp")) for f in names if f.endswith(".spill")], "spill files are deleted once their shard is written"
     assert sorted(contents["spill"]) == ["train/part-00000-of-00003.parquet", "train/part-00001-of-00003.parquet", "train/part-00002-of-00003.parquet",
                                          "validation/part-00000-of-00001.parquet"]
