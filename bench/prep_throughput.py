@@ -13,7 +13,8 @@ cleans, dedups, splits train/validation, shuffles, shards, counts and writes the
   (`tokenizer(batch["text"], add_special_tokens=False)`, word ids from the BatchEncoding);
 - `datasets.map` + adapter: the same loop calling distill-prep's own tokenizer adapter (its faster path), a
   stricter reference;
-- distill-prep default (its automatic choice of in-process or worker processes), and with `--workers N` forced.
+- distill-prep in-process (`--workers 1`) and with `--workers N` worker processes; the line of the mode that
+  distill-prep picks by itself for that corpus is marked "default".
 
 Each measurement runs in a fresh Python process that imports its libraries before its clock starts, and
 reports wall seconds, CPU seconds (its threads and child processes) and its peak RSS (with its children).
@@ -39,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
 SIDES = ("plain", "adapter", "pipeline", "workers")
 LABELS = {"plain": "datasets.map + tokenizer call (plain loop)", "adapter": "datasets.map + distill-prep's tokenizer adapter",
-          "pipeline": "distill-prep default", "workers": "distill-prep --workers {n}"}
+          "pipeline": "distill-prep in-process (--workers 1)", "workers": "distill-prep --workers {n}"}
 
 
 class PeakRSS:
@@ -156,7 +157,7 @@ def measure(args) -> int:
         if args.measure in ("plain", "adapter"):
             tokens = baseline(files, args.tokenizer, args.max_seq_len, args.batch_size, adapter=args.measure == "adapter")
         else:
-            workers = args.workers if args.measure == "pipeline" else args.compare_workers
+            workers = 1 if args.measure == "pipeline" else args.compare_workers
             tokens, manifest = run_pipeline(files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers)
             beam = manifest.pipeline_options["beam"]
             extra = {"mode": f"{beam.get('direct_num_workers', 1)} worker processes" if beam.get("direct_running_mode") == "multi_processing" else "in-process",
@@ -234,8 +235,8 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: WordPiece 8000 trained on the input)")
     parser.add_argument("--copies", type=int, nargs="+", default=[10, 100], help="corpus sizes, in distinct copies of the input (default: 10 100)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest of each side is kept")
-    parser.add_argument("--workers", type=int, default=0, help="distill-prep --workers for the default side (0: its automatic choice)")
-    parser.add_argument("--compare-workers", type=int, default=os.cpu_count() or 1, help="also run with this many worker processes forced (0: skip)")
+    parser.add_argument("--workers", type=int, default=0, help="--huge-line-mb: distill-prep --workers (0: its automatic choice)")
+    parser.add_argument("--compare-workers", type=int, default=os.cpu_count() or 1, help="worker processes of the multi-process side (0: skip it)")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--pipeline-only", action="store_true", help="skip the datasets.map sides (memory at a large size, quicker)")
@@ -278,10 +279,15 @@ def main() -> int:
             size = sum(os.path.getsize(f) for f in files) * copies
             print(f"corpus {copies} x {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB), {best['pipeline'].get('documents', 0):,} documents, "
                   f"{best['pipeline']['tokens']:,} tokens written by the pipeline")
+            from data_prep.pipeline import choose_workers
+
+            default_workers = choose_workers(0, [(f, os.path.getsize(f)) for f in files] * copies)
             for side in sides:
                 r = best[side]
                 rate = r["tokens"] / r["seconds"]
-                label = LABELS[side].format(n=args.compare_workers) + (f" ({r['mode']})" if "mode" in r else "")
+                label = LABELS[side].format(n=args.compare_workers)
+                if (side == "pipeline" and default_workers == 1) or (side == "workers" and default_workers == args.compare_workers):
+                    label += ", default"
                 ratios = "" if side == "plain" or not base else f"  {rate / (base['tokens'] / base['seconds']):.2f}x the plain loop"
                 if side not in ("plain", "adapter") and base:
                     ratios += f", {rate / (best['adapter']['tokens'] / best['adapter']['seconds']):.2f}x the adapter loop"

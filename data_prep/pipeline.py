@@ -258,17 +258,17 @@ IN_PROCESS_MAX_BYTES = 16 << 20  # auto mode: smaller inputs run in the launcher
 
 
 def choose_workers(workers: int, files: list[tuple[str, int]]) -> int:
-    """`workers` if given; else 1 (in-process) for inputs under IN_PROCESS_MAX_BYTES, one process per CPU above.
+    """`workers` if given; else 1 (in-process) for inputs under IN_PROCESS_MAX_BYTES, above that one process
+    per CPU, at most one per input file (files are the unit of parallelism, data_prep/documents.py).
 
-    On a small corpus, starting worker processes and moving every stage's data between them and the
-    runner over gRPC costs more than the work (bench/prep_throughput.py: 1.1 MB and 11 MB of WikiText run
-    faster and in less memory in-process; the fast tokenizer still encodes each batch on all cores).
+    On a small corpus, starting worker processes costs more than the work (bench/prep_throughput.py: ~1.5 s
+    and ~400 MiB more at 1.1 and 11 MB of WikiText); in-process, the fast tokenizer still encodes on all cores.
     Compressed inputs count as 4x their size.
     """
     if workers:
         return workers
     text_bytes = sum(size * (4 if path.lower().endswith((".gz", ".bz2", ".parquet")) else 1) for path, size in files)
-    return 1 if text_bytes <= IN_PROCESS_MAX_BYTES else (os.cpu_count() or 1)
+    return 1 if text_bytes <= IN_PROCESS_MAX_BYTES else max(1, min(os.cpu_count() or 1, len(files)))
 
 
 def beam_options(cfg: PrepConfig, beam_args: list[str], workers: int) -> PipelineOptions:
