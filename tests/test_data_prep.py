@@ -676,3 +676,28 @@ def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_
     assert sorted(contents["spill"]) == ["train/part-00000-of-00003.parquet", "train/part-00001-of-00003.parquet", "train/part-00002-of-00003.parquet",
                                          "validation/part-00000-of-00001.parquet"]
     assert contents["spill"] == contents["runner"]
+
+
+def test_row_blocks_keys_order_and_gather():
+    """RowBlock: keys depend on the ids and their order only (and the seed); equal keys are ordered by content,
+    so the same rows in any input order give the same output; take() gathers whole rows."""
+    from data_prep.rows import RowBlock
+
+    rows = [([5, 6, 7], [1, 0, 1]), ([7, 6, 5], [1, 1, 1]), ([5, 6, 7], [1, 1, 0]), ([9], [1]), ([5, 6, 7], [1, 0, 1])]
+
+    def block(items):
+        return RowBlock(np.array([len(i) for i, _ in items]), np.array([t for i, _ in items for t in i], dtype=np.uint16),
+                        np.array([f for _, fl in items for f in fl], dtype=bool))
+
+    b = block(rows)
+    keys = b.shuffle_keys(0)
+    assert keys[0] == keys[2] == keys[4] and len(set(keys.tolist())) == 3, "same ids, same key; reversed ids, another key"
+    assert not np.array_equal(keys, b.shuffle_keys(1))
+    assert np.array_equal(block(rows[:1]).shuffle_keys(0), keys[:1]), "a row's key does not depend on its block"
+    out = [(ids.tolist(), flags.tolist()) for ids, flags in b.take(b.sort_order(keys)).rows()]
+    assert sorted(out) == sorted((list(i), [bool(f) for f in fl]) for i, fl in rows)
+    shuffled = block(rows[::-1])
+    again = [(ids.tolist(), flags.tolist()) for ids, flags in shuffled.take(shuffled.sort_order(shuffled.shuffle_keys(0))).rows()]
+    assert again == out, "the order is a function of the rows, not of their arrival"
+    tied = [i for i, (ids, _) in enumerate(out) if ids == [5, 6, 7]]
+    assert [out[i][1] for i in tied] == sorted(out[i][1] for i in tied) and len(tied) == 3
