@@ -701,3 +701,16 @@ def test_row_blocks_keys_order_and_gather():
     assert again == out, "the order is a function of the rows, not of their arrival"
     tied = [i for i, (ids, _) in enumerate(out) if ids == [5, 6, 7]]
     assert [out[i][1] for i in tied] == sorted(out[i][1] for i in tied) and len(tied) == 3
+
+
+def test_worker_processes_chosen_by_input_size_and_file_count():
+    from data_prep.pipeline import IN_PROCESS_MAX_BYTES, choose_workers
+
+    cpus = os.cpu_count() or 1
+    assert choose_workers(3, [("a.txt", 10)]) == 3, "an explicit --workers wins"
+    assert choose_workers(0, [("a.txt", IN_PROCESS_MAX_BYTES)]) == 1, "small inputs run in-process"
+    quarter = IN_PROCESS_MAX_BYTES // 4
+    assert choose_workers(0, [("a.txt", quarter), ("b.txt", quarter)]) == 1
+    assert choose_workers(0, [("a.txt.gz", quarter), ("b.txt.gz", quarter)]) == min(cpus, 2), "compressed input counts 4x"
+    assert choose_workers(0, [("a.txt", IN_PROCESS_MAX_BYTES + 1)]) == 1, "one file: one worker (files are the unit of parallelism)"
+    assert choose_workers(0, [(f"{i}.txt", IN_PROCESS_MAX_BYTES) for i in range(64)]) == cpus
