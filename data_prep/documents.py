@@ -61,6 +61,18 @@ def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep
         yield ordinal, text, item.key
 
 
+def in_batches(items, size: int) -> Iterator[list]:
+    """Lists of up to `size` consecutive items."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class ScanDocuments(beam.DoFn):
     """Dedup pass 1: (file index, path) -> (partition, bytes of HASH_RECORDs) per partition hit; counters to 'stats'."""
 
@@ -114,14 +126,8 @@ class ReadKeptDocuments(beam.DoFn):
         index, blocks = element
         kept = np.frombuffer(b"".join(blocks), dtype=KEPT_RECORD)
         copies = dict(zip(kept["ordinal"].tolist(), kept["copies"].tolist()))
-        batch = []
-        for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies):
-            batch.append((text, key, copies[ordinal]))
-            if len(batch) >= self.cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        docs = ((text, key, copies[ordinal]) for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies))
+        yield from in_batches(docs, self.cfg.batch_size)
 
 
 class ReadAllDocuments(beam.DoFn):
@@ -133,14 +139,7 @@ class ReadAllDocuments(beam.DoFn):
     def process(self, element: tuple[int, str]):
         _, path = element
         stats = Counter(files=1)
-        batch = []
-        for _, text, key in cleaned_documents(path, self.cfg, stats):
-            batch.append((text, key, 1))
-            if len(batch) >= self.cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from in_batches(((text, key, 1) for _, text, key in cleaned_documents(path, self.cfg, stats)), self.cfg.batch_size)
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
 
 

@@ -98,12 +98,17 @@ class ShardWriter:
         return self.path
 
 
-def write_shard(block: RowBlock, keys: np.ndarray, path: str, token_dtype: str, packing: str) -> str:
-    """Sort one shard's rows by (key, ids, flags) and write them as one Parquet file at `path`."""
-    writer = ShardWriter(path, token_dtype, packing)
+def write_sorted(writer: ShardWriter, block: RowBlock, keys: np.ndarray) -> None:
+    """Hand `block`'s rows to `writer` sorted by (key, ids, flags), a row group's worth at a time."""
     order = block.sort_order(keys)
     for start in range(0, len(order), ROW_GROUP):
         writer.write(block.take(order[start : start + ROW_GROUP]))
+
+
+def write_shard(block: RowBlock, keys: np.ndarray, path: str, token_dtype: str, packing: str) -> str:
+    """Sort one shard's rows by (key, ids, flags) and write them as one Parquet file at `path`."""
+    writer = ShardWriter(path, token_dtype, packing)
+    write_sorted(writer, block, keys)
     return writer.close()
 
 
@@ -236,10 +241,7 @@ def write_spilled_shard(shard: int, spill_files, directory: str, shards: int, to
     for low, high in zip(bounds[:-1], bounds[1:]):
         parts = [f.read(low, high) for f in files]
         keys = np.concatenate([k for k, _ in parts]).astype(np.uint64) if parts else np.zeros(0, np.uint64)
-        block = RowBlock.concat([b for _, b in parts], token_dtype, with_flags)
-        order = block.sort_order(keys)
-        for start in range(0, len(order), ROW_GROUP):
-            writer.write(block.take(order[start : start + ROW_GROUP]))
+        write_sorted(writer, RowBlock.concat([b for _, b in parts], token_dtype, with_flags), keys)
     path = writer.close()
     FileSystems.delete(spill_files)
     return path
