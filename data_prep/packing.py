@@ -102,7 +102,7 @@ def pack_document(ids: np.ndarray, word_start: np.ndarray, cls_id: int, sep_id: 
 
 
 def _pack_windows(ids: np.ndarray, word_start: np.ndarray, spec: PackSpec, out: Packed) -> None:
-    """pack_document's loop, for a spec built once (the packer calls it per document)."""
+    """pack_document's loop over the windows of one document."""
     width = spec.max_seq_len - 2
     for start in range(0, len(ids), width):
         window = ids[start : start + width]
@@ -168,18 +168,10 @@ class DocumentPacker:
         self.spec = spec
         self.dropped: dict[str, list[int]] = {}
 
-    def add(self, ids: np.ndarray, word_start: np.ndarray) -> list[Sequence]:
-        packed = Packed(dropped=self.dropped)  # drops are counted straight into the packer's totals
-        _pack_windows(ids, word_start, self.spec, packed)
-        return packed.sequences
-
     def add_batch(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[RowBlock, int]:
         """(the rows of these documents as one block of int64 ids, their content tokens)."""
         block = pack_documents(docs, self.spec, self.dropped)
         return block, len(block.ids) - 2 * len(block)
-
-    def flush(self) -> list[Sequence]:
-        return []
 
     def flush_batch(self) -> tuple[RowBlock, int]:
         return _as_block([], True)
@@ -259,7 +251,9 @@ class StreamPacker:
 
 
 def make_packer(spec: PackSpec):
-    """The packer of `spec.mode`: `add` / `add_batch` documents (one, or many at once as a RowBlock), `flush` / `flush_batch` at the end."""
+    """The packer of `spec.mode`: `add_batch(documents)` -> (RowBlock of completed rows, content tokens), `flush_batch()` at the end.
+
+    The stream packer also takes one document at a time (`add`, `flush`: lists of Sequence)."""
     return DocumentPacker(spec) if spec.mode == "document" else StreamPacker(spec)
 
 

@@ -84,13 +84,9 @@ class SentencePieceTokenizer:
 
     def start_batch(self, texts: list[str]):
         """Every text's pieces encoded in one sentencepiece call (its own threads, one per CPU)."""
-        from data_prep.tokenization import _split_long
+        from data_prep.tokenization import split_pieces
 
-        pieces, owner = [], []
-        for i, text in enumerate(texts):
-            for piece in _split_long(text, self.max_piece_chars):
-                pieces.append(piece)
-                owner.append(i)
+        pieces, owner = split_pieces(texts, self.max_piece_chars)
         return (self.sp.encode(pieces, num_threads=os.cpu_count() or 1) if pieces else []), owner, len(texts)
 
     def finish_batch(self, started) -> list[tuple[np.ndarray, np.ndarray]]:

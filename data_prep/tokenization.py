@@ -45,6 +45,17 @@ def _split_long(text: str, max_chars: int) -> list[str]:
     return [p for p in pieces if p]
 
 
+def split_pieces(texts: list[str], max_chars: int) -> tuple[list[str], list[int]]:
+    """Every text cut by `_split_long`, as (pieces, index of the text each piece came from)."""
+    pieces: list[str] = []
+    owner: list[int] = []
+    for i, text in enumerate(texts):
+        for piece in _split_long(text, max_chars):
+            pieces.append(piece)
+            owner.append(i)
+    return pieces, owner
+
+
 @dataclass(frozen=True)
 class TokenizerPayload:
     """A tokenizer as bytes, read once on the launcher and pickled with the DoFns that use it.
@@ -133,12 +144,7 @@ class HFTokenizer:
         limit = self.max_piece_chars
         if all(len(text) <= limit for text in texts):  # the common case: one piece per text
             return self._encode(texts) if texts else [], None, len(texts)
-        pieces: list[str] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            for piece in _split_long(text, limit):
-                pieces.append(piece)
-                owner.append(i)
+        pieces, owner = split_pieces(texts, limit)
         return (self._encode(pieces) if pieces else []), owner, len(texts)
 
     def finish_batch(self, started) -> list[tuple[np.ndarray, np.ndarray]]:
