@@ -1,0 +1,116 @@
+"""The output-directory rule of every command: nothing lost.
+
+- An output never overlaps an input: it is not an input, not inside one, and does not contain one
+  (paths compared after resolving symlinks).
+- An existing non-empty output is replaced only when the user asked (`--overwrite`), only if it is the
+  kind of directory the command writes (`is_ours`), and only after the new result is complete: the
+  command writes into a staging directory beside the output, and the old output is swapped out for it
+  by renames when (and only when) the new one is finished. A failed or interrupted run leaves the old
+  output untouched and removes its staging directory (a killed one leaves a hidden `.NAME.partial-*`
+  beside it, never a half-written NAME).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterable, Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(ValueError):
+    """An output path that cannot be used as asked: the message names the problem and the fix."""
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def overlap(a: str, b: str) -> Optional[str]:
+    """How local paths `a` and `b` overlap ('is', 'is inside', 'contains'), or None when they are disjoint."""
+    ra, rb = _real(a), _real(b)
+    if ra == rb:
+        return "is"
+    if ra.startswith(rb.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if rb.startswith(ra.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+def check_no_overlap(output: str, inputs: Iterable[tuple[str, str]], output_name: str = "--output") -> None:
+    """Refuse an `output` that is, is inside, or contains any input; `inputs` are (option name, path) pairs."""
+    for name, path in inputs:
+        if not path or "://" in path or "://" in output:
+            continue
+        how = overlap(output, path)
+        if how:
+            raise OutputError(f"{output_name} {output!r} {how} {name} {path!r}; an output must not overlap an input "
+                              f"(it could overwrite or re-read it): choose an {output_name} outside every input")
+
+
+def is_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+def check_replaceable(output: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str, output_name: str = "--output") -> None:
+    """Refuse an existing output unless it is empty, or `overwrite` is set and it holds a `kind` (`is_ours`)."""
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output):
+        raise OutputError(f"{output_name} {output!r} is a file, not a directory; choose a directory path")
+    if is_empty_dir(output):
+        return
+    if not overwrite:
+        raise OutputError(f"{output_name} {output!r} already holds data; choose a new {output_name} or pass --overwrite to replace it")
+    if not is_ours(output):
+        raise OutputError(f"{output_name} {output!r} holds data that is not a {kind}; --overwrite replaces only a {kind}: "
+                          f"choose another {output_name} (or move that directory away yourself)")
+
+
+def staging_dir_for(output: str) -> str:
+    """A new hidden directory beside `output` (same filesystem, so the final rename is atomic)."""
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
+
+
+def publish(staging: str, output: str) -> None:
+    """Move the finished `staging` directory to `output`, swapping out what was there (already checked)."""
+    if is_empty_dir(output):
+        os.rmdir(output)
+    if not os.path.lexists(output):
+        os.rename(staging, output)
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(output, old)  # from here to the next rename the previous result lives at `old`
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("replaced %s with the new result", output)
+
+
+@contextlib.contextmanager
+def replace_when_complete(output: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str,
+                          inputs: Iterable[tuple[str, str]] = (), output_name: str = "--output") -> Iterator[str]:
+    """Check `output` against the rule, yield a staging directory to write into, publish it on success.
+
+    On any exception (KeyboardInterrupt included) the staging directory is removed and `output` is left as it was.
+    """
+    check_no_overlap(output, inputs, output_name)
+    check_replaceable(output, overwrite, is_ours, kind, output_name)
+    staging = staging_dir_for(output)
+    try:
+        yield staging
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
