@@ -20,39 +20,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from distill.outputs import ModelOutputs, ModelShape, Needs  # noqa: F401  (re-exported: losses are written against these)
+
 IGNORE_INDEX = -100
-
-
-@dataclass
-class ModelOutputs:
-    """What a model produced for one micro batch (the optional parts only when a loss needs them)."""
-
-    hidden: torch.Tensor  # (B, L, H) last hidden states
-    logits: Optional[torch.Tensor] = None  # (P, V) at `Batch.logit_positions`, or None
-    hidden_states: Optional[tuple] = None  # (embedding output, output of layer 0, ..., layer n-1), each (B, L, H)
-    projected: Optional[tuple] = None  # student only: `hidden_states` through the trainable projections (teacher width)
-    attention: Optional[dict] = None  # layer -> (queries, keys, values), each (B, heads, L, head_dim)
-    causal: bool = False  # attention is causal (GPT-2): key j is visible to query i only for j <= i
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a loss reads from one model's forward beyond last hidden states and logits."""
-
-    hidden_states: bool = False  # embedding output and every layer's output
-    projected: bool = False  # student: hidden states through the trainable projections W_e / W_h
-    attention_layers: tuple = ()  # layers (0-based) whose queries / keys / values are captured
-
-    def union(self, other: "Needs") -> "Needs":
-        return Needs(self.hidden_states or other.hidden_states, self.projected or other.projected,
-                     tuple(sorted(set(self.attention_layers) | set(other.attention_layers))))
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden_size: int
-    num_heads: int
-    num_layers: int
 
 
 @dataclass
