@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", help="the teacher's Hugging Face tokenizer directory, or a sentencepiece .model file")
     p.add_argument("--train-sentencepiece", type=int, default=0, metavar="VOCAB_SIZE",
                    help="instead of --tokenizer: train a sentencepiece (unigram) model of this size on a corpus sample; saved in OUTPUT/tokenizer/")
-    p.add_argument("--output", required=True, help="new directory for the prepared dataset")
+    p.add_argument("--output", required=True, help="new directory for the prepared dataset (built beside it, moved into place when complete)")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sequence including [CLS] and [SEP] (default 128)")
     p.add_argument("--min-seq-len", type=int, default=12, help="drop shorter sequences (default 12, as DistilBERT)")
     p.add_argument("--packing", choices=["document", "full_sentences", "causal"], default="document",
@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=int, default=128, help="target MB of token data per shard (default 128)")
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
     p.add_argument("--workers", type=int, default=0, help="DirectRunner worker processes (default: one per CPU)")
-    p.add_argument("--on-decode-error", choices=["error", "skip"], default="error", help="invalid UTF-8 / bad JSON lines: stop (default) or count and skip")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds data")
+    p.add_argument("--on-decode-error", choices=["error", "skip"], default="error",
+                   help="invalid UTF-8 / bad JSON lines, binary, truncated or corrupt files: stop (default) or count and skip")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds a prepared dataset, once the new one is complete (not on object stores)")
     p.add_argument("--seed", type=int, default=0, help="salt of the train/validation split hash")
     return p
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # worker errors come back as exceptions, handled below
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
-    beam_log = os.path.join(tempfile.gettempdir(), f"distill-prep-{os.getpid()}.log")
+    fd, beam_log = tempfile.mkstemp(prefix="distill-prep-", suffix=".log")  # a new file of our own, never one already there
+    os.close(fd)
     cfg = PrepConfig(
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, max_seq_len=args.max_seq_len,
         min_seq_len=args.min_seq_len, packing=args.packing, normalization=args.normalization, dedup=not args.no_dedup, doc_split=args.doc_split, text_field=args.text_field,

@@ -35,17 +35,19 @@ def dedup_partitions(input_bytes: int) -> int:
     return int(min(256, max(1, input_bytes // PARTITION_BYTES)))
 
 
-def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None) -> Iterator[tuple[int, str, Optional[str]]]:
+def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None,
+                      listed: Optional[tuple] = None) -> Iterator[tuple[int, str, Optional[str]]]:
     """(ordinal, cleaned text, split key or None) of one file's documents; counts into `stats` when given.
 
     The ordinal numbers every document the reader yields (also those that clean to nothing), so two
-    passes over a file agree on it. With `keep` ({ordinal: anything}), only those ordinals are cleaned and yielded.
+    passes over a file agree on it (a file that changed between them is refused: `listed` is its
+    (size, mtime) when listed). With `keep` ({ordinal: anything}), only those ordinals are cleaned and yielded.
     """
     ordinal = -1
-    for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes):
+    for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes, listed):
         if isinstance(item, Dropped):
             if stats is not None:
-                add_drop(stats, item.reason, item.count, 0, "documents")
+                add_drop(stats, item.reason, item.count, 0, item.unit)
             continue
         ordinal += 1
         if keep is not None and ordinal not in keep:
@@ -73,18 +75,23 @@ def in_batches(items, size: int) -> Iterator[list]:
         yield batch
 
 
+def _listed(stamps: Optional[list], index: int) -> Optional[tuple]:
+    return stamps[index] if stamps else None
+
+
 class ScanDocuments(beam.DoFn):
     """Dedup pass 1: (file index, path) -> (partition, bytes of HASH_RECORDs) per partition hit; counters to 'stats'."""
 
-    def __init__(self, cfg: PrepConfig, partitions: int):
+    def __init__(self, cfg: PrepConfig, partitions: int, stamps: Optional[list] = None):
         self.cfg = cfg
         self.partitions = partitions
+        self.stamps = stamps
 
     def process(self, element: tuple[int, str]):
         index, path = element
         stats = Counter(files=1)
         digests, ordinals = [], []
-        for ordinal, text, _ in cleaned_documents(path, self.cfg, stats):
+        for ordinal, text, _ in cleaned_documents(path, self.cfg, stats, listed=_listed(self.stamps, index)):
             digests.append(doc_hash(text))
             ordinals.append(ordinal)
         if digests:
@@ -118,50 +125,57 @@ def first_copies(partition: int, blocks) -> Iterator[tuple[int, bytes]]:
 class ReadKeptDocuments(beam.DoFn):
     """Dedup pass 2: (file index, [bytes of KEPT_RECORDs]) -> lists of (text, split key or None, copies), the kept documents."""
 
-    def __init__(self, cfg: PrepConfig, files: list[str]):
+    def __init__(self, cfg: PrepConfig, files: list[str], stamps: Optional[list] = None):
         self.cfg = cfg
         self.files = files
+        self.stamps = stamps
 
     def process(self, element):
         index, blocks = element
         kept = np.frombuffer(b"".join(blocks), dtype=KEPT_RECORD)
         copies = dict(zip(kept["ordinal"].tolist(), kept["copies"].tolist()))
-        docs = ((text, key, copies[ordinal]) for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies))
+        docs = ((text, key, copies[ordinal]) for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies, _listed(self.stamps, index)))
         yield from in_batches(docs, self.cfg.batch_size)
 
 
 class ReadAllDocuments(beam.DoFn):
     """No dedup: (file index, path) -> lists of (text, split key or None, 1), every document; counters to 'stats'."""
 
-    def __init__(self, cfg: PrepConfig):
+    def __init__(self, cfg: PrepConfig, stamps: Optional[list] = None):
         self.cfg = cfg
+        self.stamps = stamps
 
     def process(self, element: tuple[int, str]):
-        _, path = element
+        index, path = element
         stats = Counter(files=1)
-        yield from in_batches(((text, key, 1) for _, text, key in cleaned_documents(path, self.cfg, stats)), self.cfg.batch_size)
+        docs = ((text, key, 1) for _, text, key in cleaned_documents(path, self.cfg, stats, listed=_listed(self.stamps, index)))
+        yield from in_batches(docs, self.cfg.batch_size)
         yield beam.pvalue.TaggedOutput("stats", dict(stats))
 
 
 class ReadDocuments(beam.PTransform):
-    """PCollection of (file index, path) -> lists of documents (text, split key or None, copies) and a 'stats' PCollection."""
+    """PCollection of (file index, path) -> lists of documents (text, split key or None, copies) and a 'stats' PCollection.
 
-    def __init__(self, cfg: PrepConfig, files: list[str], partitions: int = 1):
+    `stamps`: (size, mtime) of each file when listed; a file that differs from it when read is refused.
+    """
+
+    def __init__(self, cfg: PrepConfig, files: list[str], partitions: int = 1, stamps: Optional[list] = None):
         super().__init__()
         self.cfg = cfg
         self.files = files
         self.partitions = partitions
+        self.stamps = stamps
 
     def expand(self, indexed_paths):
         if not self.cfg.dedup:
-            read = indexed_paths | "ReadAll" >> beam.ParDo(ReadAllDocuments(self.cfg)).with_outputs("stats", main="docs")
+            read = indexed_paths | "ReadAll" >> beam.ParDo(ReadAllDocuments(self.cfg, self.stamps)).with_outputs("stats", main="docs")
             return read.docs, read.stats
-        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg, self.partitions)).with_outputs("stats", main="hashes")
+        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg, self.partitions, self.stamps)).with_outputs("stats", main="hashes")
         docs = (
             scan.hashes
             | "GroupByHash" >> beam.GroupByKey()
             | "FirstCopies" >> beam.FlatMapTuple(first_copies)
             | "GroupByFile" >> beam.GroupByKey()
-            | "ReadKept" >> beam.ParDo(ReadKeptDocuments(self.cfg, self.files))
+            | "ReadKept" >> beam.ParDo(ReadKeptDocuments(self.cfg, self.files, self.stamps))
         )
         return docs, scan.stats

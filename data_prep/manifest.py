@@ -142,8 +142,28 @@ def write_json_atomically(path: str, data: Any) -> None:
         raise
 
 
+def dataset_file(data_dir: str, relative: Any, what: str) -> str:
+    """`data_dir`/`relative` for a path read from the manifest, refused unless it stays inside the dataset.
+
+    Only a plain relative path is accepted (no absolute path, no `..`, no drive); after resolving symlinks
+    it must still be inside `data_dir`, so a crafted manifest cannot make a reader open a file elsewhere.
+    """
+    bad = (not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative or os.path.isabs(relative)
+           or relative.startswith("/") or ":" in relative.split("/")[0] or ".." in relative.split("/")
+           or os.path.normpath(relative) != relative.rstrip("/"))
+    path = os.path.join(data_dir, relative) if not bad else ""
+    root = os.path.realpath(data_dir)
+    if bad or not os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep):
+        raise DatasetError(f"{os.path.join(data_dir, MANIFEST_FILE)} names {what} {relative!r}, which is not a path inside the dataset; "
+                           f"this manifest is damaged or crafted: re-run distill-prep")
+    return path
+
+
 def load_manifest(data_dir: str) -> Manifest:
-    """Read `manifest.json`; a directory without one is an unfinished or wrong path."""
+    """Read `manifest.json`; a directory without one is an unfinished or wrong path.
+
+    Every path it names (shards, token counts) must stay inside `data_dir` (`dataset_file`).
+    """
     path = os.path.join(data_dir, MANIFEST_FILE)
     if not os.path.isdir(data_dir):
         raise DatasetError(
@@ -158,13 +178,20 @@ def load_manifest(data_dir: str) -> Manifest:
         with open(path) as handle:
             raw = json.load(handle)
         manifest = Manifest.from_json(raw)
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise DatasetError(f"{path} is not a valid manifest ({exc}); rerun `distill-prep`") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DatasetError(f"{path} is not a valid manifest ({' '.join(str(exc).split())[:200]}); rerun `distill-prep`") from None
     if manifest.format != FORMAT_NAME or manifest.format_version != FORMAT_VERSION:
         raise DatasetError(
             f"{path} has format {manifest.format!r} v{manifest.format_version}, this version reads "
             f"{FORMAT_NAME!r} v{FORMAT_VERSION}; re-prepare the corpus with this version's `distill-prep`"
         )
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            dataset_file(data_dir, shard.path, f"a {split} shard")
+    if not isinstance(manifest.token_counts, dict):
+        raise DatasetError(f"{path} is not a valid manifest (token_counts is not an object); rerun `distill-prep`")
+    if "path" in manifest.token_counts:
+        dataset_file(data_dir, manifest.token_counts["path"], "token counts")
     return manifest
 
 
@@ -184,7 +211,7 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
     if not info.shards or info.rows == 0:
         raise DatasetError(f"split {split!r} of {data_dir!r} is empty; prepare a larger corpus")
     for shard in info.shards:
-        path = os.path.join(data_dir, shard.path)
+        path = dataset_file(data_dir, shard.path, f"a {split} shard")
         if not os.path.exists(path):
             raise DatasetError(f"shard {path} listed in the manifest is missing; re-run distill-prep")
         rows = pq.ParquetFile(path).metadata.num_rows

@@ -12,7 +12,8 @@ The tokenizer is read once by the driver and travels inside TokenizeAndPack as b
 
 The driver checks inputs before anything is written, runs the pipeline, re-opens every shard to
 record rows, tokens and sha256, checks the token accounting, and writes `manifest.json` last.
-A failed run removes the output directory it created; no manifest is ever written for it.
+Locally all of it goes into a staging directory beside `--output`, moved into place only when complete
+(data_prep/output_dir.py); a failed run removes it and leaves `--output` as it was.
 """
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ from data_prep.errors import PrepInputError
 from data_prep.packing import PACKING_MODES, PackSpec, make_packer, split_of
 from data_prep.rows import RowBlock
 from data_prep.documents import ReadDocuments, cleaned_documents, dedup_partitions
+from data_prep.output_dir import TMP_DIR, check_output, claim_output, is_remote, remove_output
 from data_prep.shards import SPILL_BYTES, ShuffleThroughFiles, ShuffleThroughRunner
-from data_prep.sources import expand_inputs
+from data_prep.sources import is_packed, list_inputs
 from data_prep.stats import HISTOGRAM_BIN, MergeCounters, add_drop, structure
 from data_prep.tokenization import TokenizerPayload, load_tokenizer
 
 log = logging.getLogger("distill-prep")
-TMP_DIR = "_prep_tmp"
 SPLIT_NAMES = ("train", "validation")
 
 
@@ -211,12 +212,14 @@ def _write_npy(array: np.ndarray, path: str) -> None:
 
 
 def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], tokenizer: TokenizerPayload, vocab_size: int,
-                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES, dedup_partitions: int = 1) -> None:
+                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES, dedup_partitions: int = 1,
+                   stamps: Optional[list] = None) -> None:
     """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn.
 
     `spill`: shuffle rows into shards through spill files (the local runner, whose GroupByKey is in
     memory), `spill_bytes` buffered per bundle; False: through the runner's GroupByKey (Dataflow, Flink,
     Spark). Both write the same shards. `dedup_partitions`: hash partitions of the dedup pass (data_prep/documents.py).
+    `stamps`: (size, mtime) of each file when listed; the readers refuse a file that changed since.
     """
     tmp = os.path.join(cfg.output, TMP_DIR)
     docs, read_stats = (
@@ -224,7 +227,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], t
         | "Files" >> beam.Create(list(enumerate(files)))
         | "SpreadFiles" >> beam.GroupByKey()  # one file per key: files spread over the workers
         | "OneFile" >> beam.MapTuple(lambda index, paths: (index, next(iter(paths))))
-        | "Read" >> ReadDocuments(cfg, files, dedup_partitions)
+        | "Read" >> ReadDocuments(cfg, files, dedup_partitions, stamps)
     )
     packed = (
         docs
@@ -267,7 +270,7 @@ def choose_workers(workers: int, files: list[tuple[str, int]]) -> int:
     """
     if workers:
         return workers
-    text_bytes = sum(size * (4 if path.lower().endswith((".gz", ".bz2", ".parquet")) else 1) for path, size in files)
+    text_bytes = sum(size * (4 if is_packed(path) else 1) for path, size in files)
     return 1 if text_bytes <= IN_PROCESS_MAX_BYTES else max(1, min(os.cpu_count() or 1, len(files)))
 
 
@@ -307,11 +310,6 @@ def local_runner(options: PipelineOptions):
     return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
-def is_remote(path: str) -> bool:
-    """True for object-store / cluster paths (gs://, s3://, hdfs://): no directories, no rename; Beam's filesystems only."""
-    return "://" in path
-
-
 def _sha256(path: str, chunk_size: int = 1 << 20) -> str:
     from apache_beam.io.filesystems import FileSystems
 
@@ -327,21 +325,6 @@ def _list_files(pattern: str) -> list:
     from apache_beam.io.filesystems import FileSystems
 
     return sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
-
-
-def remove_output(path: str) -> None:
-    """Delete a (partial) output: the directory locally, every object under the prefix on an object store."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if not is_remote(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    try:
-        found = [m.path for m in _list_files(path.rstrip("/") + "/**")]
-        if found:
-            FileSystems.delete(found)
-    except Exception as exc:  # the run's own error matters more; say what is left behind
-        log.warning("could not remove %s (%s); delete it before reusing the path", path, exc)
 
 
 def _shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
@@ -393,17 +376,22 @@ def _write_manifest(cfg: PrepConfig, manifest: mf.Manifest) -> None:
         handle.write((json.dumps(manifest.to_json(), indent=2) + "\n").encode())
 
 
-def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict) -> mf.Manifest:
-    """Re-open the shards, check the accounting, write manifest.json last (atomically). Any Beam filesystem."""
+def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict,
+             recorded: Optional[PrepConfig] = None) -> mf.Manifest:
+    """Re-open the shards in `cfg.output`, check the accounting, write manifest.json last (atomically). Any Beam filesystem.
+
+    `recorded`: the settings the manifest records (the user's `--output`, not the staging directory written to).
+    """
     from apache_beam.io.filesystems import FileSystems
 
+    recorded = recorded or cfg
     tmp = os.path.join(cfg.output, TMP_DIR)
     with FileSystems.open(os.path.join(tmp, "stats.json"), compression_type="uncompressed") as handle:
         flat = json.loads(handle.read())
     stats = structure(flat)
     stats["input_bytes"] = sum(size for _, size in files)
     if stats.get("documents_read", 0) == 0:
-        raise PrepInputError(f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document skipped); check the inputs")
+        raise PrepInputError(f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document or file skipped); check the inputs")
     splits = {name: info for name in SPLIT_NAMES if (info := mf.SplitInfo(_shard_infos(cfg, name))).shards}
     for name, info in splits.items():
         expected = stats["splits"].get(name, {})
@@ -422,32 +410,12 @@ def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dty
         splits=splits,
         token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": _sha256(os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE)), "split": "train"},
         stats=stats,
-        pipeline_options={"prep": cfg.to_json(), "beam": options, "files": len(files)},
+        pipeline_options={"prep": recorded.to_json(), "beam": options, "files": len(files)},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     remove_output(tmp)
     _write_manifest(cfg, manifest)
     return manifest
-
-
-def _claim_output(cfg: PrepConfig) -> None:
-    if is_remote(cfg.output):
-        try:
-            existing = _list_files(cfg.output.rstrip("/") + "/**")
-        except Exception as exc:
-            raise PrepInputError(f"cannot list --output {cfg.output!r} ({str(exc).splitlines()[0][:160]}); check the path and its filesystem") from None
-        if existing:
-            if not cfg.overwrite:
-                raise PrepInputError(f"--output {cfg.output!r} already holds data; choose a new --output or pass --overwrite to replace it")
-            remove_output(cfg.output)
-        return
-    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
-        raise PrepInputError(f"--output {cfg.output!r} is a file; choose a directory path")
-    if os.path.isdir(cfg.output) and os.listdir(cfg.output):
-        if not cfg.overwrite:
-            raise PrepInputError(f"--output {cfg.output!r} already holds data; choose a new --output or pass --overwrite to replace it")
-        shutil.rmtree(cfg.output)
-    os.makedirs(cfg.output, exist_ok=True)
 
 
 def sample_documents(cfg: PrepConfig, files: list[str], chars: Optional[int] = None):
@@ -478,7 +446,7 @@ def estimate_shards(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], to
     if cfg.num_shards:
         return cfg.num_shards
     row_bytes = np.dtype(token_dtype).itemsize + (0 if cfg.packing == "causal" else 1)
-    packed = any(p.lower().endswith((".gz", ".bz2", ".parquet")) for p, _ in files)
+    packed = any(is_packed(p) for p, _ in files)
     if not cfg.shard_rows and not packed and 2 * sum(size for _, size in files) * row_bytes <= cfg.shard_mb * (1 << 20):
         return 1
     step = max(1, -(-len(files) // ESTIMATE_SAMPLE_FILES))
@@ -497,7 +465,8 @@ def estimate_shards(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], to
 def _train_tokenizer(cfg: PrepConfig, files: list[str]):
     """Train a sentencepiece model on the launcher (in a temporary directory) and hold it as bytes.
 
-    The workers get the bytes inside the DoFn; the model is saved as OUTPUT/tokenizer/spiece.model.
+    The workers get the bytes inside the DoFn; the model is saved as OUTPUT/tokenizer/spiece.model
+    (the path it is known by; it is written there with the rest of the dataset, when complete).
     """
     import tempfile
 
@@ -513,49 +482,48 @@ def _train_tokenizer(cfg: PrepConfig, files: list[str]):
 
 
 def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: int = 0) -> mf.Manifest:
-    """Check inputs, run the pipeline, write the manifest; on failure remove the partial output."""
+    """Check inputs and output, run the pipeline into a staging directory (remote: the empty output prefix),
+    write the manifest, then publish; on failure remove what was written and leave `--output` as it was."""
     t0 = time.time()
     if not 3 <= cfg.max_seq_len <= 1 << 20:
         raise PrepInputError(f"--max-seq-len {cfg.max_seq_len} must be at least 3")
     if not 0 <= cfg.validation_fraction < 1:
         raise PrepInputError(f"--validation-fraction {cfg.validation_fraction} must be in [0, 1)")
-    files = expand_inputs(cfg.inputs)
+    inputs = list_inputs(cfg.inputs)
     if cfg.packing not in PACKING_MODES:
         raise PrepInputError(f"--packing {cfg.packing!r} is not one of {', '.join(PACKING_MODES)}")
     if cfg.min_seq_len > cfg.max_seq_len:
         raise PrepInputError(f"--min-seq-len {cfg.min_seq_len} is larger than --max-seq-len {cfg.max_seq_len}; lower it")
     if cfg.train_sentencepiece and cfg.tokenizer:
         raise PrepInputError("--train-sentencepiece trains a new tokenizer; drop --tokenizer (or drop --train-sentencepiece to use yours)")
-    if not cfg.train_sentencepiece:
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
-    _claim_output(cfg)
+    check_output(cfg.output, cfg.overwrite, cfg.inputs, [f.path for f in inputs], cfg.tokenizer)  # before the slow tokenizer load
+    tokenizer = None if cfg.train_sentencepiece else load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+    with claim_output(cfg.output, cfg.overwrite, cfg.inputs, [f.path for f in inputs], cfg.tokenizer) as work_dir:
+        manifest = _prepare(cfg, dataclasses.replace(cfg, output=work_dir), tokenizer, inputs, beam_args or [], workers, t0)
+    log.info("wrote %s in %.1fs", cfg.output, time.time() - t0)
+    return manifest
+
+
+def _prepare(cfg: PrepConfig, work: PrepConfig, tokenizer, inputs: list, beam_args: list[str], workers: int, t0: float) -> mf.Manifest:
+    """Everything `run_prep` writes, into `work.output`; `cfg` is what the manifest records."""
+    files = [(f.path, f.size) for f in inputs]
     if cfg.train_sentencepiece:
-        try:
-            tokenizer = _train_tokenizer(cfg, [path for path, _ in files])
-            cfg = dataclasses.replace(cfg, tokenizer=tokenizer.path)
-        except BaseException:
-            remove_output(cfg.output)
-            raise
+        tokenizer = _train_tokenizer(cfg, [path for path, _ in files])
+        cfg, work = dataclasses.replace(cfg, tokenizer=tokenizer.path), dataclasses.replace(work, tokenizer=tokenizer.path)
     token_dtype = token_dtype_for(tokenizer.vocab_size)
     input_bytes = sum(size for _, size in files)
-    num_shards = estimate_shards(cfg, tokenizer, files, token_dtype)
+    num_shards = estimate_shards(work, tokenizer, files, token_dtype)
     workers = choose_workers(workers, files)
-    options = beam_options(cfg, beam_args or [], workers)
+    options = beam_options(work, beam_args, workers)
     runner = local_runner(options)
     mode = ("in-process" if workers == 1 else f"{workers} worker processes") if runner is not None else "runner from the Beam options"
     log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards; %s", len(files), input_bytes / 1e6, cfg.tokenizer,
              tokenizer.vocab_size, num_shards, mode)
-    recorded = options.get_all_options(drop_default=True)
+    beam_recorded = options.get_all_options(drop_default=True)
     if runner is not None:
-        recorded["runner"] = "FnApiRunner"
-    try:
-        with beam.Pipeline(runner=runner, options=options) as pipeline:
-            build_pipeline(pipeline, cfg, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards,
-                           spill=runner is not None, dedup_partitions=dedup_partitions(input_bytes))
-        log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
-        manifest = finalize(cfg, tokenizer, files, token_dtype, recorded)
-    except BaseException:
-        remove_output(cfg.output)
-        raise
-    log.info("wrote %s in %.1fs", cfg.output, time.time() - t0)
-    return manifest
+        beam_recorded["runner"] = "FnApiRunner"
+    with beam.Pipeline(runner=runner, options=options) as pipeline:
+        build_pipeline(pipeline, work, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards,
+                       spill=runner is not None, dedup_partitions=dedup_partitions(input_bytes), stamps=[(f.size, f.mtime) for f in inputs])
+    log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
+    return finalize(work, tokenizer, files, token_dtype, beam_recorded, recorded=cfg)

@@ -6,7 +6,14 @@ Document rules:
   paragraph are joined with single spaces.
 - `.jsonl` / `.json`: every line is a JSON object; its `text_field` is the document.
 - `.parquet`: every row's `text_field` column is a document (read one record batch at a time).
-- `.gz` and `.bz2` are decompressed by extension; the rules above apply to the name without it.
+- `.gz`, `.bz2`, `.xz`/`.lzma`, `.zst`/`.zstd` and `.deflate` are decompressed by extension; the rules
+  above apply to the name without it. Every compressed stream must reach its end-of-stream marker and
+  pass its checksums (`CheckedDecompression`; Beam's own reader takes the end of the file for the end of
+  the text), and the whole file is checked before any of its documents is read, as is every record batch
+  of a `.parquet` file: a truncated or corrupt file stops the run with a one-line error, or with
+  `on_error=skip` is counted as `truncated_file` / `corrupt_file` and contributes no document at all.
+- A file that is gone, or whose size or modification time differs from its listing at the start
+  of a read or at its end, stops the run (in both modes): the corpus changed while it was read.
 - A physical line longer than `max_line_bytes` is read in pieces cut at whitespace, never whole:
   in line/paragraph mode each piece becomes a document of its own (all pieces of one line share a
   split key, so they land in the same train/validation split); a longer `.jsonl` line is skipped
@@ -18,18 +25,22 @@ either stop the run with a one-line error or are counted and skipped (`on_error=
 """
 from __future__ import annotations
 
+import bz2
 import json
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 from data_prep.errors import PrepInputError
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-COMPRESSED_SUFFIXES = (".gz", ".bz2")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zst", ".zstd", ".deflate")
 READ_BLOCK = 1 << 20
+RAW_CHUNK = 1 << 16  # compressed bytes fed to a decompressor at a time
 MAX_LINE_BYTES = 4 << 20
 
 
@@ -41,8 +52,36 @@ class Document:
 
 @dataclass(frozen=True)
 class Dropped:
-    reason: str  # empty, invalid_utf8, bad_json, missing_field, too_long, binary_file
+    reason: str  # empty, invalid_utf8, bad_json, missing_field, too_long, binary_file, truncated_file, corrupt_file
     count: int = 1
+    unit: str = "documents"  # what `count` counts: documents, or files (a damaged file is left out whole)
+
+
+class InputFile(NamedTuple):
+    """A listed input file: its size and modification time when listed (None where the filesystem has none)."""
+
+    path: str
+    size: int
+    mtime: Optional[float] = None
+
+
+class DamagedFile(Exception):
+    """A compressed or Parquet file that ends early (`truncated_file`) or fails to decode (`corrupt_file`)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def compression_of(path: str) -> Optional[str]:
+    """The compression suffix of `path` ('.gz', ...), or None."""
+    name = path.lower()
+    return next((suffix for suffix in COMPRESSED_SUFFIXES if name.endswith(suffix)), None)
+
+
+def is_packed(path: str) -> bool:
+    """True for inputs that hold more text than their size says (compressed files and Parquet)."""
+    return compression_of(path) is not None or path.lower().endswith(PARQUET_SUFFIXES)
 
 
 def _base_name(path: str) -> str:
@@ -65,9 +104,14 @@ def file_kind(path: str) -> str:
 
 def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
     """(path, size in bytes) of every file the inputs name; directories are searched recursively."""
+    return [(f.path, f.size) for f in list_inputs(patterns)]
+
+
+def list_inputs(patterns: list[str]) -> list[InputFile]:
+    """Every file the inputs name, sorted by path, with its size and modification time; directories are searched recursively."""
     from apache_beam.io.filesystems import FileSystems
 
-    found: dict[str, int] = {}
+    found: dict[str, InputFile] = {}
     for pattern in patterns:
         glob = pattern
         if "://" not in pattern and os.path.isdir(pattern):
@@ -80,8 +124,162 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
         if not files:
             raise PrepInputError(f"--input {pattern!r} matches no files; check the path or glob (quote globs so the shell does not expand them)")
         for meta in files:
-            found[meta.path] = meta.size_in_bytes
-    return sorted(found.items())
+            found[meta.path] = InputFile(meta.path, meta.size_in_bytes, getattr(meta, "last_updated_in_seconds", None))
+    return [found[path] for path in sorted(found)]
+
+
+def _decompressor(suffix: str):
+    if suffix == ".gz":
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if suffix == ".deflate":
+        return zlib.decompressobj()
+    if suffix == ".bz2":
+        return bz2.BZ2Decompressor()
+    if suffix in (".xz", ".lzma"):
+        return lzma.LZMADecompressor()
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+class CheckedDecompression:
+    """`read(n)` of the text in a compressed file, which ends only at an end-of-stream marker.
+
+    Beam's CompressedFile takes the end of the file for the end of the text, so a file cut short reads as a
+    shorter, complete one. Here every stream (a file may hold several, as `cat a.gz b.gz` makes) must reach
+    its end marker: the file ending before it, bytes that do not decompress, or a failed checksum raise
+    DamagedFile. NUL padding after a gzip stream is skipped, as the gzip module does. At most `n` bytes of
+    text are produced per call (zstd: what one RAW_CHUNK decodes to).
+    """
+
+    def __init__(self, raw, suffix: str):
+        self.raw, self.suffix = raw, suffix
+        self.dec = _decompressor(suffix)
+        self.tail = b""  # compressed bytes read but not yet fed
+        self.started = False  # a compressed byte was seen
+        self.done = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+    def read(self, size: int = READ_BLOCK) -> bytes:
+        while not self.done:
+            out = self._step(max(1, size))
+            if out:
+                return out
+        return b""
+
+    def _feed(self) -> Optional[bytes]:
+        """The next compressed bytes to decompress: b'' while the decompressor still holds input, None at the end of the file."""
+        if self.tail:
+            data, self.tail = self.tail, b""
+            return data
+        if getattr(self.dec, "unconsumed_tail", b""):  # zlib hands back what it did not consume
+            return self.dec.unconsumed_tail
+        if not getattr(self.dec, "needs_input", True):  # bz2 / lzma keep it and want b''
+            return b""
+        data = self.raw.read(RAW_CHUNK)
+        return data or None
+
+    def _decompress(self, data: bytes, size: int) -> bytes:
+        try:
+            if self.suffix in (".zst", ".zstd"):  # zstandard's decompressobj takes no output limit
+                return self.dec.decompress(data)
+            return self.dec.decompress(data, size)
+        except Exception as exc:  # zlib.error, OSError, EOFError, zstd.ZstdError: the bytes are not a valid stream
+            raise DamagedFile("corrupt_file", f"is corrupt: it does not decompress ({str(exc).splitlines()[0][:120]})") from None
+
+    def _step(self, size: int) -> bytes:
+        if self.dec.eof:  # one stream ended: another follows, or padding, or the end of the file
+            self.tail = self.dec.unused_data + self.tail
+            if self.suffix == ".gz":
+                self.tail = self.tail.lstrip(b"\0")
+            if not self.tail:
+                more = self.raw.read(RAW_CHUNK)
+                self.done = not more
+                self.tail = more
+                return b""
+            self.dec = _decompressor(self.suffix)
+        data = self._feed()
+        if data is None:  # the file ended inside a stream: what the decompressor still holds, then the damage
+            out = self._decompress(b"", size)
+            if out:
+                return out
+            if not self.started:
+                raise DamagedFile("truncated_file", f"is empty (0 bytes), not a {self.suffix} stream")
+            raise DamagedFile("truncated_file", f"is truncated: it ends inside its {self.suffix} stream (an interrupted download or copy?)")
+        self.started = self.started or bool(data)
+        return self._decompress(data, size)
+
+
+def open_text(path: str):
+    """A binary handle on the text of `path`: decompressed and checked (CheckedDecompression) by extension, else as stored."""
+    from apache_beam.io.filesystems import FileSystems
+
+    raw = FileSystems.open(path, compression_type="uncompressed")
+    suffix = compression_of(path)
+    return CheckedDecompression(raw, suffix) if suffix else raw
+
+
+def _parquet_damage(path: str, text_field: str) -> Optional[DamagedFile]:
+    """Why a Parquet file cannot be read whole (no footer at its end, or a record batch that does not decode), or None."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        try:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 4))
+            if handle.read(4) != b"PAR1":
+                return DamagedFile("truncated_file", "is truncated: it does not end with a Parquet footer (an interrupted download or copy, or not a Parquet file)")
+            handle.seek(0)
+            reader = pq.ParquetFile(handle, page_checksum_verification=True)
+            if text_field in reader.schema_arrow.names:
+                for _ in reader.iter_batches(batch_size=8192, columns=[text_field]):
+                    pass
+        except Exception as exc:
+            return DamagedFile("corrupt_file", f"is corrupt: not a readable Parquet file ({str(exc).splitlines()[0][:120]})")
+    return None
+
+
+def _damage(path: str, text_field: str) -> Optional[DamagedFile]:
+    """Read a compressed or Parquet file through once: why it is damaged, or None (plain text: nothing to check)."""
+    if file_kind(path) == "parquet":
+        return _parquet_damage(path, text_field)
+    if compression_of(path) is None:
+        return None
+    try:
+        with open_text(path) as handle:
+            while handle.read(READ_BLOCK):
+                pass
+    except DamagedFile as damage:
+        return damage
+    return None
+
+
+def _stamp(path: str) -> tuple[int, Optional[float]]:
+    """(size, modification time) of `path` now; a vanished file is an error."""
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        meta = FileSystems.get_filesystem(path).metadata(path)
+    except (BeamIOError, OSError) as exc:
+        raise PrepInputError(f"{path} cannot be found any more ({str(exc).splitlines()[0][:120]}): it was listed at the start of the run; "
+                             f"rerun once nothing moves or deletes files of the corpus") from None
+    return meta.size_in_bytes, getattr(meta, "last_updated_in_seconds", None)
+
+
+def _check_unchanged(path: str, before: tuple[int, Optional[float]], when: str) -> tuple[int, Optional[float]]:
+    """Refuse a file whose size or modification time is no longer `before`."""
+    now = _stamp(path)
+    if now[0] != before[0] or (now[1] and before[1] and now[1] != before[1]):
+        raise PrepInputError(f"{path} changed {when} (size {before[0]} -> {now[0]} bytes, or rewritten); "
+                             f"rerun once nothing writes to the corpus")
+    return now
 
 
 def _cut_point(buf: bytes) -> int:
@@ -142,18 +340,34 @@ def _decode_lines(raw_lines, path: str, on_error: str) -> Iterator[Union[tuple[s
 
 
 def _is_binary(path: str) -> bool:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as handle:
+    with open_text(path) as handle:
         return b"\x00" in handle.read(8192)
 
 
 def read_documents(path: str, doc_split: str = "line", text_field: str = "text", on_error: str = "error",
-                   max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Union[Document, Dropped]]:
-    """Documents of one file, in file order, with drop records for what was skipped."""
-    from apache_beam.io.filesystems import FileSystems
+                   max_line_bytes: int = MAX_LINE_BYTES, listed: Optional[tuple[int, Optional[float]]] = None) -> Iterator[Union[Document, Dropped]]:
+    """Documents of one file, in file order, with drop records for what was skipped.
 
-    kind = file_kind(path)
+    A damaged compressed or Parquet file is found before any document is read: PrepInputError, or with
+    `on_error='skip'` one Dropped(reason, unit='files') and nothing else. `listed`: the (size, mtime) the
+    file had when listed; a file that differs from it, or changes while it is read, stops the run.
+    """
+    before = _check_unchanged(path, listed, "since it was listed") if listed else _stamp(path)
+    damage = _damage(path, text_field)
+    if damage is not None:
+        if on_error != "skip":
+            raise PrepInputError(f"{path} {damage.detail}; restore the complete file, remove it from --input, "
+                                 f"or pass --on-decode-error skip to leave it out (counted as {damage.reason})")
+        yield Dropped(damage.reason, unit="files")
+        return
+    try:
+        yield from _file_documents(path, file_kind(path), doc_split, text_field, on_error, max_line_bytes)
+    except DamagedFile as damage:  # it read whole a moment ago
+        raise PrepInputError(f"{path} changed while it was read (it now {damage.detail}); rerun once nothing writes to the corpus") from None
+    _check_unchanged(path, before, "while it was read")
+
+
+def _file_documents(path: str, kind: str, doc_split: str, text_field: str, on_error: str, max_line_bytes: int) -> Iterator[Union[Document, Dropped]]:
     if kind == "parquet":
         yield from _parquet_documents(path, text_field, on_error)
         return
@@ -162,7 +376,7 @@ def read_documents(path: str, doc_split: str = "line", text_field: str = "text",
             raise PrepInputError(f"{path} is a binary file (it holds NUL bytes), not text; remove it from --input or pass --on-decode-error skip to count and skip it")
         yield Dropped("binary_file")
         return
-    with FileSystems.open(path) as handle:  # decompresses .gz / .bz2 by extension
+    with open_text(path) as handle:
         lines = _decode_lines(_raw_lines(handle, max_line_bytes), path, on_error)
         if kind == "jsonl":
             yield from _jsonl_documents(lines, path, text_field, on_error)
@@ -178,12 +392,12 @@ def _parquet_documents(path: str, text_field: str, on_error: str) -> Iterator[Un
 
     with FileSystems.open(path) as handle:
         try:
-            reader = pq.ParquetFile(handle)
+            reader = pq.ParquetFile(handle, page_checksum_verification=True)
         except Exception as exc:
-            raise PrepInputError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0][:120]}); fix or remove it") from None
+            raise DamagedFile("corrupt_file", f"is corrupt: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
         if text_field not in reader.schema_arrow.names:
             raise PrepInputError(f"{path} has no column {text_field!r} (it has {', '.join(reader.schema_arrow.names)}); set --text-field to the text column")
-        for batch in reader.iter_batches(batch_size=1024, columns=[text_field]):
+        for batch in _checked_batches(reader, text_field):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     if on_error != "skip":
@@ -193,6 +407,19 @@ def _parquet_documents(path: str, text_field: str, on_error: str) -> Iterator[Un
                     yield Document(text.strip())
                 else:
                     yield Dropped("empty")
+
+
+def _checked_batches(reader, text_field: str):
+    """Record batches of the text column; a batch that fails to decode raises DamagedFile."""
+    batches = reader.iter_batches(batch_size=1024, columns=[text_field])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise DamagedFile("corrupt_file", f"is corrupt: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
+        yield batch
 
 
 def _line_documents(lines, path: str) -> Iterator[Union[Document, Dropped]]:

@@ -25,18 +25,31 @@ class OutputError(ValueError):
     """An output path that cannot be used as asked: the message names the problem and the fix."""
 
 
+def is_url(path: str) -> bool:
+    """True for object-store / cluster paths (gs://, s3://, hdfs://)."""
+    return "://" in path
+
+
 def _real(path: str) -> str:
+    if is_url(path):  # no symlinks on an object store: compare the names
+        return path.rstrip("/")
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def overlap(a: str, b: str) -> Optional[str]:
-    """How local paths `a` and `b` overlap ('is', 'is inside', 'contains'), or None when they are disjoint."""
+    """How paths `a` and `b` overlap ('is', 'is inside', 'contains'), or None when they are disjoint.
+
+    Local paths are compared after resolving symlinks; URLs (gs://...) by name; a URL and a local path never overlap.
+    """
+    if is_url(a) != is_url(b):
+        return None
     ra, rb = _real(a), _real(b)
+    sep = "/" if is_url(a) else os.sep
     if ra == rb:
         return "is"
-    if ra.startswith(rb.rstrip(os.sep) + os.sep):
+    if ra.startswith(rb.rstrip(sep) + sep):
         return "is inside"
-    if rb.startswith(ra.rstrip(os.sep) + os.sep):
+    if rb.startswith(ra.rstrip(sep) + sep):
         return "contains"
     return None
 
@@ -44,7 +57,7 @@ def overlap(a: str, b: str) -> Optional[str]:
 def check_no_overlap(output: str, inputs: Iterable[tuple[str, str]], output_name: str = "--output") -> None:
     """Refuse an `output` that is, is inside, or contains any input; `inputs` are (option name, path) pairs."""
     for name, path in inputs:
-        if not path or "://" in path or "://" in output:
+        if not path:
             continue
         how = overlap(output, path)
         if how:
@@ -71,11 +84,20 @@ def check_replaceable(output: str, overwrite: bool, is_ours: Callable[[str], boo
                           f"choose another {output_name} (or move that directory away yourself)")
 
 
-def staging_dir_for(output: str) -> str:
+def staging_dir_for(output: str, output_name: str = "--output") -> str:
     """A new hidden directory beside `output` (same filesystem, so the final rename is atomic)."""
     parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the published result gets a plain directory's mode
+        return staging
+    except OSError as exc:
+        raise OutputError(f"cannot create a staging directory in {parent!r} ({exc.strerror}): the new result is built beside "
+                          f"{output_name} and moved into place when complete, so its parent must be writable; "
+                          f"choose an {output_name} in a writable directory") from None
 
 
 def publish(staging: str, output: str) -> None:
@@ -104,13 +126,32 @@ def replace_when_complete(output: str, overwrite: bool, is_ours: Callable[[str],
     """Check `output` against the rule, yield a staging directory to write into, publish it on success.
 
     On any exception (KeyboardInterrupt included) the staging directory is removed and `output` is left as it was.
+    A symlinked `output` is resolved first: the directory it points to is the one replaced. The rule is checked
+    again just before publishing, so an output that appeared or changed during the run is not swapped out unasked.
     """
     check_no_overlap(output, inputs, output_name)
+    if os.path.islink(output.rstrip(os.sep) or output):
+        output = os.path.realpath(output)
     check_replaceable(output, overwrite, is_ours, kind, output_name)
-    staging = staging_dir_for(output)
+    created = _missing_ancestors(output)
+    staging = staging_dir_for(output, output_name)
     try:
         yield staging
+        check_replaceable(output, overwrite, is_ours, kind, output_name)
         publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:  # parents made for the staging directory, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         raise
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """The directories above `path` that do not exist yet, deepest first."""
+    missing = []
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing

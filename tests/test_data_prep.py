@@ -396,10 +396,15 @@ def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["c.txt", "store"], "nothing written to a local directory named like the URL"
     with pytest.raises(PrepInputError, match="already holds data"):
         run_prep(cfg, workers=1)
+    # no rename on an object store: --overwrite would delete the old dataset before the new one is complete, so it is refused
+    before = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(local) for f in files}
+    with pytest.raises(PrepInputError, match="--overwrite is refused on an object store"):
+        run_prep(dataclasses.replace(cfg, overwrite=True), workers=1)
+    assert {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(local) for f in files} == before
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(PrepInputError, match="no text found"):
-        run_prep(dataclasses.replace(cfg, inputs=[str(tmp_path / "blank.txt")], overwrite=True), workers=1)
-    assert not [f for _, _, files in os.walk(local) for f in files], "a failed run leaves no objects under the output prefix"
+        run_prep(dataclasses.replace(cfg, inputs=[str(tmp_path / "blank.txt")], output="testobj://bucket/other"), workers=1)
+    assert not [f for _, _, files in os.walk(tmp_path / "store" / "bucket" / "other") for f in files], "a failed run leaves no objects under the output prefix"
 
 
 def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
