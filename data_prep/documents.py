@@ -36,15 +36,16 @@ def dedup_partitions(input_bytes: int) -> int:
 
 
 def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None,
-                      listed: Optional[tuple] = None) -> Iterator[tuple[int, str, Optional[str]]]:
+                      listed: Optional[tuple] = None, verify: bool = True) -> Iterator[tuple[int, str, Optional[str]]]:
     """(ordinal, cleaned text, split key or None) of one file's documents; counts into `stats` when given.
 
     The ordinal numbers every document the reader yields (also those that clean to nothing), so two
     passes over a file agree on it (a file that changed between them is refused: `listed` is its
     (size, mtime) when listed). With `keep` ({ordinal: anything}), only those ordinals are cleaned and yielded.
+    `verify=False` skips the whole-file check of compressed and Parquet files (for samples that read a part).
     """
     ordinal = -1
-    for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes, listed):
+    for item in read_documents(path, cfg.doc_split, cfg.text_field, cfg.on_decode_error, cfg.max_line_bytes, listed, verify):
         if isinstance(item, Dropped):
             if stats is not None:
                 add_drop(stats, item.reason, item.count, 0, item.unit)

@@ -419,12 +419,16 @@ def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dty
 
 
 def sample_documents(cfg: PrepConfig, files: list[str], chars: Optional[int] = None):
-    """Cleaned documents from every file in turn, up to `chars` (default `sentencepiece_sample_chars`) in all."""
+    """Cleaned documents from every file in turn, up to `chars` (default `sentencepiece_sample_chars`) in all.
+
+    Only the part of a file the sample needs is read (no whole-file check; a damaged file ends its part of the
+    sample where the damage is: the pipeline itself refuses or counts it).
+    """
     budget = max(1, (chars or cfg.sentencepiece_sample_chars) // max(1, len(files)))
     lenient = dataclasses.replace(cfg, on_decode_error="skip")
     for path in files:
         taken = 0
-        for _, text, _ in cleaned_documents(path, lenient, None):
+        for _, text, _ in cleaned_documents(path, lenient, None, verify=False):
             text = text[: budget - taken]
             yield text
             taken += len(text)

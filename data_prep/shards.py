@@ -192,6 +192,14 @@ class SpillRows(beam.DoFn):
             yield WindowedValue(shard_and_path, 0, [GlobalWindow()])
 
 
+def _read_exactly(handle, size: int, path: str) -> bytes:
+    """`size` bytes, or an error: a spill file shorter than its header says is never read as complete."""
+    data = handle.read(size)
+    if len(data) != size:
+        raise OSError(f"spill file {path} is cut short ({len(data)} of {size} bytes where more were written); the run's temporary data was damaged")
+    return data
+
+
 class SpillFile:
     """A spill file's keys and row offsets in memory (12 bytes a row); its tokens read a key range at a time."""
 
@@ -200,9 +208,9 @@ class SpillFile:
 
         self.path, self.dtype, self.with_flags = path, np.dtype(token_dtype), with_flags
         with FileSystems.open(path, compression_type="uncompressed") as handle:
-            (rows,) = _ROWS.unpack(handle.read(_ROWS.size))
-            self.keys = np.frombuffer(handle.read(8 * rows), dtype="<u8")
-            self.lengths = np.frombuffer(handle.read(4 * rows), dtype="<u4").astype(np.int64)
+            (rows,) = _ROWS.unpack(_read_exactly(handle, _ROWS.size, path))
+            self.keys = np.frombuffer(_read_exactly(handle, 8 * rows, path), dtype="<u8")
+            self.lengths = np.frombuffer(_read_exactly(handle, 4 * rows, path), dtype="<u4").astype(np.int64)
         self.offsets = np.zeros(rows + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self.offsets[1:])
         self.ids_at = _ROWS.size + 12 * rows
@@ -219,11 +227,11 @@ class SpillFile:
             return self.keys[a:b], RowBlock(self.lengths[a:b], np.zeros(0, self.dtype), np.zeros(0, bool) if self.with_flags else None)
         with FileSystems.open(self.path, compression_type="uncompressed") as handle:
             handle.seek(self.ids_at + first * self.dtype.itemsize)
-            ids = np.frombuffer(handle.read((last - first) * self.dtype.itemsize), dtype=self.dtype)
+            ids = np.frombuffer(_read_exactly(handle, (last - first) * self.dtype.itemsize, self.path), dtype=self.dtype)
             flags = None
             if self.with_flags:
                 handle.seek(self.flags_at + first)
-                flags = np.frombuffer(handle.read(last - first), dtype=bool)
+                flags = np.frombuffer(_read_exactly(handle, last - first, self.path), dtype=bool)
         return self.keys[a:b], RowBlock(self.lengths[a:b], ids, flags)
 
 

@@ -102,11 +102,6 @@ def file_kind(path: str) -> str:
     return "txt"
 
 
-def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
-    """(path, size in bytes) of every file the inputs name; directories are searched recursively."""
-    return [(f.path, f.size) for f in list_inputs(patterns)]
-
-
 def list_inputs(patterns: list[str]) -> list[InputFile]:
     """Every file the inputs name, sorted by path, with its size and modification time; directories are searched recursively."""
     from apache_beam.io.filesystems import FileSystems
@@ -345,25 +340,30 @@ def _is_binary(path: str) -> bool:
 
 
 def read_documents(path: str, doc_split: str = "line", text_field: str = "text", on_error: str = "error",
-                   max_line_bytes: int = MAX_LINE_BYTES, listed: Optional[tuple[int, Optional[float]]] = None) -> Iterator[Union[Document, Dropped]]:
+                   max_line_bytes: int = MAX_LINE_BYTES, listed: Optional[tuple[int, Optional[float]]] = None,
+                   verify: bool = True) -> Iterator[Union[Document, Dropped]]:
     """Documents of one file, in file order, with drop records for what was skipped.
 
-    A damaged compressed or Parquet file is found before any document is read: PrepInputError, or with
-    `on_error='skip'` one Dropped(reason, unit='files') and nothing else. `listed`: the (size, mtime) the
-    file had when listed; a file that differs from it, or changes while it is read, stops the run.
+    A damaged compressed or Parquet file is found before any document is read (`verify`; without it, where
+    the damage is, for readers of a sample): PrepInputError, or with `on_error='skip'` one
+    Dropped(reason, unit='files') and no document. `listed`: the (size, mtime) the file had when listed;
+    a file that differs from it, or changes while it is read, stops the run.
     """
     before = _check_unchanged(path, listed, "since it was listed") if listed else _stamp(path)
-    damage = _damage(path, text_field)
+    damage = _damage(path, text_field) if verify else None
+    try:
+        if damage is None:
+            yield from _file_documents(path, file_kind(path), doc_split, text_field, on_error, max_line_bytes)
+    except DamagedFile as found:
+        if verify:  # it read whole a moment ago
+            raise PrepInputError(f"{path} changed while it was read (it now {found.detail}); rerun once nothing writes to the corpus") from None
+        damage = found
     if damage is not None:
         if on_error != "skip":
             raise PrepInputError(f"{path} {damage.detail}; restore the complete file, remove it from --input, "
                                  f"or pass --on-decode-error skip to leave it out (counted as {damage.reason})")
         yield Dropped(damage.reason, unit="files")
         return
-    try:
-        yield from _file_documents(path, file_kind(path), doc_split, text_field, on_error, max_line_bytes)
-    except DamagedFile as damage:  # it read whole a moment ago
-        raise PrepInputError(f"{path} changed while it was read (it now {damage.detail}); rerun once nothing writes to the corpus") from None
     _check_unchanged(path, before, "while it was read")
 
 

@@ -76,9 +76,7 @@ def test_failed_overwrite_keeps_the_old_dataset_bit_identical(tmp_path, prepared
         assert sorted(os.listdir(tmp_path)) == ["blank.txt", "cut.txt.gz", "data", "tmpdir"], "staging left behind"
 
     (tmp_path / "new.txt").write_text("\n".join(lines[100:]) + "\n")
-    code, err, _ = _prep(tmp_path, "--input", str(tmp_path / "new.txt"), "--tokenizer", tokenizer_dir, "--output", str(out),
-                         "--max-seq-len", "32", "--overwrite")
-    assert code == 0, err
+    run_prep(PrepConfig(inputs=[str(tmp_path / "new.txt")], tokenizer=tokenizer_dir, output=str(out), max_seq_len=32, overwrite=True), workers=1)
     assert load_manifest(str(out)).max_seq_len == 32 and _tree(out) != before
     assert sorted(os.listdir(tmp_path)) == ["blank.txt", "cut.txt.gz", "data", "new.txt", "tmpdir"], "staging or old copy left behind"
 
@@ -262,3 +260,27 @@ def test_crafted_manifest_paths_are_refused(tmp_path, prepared):
     good.splits["train"].shards[0].path = "../secret.npy"  # a Manifest built in code is checked where shards are opened
     with pytest.raises(DatasetError, match="not a path inside the dataset"):
         verify_shards(str(data), good, "train")
+
+
+def test_a_cut_spill_file_is_never_read_as_complete(tmp_path):
+    """The shuffle's spill files (in `_prep_tmp/` of the dataset being written) are read back with exact lengths: before,
+    a spill file cut in its flags read back 493 flags for 500 tokens without an error (np.frombuffer of a short read)."""
+    import numpy as np
+
+    from data_prep.rows import RowBlock
+    from data_prep.shards import SpillFile, SpillRows
+
+    lengths = np.array([3, 5, 2] * 50)
+    block = RowBlock(lengths, np.arange(lengths.sum(), dtype=np.uint16) % 1000, np.ones(lengths.sum(), dtype=bool))
+    spill = SpillRows(str(tmp_path), 1, 0, "uint16", True)
+    spill.start_bundle()
+    list(spill.process(block))
+    (_, path), = [out.value for out in spill.finish_bundle()]
+    keys, rows = SpillFile(path, "uint16", True).read(0, 1 << 64)
+    assert len(rows) == 150 and len(rows.ids) == len(rows.flags) == lengths.sum()  # the whole file reads back
+    data = open(path, "rb").read()
+    for cut in (len(data) - 7, 8 + 8 * 150 + 10):  # in the flags, in the lengths
+        with open(path, "wb") as handle:
+            handle.write(data[:cut])
+        with pytest.raises(OSError, match="is cut short"):
+            SpillFile(path, "uint16", True).read(0, 1 << 64)
