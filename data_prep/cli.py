@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 
@@ -88,6 +89,11 @@ def stderr_to_file(path: str):
             os.close(saved)
 
 
+def _stop(signum, frame):
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the staging directory is removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, beam_args = parser.parse_known_args(argv)
@@ -107,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         num_shards=args.num_shards, shard_rows=args.shard_rows, shard_mb=args.shard_mb, batch_size=args.batch_size, on_decode_error=args.on_decode_error,
         overwrite=args.overwrite, seed=args.seed, train_sentencepiece=args.train_sentencepiece,
     )
+    signal.signal(signal.SIGTERM, _stop)
     try:
         with stderr_to_file(beam_log):
             from data_prep.pipeline import run_prep
 
             manifest = run_prep(cfg, beam_args, args.workers)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # published: nothing left to clean up
     except KeyboardInterrupt:
-        print(f"distill-prep: interrupted; no manifest was written (Beam log: {beam_log})", file=sys.stderr)
+        print(f"distill-prep: interrupted; nothing was published, --output is as it was (Beam log: {beam_log})", file=sys.stderr)
         return 130
     except Exception as exc:  # Beam re-raises worker errors wrapped in its own types
         message = extract_message(exc)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -142,6 +143,15 @@ def check_output(output: str, overwrite: bool, patterns: list[str], files: list[
         raise PrepInputError(str(exc)) from None
 
 
+def _warn_about_leftovers(output: str) -> None:
+    """Say so when a killed run left its hidden staging directory (or, killed mid-swap, the previous dataset) beside `output`."""
+    stem = os.path.join(glob.escape(os.path.dirname(os.path.abspath(output))), "." + glob.escape(os.path.basename(os.path.abspath(output))))
+    found = sorted(glob.glob(stem + ".partial-*") + glob.glob(stem + ".old-*"))
+    if found:
+        log.warning("found %s beside --output: left by a distill-prep that was killed (or is still running); a .old-* one holds "
+                    "the dataset it was replacing; delete them when you no longer need them", ", ".join(found))
+
+
 @contextlib.contextmanager
 def claim_output(output: str, overwrite: bool, patterns: list[str], files: list[str], tokenizer: str = "") -> Iterator[str]:
     """Check `output` against the rule and yield the directory to write the new dataset into.
@@ -158,6 +168,7 @@ def claim_output(output: str, overwrite: bool, patterns: list[str], files: list[
             remove_output(output)
             raise
         return
+    _warn_about_leftovers(output)
     try:
         with replace_when_complete(output, overwrite, is_prepared_dataset, KIND) as staging:
             yield staging
