@@ -244,7 +244,7 @@ class Runner:
         if not os.path.exists(out_json):
             s = self.scale
             cmd = [os.path.join(BIN, "distill-finetune"), "--model", model, "--train", self.args.sst2, "--holdout-fraction", "0.1",
-                   "--output", self.path("sst2", name), "--no-save-model", "--json", out_json, "--epochs", str(s.ft_epochs),
+                   "--output", self.path("sst2", name), "--overwrite", "--no-save-model", "--json", out_json, "--epochs", str(s.ft_epochs),
                    "--lr", str(s.ft_lr), "--batch-size", str(s.ft_batch), "--seed", "0"]
             if s.ft_examples:
                 cmd += ["--max-train-examples", str(s.ft_examples)]

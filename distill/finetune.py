@@ -114,6 +114,20 @@ class FinetuneConfig:
     device: Optional[str] = None
     eval_batch_size: int = 128
     save_model: bool = True
+    overwrite: bool = False  # replace an existing --output, if it is an earlier distill-finetune result
+
+
+RESULTS = "eval_results.json"
+OUTPUT_KIND = "distill-finetune output (it holds eval_results.json)"
+
+
+def is_finetune_dir(path: str) -> bool:
+    """A directory distill-finetune wrote (it holds eval_results.json)."""
+    return os.path.isfile(os.path.join(path, RESULTS))
+
+
+def _inputs(cfg: FinetuneConfig) -> list[tuple[str, str]]:
+    return [(name, path) for name, path in (("--model", cfg.model), ("--train", cfg.train), ("--eval", cfg.eval)) if path]
 
 
 def load_classifier(path: str, num_labels: int, device):
@@ -187,6 +201,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     import numpy as np
     import torch
 
+    from kd_common.outputs import check_no_overlap, check_replaceable, replace_when_complete
+
+    if cfg.output:  # checked before the work, and again when the result replaces it
+        check_no_overlap(cfg.output, _inputs(cfg))
+        check_replaceable(cfg.output, cfg.overwrite, is_finetune_dir, OUTPUT_KIND)
     train = read_tsv(cfg.train)
     if cfg.eval:
         held = read_tsv(cfg.eval)
@@ -257,13 +276,13 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         "train_seconds": train_seconds,
         "config": asdict(cfg),
     }
-    if cfg.output:
-        os.makedirs(cfg.output, exist_ok=True)
-        if cfg.save_model:
-            model.save_pretrained(cfg.output)
-            tokenizer.save_pretrained(cfg.output)
-        with open(os.path.join(cfg.output, "eval_results.json"), "w") as handle:
-            json.dump(result, handle, indent=2)
+    if cfg.output:  # written beside it, then swapped in whole; eval_results.json last
+        with replace_when_complete(cfg.output, cfg.overwrite, is_finetune_dir, OUTPUT_KIND, _inputs(cfg)) as staging:
+            if cfg.save_model:
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+            with open(os.path.join(staging, RESULTS), "w") as handle:
+                json.dump(result, handle, indent=2)
     return result
 
 
@@ -286,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eval", help="held-out TSV (default: the last --holdout-fraction of --train)")
     g.add_argument("--holdout-fraction", type=float, default=0.1, help="share of --train rows, taken from the end, held out (default 0.1)")
-    p.add_argument("--output", required=True, help="directory for the fine-tuned model and eval_results.json")
+    p.add_argument("--output", required=True, help="new directory for the fine-tuned model and eval_results.json (not inside an input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier distill-finetune result "
+                   "(only once the new one is complete)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
@@ -303,16 +324,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FinetuneConfig(model=args.model, output=args.output, train=args.train, eval=args.eval, holdout_fraction=args.holdout_fraction,
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                          max_train_examples=args.max_train_examples, warmup_fraction=args.warmup_fraction,
-                         weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_model=not args.no_save_model)
+                         weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_model=not args.no_save_model,
+                         overwrite=args.overwrite)
+    from data_prep.manifest import write_json_atomically
+    from distill.cli import check_result_file
+    from kd_common.outputs import OutputError
+
     try:
+        if args.json:
+            check_result_file(args.json, _inputs(cfg) + [("--output", cfg.output)])  # --output is replaced whole
         result = finetune(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except FinetuneError as exc:
+    except (FinetuneError, OutputError) as exc:
         print(f"distill-finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(render_table(result))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json_atomically(args.json, result)
     return 0
 
 

@@ -112,7 +112,7 @@ def test_output_dir_with_foreign_data_or_another_run(tmp_path, prepared, teacher
     exported.mkdir()
     (exported / "keep.txt").write_text("x")
     code, lines = cli("distill-export", "--checkpoint", str(out), "--output", str(exported))
-    assert_one_line_error(code, lines, "already holds files", "--overwrite")
+    assert_one_line_error(code, lines, "already holds data", "--overwrite")
     assert os.listdir(exported) == ["keep.txt"]
     code, lines = cli("distill-export", "--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "e2"))
     assert_one_line_error(code, lines, "no complete checkpoint")
