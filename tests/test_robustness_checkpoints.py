@@ -269,7 +269,6 @@ def test_failed_export_with_overwrite_keeps_the_previous_export(tmp_path, base):
 
 
 def test_finetune_and_eval_outputs_never_overwrite_their_inputs(tmp_path, tokenizer_dir, prepared_dir, capsys):
-    from distill.cli import eval_main
     from distill.demo_assets import save_random_bert_teacher
     from distill.finetune import main as finetune_main
 
@@ -280,8 +279,8 @@ def test_finetune_and_eval_outputs_never_overwrite_their_inputs(tmp_path, tokeni
     before = snapshot(model)
     common = ["--model", model, "--train", str(tsv), "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
 
-    def refused(argv, fragment, main=finetune_main):
-        assert main(argv) == 2
+    def refused(argv, fragment):
+        assert finetune_main(argv) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill-")]
         assert len(err) == 1 and fragment in err[0], err
 
@@ -292,7 +291,9 @@ def test_finetune_and_eval_outputs_never_overwrite_their_inputs(tmp_path, tokeni
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "n.txt").write_text("mine")
     refused(common + ["--output", str(tmp_path / "notes"), "--overwrite"], "not a distill-finetune output")
-    refused(["--model", model, "--data", prepared_dir, "--json", os.path.join(prepared_dir, "eval.json")], "--json", main=eval_main)
+    proc = run([os.path.join(BIN, "distill-eval"), "--model", model, "--data", prepared_dir, "--json", os.path.join(prepared_dir, "eval.json")],
+               check=False)
+    one_line_error(proc, "--json", "must not overlap an input")
     assert snapshot(model) == before and os.listdir(tmp_path / "notes") == ["n.txt"]
     assert not os.path.exists(os.path.join(prepared_dir, "eval.json"))
 
