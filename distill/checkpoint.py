@@ -9,7 +9,8 @@
     OUTPUT/checkpoints/latest             tag of the newest complete checkpoint (write-to-temp + rename)
 
 A checkpoint counts only with its COMPLETE marker; resume takes the newest complete one and warns
-about any newer, unfinished one.
+about any newer, unfinished one. Before DeepSpeed reads it, `latest_loadable` checks it (files present,
+safe to unpickle, checksums, trainer_state.json) and falls back, loudly, past damaged ones.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
@@ -31,7 +33,7 @@ LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 RUN_FILE = "run.json"
 # What launchers may put into a fresh output_dir before training claims it (launch/slurm.sbatch).
-LAUNCHER_ENTRIES = {"logs", "STOP"}
+LAUNCHER_ENTRIES = {"logs", "STOP", ".lock"}  # .lock: the run lock of this very trainer (distill/run_lock.py)
 _TAG = re.compile(r"^step_(\d{8})$")
 
 # Keys that may change between restarts of the same run (they do not change what is learned).
@@ -43,6 +45,8 @@ RESTARTABLE_KEYS = {
     # speed switches that do not change what is learned (bench/train_throughput.py measures each)
     "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
     "train.profile_phases",
+    # what to do about non-finite steps is a guard, not part of what is learned
+    "train.max_nonfinite_steps",
 }
 
 
@@ -120,6 +124,14 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
             for k in sorted(set(previous) | set(identity))
             if previous.get(k, defaults.get(k)) != identity.get(k, defaults.get(k))
         ]
+        if diffs and not list_checkpoints(checkpoints_root(output_dir)):
+            # the earlier attempt never wrote a checkpoint (it stopped at a bad setting or a non-finite step):
+            # nothing to resume, so these settings take the directory over; its logs are kept aside
+            aside = _set_aside_logs(output_dir)
+            log.warning("output_dir %s held a run with other settings (%s) that never wrote a checkpoint; starting this run there "
+                        "(its logs moved to %s)", output_dir, "; ".join(diffs), aside)
+            write_json_atomically(run_file, {"identity": identity})
+            return False
         if diffs:
             raise CheckpointError(
                 f"output_dir {output_dir!r} holds another run (differs in {'; '.join(diffs)}); "
@@ -133,6 +145,20 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
     os.makedirs(output_dir, exist_ok=True)
     write_json_atomically(run_file, {"identity": identity})
     return False
+
+
+RUN_LOGS = ("metrics.jsonl", "tensorboard", "config.yaml")
+
+
+def _set_aside_logs(output_dir: str) -> str:
+    """Move an abandoned attempt's logs to OUTPUT/abandoned/<n>/ (so the new run's metrics start clean)."""
+    parent = os.path.join(output_dir, "abandoned")
+    os.makedirs(parent, exist_ok=True)
+    target = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=parent)
+    for name in RUN_LOGS:
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
 
 
 def write_latest(root: str, tag: str) -> None:
@@ -180,6 +206,96 @@ def read_trainer_state(root: str, tag: str) -> dict[str, Any]:
         return json.load(handle)
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint file asks the unpickler for code (a crafted or foreign file): never loaded, never skipped silently."""
+
+
+_STATE_KEYS = {"step": int, "samples_consumed": int, "world_size": int, "zero_stage": int, "config": dict}
+
+
+def deepspeed_files(tag_dir: str, world_size: int, zero_stage: int) -> list[str]:
+    """The files DeepSpeed reads to resume or export a checkpoint written by `world_size` ranks at `zero_stage`."""
+    if zero_stage == 3:
+        files = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
+    else:
+        files = ["mp_rank_00_model_states.pt"]
+    if zero_stage > 0:  # bf16 runs name their optimizer shards bf16_zero_pp_rank_...
+        for r in range(world_size):
+            name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            files.append(f"bf16_{name}" if os.path.exists(os.path.join(tag_dir, f"bf16_{name}")) else name)
+    return [os.path.join(tag_dir, f) for f in files]
+
+
+def checkpoint_problem(root: str, tag: str, for_export: bool = False) -> Optional[str]:
+    """Why checkpoint `tag` cannot be resumed (or exported) from, or None; one read of each file (its CRC-32 checksums).
+
+    Raises UntrustedCheckpointError when a file asks the unpickler for anything but tensors and DeepSpeed's plain types."""
+    from distill import safe_load
+
+    tag_dir = os.path.join(root, tag)
+    try:
+        state = read_trainer_state(root, tag)
+    except FileNotFoundError:
+        return f"{os.path.join(tag_dir, TRAINER_STATE)} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{os.path.join(tag_dir, TRAINER_STATE)} is not valid JSON ({' '.join(str(exc).split())[:120]})"
+    bad = [k for k, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if bad:
+        return f"{os.path.join(tag_dir, TRAINER_STATE)} lacks {', '.join(bad)} (or has the wrong type)"
+    needed = deepspeed_files(tag_dir, state["world_size"], state["zero_stage"])
+    if for_export:
+        needed.append(os.path.join(tag_dir, "hf_config", "config.json"))
+    for path in needed:
+        if not path.endswith(".pt"):
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                return f"{path} is missing or empty"
+            continue
+        problem = safe_load.file_problem(path)
+        if problem and problem[0] == "untrusted":
+            raise UntrustedCheckpointError(f"checkpoint file {problem[1]}; move {tag_dir} away (keep it for inspection), then rerun")
+        if problem:
+            return problem[1]
+    return None
+
+
+def latest_loadable(root: str) -> Optional[tuple[int, str]]:
+    """Newest complete checkpoint that passes `checkpoint_problem`; None when there is no complete one.
+
+    A damaged newer one is reported loudly and moved aside (`step_X.damaged-TIME`, kept, never pruned) once an older
+    loadable one is found; when none is loadable, nothing is moved and CheckpointError says what is wrong with each."""
+    complete = [(step, tag) for step, tag, ok in list_checkpoints(root) if ok]
+    if not complete:
+        latest_complete(root)  # warns about unfinished ones
+        return None
+    damaged = []
+    for step, tag in reversed(complete):
+        problem = checkpoint_problem(root, tag)
+        if problem is None:
+            for bad_tag, why in damaged:
+                aside = os.path.join(root, f"{bad_tag}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.rename(os.path.join(root, bad_tag), aside)
+                log.warning("CHECKPOINT DAMAGED: %s (%s); resuming from the previous complete checkpoint %s instead; the damaged one "
+                            "is kept as %s", os.path.join(root, bad_tag), why, tag, aside)
+            if damaged:
+                write_latest(root, tag)
+            latest_complete(root)  # warns about unfinished newer ones
+            return step, tag
+        damaged.append((tag, problem))
+    raise CheckpointError(f"no loadable checkpoint under {root}: " + "; ".join(f"{t}: {why}" for t, why in damaged)
+                          + "; restore the damaged files from a copy, or move the checkpoints directory away to start afresh")
+
+
+def check_exportable(root: str, tag: str) -> None:
+    """Refuse (one line) a checkpoint that cannot be exported safely; suggest the newest older one that can."""
+    problem = checkpoint_problem(root, tag, for_export=True)
+    if problem is None:
+        return
+    older = [t for s, t, ok in list_checkpoints(root) if ok and t < tag]
+    usable = next((t for t in reversed(older) if checkpoint_problem(root, t, for_export=True) is None), None)
+    hint = f"export the previous one with --checkpoint {os.path.join(root, usable)}" if usable else "no older complete checkpoint can be exported either"
+    raise CheckpointError(f"checkpoint {os.path.join(root, tag)} is damaged: {problem}; {hint}")
+
+
 UNIVERSAL = "universal"
 
 
@@ -192,20 +308,30 @@ def universal_checkpoint(root: str, tag: str) -> str:
     import subprocess
     import sys
 
+    from distill import safe_load
+
     universal_root = os.path.join(root, UNIVERSAL)
     target = os.path.join(universal_root, tag)
     if is_complete(target):
-        return universal_root
+        problem = _universal_problem(target)
+        if problem is None:
+            return universal_root
+        log.warning("universal checkpoint %s is damaged (%s); converting %s again", target, problem, os.path.join(root, tag))
     os.makedirs(universal_root, exist_ok=True)
     staging = os.path.join(universal_root, f".{tag}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
+    # DeepSpeed's converter, run by our wrapper: every torch.load in it is weights_only=True (distill/safe_load.py)
+    cmd = [sys.executable, "-m", "distill.safe_load", "--input_folder", os.path.join(root, tag),
            "--output_folder", staging, "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
     log.info("converting %s to a universal checkpoint: %s", os.path.join(root, tag), " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, safe_load.FORCE: "1"})
     if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
         tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        if "not a plain tensor checkpoint" in tail:
+            raise UntrustedCheckpointError(f"refused to convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); "
+                                           f"move it away (keep it for inspection), then rerun")
         raise CheckpointError(f"could not convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); resume with the "
                               f"world size and ZeRO stage that wrote it")
     shutil.copy2(os.path.join(root, tag, TRAINER_STATE), os.path.join(staging, TRAINER_STATE))
@@ -216,6 +342,21 @@ def universal_checkpoint(root: str, tag: str) -> str:
     with open(os.path.join(universal_root, "latest_universal"), "w") as handle:  # ds_to_universal named the staging dir
         handle.write(tag)
     return universal_root
+
+
+def _universal_problem(folder: str) -> Optional[str]:
+    """Why a converted universal checkpoint cannot be loaded safely, or None (UntrustedCheckpointError for a crafted file)."""
+    import glob
+
+    from distill import safe_load
+
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
+        problem = safe_load.file_problem(path)
+        if problem and problem[0] == "untrusted":
+            raise UntrustedCheckpointError(f"checkpoint file {problem[1]}; move {folder} away (keep it for inspection), then rerun")
+        if problem:
+            return problem[1]
+    return None
 
 
 def _name_model_states_for_every_stage(folder: str) -> None:
@@ -237,12 +378,14 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
 
     import torch
 
+    from distill import safe_load
+
     path = os.path.join(folder, "zero", "optimizer_state.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load.load(path)
     inner = state.get("optimizer_state_dict")
     if not isinstance(inner, dict) or "param_groups" not in inner:
         step_files = sorted(glob.glob(os.path.join(folder, "zero", "*", "step.pt")))
-        step = torch.load(step_files[0], map_location="cpu", weights_only=False) if step_files else torch.tensor(0.0)
+        step = safe_load.load(step_files[0]) if step_files else torch.tensor(0.0)
         state["optimizer_state_dict"] = {"state": {0: {"step": torch.as_tensor(step, dtype=torch.float32)}}, "param_groups": state["param_groups"]}
     state.setdefault("param_groups", state["optimizer_state_dict"]["param_groups"])
     for key, default in (("ds_version", _deepspeed_version()), ("clip_grad", 0.0), ("dynamic_loss_scale", False), ("overflow", False)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -14,17 +15,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distill.checkpoint import CheckpointError
     from distill.config import ConfigError
     from distill.export import ExportError
+    from distill.guards import TrainingStopped
     from distill.models import ModelError
+    from distill.run_lock import RunLockedError
+    from kd_common.outputs import OutputError
 
-    return (DatasetError, ConfigError, ModelError, CheckpointError, ExportError)
+    return (DatasetError, ConfigError, ModelError, CheckpointError, ExportError, TrainingStopped, RunLockedError, OutputError)
 
 
 def _fail(prog: str, exc: BaseException) -> int:
     """One line on stderr (from rank 0 only when distributed), exit code 2."""
-    if os.environ.get("RANK", "0") == "0":
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or getattr(exc, "rank_local", False):  # an error only one rank saw is said by that rank
         message = " ".join(str(exc).split())
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"{prog}: error{where}: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def check_result_file(path: str, inputs: list[tuple[str, str | None]], name: str = "--json") -> None:
+    """A result file (written atomically later) must not be an input, lie inside one, or be a directory."""
+    from kd_common.outputs import OutputError, check_no_overlap
+
+    check_no_overlap(path, [(n, p) for n, p in inputs if p], name)
+    if os.path.isdir(path):
+        raise OutputError(f"{name} {path!r} is a directory; give a file path for the JSON result")
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -49,6 +64,13 @@ def train_main(argv: list[str] | None = None) -> int:
         result = train(config, args.local_rank)
     except _user_errors() as exc:
         return _fail("distill-train", exc)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = OSError(f"no space left writing {exc.filename or 'the run directory'} ({exc.strerror}); the newest complete checkpoint "
+                       f"is kept: free space, then rerun the same command to resume")
+        full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
+        return _fail("distill-train", full)
     if result.get("stopped_by"):
         from distill.preemption import PREEMPTED_EXIT_CODE
 
@@ -59,8 +81,9 @@ def train_main(argv: list[str] | None = None) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill-export", description="Export a checkpoint (any ZeRO stage) as a Hugging Face model directory.")
     parser.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint), its checkpoints/ dir, or one step_XXXXXXXX dir")
-    parser.add_argument("--output", required=True, help="new directory for the Hugging Face model")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
+    parser.add_argument("--output", required=True, help="new directory for the Hugging Face model (not inside the run)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier distill-export result "
+                        "(only once the new export is complete)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("deepspeed").setLevel(logging.WARNING)
@@ -89,6 +112,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         from distill.evaluate import evaluate, render_table, write_json
 
+        if args.json:  # checked before the work: the result file must not land in (or replace) an input
+            check_result_file(args.json, [("--model", args.model), ("--teacher", args.teacher), ("--data", args.data)])
         result = evaluate(args.model, args.data, args.teacher, args.split, args.max_sequences, args.batch_size, args.device)
     except _user_errors() as exc:
         return _fail("distill-eval", exc)

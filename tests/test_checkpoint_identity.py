@@ -11,9 +11,25 @@ from distill.config import Config
 
 
 def _claim_after(tmp_path, previous: dict, now: dict) -> bool:
+    """Claim a run directory that holds `previous`'s run.json and one complete checkpoint of it."""
     with open(os.path.join(tmp_path, ckpt.RUN_FILE), "w") as handle:
         json.dump({"identity": previous}, handle)
+    step = os.path.join(tmp_path, ckpt.CHECKPOINTS, ckpt.tag_for(4))
+    os.makedirs(step, exist_ok=True)
+    ckpt.mark_complete(step)
     return ckpt.claim_output_dir(str(tmp_path), now)
+
+
+def test_an_attempt_that_never_wrote_a_checkpoint_gives_way_to_corrected_settings(tmp_path):
+    base = Config().to_dict()
+    old, new = ckpt.run_identity(base, "sha"), ckpt.run_identity(dict(base, optim=dict(base["optim"], lr=1e-4)), "sha")
+    with open(os.path.join(tmp_path, ckpt.RUN_FILE), "w") as handle:
+        json.dump({"identity": old}, handle)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert ckpt.claim_output_dir(str(tmp_path), new) is False  # nothing to resume: a fresh start under the new settings
+    assert json.load(open(tmp_path / ckpt.RUN_FILE))["identity"] == new
+    kept = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "abandoned") for f in files]
+    assert len(kept) == 1 and open(kept[0]).read() == '{"step": 1}\n'  # its logs are kept aside, not deleted
 
 
 def test_a_key_added_by_a_newer_version_counts_as_its_default_in_older_runs(tmp_path):
