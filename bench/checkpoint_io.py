@@ -39,7 +39,7 @@ def build_engine(size: str, zero: int):
 
     from distill.config import load_config
     from distill.models import StudentForDistillation
-    from distill.trainer import deepspeed_config, make_optimizer
+    from distill.engine import deepspeed_config, make_optimizer
 
     layers, hidden, heads, inter, vocab = STUDENTS[size]
     torch.manual_seed(0)

@@ -131,7 +131,7 @@ def run_pipeline(files, tokenizer, out, max_seq_len, batch_size, workers):
     """run_prep (Beam's chatter, also its worker processes', to a log file). Returns (tokens written, manifest)."""
     from data_prep.cli import stderr_to_file
     from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from data_prep.driver import run_prep
 
     cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=out, max_seq_len=max_seq_len, batch_size=batch_size)
     with stderr_to_file(os.path.join(os.path.dirname(out), "beam.log")):
@@ -146,7 +146,7 @@ def measure(args) -> int:
 
     from data_prep.tokenization import load_tokenizer
 
-    for module in ("datasets", "apache_beam.runners.portability.fn_api_runner.fn_runner", "data_prep.pipeline"):
+    for module in ("datasets", "apache_beam.runners.portability.fn_api_runner.fn_runner", "data_prep.driver"):
         importlib.import_module(module)  # libraries load before the clock, for every side alike
 
     load_tokenizer(args.tokenizer)  # transformers and tokenizers imported
@@ -279,7 +279,7 @@ def main() -> int:
             size = sum(os.path.getsize(f) for f in files) * copies
             print(f"corpus {copies} x {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB), {best['pipeline'].get('documents', 0):,} documents, "
                   f"{best['pipeline']['tokens']:,} tokens written by the pipeline")
-            from data_prep.pipeline import choose_workers
+            from data_prep.runner import choose_workers
 
             default_workers = choose_workers(0, [(f, os.path.getsize(f)) for f in files] * copies)
             for side in sides:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import errno
 import re
+from kd_common.errors import UserError
 
 _MARKER = "PrepInputError: "
 
 
-class PrepInputError(ValueError):
+class PrepInputError(UserError, ValueError):
     """Bad input (corpus, tokenizer, output directory): the message names the problem and the fix."""
 
     def __str__(self) -> str:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from kd_common.errors import UserError
+from kd_common.files import sha256_file, write_json_atomically  # noqa: F401  (the dataset contract's helpers)
 
 FORMAT_NAME = "distill-prepared-dataset"
 FORMAT_VERSION = 1
@@ -27,7 +29,7 @@ TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "validation")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prepared dataset is missing, unfinished, damaged or does not match the model."""
 
 
@@ -97,15 +99,6 @@ class Manifest:
         return cls(tokenizer=tokenizer, splits=splits, **data)
 
 
-def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a local file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tokenizer_identity(tokenizer, name_or_path: str, kind: str = "hf-fast") -> TokenizerIdentity:
     """Fingerprint a Hugging Face tokenizer (vocabulary hash + special ids)."""
     vocab = tokenizer.get_vocab()
@@ -123,23 +116,6 @@ def tokenizer_identity(tokenizer, name_or_path: str, kind: str = "hf-fast") -> T
         special_token_ids=specials,
         all_special_ids=sorted(int(i) for i in tokenizer.all_special_ids),
     )
-
-
-def write_json_atomically(path: str, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def dataset_file(data_dir: str, relative: Any, what: str) -> str:

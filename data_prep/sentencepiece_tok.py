@@ -13,6 +13,7 @@ import numpy as np
 
 from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
+from data_prep.tokenizer_base import REQUIRED_SPECIALS, TokenizerPayload, split_pieces
 
 SPECIAL_PIECES = {  # role -> pieces that play it, first found wins
     "cls": ("[CLS]", "<cls>"), "sep": ("[SEP]", "<sep>"), "mask": ("[MASK]", "<mask>"),
@@ -51,8 +52,6 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
 
     def __init__(self, path: str, max_piece_chars: int = 100_000, packing: str = "document", model_bytes: bytes | None = None):
-        from data_prep.tokenization import REQUIRED_SPECIALS
-
         self.path = path
         self.max_piece_chars = max_piece_chars
         self.packing = packing
@@ -84,8 +83,6 @@ class SentencePieceTokenizer:
 
     def start_batch(self, texts: list[str]):
         """Every text's pieces encoded in one sentencepiece call (its own threads, one per CPU)."""
-        from data_prep.tokenization import split_pieces
-
         pieces, owner = split_pieces(texts, self.max_piece_chars)
         return (self.sp.encode(pieces, num_threads=os.cpu_count() or 1) if pieces else []), owner, len(texts)
 
@@ -119,8 +116,6 @@ class SentencePieceTokenizer:
         return self._hf
 
     def payload(self):
-        from data_prep.tokenization import TokenizerPayload
-
         return TokenizerPayload(self.kind, zlib.compress(self.model_bytes, 9), self.path, (), self.max_piece_chars, self.packing)
 
     def identity(self) -> TokenizerIdentity:

@@ -24,6 +24,7 @@ import time
 from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ RESTARTABLE_KEYS = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """The output directory or a checkpoint cannot be used as asked."""
 
 

@@ -7,20 +7,14 @@ import logging
 import os
 import sys
 
-from data_prep.manifest import DatasetError
 
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from distill.checkpoint import CheckpointError
-    from distill.config import ConfigError
-    from distill.export import ExportError
-    from distill.guards import TrainingStopped
-    from distill.models import ModelError
-    from distill.run_lock import RunLockedError
-    from kd_common.outputs import OutputError
+    """Every error a user can act on (kd_common.errors.UserError): one line, exit 2."""
+    from kd_common.errors import UserError
 
-    return (DatasetError, ConfigError, ModelError, CheckpointError, ExportError, TrainingStopped, RunLockedError, OutputError)
+    return (UserError,)
 
 
 def _fail(prog: str, exc: BaseException) -> int:
@@ -43,22 +37,29 @@ def check_result_file(path: str, inputs: list[tuple[str, str | None]], name: str
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from distill.config import describe_fields, load_config
+    from distill.config import Config, ConfigError, describe_fields
+    from kd_common.config import add_arguments, from_arguments
 
     parser = argparse.ArgumentParser(prog="distill-train", description="Distil a teacher into a student with DeepSpeed. Start it with "
-                                     "`deepspeed --num_gpus N $(which distill-train) --config ...` or as one process.")
-    parser.add_argument("--config", help="recipe YAML, e.g. configs/distilbert.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100 data.path=/data/prep")
+                                     "`deepspeed --num_gpus N --module distill --config ...` or as one process. Settings come from "
+                                     "--config, then key=value overrides, then the flags below (later wins).")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default, meaning and bounds")
+    parser.add_argument("--check", action="store_true", help="print the resolved config and every problem found reading only configs "
+                        "(dataset manifest, teacher config.json and tokenizer, DeepSpeed JSON; no weights), then exit: 0 = ready to run")
+    parser.add_argument("--world-size", type=int, default=None, help="with --check: the number of ranks to check batch sizes for "
+                        "(default: $WORLD_SIZE or 1)")
+    add_arguments(parser, Config)
     args = parser.parse_args(argv)
     if args.help_config:
         print("\n".join(describe_fields()))
         return 0
-    if not args.config and not args.overrides:
+    if not args.config and not args.overrides and not any(k.startswith("setting:") for k in vars(args)):
         parser.error("--config is required (e.g. --config configs/distilbert.yaml)")
+    if args.check:
+        return _check_train(args, Config, from_arguments, ConfigError)
     try:
-        config = load_config(args.config, args.overrides)
+        config = from_arguments(Config, args, replace=("weights",))
         from distill.trainer import train
 
         result = train(config, args.local_rank)
@@ -78,20 +79,41 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_train(args, config_cls, from_arguments, config_error) -> int:
+    """`distill-train --check`: the resolved config, then every problem (or none); exit 2 when there are problems."""
+    import torch
+
+    try:
+        config = from_arguments(config_cls, args, replace=("weights",))
+    except config_error as exc:
+        print("problems (config):\n" + "\n".join(f"  - {p}" for p in exc.problems))
+        return 2
+    from distill.preflight import preflight
+
+    print(config.to_yaml(), end="")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    found = preflight(config, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if found.problems:
+        print(f"problems ({world} rank{'s' if world > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in found.problems))
+        return 2
+    print(f"no problems found for {world} rank{'s' if world > 1 else ''}: ready to run")
+    return 0
+
+
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill-export", description="Export a checkpoint (any ZeRO stage) as a Hugging Face model directory.")
-    parser.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint), its checkpoints/ dir, or one step_XXXXXXXX dir")
-    parser.add_argument("--output", required=True, help="new directory for the Hugging Face model (not inside the run)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier distill-export result "
-                        "(only once the new export is complete)")
+    from distill.export import ExportConfig, export_checkpoint
+    from kd_common.config import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser(prog="distill-export", description="Export a checkpoint (any ZeRO stage) as a Hugging Face model "
+                                     "directory. Settings: --config YAML < key=value < flags.")
+    add_arguments(parser, ExportConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("deepspeed").setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
-        from distill.export import export_checkpoint
-
-        out = export_checkpoint(args.checkpoint, args.output, args.overwrite)
+        cfg = from_arguments(ExportConfig, args)
+        out = export_checkpoint(cfg.checkpoint, cfg.output, cfg.overwrite)
     except _user_errors() as exc:
         return _fail("distill-export", exc)
     print(out)

@@ -74,12 +74,12 @@ class StepPlan:
     group_steps: int = 1  # >1 (with lengths): pool this many consecutive steps' samples, sort by length, deal out in seeded order
 
     def __post_init__(self):
+        from distill.config import batch_problem
+
+        problem = batch_problem(self.global_batch, self.micro_batch, self.world_size)
+        if problem:
+            raise ValueError(problem)
         per_step = self.micro_batch * self.world_size
-        if self.global_batch % per_step:
-            raise ValueError(
-                f"train.global_batch={self.global_batch} is not divisible by micro_batch {self.micro_batch} x {self.world_size} ranks = {per_step}; "
-                f"choose a global batch that is a multiple of {per_step} or change train.micro_batch"
-            )
         self.accumulation = self.global_batch // per_step
         self._perms: dict[int, np.ndarray] = {}
         self._pool: Optional[tuple[int, np.ndarray, np.ndarray]] = None  # (pool index, stream, rows) sorted by length
@@ -169,3 +169,53 @@ def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool,
     return torch.utils.data.DataLoader(
         micro_batches, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory, **kwargs
     )
+
+
+def load_token_counts(data_dir: str, manifest: Manifest) -> np.ndarray:
+    """The train split's token counts (for masking smoothing), checked against the manifest's sha256; never unpickled."""
+    from data_prep.manifest import DatasetError, sha256_file
+
+    path = os.path.join(data_dir, manifest.token_counts["path"])
+    expected = manifest.token_counts.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise DatasetError(f"{path} fails its sha256 check; the dataset is damaged, re-run distill-prep")
+    return np.load(path, allow_pickle=False)
+
+
+class DataSource:
+    """This rank's micro batches, one optimizer step at a time, on the device.
+
+    The reader, the step plan (which samples each rank and micro step trains on) and the collator
+    (masking, padding) are built once; `start` opens a loader at the step a run starts or resumes from.
+    """
+
+    def __init__(self, sequences: TokenSequences, plan: StepPlan, collator, device: torch.device, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int):
+        self.sequences = sequences
+        self.plan = plan
+        self.collator = collator
+        self.device = device
+        self.loader_options = (num_workers, pin_memory, prefetch_factor)
+        self._batches = None
+
+    @property
+    def accumulation(self) -> int:
+        return self.plan.accumulation
+
+    def start(self, start_step: int, total_steps: int) -> None:
+        self._batches = iter(make_loader(MicroBatches(self.sequences, self.plan, self.collator, start_step, total_steps), *self.loader_options))
+
+    def next(self):
+        """(Batch on the device, the collated CPU tensors) of the next micro batch."""
+        from distill.losses import Batch
+
+        raw = next(self._batches)
+        batch = Batch(
+            input_ids=raw["input_ids"].to(self.device, non_blocking=True),
+            attention_mask=raw["attention_mask"].to(self.device, non_blocking=True),
+            labels=raw["labels"].to(self.device, non_blocking=True),
+        )
+        return batch, raw
+
+    def step_fingerprint(self, step: int) -> str:
+        return self.plan.step_fingerprint(step)

@@ -9,14 +9,23 @@ import torch
 
 from distill import checkpoint as ckpt
 from distill import safe_load
+from distill.families import FamilyError, family_of
 from kd_common.outputs import replace_when_complete
+from kd_common.config import Bool, Str, section, setting
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 _WRAPPER_PREFIX = "model."
-_CAUSAL_TYPES = {"gpt2"}
 
 
-class ExportError(RuntimeError):
+@section
+class ExportConfig:
+    checkpoint: Str = setting(help="run directory (its newest complete checkpoint), its checkpoints/ dir, or one step_XXXXXXXX dir")
+    output: Str = setting(help="new directory for the Hugging Face model (not inside the run)")
+    overwrite: Bool = setting(False, "replace --output if it holds an earlier distill-export result (only once the new export is complete)")
+
+
+class ExportError(UserError, RuntimeError):
     """The checkpoint cannot be exported as asked."""
 
 
@@ -67,11 +76,18 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     with replace_when_complete(output, overwrite, is_export_dir, "distill-export output (it holds distill_provenance.json)", inputs) as staging:
         ckpt.check_exportable(root, tag)
         config = AutoConfig.from_pretrained(os.path.join(tag_dir, "hf_config"), local_files_only=True)
-        model = (AutoModelForCausalLM if config.model_type in _CAUSAL_TYPES else AutoModelForMaskedLM).from_config(config)
+        try:
+            family = family_of(config)
+        except FamilyError as exc:
+            raise ExportError(f"checkpoint {tag_dir}: {exc}") from None
+        model = (AutoModelForCausalLM if family.causal else AutoModelForMaskedLM).from_config(config)
         state = consolidated_state_dict(root, tag)
-        expected = set(model.state_dict())
-        missing = expected - set(state)
-        tied = {k for k in missing if k.endswith(("vocab_projector.weight", "decoder.weight", "decoder.bias", "lm_head.weight"))}
+        tensors = model.state_dict(keep_vars=True)
+        missing = set(tensors) - set(state)
+        names_of: dict[int, set] = {}
+        for name, tensor in tensors.items():
+            names_of.setdefault(id(tensor), set()).add(name)
+        tied = {k for k in missing if names_of[id(tensors[k])] - missing}  # shares its tensor with a weight that is there
         if missing - tied:
             raise ExportError(f"checkpoint {tag_dir} lacks weights {sorted(missing - tied)[:5]}; it does not belong to this student config")
         result = model.load_state_dict(state, strict=False)

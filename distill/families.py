@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from distill.outputs import ModelShape
+from kd_common.errors import UserError
 
 
-class FamilyError(ValueError):
+class FamilyError(UserError, ValueError):
     """A model of a family this job does not know, or a teacher/student pairing it cannot build."""
 
 
@@ -62,7 +63,7 @@ class Family:
 
     def model_shape(self, config: Any) -> ModelShape:
         s = self.shape(config)
-        return ModelShape(hidden_size=s["hidden_size"], num_heads=s["num_heads"], num_layers=s["num_layers"])
+        return ModelShape(hidden_size=s["hidden_size"], num_heads=s["num_heads"], num_layers=s["num_layers"], rotary=self.rotary)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -186,6 +187,56 @@ GPT2 = register(Family(
     name="gpt2", model_types=("gpt2",), causal=True, base="transformer", layers="h", qkv=("attn.c_attn",),
     head_transform=None, projection=lambda m: m.lm_head, shape=_gpt2_shape, student_config=_gpt2_student_config, init_from=("gpt2",),
 ))
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder LLMs: Llama, Mistral, Qwen2, Qwen3 (one layout: model.layers[i].self_attn.{q,k,v}_proj, lm_head)
+
+
+def _decoder_shape(c) -> dict:
+    return {"hidden_size": c.hidden_size, "num_heads": c.num_attention_heads,
+            "num_kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads, "intermediate_size": c.intermediate_size,
+            "num_layers": c.num_hidden_layers, "max_position_embeddings": c.max_position_embeddings, "activation": c.hidden_act,
+            "vocab_size": c.vocab_size, "head_dim": getattr(c, "head_dim", None)}
+
+
+def _decoder_student_config(model_type: str):
+    """A student config of a decoder family: the teacher's config (positions, rope, norms, vocabulary, tying) with the
+    student's depth and widths; without a teacher, the family's defaults with the student's shape."""
+
+    def build(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
+        from transformers import AutoConfig
+
+        values = teacher_config.to_dict() if teacher_config is not None else {}
+        for key in ("layer_types", "architectures", "_name_or_path", "transformers_version", "model_type", "dtype", "torch_dtype"):
+            values.pop(key, None)  # per-layer lists are rebuilt for the student's depth
+        t_heads, t_hidden = values.get("num_attention_heads"), values.get("hidden_size")
+        derived_head_dim = t_heads and t_hidden and values.get("head_dim") in (None, t_hidden // t_heads)
+        values.update(vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_layers"],
+                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape.get("num_kv_heads") or shape["num_heads"],
+                      intermediate_size=shape["intermediate_size"], max_position_embeddings=shape["max_position_embeddings"],
+                      attention_dropout=dropout)
+        if teacher_config is None or derived_head_dim:
+            values["head_dim"] = shape["hidden_size"] // shape["num_heads"]
+        if teacher_config is None:
+            values.update(pad_token_id=pad_token_id, tie_word_embeddings=True)
+        if values["num_attention_heads"] % values["num_key_value_heads"]:
+            raise FamilyError(f"student has {values['num_attention_heads']} attention heads and {values['num_key_value_heads']} key/value "
+                              f"heads; the heads must be a multiple of the key/value heads (set student.num_kv_heads)")
+        return AutoConfig.for_model(model_type, **values)
+
+    return build
+
+
+def _decoder(name: str) -> Family:
+    return register(Family(
+        name=name, model_types=(name,), causal=True, base="model", layers="layers",
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), head_transform=None, projection=lambda m: m.lm_head,
+        shape=_decoder_shape, student_config=_decoder_student_config(name), init_from=(name,), rotary=True,
+    ))
+
+
+LLAMA, MISTRAL, QWEN2, QWEN3 = (_decoder(name) for name in ("llama", "mistral", "qwen2", "qwen3"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from kd_common.config import Bool, Float, Int, Str, section, setting
+from kd_common.errors import UserError
 
-class FinetuneError(ValueError):
+
+class FinetuneError(UserError, ValueError):
     """Bad input to distill-finetune: one line for the user."""
 
 
@@ -96,25 +99,26 @@ def split_holdout(data: TsvData, fraction: float) -> tuple[TsvData, TsvData]:
     return train, held
 
 
-@dataclass
+@section
 class FinetuneConfig:
-    model: str
-    output: str
-    train: str
-    eval: Optional[str] = None
-    holdout_fraction: float = 0.1
-    epochs: float = 1.0
-    lr: float = 5e-5
-    batch_size: int = 32
-    max_seq_len: int = 64
-    max_train_examples: Optional[int] = None  # use only the first N training rows (CPU budgets)
-    warmup_fraction: float = 0.06
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: Optional[str] = None
-    eval_batch_size: int = 128
-    save_model: bool = True
-    overwrite: bool = False  # replace an existing --output, if it is an earlier distill-finetune result
+    model: Str = setting(help="model directory (distill-export output or any save_pretrained directory)")
+    output: Str = setting(help="new directory for the fine-tuned model and eval_results.json (not inside an input)")
+    train: Str = setting(help="TSV of sentence<TAB>label rows (a header line is skipped)")
+    eval: Optional[Str] = setting(None, "held-out TSV (default: the last holdout_fraction of train)")
+    holdout_fraction: Float = setting(0.1, "share of the train rows, taken from the end, held out when eval is not given", gt=0, lt=1)
+    epochs: Float = setting(1.0, "passes over the training rows", gt=0)
+    lr: Float = setting(5e-5, "peak learning rate (AdamW, linear warmup then decay)", gt=0, le=1)
+    batch_size: Int = setting(32, "sentences per step", ge=1)
+    max_seq_len: Int = setting(64, "tokens per sentence (longer ones are cut)", ge=2)
+    max_train_examples: Optional[Int] = setting(None, "train on the first N training rows only (CPU budgets)", ge=1)
+    warmup_fraction: Float = setting(0.06, "fraction of the steps with linear warmup", ge=0, lt=1)
+    weight_decay: Float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm)", ge=0, le=1)
+    seed: Int = setting(0, "seed of the classifier head, the order of rows and dropout", ge=0)
+    device: Optional[Str] = setting(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    eval_batch_size: Int = setting(128, "sentences per evaluation batch", ge=1)
+    save_model: Bool = setting(True, "save the fine-tuned model in output (--no-save-model: only eval_results.json)")
+    overwrite: Bool = setting(False, "replace output if it holds an earlier distill-finetune result (only once the new one is complete)")
+    json: Optional[Str] = setting(None, "also write the result to this JSON file")
 
 
 RESULTS = "eval_results.json"
@@ -235,12 +239,12 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     n = len(train.labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warmup = int(cfg.warmup_fraction * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    from distill.config import OptimConfig
+    from distill.engine import make_optimizer, warmup_linear_decay
+
+    # torch's AdamW defaults (betas 0.9/0.999, eps 1e-8), as fine-tuning recipes use; no decay on biases and LayerNorm
+    optimizer = make_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=[0.9, 0.999], eps=1e-8), device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, int(cfg.warmup_fraction * total_steps)))
 
     t0 = time.time()
     step = 0
@@ -298,48 +302,27 @@ def render_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distill-finetune", description="Fine-tune an exported model for sentence classification "
-                                "on a `sentence<TAB>label` TSV and report held-out accuracy.")
-    p.add_argument("--model", required=True, help="model directory (distill-export output or any save_pretrained directory)")
-    p.add_argument("--train", required=True, help="TSV of sentence<TAB>label rows (a header line is skipped)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--eval", help="held-out TSV (default: the last --holdout-fraction of --train)")
-    g.add_argument("--holdout-fraction", type=float, default=0.1, help="share of --train rows, taken from the end, held out (default 0.1)")
-    p.add_argument("--output", required=True, help="new directory for the fine-tuned model and eval_results.json (not inside an input)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier distill-finetune result "
-                   "(only once the new one is complete)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-len", type=int, default=64)
-    p.add_argument("--max-train-examples", type=int, default=None, help="train on the first N training rows only")
-    p.add_argument("--warmup-fraction", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--no-save-model", action="store_true", help="write only eval_results.json to --output")
-    p.add_argument("--json", help="also write the result to this JSON file")
-    args = p.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = FinetuneConfig(model=args.model, output=args.output, train=args.train, eval=args.eval, holdout_fraction=args.holdout_fraction,
-                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                         max_train_examples=args.max_train_examples, warmup_fraction=args.warmup_fraction,
-                         weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_model=not args.no_save_model,
-                         overwrite=args.overwrite)
     from data_prep.manifest import write_json_atomically
     from distill.cli import check_result_file
+    from kd_common.config import ConfigError, add_arguments, from_arguments
     from kd_common.outputs import OutputError
 
+    p = argparse.ArgumentParser(prog="distill-finetune", description="Fine-tune an exported model for sentence classification "
+                                "on a `sentence<TAB>label` TSV and report held-out accuracy. Settings: --config YAML < key=value < flags.")
+    add_arguments(p, FinetuneConfig)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.json:
-            check_result_file(args.json, _inputs(cfg) + [("--output", cfg.output)])  # --output is replaced whole
+        cfg = from_arguments(FinetuneConfig, args)
+        if cfg.json:
+            check_result_file(cfg.json, _inputs(cfg) + [("--output", cfg.output)])  # --output is replaced whole
         result = finetune(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (FinetuneError, OutputError) as exc:
+    except (FinetuneError, OutputError, ConfigError) as exc:
         print(f"distill-finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(render_table(result))
-    if args.json:
-        write_json_atomically(args.json, result)
+    if cfg.json:
+        write_json_atomically(cfg.json, result)
     return 0
 
 

@@ -13,12 +13,13 @@ import shutil
 from typing import Callable, Optional
 
 import torch
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 BYTES_PER_PARAMETER = 16  # fp32 weights + Adam's fp32 master copy and two moments (ZeRO shards them, the total is the same)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """The run stopped to keep bad numbers or a partial write out of its checkpoints: one line for the user.
 
     `rank_local`: only this rank saw it (e.g. its write failed), so this rank, not only rank 0, must say it."""

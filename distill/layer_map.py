@@ -13,11 +13,12 @@ All indices are 0-based transformer layers (layer i's output is `hidden_states[i
 from __future__ import annotations
 
 from typing import Optional, Sequence
+from kd_common.errors import UserError
 
 STRATEGIES = ("spread", "every_other", "first", "last", "uniform")
 
 
-class LayerMapError(ValueError):
+class LayerMapError(UserError, ValueError):
     """A mapping that does not fit the two models' depths."""
 
 

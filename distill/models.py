@@ -20,12 +20,13 @@ from torch import nn
 from distill.families import FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
 from distill.layer_map import resolve_layers
 from distill.outputs import ModelOutputs, ModelShape, Needs
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A teacher that cannot be loaded or used, or a student that cannot be built as asked."""
 
 
@@ -36,6 +37,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return _DTYPES[name]
+
+
+def _config(model_or_config):
+    """A model's config, or the config itself: shape decisions need no weights."""
+    return getattr(model_or_config, "config", model_or_config)
 
 
 def _family(model: nn.Module):
@@ -191,9 +197,9 @@ class StudentForDistillation(nn.Module):
 # Teacher
 
 
-def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
-    """Load a local masked-LM (or GPT-2 causal-LM) checkpoint with `from_pretrained`, frozen: eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+def load_teacher_config(path: str):
+    """The teacher's Hugging Face config (config.json only: no weights), of a known family."""
+    from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise ModelError(
@@ -204,14 +210,24 @@ def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device
         raise ModelError(f"teacher.path {path!r} has no config.json; point it at a directory written by save_pretrained")
     try:
         with open(os.path.join(path, "config.json")) as handle:
-            model_type = json.load(handle).get("model_type")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {exc}); check the directory holds a "
+            json.load(handle)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for unreadable configs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
                          f"complete Hugging Face checkpoint") from None
-    family = _family(type("Config", (), {"model_type": model_type})())
-    auto = AutoModelForCausalLM if family.causal else AutoModelForMaskedLM
+    _family(config)
+    return config
+
+
+def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
+    """Load a local masked-LM or causal-LM checkpoint of a known family with `from_pretrained`, frozen: eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = load_teacher_config(path)
+    auto = AutoModelForCausalLM if _family(config).causal else AutoModelForMaskedLM
     try:
-        teacher = auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+        teacher = auto.from_pretrained(path, config=config, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"teacher {path!r} could not be loaded as a masked or causal LM ({first}); check the directory holds a complete Hugging Face checkpoint") from None
@@ -231,8 +247,8 @@ def default_init_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [int(i * (teacher_layers - 1) / (student_layers - 1) + 0.5) for i in range(student_layers)]
 
 
-def _teacher_num_layers(teacher: nn.Module) -> int:
-    return _family(teacher).shape(teacher.config)["num_layers"]
+def _teacher_num_layers(teacher) -> int:
+    return _family(teacher).shape(_config(teacher))["num_layers"]
 
 
 def student_depth(cfg, teacher: Optional[nn.Module]) -> Optional[int]:
@@ -254,16 +270,18 @@ def init_layers_for(cfg, teacher: nn.Module, student_layers: int) -> list[int]:
 
 
 def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_id: int, max_seq_len: int) -> nn.Module:
-    """Create the student model (random weights) of family `student.architecture`, shaped like the teacher unless
-    the student's settings say otherwise; `init_student_from_teacher` copies weights after."""
+    """Create the student model (random weights) of family `student.architecture`, shaped like the teacher (a model or
+    only its config) unless the student's settings say otherwise; `init_student_from_teacher` copies weights after."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from distill.families import FAMILIES
 
-    shape = student_shape(teacher.config if teacher is not None else None, {
+    shape = student_shape(_config(teacher) if teacher is not None else None, {
         "hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
         "num_layers": student_depth(cfg, teacher), "max_position_embeddings": cfg.max_position_embeddings})
-    if cfg.num_heads and not getattr(cfg, "num_kv_heads", None):
+    if cfg.num_kv_heads:
+        shape["num_kv_heads"] = cfg.num_kv_heads
+    elif cfg.num_heads:
         shape["num_kv_heads"] = cfg.num_heads  # a student with its own head count: as many key/value heads unless told
     shape.setdefault("max_position_embeddings", max_seq_len)
     if not all(shape.get(k) for k in ("hidden_size", "num_heads", "intermediate_size", "num_layers")):
@@ -273,7 +291,10 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
     if shape["max_position_embeddings"] < max_seq_len:
         raise ModelError(f"student has {shape['max_position_embeddings']} positions but the dataset's max_seq_len is {max_seq_len}; "
                          f"raise student.max_position_embeddings")
-    family = FAMILIES.get(cfg.architecture)
+    architecture = _family(teacher).name if cfg.architecture == "same" and teacher is not None else cfg.architecture
+    family = FAMILIES.get(architecture)
+    if family is None:
+        raise ModelError(f"student.architecture={cfg.architecture!r} needs a teacher (same = the teacher's family); name a family")
     if teacher is not None and family is not None and _family(teacher).causal != family.causal:
         raise ModelError(f"a {_family(teacher).name} ({'causal' if _family(teacher).causal else 'masked'}) teacher needs a student of the same kind; "
                          f"student.architecture={cfg.architecture} is {'causal' if family.causal else 'masked'}")
@@ -281,7 +302,7 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
         raise ModelError(f"a {_family(teacher).name} teacher needs student.architecture={_family(teacher).name} (a causal student is built "
                          f"in its teacher's family)")
     try:
-        config = student_config_for(cfg.architecture, teacher.config if teacher is not None else None, shape, vocab_size, pad_token_id,
+        config = student_config_for(architecture, _config(teacher) if teacher is not None else None, shape, vocab_size, pad_token_id,
                                     cfg.dropout, cfg.attn_implementation)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
@@ -295,16 +316,21 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: li
 
     Returns the student-key -> teacher-key map that was applied (used by tests and logged).
     """
-    _check_init(student, teacher, layers)
+    check_init(student, teacher, layers)
     try:
         return init_from_teacher(student, teacher, layers, fold_token_type)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
 
 
-def _check_init(student: nn.Module, teacher: nn.Module, layers: list[int]) -> None:
-    t_shape = _family(teacher).shape(teacher.config)
-    s_shape = _family(student).shape(student.config)
+def check_init(student, teacher, layers: list[int]) -> None:
+    """Copying `layers` of the teacher into the student needs its width and one layer per student layer (models or configs)."""
+    t_family, s_family = _family(teacher), _family(student)
+    if t_family.name not in s_family.init_from:
+        raise ModelError(f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher (it can from: "
+                         f"{', '.join(s_family.init_from) or 'none'}); use student.init=random")
+    t_shape = t_family.shape(_config(teacher))
+    s_shape = s_family.shape(_config(student))
     if s_shape["hidden_size"] != t_shape["hidden_size"]:
         raise ModelError(f"student.init=teacher needs the teacher's width {t_shape['hidden_size']}, the student has {s_shape['hidden_size']}; "
                          f"use student.init=random")
@@ -315,13 +341,14 @@ def _check_init(student: nn.Module, teacher: nn.Module, layers: list[int]) -> No
         raise ModelError(f"student.init_layers {bad} out of range for a {t_shape['num_layers']}-layer teacher")
 
 
-def check_data_fits(model: nn.Module, packing: str) -> None:
+def check_data_fits(model, packing: str) -> None:
     """A causal model trains on causally packed data (`distill-prep --packing causal`), a masked LM on the others."""
-    causal = is_causal(model)
+    model_type = _config(model).model_type
+    causal = _family(model).causal
     if causal and packing != "causal":
-        raise ModelError(f"a {model.config.model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}")
+        raise ModelError(f"a {model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}")
     if not causal and packing == "causal":
-        raise ModelError(f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model.config.model_type}); "
+        raise ModelError(f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model_type}); "
                          f"re-run distill-prep with --packing document")
 
 

@@ -1,27 +1,41 @@
 """The training objective of a run: the active losses, what they need from each model, and the teacher side.
 
-Built once the teacher and student exist (the layer mapping depends on their depths). The trainer only
-calls `teacher_forward` and `losses`; the student's side of the needs goes to `StudentForDistillation`.
+Built once the teacher and student exist (or only their configs, for `distill-train --check`): the layer
+mapping depends on their depths. It decides once what every forward returns — where vocabulary logits are
+computed (`prepare(batch)` picks the positions), which hidden states and q/k/v each model hands over — and
+computes the weighted losses. The loop only calls `prepare`, the teacher source, the student and `losses`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from distill.config import ConfigError
+from distill.families import FamilyError, family_of
 from distill.layer_map import LayerMapError, resolve_layers
 from distill.losses import (Batch, LossContext, ModelOutputs, check_losses, compute_losses, logits_positions_needed, needs_of,
-                            needs_teacher, needs_teacher_logits)
-from distill.models import AttentionCapture, model_forward, model_shape
+                            needs_teacher, needs_teacher_logits, select_logit_positions)
+from distill.models import AttentionCapture, model_forward
+from distill.outputs import ModelShape
+
+
+def shape_of(model_or_config: Any) -> ModelShape:
+    """Hidden size, heads and layers of a model or of its config (no weights needed)."""
+    try:
+        return family_of(model_or_config).model_shape(getattr(model_or_config, "config", model_or_config))
+    except FamilyError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class Objective:
-    def __init__(self, loss_cfg, teacher: Optional[nn.Module], student: nn.Module):
+    """`teacher` and `student` are models, or only their Hugging Face configs (shapes are all the checks need)."""
+
+    def __init__(self, loss_cfg, teacher: Optional[Any], student: Any):
         self.weights = loss_cfg.weights
-        t_shape = model_shape(teacher) if teacher is not None else None
-        s_shape = model_shape(student)
+        t_shape = shape_of(teacher) if teacher is not None else None
+        s_shape = shape_of(student)
         problems = []
         layer_map: tuple = ()
         attention_layer = -1
@@ -38,14 +52,23 @@ class Objective:
         self.ctx = LossContext(cfg=loss_cfg, teacher=t_shape, student=s_shape, layer_map=layer_map, attention_teacher_layer=attention_layer)
         if not problems:
             problems += check_losses(self.weights, self.ctx)
+        if not problems:
+            t_needs, s_needs = needs_of(self.weights, self.ctx)
+            rotary = [side for side, shape, needs in (("teacher", t_shape, t_needs), ("student", s_shape, s_needs))
+                      if shape is not None and shape.rotary and needs.attention_layers]
+            if rotary:
+                problems.append(f"the attention losses ({', '.join(n for n in self.weights if n.startswith(('tinybert_attn', 'minilm')) and self.weights[n] > 0)}) "
+                                f"compare q.k scores, but the {' and '.join(rotary)} uses rotary positions that the captured q/k do not carry; "
+                                f"use the logit and hidden-state losses for this family")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(problems)
         self.teacher_needs, self.student_needs = needs_of(self.weights, self.ctx)
         self.logits_at = logits_positions_needed(self.weights, loss_cfg)
         self.teacher_logits = needs_teacher_logits(self.weights)
         self.uses_teacher = needs_teacher(self.weights)  # false e.g. for MLM only from a teacher-initialised student
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
-        self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if teacher is not None and self.teacher_needs.attention_layers else None
+        with_modules = isinstance(teacher, nn.Module)
+        self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if with_modules and self.teacher_needs.attention_layers else None
 
     def describe(self) -> str:
         parts = [f"losses {', '.join(f'{n} x{w:g}' for n, w in self.weights.items() if w > 0)}"]
@@ -58,6 +81,10 @@ class Objective:
             if extra:
                 parts.append(f"{side}: {', '.join(extra)}")
         return "; ".join(parts)
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Choose the positions where vocabulary logits are computed (all real tokens, masked ones, or none)."""
+        return select_logit_positions(batch, self.logits_at)
 
     def teacher_forward(self, teacher: nn.Module, batch: Batch, inference_mode: bool = True, full_logits: bool = False) -> ModelOutputs:
         """The frozen teacher's forward: under `torch.inference_mode` (no autograd bookkeeping; `teacher.inference_mode`)

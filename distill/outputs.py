@@ -41,3 +41,4 @@ class ModelShape:
     hidden_size: int
     num_heads: int
     num_layers: int
+    rotary: bool = False  # attention scores use rotary positions (Llama-like): captured q/k do not carry them

@@ -15,12 +15,13 @@ import os
 import socket
 import time
 from typing import Optional
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another trainer holds the run directory."""
 
 

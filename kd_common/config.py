@@ -26,13 +26,20 @@ from typing import Annotated, Any, Iterator, Optional
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
+from kd_common.errors import UserError
 
 __all__ = ["ConfigError", "Float", "Int", "Bool", "Str", "section", "setting", "build", "load", "parse_overrides", "add_arguments",
            "from_arguments", "describe", "leaves", "to_yaml"]
 
 
-class ConfigError(ValueError):
-    """The configuration names an unknown key, has a wrong type or an invalid value (the message names each)."""
+class ConfigError(UserError, ValueError):
+    """The configuration names an unknown key, has a wrong type or an invalid value (the message names each).
+
+    Built from one message or a list of them (`problems`, joined with "; " for the one-line message)."""
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def _number(value: Any) -> Any:
@@ -231,7 +238,7 @@ def build(cls: type, data: dict[str, Any]) -> Any:
     if config is not None:
         problems += [p for p in collect_problems(config) if p not in problems]
     if problems or config is None:
-        raise ConfigError("; ".join(problems) or "invalid configuration")
+        raise ConfigError(problems or ["invalid configuration"])
     return config
 
 
@@ -322,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
     if config_file:
         parser.add_argument("--config", help="YAML file of settings (any key below); flags and key=value overrides win over it")
     if overrides:
-        parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings in YAML syntax, e.g. train.max_steps=100 (dotted keys below)")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings in YAML syntax, named as the flags below without the dashes (e.g. max_seq_len=128, train.max_steps=100)")
     for key, tp, info in leaves(cls):
         if key in skip:
             continue

@@ -17,11 +17,12 @@ import os
 import shutil
 import tempfile
 from typing import Callable, Iterable, Iterator, Optional
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output path that cannot be used as asked: the message names the problem and the fix."""
 
 

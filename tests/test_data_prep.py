@@ -18,7 +18,7 @@ import pytest
 from data_prep.config import PrepConfig
 from data_prep.manifest import load_manifest, sha256_file, verify_shards
 from data_prep.packing import PackSpec, make_packer, pack_document, split_of
-from data_prep.pipeline import run_prep
+from data_prep.driver import run_prep
 from data_prep.sources import Document, Dropped, read_documents
 from data_prep.tokenization import load_tokenizer
 from conftest import shared_data_path
@@ -416,7 +416,8 @@ def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_d
     import apache_beam as beam
     from apache_beam.internal import pickler
 
-    from data_prep.pipeline import TokenizeAndPack, beam_options, build_pipeline, local_runner
+    from data_prep.pipeline import TokenizeAndPack, build_pipeline
+    from data_prep.runner import beam_options, local_runner
     from data_prep.sentencepiece_tok import train_sentencepiece
 
     docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:300]
@@ -660,7 +661,8 @@ def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_
     monkeypatch.setattr(data_prep.shards, "SHARD_PIECE_BYTES", 5000)
     monkeypatch.setattr(data_prep.shards, "ROW_GROUP", 100)
 
-    from data_prep.pipeline import beam_options, build_pipeline, local_runner, token_dtype_for
+    from data_prep.pipeline import build_pipeline, token_dtype_for
+    from data_prep.runner import beam_options, local_runner
 
     tok_dir = tokenizer_dir if packing == "document" else gpt2_tokenizer_dir
     tok = load_tokenizer(tok_dir, packing=packing)
@@ -709,7 +711,7 @@ def test_row_blocks_keys_order_and_gather():
 
 
 def test_worker_processes_chosen_by_input_size_and_file_count():
-    from data_prep.pipeline import IN_PROCESS_MAX_BYTES, choose_workers
+    from data_prep.runner import IN_PROCESS_MAX_BYTES, choose_workers
 
     cpus = os.cpu_count() or 1
     assert choose_workers(3, [("a.txt", 10)]) == 3, "an explicit --workers wins"

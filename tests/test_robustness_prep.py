@@ -20,7 +20,7 @@ import pytest
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
 from data_prep.manifest import DatasetError, load_manifest, verify_shards
-from data_prep.pipeline import run_prep
+from data_prep.driver import run_prep
 from data_prep.sources import Document, Dropped, read_documents
 
 BIN = os.path.dirname(sys.executable)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from distill.config import load_config
-from distill.trainer import deepspeed_config
+from distill.engine import deepspeed_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

@@ -1,0 +1,180 @@
+"""The student's engine: DeepSpeed configuration, optimizer, schedule, and one training step's calls.
+
+`deepspeed_config` merges the user's DeepSpeed JSON with what the recipe owns (batch sizes, clipping,
+precision); `make_optimizer` and `warmup_linear_decay` are shared with distill-finetune. `StudentEngine`
+wraps `deepspeed.initialize` and exposes what the loop calls: forward, backward + step, the numbers a
+step reports, save and load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from typing import Any, Optional
+
+import torch
+
+from distill.config import ConfigError, batch_problem
+from distill.outputs import ModelOutputs
+from distill.profiling import COMMS_LOGGER
+
+log = logging.getLogger("distill.engine")
+_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+                  "gradient_clipping", "bf16", "fp16")
+
+
+def read_deepspeed_json(path: Optional[str]) -> dict[str, Any]:
+    """The user's DeepSpeed JSON ({} without one); its problems as ConfigError."""
+    if not path:
+        return {}
+    try:
+        with open(path) as handle:
+            base = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config {path!r} does not exist (relative paths are resolved from the current directory)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config {path!r} is not valid JSON ({exc})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed.config {path!r} must hold a JSON object")
+    clashes = [k for k in _OWNED_DS_KEYS if k in base and base[k] != "auto"]
+    if clashes:
+        raise ConfigError(f"deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to \"auto\"")
+    return base
+
+
+def deepspeed_config(cfg, world_size: int, precision: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON plus what this recipe owns (batch sizes, clipping, precision); every problem in one ConfigError."""
+    problems = [p for p in [batch_problem(cfg.train.global_batch, cfg.train.micro_batch, world_size)] if p]
+    try:
+        base = read_deepspeed_json(cfg.deepspeed.config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    per_step = cfg.train.micro_batch * world_size
+    ds = {k: v for k, v in base.items() if k not in _OWNED_DS_KEYS}
+    ds.update(
+        train_batch_size=cfg.train.global_batch,
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch,
+        gradient_accumulation_steps=cfg.train.global_batch // per_step,
+        gradient_clipping=cfg.optim.grad_clip,
+    )
+    ds.setdefault("steps_per_print", 10**9)
+    if cfg.train.profile_phases:
+        ds["comms_logger"] = dict(COMMS_LOGGER)  # collectives timed (and made blocking) for the phase breakdown
+    zero = dict(ds.get("zero_optimization", {}))
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 2)
+    ds["zero_optimization"] = zero
+    if precision == torch.bfloat16:
+        # skipping a non-finite step needs DeepSpeed's overflow check, which bf16 leaves off by default
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": cfg.train.max_nonfinite_steps > 0}
+    elif precision == torch.float16:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+def warmup_linear_decay(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warmup over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from an `optim` section (lr, weight_decay, betas, eps); no weight decay on biases and LayerNorm weights (1-d parameters)."""
+    optim = getattr(optim, "optim", optim)  # a whole run config is accepted too
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **extra)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by this rank, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StudentEngine:
+    """The DeepSpeed engine around the student wrapper (distill.models.StudentForDistillation)."""
+
+    def __init__(self, wrapper: torch.nn.Module, optim_cfg, ds_config: dict[str, Any], total_steps: int, warmup_steps: int,
+                 device: torch.device):
+        import deepspeed
+
+        optimizer = make_optimizer(wrapper, optim_cfg, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup_steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                                    dist_init_required=False)
+        self.zero_stage = self.engine.zero_optimization_stage()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def forward(self, batch) -> ModelOutputs:
+        return self.engine.module.outputs(self.engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed's step: it updates the weights only at the end of the gradient accumulation."""
+        self.engine.step()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates DeepSpeed skipped (its overflow check found a non-finite gradient)."""
+        return self.engine.skipped_steps
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, root: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_root: str, tag: str, universal: bool) -> None:
+        """Weights, optimizer and schedule of checkpoint `tag`, every file read under the weights-only guard."""
+        from distill import checkpoint as ckpt
+        from distill import safe_load
+
+        hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in self.engine.optimizer.param_groups]
+        try:
+            with safe_load.guard():  # DeepSpeed's torch.load calls unpickle tensors only, never code
+                path, _ = self.engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        except pickle.UnpicklingError as exc:
+            raise ckpt.CheckpointError(safe_load.describe(os.path.join(load_root, tag), exc)) from None
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_root, tag)}; it is damaged: move it away to "
+                                       f"resume from an earlier one")
+        for group, saved in zip(self.engine.optimizer.param_groups, hyper):
+            group.update(saved)  # recipe hyperparameters per group (a universal ZeRO-3 load copies group 0's to all)
+        if universal:
+            _unshare_adam_steps(self.engine.optimizer)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """A universal ZeRO-3 load gives every parameter group the *same* `step` tensor; torch's Adam increments
+    it in place once per group, so later groups would use a step count too high (wrong bias correction)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
