@@ -1,5 +1,7 @@
-"""The throughput benchmark's FLOP formula against an independent count, and the fast path against the
-baseline path (same losses and gradients on the same batch; only speed and memory differ)."""
+"""The throughput benchmark's FLOP formula against an independent count, the fast path against the
+baseline path (same losses and gradients on the same batch; only speed and memory differ), and the HF-distiller
+reference baseline against the reference's computation and our objective."""
+import math
 import os
 import sys
 
@@ -165,3 +167,85 @@ def test_phase_timer_attributes_time_and_collectives_to_phases():
     with off("loss"):
         time.sleep(0.01)
     assert sum(off.take().values()) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference baseline of the HF-distiller comparison (bench/reference_distiller.py)
+
+
+def _reference():
+    import reference_distiller
+
+    return reference_distiller
+
+
+@pytest.mark.parametrize("restrict_ce_to_mask", [False, True])
+def test_reference_baseline_losses_equal_our_objective_on_the_same_batch(restrict_ce_to_mask):
+    """Same models, same masked batch: the reference's full-logit, masked_select'ed losses equal our objective's
+    (soft targets at every real token by default, at the masked ones with restrict_ce_to_mask = ce_positions masked)."""
+    ref = _reference()
+    teacher, student = _models("sdpa")
+    weights = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
+    batch = _batch()
+    cfg = LossConfig(weights=weights, ce_positions="masked" if restrict_ce_to_mask else "all", temperature=2.0)
+    objective = Objective(cfg, teacher, student)
+    wrapper = StudentForDistillation(student, objective.student_needs, cfg.projection, objective.teacher_width)
+    ours_batch = select_logit_positions(_batch(), objective.logits_at)
+    t_out = objective.teacher_forward(teacher, ours_batch)
+    ours, ours_terms = objective.losses(t_out, wrapper.outputs(wrapper(ours_batch.input_ids, ours_batch.attention_mask, ours_batch.logit_positions)), ours_batch)
+
+    attention = batch.attention_mask.bool()  # the reference's mask is boolean (arange < lengths)
+    s = student(input_ids=batch.input_ids, attention_mask=attention, output_hidden_states=True)
+    with torch.no_grad():
+        t = teacher(input_ids=batch.input_ids, attention_mask=attention, output_hidden_states=True)
+    loss_fn = ref.DistillationLoss(5.0, 2.0, 1.0, 2.0, restrict_ce_to_mask)
+    theirs, terms = loss_fn(s.logits, s.hidden_states, t.logits, t.hidden_states, attention, batch.labels)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    for name in weights:
+        torch.testing.assert_close(terms[name], ours_terms[name], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_masking_selects_ceil_15_percent_of_real_tokens_with_80_10_10():
+    ref = _reference()
+    g = torch.Generator().manual_seed(0)
+    vocab, pad, mask, specials = 300, 0, 4, [0, 1, 2, 3, 4]
+    lengths = torch.randint(20, 100, (64,), generator=g)
+    ids = torch.full((64, 100), pad)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, :n] = torch.randint(5, vocab, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = 2, 3  # [CLS] ... [SEP]
+    counts = np.random.default_rng(0).integers(1, 1000, vocab)
+    probs = ref.token_probabilities(counts, 0.7, specials, vocab)
+    assert probs.dtype == torch.float64 and probs[specials].eq(0).all()
+    torch.manual_seed(0)
+    out, attention, labels = ref.prepare_batch_mlm(ids, lengths, probs, torch.tensor([0.8, 0.1, 0.1]), 0.15, pad, mask, vocab)
+    selected = labels != -100
+    assert int(selected.sum()) == math.ceil(0.15 * int(lengths.sum()))
+    assert attention.dtype == torch.bool and torch.equal(attention.sum(1), lengths)
+    assert not selected[~attention].any() and not torch.isin(ids[selected], torch.tensor(specials)).any()
+    assert torch.equal(labels[selected], ids[selected]) and torch.equal(out[~selected], ids[~selected])
+    masked = (out[selected] == mask).float().mean().item()
+    kept = (out[selected] == ids[selected]).float().mean().item()
+    assert abs(masked - 0.8) < 0.04 and 0.07 < kept < 0.15  # keep = 10% + random draws of the same id
+
+
+def test_reference_sampler_batches_one_length_bin_and_plan_batches_are_the_trainers():
+    ref = _reference()
+    rng = np.random.default_rng(0)
+    sequences = [np.concatenate([[2], rng.integers(5, 300, n - 2), [3]]) for n in rng.integers(5, 129, 500)]
+    dataset = ref.SequenceDataset(sequences, cls_id=2, sep_id=3, pad_id=0, unk_id=1)
+    assert dataset.removed == sum(len(s) <= 11 for s in sequences) and all(n > 11 for n in dataset.lengths)
+    groups = ref.length_groups(dataset.lengths)
+    sampler = ref.GroupedBatches(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)), groups, 8)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
+    full = [b for b in batches if len(b) == 8]
+    assert sum(len({groups[i] for i in b}) == 1 for b in full) >= len(full) - len(set(groups))  # only the leftovers mix bins
+    ids, lengths = dataset.collate([dataset[i] for i in full[0]])
+    assert ids.shape == (8, int(lengths.max())) and ids.dtype == torch.int64
+    # --same-batches-as-plan: the very rows distill-train's StepPlan puts in each micro batch
+    row_lengths = np.array([len(s) for s in sequences])
+    plan_batches = ref.PlanBatches(dataset, len(sequences), row_lengths, 16, 8, 4, 56, 3)
+    plan = StepPlan(len(sequences), 16, 8, 1, 0, 56, row_lengths, group_steps=4)
+    expected = [[int(r) for r in plan.micro_batch_of(s, m)[1] if row_lengths[r] > 11] for s in range(3) for m in range(2)]
+    assert [[dataset.source_rows[i] for i in b] for b in plan_batches] == expected
