@@ -8,6 +8,8 @@
 #
 # GPUS_PER_NODE processes start on this node (on CPU: that many gloo processes); world size is
 # NNODES x GPUS_PER_NODE. The job's arguments go to distill-train unchanged.
+# SIGTERM, SIGINT or SIGUSR1 to this script on any one node: the ranks of every node checkpoint after the
+# same step and each node's script exits 99 (see launch/supervise.sh).
 set -euo pipefail
 : "${NNODES:?set NNODES (number of nodes)}" "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
 : "${MASTER_ADDR:?set MASTER_ADDR (host name or address of node 0)}"
@@ -24,5 +26,6 @@ for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$
 [ -n "${VIRTUAL_ENV:-}" ] || { here=$(cd "$(dirname "$0")/.." && pwd); [ -x "$here/.venv/bin/deepspeed" ] && export PATH="$here/.venv/bin:$PATH"; }
 rank_logs=()  # RANK_LOG_DIR: one log file per rank (the launcher's --enable_each_rank_log)
 [ -n "${RANK_LOG_DIR:-}" ] && mkdir -p "$RANK_LOG_DIR" && rank_logs=(--enable_each_rank_log "$RANK_LOG_DIR")
-deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" "${rank_logs[@]}" \
+source "$(dirname "$0")/supervise.sh"  # SIGTERM/SIGINT/SIGUSR1: all ranks of all nodes checkpoint, exit 99
+run_supervised deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" "${rank_logs[@]}" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module distill "$@"
