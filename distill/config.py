@@ -54,7 +54,7 @@ class DataConfig:
     whole_word_masking: Bool = setting(False, "select whole words (all their sub-tokens) instead of single tokens")
     group_by_length: Bool = setting(True, "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)")
     length_group_steps: Int = setting(1, "with group_by_length: pool the samples of this many consecutive steps, sort them by length and give each step one length bucket (steps in a seeded order), so micro batches have nearly equal lengths even with a small global batch (Hugging Face's length-grouped sampler); 1 = group only within each step. Changes which samples share a step", ge=1)
-    pad_to_multiple_of: Int = setting(8, "pad each micro batch to a multiple of this length", ge=1)
+    pad_to_multiple_of: Optional[Int] = setting(None, "pad each micro batch to a multiple of this length; null = 8 on GPU (tensor-core shapes), 1 on CPU (no padding beyond the longest sequence)", ge=1)
     num_workers: Optional[Int] = setting(None, "data-loader worker processes per rank; null = 2 on GPU, 0 on CPU", ge=0)
     pin_memory: Optional[Bool] = setting(None, "page-locked host batches so host-to-GPU copies run asynchronously; null = on with a GPU, off on CPU")
     prefetch_factor: Int = setting(4, "micro batches each data-loader worker prepares ahead (only with num_workers > 0)", ge=1)
@@ -70,6 +70,9 @@ class LossConfig:
     layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map")
     pkd_include_last: Bool = setting(False, "pkd: also pair the student's last layer (Sun et al. leave it to the output losses: PKD-Skip 12->6 uses teacher layers 2,4,6,8,10)")
     projection: Literal["shared", "separate", "per_layer"] = setting("shared", "tinybert_*: trainable maps of student hidden states to the teacher's width; shared = one matrix for embeddings and every layer (TinyBERT's released code), separate = W_e plus one W_h (the paper), per_layer = W_e plus one per layer. Dropped at export")
+    chunked_logits: Bool = setting(True, "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/logit_losses.py). false = materialise the logits")
+    chunk_positions: Optional[Int] = setting(None, "positions per chunk of the chunked logit losses; null = about 2^26 logits per chunk (512 positions at a 128k vocabulary)", ge=1)
+    jsd_beta: Float = setting(0.5, "jsd: the generalized Jensen-Shannon divergence's beta (TRL / Liger convention): 0 = forward KL, 1 = reverse KL", ge=0, le=1)
     attention_teacher_layer: Int = setting(-1, "minilm_*: teacher layer (0-based; negative counts from the end) whose self-attention the student's last layer mimics; -1 = last (MiniLM v1)")
 
 

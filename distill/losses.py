@@ -37,6 +37,7 @@ class LossContext:
     student: Optional[ModelShape] = None
     layer_map: tuple = ()  # teacher layer (0-based) distilled into each student layer, one per student layer
     attention_teacher_layer: int = -1  # MiniLM: the teacher layer (0-based, resolved) mimicked by the student's last layer
+    vocab_size: Optional[int] = None  # the tokenizer's real vocabulary: logit losses ignore the rows a head is padded with
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -85,6 +86,9 @@ class LossSpec:
     teacher_needs: Callable[[LossContext], Needs] = _no_needs
     # a problem with the models' shapes for this loss (e.g. widths differ), or None; called once at start
     check: Callable[[LossContext], Optional[str]] = _no_problem
+    # a loss over vocabulary logits that the chunked sweep computes (distill/logit_losses.py): "forward_kl", "reverse_kl",
+    # "jsd" (teacher vs student) or "ce" (the student's cross-entropy against the labels); None for the others
+    logit_kind: Optional[str] = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -92,15 +96,46 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register(name: str, needs_teacher: bool, logits_at: Callable[[object], Optional[str]] = lambda cfg: None, needs_teacher_logits: bool = False,
              student_needs: Callable[[LossContext], Needs] = _no_needs, teacher_needs: Callable[[LossContext], Needs] = _no_needs,
-             check: Callable[[LossContext], Optional[str]] = _no_problem):
+             check: Callable[[LossContext], Optional[str]] = _no_problem, logit_kind: Optional[str] = None):
     """Decorator: make a loss available under `name` in `loss.weights`, with what it reads from the models."""
 
     def wrap(fn):
         LOSSES[name] = LossSpec(fn=fn, needs_teacher=needs_teacher, logits_at=logits_at, needs_teacher_logits=needs_teacher_logits,
-                                student_needs=student_needs, teacher_needs=teacher_needs, check=check)
+                                student_needs=student_needs, teacher_needs=teacher_needs, check=check, logit_kind=logit_kind)
         return fn
 
     return wrap
+
+
+def _vocab(logits: torch.Tensor, ctx) -> torch.Tensor:
+    """Only the tokenizer's real vocabulary counts (heads padded to other sizes, e.g. 152064 vs 151936 rows)."""
+    vocab = getattr(ctx, "vocab_size", None)
+    return logits[:, :vocab].float() if vocab else logits.float()
+
+
+def _kd_positions(batch: Batch, cfg) -> Optional[torch.Tensor]:
+    """Positions of the soft-target losses among the logit positions: all of them, or the masked ones (loss.ce_positions)."""
+    return batch.position_is_masked if cfg.ce_positions == "masked" else None
+
+
+def logit_divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, temperature: float, beta: float = 0.5) -> torch.Tensor:
+    """Mean over positions of the divergence between teacher and student at temperature T, times T^2 (the direct computation
+    the chunked sweep is checked against): forward KL(P_T||P_S), reverse KL(P_S||P_T), or the generalized JSD with `beta`
+    (TRL / Liger convention: M = beta P_T + (1 - beta) P_S, beta KL(P_T||M) + (1 - beta) KL(P_S||M); beta 0 = forward, 1 = reverse)."""
+    s_log = F.log_softmax(s_logits / temperature, dim=-1)
+    t_log = F.log_softmax(t_logits / temperature, dim=-1)
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        per_position = (t_log.exp() * (t_log - s_log)).sum(-1)
+    elif kind == "reverse_kl":
+        per_position = (s_log.exp() * (s_log - t_log)).sum(-1)
+    else:
+        m_log = torch.logsumexp(torch.stack([t_log + math.log(beta), s_log + math.log(1 - beta)]), dim=0)
+        per_position = beta * (t_log.exp() * (t_log - m_log)).sum(-1) + (1 - beta) * (s_log.exp() * (s_log - m_log)).sum(-1)
+    return per_position.mean() * temperature**2 if per_position.numel() else s_logits.sum() * 0.0
 
 
 def _same_width(name: str):
@@ -123,31 +158,36 @@ def _same_heads(name: str):
     return check
 
 
-@register("ce", needs_teacher=True, logits_at=lambda cfg: "tokens" if cfg.ce_positions == "all" else "masked", needs_teacher_logits=True)
-def soft_target_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
-    """KL(teacher_T || student_T) per position, averaged over positions, times T^2 (Hinton et al.).
+def _soft_targets(kind: str):
+    def loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
+        s_logits, t_logits = _vocab(student.logits, cfg), _vocab(teacher.logits, cfg)
+        keep = _kd_positions(batch, cfg)
+        if keep is not None:
+            s_logits, t_logits = s_logits[keep], t_logits[keep]
+        return logit_divergence(s_logits, t_logits, kind, cfg.temperature, cfg.jsd_beta)
 
-    Positions: every non-padding token (`ce_positions: all`, as the DistilBERT release) or masked only.
-    """
-    s_logits, t_logits = student.logits.float(), teacher.logits.float()
-    if cfg.ce_positions == "masked":
-        keep = batch.position_is_masked
-        s_logits, t_logits = s_logits[keep], t_logits[keep]
-    temperature = cfg.temperature
-    s_log_probs = F.log_softmax(s_logits / temperature, dim=-1)
-    t_log_probs = F.log_softmax(t_logits / temperature, dim=-1)
-    kl = F.kl_div(s_log_probs, t_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    return loss
 
 
-@register("mlm", needs_teacher=False, logits_at=lambda cfg: "masked")
+_KD_AT = {"logits_at": lambda cfg: "tokens" if cfg.ce_positions == "all" else "masked", "needs_teacher_logits": True}
+
+soft_target_loss = register("ce", needs_teacher=True, logit_kind="forward_kl", **_KD_AT)(_soft_targets("forward_kl"))
+soft_target_loss.__doc__ = """KL(teacher_T || student_T) per position, averaged over positions, times T^2 (Hinton et al.; DistilBERT's L_ce).
+Positions: every non-padding token (`ce_positions: all`, as the DistilBERT release) or masked only."""
+reverse_kl_loss = register("reverse_kl", needs_teacher=True, logit_kind="reverse_kl", **_KD_AT)(_soft_targets("reverse_kl"))
+reverse_kl_loss.__doc__ = """KL(student_T || teacher_T): mode-seeking (MiniLLM, GKD); same positions and T^2 scale as ce."""
+jsd_loss = register("jsd", needs_teacher=True, logit_kind="jsd", **_KD_AT)(_soft_targets("jsd"))
+jsd_loss.__doc__ = """Generalized Jensen-Shannon divergence with loss.jsd_beta (0 = forward KL, 1 = reverse KL; TRL/Liger convention), T^2 scale."""
+
+
+@register("mlm", needs_teacher=False, logits_at=lambda cfg: "masked", logit_kind="ce")
 def masked_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """Cross-entropy of the student's predictions at the selected (masked) positions."""
     keep = batch.position_is_masked
-    return F.cross_entropy(student.logits[keep].float(), batch.position_labels[keep])
+    return F.cross_entropy(_vocab(student.logits[keep], cfg), batch.position_labels[keep])
 
 
-@register("clm", needs_teacher=False, logits_at=lambda cfg: "masked")
+@register("clm", needs_teacher=False, logits_at=lambda cfg: "masked", logit_kind="ce")
 def causal_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """Causal LM cross-entropy: on causal data the collator's labels are the next tokens (-100 after the
     last real token), so this is the masked-LM loss at the positions that have a next token."""
@@ -292,14 +332,68 @@ def needs_teacher_logits(weights: dict[str, float]) -> bool:
 
 
 def compute_losses(weights: dict[str, float], teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the active losses, and each term (unweighted, detached) for logging."""
+    """Weighted sum of the active losses, and each term (unweighted, detached) for logging.
+
+    With chunked logits (`student.head` set), the logit losses come from one fused sweep of the student's
+    ChunkedLogitLoss, built with their weights (see `LogitPlan`); the others from their functions."""
     terms = {}
     total = None
-    for name, (spec, weight) in active_losses(weights).items():
+    active = active_losses(weights)
+    if student.head is not None:
+        fused = _fused_logit_losses(active, teacher, student, batch, cfg)
+        if fused is not None:
+            total, found = fused
+            terms.update(found)
+    for name, (spec, weight) in active.items():
+        if name in terms:
+            continue
         value = spec.fn(teacher, student, batch, cfg)
         terms[name] = value.detach()
         total = weight * value if total is None else total + weight * value
     return total, terms
+
+
+@dataclass(frozen=True)
+class LogitPlan:
+    """The one fused sweep of the chunked logit losses: at most one soft-target loss (`kd_name`, `kind`) and one cross-entropy."""
+
+    kd_name: Optional[str]
+    kind: Optional[str]
+    kd_weight: float
+    ce_name: Optional[str]
+    ce_weight: float
+
+
+def logit_plan(weights: dict[str, float]) -> tuple[Optional[LogitPlan], Optional[str]]:
+    """(the sweep of the active logit losses or None, a problem or None)."""
+    active = active_losses(weights)
+    kd = [(n, s, w) for n, (s, w) in active.items() if s.logit_kind not in (None, "ce")]
+    ce = [(n, s, w) for n, (s, w) in active.items() if s.logit_kind == "ce"]
+    if len(kd) > 1:
+        return None, f"losses {[n for n, _, _ in kd]} are each a soft-target loss over the vocabulary; use one of them at a time"
+    if len(ce) > 1:
+        return None, f"losses {[n for n, _, _ in ce]} are each a cross-entropy over the vocabulary; use one of them"
+    if not kd and not ce:
+        return None, None
+    return LogitPlan(kd[0][0] if kd else None, kd[0][1].logit_kind if kd else None, kd[0][2] if kd else 0.0,
+                     ce[0][0] if ce else None, ce[0][2] if ce else 0.0), None
+
+
+def _fused_logit_losses(active, teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg):
+    plan: LogitPlan = student.head.plan
+    kd_mask = None
+    if plan.kind is not None:
+        kd_mask = _kd_positions(batch, cfg)
+        if kd_mask is None:
+            kd_mask = torch.ones_like(batch.position_labels, dtype=torch.bool)
+    result = student.head(student.head_input, teacher.head_input if plan.kind else None, teacher.head if plan.kind else None,
+                          labels=batch.position_labels if plan.ce_name else None, kd_mask=kd_mask)
+    terms = {}
+    if plan.kd_name:
+        terms[plan.kd_name] = result.kd
+    if plan.ce_name:
+        terms[plan.ce_name] = result.ce
+    return result.loss, terms
 
 
 def select_logit_positions(batch: Batch, where: Optional[str]) -> Batch:

@@ -172,15 +172,16 @@ class CausalLMCollator:
         return _as_batch(batch_ids, attention, labels, stream_indices)
 
 
-def collator_for(data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, special_ids: Sequence[int], token_counts: np.ndarray):
+def collator_for(data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, special_ids: Sequence[int], token_counts: np.ndarray,
+                 pad_multiple: int):
     """The collator a dataset needs: dynamic masking for masked-LM data, next-token labels for causal data."""
     if packing == "causal":  # no masking: labels are the next tokens
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return CausalLMCollator(pad, data_cfg.pad_to_multiple_of)
+        return CausalLMCollator(pad, pad_multiple)
     policy = MaskingPolicy.with_smoothing(
         token_counts, data_cfg.token_frequency_smoothing, mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id,
         vocab_size=vocab_size, special_ids=special_ids, mlm_probability=data_cfg.mlm_probability,
         mask_token_fraction=data_cfg.mask_token_fraction, random_token_fraction=data_cfg.random_token_fraction,
         whole_word=data_cfg.whole_word_masking,
     )
-    return MaskingCollator(policy, seed, data_cfg.pad_to_multiple_of)
+    return MaskingCollator(policy, seed, pad_multiple)

@@ -115,20 +115,26 @@ class AttentionCapture:
 
 
 def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor],
-                  needs: Needs = Needs(), capture: Optional[AttentionCapture] = None, full_logits: bool = False) -> ModelOutputs:
+                  needs: Needs = Needs(), capture: Optional[AttentionCapture] = None, full_logits: bool = False,
+                  head_input: bool = False) -> ModelOutputs:
     """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
     states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
 
     `full_logits` (the benchmark's baseline path, `train.logits_where_needed=false`): project every position
     of the padded batch to the vocabulary, then select `logit_positions` (same values, (B*L)/P times the
-    head FLOPs and a (B, L, V) activation)."""
+    head FLOPs and a (B, L, V) activation). `head_input` (chunked logit losses): no logits; the input of the vocabulary
+    projection at `logit_positions` instead, with the projection (the teacher's, for the loss to read its weights)."""
     family = _family(model)
     want_states = needs.hidden_states or needs.projected
     kwargs = {"output_hidden_states": True} if want_states else {}
     out = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state
-    logits = None
-    if logit_positions is not None and full_logits:
+    logits = projected_input = head = None
+    if logit_positions is not None and head_input:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
+        projected_input = family.head_transform(model, selected) if family.head_transform is not None else selected
+        head = family.projection(model)
+    elif logit_positions is not None and full_logits:
         every = apply_mlm_head(model, hidden)
         logits = every.reshape(-1, every.shape[-1]).index_select(0, logit_positions)
     elif logit_positions is not None:
@@ -136,7 +142,7 @@ def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         logits = apply_mlm_head(model, selected)
     return ModelOutputs(
         hidden=hidden, logits=logits, hidden_states=tuple(out.hidden_states) if want_states else None,
-        attention=capture.collect() if capture is not None else None, causal=family.causal,
+        attention=capture.collect() if capture is not None else None, causal=family.causal, head_input=projected_input, head=head,
     )
 
 
@@ -158,10 +164,11 @@ class StudentForDistillation(nn.Module):
     """
 
     def __init__(self, model: nn.Module, needs: Needs = Needs(), projection: str = "shared", target_width: Optional[int] = None,
-                 full_logits: bool = False):
+                 full_logits: bool = False, logit_loss: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
         self.needs = needs
+        self.logit_loss = logit_loss  # chunked logit losses: the ChunkedLogitLoss over the student's head (ZeRO-3 gathers it)
         self.full_logits = full_logits  # baseline path: vocabulary logits at every position (train.logits_where_needed=false)
         self.capture = AttentionCapture(model, needs.attention_layers) if needs.attention_layers else None
         if needs.projected:
@@ -174,8 +181,9 @@ class StudentForDistillation(nn.Module):
             self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
 
     def forward(self, input_ids, attention_mask, logit_positions=None):
-        out = model_forward(self.model, input_ids, attention_mask, logit_positions, self.needs, self.capture, self.full_logits)
-        result = {"hidden": out.hidden, "logits": out.logits}
+        out = model_forward(self.model, input_ids, attention_mask, logit_positions, self.needs, self.capture, self.full_logits,
+                            head_input=self.logit_loss is not None)
+        result = {"hidden": out.hidden, "logits": out.logits, "head_input": out.head_input}
         if self.needs.hidden_states:
             result["hidden_states"] = out.hidden_states
         if self.needs.projected:
@@ -190,7 +198,8 @@ class StudentForDistillation(nn.Module):
             flat = result["attention"]
             attention = {layer: tuple(flat[3 * i : 3 * i + 3]) for i, layer in enumerate(self.capture.layers)}
         return ModelOutputs(hidden=result["hidden"], logits=result["logits"], hidden_states=result.get("hidden_states"),
-                            projected=result.get("projected"), attention=attention, causal=is_causal(self.model))
+                            projected=result.get("projected"), attention=attention, causal=is_causal(self.model),
+                            head_input=result.get("head_input"), head=self.logit_loss)
 
 
 # ----------------------------------------------------------------------------------------------

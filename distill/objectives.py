@@ -15,7 +15,7 @@ from torch import nn
 from distill.config import ConfigError
 from distill.families import FamilyError, family_of
 from distill.layer_map import LayerMapError, resolve_layers
-from distill.losses import (Batch, LossContext, ModelOutputs, check_losses, compute_losses, logits_positions_needed, needs_of,
+from distill.losses import (Batch, LossContext, ModelOutputs, check_losses, compute_losses, logit_plan, logits_positions_needed, needs_of,
                             needs_teacher, needs_teacher_logits, select_logit_positions)
 from distill.models import AttentionCapture, model_forward
 from distill.outputs import ModelShape
@@ -30,9 +30,12 @@ def shape_of(model_or_config: Any) -> ModelShape:
 
 
 class Objective:
-    """`teacher` and `student` are models, or only their Hugging Face configs (shapes are all the checks need)."""
+    """`teacher` and `student` are models, or only their Hugging Face configs (shapes are all the checks need).
 
-    def __init__(self, loss_cfg, teacher: Optional[Any], student: Any):
+    `vocab_size`: the tokenizer's real vocabulary (logit losses ignore padded head rows). `chunked`: compute the logit
+    losses in one chunked sweep from hidden states and LM-head weights (`student_logit_loss` builds the student's side)."""
+
+    def __init__(self, loss_cfg, teacher: Optional[Any], student: Any, vocab_size: Optional[int] = None, chunked: bool = False):
         self.weights = loss_cfg.weights
         t_shape = shape_of(teacher) if teacher is not None else None
         s_shape = shape_of(student)
@@ -49,7 +52,11 @@ class Objective:
             if not -t_shape.num_layers <= attention_layer < t_shape.num_layers:
                 problems.append(f"loss.attention_teacher_layer={attention_layer} is out of range for a {t_shape.num_layers}-layer teacher")
             attention_layer %= t_shape.num_layers
-        self.ctx = LossContext(cfg=loss_cfg, teacher=t_shape, student=s_shape, layer_map=layer_map, attention_teacher_layer=attention_layer)
+        self.ctx = LossContext(cfg=loss_cfg, teacher=t_shape, student=s_shape, layer_map=layer_map, attention_teacher_layer=attention_layer,
+                               vocab_size=vocab_size)
+        self.plan, plan_problem = logit_plan(self.weights)
+        if plan_problem and chunked:
+            problems.append(plan_problem + " (or set loss.chunked_logits=false)")
         if not problems:
             problems += check_losses(self.weights, self.ctx)
         if not problems:
@@ -67,6 +74,7 @@ class Objective:
         self.teacher_logits = needs_teacher_logits(self.weights)
         self.uses_teacher = needs_teacher(self.weights)  # false e.g. for MLM only from a teacher-initialised student
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
+        self.chunked = chunked and self.plan is not None
         with_modules = isinstance(teacher, nn.Module)
         self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if with_modules and self.teacher_needs.attention_layers else None
 
@@ -91,7 +99,21 @@ class Objective:
         or `torch.no_grad` (the baseline path). Same values either way; the outputs only ever feed loss targets."""
         with torch.inference_mode() if inference_mode else torch.no_grad():
             return model_forward(teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if self.teacher_logits else None,
-                                 self.teacher_needs, self.capture, full_logits)
+                                 self.teacher_needs, self.capture, full_logits, head_input=self.chunked and not full_logits)
+
+    def student_logit_loss(self, student: nn.Module):
+        """The student's side of the chunked sweep: a ChunkedLogitLoss over its LM head, weighted as the plan says
+        (a submodule of the engine's wrapper, so ZeRO-3 gathers the head for it), or None when not chunked."""
+        if not self.chunked:
+            return None
+        from distill.logit_losses import ChunkedLogitLoss
+
+        plan, cfg = self.plan, self.ctx.cfg
+        module = ChunkedLogitLoss(family_of(student).projection(student), plan.kind, temperature=cfg.temperature, beta=cfg.jsd_beta,
+                                  chunk_size=cfg.chunk_positions, vocab_size=self.ctx.vocab_size, kd_weight=plan.kd_weight,
+                                  ce_weight=plan.ce_weight)
+        module.plan = plan
+        return module
 
     def losses(self, teacher_out: Optional[ModelOutputs], student_out: ModelOutputs, batch: Batch):
         return compute_losses(self.weights, teacher_out, student_out, batch, self.ctx)

@@ -21,6 +21,10 @@ class ModelOutputs:
     projected: Optional[tuple] = None  # student only: `hidden_states` through the trainable projections (teacher width)
     attention: Optional[dict] = None  # layer -> (queries, keys, values), each (B, heads, L, head_dim)
     causal: bool = False  # attention is causal (GPT-2): key j is visible to query i only for j <= i
+    # chunked logit losses (loss.chunked_logits): the input of the vocabulary projection at `Batch.logit_positions`, (P, H),
+    # instead of `logits`; `head` is the teacher's projection, or the student's ChunkedLogitLoss (which owns its projection)
+    head_input: Optional[torch.Tensor] = None
+    head: Optional[object] = None
 
 
 @dataclass(frozen=True)

@@ -101,5 +101,6 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         if layers is not None:
             pf.attempt(lambda: check_init(student, pf.teacher_config, layers))
     pf.attempt(lambda: check_data_fits(student, pf.manifest.packing))
-    pf.attempt(lambda: Objective(cfg.loss, pf.teacher_config, student))
+    pf.attempt(lambda: Objective(cfg.loss, pf.teacher_config, student, vocab_size=pf.manifest.tokenizer.vocab_size,
+                                 chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed))
     return pf

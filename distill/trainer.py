@@ -184,7 +184,8 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
         init_student_from_teacher(student, teacher.model, layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", layers)
     check_data_fits(student, manifest.packing)
-    objective = Objective(cfg.loss, teacher.model if teacher is not None else None, student)  # checks the losses against the shapes
+    objective = Objective(cfg.loss, teacher.model if teacher is not None else None, student, vocab_size=manifest.tokenizer.vocab_size,
+                          chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed)  # checks the losses against the shapes
     if teacher is not None:
         teacher.bind(objective)
     log.info("objective: %s", objective.describe())
@@ -195,14 +196,15 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     plan = StepPlan(len(sequences), cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size, ctx.rank, cfg.seed,
                     sequences.lengths if cfg.data.group_by_length else None, cfg.data.length_group_steps)
     counts = load_token_counts(cfg.data.path, manifest) if cfg.data.token_frequency_smoothing > 0 else np.zeros(0)
-    collator = collator_for(cfg.data, cfg.seed, manifest.packing, tokenizer, vocab_size, manifest.tokenizer.all_special_ids, counts)
     cuda = ctx.device.type == "cuda"
+    collator = collator_for(cfg.data, cfg.seed, manifest.packing, tokenizer, vocab_size, manifest.tokenizer.all_special_ids, counts,
+                            pad_multiple=cfg.data.pad_to_multiple_of or (8 if cuda else 1))
     data = DataSource(sequences, plan, collator, ctx.device, cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0),
                       cfg.data.pin_memory if cfg.data.pin_memory is not None else cuda, cfg.data.prefetch_factor)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(sequences) / cfg.train.global_batch))
 
     wrapper = StudentForDistillation(student, objective.student_needs, cfg.loss.projection, objective.teacher_width,
-                                     full_logits=not cfg.train.logits_where_needed)
+                                     full_logits=not cfg.train.logits_where_needed, logit_loss=objective.student_logit_loss(student))
     if cfg.train.compile:
         compile_encoder(student)
         if teacher is not None:
