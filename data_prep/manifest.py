@@ -208,4 +208,6 @@ def check_tokenizer_matches(manifest: Manifest, identity: TokenizerIdentity, wha
             f"the tokenizer of {what} ({identity.name_or_path}, vocab {identity.vocab_size}) does not match the "
             f"one the dataset was prepared with ({prepared.name_or_path}, vocab {prepared.vocab_size}); "
             f"re-run distill-prep with --tokenizer {identity.name_or_path}"
+            + ("; distilling across tokenizers is not supported (yet): the teacher, the student and the data share one tokenizer"
+               if what.startswith("teacher") else "")
         )
