@@ -272,13 +272,15 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
                        teacher_head: Optional[Head] = None, kind: Optional[str] = "forward_kl", *, temperature: float = 1.0,
                        beta: float = 0.5, chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
                        labels: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
-                       ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, grad_in_forward: bool = True) -> LogitLosses:
+                       ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, grad_in_forward: bool = True,
+                       check_labels: bool = True) -> LogitLosses:
     """KD loss (`kind` in KINDS, or None for the cross-entropy alone) and, with `labels`, the student's cross-entropy,
     from hidden states (..., H) and LM heads, `chunk_size` positions at a time (default: about CHUNK_ELEMENTS logits
     per chunk). `labels` (...): the target token of each position, already shifted for a causal LM (as the
     collator's labels are), `ignore_index` where there is none. Positions that count: for KD `kd_mask` (default: the
     labelled positions when `labels` are given, else all), for CE the labelled ones; the others are skipped.
-    See the module docstring for definitions."""
+    `check_labels=False` skips the range check of the labels (two host reads: the trainer's labels are dataset ids the
+    embedding lookup already bounds). See the module docstring for definitions."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)} (or None for the cross-entropy alone)")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -313,7 +315,7 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
     kd_mask = kd_mask.reshape(-1).bool() & (kind is not None)
     if kd_mask.shape[0] != n or ce_mask.shape[0] != n:
         raise ValueError(f"labels and kd_mask need one entry per position ({n})")
-    if with_ce:
+    if with_ce and check_labels:
         picked = labels.reshape(-1)[ce_mask]
         if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= vocab):
             raise ValueError(f"labels must be in 0..{vocab - 1} or ignore_index={ignore_index}")
@@ -321,12 +323,11 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
     ce_row = ce_mask.to(acc) / ce_mask.sum().clamp(min=1)
     labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
 
-    keep = kd_mask | ce_mask  # positions that count: only these are projected to the vocabulary
-    if not bool(keep.all()):
-        index = keep.nonzero().squeeze(1)
-        s_hidden = s_hidden.index_select(0, index)
-        t_hidden = t_hidden.index_select(0, index) if t_hidden is not None else None
-        labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
+    # positions that count: only these are projected to the vocabulary (one nonzero, the sweep's only host sync)
+    index = (kd_mask | ce_mask).nonzero().squeeze(1)
+    s_hidden = s_hidden.index_select(0, index)
+    t_hidden = t_hidden.index_select(0, index) if t_hidden is not None else None
+    labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
 
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // vocab)

@@ -111,7 +111,7 @@ class Objective:
         plan, cfg = self.plan, self.ctx.cfg
         module = ChunkedLogitLoss(family_of(student).projection(student), plan.kind, temperature=cfg.temperature, beta=cfg.jsd_beta,
                                   chunk_size=cfg.chunk_positions, vocab_size=self.ctx.vocab_size, kd_weight=plan.kd_weight,
-                                  ce_weight=plan.ce_weight)
+                                  ce_weight=plan.ce_weight, check_labels=False)  # labels are dataset ids: bounded by the embedding lookup
         module.plan = plan
         return module
 

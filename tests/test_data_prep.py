@@ -721,3 +721,21 @@ def test_worker_processes_chosen_by_input_size_and_file_count():
     assert choose_workers(0, [("a.txt.gz", quarter), ("b.txt.gz", quarter)]) == min(cpus, 2), "compressed input counts 4x"
     assert choose_workers(0, [("a.txt", IN_PROCESS_MAX_BYTES + 1)]) == 1, "one file: one worker (files are the unit of parallelism)"
     assert choose_workers(0, [(f"{i}.txt", IN_PROCESS_MAX_BYTES) for i in range(64)]) == cpus
+
+
+def test_tokenizer_match_compares_the_vocabulary_and_the_specials_both_sides_name():
+    """Same vocabulary and shared specials: accepted even when one side names an extra special (Qwen2's tokenizer class
+    adds unk = <|endoftext|>); another vocabulary or another id for a shared special: refused with the one-line error."""
+    from types import SimpleNamespace
+
+    from data_prep.manifest import DatasetError, TokenizerIdentity, check_tokenizer_matches
+
+    def identity(sha="v1", **specials):
+        return TokenizerIdentity("hf-fast", "tok", 600, sha, dict(specials), sorted(set(specials.values())))
+
+    manifest = SimpleNamespace(tokenizer=identity(pad=0, bos=0, eos=0))
+    check_tokenizer_matches(manifest, identity(pad=0, bos=0, eos=0, unk=0), "teacher t")
+    with pytest.raises(DatasetError, match="across tokenizers is not supported"):
+        check_tokenizer_matches(manifest, identity("v2", pad=0, bos=0, eos=0), "teacher t")
+    with pytest.raises(DatasetError, match="does not match the one the dataset was prepared with"):
+        check_tokenizer_matches(manifest, identity(pad=1, bos=0, eos=0), "student s")

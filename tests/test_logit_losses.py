@@ -134,7 +134,7 @@ def test_forward_kl_is_todays_ce_loss():
     s_logits = case.s_hidden @ case.s_weight[:VOCAB].T + case.s_bias[:VOCAB]
     t_logits = case.t_hidden @ case.t_weight[:VOCAB].T + case.t_bias[:VOCAB]
     expected = soft_target_loss(ModelOutputs(hidden=None, logits=t_logits), ModelOutputs(hidden=None, logits=s_logits), None,
-                                SimpleNamespace(ce_positions="all", temperature=2.0))
+                                SimpleNamespace(ce_positions="all", temperature=2.0, jsd_beta=0.5))
     assert_close(out.loss, expected.detach())
 
 
