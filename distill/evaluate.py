@@ -1,14 +1,23 @@
-"""Held-out masked-LM evaluation of a student (and its teacher) on a prepared split.
+"""Held-out masked-LM evaluation of a student, its teacher and other models on a prepared split.
 
 Every model sees the same masked sequences (uniform 15% masking, 80/10/10, fixed seed), so the
 numbers are comparable across models and runs: masked-LM loss, perplexity (exp of the loss),
-masked-token accuracy and, with a teacher, top-1 agreement of student and teacher at masked positions.
+masked-token accuracy and, with a teacher, each model's top-1 agreement with the teacher and the
+share of the teacher's accuracy it keeps. The table also shows the most-frequent-token baseline,
+computed from the masked positions' labels alone: always predicting the most frequent of those
+tokens (its accuracy), and the best context-free distribution, their own frequencies (its loss).
+A model below that row has learnt nothing a unigram count would not give.
+
+    distill-eval --model STUDENT --teacher TEACHER --data PREPARED \\
+                 [--name "distilled student"] [--compare "without teacher=OTHER_STUDENT"] ...
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from typing import Optional
+import sys
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +29,7 @@ from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, mlm_forward
 
 EVAL_SEED = 1234
+TEACHER = "teacher"
 
 
 def load_masked_lm(path: str, device: torch.device):
@@ -37,18 +47,44 @@ def load_masked_lm(path: str, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
+    """The context-free baseline of masked-token counts: accuracy of always predicting the most
+    frequent label, and the loss of predicting the labels' own frequencies (their entropy)."""
+    total = int(label_counts.sum())
+    if total == 0:
+        return {"token_id": None, "token": None, "accuracy": 0.0, "mlm_loss": 0.0, "perplexity": 1.0}
+    top = int(np.argmax(label_counts))
+    p = label_counts[label_counts > 0] / total
+    entropy = float(-(p * np.log(p)).sum())
+    token = tokenizer.convert_ids_to_tokens(top) if tokenizer is not None else None
+    return {"token_id": top, "token": token, "accuracy": float(label_counts[top]) / total, "mlm_loss": entropy,
+            "perplexity": float(np.exp(entropy))}
+
+
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, split: str = "validation",
-             max_sequences: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None) -> dict:
-    """Masked-LM metrics of the model (and teacher) on `split`; returns a JSON-able dict."""
+             max_sequences: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None, *,
+             name: str = "student", compare: Sequence[tuple[str, str]] = ()) -> dict:
+    """Masked-LM metrics of the model `name`, the teacher and the `compare` (name, dir) models on `split`.
+
+    Returns a JSON-able dict: per model (teacher first) loss, perplexity, accuracy, parameters, its
+    accuracy over the most-frequent-token baseline's and, with a teacher, `accuracy_retained` and
+    `teacher_agreement`; the baseline itself under "baseline". `top1_agreement` and
+    `accuracy_retained` at the top level are those of model `name`.
+    """
+    paths: dict[str, str] = {}
+    for label, path in ([(TEACHER, teacher_dir)] if teacher_dir else []) + [(name, model_dir)] + list(compare):
+        if label in paths:
+            raise ModelError(f"two models are named {label!r}; give each compared model its own name")
+        paths[label] = path
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     manifest = load_manifest(data_dir)
-    models = {"student": load_masked_lm(model_dir, dev)}
-    if teacher_dir:
-        models["teacher"] = load_masked_lm(teacher_dir, dev)
-    for name, (_, tokenizer) in models.items():
-        check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, model_dir if name == "student" else teacher_dir), name)
-    tokenizer = models["student"][1]
+    if split not in manifest.splits or manifest.splits[split].rows == 0:
+        raise ModelError(f"{data_dir} has no {split!r} rows to evaluate on (splits: {', '.join(manifest.splits) or 'none'})")
+    models = {label: load_masked_lm(path, dev) for label, path in paths.items()}
+    for label, (_, tokenizer) in models.items():
+        check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, paths[label]), label)
+    tokenizer = models[name][1]
     sequences = TokenSequences(data_dir, split, manifest)
     n = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
     vocab = max(m.config.vocab_size for m, _ in models.values())
@@ -56,8 +92,8 @@ def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, s
     collator = MaskingCollator(policy, EVAL_SEED, pad_to_multiple_of=8)
     order = np.argsort(sequences.lengths[:n], kind="stable")  # similar lengths together: less padding
 
-    totals = {name: {"loss_sum": 0.0, "correct": 0} for name in models}
-    agree = 0
+    totals = {label: {"loss_sum": 0.0, "correct": 0, "agree": 0} for label in models}
+    label_counts = np.zeros(vocab, dtype=np.int64)
     masked = 0
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size]
@@ -65,42 +101,147 @@ def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, s
         batch = select_logit_positions(Batch(raw["input_ids"].to(dev), raw["attention_mask"].to(dev), raw["labels"].to(dev)), "masked")
         labels = batch.position_labels
         predictions = {}
-        for name, (model, _) in models.items():
+        for label, (model, _) in models.items():
             logits = mlm_forward(model, batch.input_ids, batch.attention_mask, batch.logit_positions).logits.float()
-            totals[name]["loss_sum"] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            predictions[name] = logits.argmax(-1)
-            totals[name]["correct"] += int((predictions[name] == labels).sum())
-        if "teacher" in predictions:
-            agree += int((predictions["teacher"] == predictions["student"]).sum())
-        masked += int((labels != IGNORE_INDEX).sum())
+            totals[label]["loss_sum"] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            predictions[label] = logits.argmax(-1)
+            totals[label]["correct"] += int((predictions[label] == labels).sum())
+        if TEACHER in predictions:
+            for label in models:
+                totals[label]["agree"] += int((predictions[label] == predictions[TEACHER]).sum())
+        kept = labels[labels != IGNORE_INDEX].cpu().numpy()
+        label_counts += np.bincount(kept, minlength=vocab)[:vocab]
+        masked += len(kept)
 
-    result = {"split": split, "sequences": int(n), "masked_tokens": masked, "models": {}}
-    for name, t in totals.items():
+    baseline = most_frequent_token_baseline(label_counts, tokenizer)
+    result = {"split": split, "sequences": int(n), "masked_tokens": masked, "student": name, "baseline": baseline, "models": {}}
+    for label, t in totals.items():
         loss = t["loss_sum"] / max(masked, 1)
-        result["models"][name] = {
-            "path": model_dir if name == "student" else teacher_dir,
+        accuracy = t["correct"] / max(masked, 1)
+        row = {
+            "path": paths[label],
             "mlm_loss": loss,
             "perplexity": float(np.exp(min(loss, 50.0))),
-            "accuracy": t["correct"] / max(masked, 1),
-            "parameters": sum(p.numel() for p in models[name][0].parameters()),
+            "accuracy": accuracy,
+            "accuracy_over_baseline": accuracy / baseline["accuracy"] if baseline["accuracy"] > 0 else None,
+            "parameters": sum(p.numel() for p in models[label][0].parameters()),
         }
+        if teacher_dir:
+            row["teacher_agreement"] = t["agree"] / max(masked, 1)
+        result["models"][label] = row
     if teacher_dir:
-        result["top1_agreement"] = agree / max(masked, 1)
-        result["accuracy_retained"] = result["models"]["student"]["accuracy"] / max(result["models"]["teacher"]["accuracy"], 1e-12)
+        teacher_accuracy = result["models"][TEACHER]["accuracy"]
+        for row in result["models"].values():
+            row["accuracy_retained"] = row["accuracy"] / max(teacher_accuracy, 1e-12)
+        result["top1_agreement"] = result["models"][name]["teacher_agreement"]
+        result["accuracy_retained"] = result["models"][name]["accuracy_retained"]
     return result
 
 
 def render_table(result: dict) -> str:
-    """The evaluation as a fixed-width text table."""
-    lines = [f"{'model':<8} {'params':>10} {'mlm loss':>9} {'ppl':>9} {'mask acc':>9}"]
-    for name, m in result["models"].items():
-        lines.append(f"{name:<8} {m['parameters'] / 1e6:>9.2f}M {m['mlm_loss']:>9.4f} {m['perplexity']:>9.2f} {m['accuracy']:>9.2%}")
-    if "top1_agreement" in result:
-        lines.append(f"top-1 agreement student/teacher: {result['top1_agreement']:.2%}; accuracy retained: {result['accuracy_retained']:.1%}")
+    """The evaluation as a fixed-width text table, the baseline as its last row, then the comparison in words."""
+    models = result["models"]
+    baseline = result.get("baseline")
+    has_teacher = TEACHER in models
+    base_name = f"most frequent token {baseline['token']!r}" if baseline and baseline.get("token") else "most frequent token"
+    width = max([len(n) for n in models] + ([len(base_name)] if baseline else []) + [5])
+
+    def line(name, params, loss, ppl, acc, times, kept, agree):
+        return f"{name:<{width}} {params:>8} {loss:>9} {ppl:>9} {acc:>9} {times:>7} {kept:>8} {agree:>8}"
+
+    lines = [line("model", "params", "mlm loss", "ppl", "mask acc", "x base", "of teach", "agree")]
+    for name, m in models.items():
+        times = f"{m['accuracy_over_baseline']:.1f}x" if m.get("accuracy_over_baseline") is not None else "-"
+        kept = f"{m['accuracy_retained']:.1%}" if "accuracy_retained" in m else "-"
+        agree = f"{m['teacher_agreement']:.1%}" if "teacher_agreement" in m and name != TEACHER else "-"
+        lines.append(line(name, f"{m['parameters'] / 1e6:.2f}M", f"{m['mlm_loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['accuracy']:.2%}",
+                          times, kept, agree))
+    if baseline:
+        kept = f"{baseline['accuracy'] / models[TEACHER]['accuracy']:.1%}" if has_teacher and models[TEACHER]["accuracy"] > 0 else "-"
+        lines.append(line(base_name, "-", f"{baseline['mlm_loss']:.4f}", f"{baseline['perplexity']:.2f}", f"{baseline['accuracy']:.2%}",
+                          "1.0x", kept, "-"))
+    if has_teacher:
+        student = result.get("student", "student")
+        others = [n for n in models if n not in (TEACHER, student)]
+        words = [f"{student}: {models[student]['accuracy_retained']:.0%} of the teacher's masked-token accuracy"]
+        words += [f"{n}: {models[n]['accuracy_retained']:.0%}" for n in others]
+        lines.append("; ".join(words) + ".")
+        lines.append(f"top-1 agreement {student}/teacher: {result['top1_agreement']:.2%}; accuracy retained: {result['accuracy_retained']:.1%}")
+    if baseline:
+        lines.append(f"x base: accuracy over always predicting {baseline['token']!r}, the most frequent of the masked tokens "
+                     f"(its loss: their own frequencies as the prediction)")
     lines.append(f"{result['sequences']} sequences of split {result['split']!r}, {result['masked_tokens']} masked tokens")
     return "\n".join(lines)
 
 
 def write_json(result: dict, path: str) -> None:
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=2)
+    """Atomically (temp file + rename): a reader never sees half a result."""
+    from data_prep.manifest import write_json_atomically
+
+    write_json_atomically(path, result)
+
+
+def parse_compare(items: Sequence[str]) -> list[tuple[str, str]]:
+    """`NAME=DIR` arguments as (name, dir) pairs; a ValueError names the first malformed one."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ValueError(f"--compare {item!r} is not NAME=DIR (e.g. --compare 'without teacher=runs/mlm_student')")
+        pairs.append((name.strip(), path))
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill-eval", description="Held-out masked-LM loss, perplexity, accuracy, the most-frequent-token "
+                                     "baseline, teacher agreement and retained accuracy of a student and any models compared with it.")
+    parser.add_argument("--model", required=True, help="student (or any masked LM) directory")
+    parser.add_argument("--name", default="student", help="the model's row name in the table (default: student)")
+    parser.add_argument("--teacher", help="teacher directory, to compare and measure top-1 agreement")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                        help="another masked LM evaluated on the same masked tokens, as its own row (repeatable), "
+                             "e.g. --compare 'without teacher=runs/mlm_student'")
+    parser.add_argument("--data", required=True, help="prepared dataset directory (distill-prep output)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--max-sequences", type=int, default=None, help="evaluate on the first N sequences only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    return parser
+
+
+def _check_result_file(path: str, inputs: list) -> None:
+    """The --json file must not land in (or replace) an input: the CLI's shared rule where it exists."""
+    try:
+        from distill.cli import check_result_file
+    except ImportError:
+        return
+    check_result_file(path, inputs)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """distill-eval: the table on stdout; bad input is one line on stderr and exit code 2."""
+    from distill.cli import _fail, _user_errors
+
+    args = build_parser().parse_args(argv)
+    try:
+        compare = parse_compare(args.compare)
+        if args.max_sequences is not None and args.max_sequences < 1:
+            raise ValueError(f"--max-sequences {args.max_sequences} must be at least 1")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+        if args.json:
+            _check_result_file(args.json, [("--model", args.model), ("--teacher", args.teacher), ("--data", args.data)]
+                               + [(f"--compare {n}", p) for n, p in compare])
+        result = evaluate(args.model, args.data, args.teacher, args.split, args.max_sequences, args.batch_size, args.device,
+                          name=args.name, compare=compare)
+    except (ValueError,) + _user_errors() as exc:
+        return _fail("distill-eval", exc)
+    print(render_table(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
