@@ -1,4 +1,4 @@
-"""Console entry points: distill-train, distill-export, distill-eval (thin wrappers over the library)."""
+"""Console entry points: distill-train, distill-export (thin wrappers over the library); distill-eval is distill.evaluate:main."""
 from __future__ import annotations
 
 import argparse
@@ -117,29 +117,4 @@ def export_main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         return _fail("distill-export", exc)
     print(out)
-    return 0
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill-eval", description="Held-out masked-LM loss, perplexity, accuracy and teacher agreement.")
-    parser.add_argument("--model", required=True, help="student (or any masked LM) directory")
-    parser.add_argument("--teacher", help="teacher directory, to compare and measure top-1 agreement")
-    parser.add_argument("--data", required=True, help="prepared dataset directory (distill-prep output)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--max-sequences", type=int, default=None, help="evaluate on the first N sequences only")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    args = parser.parse_args(argv)
-    try:
-        from distill.evaluate import evaluate, render_table, write_json
-
-        if args.json:  # checked before the work: the result file must not land in (or replace) an input
-            check_result_file(args.json, [("--model", args.model), ("--teacher", args.teacher), ("--data", args.data)])
-        result = evaluate(args.model, args.data, args.teacher, args.split, args.max_sequences, args.batch_size, args.device)
-    except _user_errors() as exc:
-        return _fail("distill-eval", exc)
-    print(render_table(result))
-    if args.json:
-        write_json(result, args.json)
     return 0

@@ -1,6 +1,12 @@
-"""Held-out masked-LM evaluation of a student, its teacher and other models on a prepared split.
+"""distill-eval: held-out evaluation of a student, its teacher and other models on a prepared split.
 
-Every model sees the same masked sequences (uniform 15% masking, 80/10/10, fixed seed), so the
+The dataset decides the task, the family registry (distill/families.py) which models fit it: on data packed
+`causal` (distill-prep --packing causal), causal LMs are evaluated by distill/eval_causal.py (perplexity,
+next-token accuracy, top-1 agreement and per-token KL(teacher || student) at every real next-token position);
+on any other packing, masked LMs as follows. Settings are an `EvalConfig` section (kd_common/config.py):
+--config YAML < key=value < the flags, every value checked before any model loads.
+
+Masked LMs: every model sees the same masked sequences (uniform 15% masking, 80/10/10, fixed seed), so the
 numbers are comparable across models and runs: masked-LM loss, perplexity (exp of the loss),
 masked-token accuracy and, with a teacher, each model's top-1 agreement with the teacher and the
 share of the teacher's accuracy it keeps. The table also shows the most-frequent-token baseline,
@@ -14,7 +20,6 @@ A model below that row has learnt nothing a unigram count would not give.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,27 +29,87 @@ import torch
 
 from data_prep.manifest import check_tokenizer_matches, load_manifest, tokenizer_identity
 from distill.data import TokenSequences
+from distill.families import Family, FamilyError, family_of
 from distill.losses import IGNORE_INDEX, Batch, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, mlm_forward
+from kd_common.config import Int, Str, section, setting
 
 EVAL_SEED = 1234
 TEACHER = "teacher"
 
 
-def load_masked_lm(path: str, device: torch.device):
-    """A local masked LM and its tokenizer, for evaluation."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+@section
+class EvalConfig:
+    model: Str = setting(help="student (or any masked or causal LM) directory, e.g. a distill-export output")
+    data: Str = setting(help="prepared dataset directory (distill-prep output); packing causal = causal-LM metrics, any other = masked-LM")
+    name: Str = setting("student", "the model's row name in the table")
+    teacher: Optional[Str] = setting(None, "teacher directory: its own row, and every model's top-1 agreement with it (causal: and KL(teacher||model))")
+    compare: list[Str] = setting([], "another model evaluated on the same tokens, as its own row, written NAME=DIR (repeatable), "
+                                     "e.g. --compare 'without teacher=runs/mlm_student'", repeat=True)
+    split: Str = setting("validation", "split of the prepared dataset to evaluate on")
+    max_sequences: Optional[Int] = setting(None, "evaluate on the first N sequences only; null = all", ge=1)
+    batch_size: Int = setting(32, "sequences per forward pass", ge=1)
+    chunk_positions: Optional[Int] = setting(None, "causal: positions whose vocabulary logits are computed at once; null = about 2^26 "
+                                                   "logits per model per chunk (512 positions at a 128k vocabulary)", ge=1)
+    json: Optional[Str] = setting(None, "also write the results to this JSON file (atomically; not inside an input)")
+    device: Optional[Str] = setting(None, "cpu, cuda, cuda:1 ...; null = cuda if available")
+
+    def problems(self) -> list[str]:
+        """Every --compare is NAME=DIR and every row has its own name."""
+        try:
+            names = [TEACHER] * bool(self.teacher) + [self.name] + [n for n, _ in parse_compare(self.compare)]
+        except ValueError as exc:
+            return [str(exc)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        return [f"two models are named {n!r}; give each compared model its own name" for n in twice]
+
+
+def model_family(path: str) -> Family:
+    """The family of the model in local directory `path`, from its config.json alone (no weights)."""
+    from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for unreadable configs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained") from None
+    return family_of(config)
+
+
+def load_lm(path: str, device: torch.device, causal: bool = False):
+    """A local masked LM (or causal LM) and its tokenizer, for evaluation."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
+    kind = "causal LM" if causal else "masked LM"
+    try:
+        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path!r} could not be loaded as a masked LM with its tokenizer ({first})") from None
+        raise ModelError(f"{path!r} could not be loaded as a {kind} with its tokenizer ({first})") from None
     return model.to(device).eval(), tokenizer
+
+
+def load_masked_lm(path: str, device: torch.device):
+    """A local masked LM and its tokenizer, for evaluation."""
+    return load_lm(path, device, causal=False)
+
+
+def check_task(label: str, path: str, family: Family, data_dir: str, packing: str) -> None:
+    """A causal LM is evaluated on causally packed data, a masked LM on the others: a one-line ModelError otherwise."""
+    causal_data = packing == "causal"
+    if family.causal == causal_data:
+        return
+    if family.causal:
+        raise ModelError(f"{label} {path!r} is a causal LM ({family.name}) but {data_dir} is packed {packing!r} for masked LMs; evaluate it on "
+                         f"data prepared with `distill-prep --packing causal`")
+    raise ModelError(f"{label} {path!r} is a masked LM ({family.name}) but {data_dir} is packed for causal LMs; evaluate a causal LM "
+                     f"(gpt2, llama, mistral, qwen2, qwen3) on it, or a masked LM on data prepared with --packing document")
 
 
 def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
@@ -64,8 +129,9 @@ def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> di
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, split: str = "validation",
              max_sequences: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None, *,
-             name: str = "student", compare: Sequence[tuple[str, str]] = ()) -> dict:
-    """Masked-LM metrics of the model `name`, the teacher and the `compare` (name, dir) models on `split`.
+             name: str = "student", compare: Sequence[tuple[str, str]] = (), chunk_positions: Optional[int] = None) -> dict:
+    """Metrics of the model `name`, the teacher and the `compare` (name, dir) models on `split`: causal-LM metrics
+    (distill/eval_causal.py) when the dataset is packed causal, else the masked-LM metrics below.
 
     Returns a JSON-able dict: per model (teacher first) loss, perplexity, accuracy, parameters, its
     accuracy over the most-frequent-token baseline's and, with a teacher, `accuracy_retained` and
@@ -81,12 +147,20 @@ def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, s
     manifest = load_manifest(data_dir)
     if split not in manifest.splits or manifest.splits[split].rows == 0:
         raise ModelError(f"{data_dir} has no {split!r} rows to evaluate on (splits: {', '.join(manifest.splits) or 'none'})")
-    models = {label: load_masked_lm(path, dev) for label, path in paths.items()}
+    causal = manifest.packing == "causal"
+    for label, path in paths.items():  # every model's kind, from its config alone, before any weights load
+        try:
+            check_task(label, path, model_family(path), data_dir, manifest.packing)
+        except FamilyError as exc:
+            raise ModelError(f"{label} {path!r}: {exc}") from None
+    models = {label: load_lm(path, dev, causal) for label, path in paths.items()}
     for label, (_, tokenizer) in models.items():
         check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, paths[label]), label)
     tokenizer = models[name][1]
     sequences = TokenSequences(data_dir, split, manifest)
     n = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
+    if causal:
+        return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions)
     vocab = max(m.config.vocab_size for m, _ in models.values())
     policy = MaskingPolicy(mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab, special_ids=manifest.tokenizer.all_special_ids)
     collator = MaskingCollator(policy, EVAL_SEED, pad_to_multiple_of=8)
@@ -138,8 +212,26 @@ def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, s
     return result
 
 
+def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions) -> dict:
+    from distill.eval_causal import evaluate_causal
+
+    vocab = manifest.tokenizer.vocab_size
+    small = [f"{label} ({m.config.vocab_size})" for label, (m, _) in models.items() if m.config.vocab_size < vocab]
+    if small:
+        raise ModelError(f"{', '.join(small)}: vocabulary smaller than the dataset's tokenizer ({vocab}); evaluate on data prepared with its tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = evaluate_causal({label: m for label, (m, _) in models.items()}, paths, sequences, n, vocab, pad, batch_size, dev, name,
+                             tokenizer, chunk_positions)
+    result["split"] = split
+    return result
+
+
 def render_table(result: dict) -> str:
     """The evaluation as a fixed-width text table, the baseline as its last row, then the comparison in words."""
+    if result.get("task") == "causal_lm":
+        from distill.eval_causal import render_causal_table
+
+        return render_causal_table(result)
     models = result["models"]
     baseline = result.get("baseline")
     has_teacher = TEACHER in models
@@ -193,53 +285,36 @@ def parse_compare(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill-eval", description="Held-out masked-LM loss, perplexity, accuracy, the most-frequent-token "
-                                     "baseline, teacher agreement and retained accuracy of a student and any models compared with it.")
-    parser.add_argument("--model", required=True, help="student (or any masked LM) directory")
-    parser.add_argument("--name", default="student", help="the model's row name in the table (default: student)")
-    parser.add_argument("--teacher", help="teacher directory, to compare and measure top-1 agreement")
-    parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
-                        help="another masked LM evaluated on the same masked tokens, as its own row (repeatable), "
-                             "e.g. --compare 'without teacher=runs/mlm_student'")
-    parser.add_argument("--data", required=True, help="prepared dataset directory (distill-prep output)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--max-sequences", type=int, default=None, help="evaluate on the first N sequences only")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    from kd_common.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="distill-eval", description="Held-out evaluation of a student, its teacher and any models "
+                                     "compared with it. Masked LMs: masked-LM loss, perplexity, accuracy, the most-frequent-token baseline, "
+                                     "teacher agreement and retained accuracy. Causal LMs (data packed causal): perplexity, next-token "
+                                     "accuracy, top-1 agreement and KL(teacher||student) per token. Settings: --config YAML < key=value "
+                                     "< the flags below.")
+    add_arguments(parser, EvalConfig)
     return parser
 
 
-def _check_result_file(path: str, inputs: list) -> None:
-    """The --json file must not land in (or replace) an input: the CLI's shared rule where it exists."""
-    try:
-        from distill.cli import check_result_file
-    except ImportError:
-        return
-    check_result_file(path, inputs)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    """distill-eval: the table on stdout; bad input is one line on stderr and exit code 2."""
-    from distill.cli import _fail, _user_errors
+    """distill-eval: the table on stdout; bad input (settings first, before any model loads) is one line on stderr, exit code 2."""
+    from distill.cli import _fail, _user_errors, check_result_file
+    from kd_common.config import from_arguments
 
     args = build_parser().parse_args(argv)
     try:
-        compare = parse_compare(args.compare)
-        if args.max_sequences is not None and args.max_sequences < 1:
-            raise ValueError(f"--max-sequences {args.max_sequences} must be at least 1")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
-        if args.json:
-            _check_result_file(args.json, [("--model", args.model), ("--teacher", args.teacher), ("--data", args.data)]
-                               + [(f"--compare {n}", p) for n, p in compare])
-        result = evaluate(args.model, args.data, args.teacher, args.split, args.max_sequences, args.batch_size, args.device,
-                          name=args.name, compare=compare)
+        cfg = from_arguments(EvalConfig, args)
+        compare = parse_compare(cfg.compare)
+        if cfg.json:
+            check_result_file(cfg.json, [("--model", cfg.model), ("--teacher", cfg.teacher), ("--data", cfg.data)]
+                              + [(f"--compare {n}", p) for n, p in compare])
+        result = evaluate(cfg.model, cfg.data, cfg.teacher, cfg.split, cfg.max_sequences, cfg.batch_size, cfg.device,
+                          name=cfg.name, compare=compare, chunk_positions=cfg.chunk_positions)
     except (ValueError,) + _user_errors() as exc:
         return _fail("distill-eval", exc)
     print(render_table(result))
-    if args.json:
-        write_json(result, args.json)
+    if cfg.json:
+        write_json(result, cfg.json)
     return 0
 
 

@@ -66,11 +66,12 @@ def section(cls: type) -> type:
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, gt: Optional[float] = None, ge: Optional[float] = None,
-            lt: Optional[float] = None, le: Optional[float] = None, flag: Optional[str] = None, positional: bool = False) -> Any:
+            lt: Optional[float] = None, le: Optional[float] = None, flag: Optional[str] = None, positional: bool = False,
+            repeat: bool = False) -> Any:
     """A documented field; `gt/ge/lt/le` bound it (and each element of a list / value of a mapping: write the bound
     on the element type instead, `list[Annotated[Float, Field(ge=0)]]`); `flag` names its command-line option
-    (default `--field-name`)."""
-    extra = {"flag": flag, "positional": positional}
+    (default `--field-name`); `repeat` (a list): the flag takes one value and may be given again (`--compare A --compare B`)."""
+    extra = {"flag": flag, "positional": positional, "repeat": repeat}
     if isinstance(default, (list, dict)):
         value = default
         return Field(default_factory=lambda: type(value)(value), description=help, gt=gt, ge=ge, lt=lt, le=le, json_schema_extra=extra)
@@ -201,6 +202,8 @@ def _message(cls: type, error: dict, data: dict) -> str:
 
 def _drop(data: dict, loc: tuple) -> None:
     """Remove the value at `loc` so the rest can still be checked (its default is used in its place)."""
+    if not loc:
+        return  # a required top-level setting is missing: nothing to remove
     node: Any = data
     for part in loc[:-1]:
         if isinstance(node, dict) and part in node:
@@ -342,6 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
         dest = "setting:" + key
         if _extra(info).get("positional"):
             parser.add_argument(dest, nargs="+" if _is_list(tp) else None, metavar=key.upper(), help=text)
+        elif _extra(info).get("repeat"):
+            parser.add_argument(name, dest=dest, action="append", default=argparse.SUPPRESS, metavar=key.split(".")[-1].upper(), help=text)
         elif base is bool and not _is_list(tp):
             parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
