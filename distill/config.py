@@ -23,6 +23,9 @@ class TeacherConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel of the teacher")
     inference_mode: Bool = setting(True, "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way")
+    source: Literal["online", "cache"] = setting("online", "where the teacher's outputs come from: online = the model on every rank; cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)")
+    cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")
+    cache_verify: Bool = setting(True, "with teacher.source=cache: re-hash every cache part against its sha256 at start")
 
 
 @section
@@ -162,6 +165,10 @@ class Config:
             p.append(problem)
         if len(self.optim.betas) != 2:
             p.append("optim.betas must have two values")
+        if self.teacher.source != "online":
+            from distill.cache_teacher import config_problems
+
+            p += config_problems(self)
         if self.student.init_layers is not None and self.student.init != "teacher":
             p.append("student.init_layers only applies with student.init=teacher")
         return p

@@ -160,7 +160,9 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start_step + i // self.plan.accumulation
         stream, rows = self.plan.micro_batch_of(step, i % self.plan.accumulation)
-        return self.collator(self.sequences.rows(rows), stream)
+        batch = self.collator(self.sequences.rows(rows), stream)
+        batch["rows"] = torch.as_tensor(np.asarray(rows, dtype=np.int64))  # for sources that look the teacher up by row (a cache)
+        return batch
 
 
 def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
@@ -214,6 +216,7 @@ class DataSource:
             input_ids=raw["input_ids"].to(self.device, non_blocking=True),
             attention_mask=raw["attention_mask"].to(self.device, non_blocking=True),
             labels=raw["labels"].to(self.device, non_blocking=True),
+            rows=raw.get("rows"),
         )
         return batch, raw
 

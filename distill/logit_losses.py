@@ -418,5 +418,9 @@ class ChunkedLogitLoss(nn.Module):
         return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
 
     def forward(self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None) -> LogitLosses:
+        from distill.sparse_losses import SparseTargets, sparse_logit_loss
+
+        if isinstance(teacher_hidden, SparseTargets):  # the teacher from a cache (teacher.source: cache)
+            return sparse_logit_loss(student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options)
         return chunked_logit_loss(student_hidden, self._head[0], teacher_hidden, teacher_head, self.kind, labels=labels, kd_mask=kd_mask,
                                   **self.options)

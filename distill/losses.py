@@ -61,6 +61,7 @@ class Batch:
     labels: torch.Tensor  # (B, L) original id at selected positions, -100 elsewhere
     logit_positions: Optional[torch.Tensor] = None  # (P,) flat indices into B*L
     position_labels: Optional[torch.Tensor] = None  # (P,) labels at those positions (-100 = not selected)
+    rows: Optional[torch.Tensor] = None  # (B,) dataset row of each sample (CPU): a teacher cache looks its targets up by it
 
     @property
     def position_is_masked(self) -> torch.Tensor:

@@ -40,6 +40,10 @@ class OnlineTeacher:
         """The objective that decides what each forward returns."""
         self.objective = objective
 
+    def init_model(self) -> nn.Module:
+        """The weights `student.init=teacher` copies from."""
+        return self.model
+
     def compile(self) -> None:
         compile_encoder(self.model)
 
@@ -59,3 +63,12 @@ class OnlineTeacher:
 
 
 TEACHER_SOURCES = {"online": OnlineTeacher}
+
+
+def _register_cache() -> None:
+    from distill.cache_teacher import CacheTeacher  # its own module (distill/cache_teacher.py)
+
+    TEACHER_SOURCES["cache"] = CacheTeacher
+
+
+_register_cache()

@@ -39,7 +39,7 @@ from distill.preflight import preflight
 from distill.profiling import PhaseTimer
 from distill.run_lock import RunLock
 from distill.stopper import Stopper
-from distill.teacher import OnlineTeacher
+from distill.teacher import TEACHER_SOURCES, OnlineTeacher
 
 log = logging.getLogger("distill.train")
 
@@ -175,13 +175,13 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     manifest, tokenizer, ds_config, vocab_size = pf.manifest, pf.tokenizer, pf.ds_config, pf.vocab_size
     manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
     precision = resolve_dtype(cfg.train.precision, ctx.device)
-    teacher = OnlineTeacher.load(cfg, ctx.device) if cfg.teacher.path else None
+    teacher = TEACHER_SOURCES[cfg.teacher.source].load(cfg, ctx.device) if cfg.teacher.path else None
 
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, teacher.model if teacher is not None else None, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len)
     if cfg.student.init == "teacher":
         layers = init_layers_for(cfg.student, teacher.model, student.config.num_hidden_layers)
-        init_student_from_teacher(student, teacher.model, layers, cfg.student.fold_token_type_embeddings)
+        init_student_from_teacher(student, teacher.init_model(), layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", layers)
     check_data_fits(student, manifest.packing)
     objective = Objective(cfg.loss, teacher.model if teacher is not None else None, student, vocab_size=manifest.tokenizer.vocab_size,

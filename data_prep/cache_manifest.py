@@ -1,0 +1,140 @@
+"""The teacher-logit cache contract between `distill-cache` (data_prep/teacher_cache.py) and the trainer
+(distill/cache_teacher.py). No Beam import: the trainer reads it cheaply.
+
+A cache directory::
+
+    manifest.json        written last: format, mode (topk | sampled), k, temperature, value dtype, the teacher's
+                         identity (fingerprint, config, sha256 of its weight files), the dataset manifest's sha256,
+                         and the parts with their rows, tokens, bytes and sha256
+    train/SSSSS-RRRRRRRRR.parquet   part files: data shard SSSSS, rows from RRRRRRRRR on, row for row with the data
+
+Columns of a part (one row per dataset row; a row of length L holds L x k entries, position-major):
+`indices` list<int32> (token ids, ascending within a position), `values` list<float16|float32> (the teacher's
+log-probabilities at the cache's temperature at those ids), and for top-k `tail` list<float16|float32> (the
+probability mass outside the k ids, one per position). Sampled mode: the k = n entries of a position are n draws from
+the teacher's distribution at the temperature (repeats kept), each of weight 1/n.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kd_common.errors import UserError
+from kd_common.files import sha256_file, write_json_atomically
+
+FORMAT_NAME = "distill-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODES = ("topk", "sampled")
+
+
+class CacheError(UserError, ValueError):
+    """A teacher cache that is missing, damaged, or does not belong to this dataset / teacher / run."""
+
+
+@dataclass
+class CachePart:
+    path: str  # relative to the cache directory
+    shard: int  # index of the data shard in the dataset manifest's split
+    row_start: int  # first row of the data shard it covers
+    rows: int
+    tokens: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class CacheManifest:
+    mode: str
+    k: int  # entries per position (top-k ids, or n samples)
+    temperature: float
+    value_dtype: str  # float16 | float32
+    vocab_size: int
+    split: str
+    seed: int
+    teacher: dict[str, Any]  # path, fingerprint, config, weights_sha256
+    dataset: dict[str, Any]  # path, manifest_sha256, rows, tokens
+    parts: list[CachePart] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CacheManifest":
+        data = dict(data)
+        parts = [CachePart(**p) for p in data.pop("parts")]
+        return cls(parts=parts, **data)
+
+
+def is_cache_dir(path: str) -> bool:
+    """True when `path` holds a teacher cache (what `--overwrite` may replace)."""
+    try:
+        with open(os.path.join(path, MANIFEST_FILE)) as handle:
+            return json.load(handle).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_cache_manifest(cache_dir: str, manifest: CacheManifest) -> None:
+    write_json_atomically(os.path.join(cache_dir, MANIFEST_FILE), manifest.to_json())
+
+
+def _inside(cache_dir: str, relative: Any) -> str:
+    bad = (not isinstance(relative, str) or not relative or os.path.isabs(relative) or ".." in relative.split("/")
+           or "\\" in relative or os.path.normpath(relative) != relative)
+    path = os.path.join(cache_dir, relative) if not bad else ""
+    if bad or not os.path.realpath(path).startswith(os.path.realpath(cache_dir).rstrip(os.sep) + os.sep):
+        raise CacheError(f"{os.path.join(cache_dir, MANIFEST_FILE)} names a part {relative!r} outside the cache; this manifest is damaged: "
+                         f"re-run distill-cache")
+    return path
+
+
+def load_cache_manifest(cache_dir: str) -> CacheManifest:
+    """Read a cache's manifest.json; a directory without one is no (finished) cache."""
+    path = os.path.join(cache_dir, MANIFEST_FILE)
+    if not os.path.isdir(cache_dir):
+        raise CacheError(f"teacher cache {cache_dir!r} does not exist; write it with `distill-cache --output {cache_dir} ...`")
+    if not os.path.exists(path):
+        raise CacheError(f"{cache_dir!r} has no {MANIFEST_FILE}: distill-cache did not finish there (or it is not a teacher cache); re-run distill-cache")
+    try:
+        with open(path) as handle:
+            manifest = CacheManifest.from_json(json.load(handle))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CacheError(f"{path} is not a valid teacher-cache manifest ({' '.join(str(exc).split())[:160]}); re-run distill-cache") from None
+    if manifest.format != FORMAT_NAME or manifest.format_version != FORMAT_VERSION:
+        raise CacheError(f"{path} is a {manifest.format!r} v{manifest.format_version}, not a {FORMAT_NAME!r} v{FORMAT_VERSION}; re-run distill-cache")
+    if manifest.mode not in MODES:
+        raise CacheError(f"{path} has mode {manifest.mode!r}, expected one of {', '.join(MODES)}; re-run distill-cache")
+    for part in manifest.parts:
+        _inside(cache_dir, part.path)
+    return manifest
+
+
+def verify_cache_parts(cache_dir: str, manifest: CacheManifest, checksums: bool = True) -> list[str]:
+    """The part files' paths, each checked: present, its size and (with `checksums`) its sha256 as the manifest says."""
+    paths = []
+    for part in manifest.parts:
+        path = _inside(cache_dir, part.path)
+        if not os.path.exists(path):
+            raise CacheError(f"cache part {path} listed in the manifest is missing; the cache is damaged: re-run distill-cache")
+        size = os.path.getsize(path)
+        if size != part.bytes:
+            raise CacheError(f"cache part {path} has {size} bytes, the manifest says {part.bytes} (truncated or replaced); re-run distill-cache")
+        if checksums and sha256_file(path) != part.sha256:
+            raise CacheError(f"cache part {path} fails its sha256 check (modified after it was written); re-run distill-cache")
+        paths.append(path)
+    return paths

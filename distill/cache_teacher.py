@@ -1,0 +1,168 @@
+"""`teacher.source: cache`: the teacher's outputs read from a `distill-cache` cache instead of running the teacher.
+
+No teacher model is in memory while training (with `student.init=teacher` its weights are read once on the CPU for
+the copy, then dropped). Each micro batch's targets are looked up by the dataset row every sample came from
+(`Batch.rows`, from the data order, a pure function of (seed, epoch, index)), so data order, resume and elastic
+resume are those of an online run. The soft-target loss (ce / reverse_kl / jsd) is computed by the student's
+ChunkedLogitLoss from the cached support (distill/sparse_losses.py). Refused with one line: a cache of another
+dataset, teacher, split, temperature or vocabulary, one with fewer (or more) rows than the data, a damaged part,
+masked-LM data, and losses that need the live teacher (hidden states, attention).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+import torch
+
+from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST, CacheError, load_cache_manifest, verify_cache_parts
+from distill.outputs import ModelOutputs
+from distill.sparse_losses import SparseTargets
+
+log = logging.getLogger("distill.cache")
+CACHEABLE = ("forward_kl", "reverse_kl", "jsd", "ce")  # logit kinds a cache can feed (ce: the student's own cross-entropy)
+
+
+def config_problems(cfg) -> list[str]:
+    """The rules of `teacher.source: cache` that need only the config."""
+    from distill.losses import LOSSES
+
+    p = []
+    if not cfg.teacher.cache:
+        p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
+    if not cfg.teacher.path:
+        p.append("teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)")
+    live = sorted(n for n, w in cfg.loss.weights.items() if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE)
+    if live:
+        p.append(f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
+                 f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online")
+    if not (cfg.loss.chunked_logits and cfg.train.logits_where_needed):
+        p.append("teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true")
+    return p
+
+
+class CacheTeacher:
+    """A teacher source (distill/teacher.py) that reads a cache: `outputs(batch)` and `fingerprint()`."""
+
+    def __init__(self, cfg, cache_dir: str, manifest, table, teacher_config, device: torch.device):
+        self.cfg, self.cache_dir, self.manifest, self.table = cfg, cache_dir, manifest, table
+        self.config = self.model = teacher_config  # shapes only (the objective and the student's construction read them)
+        self.device = device
+        self.path = cfg.teacher.path
+        self.objective = None
+
+    @classmethod
+    def load(cls, cfg, device: torch.device) -> "CacheTeacher":
+        from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
+        from data_prep.teacher_cache import teacher_fingerprint
+        from distill.models import load_teacher_config
+
+        problems = config_problems(cfg)
+        if problems:
+            raise CacheError(problems[0])
+        cache_dir = cfg.teacher.cache
+        data = load_manifest(cfg.data.path)
+        if data.packing != "causal":
+            raise CacheError(f"teacher.source=cache needs causal data, {cfg.data.path} is {data.packing!r} (masked-LM) data whose mask is drawn "
+                             f"anew every epoch, so the teacher's output cannot be cached; use teacher.source=online")
+        manifest = load_cache_manifest(cache_dir)
+        where = os.path.join(cache_dir, CACHE_MANIFEST)
+        if manifest.dataset.get("manifest_sha256") != sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE)):
+            raise CacheError(f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
+                             f"run distill-cache on this dataset")
+        if manifest.teacher.get("fingerprint") != teacher_fingerprint(cfg.teacher.path):
+            raise CacheError(f"{where} was written with another teacher ({manifest.teacher.get('path')}), not {cfg.teacher.path}; "
+                             f"run distill-cache with this teacher")
+        if manifest.split != cfg.data.split:
+            raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
+        if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
+            raise CacheError(f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
+                             f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature")
+        if manifest.vocab_size != data.tokenizer.vocab_size:
+            raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
+        rows = data.splits[cfg.data.split].rows
+        if manifest.rows != rows:
+            raise CacheError(f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache")
+        paths = verify_cache_parts(cache_dir, manifest, checksums=cfg.teacher.cache_verify)
+        table = _open_parts(paths, manifest, cfg.data.cache_dir)
+        log.info("teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token", cache_dir, manifest.mode,
+                 manifest.k, manifest.temperature, manifest.value_dtype, manifest.stats.get("bytes_per_token", float("nan")))
+        return cls(cfg, cache_dir, manifest, table, load_teacher_config(cfg.teacher.path), device)
+
+    def bind(self, objective) -> None:
+        if not objective.chunked:
+            raise CacheError("teacher.source=cache needs the chunked logit sweep (loss.chunked_logits=true, train.logits_where_needed=true)")
+        self.objective = objective
+
+    def compile(self) -> None:
+        pass
+
+    def init_model(self):
+        """The teacher's weights for `student.init=teacher`, read once on the CPU (dropped by the caller after the copy)."""
+        from distill.models import load_teacher
+
+        return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
+
+    def describe(self) -> str:
+        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}); no teacher model in memory"
+
+    def fingerprint(self) -> str:
+        """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
+        with open(os.path.join(self.cache_dir, CACHE_MANIFEST), "rb") as handle:
+            return "cache:" + hashlib.sha256(handle.read()).hexdigest()
+
+    def outputs(self, batch) -> ModelOutputs:
+        """The cached targets at `batch.logit_positions`, looked up by each sample's dataset row."""
+        if batch.rows is None:
+            raise RuntimeError("teacher.source=cache needs each sample's dataset row (Batch.rows)")
+        rows = batch.rows.cpu().numpy()
+        width = batch.input_ids.shape[1]
+        lengths = batch.attention_mask.sum(1).cpu().numpy()
+        k = self.manifest.k
+        picked = self.table.take(rows)
+        ids = _flat(picked, "indices", k)
+        vals = _flat(picked, "values", k)
+        tails = _flat(picked, "tail", 1) if self.manifest.mode == "topk" else None
+        dense_ids = np.zeros((len(rows), width, k), dtype=np.int64)
+        dense_vals = np.zeros((len(rows), width, k), dtype=np.float32)
+        dense_tail = np.zeros((len(rows), width), dtype=np.float32)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            if len(ids[b]) != n:
+                raise CacheError(f"cache row {row} holds {len(ids[b])} positions, the data row has {n}: the cache is not aligned with the data; "
+                                 f"re-run distill-cache")
+            dense_ids[b, :n], dense_vals[b, :n] = ids[b], vals[b]
+            if tails is not None:
+                dense_tail[b, :n] = tails[b][:, 0]
+        positions = batch.logit_positions.cpu()
+        flat = positions.numpy()
+        targets = SparseTargets(
+            indices=torch.from_numpy(dense_ids.reshape(-1, k)[flat]).to(self.device),
+            values=torch.from_numpy(dense_vals.reshape(-1, k)[flat]).to(self.device),
+            tail=torch.from_numpy(dense_tail.reshape(-1)[flat]).to(self.device) if tails is not None else None,
+            mode=self.manifest.mode, temperature=self.manifest.temperature)
+        return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=True)
+
+
+def _flat(table, column: str, k: int) -> list[np.ndarray]:
+    """Each row of a list column as a (positions, k) array."""
+    col = table.column(column)
+    out = []
+    for chunk in col.chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            out.append(values[offsets[i]:offsets[i + 1]].reshape(-1, k))
+    return out
+
+
+def _open_parts(paths: list[str], manifest, cache_dir):
+    """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir, keep_in_memory=False)
+    if len(dataset) != manifest.rows:
+        raise CacheError(f"the cache parts hold {len(dataset)} rows, the manifest says {manifest.rows}; re-run distill-cache")
+    return dataset.data.table

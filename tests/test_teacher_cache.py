@@ -1,0 +1,202 @@
+"""The teacher-logit cache (issue 18): distill-cache on the Beam local runner with worker processes, its output
+checked against the teacher run here; 1 vs 2 workers byte-identical; the sparse losses equal the dense ones at k =
+vocabulary; a 2-process DeepSpeed run from the cache has the online run's per-step losses; the refusals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from test_llm_distill import save_teacher
+from test_recipes import BIN, ENV, REPO_ROOT, deepspeed, losses, run  # noqa: F401
+
+pytestmark = pytest.mark.timeout(900)
+TINY = ["train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "optim.warmup_fraction=0.0", "optim.lr=3e-3",
+        "deepspeed.config=configs/deepspeed/zero2.json", "student.dropout=0.0", "train.max_steps=4", "checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, corpus_dir):
+    """A byte-level BPE tokenizer (vocab 320), ~100 rows of causal data (48 tokens), a tiny random Llama teacher."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cache_assets")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in sorted(os.listdir(corpus_dir)):
+        with open(os.path.join(corpus_dir, name)) as handle:
+            (corpus / name).write_text("\n".join(handle.read().splitlines()[:40]) + "\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(sorted(str(corpus / f) for f in os.listdir(corpus)),
+              trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    data = str(root / "data")
+    run([os.path.join(BIN, "distill-prep"), "--input", str(corpus), "--tokenizer", str(root / "tokenizer"), "--output", data,
+         "--max-seq-len", "48", "--packing", "causal", "--validation-fraction", "0.05", "--workers", "1", "--num-shards", "2"])
+    teacher = save_teacher("llama", tokenizer, str(root / "teacher"), vocab_rows=len(tokenizer) + 8)
+    return {"root": root, "data": data, "teacher": teacher, "tokenizer": tokenizer, "vocab": len(tokenizer)}
+
+
+def cache(assets, out, *extra, check=True):
+    cmd = [os.path.join(BIN, "distill-cache"), "--data", assets["data"], "--teacher", assets["teacher"], "--output", str(out),
+           "--rows-per-part", "16", *extra]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distill-cache exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def teacher_log_probs(assets, ids: np.ndarray, temperature: float) -> torch.Tensor:
+    """The teacher's log-softmax over the tokenizer's vocabulary at every position of one row, computed directly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0, :, : assets["vocab"]]
+    return torch.log_softmax(logits / temperature, -1)
+
+
+def data_rows(assets, split="train"):
+    manifest = json.load(open(os.path.join(assets["data"], "manifest.json")))
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        rows += pq.read_table(os.path.join(assets["data"], shard["path"])).column("input_ids").to_pylist()
+    return rows
+
+
+def cache_rows(out):
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    tables = [pq.read_table(os.path.join(out, p["path"])) for p in manifest["parts"]]
+    return manifest, {c: sum((t.column(c).to_pylist() for t in tables), []) for c in tables[0].column_names}
+
+
+def test_topk_cache_with_two_workers_matches_the_teacher_and_one_worker(assets, tmp_path):
+    two = tmp_path / "two"
+    log = cache(assets, two, "--workers", "2", "--k", "8", "--temperature", "2.0").stdout
+    assert "bytes per token" in log
+    manifest, cols = cache_rows(two)
+    rows = data_rows(assets)
+    assert manifest["mode"] == "topk" and manifest["k"] == 8 and manifest["value_dtype"] == "float16" and len(cols["indices"]) == len(rows)
+    assert manifest["dataset"]["rows"] == len(rows) and len(manifest["parts"]) > 2
+    for r in (0, len(rows) // 2, len(rows) - 1):  # reopened rows against the teacher run here
+        ids = np.asarray(rows[r])
+        lp = teacher_log_probs(assets, ids, 2.0)
+        top = torch.topk(lp, 8, -1)
+        got_idx = np.asarray(cols["indices"][r]).reshape(len(ids), 8)
+        got_val = np.asarray(cols["values"][r], dtype=np.float32).reshape(len(ids), 8)
+        assert np.array_equal(got_idx, np.sort(top.indices.numpy(), -1))
+        want = lp.gather(1, torch.as_tensor(got_idx, dtype=torch.long)).numpy()
+        np.testing.assert_allclose(got_val, want, atol=2e-2, rtol=2e-3)  # float16
+        tail = 1 - top.values.exp().sum(-1).numpy()
+        np.testing.assert_allclose(np.asarray(cols["tail"][r], dtype=np.float32), tail, atol=1e-3)
+    one = tmp_path / "one"
+    cache(assets, one, "--workers", "1", "--k", "8", "--temperature", "2.0")
+    m1 = json.load(open(one / "manifest.json"))
+    assert [p["sha256"] for p in m1["parts"]] == [p["sha256"] for p in manifest["parts"]], "1 and 2 workers wrote different shards"
+
+
+def test_sampled_cache_is_worker_count_independent_and_draws_from_the_teacher(assets, tmp_path):
+    outs = []
+    for workers in ("1", "2"):
+        outs.append(tmp_path / f"w{workers}")
+        cache(assets, outs[-1], "--workers", workers, "--mode", "sampled", "--n", "32", "--seed", "7")
+    m = [json.load(open(o / "manifest.json")) for o in outs]
+    assert [p["sha256"] for p in m[0]["parts"]] == [p["sha256"] for p in m[1]["parts"]]
+    _, cols = cache_rows(outs[0])
+    ids = np.asarray(data_rows(assets)[0])
+    lp = teacher_log_probs(assets, ids, 1.0)
+    draws = np.asarray(cols["indices"][0]).reshape(len(ids), 32)
+    values = np.asarray(cols["values"][0], dtype=np.float32).reshape(len(ids), 32)
+    np.testing.assert_allclose(values, lp.gather(1, torch.as_tensor(draws, dtype=torch.long)).numpy(), atol=2e-2, rtol=2e-3)
+    # draws follow the teacher: the mean log-probability of the draws is near minus the entropy (32 x 48 draws)
+    entropy = -(lp.exp() * lp).sum(-1).mean().item()
+    assert abs(values.mean() + entropy) < 0.25, (values.mean(), entropy)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
+    from distill.logit_losses import chunked_logit_loss
+    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+
+    torch.manual_seed(0)
+    vocab, width, n, temperature = 50, 16, 24, 2.0
+    sh = torch.randn(n, width, dtype=torch.float64, requires_grad=True)
+    sw = torch.randn(vocab + 3, width, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(n, width, dtype=torch.float64), torch.randn(vocab + 3, width, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (n,))
+    labels[3] = -100
+    dense = chunked_logit_loss(sh, sw, th, tw, kind, temperature=temperature, beta=0.3, vocab_size=vocab, labels=labels, kd_weight=0.7,
+                               ce_weight=0.4, chunk_size=5)
+    g_dense = torch.autograd.grad(dense.loss, (sh, sw))
+    lp = torch.log_softmax((th @ tw[:vocab].T) / temperature, -1)
+    targets = SparseTargets(torch.arange(vocab).expand(n, vocab), lp, torch.zeros(n, dtype=torch.float64), "topk", temperature)
+    sparse = sparse_logit_loss(sh, sw, targets, kind, temperature=temperature, beta=0.3, vocab_size=vocab, labels=labels, kd_weight=0.7,
+                               ce_weight=0.4, chunk_size=7)
+    g_sparse = torch.autograd.grad(sparse.loss, (sh, sw))
+    assert torch.allclose(sparse.loss, dense.loss, atol=1e-10) and torch.allclose(sparse.kd, dense.kd, atol=1e-10)
+    for a, b in zip(g_sparse, g_dense):
+        assert torch.allclose(a, b, atol=1e-10)
+    # top-k with a tail bucket: the divergence over k + 1 buckets, computed here directly
+    k = 6
+    top = torch.topk(lp, k, -1)
+    tail = 1 - top.values.exp().sum(-1)
+    sparse = sparse_logit_loss(sh, sw, SparseTargets(top.indices, top.values, tail, "topk", temperature), kind, temperature=temperature,
+                               beta=0.3, vocab_size=vocab, labels=labels)
+    s = torch.log_softmax((sh @ sw[:vocab].T) / temperature, -1)
+    q_top = s.gather(1, top.indices).exp()
+    qb = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], 1)
+    pb = torch.cat([top.values.exp(), tail[:, None]], 1)
+    per = {"forward_kl": (pb * (pb / qb).log()).sum(-1), "reverse_kl": (qb * (qb / pb).log()).sum(-1)}
+    if kind == "jsd":
+        m = 0.3 * pb + 0.7 * qb
+        per["jsd"] = 0.3 * (pb * (pb / m).log()).sum(-1) + 0.7 * (qb * (qb / m).log()).sum(-1)
+    keep = labels != -100
+    assert torch.allclose(sparse.kd, per[kind][keep].mean() * temperature**2, atol=1e-10)
+
+
+def test_sampled_estimates_are_unbiased():
+    """The importance-weighted estimates over many draws approach the full divergences."""
+    from distill.logit_losses import chunked_logit_loss
+    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+
+    torch.manual_seed(1)
+    vocab, width, n, draws = 12, 8, 4, 200_000
+    sh, sw = torch.randn(n, width, dtype=torch.float64), torch.randn(vocab, width, dtype=torch.float64) * 0.5
+    th, tw = torch.randn(n, width, dtype=torch.float64), torch.randn(vocab, width, dtype=torch.float64) * 0.5
+    lp = torch.log_softmax(th @ tw.T, -1)
+    idx = torch.multinomial(lp.exp(), draws, replacement=True)
+    ls, lpx = torch.log_softmax(sh @ sw.T, -1).gather(1, idx), lp.gather(1, idx)
+    lm = torch.logaddexp(lpx + np.log(0.5), ls + np.log(0.5))
+    terms = {"forward_kl": lpx - ls, "reverse_kl": (ls - lpx).exp() * (ls - lpx),
+             "jsd": 0.5 * (lpx - lm) + 0.5 * (ls - lpx).exp() * (ls - lm)}  # per draw, computed here
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        full = chunked_logit_loss(sh, sw, th, tw, kind, beta=0.5).kd
+        est = sparse_logit_loss(sh, sw, SparseTargets(idx, lpx, None, "sampled", 1.0), kind, beta=0.5).kd
+        assert torch.allclose(est, terms[kind].mean(), atol=1e-10)
+        stderr = float((terms[kind].var(-1) / draws).sum().sqrt() / n)
+        assert abs(float(est - full)) < 4 * stderr, (kind, float(est), float(full), stderr)
+
+
+def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, tmp_path):
+    """k = vocabulary, 32-bit values: a 2-process DeepSpeed run from the cache has the online run's losses (1e-5)."""
+    out = tmp_path / "full"
+    cache(assets, out, "--workers", "2", "--k", str(assets["vocab"]), "--value-bits", "32", "--temperature", "2.0")
+    common = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", "loss.temperature=2.0",
+              "loss.weights={jsd: 1.0, clm: 1.0}", "loss.jsd_beta=0.3"] + TINY
+    online, cached = str(tmp_path / "online"), str(tmp_path / "cached")
+    deepspeed("llm_kd", common + [f"output_dir={online}"], 29781)
+    log = deepspeed("llm_kd", common + [f"output_dir={cached}", "teacher.source=cache", f"teacher.cache={out}"], 29781)
+    assert "no teacher model in memory" in log
+    a, b = losses(online, "loss_jsd"), losses(cached, "loss_jsd")
+    assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
+    assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
