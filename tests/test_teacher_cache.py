@@ -200,3 +200,108 @@ def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, t
     a, b = losses(online, "loss_jsd"), losses(cached, "loss_jsd")
     assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
     assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
+
+
+def cli(name, *args):
+    proc = subprocess.run([os.path.join(BIN, name), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def assert_one_line_error(code, lines, prog, *fragments):
+    assert code == 2, lines
+    errors = [line for line in lines if line.startswith(f"{prog}: error")]
+    assert len(errors) == 1 and not any("Traceback" in line for line in lines), lines
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def small_cache(assets):
+    out = assets["root"] / "cache_k8"
+    cache(assets, out, "--workers", "1", "--k", "8")
+    return out
+
+
+def train_from(assets, cache_dir, out, *extra):
+    return cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={assets['teacher']}", f"data.path={assets['data']}",
+               "teacher.source=cache", f"teacher.cache={cache_dir}", f"output_dir={out}", "student.init=random", "student.num_layers=1",
+               "deepspeed.zero_stage=0", *TINY[:2], "train.max_steps=1", *extra)
+
+
+def test_training_refuses_a_damaged_foreign_or_short_cache(assets, small_cache, tmp_path):
+    out = tmp_path / "run"
+    # truncated part
+    bad = tmp_path / "truncated"
+    shutil.copytree(small_cache, bad)
+    part = bad / json.load(open(bad / "manifest.json"))["parts"][1]["path"]
+    part.write_bytes(part.read_bytes()[:-10])
+    assert_one_line_error(*train_from(assets, bad, out), "distill-train", "truncated or replaced")
+    # tampered part: same size, one byte changed
+    bad = tmp_path / "tampered"
+    shutil.copytree(small_cache, bad)
+    part = bad / json.load(open(bad / "manifest.json"))["parts"][0]["path"]
+    blob = bytearray(part.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    part.write_bytes(bytes(blob))
+    assert_one_line_error(*train_from(assets, bad, out), "distill-train", "fails its sha256 check")
+    # fewer rows than the data: the manifest lists one part less
+    bad = tmp_path / "short"
+    shutil.copytree(small_cache, bad)
+    manifest = json.load(open(bad / "manifest.json"))
+    manifest["parts"] = manifest["parts"][:-1]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(*train_from(assets, bad, out), "distill-train", "the cache is incomplete")
+    # another dataset (same rows, another manifest) and another teacher
+    other_data = tmp_path / "other_data"
+    shutil.copytree(assets["data"], other_data)
+    with open(other_data / "manifest.json", "a") as handle:
+        handle.write("\n")
+    code, lines = cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={assets['teacher']}", f"data.path={other_data}",
+                      "teacher.source=cache", f"teacher.cache={small_cache}", f"output_dir={out}", "student.init=random", "deepspeed.zero_stage=0",
+                      *TINY[:2])
+    assert_one_line_error(code, lines, "distill-train", "written for another dataset")
+    other_teacher = save_teacher("llama", assets["tokenizer"], str(tmp_path / "t2"), vocab_rows=assets["vocab"])
+    code, lines = cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={other_teacher}", f"data.path={assets['data']}",
+                      "teacher.source=cache", f"teacher.cache={small_cache}", f"output_dir={out}", "student.init=random", "deepspeed.zero_stage=0",
+                      *TINY[:2])
+    assert_one_line_error(code, lines, "distill-train", "written with another teacher")
+    # losses that need the live teacher; another temperature
+    assert_one_line_error(*train_from(assets, small_cache, out, "loss.weights={ce: 1.0, cos: 1.0}"), "distill-train", "['cos'] need the live teacher")
+    assert_one_line_error(*train_from(assets, small_cache, out, "loss.temperature=2.0"), "distill-train", "temperature 1")
+    assert not out.exists(), "a refused run left a run directory"
+
+
+def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
+    from distill.cache_teacher import CacheTeacher
+    from distill.config import load_config
+    from data_prep.cache_manifest import CacheError
+
+    masked = tmp_path / "masked"
+    shutil.copytree(assets["data"], masked)
+    manifest = json.load(open(masked / "manifest.json"))
+    manifest["packing"] = "document"  # what a masked-LM dataset says
+    (masked / "manifest.json").write_text(json.dumps(manifest))
+    code, lines = cli("distill-cache", "--data", str(masked), "--teacher", assets["teacher"], "--output", str(tmp_path / "c"))
+    assert_one_line_error(code, lines, "distill-cache", "masked-LM", "cannot be cached")
+    cfg = load_config("configs/llm_kd.yaml", [f"teacher.path={assets['teacher']}", f"data.path={masked}", "teacher.source=cache",
+                                              f"teacher.cache={small_cache}", f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(CacheError, match="needs causal data"):
+        CacheTeacher.load(cfg, torch.device("cpu"))
+
+
+def test_cache_output_rule(assets, small_cache, tmp_path):
+    code, lines = cli("distill-cache", "--data", assets["data"], "--teacher", assets["teacher"], "--output", os.path.join(assets["data"], "cache"))
+    assert_one_line_error(code, lines, "distill-cache", "must not overlap an input")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    code, lines = cli("distill-cache", "--data", assets["data"], "--teacher", assets["teacher"], "--output", str(occupied), "--overwrite")
+    assert_one_line_error(code, lines, "distill-cache", "not a teacher cache")
+    assert (occupied / "notes.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    shutil.copytree(small_cache, earlier)
+    code, lines = cli("distill-cache", "--data", assets["data"], "--teacher", assets["teacher"], "--output", str(earlier), "--k", "4")
+    assert_one_line_error(code, lines, "distill-cache", "--overwrite")
+    cache(assets, earlier, "--k", "4", "--overwrite")
+    assert json.load(open(earlier / "manifest.json"))["k"] == 4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "a staging directory was left behind"
