@@ -45,7 +45,7 @@ RESTARTABLE_KEYS = {
     "student.attn_implementation", "teacher.path",
     # speed switches that do not change what is learned (bench/train_throughput.py measures each)
     "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
-    "train.profile_phases", "data.pad_to_multiple_of", "loss.chunked_logits", "loss.chunk_positions",
+    "train.profile_phases", "data.pad_to_multiple_of", "loss.chunked_logits", "loss.chunk_positions", "deepspeed.lean_single_process",
     # what to do about non-finite steps is a guard, not part of what is learned
     "train.max_nonfinite_steps",
 }

@@ -56,6 +56,7 @@ class DataConfig:
     token_frequency_smoothing: Float = setting(0.7, "select tokens with probability ~ count^-s (DistilBERT: 0.7); 0 = uniform", ge=0)
     whole_word_masking: Bool = setting(False, "select whole words (all their sub-tokens) instead of single tokens")
     group_by_length: Bool = setting(True, "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)")
+    masking: Literal["batched", "per_sequence"] = setting("batched", "how the masks are drawn: batched = the whole micro batch in array operations from counter-based random numbers (a hash of seed, sample and position); per_sequence = one generator per sequence (before issue 16, and distill-eval's masks). Same statistics, different masks: a run resumed across the change draws the new masks from then on")
     length_group_steps: Int = setting(1, "with group_by_length: pool the samples of this many consecutive steps, sort them by length and give each step one length bucket (steps in a seeded order), so micro batches have nearly equal lengths even with a small global batch (Hugging Face's length-grouped sampler); 1 = group only within each step. Changes which samples share a step", ge=1)
     pad_to_multiple_of: Optional[Int] = setting(None, "pad each micro batch to a multiple of this length; null = 8 on GPU (tensor-core shapes), 1 on CPU (no padding beyond the longest sequence)", ge=1)
     num_workers: Optional[Int] = setting(None, "data-loader worker processes per rank; null = 2 on GPU, 0 on CPU", ge=0)
@@ -115,6 +116,7 @@ class DeepSpeedConfig:
     config: Optional[Str] = setting(None, "DeepSpeed JSON (ZeRO and communication settings); batch sizes, optimizer, scheduler, precision and clipping are filled in from this file")
     zero_stage: Optional[Int] = setting(None, "ZeRO stage 0-3; overrides the JSON's zero_optimization.stage (default 2)", ge=0, le=3)
 
+    lean_single_process: Bool = setting(True, "with one process at ZeRO-1/2: DeepSpeed runs ZeRO-1 without overlap_comm, contiguous_gradients and reduce_scatter (no per-parameter gradient hooks or buckets in backward); checkpoints keep the configured stage in their state and DeepSpeed's layout, so resume and the universal conversion are unchanged. false = the JSON as written (bench/train_throughput.py --ablate)")
 
 @section
 class Config:

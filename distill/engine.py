@@ -61,6 +61,8 @@ def deepspeed_config(cfg, world_size: int, precision: torch.dtype) -> dict[str, 
         gradient_clipping=cfg.optim.grad_clip,
     )
     ds.setdefault("steps_per_print", 10**9)
+    # DeepSpeed's throughput timer synchronises the device twice per micro step to time it; the trainer times steps itself
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     if cfg.train.profile_phases:
         ds["comms_logger"] = dict(COMMS_LOGGER)  # collectives timed (and made blocking) for the phase breakdown
     zero = dict(ds.get("zero_optimization", {}))
@@ -74,6 +76,19 @@ def deepspeed_config(cfg, world_size: int, precision: torch.dtype) -> dict[str, 
     elif precision == torch.float16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds
+
+
+def lean_single_process_config(ds: dict[str, Any]) -> dict[str, Any]:
+    """One process at ZeRO-1/2: ZeRO-1 with no overlap_comm, contiguous_gradients or reduce_scatter, so backward runs no
+    per-parameter gradient hooks and buckets (ZeRO-2 registers them whatever the settings); the gradients are copied into the
+    one fp32 partition once, at the step. With one rank ZeRO-1 and ZeRO-2 hold the same state and write the same
+    checkpoint files (one partition: every parameter, its gradient and Adam moments), so resume, a later resume on more
+    ranks and the universal conversion (elastic resume) see what the configured stage writes. Other stages: unchanged."""
+    zero = dict(ds.get("zero_optimization", {}))
+    if zero.get("stage") not in (1, 2):
+        return ds
+    zero.update(stage=1, overlap_comm=False, contiguous_gradients=False, reduce_scatter=False)
+    return dict(ds, zero_optimization=zero)
 
 
 def warmup_linear_decay(total_steps: int, warmup_steps: int):
@@ -110,14 +125,18 @@ class StudentEngine:
     """The DeepSpeed engine around the student wrapper (distill.models.StudentForDistillation)."""
 
     def __init__(self, wrapper: torch.nn.Module, optim_cfg, ds_config: dict[str, Any], total_steps: int, warmup_steps: int,
-                 device: torch.device):
+                 device: torch.device, world_size: int = 1, lean_single_process: bool = False):
         import deepspeed
 
         optimizer = make_optimizer(wrapper, optim_cfg, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup_steps))
+        configured = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if lean_single_process and world_size == 1:
+            ds_config = lean_single_process_config(ds_config)
         self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                                     dist_init_required=False)
-        self.zero_stage = self.engine.zero_optimization_stage()
+        # the stage the run is configured with (what its checkpoints record and a resume compares), whatever runs underneath
+        self.zero_stage = configured if self.engine.zero_optimization_stage() in (1, 2) and configured in (1, 2) else self.engine.zero_optimization_stage()
 
     @property
     def module(self) -> torch.nn.Module:

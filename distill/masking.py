@@ -150,6 +150,118 @@ class MaskingCollator:
         return _as_batch(batch_ids, attention, labels, stream_indices)
 
 
+# ------------------------------------------------------------------------------------------------
+# Batched masking (the trainer's default, data.masking=batched): the same policy drawn for a whole micro batch in numpy
+# array operations, from counter-based random numbers. Each uniform is a hash of (seed, the sample's global stream
+# index, a draw tag, the position in the sequence), so a sample's mask is still a pure function of (seed, stream index)
+# (independent of the micro batch it lands in, its padding and the number of ranks) with no generator built per sequence.
+# A one-time change of the masks against the per-sequence collator (data.masking=per_sequence, and distill-eval's
+# masks), with the same statistics: n = max(1, round(p * maskable)) tokens per sequence, Efraimidis-Spirakis selection
+# with the smoothing weights, 80/10/10, whole words under the same budget rule, specials and padding never selected.
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_TAG_SELECT, _TAG_ROLL, _TAG_RANDOM = 0, 1, 2
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 whose outputs pass as independent uniform bits."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, stream_indices: np.ndarray, length: int, tag: int) -> np.ndarray:
+    """(len(stream_indices), length) uniforms in (0, 1): a hash of (seed, stream index, tag, position), float64 with 53 bits."""
+    with np.errstate(over="ignore"):
+        base = _mix64(_mix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)) ^ np.asarray(stream_indices, dtype=np.int64).astype(np.uint64))
+        counter = (np.arange(length, dtype=np.uint64) * np.uint64(3) + np.uint64(tag)) * np.uint64(0xD1B54A32D192ED03)
+        bits = _mix64(base[:, None] ^ counter[None, :])
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
+
+
+def mask_batch(ids: np.ndarray, lengths: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, seed: int,
+               stream_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids with replacements, labels with -100 where nothing is predicted) of a padded (B, L) micro batch whose row b
+    holds `lengths[b]` tokens; `word_start` (B, L) flags for whole-word masking (None: token masking)."""
+    batch, length = ids.shape
+    real = np.arange(length)[None, :] < lengths[:, None]
+    maskable = ~policy.is_special[ids] & real
+    n_maskable = maskable.sum(1)
+    n_target = np.where(n_maskable > 0, np.maximum(1, np.rint(policy.mlm_probability * n_maskable)), 0).astype(np.int64)
+    weights = policy.token_weights[ids] * maskable if policy.token_weights is not None else maskable.astype(np.float64)
+    u_select = counter_uniforms(seed, stream_indices, length, _TAG_SELECT)
+    if policy.whole_word and word_start is not None:
+        selected = np.zeros((batch, length), dtype=bool)
+        for b in range(batch):
+            n = int(lengths[b])
+            if n_target[b]:
+                selected[b, :n] = _whole_words(word_start[b, :n], maskable[b, :n], weights[b, :n], u_select[b, :n], int(n_target[b]))
+    else:
+        with np.errstate(divide="ignore"):
+            keys = np.where(weights > 0, np.log(u_select) / np.where(weights > 0, weights, 1.0), -np.inf)
+        order = np.argsort(-keys, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(length)[None, :].repeat(batch, 0), axis=1)
+        selected = (rank < n_target[:, None]) & (weights > 0)
+    roll = counter_uniforms(seed, stream_indices, length, _TAG_ROLL)
+    to_mask = selected & (roll < policy.mask_token_fraction)
+    to_random = selected & (roll >= policy.mask_token_fraction) & (roll < policy.mask_token_fraction + policy.random_token_fraction)
+    labels = np.where(selected, ids, IGNORE_INDEX)
+    out = np.where(to_mask, policy.mask_id, ids)
+    if to_random.any():
+        pick = (counter_uniforms(seed, stream_indices, length, _TAG_RANDOM)[to_random] * len(policy.random_candidates)).astype(np.int64)
+        out[to_random] = policy.random_candidates[np.minimum(pick, len(policy.random_candidates) - 1)]
+    return out, labels
+
+
+def _whole_words(word_start: np.ndarray, maskable: np.ndarray, token_w: np.ndarray, u: np.ndarray, n_target: int) -> np.ndarray:
+    """Selected positions (bool) of one sequence under whole-word masking, as mask_sequence; a word's key is drawn at its first token."""
+    starts = np.asarray(word_start, dtype=bool) | ~maskable
+    starts[0] = True
+    word_of = np.cumsum(starts) - 1
+    n_words = int(word_of[-1]) + 1
+    sizes = np.bincount(word_of, minlength=n_words)
+    word_maskable = np.bincount(word_of, weights=maskable, minlength=n_words) == sizes
+    word_w = np.bincount(word_of, weights=token_w, minlength=n_words) / sizes
+    word_w[~word_maskable] = 0.0
+    with np.errstate(divide="ignore"):
+        keys = np.where(word_w > 0, np.log(u[np.flatnonzero(starts)]) / np.where(word_w > 0, word_w, 1.0), -np.inf)
+    chosen = np.zeros(n_words, dtype=bool)
+    covered = 0
+    for w in np.argsort(-keys, kind="stable"):
+        if word_w[w] <= 0 or covered >= n_target:
+            break
+        if covered + sizes[w] > n_target and covered > 0:
+            continue  # as BERT's whole-word masking: skip words that overshoot the budget
+        chosen[w] = True
+        covered += sizes[w]
+    return chosen[word_of]
+
+
+class BatchedMaskingCollator:
+    """Mask a whole micro batch at once (`mask_batch`) and pad it; what the trainer uses unless data.masking=per_sequence."""
+
+    def __init__(self, policy: MaskingPolicy, seed: int, pad_to_multiple_of: int = 8):
+        self.policy = policy
+        self.seed = seed
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch_ids, _, attention = _padded_arrays(rows, self.policy.pad_id, self.pad_to_multiple_of)
+        lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
+        whole_word = self.policy.whole_word and all(ws is not None for _, ws in rows)
+        word_start = np.zeros(batch_ids.shape, dtype=bool) if whole_word else None
+        for i, (ids, ws) in enumerate(rows):
+            batch_ids[i, : lengths[i]] = ids
+            if whole_word:
+                word_start[i, : lengths[i]] = ws
+        attention[np.arange(batch_ids.shape[1])[None, :] < lengths[:, None]] = 1
+        stream = np.asarray(stream_indices, dtype=np.int64)
+        masked, labels = mask_batch(batch_ids, lengths, word_start, self.policy, self.seed, stream)
+        return _as_batch(masked, attention, labels, stream)
+
+
 class CausalLMCollator:
     """Micro batches of causal-LM data (`distill-prep --packing causal`): nothing is masked, the labels are
     the next tokens (-100 at each sequence's last token, which has no next token, and on padding).
@@ -184,4 +296,4 @@ def collator_for(data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, 
         mask_token_fraction=data_cfg.mask_token_fraction, random_token_fraction=data_cfg.random_token_fraction,
         whole_word=data_cfg.whole_word_masking,
     )
-    return MaskingCollator(policy, seed, pad_multiple)
+    return (BatchedMaskingCollator if getattr(data_cfg, "masking", "batched") == "batched" else MaskingCollator)(policy, seed, pad_multiple)
