@@ -23,6 +23,7 @@ class TeacherConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel of the teacher")
     inference_mode: Bool = setting(True, "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way")
+    partition: Bool = setting(False, "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/partitioned_teacher.py)")
     source: Literal["online", "cache"] = setting("online", "where the teacher's outputs come from: online = the model on every rank; cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)")
     cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")
     cache_verify: Bool = setting(True, "with teacher.source=cache: re-hash every cache part against its sha256 at start")

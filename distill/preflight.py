@@ -20,6 +20,7 @@ from distill.engine import deepspeed_config
 from distill.families import FamilyError
 from distill.layer_map import LayerMapError
 from distill.models import ModelError, build_student, check_data_fits, check_init, init_layers_for, load_teacher_config, resolve_dtype
+from distill.partitioned_teacher import partition_problems
 
 log = logging.getLogger("distill.preflight")
 USER_ERRORS = (ConfigError, DatasetError, ModelError, FamilyError, LayerMapError, OSError)
@@ -76,6 +77,7 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
     if device.type == "cpu" and precision != torch.float32:
         pf.problems.append(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on CPU")
     pf.ds_config = pf.attempt(lambda: deepspeed_config(cfg, world_size, precision))
+    pf.problems += partition_problems(cfg, world_size)
     pf.manifest = pf.attempt(lambda: load_manifest(cfg.data.path))
     if pf.manifest is not None:
         pf.attempt(lambda: verify_shards(cfg.data.path, pf.manifest, cfg.data.split, checksums=False))
