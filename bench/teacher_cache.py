@@ -1,0 +1,239 @@
+"""Teacher once, students many (issue 18): the teacher-logit cache against the online teacher, in one run.
+
+    OMP_NUM_THREADS=1 python bench/teacher_cache.py [--out DIR] [--steps 150]      # ~10 min on one CPU thread
+
+1. Data: WikiText-2 from ../shared/data (valid.txt, first --train-chars, to train; test.txt, first --eval-chars,
+   held out), or the demo corpus when that folder is absent; a byte-level BPE tokenizer (vocab 2048) trained on
+   the training text; `distill-prep --packing causal --max-seq-len 64`.
+2. Teacher: a 4-layer Llama (128 wide) trained here with next-token cross-entropy (plain PyTorch loop), saved.
+3. Caches (`distill-cache`, Beam local runner, in-process): top-k k=8 and k=64, sampled n=64; bytes per token and
+   cache-writing tokens/s (end to end, pipeline start included).
+4. Students (2 layers, teacher-layer init, configs/llm_kd.yaml: forward KL at T=1 + causal LM, `python -m distill`,
+   one process): online teacher, and each cache, the same steps and data order; student steps/s (median step).
+5. `distill-eval` on the held-out text: perplexity and KL(teacher || student) per token, as a table.
+Every stage whose output exists is reused on a rerun with the same --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")
+BIN = os.path.dirname(sys.executable)
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+CACHES = {"top-k 8": ["--mode", "topk", "--k", "8"], "top-k 64": ["--mode", "topk", "--k", "64"], "sampled 64": ["--mode", "sampled", "--n", "64"]}
+
+
+def sh(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def text_files(out: str, train_chars: int, eval_chars: int) -> tuple[str, str]:
+    train, held = os.path.join(out, "text", "train"), os.path.join(out, "text", "held")
+    if os.path.isdir(held):
+        return train, held
+    os.makedirs(train)
+    os.makedirs(held)
+    if os.path.isdir(SHARED):
+        sources = [(os.path.join(SHARED, "valid.txt"), train, train_chars), (os.path.join(SHARED, "test.txt"), held, eval_chars)]
+    else:  # a fresh clone: the demo corpus (text shipped with CPython), split in two
+        from distill.demo_assets import write_corpus
+
+        corpus = os.path.join(out, "text", "demo")
+        write_corpus(corpus)
+        files = sorted(os.path.join(corpus, f) for f in os.listdir(corpus))
+        sources = [(files[0], train, train_chars), (files[-1], held, eval_chars)]
+    for path, where, chars in sources:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(chars)
+        with open(os.path.join(where, "text.txt"), "w", encoding="utf-8") as handle:
+            handle.write(text[: text.rfind("\n") + 1])
+    return train, held
+
+
+def tokenizer_dir(out: str, train: str) -> str:
+    path = os.path.join(out, "tokenizer")
+    if os.path.isdir(path):
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([os.path.join(train, "text.txt")], trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+def prepare(out: str, name: str, text: str, tokenizer: str, validation: float) -> str:
+    path = os.path.join(out, name)
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        sh([os.path.join(BIN, "distill-prep"), "--input", text, "--tokenizer", tokenizer, "--output", path, "--max-seq-len", "64",
+            "--min-seq-len", "16", "--packing", "causal", "--validation-fraction", str(validation), "--workers", "1"])
+    return path
+
+
+def train_teacher(out: str, data: str, tokenizer: str, steps: int) -> str:
+    """A small Llama trained with next-token cross-entropy, so its distribution has something to distil."""
+    path = os.path.join(out, "teacher")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    rows = sum((pq.read_table(os.path.join(data, s["path"])).column("input_ids").to_pylist() for s in manifest["splits"]["train"]["shards"]), [])
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    for step in range(steps):
+        batch = [rows[i] for i in rng.integers(0, len(rows), 16)]
+        length = max(len(r) for r in batch)
+        ids = torch.full((16, length), tok.eos_token_id)
+        labels = torch.full((16, length), -100)
+        mask = torch.zeros((16, length), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)], labels[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(r), 1
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  teacher step {step + 1}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_cache(out: str, name: str, data: str, teacher: str, args: list[str]) -> dict:
+    path = os.path.join(out, "caches", name.replace(" ", "-"))
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        sh([os.path.join(BIN, "distill-cache"), "--data", data, "--teacher", teacher, "--output", path, "--workers", "1", "--batch-size", "32",
+            *args])
+    return {"path": path, **json.load(open(os.path.join(path, "manifest.json")))}
+
+
+def train_student(out: str, name: str, data: str, teacher: str, steps: int, cache: str | None) -> dict:
+    run_dir = os.path.join(out, "students", name.replace(" ", "-"))
+    export = run_dir + "-export"
+    if not os.path.exists(os.path.join(export, "config.json")):
+        args = [sys.executable, "-m", "distill", "--config", "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}",
+                f"output_dir={run_dir}", f"train.max_steps={steps}", "train.global_batch=16", "train.micro_batch=16", "train.log_every=25",
+                f"checkpoint.every_steps={steps}", "optim.lr=2e-3", "optim.warmup_fraction=0.05", "deepspeed.config=configs/deepspeed/zero2.json",
+                "student.num_layers=2"]
+        if cache:
+            args += ["teacher.source=cache", f"teacher.cache={cache}"]
+        sh(args)
+        from distill.export import export_checkpoint
+
+        export_checkpoint(run_dir, export)
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    steady = [m["samples_per_s"] / 16 for m in metrics[3:]] or [m["samples_per_s"] / 16 for m in metrics]
+    return {"export": export, "steps_per_s": statistics.median(steady), "final_loss": metrics[-1]["loss"]}
+
+
+def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int = 12_800) -> dict:
+    """Bytes per token of a top-k part at an LLM's vocabulary, the pessimistic case: the k ids of each position drawn
+    uniformly from the whole vocabulary (real teachers favour frequent, low ids: smaller deltas), Zipf-like log-probs."""
+    import tempfile
+
+    import numpy as np
+
+    from data_prep.teacher_cache import write_part
+
+    rng = np.random.default_rng(0)
+    profile = -1.1 * np.log(np.arange(1, k + 1)) - 2.0
+    rows = []
+    for _ in range(positions // 64):
+        idx = np.sort(np.stack([rng.choice(vocab, k, replace=False) for _ in range(64)]), 1).astype(np.int32)
+        vals = rng.permuted(np.tile(profile, (64, 1)), axis=1) + rng.normal(0, 0.3, (64, k))
+        rows.append((idx.reshape(-1), vals.reshape(-1).astype(np.float32), np.full(64, 0.3, dtype=np.float32)))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in (16, 32):
+            path = os.path.join(tmp, f"part{bits}.parquet")
+            write_part(path, rows, bits)
+            out[bits] = os.path.getsize(path) / positions
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "teacher_cache"))
+    p.add_argument("--steps", type=int, default=150, help="student steps (every student the same)")
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--train-chars", type=int, default=400_000)
+    p.add_argument("--eval-chars", type=int, default=60_000)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    train, held = text_files(a.out, a.train_chars, a.eval_chars)
+    tok = tokenizer_dir(a.out, train)
+    data = prepare(a.out, "data", train, tok, 0.0)
+    held_data = prepare(a.out, "held", held, tok, 0.0)
+    print(f"[{time.time() - t0:.0f}s] data ready; training the teacher", flush=True)
+    teacher = train_teacher(a.out, data, tok, a.teacher_steps)
+    caches = {}
+    for name, args in CACHES.items():
+        print(f"[{time.time() - t0:.0f}s] cache {name}", flush=True)
+        caches[name] = write_cache(a.out, name, data, teacher, args)
+    students = {}
+    for name in ["online"] + list(CACHES):
+        print(f"[{time.time() - t0:.0f}s] student from {name}", flush=True)
+        students[name] = train_student(a.out, name, data, teacher, a.steps, caches[name]["path"] if name in caches else None)
+    print(f"[{time.time() - t0:.0f}s] evaluating on held-out text", flush=True)
+    from distill.evaluate import evaluate
+
+    result = evaluate(students["online"]["export"], held_data, teacher, split="train", name="online", device="cpu",
+                      compare=[(n, students[n]["export"]) for n in CACHES])
+    models = result["models"]
+    online_sps = students["online"]["steps_per_s"]
+    lines = [f"{'teacher source':<14} {'bytes/token':>11} {'cache tok/s':>11} {'steps/s':>8} {'vs online':>9} {'held-out ppl':>12} {'KL(t||s)':>9}",
+             f"{'teacher':<14} {'-':>11} {'-':>11} {'-':>8} {'-':>9} {models['teacher']['perplexity']:>12.2f} {'-':>9}"]
+    for name in ["online"] + list(CACHES):
+        c = caches.get(name, {}).get("stats", {})
+        s = students[name]
+        lines.append(f"{name:<14} {c.get('bytes_per_token', 0):>11.1f} {c.get('tokens_per_second', 0):>11,.0f} {s['steps_per_s']:>8.2f} "
+                     f"{s['steps_per_s'] / online_sps:>8.2f}x {models[name]['perplexity']:>12.2f} {models[name]['kl_from_teacher']:>9.4f}"
+                     if name in caches else
+                     f"{name:<14} {'-':>11} {'-':>11} {s['steps_per_s']:>8.2f} {1.0:>8.2f}x {models[name]['perplexity']:>12.2f} "
+                     f"{models[name]['kl_from_teacher']:>9.4f}")
+    print("\n".join(lines))
+    synthetic = synthetic_bytes_per_token()
+    print(f"top-k 64 at a 128,256-token vocabulary (synthetic, ids uniform over the vocabulary): {synthetic[16]:.1f} bytes per token with "
+          f"16-bit values, {synthetic[32]:.1f} with 32-bit")
+    print(f"{result['sequences']} held-out sequences, {result['tokens']} next-token positions, vocabulary {result['vocab_size']}; "
+          f"{sum(p['rows'] for p in caches['top-k 64']['parts'])} cached rows, "
+          f"{sum(p['tokens'] for p in caches['top-k 64']['parts'])} tokens; {a.steps} student steps of 16 sequences; total {time.time() - t0:.0f}s")
+    if a.json:
+        with open(a.json, "w") as handle:
+            json.dump({"caches": {n: c["stats"] for n, c in caches.items()}, "students": students, "eval": result,
+                       "synthetic_128k_bytes_per_token": synthetic}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
