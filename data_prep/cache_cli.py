@@ -9,7 +9,13 @@ import logging
 import sys
 
 
+def _quiet_beam_import() -> None:
+    """Beam's import warns on the root logger that optional GCP clients are absent; not our users' concern."""
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+
+
 def _parser() -> argparse.ArgumentParser:
+    _quiet_beam_import()
     from data_prep.teacher_cache import CacheConfig
     from kd_common.config import add_arguments
 
@@ -30,6 +36,7 @@ def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_beam_import()
     from data_prep.errors import extract_message
     from data_prep.teacher_cache import CacheConfig, run_cache
     from kd_common.config import from_arguments

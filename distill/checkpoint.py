@@ -42,10 +42,11 @@ RESTARTABLE_KEYS = {
     "output_dir", "data.path", "data.num_workers", "data.cache_dir", "data.verify_checksums",
     "train.micro_batch", "train.log_every", "train.halt_at_step", "checkpoint.every_steps",
     "checkpoint.keep_last", "deepspeed.config", "deepspeed.zero_stage", "teacher.attn_implementation",
-    "student.attn_implementation", "teacher.path",
+    "student.attn_implementation", "teacher.path", "teacher.cache", "teacher.cache_verify",  # a cache is bound by its fingerprint
     # speed switches that do not change what is learned (bench/train_throughput.py measures each)
     "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
     "train.profile_phases", "data.pad_to_multiple_of", "loss.chunked_logits", "loss.chunk_positions", "deepspeed.lean_single_process",
+    "train.lean_startup",
     # what to do about non-finite steps is a guard, not part of what is learned
     "train.max_nonfinite_steps",
 }

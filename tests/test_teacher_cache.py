@@ -200,6 +200,11 @@ def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, t
     a, b = losses(online, "loss_jsd"), losses(cached, "loss_jsd")
     assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
     assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
+    resumed = str(tmp_path / "resumed")  # halted and resumed from the cache: the same losses as the straight run
+    assert "halted at step 2" in deepspeed("llm_kd", common + [f"output_dir={resumed}", "teacher.source=cache", f"teacher.cache={out}",
+                                                               "train.halt_at_step=2", "checkpoint.every_steps=2"], 29781)
+    deepspeed("llm_kd", common + [f"output_dir={resumed}", "teacher.source=cache", f"teacher.cache={out}", "checkpoint.every_steps=2"], 29781)
+    assert losses(resumed) == losses(cached)
 
 
 def cli(name, *args):
