@@ -361,6 +361,18 @@ def check_data_fits(model, packing: str) -> None:
                          f"re-run distill-prep with --packing document")
 
 
+def check_teacher_fits(path: str, teacher, packing: str) -> bool:
+    """The teacher (a model or its config) is the kind of LM the dataset was packed for; a one-line ModelError naming it otherwise."""
+    family = _family(teacher)
+    if family.causal and packing != "causal":
+        raise ModelError(f"teacher {path!r} is a causal LM ({family.name}) but the dataset is packed {packing!r} for masked LMs; prepare the "
+                         f"data with `distill-prep --packing causal --tokenizer {path}`")
+    if not family.causal and packing == "causal":
+        raise ModelError(f"teacher {path!r} is a masked LM ({family.name}), not a causal LM, but the dataset is packed for causal LMs; use a "
+                         f"causal-LM teacher (gpt2, llama, mistral, qwen2, qwen3) or prepare the data with --packing document")
+    return True
+
+
 def compile_encoder(model: nn.Module) -> None:
     """`torch.compile` the transformer body of `model` in place (`nn.Module.compile`: parameter names, and so
     checkpoints and ZeRO's hooks on the module tree, stay as they are); the vocabulary head stays eager

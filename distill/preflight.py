@@ -19,7 +19,7 @@ from distill.config import Config, ConfigError
 from distill.engine import deepspeed_config
 from distill.families import FamilyError
 from distill.layer_map import LayerMapError
-from distill.models import ModelError, build_student, check_data_fits, check_init, init_layers_for, load_teacher_config, resolve_dtype
+from distill.models import ModelError, build_student, check_data_fits, check_init, check_teacher_fits, init_layers_for, load_teacher_config, resolve_dtype
 from distill.partitioned_teacher import partition_problems
 
 log = logging.getLogger("distill.preflight")
@@ -94,6 +94,8 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
             pf.vocab_size = teacher_vocab
     if pf.manifest is None or pf.tokenizer is None or (cfg.teacher.path and pf.teacher_config is None):
         return pf  # the model checks need the dataset and the teacher's config
+    if pf.teacher_config is not None and not pf.attempt(lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)):
+        return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
     with torch.device("meta"):  # shapes only: no weights, no memory
         student = pf.attempt(lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len))
     if student is None:
