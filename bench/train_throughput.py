@@ -81,6 +81,11 @@ ABLATIONS_CPU = [
     ("fast - group_by_length", ["data.group_by_length=false"]),
     ("fast + 1 loader worker", ["data.num_workers=1"]),
     ("fast + torch.compile", COMPILE),
+    # issue 16, point 4: the step's fixed costs and the start-up
+    ("fast - lean 1-process ZeRO", ["deepspeed.lean_single_process=false"]),
+    ("fast - batched masking", ["data.masking=per_sequence"]),
+    ("fast - lean start-up", ["train.lean_startup=false"]),
+    ("fast - CPU padding (8)", ["data.pad_to_multiple_of=8"]),
 ]
 ABLATIONS_GPU = [
     ("fast - bf16 teacher", ["teacher.dtype=fp32"]),
@@ -538,14 +543,14 @@ def _package_of(filename: str) -> str:
 
 
 def loader_rate(data: str, global_batch: int, micro_batch: int, group_steps: int, seconds: float, seed: int = 56) -> dict:
-    """Real tokens/s that the reader + collator (TokenSequences, StepPlan, MicroBatches, MaskingCollator, as the trainer
+    """Real tokens/s that the reader + collator (TokenSequences, StepPlan, MicroBatches, BatchedMaskingCollator, as the trainer
     builds them) deliver on one core, in this process with one thread."""
     import numpy as np
     import torch
 
     from data_prep.manifest import load_manifest
     from distill.data import MicroBatches, StepPlan, TokenSequences
-    from distill.masking import MaskingCollator, MaskingPolicy
+    from distill.masking import BatchedMaskingCollator, MaskingPolicy
 
     torch.set_num_threads(1)
     manifest = load_manifest(data)
@@ -556,7 +561,7 @@ def loader_rate(data: str, global_batch: int, micro_batch: int, group_steps: int
     tok = manifest.tokenizer
     policy = MaskingPolicy.with_smoothing(counts, 0.7, mask_id=tok.special_token_ids["mask"], pad_id=tok.special_token_ids["pad"],
                                           vocab_size=tok.vocab_size, special_ids=tok.all_special_ids)
-    items = MicroBatches(sequences, plan, MaskingCollator(policy, seed, 8), 0, steps)
+    items = MicroBatches(sequences, plan, BatchedMaskingCollator(policy, seed, 8), 0, steps)  # the trainer's collator, GPU padding
     items[0]  # first touch (memory map, caches)
     tokens = padded = n = 0
     cpu0, wall0 = time.thread_time(), time.perf_counter()
@@ -680,6 +685,8 @@ def main() -> int:
                         help="distill-prep packing of the demo corpus: full_sentences = full windows, no padding (GPU figures)")
     parser.add_argument("--paths", help="comma-separated: fast, compile, baseline, reference (default fast,baseline; --hf-distiller-config: reference,fast)")
     parser.add_argument("--ablate", action="store_true", help="also run the fast path with each piece switched off (or compile on) alone")
+    parser.add_argument("--ablations", help="with --ablate: only the ablations whose name contains one of these comma-separated words "
+                        "(e.g. 'lean,masking,padding')")
     parser.add_argument("--hf-distiller-config", action="store_true", help="issue 16: 1 process, fp32, 4x128x2 random BERT teacher, 2-layer "
                         "DistilBERT, WordPiece 1000, ~64-token sequences, batch 32, alpha 5/2/1, against the reference distiller run in the same "
                         "session; also the fixed cost per step, syncs per step and the loader ceiling")
@@ -767,7 +774,9 @@ def main() -> int:
         parser.error("the reference path runs one process: add --procs 1 (or leave it out of --paths)")
     plan = [(p, known[p]) for p in wanted]
     if args.ablate:
-        plan += [(name, [*args.fast, *extra]) for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)]
+        words = [w.strip() for w in (args.ablations or "").split(",") if w.strip()]
+        plan += [(name, [*args.fast, *extra]) for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)
+                 if not words or any(w in name for w in words)]
     cfg = None
     if "reference" in wanted:
         from distill.config import load_config

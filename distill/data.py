@@ -212,11 +212,19 @@ class DataSource:
         from distill.losses import Batch
 
         raw = next(self._batches)
+        # what the step needs to know about the batch's layout is computed here, on the host, before the copy: the flat
+        # positions of the real tokens and of the labelled ones, and whether anything is padded (no device read later)
+        attention = raw["attention_mask"]
+        tokens = attention.reshape(-1).nonzero(as_tuple=True)[0]
+        masked = (raw["labels"].reshape(-1) != -100).nonzero(as_tuple=True)[0]
         batch = Batch(
             input_ids=raw["input_ids"].to(self.device, non_blocking=True),
-            attention_mask=raw["attention_mask"].to(self.device, non_blocking=True),
+            attention_mask=attention.to(self.device, non_blocking=True),
             labels=raw["labels"].to(self.device, non_blocking=True),
             rows=raw.get("rows"),
+            token_positions=tokens.to(self.device, non_blocking=True),
+            masked_positions=masked.to(self.device, non_blocking=True),
+            padded=tokens.numel() != attention.numel(),
         )
         return batch, raw
 

@@ -91,6 +91,43 @@ def lean_single_process_config(ds: dict[str, Any]) -> dict[str, Any]:
     return dict(ds, zero_optimization=zero)
 
 
+def preload_muon_lazily() -> None:
+    """DeepSpeed imports its Muon optimizer during set-up and in the first gradient reduction (to test `isinstance(optimizer,
+    MuonWithAuxAdam)`), and that module decorates its kernels with torch.compile at import, which imports torch._dynamo
+    and inductor: ~1.5 s of every start-up on an idle CPU, more under load, for an optimizer the recipe never uses
+    (AdamW). Imported here first with the decoration deferred to the first call (a Muon run still gets its compiled
+    kernels, compiled when first used)."""
+    import functools
+    import sys
+
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    def lazy_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    original = compiler.compile
+    compiler.compile = lazy_compile
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    finally:
+        compiler.compile = original
+
+
 def warmup_linear_decay(total_steps: int, warmup_steps: int):
     """LambdaLR factor: linear warmup over `warmup_steps`, then linear decay to 0 at `total_steps`."""
 
@@ -125,7 +162,7 @@ class StudentEngine:
     """The DeepSpeed engine around the student wrapper (distill.models.StudentForDistillation)."""
 
     def __init__(self, wrapper: torch.nn.Module, optim_cfg, ds_config: dict[str, Any], total_steps: int, warmup_steps: int,
-                 device: torch.device, world_size: int = 1, lean_single_process: bool = False):
+                 device: torch.device, world_size: int = 1, lean_single_process: bool = False, lean_startup: bool = False):
         import deepspeed
 
         optimizer = make_optimizer(wrapper, optim_cfg, device)
@@ -133,6 +170,8 @@ class StudentEngine:
         configured = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if lean_single_process and world_size == 1:
             ds_config = lean_single_process_config(ds_config)
+        if lean_startup:
+            preload_muon_lazily()
         self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                                     dist_init_required=False)
         # the stage the run is configured with (what its checkpoints record and a resume compares), whatever runs underneath
@@ -146,7 +185,8 @@ class StudentEngine:
         self.engine.train()
 
     def forward(self, batch) -> ModelOutputs:
-        return self.engine.module.outputs(self.engine(batch.input_ids, batch.attention_mask, batch.logit_positions))
+        # no attention mask without padding (decided on the host): transformers would read the mask back to drop it
+        return self.engine.module.outputs(self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

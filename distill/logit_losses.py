@@ -273,14 +273,16 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
                        beta: float = 0.5, chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
                        labels: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
                        ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, grad_in_forward: bool = True,
-                       check_labels: bool = True) -> LogitLosses:
+                       check_labels: bool = True, all_positions: bool = False) -> LogitLosses:
     """KD loss (`kind` in KINDS, or None for the cross-entropy alone) and, with `labels`, the student's cross-entropy,
     from hidden states (..., H) and LM heads, `chunk_size` positions at a time (default: about CHUNK_ELEMENTS logits
     per chunk). `labels` (...): the target token of each position, already shifted for a causal LM (as the
     collator's labels are), `ignore_index` where there is none. Positions that count: for KD `kd_mask` (default: the
     labelled positions when `labels` are given, else all), for CE the labelled ones; the others are skipped.
     `check_labels=False` skips the range check of the labels (two host reads: the trainer's labels are dataset ids the
-    embedding lookup already bounds). See the module docstring for definitions."""
+    embedding lookup already bounds). `all_positions=True` says that every position counts (kd_mask all true, as the
+    trainer's soft targets at every logit position): the positions are then not looked up (no nonzero, no host sync).
+    See the module docstring for definitions."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)} (or None for the cross-entropy alone)")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -324,10 +326,11 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
     labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
 
     # positions that count: only these are projected to the vocabulary (one nonzero, the sweep's only host sync)
-    index = (kd_mask | ce_mask).nonzero().squeeze(1)
-    s_hidden = s_hidden.index_select(0, index)
-    t_hidden = t_hidden.index_select(0, index) if t_hidden is not None else None
-    labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
+    if not (all_positions and kind is not None):
+        index = (kd_mask | ce_mask).nonzero().squeeze(1)
+        s_hidden = s_hidden.index_select(0, index)
+        t_hidden = t_hidden.index_select(0, index) if t_hidden is not None else None
+        labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
 
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // vocab)
@@ -417,10 +420,10 @@ class ChunkedLogitLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
 
-    def forward(self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None) -> LogitLosses:
+    def forward(self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False) -> LogitLosses:
         from distill.sparse_losses import SparseTargets, sparse_logit_loss
 
         if isinstance(teacher_hidden, SparseTargets):  # the teacher from a cache (teacher.source: cache)
             return sparse_logit_loss(student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options)
         return chunked_logit_loss(student_hidden, self._head[0], teacher_hidden, teacher_head, self.kind, labels=labels, kd_mask=kd_mask,
-                                  **self.options)
+                                  all_positions=all_positions, **self.options)

@@ -62,6 +62,10 @@ class Batch:
     logit_positions: Optional[torch.Tensor] = None  # (P,) flat indices into B*L
     position_labels: Optional[torch.Tensor] = None  # (P,) labels at those positions (-100 = not selected)
     rows: Optional[torch.Tensor] = None  # (B,) dataset row of each sample (CPU): a teacher cache looks its targets up by it
+    # computed on the host from the collated batch before the copy (distill/data.py), so nothing below reads device values:
+    token_positions: Optional[torch.Tensor] = None  # (T,) flat indices of the real (non-padding) tokens
+    masked_positions: Optional[torch.Tensor] = None  # (M,) flat indices of the selected (labelled) positions
+    padded: bool = True  # False when no sequence of the micro batch is padded: the models then get no attention mask
 
     @property
     def position_is_masked(self) -> torch.Tensor:
@@ -198,9 +202,13 @@ def causal_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch
 @register("cos", needs_teacher=True, check=_same_width("cos"))
 def cosine_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """1 - cos(student, teacher) of last hidden states, averaged over non-padding tokens."""
-    mask = batch.attention_mask.bool()
-    s_hidden = student.hidden[mask].float()
-    t_hidden = teacher.hidden[mask].float()
+    if batch.token_positions is not None:  # the same rows, gathered by positions known on the host (no device read)
+        s_hidden = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, batch.token_positions).float()
+        t_hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, batch.token_positions).float()
+    else:
+        mask = batch.attention_mask.bool()
+        s_hidden = student.hidden[mask].float()
+        t_hidden = teacher.hidden[mask].float()
     return (1.0 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
 
 
@@ -382,13 +390,14 @@ def logit_plan(weights: dict[str, float]) -> tuple[Optional[LogitPlan], Optional
 
 def _fused_logit_losses(active, teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg):
     plan: LogitPlan = student.head.plan
-    kd_mask = None
+    kd_mask, every = None, False
     if plan.kind is not None:
         kd_mask = _kd_positions(batch, cfg)
         if kd_mask is None:
-            kd_mask = torch.ones_like(batch.position_labels, dtype=torch.bool)
+            kd_mask, every = torch.ones_like(batch.position_labels, dtype=torch.bool), True
+    extra = {"all_positions": True} if every else {}  # soft targets at every logit position: the sweep looks no positions up
     result = student.head(student.head_input, teacher.head_input if plan.kind else None, teacher.head if plan.kind else None,
-                          labels=batch.position_labels if plan.ce_name else None, kd_mask=kd_mask)
+                          labels=batch.position_labels if plan.ce_name else None, kd_mask=kd_mask, **extra)
     terms = {}
     if plan.kd_name:
         terms[plan.kd_name] = result.kd
@@ -402,7 +411,10 @@ def select_logit_positions(batch: Batch, where: Optional[str]) -> Batch:
     if where is None:
         return batch
     flat_labels = batch.labels.reshape(-1)
-    if where == "tokens":
+    known = batch.token_positions if where == "tokens" else batch.masked_positions  # from the host, when the data source gave them
+    if known is not None:
+        positions = known
+    elif where == "tokens":
         positions = batch.attention_mask.reshape(-1).nonzero(as_tuple=True)[0]
     else:
         positions = (flat_labels != IGNORE_INDEX).nonzero(as_tuple=True)[0]

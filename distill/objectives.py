@@ -98,7 +98,7 @@ class Objective:
         """The frozen teacher's forward: under `torch.inference_mode` (no autograd bookkeeping; `teacher.inference_mode`)
         or `torch.no_grad` (the baseline path). Same values either way; the outputs only ever feed loss targets."""
         with torch.inference_mode() if inference_mode else torch.no_grad():
-            return model_forward(teacher, batch.input_ids, batch.attention_mask, batch.logit_positions if self.teacher_logits else None,
+            return model_forward(teacher, batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions if self.teacher_logits else None,
                                  self.teacher_needs, self.capture, full_logits, head_input=self.chunked and not full_logits)
 
     def student_logit_loss(self, student: nn.Module):

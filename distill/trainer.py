@@ -220,7 +220,8 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     warmup = int(cfg.optim.warmup_fraction * total_steps)
-    engine = StudentEngine(wrapper, cfg.optim, ds_config, total_steps, warmup, ctx.device, ctx.world_size, cfg.deepspeed.lean_single_process)
+    engine = StudentEngine(wrapper, cfg.optim, ds_config, total_steps, warmup, ctx.device, ctx.world_size, cfg.deepspeed.lean_single_process,
+                           lean_startup=cfg.train.lean_startup)
     log.info("DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
              engine.zero_stage, ctx.world_size, cfg.train.micro_batch, plan.accumulation, cfg.train.global_batch,
              str(precision).replace("torch.", ""), total_steps, warmup)
