@@ -76,6 +76,12 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
     export = str(tmp_path / "export")
     export_checkpoint(out, export)
     generate_from_export(export, model_type)
+    from distill.evaluate import evaluate
+
+    result = evaluate(export, data, teacher, max_sequences=8, device="cpu")  # the exported student through distill-eval
+    student = result["models"]["student"]
+    assert result["task"] == "causal_lm" and result["tokens"] > 0 and student["kl_from_teacher"] > 0
+    assert student["perplexity"] < len(tokenizer), "better than a uniform guess over the vocabulary"
 
 
 def test_llama_at_zero3_halts_and_resumes_bit_for_bit(tmp_path, bpe_data):
