@@ -176,7 +176,18 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
 def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[np.ndarray]:
     import pyarrow.parquet as pq
 
-    column = pq.read_table(os.path.join(data_dir, shard_path), columns=["input_ids"]).column("input_ids").slice(start, stop - start)
+    import pyarrow as pa
+
+    shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
+    groups, first, at = [], None, 0  # only the row groups that overlap [start, stop)
+    for g in range(shard.metadata.num_row_groups):
+        n = shard.metadata.row_group(g).num_rows
+        if at < stop and at + n > start:
+            groups.append(g)
+            first = at if first is None else first
+        at += n
+    table = shard.read_row_groups(groups, columns=["input_ids"]) if groups else pa.table({"input_ids": pa.array([], pa.list_(pa.int32()))})
+    column = table.column("input_ids").slice(start - (first or 0), stop - start)
     return [np.asarray(r, dtype=np.int64) for r in column.to_pylist()]
 
 
