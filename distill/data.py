@@ -55,9 +55,17 @@ class TokenSequences:
         if self._table is None:
             self._table = self.dataset.data.table.select(["input_ids", "word_start"] if self.has_word_start else ["input_ids"])
         table = self._table.take(np.asarray(indices, dtype=np.int64))
-        ids = table.column("input_ids").to_pylist()
-        starts = table.column("word_start").to_pylist() if self.has_word_start else [None] * len(ids)
-        return [(np.asarray(i, dtype=np.int64), None if s is None else np.asarray(s, dtype=bool)) for i, s in zip(ids, starts)]
+        ids = _split_lists(table.column("input_ids"), np.int64)  # numpy views of the list values, no Python lists
+        starts = _split_lists(table.column("word_start"), bool) if self.has_word_start else [None] * len(ids)
+        return list(zip(ids, starts))
+
+
+def _split_lists(column, dtype) -> list[np.ndarray]:
+    """The rows of an Arrow list column as numpy arrays (one copy of the values, split at the offsets); null rows are empty."""
+    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    offsets = array.offsets.to_numpy()
+    values = array.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy(zero_copy_only=False).astype(dtype, copy=True)
+    return np.split(values, offsets[1:-1] - offsets[0])
 
 
 @dataclass

@@ -7,6 +7,7 @@ step reports, save and load.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,6 +90,37 @@ def lean_single_process_config(ds: dict[str, Any]) -> dict[str, Any]:
         return ds
     zero.update(stage=1, overlap_comm=False, contiguous_gradients=False, reduce_scatter=False)
     return dict(ds, zero_optimization=zero)
+
+
+class _Done:
+    """The handle of a collective that had nothing to do."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _OneRankCollectives:
+    """While active, `deepspeed.comm.all_reduce` returns at once: with a single rank a sum, max or mean over the ranks is
+    the tensor itself (DeepSpeed still divides by the world size, 1). Used around the engine's backward and step only."""
+
+    def __enter__(self):
+        import deepspeed.comm as ds_comm
+
+        self._saved = ds_comm.all_reduce
+        ds_comm.all_reduce = _identity_all_reduce
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import deepspeed.comm as ds_comm
+
+        ds_comm.all_reduce = self._saved
+
+
+def _identity_all_reduce(tensor, op=None, group=None, async_op=False, *args, **kwargs):
+    return _Done() if async_op else None
 
 
 def preload_muon_lazily() -> None:
@@ -174,6 +206,8 @@ class StudentEngine:
             preload_muon_lazily()
         self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                                     dist_init_required=False)
+        # one rank: DeepSpeed's all-reduces (gradient bucket, grad norm, overflow flag) are the identity; skip them (gloo's cost)
+        self._collectives = _OneRankCollectives() if lean_single_process and world_size == 1 else contextlib.nullcontext()
         # the stage the run is configured with (what its checkpoints record and a resume compares), whatever runs underneath
         self.zero_stage = configured if self.engine.zero_optimization_stage() in (1, 2) and configured in (1, 2) else self.engine.zero_optimization_stage()
 
@@ -189,11 +223,13 @@ class StudentEngine:
         return self.engine.module.outputs(self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions))
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        with self._collectives:
+            self.engine.backward(loss)
 
     def step(self) -> None:
         """DeepSpeed's step: it updates the weights only at the end of the gradient accumulation."""
-        self.engine.step()
+        with self._collectives:
+            self.engine.step()
 
     @property
     def skipped_steps(self) -> int:

@@ -103,7 +103,7 @@ def run_steps(run: Run) -> dict[str, Any]:
                 t_data = time.time()
                 with phases("data"):
                     batch, raw = run.data.next()
-                torch.manual_seed(seed_for(cfg.seed, step - 1, micro, ctx.rank))  # dropout: a pure function of the position
+                seed_dropout(seed_for(cfg.seed, step - 1, micro, ctx.rank), ctx.device)  # dropout: a pure function of the position
                 batch = run.objective.prepare(batch)
                 with phases("teacher_forward"):
                     teacher_out = run.teacher.outputs(batch) if run.teacher is not None and run.objective.uses_teacher else None
@@ -158,6 +158,14 @@ def _finish(run: Run, last: dict[str, Any]) -> None:
         else:
             log.info("training finished at step %d; export with: distill-export --checkpoint %s --output DIR", step, run.cfg.output_dir)
     barrier()
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """What `torch.manual_seed` does for this rank's generators (the CPU one, and the training GPU's), without queueing a
+    lazy seed call with a formatted stack trace for every other accelerator type each micro step (~0.3 ms on a CPU)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def seed_for(*parts: int) -> int:
