@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def prepare(out: str) -> tuple[str, str]:
 
 def run(out: str, name: str, teacher: str, data: str, ds_json: str, steps: int, skip: int, partition: bool, port: int) -> dict:
     run_dir = os.path.join(out, name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (the same command would resume an old one)
     log = sh([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "distill", "--config",
               "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}", f"output_dir={run_dir}", f"train.max_steps={steps}",
               f"checkpoint.every_steps={steps}", "train.global_batch=16", "train.micro_batch=8", "train.log_every=1", "student.dropout=0.0",

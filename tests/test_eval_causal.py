@@ -120,3 +120,7 @@ def test_cli_json_and_bad_input(tmp_path, models, teacher_dir):
     assert "is a masked LM (bert) but" in fails("--model", teacher_dir, "--data", data)
     line = fails("--model", student, "--data", data, "--batch-size", "0", "--chunk-positions", "-1", "--compare", "x")
     assert "batch_size=0 is out of range" in line and "chunk_positions=-1 is out of range" in line and "is not NAME=DIR" in line
+    settings = tmp_path / "eval.yaml"
+    settings.write_text(f"model: {student}\ndata: {data}\nmax_sequences: 0\nbatch_sise: 4\n")
+    line = fails("--config", str(settings))
+    assert "max_sequences=0 is out of range" in line and "unknown config key batch_sise (did you mean batch_size?)" in line
