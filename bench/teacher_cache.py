@@ -9,7 +9,8 @@
 3. Caches (`distill-cache`, Beam local runner, in-process): top-k k=8 and k=64, sampled n=64; bytes per token and
    cache-writing tokens/s (end to end, pipeline start included).
 4. Students (2 layers, teacher-layer init, configs/llm_kd.yaml: forward KL at T=1 + causal LM, `python -m distill`,
-   one process): online teacher, and each cache, the same steps and data order; student steps/s (median step).
+   one process): online teacher, and each cache, the same steps and data order; student steps/s (median step) and the
+   median milliseconds per step of the teacher phase (the online forward, or the cache lookup; train.profile_phases).
 5. `distill-eval` on the held-out text: perplexity and KL(teacher || student) per token, as a table.
 Every stage whose output exists is reused on a rerun with the same --out.
 """
@@ -143,7 +144,7 @@ def train_student(out: str, name: str, data: str, teacher: str, steps: int, cach
         args = [sys.executable, "-m", "distill", "--config", "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}",
                 f"output_dir={run_dir}", f"train.max_steps={steps}", "train.global_batch=16", "train.micro_batch=16", "train.log_every=25",
                 f"checkpoint.every_steps={steps}", "optim.lr=2e-3", "optim.warmup_fraction=0.05", "deepspeed.config=configs/deepspeed/zero2.json",
-                "student.num_layers=2"]
+                "student.num_layers=2", "train.profile_phases=true"]
         if cache:
             args += ["teacher.source=cache", f"teacher.cache={cache}"]
         sh(args)
@@ -152,7 +153,8 @@ def train_student(out: str, name: str, data: str, teacher: str, steps: int, cach
         export_checkpoint(run_dir, export)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steady = [m["samples_per_s"] / 16 for m in metrics[3:]] or [m["samples_per_s"] / 16 for m in metrics]
-    return {"export": export, "steps_per_s": statistics.median(steady), "final_loss": metrics[-1]["loss"]}
+    teacher_ms = statistics.median(m["phase_seconds"]["teacher_forward"] * 1000 for m in metrics[3:])
+    return {"export": export, "steps_per_s": statistics.median(steady), "teacher_ms": teacher_ms, "final_loss": metrics[-1]["loss"]}
 
 
 def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int = 12_800) -> dict:
@@ -212,16 +214,15 @@ def main() -> None:
                       compare=[(n, students[n]["export"]) for n in CACHES])
     models = result["models"]
     online_sps = students["online"]["steps_per_s"]
-    lines = [f"{'teacher source':<14} {'bytes/token':>11} {'cache tok/s':>11} {'steps/s':>8} {'vs online':>9} {'held-out ppl':>12} {'KL(t||s)':>9}",
-             f"{'teacher':<14} {'-':>11} {'-':>11} {'-':>8} {'-':>9} {models['teacher']['perplexity']:>12.2f} {'-':>9}"]
+    lines = [f"{'teacher source':<14} {'bytes/token':>11} {'cache tok/s':>11} {'teacher ms':>10} {'steps/s':>8} {'vs online':>9} "
+             f"{'held-out ppl':>12} {'KL(t||s)':>9}",
+             f"{'teacher':<14} {'-':>11} {'-':>11} {'-':>10} {'-':>8} {'-':>9} {models['teacher']['perplexity']:>12.2f} {'-':>9}"]
     for name in ["online"] + list(CACHES):
         c = caches.get(name, {}).get("stats", {})
         s = students[name]
-        lines.append(f"{name:<14} {c.get('bytes_per_token', 0):>11.1f} {c.get('tokens_per_second', 0):>11,.0f} {s['steps_per_s']:>8.2f} "
-                     f"{s['steps_per_s'] / online_sps:>8.2f}x {models[name]['perplexity']:>12.2f} {models[name]['kl_from_teacher']:>9.4f}"
-                     if name in caches else
-                     f"{name:<14} {'-':>11} {'-':>11} {s['steps_per_s']:>8.2f} {1.0:>8.2f}x {models[name]['perplexity']:>12.2f} "
-                     f"{models[name]['kl_from_teacher']:>9.4f}")
+        size = f"{c['bytes_per_token']:>11.1f} {c['tokens_per_second']:>11,.0f}" if c else f"{'-':>11} {'-':>11}"
+        lines.append(f"{name:<14} {size} {s['teacher_ms']:>10.1f} {s['steps_per_s']:>8.2f} {s['steps_per_s'] / online_sps:>8.2f}x "
+                     f"{models[name]['perplexity']:>12.2f} {models[name]['kl_from_teacher']:>9.4f}")
     print("\n".join(lines))
     synthetic = synthetic_bytes_per_token()
     print(f"top-k 64 at a 128,256-token vocabulary (synthetic, ids uniform over the vocabulary): {synthetic[16]:.1f} bytes per token with "

@@ -114,47 +114,38 @@ class CacheTeacher:
             return "cache:" + hashlib.sha256(handle.read()).hexdigest()
 
     def outputs(self, batch) -> ModelOutputs:
-        """The cached targets at `batch.logit_positions`, looked up by each sample's dataset row."""
+        """The cached targets at `batch.logit_positions`, looked up by each sample's dataset row (one gather per column)."""
         if batch.rows is None:
             raise RuntimeError("teacher.source=cache needs each sample's dataset row (Batch.rows)")
         rows = batch.rows.cpu().numpy()
-        width = batch.input_ids.shape[1]
-        lengths = batch.attention_mask.sum(1).cpu().numpy()
         k = self.manifest.k
+        lengths = batch.attention_mask.sum(1).cpu().numpy()
         picked = self.table.take(rows)
-        ids = _flat(picked, "indices", k)
-        vals = _flat(picked, "values", k)
-        tails = _flat(picked, "tail", 1) if self.manifest.mode == "topk" else None
-        dense_ids = np.zeros((len(rows), width, k), dtype=np.int64)
-        dense_vals = np.zeros((len(rows), width, k), dtype=np.float32)
-        dense_tail = np.zeros((len(rows), width), dtype=np.float32)
-        for b, (row, n) in enumerate(zip(rows, lengths)):
-            if len(ids[b]) != n:
-                raise CacheError(f"cache row {row} holds {len(ids[b])} positions, the data row has {n}: the cache is not aligned with the data; "
-                                 f"re-run distill-cache")
-            dense_ids[b, :n], dense_vals[b, :n] = ids[b], vals[b]
-            if tails is not None:
-                dense_tail[b, :n] = tails[b][:, 0]
-        positions = batch.logit_positions.cpu()
-        flat = positions.numpy()
-        targets = SparseTargets(
-            indices=torch.from_numpy(dense_ids.reshape(-1, k)[flat]).to(self.device),
-            values=torch.from_numpy(dense_vals.reshape(-1, k)[flat]).to(self.device),
-            tail=torch.from_numpy(dense_tail.reshape(-1)[flat]).to(self.device) if tails is not None else None,
-            mode=self.manifest.mode, temperature=self.manifest.temperature)
+        offsets, ids = _list_column(picked, "indices")
+        counts = np.diff(offsets)
+        bad = np.flatnonzero(counts != lengths * k)
+        if len(bad):
+            b = int(bad[0])
+            raise CacheError(f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {lengths[b]}: the cache is not aligned "
+                             f"with the data; re-run distill-cache")
+        flat = batch.logit_positions.cpu().numpy()
+        sample, position = np.divmod(flat, batch.input_ids.shape[1])
+        entries = (offsets[sample] + position * k)[:, None] + np.arange(k)
+        _, vals = _list_column(picked, "values")
+        tail = None
+        if self.manifest.mode == "topk":
+            tail_offsets, tails = _list_column(picked, "tail")
+            tail = torch.from_numpy(tails[tail_offsets[sample] + position].astype(np.float32)).to(self.device)
+        targets = SparseTargets(indices=torch.from_numpy(ids[entries].astype(np.int64)).to(self.device),
+                                values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
+                                tail=tail, mode=self.manifest.mode, temperature=self.manifest.temperature)
         return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=True)
 
 
-def _flat(table, column: str, k: int) -> list[np.ndarray]:
-    """Each row of a list column as a (positions, k) array."""
-    col = table.column(column)
-    out = []
-    for chunk in col.chunks:
-        offsets = chunk.offsets.to_numpy()
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        for i in range(len(chunk)):
-            out.append(values[offsets[i]:offsets[i + 1]].reshape(-1, k))
-    return out
+def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (rows + 1,), values) of a list column: row i is values[offsets[i]:offsets[i + 1]]."""
+    array = table.column(column).combine_chunks()
+    return array.offsets.to_numpy().astype(np.int64), array.values.to_numpy(zero_copy_only=False)
 
 
 def _open_parts(paths: list[str], manifest, cache_dir):
