@@ -78,12 +78,14 @@ def partition(model: nn.Module, ds_config: dict) -> tuple[Any, _TeacherForward]:
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
-    """Bytes of teacher parameters this rank holds now: its partitions plus any parameter held whole (persistent ones)."""
+    """Bytes of teacher parameters this rank holds between forwards: its partition of each parameter, plus the whole of
+    any parameter kept gathered (those under stage3_param_persistence_threshold, whole from their first forward on)."""
     total = 0
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
-        total += p.data.numel() * p.data.element_size()  # empty for a partitioned parameter outside its module's forward
+        whole = p.ds_numel if getattr(p, "ds_persist", False) else p.data.numel()  # p.data is empty for a released parameter
+        total += whole * p.element_size()
     return total
 
 
@@ -116,7 +118,8 @@ class PartitionedTeacher(OnlineTeacher):
         if self.engine is None:
             self.engine, self.wrapper = partition(self.model, self.ds_config)
             self.wrapper.inference_mode, self.wrapper.full_logits = self.inference_mode, self.full_logits
-            log.info("teacher partitioned across the ranks (ZeRO-3, no optimizer): this rank holds %.1f of %.1f MB of its parameters",
+            log.info("teacher partitioned across the ranks (ZeRO-3, no optimizer): this rank holds %.1f of %.1f MB of its parameters "
+                     "(its partitions, and the parameters under stage3_param_persistence_threshold whole)",
                      local_parameter_bytes(self.model) / 2**20, full_parameter_bytes(self.model) / 2**20)
         self.wrapper.objective = objective
 

@@ -2,7 +2,8 @@
 
 Builds the same tiny random Llama teacher on every rank, keeps a whole copy, partitions the other with
 distill.partitioned_teacher.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of
-teacher parameters this rank holds (its actual partition tensors), the whole teacher's bytes, and the largest
+teacher parameters this rank holds (its actual partition tensors) before and after the forwards, and with
+DeepSpeed's default persistence threshold (every parameter of this tiny model stays whole), the whole teacher's bytes, and the largest
 difference between the partitioned and the whole teacher's outputs on the same micro batch, for the chunked
 (hidden states + gathered head) and the logits paths.
 """
@@ -58,6 +59,9 @@ def main(out_dir: str) -> None:
         for name, a, b in pairs:
             assert a.shape == b.shape, (name, a.shape, b.shape)
             result[f"{'chunked' if chunked else 'logits'}.{name}"] = float((a.float() - b.float()).abs().max())
+    result["local_bytes_after_forward"] = local_parameter_bytes(split)
+    engine_default, _ = partition(copy.deepcopy(whole), zero3_inference_config({}, 2, torch.float32))  # DeepSpeed's default persistence
+    result["local_bytes_default_threshold"] = local_parameter_bytes(engine_default.module.model)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
 

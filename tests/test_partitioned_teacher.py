@@ -24,7 +24,10 @@ def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teach
     full = ranks[0]["full_bytes"]
     assert full == ranks[0]["whole_bytes_here"] > 0
     for r in ranks:
-        assert full / 2 <= r["local_bytes"] <= full / 2 + 4 * 64, r  # half, up to the padding of each parameter to 2 ranks
+        for key in ("local_bytes", "local_bytes_after_forward"):
+            assert full / 2 <= r[key] <= full / 2 + 4 * 64, (key, r)  # half, up to the padding of each parameter to 2 ranks
+        # every parameter under DeepSpeed's default threshold (100,000 elements) is held whole besides its partition
+        assert r["local_bytes_default_threshold"] >= full, r
         for key, diff in r.items():
             if key.startswith(("chunked.", "logits.")):
                 assert diff <= 1e-6, (key, diff)
@@ -36,9 +39,11 @@ def llama_teacher(tmp_path_factory, bpe_data):  # noqa: F811
     return save_teacher("llama", tokenizer, str(tmp_path_factory.mktemp("pt") / "teacher"), vocab_rows=len(tokenizer) + 24), data
 
 
-def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_path, llama_teacher):
+@pytest.mark.parametrize("student_zero", ["zero2", "zero3"])  # zero3: the recipe's, two stage-3 engines in one process
+def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_path, llama_teacher, student_zero):
     teacher, data = llama_teacher
-    args = [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=8", "checkpoint.every_steps=8", "train.log_every=1"] + TINY
+    args = [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=8", "checkpoint.every_steps=8", "train.log_every=1"] + TINY + [
+        f"deepspeed.config=configs/deepspeed/{student_zero}.json"]
     deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'replicated'}"], 29772)
     log = deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'partitioned'}", "teacher.partition=true"], 29772)
     assert "teacher partitioned across the ranks" in log
