@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from distill.models import load_teacher, resolve_dtype
+from distill.outputs import ModelOutputs
 from distill.teacher import TEACHER_SOURCES, OnlineTeacher
 
 log = logging.getLogger("distill.teacher")
@@ -48,7 +49,7 @@ class _TeacherForward(nn.Module):
                 bias = getattr(out.head, "bias", None)
                 head = (out.head.weight.detach().clone(), bias.detach().clone() if bias is not None else None)
             out = dataclasses.replace(out, head=head)
-        return out
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}  # a dict: DeepSpeed's output hooks walk it
 
 
 def zero3_inference_config(user_zero: Optional[dict], micro_batch: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -126,8 +127,8 @@ class PartitionedTeacher(OnlineTeacher):
     def compile(self) -> None:
         """Not compiled: ZeRO-3's gather hooks run around each module (train.compile compiles the student only)."""
 
-    def outputs(self, batch):
-        return self.engine(batch)
+    def outputs(self, batch) -> ModelOutputs:
+        return ModelOutputs(**self.engine(batch))
 
     def describe(self) -> str:
         count = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())

@@ -24,6 +24,7 @@ def main(out_dir: str) -> None:
     from distill.config import LossConfig
     from distill.losses import Batch, select_logit_positions
     from distill.objectives import Objective
+    from distill.outputs import ModelOutputs
     from distill.partitioned_teacher import full_parameter_bytes, local_parameter_bytes, partition, zero3_inference_config
 
     torch.set_num_threads(1)
@@ -49,7 +50,7 @@ def main(out_dir: str) -> None:
         objective = Objective(LossConfig(weights={"ce": 1.0, "clm": 1.0, "cos": 1.0}, ce_positions="masked", temperature=1.0), whole, whole,
                               vocab_size=301, chunked=chunked)
         wrapper.objective = objective
-        got = engine(batch)
+        got = ModelOutputs(**engine(batch))
         want = objective.teacher_forward(whole, batch)
         pairs = [("hidden", got.hidden, want.hidden)]
         if chunked:
