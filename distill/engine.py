@@ -240,6 +240,13 @@ class StudentEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
+    def grad_norm_tensor(self) -> Optional[torch.Tensor]:
+        """The last update's global gradient norm as a tensor on the device (no host read), or None."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or torch.is_tensor(norm):
+            return norm
+        return torch.tensor(float(norm), dtype=torch.float64).to(self.engine.device)  # a Python float (DeepSpeed's inf on overflow)
+
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 

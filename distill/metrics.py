@@ -37,6 +37,12 @@ class StepSums:
         """Add detached scalar tensors, in the order of `device_names` (no host read)."""
         self.device_sums += torch.stack([v.detach().reshape(()) for v in values]).double()
 
+    def add_device_value(self, name: str, value: torch.Tensor) -> None:
+        """One more device-side scalar under its own name (e.g. the gradient norm), read back with the sums; summed over ranks
+        like them (a value every rank shares is added by one rank, the others add 0)."""
+        self.device_names.append(name)
+        self.device_sums = torch.cat([self.device_sums, value.detach().reshape(1).to(self.device_sums.dtype)])
+
     def add(self, name: str, value: float) -> None:
         self.host[name] += float(value)
 

@@ -118,9 +118,12 @@ def run_steps(run: Run) -> dict[str, Any]:
                 sums.add_device([loss] + [terms[n] for n in run.term_names])
                 count_batch(sums, raw["attention_mask"], batch.logit_positions, time.time() - t_data)
             sums.add("stop_flag", run.stopper.local_flag())
+            grad_norm = run.engine.grad_norm_tensor()  # the same on every rank: rank 0 adds it, read back with the sums
+            if grad_norm is not None:
+                sums.add_device_value("grad_norm", grad_norm if ctx.is_main else torch.zeros_like(grad_norm))
             reduced = sums.reduce()  # the step's one all-reduce and host read
             metrics = step_metrics(step, reduced, run.term_names, run.data.accumulation, ctx.world_size, time.time() - t0, cfg.train.global_batch,
-                                   lr=run.engine.lr(), grad_norm=run.engine.grad_norm(), peak_memory_mb=peak_memory_mb(ctx.device),
+                                   lr=run.engine.lr(), grad_norm=reduced.get("grad_norm"), peak_memory_mb=peak_memory_mb(ctx.device),
                                    data=run.data.step_fingerprint(step - 1))
             if phases.enabled:  # this rank's seconds per phase (train.profile_phases)
                 metrics["phase_seconds"] = phases.take()

@@ -17,17 +17,17 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 from step_probe import SyncCounter  # noqa: E402
 
 # Today's count (CPU, DeepSpeed ZeRO-2 configured, 1 process, the DistilBERT objective ce/mlm/cos with soft targets at every
-# token, the fixtures' variable-length sequences), by kind, per optimizer step (the most seen in any step). Per step: 5 reads:
-# DeepSpeed's grad-norm checks (3x bool() of is_invalid_grad_norm), the trainer's one .tolist() of the reduced step sums and
-# float(grad norm); per micro step: 2 reads when the micro batch is padded (transformers' SDPA mask check
+# token, the fixtures' variable-length sequences), by kind, per optimizer step (the most seen in any step). Per step: 4 reads:
+# DeepSpeed's grad-norm checks (3x bool() of is_invalid_grad_norm) and the trainer's one .tolist() of the reduced step sums
+# (the gradient norm among them); per micro step: 2 reads when the micro batch is padded (transformers' SDPA mask check
 # `padding_mask.all()` in teacher and student; a micro batch without padding gets no mask and no check, as in
-# bench/train_throughput.py --overhead, 5 per step). Removed in issue 16 (14 per step at accumulation 1 and 23 at 2
+# bench/train_throughput.py --overhead: 4 per step). Removed in issue 16 (14 per step at accumulation 1 and 23 at 2
 # before): DeepSpeed's throughput-timer synchronize() (timers off), the nonzero of the logit positions and the
 # boolean-mask gathers of the cos loss (positions computed on the host before the copy), the chunked sweep's nonzero
-# (soft targets at every position need no lookup).
+# (soft targets at every position need no lookup), float(grad norm) (read back with the step sums).
 TODAY = {
-    1: {"read": 7},
-    2: {"read": 9},
+    1: {"read": 6},
+    2: {"read": 8},
 }
 STEPS = 5  # syncs are counted from the end of step 2: three steps counted
 
