@@ -187,25 +187,40 @@ def test_sampled_estimates_are_unbiased():
         assert abs(float(est - full)) < 4 * stderr, (kind, float(est), float(full), stderr)
 
 
-def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, tmp_path):
-    """k = vocabulary, 32-bit values: a 2-process DeepSpeed run from the cache has the online run's losses (1e-5)."""
-    out = tmp_path / "full"
+COMMON = ["loss.temperature=2.0", "loss.weights={jsd: 1.0, clm: 1.0}", "loss.jsd_beta=0.3"] + TINY
+
+
+@pytest.fixture(scope="module")
+def cached_run(assets, tmp_path_factory):
+    """k = vocabulary, 32-bit values, 2 workers; a 2-process DeepSpeed run from it (4 steps)."""
+    root = tmp_path_factory.mktemp("cached_run")
+    out = root / "full"
     cache(assets, out, "--workers", "2", "--k", str(assets["vocab"]), "--value-bits", "32", "--temperature", "2.0")
-    common = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", "loss.temperature=2.0",
-              "loss.weights={jsd: 1.0, clm: 1.0}", "loss.jsd_beta=0.3"] + TINY
-    online, cached = str(tmp_path / "online"), str(tmp_path / "cached")
-    deepspeed("llm_kd", common + [f"output_dir={online}"], 29781)
-    log = deepspeed("llm_kd", common + [f"output_dir={cached}", "teacher.source=cache", f"teacher.cache={out}"], 29781)
+    run_dir = str(root / "cached")
+    log = deepspeed("llm_kd", [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={run_dir}",
+                               "teacher.source=cache", f"teacher.cache={out}"] + COMMON, 29781)
     assert "no teacher model in memory" in log
+    return out, run_dir
+
+
+def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, cached_run, tmp_path):
+    """k = vocabulary, 32-bit values: a 2-process DeepSpeed run from the cache has the online run's losses (1e-5)."""
+    _, cached = cached_run
+    online = str(tmp_path / "online")
+    deepspeed("llm_kd", [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={online}"] + COMMON, 29782)
     a, b = losses(online, "loss_jsd"), losses(cached, "loss_jsd")
     assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
     assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
-    resumed = str(tmp_path / "resumed")  # halted and resumed from the cache: the same losses as the straight run
-    assert "halted at step 2" in deepspeed("llm_kd", common + [f"output_dir={resumed}", "teacher.source=cache", f"teacher.cache={out}",
-                                                               "train.halt_at_step=2", "checkpoint.every_steps=2"], 29781)
-    deepspeed("llm_kd", common + [f"output_dir={resumed}", "teacher.source=cache", f"teacher.cache={out}", "checkpoint.every_steps=2"], 29781)
-    assert losses(resumed) == losses(cached)
 
+
+def test_a_run_from_the_cache_halts_and_resumes_with_the_same_losses(assets, cached_run, tmp_path):
+    cache_dir, cached = cached_run
+    resumed = str(tmp_path / "resumed")
+    args = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={resumed}", "teacher.source=cache",
+            f"teacher.cache={cache_dir}"] + COMMON + ["checkpoint.every_steps=2"]
+    assert "halted at step 2" in deepspeed("llm_kd", args + ["train.halt_at_step=2"], 29783)
+    deepspeed("llm_kd", args, 29783)
+    assert losses(resumed) == losses(cached)
 
 def cli(name, *args):
     proc = subprocess.run([os.path.join(BIN, name), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -233,7 +248,7 @@ def train_from(assets, cache_dir, out, *extra):
                "deepspeed.zero_stage=0", *TINY[:2], "train.max_steps=1", *extra)
 
 
-def test_training_refuses_a_damaged_foreign_or_short_cache(assets, small_cache, tmp_path):
+def test_training_refuses_a_damaged_or_short_cache(assets, small_cache, tmp_path):
     out = tmp_path / "run"
     # truncated part
     bad = tmp_path / "truncated"
@@ -256,6 +271,11 @@ def test_training_refuses_a_damaged_foreign_or_short_cache(assets, small_cache, 
     manifest["parts"] = manifest["parts"][:-1]
     (bad / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(*train_from(assets, bad, out), "distill-train", "the cache is incomplete")
+    assert not out.exists(), "a refused run left a run directory"
+
+
+def test_training_refuses_a_cache_of_another_dataset_or_teacher_and_live_teacher_losses(assets, small_cache, tmp_path):
+    out = tmp_path / "run"
     # another dataset (same rows, another manifest) and another teacher
     other_data = tmp_path / "other_data"
     shutil.copytree(assets["data"], other_data)
