@@ -105,7 +105,7 @@ def test_output_dir_with_foreign_data_or_another_run(tmp_path, prepared, teacher
     assert code == 0, lines
     before = sorted(os.listdir(out / "checkpoints"))
     code, lines = train(*args, "optim.lr=1e-5")
-    assert_one_line_error(code, lines, "holds another run", "optim.lr: 0.0005 -> 1e-05")
+    assert_one_line_error(code, lines, "holds another run", "optim.lr: 0.001 -> 1e-05")
     assert sorted(os.listdir(out / "checkpoints")) == before
 
     exported = tmp_path / "exported"
