@@ -184,7 +184,7 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "teacher_cache"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "bench_teacher_cache"), help="work directory (reused on a rerun)")
     p.add_argument("--steps", type=int, default=150, help="student steps (every student the same)")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--train-chars", type=int, default=400_000)
