@@ -222,6 +222,23 @@ def test_a_run_from_the_cache_halts_and_resumes_with_the_same_losses(assets, cac
     deepspeed("llm_kd", args, 29783)
     assert losses(resumed) == losses(cached)
 
+
+def test_a_run_from_the_cache_resumes_on_another_world_size(assets, cached_run, tmp_path):
+    """Halted on 2 ranks, resumed on 1: the same samples every step (the cache is read by dataset row), losses to rounding."""
+    cache_dir, cached = cached_run
+    out = str(tmp_path / "elastic")
+    args = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={out}", "teacher.source=cache",
+            f"teacher.cache={cache_dir}"] + COMMON + ["checkpoint.every_steps=2"]
+    deepspeed("llm_kd", args + ["train.halt_at_step=2"], 29784)
+    log = run([os.path.join(BIN, "python"), "-m", "distill", "--config", "configs/llm_kd.yaml"] + args)
+    assert "resumed from" in log
+    ref = [json.loads(line) for line in open(os.path.join(cached, "metrics.jsonl"))]
+    got = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert a["data"] == b["data"], f"step {a['step']}: other samples after the elastic resume"
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+
 def cli(name, *args):
     proc = subprocess.run([os.path.join(BIN, name), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr.strip().splitlines()
