@@ -164,7 +164,7 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
 
     import numpy as np
 
-    from data_prep.teacher_cache import write_part
+    from distill.cache_pipeline import write_part
 
     rng = np.random.default_rng(0)
     profile = -1.1 * np.log(np.arange(1, k + 1)) - 2.0

@@ -1,4 +1,4 @@
-"""The teacher-logit cache contract between `distill-cache` (data_prep/teacher_cache.py) and the trainer
+"""The teacher-logit cache contract between `distill-cache` (distill/cache_pipeline.py) and the trainer
 (distill/cache_teacher.py). No Beam import: the trainer reads it cheaply.
 
 A cache directory::

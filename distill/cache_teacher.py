@@ -58,7 +58,7 @@ class CacheTeacher:
     @classmethod
     def load(cls, cfg, device: torch.device) -> "CacheTeacher":
         from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
-        from data_prep.teacher_cache import teacher_fingerprint
+        from distill.cache_pipeline import teacher_fingerprint
         from distill.models import load_teacher_config
 
         problems = config_problems(cfg)

@@ -1,4 +1,4 @@
-"""distill-cache: the teacher-logit cache (data_prep/teacher_cache.py) from the command line.
+"""distill-cache: the teacher-logit cache (distill/cache_pipeline.py) from the command line.
 
 Settings: --config YAML < key=value < the generated flags (the same mechanism as distill-prep); other
 `--name=value` options go to Apache Beam (e.g. --runner=DataflowRunner ...)."""
@@ -16,7 +16,7 @@ def _quiet_beam_import() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     _quiet_beam_import()
-    from data_prep.teacher_cache import CacheConfig
+    from distill.cache_pipeline import CacheConfig
     from kd_common.config import add_arguments
 
     p = argparse.ArgumentParser(prog="distill-cache", description="Run a frozen teacher once over a prepared (causal) dataset and write a "
@@ -38,7 +38,7 @@ def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     _quiet_beam_import()
     from data_prep.errors import extract_message
-    from data_prep.teacher_cache import CacheConfig, run_cache
+    from distill.cache_pipeline import CacheConfig, run_cache
     from kd_common.config import from_arguments
     from kd_common.errors import UserError
 
