@@ -103,6 +103,7 @@ def run_steps(run: Run) -> dict[str, Any]:
                 t_data = time.time()
                 with phases("data"):
                     batch, raw = run.data.next()
+                data_wait = time.time() - t_data  # the wait for this micro batch (not the whole micro step)
                 seed_dropout(seed_for(cfg.seed, step - 1, micro, ctx.rank), ctx.device)  # dropout: a pure function of the position
                 batch = run.objective.prepare(batch)
                 with phases("teacher_forward"):
@@ -116,7 +117,7 @@ def run_steps(run: Run) -> dict[str, Any]:
                 with phases("optimizer"):
                     run.engine.step()
                 sums.add_device([loss] + [terms[n] for n in run.term_names])
-                count_batch(sums, raw["attention_mask"], batch.logit_positions, time.time() - t_data)
+                count_batch(sums, raw["attention_mask"], batch.logit_positions, data_wait)
             sums.add("stop_flag", run.stopper.local_flag())
             grad_norm = run.engine.grad_norm_tensor()  # the same on every rank: rank 0 adds it, read back with the sums
             if grad_norm is not None:
