@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job end to end, offline, on CPU or GPU (about 10 minutes on 2 CPU cores):
+# The whole job end to end, offline, on CPU or GPU (about 11 minutes on 2 CPU cores, idle):
 #   corpus (text shipped with Python) -> distill-prep (Beam) with the demo teacher's tokenizer
 #   -> DistilBERT distillation of the shipped demo teacher (DeepSpeed, 2 processes) -> the same student
 #   trained without the teacher -> export both -> eval table against the teacher and the
