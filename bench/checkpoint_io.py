@@ -9,6 +9,7 @@ state exists, then times `save_checkpoint` (all ranks, until the COMPLETE marker
 written), `load_checkpoint` into a fresh engine, and the conversion to a universal checkpoint
 (what an elastic resume on another world size or ZeRO stage pays once). Prints one table row per size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,21 +39,24 @@ def build_engine(size: str, zero: int):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     from distill.config import load_config
-    from distill.models import StudentForDistillation
     from distill.engine import deepspeed_config, make_optimizer
+    from distill.models import StudentForDistillation
 
     layers, hidden, heads, inter, vocab = STUDENTS[size]
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter))
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), ["output_dir=/tmp/unused", "data.path=/tmp/unused",
-                                                                   "teacher.path=/tmp/unused", f"deepspeed.zero_stage={zero}"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "demo.yaml"),
+        ["output_dir=/tmp/unused", "data.path=/tmp/unused", "teacher.path=/tmp/unused", f"deepspeed.zero_stage={zero}"],
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.train.micro_batch, cfg.train.global_batch = 2, 2 * world
     wrapper = StudentForDistillation(model)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     optimizer = make_optimizer(wrapper, cfg, device)
-    engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=deepspeed_config(cfg, world, torch.float32),
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=wrapper, optimizer=optimizer, config=deepspeed_config(cfg, world, torch.float32), dist_init_required=False
+    )
     ids = torch.randint(5, vocab, (2, 32), device=device)
     out = engine(ids, torch.ones_like(ids), None)
     engine.backward(out["hidden"].float().pow(2).mean())
@@ -64,7 +68,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["demo", "base"], choices=sorted(STUDENTS))
     parser.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
-    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory); use the cluster filesystem to measure it")
+    parser.add_argument(
+        "--dir", default=None, help="where to write (default: a temporary directory); use the cluster filesystem to measure it"
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -91,7 +97,9 @@ def main() -> int:
         if ctx.is_main:
             from data_prep.manifest import write_json_atomically
 
-            write_json_atomically(os.path.join(root, tag, ckpt.TRAINER_STATE), {"step": 1, "world_size": ctx.world_size, "zero_stage": args.zero})
+            write_json_atomically(
+                os.path.join(root, tag, ckpt.TRAINER_STATE), {"step": 1, "world_size": ctx.world_size, "zero_stage": args.zero}
+            )
             ckpt.mark_complete(os.path.join(root, tag))
             ckpt.write_latest(root, tag)
         barrier()
@@ -118,7 +126,9 @@ def main() -> int:
         print(f"\nDeepSpeed ZeRO-{args.zero}, {ctx.world_size} rank(s), {'GPU' if ctx.device.type == 'cuda' else 'CPU'}, AdamW fp32 states")
         print(f"{'student':<16} {'params':>8} {'size':>10} {'save':>8} {'load':>8} {'->universal':>12} {'save MB/s':>10}")
         for size, params, size_mb, save_s, load_s, universal_s in rows:
-            print(f"{size:<16} {params:>7.1f}M {size_mb:>8.0f}MB {save_s:>7.2f}s {load_s:>7.2f}s {universal_s:>11.2f}s {size_mb / save_s:>10.0f}")
+            print(
+                f"{size:<16} {params:>7.1f}M {size_mb:>8.0f}MB {save_s:>7.2f}s {load_s:>7.2f}s {universal_s:>11.2f}s {size_mb / save_s:>10.0f}"
+            )
     barrier()
     return 0
 

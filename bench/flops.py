@@ -20,6 +20,7 @@ masked positions get logits) -- the figures of issue 6.
 loss reads); "hardware FLOPs" count what a path really computes (padding included; the baseline's
 full-vocabulary logits at every padded position). MFU = model FLOPs / s / peak.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,9 @@ class Shape:
         return positions * (2.0 * h * h + 2.0 * h * self.vocab)
 
 
-def step_flops(teacher: Shape | None, student: Shape, tokens: float, token_pairs: float, logit_positions: float,
-               teacher_logits: bool = True) -> dict[str, float]:
+def step_flops(
+    teacher: Shape | None, student: Shape, tokens: float, token_pairs: float, logit_positions: float, teacher_logits: bool = True
+) -> dict[str, float]:
     """FLOPs of one step, by part. `tokens`/`token_pairs` = sum of l and l^2 over the step's sequences
     (padded lengths for hardware FLOPs), `logit_positions` = positions where both models compute logits."""
     parts = {
@@ -68,9 +70,15 @@ DISTILBERT_STUDENT = Shape(layers=6, hidden=768, intermediate=3072, vocab=30522)
 
 # Dense peak of the accelerators we report on (TFLOP/s, no sparsity).
 PEAK_TFLOPS = {
-    ("H100", "bf16"): 989.0, ("H100", "fp32"): 67.0, ("H100", "tf32"): 494.0,
-    ("H200", "bf16"): 989.0, ("H200", "fp32"): 67.0, ("H200", "tf32"): 494.0,
-    ("A100", "bf16"): 312.0, ("A100", "fp32"): 19.5, ("A100", "tf32"): 156.0,
+    ("H100", "bf16"): 989.0,
+    ("H100", "fp32"): 67.0,
+    ("H100", "tf32"): 494.0,
+    ("H200", "bf16"): 989.0,
+    ("H200", "fp32"): 67.0,
+    ("H200", "tf32"): 494.0,
+    ("A100", "bf16"): 312.0,
+    ("A100", "fp32"): 19.5,
+    ("A100", "tf32"): 156.0,
 }
 
 

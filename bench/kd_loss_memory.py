@@ -20,6 +20,7 @@ The loss and gradients of each method are compared with the naive ones (max |dif
 magnitude; bf16 gradients differ by about one bf16 rounding step: the logits' fp32 gradient comes from other
 formulas and the head gradient is summed chunk by chunk; in fp32 they agree to ~1e-6).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,15 @@ def inputs(args, vocab, tokens=None, device=None):
     g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale)
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
 
     hs, ht = args.student_hidden, args.teacher_hidden
-    return dict(student_hidden=randn(tokens, hs).requires_grad_(), student_head=randn(vocab, hs, scale=hs**-0.5).requires_grad_(),
-                teacher_hidden=randn(tokens, ht), teacher_head=randn(vocab, ht, scale=ht**-0.5))
+    return dict(
+        student_hidden=randn(tokens, hs).requires_grad_(),
+        student_head=randn(vocab, hs, scale=hs**-0.5).requires_grad_(),
+        teacher_hidden=randn(tokens, ht),
+        teacher_head=randn(vocab, ht, scale=ht**-0.5),
+    )
 
 
 def run_once(args, method, tensors):
@@ -115,7 +120,7 @@ def measure_time(args, vocab) -> dict:
     cpu = {m: [] for m in args.methods}
     losses, diffs, ref = {}, {}, None
     for r in range(args.rounds):  # round 0 runs the methods in the given order: naive first, the reference
-        order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
+        order = args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]
         for method in order:
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -131,8 +136,10 @@ def measure_time(args, vocab) -> dict:
                 if method == "naive":
                     ref = got
                 elif ref is not None:
-                    diffs[method] = {name: (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-                                     for name, a, b in zip(("loss", "d_hidden", "d_head"), got, ref)}
+                    diffs[method] = {
+                        name: (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
+                        for name, a, b in zip(("loss", "d_hidden", "d_head"), got, ref)
+                    }
                     diffs[method]["loss_abs"] = (got[0] - ref[0]).abs().item()
                 del got
             tensors["student_hidden"].grad = tensors["student_head"].grad = None
@@ -200,11 +207,13 @@ def main() -> None:
 
     from distill.logit_losses import CHUNK_ELEMENTS
 
-    print(f"{args.device}, {args.dtype}, {args.tokens} tokens, student hidden {args.student_hidden}, teacher hidden {args.teacher_hidden}, "
-          f"{args.kind} at T={args.temperature}, forward + backward, {args.rounds} interleaved rounds, torch threads "
-          f"{args.threads or 'default'}, chunk "
-          f"{args.chunk_size or f'auto ({CHUNK_ELEMENTS} logits / vocab)'}; cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(
+        f"{args.device}, {args.dtype}, {args.tokens} tokens, student hidden {args.student_hidden}, teacher hidden {args.teacher_hidden}, "
+        f"{args.kind} at T={args.temperature}, forward + backward, {args.rounds} interleaved rounds, torch threads "
+        f"{args.threads or 'default'}, chunk "
+        f"{args.chunk_size or f'auto ({CHUNK_ELEMENTS} logits / vocab)'}; cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     for vocab in args.vocab:
         reason = too_big(args, vocab)
@@ -221,19 +230,27 @@ def main() -> None:
             times, cpu = timing.get("times", {}).get(m, []), timing.get("cpu", {}).get(m, [])
             line = f"  {m:9s} peak {gib(mem['peak_bytes']) if 'peak_bytes' in mem else mem.get('error')} GiB"
             if times:
-                line += (f"  wall median {statistics.median(times):.2f} s fastest {min(times):.2f} s (all: {', '.join(f'{t:.2f}' for t in times)})"
-                         f"  cpu median {statistics.median(cpu):.2f} s")
+                line += (
+                    f"  wall median {statistics.median(times):.2f} s fastest {min(times):.2f} s (all: {', '.join(f'{t:.2f}' for t in times)})"
+                    f"  cpu median {statistics.median(cpu):.2f} s"
+                )
             elif "error" in timing:
                 line += f"  time: {timing['error']}"
             print(line, flush=True)
         for m, d in timing.get("diffs", {}).items():
-            print(f"  {m:9s} vs naive: loss |diff| {d['loss_abs']:.2e} (rel {d['loss']:.1e}), max |diff| / max: d_hidden {d['d_hidden']:.1e}, "
-                  f"d_head {d['d_head']:.1e}", flush=True)
+            print(
+                f"  {m:9s} vs naive: loss |diff| {d['loss_abs']:.2e} (rel {d['loss']:.1e}), max |diff| / max: d_hidden {d['d_hidden']:.1e}, "
+                f"d_head {d['d_head']:.1e}",
+                flush=True,
+            )
 
-    print("\n| vocab | naive peak GiB | chunked peak GiB | chunked / naive | recompute peak GiB | naive s | chunked s | chunked / naive "
-          "| recompute s | recompute / naive | CPU-time chunked / naive | CPU-time recompute / naive |")
+    print(
+        "\n| vocab | naive peak GiB | chunked peak GiB | chunked / naive | recompute peak GiB | naive s | chunked s | chunked / naive "
+        "| recompute s | recompute / naive | CPU-time chunked / naive | CPU-time recompute / naive |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for vocab, memory, timing in rows:
+
         def peak(m):
             return memory.get(m, {}).get("peak_bytes")
 
@@ -248,10 +265,13 @@ def main() -> None:
             return f(x) if x is not None else "-"
 
         seconds = lambda x: f"{x:.2f}"  # noqa: E731
-        print(f"| {vocab} | {fmt(peak('naive'), gib)} | {fmt(peak('chunked'), gib)} | {ratio(peak('chunked'), peak('naive'))} | "
-              f"{fmt(peak('recompute'), gib)} | {fmt(med('naive'), seconds)} | {fmt(med('chunked'), seconds)} | "
-              f"{ratio(med('chunked'), med('naive'))} | {fmt(med('recompute'), seconds)} | {ratio(med('recompute'), med('naive'))} | "
-              f"{ratio(med('chunked', 'cpu'), med('naive', 'cpu'))} | {ratio(med('recompute', 'cpu'), med('naive', 'cpu'))} |")
+        print(
+            f"| {vocab} | {fmt(peak('naive'), gib)} | {fmt(peak('chunked'), gib)} | {ratio(peak('chunked'), peak('naive'))} | "
+            f"{fmt(peak('recompute'), gib)} | {fmt(med('naive'), seconds)} | {fmt(med('chunked'), seconds)} | "
+            f"{ratio(med('chunked'), med('naive'))} | {fmt(med('recompute'), seconds)} | {ratio(med('recompute'), med('naive'))} | "
+            f"{ratio(med('chunked', 'cpu'), med('naive', 'cpu'))} | {ratio(med('recompute', 'cpu'), med('naive', 'cpu'))} |"
+        )
+
 
 if __name__ == "__main__":
     main()

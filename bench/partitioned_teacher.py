@@ -10,6 +10,7 @@ the DeepSpeed JSON sets stage3_param_persistence_threshold 0, so every teacher p
 most communication). Steps/s = steps after the first `--skip` / their summed step times (metrics.jsonl); also the median step time
 (the steadier figure on a shared machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,33 +56,89 @@ def prepare(out: str) -> tuple[str, str]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)),
-              trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.train(
+        sorted(os.path.join(corpus, f) for f in os.listdir(corpus)),
+        trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     eos = tokenizer.eos_token_id
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=eos, eos_token_id=eos,
-                                  pad_token_id=eos)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
-    sh([os.path.join(BIN, "distill-prep"), "--input", corpus, "--tokenizer", teacher, "--output", data, "--max-seq-len", "64",
-        "--packing", "causal", "--validation-fraction", "0.05", "--workers", "1"])
+    sh(
+        [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            corpus,
+            "--tokenizer",
+            teacher,
+            "--output",
+            data,
+            "--max-seq-len",
+            "64",
+            "--packing",
+            "causal",
+            "--validation-fraction",
+            "0.05",
+            "--workers",
+            "1",
+        ]
+    )
     return teacher, data
 
 
 def run(out: str, name: str, teacher: str, data: str, ds_json: str, steps: int, skip: int, partition: bool, port: int) -> dict:
     run_dir = os.path.join(out, name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (the same command would resume an old one)
-    log = sh([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "distill", "--config",
-              "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}", f"output_dir={run_dir}", f"train.max_steps={steps}",
-              f"checkpoint.every_steps={steps}", "train.global_batch=16", "train.micro_batch=8", "train.log_every=1", "student.dropout=0.0",
-              "optim.warmup_fraction=0.0", f"deepspeed.config={ds_json}", f"teacher.partition={str(partition).lower()}"])
+    log = sh(
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            "--module",
+            "distill",
+            "--config",
+            "configs/llm_kd.yaml",
+            f"teacher.path={teacher}",
+            f"data.path={data}",
+            f"output_dir={run_dir}",
+            f"train.max_steps={steps}",
+            f"checkpoint.every_steps={steps}",
+            "train.global_batch=16",
+            "train.micro_batch=8",
+            "train.log_every=1",
+            "student.dropout=0.0",
+            "optim.warmup_fraction=0.0",
+            f"deepspeed.config={ds_json}",
+            f"teacher.partition={str(partition).lower()}",
+        ]
+    )
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     times = [r["samples_seen"] / r["step"] / r["samples_per_s"] for r in rows[skip:]]
     held = re.search(r"this rank holds ([\d.]+) of ([\d.]+) MB", log)
-    return {"steps_per_s": len(times) / sum(times), "median_step_s": statistics.median(times), "losses": [r["loss"] for r in rows],
-            "held": held.groups() if held else None}
+    return {
+        "steps_per_s": len(times) / sum(times),
+        "median_step_s": statistics.median(times),
+        "losses": [r["loss"] for r in rows],
+        "held": held.groups() if held else None,
+    }
 
 
 def main() -> None:
@@ -106,15 +163,20 @@ def main() -> None:
             rates[name].append(result["steps_per_s"])
             held = f"; teacher bytes on rank 0: {result['held'][0]} of {result['held'][1]} MB" if result["held"] else ""
             medians[name].append(result["median_step_s"])
-            print(f"round {r} {name:<11} {result['steps_per_s']:.3f} steps/s (steps {args.skip + 1}-{args.steps}), median step "
-                  f"{result['median_step_s'] * 1000:.0f} ms{held}; "
-                  f"last loss {result['losses'][-1]:.6f}", flush=True)
+            print(
+                f"round {r} {name:<11} {result['steps_per_s']:.3f} steps/s (steps {args.skip + 1}-{args.steps}), median step "
+                f"{result['median_step_s'] * 1000:.0f} ms{held}; "
+                f"last loss {result['losses'][-1]:.6f}",
+                flush=True,
+            )
     load = os.getloadavg()[0]
     mean = {k: sum(v) / len(v) for k, v in rates.items()}
     print(f"cpu count {os.cpu_count()}, load average {load:.1f}; 2 processes, OMP_NUM_THREADS={ENV['OMP_NUM_THREADS']}")
-    print(f"replicated {mean['replicated']:.3f} steps/s, partitioned {mean['partitioned']:.3f} steps/s: "
-          f"partitioned / replicated = {mean['partitioned'] / mean['replicated']:.2f} (rounds averaged); median step "
-          f"{statistics.median(medians['replicated']) * 1000:.0f} ms vs {statistics.median(medians['partitioned']) * 1000:.0f} ms")
+    print(
+        f"replicated {mean['replicated']:.3f} steps/s, partitioned {mean['partitioned']:.3f} steps/s: "
+        f"partitioned / replicated = {mean['partitioned'] / mean['replicated']:.2f} (rounds averaged); median step "
+        f"{statistics.median(medians['replicated']) * 1000:.0f} ms vs {statistics.median(medians['partitioned']) * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ reports wall seconds, CPU seconds (its threads and child processes) and its peak
 Measurements are interleaved over `--rounds` rounds and the fastest of each is kept (the machine's speed
 drifts), with the largest peak RSS seen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
 SIDES = ("plain", "adapter", "pipeline", "workers")
-LABELS = {"plain": "datasets.map + tokenizer call (plain loop)", "adapter": "datasets.map + distill-prep's tokenizer adapter",
-          "pipeline": "distill-prep in-process (--workers 1)", "workers": "distill-prep --workers {n}"}
+LABELS = {
+    "plain": "datasets.map + tokenizer call (plain loop)",
+    "adapter": "datasets.map + distill-prep's tokenizer adapter",
+    "pipeline": "distill-prep in-process (--workers 1)",
+    "workers": "distill-prep --workers {n}",
+}
 
 
 class PeakRSS:
@@ -158,10 +163,16 @@ def measure(args) -> int:
             tokens = baseline(files, args.tokenizer, args.max_seq_len, args.batch_size, adapter=args.measure == "adapter")
         else:
             workers = 1 if args.measure == "pipeline" else args.compare_workers
-            tokens, manifest = run_pipeline(files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers)
+            tokens, manifest = run_pipeline(
+                files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers
+            )
             beam = manifest.pipeline_options["beam"]
-            extra = {"mode": f"{beam.get('direct_num_workers', 1)} worker processes" if beam.get("direct_running_mode") == "multi_processing" else "in-process",
-                     "documents": manifest.stats["documents_read"]}
+            extra = {
+                "mode": f"{beam.get('direct_num_workers', 1)} worker processes"
+                if beam.get("direct_running_mode") == "multi_processing"
+                else "in-process",
+                "documents": manifest.stats["documents_read"],
+            }
     print(json.dumps({"tokens": tokens, "seconds": time.time() - start, "cpu": cpu_seconds() - cpu, "peak_rss": rss.peak, **extra}))
     return 0
 
@@ -178,9 +189,26 @@ def scaled_corpus(files: list[str], copies: int, directory: str) -> str:
 
 
 def _child(side: str, corpus: str, args, scratch: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure", side, "--corpus", corpus, "--tokenizer", args.tokenizer, "--scratch", scratch,
-           "--max-seq-len", str(args.max_seq_len), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--compare-workers", str(args.compare_workers)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--measure",
+        side,
+        "--corpus",
+        corpus,
+        "--tokenizer",
+        args.tokenizer,
+        "--scratch",
+        scratch,
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--compare-workers",
+        str(args.compare_workers),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} on {corpus} failed:\n{proc.stderr[-3000:]}")
@@ -203,7 +231,7 @@ def huge_line(args, work: str) -> int:
     with open(path, "w", encoding="utf-8") as handle:  # numbered runs of words, so no two pieces are duplicates
         written, run = 0, 0
         while written < target:
-            chunk = f"{run} " + " ".join(words[(run * 997) % len(words):][:1000]) + " "
+            chunk = f"{run} " + " ".join(words[(run * 997) % len(words) :][:1000]) + " "
             handle.write(chunk)
             written += len(chunk.encode("utf-8"))
             run += 1
@@ -217,9 +245,13 @@ def huge_line(args, work: str) -> int:
     st = manifest.stats
     ok = st["tokens_read"] == st["content_tokens_written"] + st["tokens_dropped"]
     print(f"one line of {size / 1e6:,.1f} MB ({size:,} bytes, no newline inside), max line piece 4 MB:")
-    print(f"  wall {seconds:.1f}s, CPU {cpu:.1f}s, peak RSS (driver + workers) {rss.peak / 2**20:,.0f} MiB, {tokens:,} tokens written ({tokens / seconds:,.0f} tokens/s)")
-    print(f"  documents (line pieces) read {st['documents_read']:,}; tokens read {st['tokens_read']:,} = written {st['content_tokens_written']:,} "
-          f"+ dropped {st['tokens_dropped']:,} ({', '.join(f'{k}: {v}' for k, v in sorted(st['dropped'].items()))}): {'holds' if ok else 'BROKEN'}")
+    print(
+        f"  wall {seconds:.1f}s, CPU {cpu:.1f}s, peak RSS (driver + workers) {rss.peak / 2**20:,.0f} MiB, {tokens:,} tokens written ({tokens / seconds:,.0f} tokens/s)"
+    )
+    print(
+        f"  documents (line pieces) read {st['documents_read']:,}; tokens read {st['tokens_read']:,} = written {st['content_tokens_written']:,} "
+        f"+ dropped {st['tokens_dropped']:,} ({', '.join(f'{k}: {v}' for k, v in sorted(st['dropped'].items()))}): {'holds' if ok else 'BROKEN'}"
+    )
     return 0 if ok else 1
 
 
@@ -233,10 +265,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="text files (default: WikiText-2 valid, else the demo corpus)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: WordPiece 8000 trained on the input)")
-    parser.add_argument("--copies", type=int, nargs="+", default=[10, 100], help="corpus sizes, in distinct copies of the input (default: 10 100)")
+    parser.add_argument(
+        "--copies", type=int, nargs="+", default=[10, 100], help="corpus sizes, in distinct copies of the input (default: 10 100)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest of each side is kept")
     parser.add_argument("--workers", type=int, default=0, help="--huge-line-mb: distill-prep --workers (0: its automatic choice)")
-    parser.add_argument("--compare-workers", type=int, default=os.cpu_count() or 1, help="worker processes of the multi-process side (0: skip it)")
+    parser.add_argument(
+        "--compare-workers", type=int, default=os.cpu_count() or 1, help="worker processes of the multi-process side (0: skip it)"
+    )
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--pipeline-only", action="store_true", help="skip the datasets.map sides (memory at a large size, quicker)")
@@ -273,12 +309,16 @@ def main() -> int:
             results[copies] = (corpus, best)
             shutil.rmtree(corpus)
 
-        print(f"machine: {os.cpu_count()} CPUs; fastest of {args.rounds} interleaved rounds per side; load average {os.getloadavg()[0]:.1f} at the end")
+        print(
+            f"machine: {os.cpu_count()} CPUs; fastest of {args.rounds} interleaved rounds per side; load average {os.getloadavg()[0]:.1f} at the end"
+        )
         for copies, (corpus, best) in results.items():
             base = best.get("plain")
             size = sum(os.path.getsize(f) for f in files) * copies
-            print(f"corpus {copies} x {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB), {best['pipeline'].get('documents', 0):,} documents, "
-                  f"{best['pipeline']['tokens']:,} tokens written by the pipeline")
+            print(
+                f"corpus {copies} x {', '.join(os.path.basename(f) for f in files)} ({size / 1e6:.1f} MB), {best['pipeline'].get('documents', 0):,} documents, "
+                f"{best['pipeline']['tokens']:,} tokens written by the pipeline"
+            )
             from data_prep.runner import choose_workers
 
             default_workers = choose_workers(0, [(f, os.path.getsize(f)) for f in files] * copies)
@@ -291,13 +331,19 @@ def main() -> int:
                 ratios = "" if side == "plain" or not base else f"  {rate / (base['tokens'] / base['seconds']):.2f}x the plain loop"
                 if side not in ("plain", "adapter") and base:
                     ratios += f", {rate / (best['adapter']['tokens'] / best['adapter']['seconds']):.2f}x the adapter loop"
-                print(f"  {label:<62} {rate:>10,.0f} tokens/s ({r['seconds']:.1f}s, CPU {r['cpu']:.1f}s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB){ratios}")
+                print(
+                    f"  {label:<62} {rate:>10,.0f} tokens/s ({r['seconds']:.1f}s, CPU {r['cpu']:.1f}s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB){ratios}"
+                )
             if base and best["pipeline"]["tokens"] != base["tokens"]:
-                print(f"  note: the pipeline wrote {best['pipeline']['tokens']:,} tokens, the baseline {base['tokens']:,} (cleaning changed some documents)")
+                print(
+                    f"  note: the pipeline wrote {best['pipeline']['tokens']:,} tokens, the baseline {base['tokens']:,} (cleaning changed some documents)"
+                )
         if len(results) >= 2:
             (small, (_, a)), (large, (_, b)) = list(results.items())[0], list(results.items())[-1]
             for side in sides:
-                print(f"peak RSS at {large} copies / at {small} copies, {LABELS[side].format(n=args.compare_workers)}: {b[side]['peak_rss'] / a[side]['peak_rss']:.2f}x")
+                print(
+                    f"peak RSS at {large} copies / at {small} copies, {LABELS[side].format(n=args.compare_workers)}: {b[side]['peak_rss'] / a[side]['peak_rss']:.2f}x"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

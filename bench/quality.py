@@ -29,6 +29,7 @@ Every stage whose result exists is skipped on a rerun with the same --out, so an
 GPU the small runs are bound by Python and launch overheads, so running them side by side pays.
 `--variants` with no names trains, scores and fine-tunes the teacher only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,29 +82,84 @@ class Scale:
 
 SCALES = {
     # a few minutes: validates the script end to end, numbers are meaningless
-    "smoke": Scale(vocab=2000, max_seq_len=64, teacher=dict(layers=2, hidden=64, heads=2, intermediate=128),
-                   teacher_steps=6, student_steps=4, global_batch=16, micro_batch=8, eval_every=2, student_eval_every=2,
-                   ft_examples=256, ft_epochs=1, ft_lr=1e-3, test_max_sequences=64, curve_max_sequences=32),
+    "smoke": Scale(
+        vocab=2000,
+        max_seq_len=64,
+        teacher=dict(layers=2, hidden=64, heads=2, intermediate=128),
+        teacher_steps=6,
+        student_steps=4,
+        global_batch=16,
+        micro_batch=8,
+        eval_every=2,
+        student_eval_every=2,
+        ft_examples=256,
+        ft_epochs=1,
+        ft_lr=1e-3,
+        test_max_sequences=64,
+        curve_max_sequences=32,
+    ),
     # sized for about an hour on 2 idle CPU cores: a 4 x 128 teacher (2-layer students) on ~5.6M tokens
     # (20 passes over the 245k training tokens of valid.txt), students on ~2.2M tokens each; one process,
     # 2 threads. The teacher's learning rate decides whether it leaves the unigram plateau at all: at 2e-3
     # (and 800 steps) it stayed there (held-out loss 6.38, accuracy of always predicting "the"); at 1e-3 it
     # leaves it within ~300 steps (14% masked-token accuracy at step 700), and so does 5e-4, more slowly.
-    "cpu": Scale(vocab=6000, max_seq_len=128, teacher=dict(layers=4, hidden=128, heads=4, intermediate=512),
-                 teacher_steps=2000, student_steps=800, global_batch=32, micro_batch=32, eval_every=250, student_eval_every=100,
-                 ft_examples=12000, ft_epochs=1, ft_lr=5e-4, test_max_sequences=500, curve_max_sequences=128,
-                 teacher_lr=1e-3, student_lr=1e-3, teacher_extra=["student.dropout=0.0"]),
+    "cpu": Scale(
+        vocab=6000,
+        max_seq_len=128,
+        teacher=dict(layers=4, hidden=128, heads=4, intermediate=512),
+        teacher_steps=2000,
+        student_steps=800,
+        global_batch=32,
+        micro_batch=32,
+        eval_every=250,
+        student_eval_every=100,
+        ft_examples=12000,
+        ft_epochs=1,
+        ft_lr=5e-4,
+        test_max_sequences=500,
+        curve_max_sequences=128,
+        teacher_lr=1e-3,
+        student_lr=1e-3,
+        teacher_extra=["student.dropout=0.0"],
+    ),
     # the issue's example teacher size on one GPU: a 6 x 256 teacher (3-layer students) on ~17M tokens (about
     # 75 passes over valid.txt's training split, dropout 0.1 against over-fitting), students on half that.
     # 5e-4: the deeper post-LN model is given a smaller step than the cpu scale's 1e-3 (see its plateau note).
-    "gpu": Scale(vocab=6000, max_seq_len=128, teacher=dict(layers=6, hidden=256, heads=4, intermediate=1024),
-                 teacher_steps=3000, student_steps=1500, global_batch=64, micro_batch=64, eval_every=250, student_eval_every=250,
-                 ft_examples=20000, ft_epochs=1, ft_lr=2e-4, curve_max_sequences=256,
-                 teacher_lr=5e-4, student_lr=5e-4, teacher_extra=["student.dropout=0.1"]),
+    "gpu": Scale(
+        vocab=6000,
+        max_seq_len=128,
+        teacher=dict(layers=6, hidden=256, heads=4, intermediate=1024),
+        teacher_steps=3000,
+        student_steps=1500,
+        global_batch=64,
+        micro_batch=64,
+        eval_every=250,
+        student_eval_every=250,
+        ft_examples=20000,
+        ft_epochs=1,
+        ft_lr=2e-4,
+        curve_max_sequences=256,
+        teacher_lr=5e-4,
+        student_lr=5e-4,
+        teacher_extra=["student.dropout=0.1"],
+    ),
     # the same protocol at BERT-base size: 12 x 768 teacher, 6-layer students (GPU)
-    "bert-base": Scale(vocab=16000, max_seq_len=128, teacher=dict(layers=12, hidden=768, heads=12, intermediate=3072),
-                       teacher_steps=4000, student_steps=4000, global_batch=256, micro_batch=64, eval_every=500, student_eval_every=500,
-                       ft_examples=None, ft_epochs=2, ft_lr=3e-5, teacher_lr=5e-4, student_lr=5e-4),
+    "bert-base": Scale(
+        vocab=16000,
+        max_seq_len=128,
+        teacher=dict(layers=12, hidden=768, heads=12, intermediate=3072),
+        teacher_steps=4000,
+        student_steps=4000,
+        global_batch=256,
+        micro_batch=64,
+        eval_every=500,
+        student_eval_every=500,
+        ft_examples=None,
+        ft_epochs=2,
+        ft_lr=3e-5,
+        teacher_lr=5e-4,
+        student_lr=5e-4,
+    ),
 }
 
 
@@ -116,15 +172,23 @@ class Runner:
         self.args = args
         self.out = os.path.abspath(args.out)
         self.scale: Scale = SCALES[args.scale]
-        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                        PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+        self.env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
+        )
         self.env.setdefault("OMP_NUM_THREADS", str(args.threads))
         # DeepSpeed JIT-builds its CPU communication op into ~/.cache/torch_extensions; checkouts with other
         # virtualenvs rebuild it there in turn (minutes each). A cache of our own is built once.
         import hashlib
         import tempfile
 
-        self.env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "distill-quality-torch-ext-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]))
+        self.env.setdefault(
+            "TORCH_EXTENSIONS_DIR",
+            os.path.join(tempfile.gettempdir(), "distill-quality-torch-ext-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]),
+        )
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # from_pretrained in one process is not thread-safe (meta-device init)
@@ -158,12 +222,34 @@ class Runner:
         tok = self.path("tokenizer")
         if not os.path.exists(os.path.join(tok, "tokenizer.json")):
             log("tokenizer: WordPiece on valid.txt")
-            self.sh([os.path.join(BIN, "distill-demo-assets"), "tokenizer", self.args.valid, "--output", tok, "--vocab-size", str(s.vocab)], "tokenizer", "prep")
+            self.sh(
+                [os.path.join(BIN, "distill-demo-assets"), "tokenizer", self.args.valid, "--output", tok, "--vocab-size", str(s.vocab)],
+                "tokenizer",
+                "prep",
+            )
         for name, src, frac in (("data", self.args.valid, "0.1"), ("test_data", self.args.test, "0")):
             if not os.path.exists(self.path(name, "manifest.json")):
                 log(f"distill-prep {os.path.basename(src)} -> {name}")
-                self.sh([os.path.join(BIN, "distill-prep"), "--input", src, "--tokenizer", tok, "--output", self.path(name),
-                         "--max-seq-len", str(s.max_seq_len), "--validation-fraction", frac, "--workers", "1", "--overwrite"], f"prep_{name}", "prep")
+                self.sh(
+                    [
+                        os.path.join(BIN, "distill-prep"),
+                        "--input",
+                        src,
+                        "--tokenizer",
+                        tok,
+                        "--output",
+                        self.path(name),
+                        "--max-seq-len",
+                        str(s.max_seq_len),
+                        "--validation-fraction",
+                        frac,
+                        "--workers",
+                        "1",
+                        "--overwrite",
+                    ],
+                    f"prep_{name}",
+                    "prep",
+                )
 
     def train(self, name: str, recipe: str, overrides: list[str], port_offset: int = 0) -> str:
         """deepspeed --module distill (or one process), then distill-export of the final checkpoint."""
@@ -171,7 +257,12 @@ class Runner:
         if os.path.exists(os.path.join(model_dir, "config.json")):
             return model_dir
         log(f"train {name} ({self.args.procs} process{'es' if self.args.procs > 1 else ''})")
-        conf = ["--config", os.path.join("configs", "quality", recipe), f"data.path={self.path('data')}", f"output_dir={run_dir}"] + overrides
+        conf = [
+            "--config",
+            os.path.join("configs", "quality", recipe),
+            f"data.path={self.path('data')}",
+            f"output_dir={run_dir}",
+        ] + overrides
         if self.args.procs > 1 or self.args.launcher == "deepspeed":  # "auto"/"direct" with one process: distill-train
             port = str(self.args.master_port + port_offset)  # side-by-side jobs (--jobs) each have their own
             launcher = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(self.args.procs), "--master_port", port, "--module", "distill"]
@@ -179,7 +270,9 @@ class Runner:
             launcher = [os.path.join(BIN, "distill-train")]
         nice = ["nice", "-n", str(self.args.nice)] if self.args.nice else []
         self.sh(nice + launcher + conf, f"train_{name}", "train")
-        self.sh([os.path.join(BIN, "distill-export"), "--checkpoint", run_dir, "--output", model_dir, "--overwrite"], f"export_{name}", "export")
+        self.sh(
+            [os.path.join(BIN, "distill-export"), "--checkpoint", run_dir, "--output", model_dir, "--overwrite"], f"export_{name}", "export"
+        )
         return model_dir
 
     def curve(self, name: str) -> list[dict]:
@@ -200,7 +293,9 @@ class Runner:
                 continue
             with self._load_lock:
                 export_checkpoint(os.path.join(root, tag), tmp, overwrite=True)
-                r = evaluate(tmp, self.path("data"), split="validation", max_sequences=self.scale.curve_max_sequences, device=self.args.device)
+                r = evaluate(
+                    tmp, self.path("data"), split="validation", max_sequences=self.scale.curve_max_sequences, device=self.args.device
+                )
                 m = r["models"]["student"]
             points.append({"step": step, "tokens": None, "mlm_loss": m["mlm_loss"], "accuracy": m["accuracy"]})
         # tokens seen, from the run's metrics (non-padding tokens per step)
@@ -227,7 +322,17 @@ class Runner:
         out_json = self.path("eval", name + ".json")
         if not os.path.exists(out_json):
             os.makedirs(os.path.dirname(out_json), exist_ok=True)
-            cmd = [os.path.join(BIN, "distill-eval"), "--model", model, "--data", self.path("test_data"), "--split", "train", "--json", out_json]
+            cmd = [
+                os.path.join(BIN, "distill-eval"),
+                "--model",
+                model,
+                "--data",
+                self.path("test_data"),
+                "--split",
+                "train",
+                "--json",
+                out_json,
+            ]
             if teacher:
                 cmd += ["--teacher", teacher]
             if self.scale.test_max_sequences:
@@ -243,9 +348,29 @@ class Runner:
         out_json = self.path("sst2", name + ".json")
         if not os.path.exists(out_json):
             s = self.scale
-            cmd = [os.path.join(BIN, "distill-finetune"), "--model", model, "--train", self.args.sst2, "--holdout-fraction", "0.1",
-                   "--output", self.path("sst2", name), "--overwrite", "--no-save-model", "--json", out_json, "--epochs", str(s.ft_epochs),
-                   "--lr", str(s.ft_lr), "--batch-size", str(s.ft_batch), "--seed", "0"]
+            cmd = [
+                os.path.join(BIN, "distill-finetune"),
+                "--model",
+                model,
+                "--train",
+                self.args.sst2,
+                "--holdout-fraction",
+                "0.1",
+                "--output",
+                self.path("sst2", name),
+                "--overwrite",
+                "--no-save-model",
+                "--json",
+                out_json,
+                "--epochs",
+                str(s.ft_epochs),
+                "--lr",
+                str(s.ft_lr),
+                "--batch-size",
+                str(s.ft_batch),
+                "--seed",
+                "0",
+            ]
             if s.ft_examples:
                 cmd += ["--max-train-examples", str(s.ft_examples)]
             if self.args.device:
@@ -264,8 +389,14 @@ class Runner:
         self.prepare()
         common = [f"train.global_batch={s.global_batch}", f"train.micro_batch={s.micro_batch}", "checkpoint.keep_last=0"] + s.extra
         t = s.teacher
-        teacher_over = common + [f"train.max_steps={s.teacher_steps}", f"checkpoint.every_steps={s.eval_every}", f"student.num_layers={t['layers']}", f"student.hidden_size={t['hidden']}",
-                                 f"student.num_heads={t['heads']}", f"student.intermediate_size={t['intermediate']}"]
+        teacher_over = common + [
+            f"train.max_steps={s.teacher_steps}",
+            f"checkpoint.every_steps={s.eval_every}",
+            f"student.num_layers={t['layers']}",
+            f"student.hidden_size={t['hidden']}",
+            f"student.num_heads={t['heads']}",
+            f"student.intermediate_size={t['intermediate']}",
+        ]
         if s.teacher_lr:
             teacher_over.append(f"optim.lr={s.teacher_lr}")
         teacher = self.train("teacher", "teacher.yaml", teacher_over + s.teacher_extra + a.teacher_overrides)
@@ -284,8 +415,12 @@ class Runner:
             recipe, _ = VARIANTS[v]
             over = common + [f"train.max_steps={s.student_steps}", f"checkpoint.every_steps={s.student_eval_every}", f"seed={seed}"]
             if v == "b":  # no teacher: give the half-depth shape explicitly
-                over += [f"student.num_layers={student_layers}", f"student.hidden_size={t['hidden']}", f"student.num_heads={t['heads']}",
-                         f"student.intermediate_size={t['intermediate']}"]
+                over += [
+                    f"student.num_layers={student_layers}",
+                    f"student.hidden_size={t['hidden']}",
+                    f"student.num_heads={t['heads']}",
+                    f"student.intermediate_size={t['intermediate']}",
+                ]
             else:
                 over += [f"teacher.path={teacher}"]
             if s.student_lr:
@@ -316,8 +451,15 @@ class Runner:
 
     def link_shared(self, src: str) -> None:
         """Reuse another --out's tokenizer, prepared data and teacher (investigations of student settings)."""
-        for rel in ("tokenizer", "data", "test_data", os.path.join("models", "teacher"), os.path.join("curves", "teacher.json"),
-                    os.path.join("eval", "teacher.json"), os.path.join("sst2", "teacher.json")):
+        for rel in (
+            "tokenizer",
+            "data",
+            "test_data",
+            os.path.join("models", "teacher"),
+            os.path.join("curves", "teacher.json"),
+            os.path.join("eval", "teacher.json"),
+            os.path.join("sst2", "teacher.json"),
+        ):
             there, here = os.path.join(src, rel), self.path(rel)
             if os.path.exists(there) and not os.path.exists(here):
                 os.makedirs(os.path.dirname(here), exist_ok=True)
@@ -332,8 +474,7 @@ class Runner:
         for name, r in runs.items():
             last = r["curve"][-1] if r["curve"] else {}
             rows[name] = {"choice_mlm_loss": last.get("mlm_loss"), "choice_accuracy": last.get("accuracy")}
-        return {"scale": self.args.scale, "choice_only": True, "rows": rows, "runs": runs,
-                "student_overrides": self.args.student_overrides}
+        return {"scale": self.args.scale, "choice_only": True, "rows": rows, "runs": runs, "student_overrides": self.args.student_overrides}
 
     def unigram_baseline(self) -> float | None:
         """Masked-token accuracy of always predicting the test text's most frequent (non-special) token."""
@@ -351,14 +492,32 @@ class Runner:
         teacher = runs["teacher"]
         t_acc = teacher["test"]["models"]["student"]["accuracy"]
         t_sst = teacher["sst2"]["accuracy"] if teacher["sst2"] else None
-        rows = {"teacher": {"label": "teacher (MLM pretraining)", "n": 1, "mask_acc": [t_acc],
-                            "ppl": [teacher["test"]["models"]["student"]["perplexity"]], "agree": [1.0],
-                            "sst2": [t_sst] if t_sst is not None else [], "params": teacher["test"]["models"]["student"]["parameters"]}}
+        rows = {
+            "teacher": {
+                "label": "teacher (MLM pretraining)",
+                "n": 1,
+                "mask_acc": [t_acc],
+                "ppl": [teacher["test"]["models"]["student"]["perplexity"]],
+                "agree": [1.0],
+                "sst2": [t_sst] if t_sst is not None else [],
+                "params": teacher["test"]["models"]["student"]["parameters"],
+            }
+        }
         for name, r in runs.items():
             if name == "teacher":
                 continue
-            row = rows.setdefault(r["variant"], {"label": f"({r['variant']}) {VARIANTS[r['variant']][1]}", "n": 0, "mask_acc": [], "ppl": [], "agree": [], "sst2": [],
-                                                 "params": r["test"]["models"]["student"]["parameters"]})
+            row = rows.setdefault(
+                r["variant"],
+                {
+                    "label": f"({r['variant']}) {VARIANTS[r['variant']][1]}",
+                    "n": 0,
+                    "mask_acc": [],
+                    "ppl": [],
+                    "agree": [],
+                    "sst2": [],
+                    "params": r["test"]["models"]["student"]["parameters"],
+                },
+            )
             row["n"] += 1
             row["mask_acc"].append(r["test"]["models"]["student"]["accuracy"])
             row["ppl"].append(r["test"]["models"]["student"]["perplexity"])
@@ -389,31 +548,45 @@ class Runner:
                     spread = max(a["mask_acc_spread"], o["mask_acc_spread"])
                     checks[f"a_beats_{other}_mask_acc_by_more_than_seed_spread"] = (a["mask_acc_mean"] - o["mask_acc_mean"]) > spread
                     if a["sst2_mean"] is not None and o["sst2_mean"] is not None:
-                        checks[f"a_beats_{other}_sst2_by_more_than_seed_spread"] = (a["sst2_mean"] - o["sst2_mean"]) > max(a["sst2_spread"], o["sst2_spread"])
+                        checks[f"a_beats_{other}_sst2_by_more_than_seed_spread"] = (a["sst2_mean"] - o["sst2_mean"]) > max(
+                            a["sst2_spread"], o["sst2_spread"]
+                        )
         curve = teacher["curve"]
         flat = None
         if len(curve) >= 4:
-            q = curve[-max(2, len(curve) // 4):]
+            q = curve[-max(2, len(curve) // 4) :]
             flat = {"last_quarter_relative_drop": (q[0]["mlm_loss"] - q[-1]["mlm_loss"]) / q[0]["mlm_loss"]}
             flat["flattened"] = flat["last_quarter_relative_drop"] < 0.02
-        return {"scale": self.args.scale, "scale_sizes": self.scale.__dict__, "seeds": self.args.seeds, "rows": rows, "checks": checks,
-                "most_frequent_token_mask_acc_baseline": baseline,
-                "teacher_curve_flatness": flat, "runs": {n: {k: v for k, v in r.items() if k != "test"} | {"test": r["test"]} for n, r in runs.items()}}
+        return {
+            "scale": self.args.scale,
+            "scale_sizes": self.scale.__dict__,
+            "seeds": self.args.seeds,
+            "rows": rows,
+            "checks": checks,
+            "most_frequent_token_mask_acc_baseline": baseline,
+            "teacher_curve_flatness": flat,
+            "runs": {n: {k: v for k, v in r.items() if k != "test"} | {"test": r["test"]} for n, r in runs.items()},
+        }
 
 
 def render_table(result: dict) -> str:
     if result.get("choice_only"):
-        lines = [f"{'run':<14} {'choice-split mlm loss':>22} {'choice-split mask acc':>22}   (overrides: {' '.join(result['student_overrides']) or 'none'})"]
+        lines = [
+            f"{'run':<14} {'choice-split mlm loss':>22} {'choice-split mask acc':>22}   (overrides: {' '.join(result['student_overrides']) or 'none'})"
+        ]
         for name, r in result["rows"].items():
             loss, acc = r["choice_mlm_loss"], r["choice_accuracy"]
             lines.append(f"{name:<14} {loss if loss is None else round(loss, 4)!s:>22} {'-' if acc is None else f'{acc:.2%}':>22}")
         return "\n".join(lines)
+
     def pm(mean, spread, fmt):
         if mean is None:
             return "-"
         return fmt.format(mean) + (f" ±{fmt.format(spread / 2).strip()}" if spread else "")
 
-    lines = [f"{'model':<34} {'params':>7} {'seeds':>5} {'mask acc (test)':>17} {'retained':>8} {'ppl (test)':>15} {'top-1 agree':>15} {'SST-2 acc':>15} {'retained':>8}"]
+    lines = [
+        f"{'model':<34} {'params':>7} {'seeds':>5} {'mask acc (test)':>17} {'retained':>8} {'ppl (test)':>15} {'top-1 agree':>15} {'SST-2 acc':>15} {'retained':>8}"
+    ]
     for key, r in result["rows"].items():
         lines.append(
             f"{r['label']:<34} {r['params'] / 1e6:>6.1f}M {r['n']:>5} {pm(r['mask_acc_mean'] and 100 * r['mask_acc_mean'], 100 * r['mask_acc_spread'], '{:.2f}'):>17} "
@@ -424,11 +597,15 @@ def render_table(result: dict) -> str:
         )
     lines.append("accuracies in %; ± is half the max-min range over seeds")
     if result.get("most_frequent_token_mask_acc_baseline") is not None:
-        lines.append(f"always predicting the most frequent token: {result['most_frequent_token_mask_acc_baseline']:.2%} masked-token accuracy")
+        lines.append(
+            f"always predicting the most frequent token: {result['most_frequent_token_mask_acc_baseline']:.2%} masked-token accuracy"
+        )
     flat = result.get("teacher_curve_flatness")
     if flat:
-        lines.append(f"teacher held-out loss over its last quarter of training: {flat['last_quarter_relative_drop']:+.1%} "
-                     f"({'flattened' if flat['flattened'] else 'still falling'})")
+        lines.append(
+            f"teacher held-out loss over its last quarter of training: {flat['last_quarter_relative_drop']:+.1%} "
+            f"({'flattened' if flat['flattened'] else 'still falling'})"
+        )
     for name, ok in result["checks"].items():
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}")
     return "\n".join(lines)
@@ -471,23 +648,47 @@ def main() -> int:
     p.add_argument("--valid", default=os.path.join(SHARED, "wikitext-2", "valid.txt"))
     p.add_argument("--test", default=os.path.join(SHARED, "wikitext-2", "test.txt"))
     p.add_argument("--sst2", default=os.path.join(SHARED, "sst-2", "train.tsv"))
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="students to train (none: the teacher only)")
+    p.add_argument(
+        "--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="students to train (none: the teacher only)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     p.add_argument("--procs", type=int, default=None, help="training processes (default: 1 on CPU, every GPU otherwise)")
-    p.add_argument("--launcher", choices=["auto", "deepspeed", "direct"], default="auto",
-                   help="deepspeed launcher, or distill-train as one process (the same DeepSpeed engine, one launcher less); auto: direct when --procs 1")
+    p.add_argument(
+        "--launcher",
+        choices=["auto", "deepspeed", "direct"],
+        default="auto",
+        help="deepspeed launcher, or distill-train as one process (the same DeepSpeed engine, one launcher less); auto: direct when --procs 1",
+    )
     p.add_argument("--master-port", type=int, default=29800, help="first port of the deepspeed launcher; job i of --jobs uses port + i + 1")
-    p.add_argument("--jobs", type=int, default=1, help="students trained, scored and fine-tuned side by side (share the GPUs/cores; see --threads)")
-    p.add_argument("--prepare-only", action="store_true", help="tokenizer and prepared data only, then stop (prepare on a CPU machine, train on a GPU one)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every process unless set in the environment (default: cores / --procs)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="students trained, scored and fine-tuned side by side (share the GPUs/cores; see --threads)"
+    )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="tokenizer and prepared data only, then stop (prepare on a CPU machine, train on a GPU one)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of every process unless set in the environment (default: cores / --procs)",
+    )
     p.add_argument("--nice", type=int, default=0, help="run training and fine-tuning under nice -n N (shared machines)")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-finetune", action="store_true")
-    p.add_argument("--choice-only", action="store_true",
-                   help="train and score on the choice split of valid.txt only (no test.txt, no SST-2): for choosing settings")
+    p.add_argument(
+        "--choice-only",
+        action="store_true",
+        help="train and score on the choice split of valid.txt only (no test.txt, no SST-2): for choosing settings",
+    )
     p.add_argument("--only-finished", action="store_true", help="train nothing new: evaluate and tabulate the students already trained")
     p.add_argument("--reuse-from", default=None, help="another --out whose tokenizer, prepared data and teacher are reused")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep every DeepSpeed checkpoint (default: deleted once its curve point is measured)")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every DeepSpeed checkpoint (default: deleted once its curve point is measured)",
+    )
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra key=value overrides of the teacher recipe")
     p.add_argument("--student-overrides", nargs="*", default=[], help="extra key=value overrides of every student recipe")
     p.add_argument("--json", default=None, help="result JSON (default OUT/quality.json)")
@@ -498,7 +699,10 @@ def main() -> int:
     args.out = args.out or os.path.join(REPO, "runs", f"quality-{args.scale}")
     for f in (args.valid, args.test) + (() if args.skip_finetune else (args.sst2,)):
         if not os.path.exists(f):
-            print(f"quality: {f} does not exist (WikiText-2 and SST-2 are read from ../shared/data/; pass --valid/--test/--sst2)", file=sys.stderr)
+            print(
+                f"quality: {f} does not exist (WikiText-2 and SST-2 are read from ../shared/data/; pass --valid/--test/--sst2)",
+                file=sys.stderr,
+            )
             return 2
     if args.procs is None:
         import torch
@@ -523,8 +727,10 @@ def main() -> int:
     if not result.get("choice_only"):
         plot(result, png_path)
     print(render_table(result))
-    print(f"JSON: {json_path}\n{'' if result.get('choice_only') else f'plot: {png_path}' + chr(10)}wall time of this invocation: {(time.time() - t0) / 60:.1f} min "
-          f"(stages: {', '.join(f'{k} {v / 60:.1f} min' for k, v in runner.timings.items())})")
+    print(
+        f"JSON: {json_path}\n{'' if result.get('choice_only') else f'plot: {png_path}' + chr(10)}wall time of this invocation: {(time.time() - t0) / 60:.1f} min "
+        f"(stages: {', '.join(f'{k} {v / 60:.1f} min' for k, v in runner.timings.items())})"
+    )
     return 0
 
 

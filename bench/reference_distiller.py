@@ -60,6 +60,7 @@ Differences, and why:
 `--clock FILE` writes the end time of every optimizer step (bench/step_probe.py's StepClock, the same hook that times
 distill-train) and the real (attention-mask) and padded tokens of every batch, for bench/train_throughput.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -98,15 +99,16 @@ def read_sequences(data_dir: str, split: str = "train") -> list[np.ndarray]:
         for chunk in column.chunks:
             offsets = chunk.offsets.to_numpy()
             values = chunk.values.to_numpy()
-            out.extend(values[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1))
+            out.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
     return out
 
 
 class SequenceDataset(torch.utils.data.Dataset):
     """LmSeqsDataset: (ids, length) items after its three filters; `collate` is its `batch_sequences`."""
 
-    def __init__(self, sequences: list[np.ndarray], cls_id: int, sep_id: int, pad_id: int, unk_id: int | None,
-                 max_len: int = MAX_MODEL_INPUT_SIZE):
+    def __init__(
+        self, sequences: list[np.ndarray], cls_id: int, sep_id: int, pad_id: int, unk_id: int | None, max_len: int = MAX_MODEL_INPUT_SIZE
+    ):
         self.pad_id = pad_id
         ids, lengths, rows = [], [], []
         for row, seq in enumerate(sequences):  # sequences longer than the model are cut into [CLS] chunk [SEP] pieces
@@ -116,7 +118,7 @@ class SequenceDataset(torch.utils.data.Dataset):
                 rows.append(row)
                 continue
             for start in range(0, len(seq), max_len - 2):
-                piece = seq[start: start + max_len - 2]
+                piece = seq[start : start + max_len - 2]
                 if piece[0] != cls_id:
                     piece = np.insert(piece, 0, cls_id)
                 if piece[-1] != sep_id:
@@ -176,7 +178,7 @@ class GroupedBatches(torch.utils.data.Sampler):
                 pending.extend(idxs)
                 if len(pending) >= self.batch_size:
                     yield pending[: self.batch_size]
-                    pending = pending[self.batch_size:]
+                    pending = pending[self.batch_size :]
             if pending:
                 yield pending
 
@@ -189,8 +191,17 @@ class PlanBatches(torch.utils.data.Sampler):
     and step, in the same order), so that both sides of the comparison process identical sequences. Rows the
     reference's filters removed are left out of their batch."""
 
-    def __init__(self, dataset: SequenceDataset, num_rows: int, lengths: np.ndarray, global_batch: int, micro_batch: int,
-                 group_steps: int, seed: int, steps: int):
+    def __init__(
+        self,
+        dataset: SequenceDataset,
+        num_rows: int,
+        lengths: np.ndarray,
+        global_batch: int,
+        micro_batch: int,
+        group_steps: int,
+        seed: int,
+        steps: int,
+    ):
         from distill.data import StepPlan
 
         self.plan = StepPlan(num_rows, global_batch, micro_batch, 1, 0, seed, lengths if group_steps > 0 else None, max(1, group_steps))
@@ -223,8 +234,16 @@ def token_probabilities(counts: np.ndarray, smoothing: float, special_ids, vocab
 # The step: prepare_batch_mlm, step, optimize
 
 
-def prepare_batch_mlm(token_ids: torch.Tensor, lengths: torch.Tensor, token_probs: torch.Tensor, pred_probs: torch.Tensor,
-                      mlm_mask_prop: float, pad_id: int, mask_id: int, vocab_size: int):
+def prepare_batch_mlm(
+    token_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    token_probs: torch.Tensor,
+    pred_probs: torch.Tensor,
+    mlm_mask_prop: float,
+    pad_id: int,
+    mask_id: int,
+    vocab_size: int,
+):
     """(token ids after masking, boolean attention mask, labels with -100 where nothing is predicted)."""
     attn_mask = torch.arange(token_ids.size(1), dtype=torch.long, device=lengths.device) < lengths[:, None]
     bs, max_len = token_ids.size()
@@ -272,8 +291,10 @@ class DistillationLoss:
         t_slct = torch.masked_select(t_logits, mask).view(-1, vocab)
         assert t_slct.size() == s_slct.size()
         temperature = self.temperature
-        loss_ce = self.ce_loss_fct(nn.functional.log_softmax(s_slct / temperature, dim=-1),
-                                   nn.functional.softmax(t_slct / temperature, dim=-1)) * temperature**2
+        loss_ce = (
+            self.ce_loss_fct(nn.functional.log_softmax(s_slct / temperature, dim=-1), nn.functional.softmax(t_slct / temperature, dim=-1))
+            * temperature**2
+        )
         loss = self.alpha_ce * loss_ce
         terms = {"ce": loss_ce}
         if self.alpha_mlm > 0.0:
@@ -296,10 +317,11 @@ def grouped_adamw(student: nn.Module, lr: float, weight_decay: float, eps: float
     """AdamW over two groups, by parameter name as the reference: no decay for 'bias' and 'LayerNorm.weight'."""
     no_decay = ["bias", "LayerNorm.weight"]
     groups = [
-        {"params": [p for n, p in student.named_parameters() if not any(nd in n for nd in no_decay) and p.requires_grad],
-         "weight_decay": weight_decay},
-        {"params": [p for n, p in student.named_parameters() if any(nd in n for nd in no_decay) and p.requires_grad],
-         "weight_decay": 0.0},
+        {
+            "params": [p for n, p in student.named_parameters() if not any(nd in n for nd in no_decay) and p.requires_grad],
+            "weight_decay": weight_decay,
+        },
+        {"params": [p for n, p in student.named_parameters() if any(nd in n for nd in no_decay) and p.requires_grad], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas)
 
@@ -307,8 +329,17 @@ def grouped_adamw(student: nn.Module, lr: float, weight_decay: float, eps: float
 class ReferenceDistiller:
     """Distiller.__init__/train/step/optimize for one process (no DDP, no apex)."""
 
-    def __init__(self, args, dataset: SequenceDataset, token_probs: torch.Tensor, student: nn.Module, teacher: nn.Module,
-                 special: dict, device: torch.device, row_lengths: np.ndarray | None = None):
+    def __init__(
+        self,
+        args,
+        dataset: SequenceDataset,
+        token_probs: torch.Tensor,
+        student: nn.Module,
+        teacher: nn.Module,
+        special: dict,
+        device: torch.device,
+        row_lengths: np.ndarray | None = None,
+    ):
         self.args, self.dataset, self.device = args, dataset, device
         self.student, self.teacher = student, teacher
         self.vocab_size = student.config.vocab_size
@@ -316,8 +347,16 @@ class ReferenceDistiller:
         generator = torch.Generator().manual_seed(args.seed)
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         if args.same_batches_as_plan:
-            batches = PlanBatches(dataset, len(row_lengths), row_lengths, args.plan_global_batch, args.batch_size, args.plan_group_steps,
-                                  args.seed, args.steps)
+            batches = PlanBatches(
+                dataset,
+                len(row_lengths),
+                row_lengths,
+                args.plan_global_batch,
+                args.batch_size,
+                args.plan_group_steps,
+                args.seed,
+                args.steps,
+            )
         elif args.group_by_size:
             batches = GroupedBatches(sampler, length_groups(dataset.lengths, MAX_MODEL_INPUT_SIZE), args.batch_size)
         else:
@@ -335,8 +374,9 @@ class ReferenceDistiller:
         self.optimizer = grouped_adamw(student, args.learning_rate, args.weight_decay, args.adam_epsilon)
         from transformers import get_linear_schedule_with_warmup
 
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, num_warmup_steps=math.ceil(optimization_steps * args.warmup_prop),
-                                                         num_training_steps=optimization_steps)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=math.ceil(optimization_steps * args.warmup_prop), num_training_steps=optimization_steps
+        )
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(log_dir=os.path.join(args.dump_path, "log", "train"))
@@ -404,8 +444,16 @@ class ReferenceDistiller:
                     clock["padded_tokens"].append(token_ids.numel())
                     clock["batch_sequences"].append(token_ids.size(0))
                 token_ids, lengths = token_ids.to(self.device), lengths.to(self.device)
-                token_ids, attn_mask, labels = prepare_batch_mlm(token_ids, lengths, self.token_probs, self.pred_probs, self.args.mlm_mask_prop,
-                                                                 self.special["pad"], self.special["mask"], self.vocab_size)
+                token_ids, attn_mask, labels = prepare_batch_mlm(
+                    token_ids,
+                    lengths,
+                    self.token_probs,
+                    self.pred_probs,
+                    self.args.mlm_mask_prop,
+                    self.special["pad"],
+                    self.special["mask"],
+                    self.vocab_size,
+                )
                 self.step(token_ids, attn_mask, labels)
                 bar.update()
                 bar.set_postfix({"Last_loss": f"{self.last_loss:.2f}", "Avg_cum_loss": f"{self.total_loss_epoch / self.n_iter:.2f}"})
@@ -428,8 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dump-path", dest="dump_path", help="output directory (default: a temporary one, removed)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps, then stop")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    parser.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int, default=1,
-                        help="the reference's default is 50; the comparison uses the same accumulation as our run")
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        dest="gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="the reference's default is 50; the comparison uses the same accumulation as our run",
+    )
     parser.add_argument("--student-layers", dest="student_layers", type=int, default=2)
     parser.add_argument("--student-dropout", dest="student_dropout", type=float, default=0.1, help="distilbert-base-uncased.json: 0.1")
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -452,11 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-interval", dest="log_interval", type=int, default=500)
     parser.add_argument("--seed", type=int, default=56)
     parser.add_argument("--clock", help="write the step clock (JSON) here")
-    parser.add_argument("--same-batches-as-plan", dest="same_batches_as_plan", action="store_true",
-                        help="train on the batches distill-train would (distill.data.StepPlan) instead of the reference's sampler")
+    parser.add_argument(
+        "--same-batches-as-plan",
+        dest="same_batches_as_plan",
+        action="store_true",
+        help="train on the batches distill-train would (distill.data.StepPlan) instead of the reference's sampler",
+    )
     parser.add_argument("--plan-global-batch", dest="plan_global_batch", type=int, help="with --same-batches-as-plan: train.global_batch")
-    parser.add_argument("--plan-group-steps", dest="plan_group_steps", type=int, default=1,
-                        help="with --same-batches-as-plan: data.length_group_steps (0 = data.group_by_length=false)")
+    parser.add_argument(
+        "--plan-group-steps",
+        dest="plan_group_steps",
+        type=int,
+        default=1,
+        help="with --same-batches-as-plan: data.length_group_steps (0 = data.group_by_length=false)",
+    )
     return parser
 
 
@@ -481,8 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"), local_files_only=True)
-        special = {"pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id, "cls": tokenizer.cls_token_id,
-                   "sep": tokenizer.sep_token_id, "unk": tokenizer.unk_token_id}
+        special = {
+            "pad": tokenizer.pad_token_id,
+            "mask": tokenizer.mask_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+            "unk": tokenizer.unk_token_id,
+        }
         counts = np.load(os.path.join(args.data, "token_counts.npy"))
         token_probs = token_probabilities(counts, args.mlm_smoothing, tokenizer.all_special_ids, len(tokenizer))
         sequences = read_sequences(args.data)
@@ -493,9 +560,17 @@ def main(argv: list[str] | None = None) -> int:
         teacher = BertForMaskedLM.from_pretrained(args.teacher, output_hidden_states=True, local_files_only=True).to(device)
         t = teacher.config
         student_config = DistilBertConfig(
-            vocab_size=t.vocab_size, dim=t.hidden_size, n_layers=args.student_layers, n_heads=t.num_attention_heads,
-            hidden_dim=t.intermediate_size, max_position_embeddings=t.max_position_embeddings, dropout=args.student_dropout,
-            attention_dropout=args.student_dropout, activation=t.hidden_act, pad_token_id=t.pad_token_id, output_hidden_states=True,
+            vocab_size=t.vocab_size,
+            dim=t.hidden_size,
+            n_layers=args.student_layers,
+            n_heads=t.num_attention_heads,
+            hidden_dim=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            dropout=args.student_dropout,
+            attention_dropout=args.student_dropout,
+            activation=t.hidden_act,
+            pad_token_id=t.pad_token_id,
+            output_hidden_states=True,
         )
         student = DistilBertForMaskedLM(student_config).to(device)
         assert student.config.vocab_size == teacher.config.vocab_size and token_probs.size(0) == student.config.vocab_size
@@ -504,8 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         from step_probe import StepClock
 
         steps = StepClock().install()  # the end of every optimizer step, timed as in distill-train's runs
-        clock = {"process_start": PROCESS_START, "tokens": [], "padded_tokens": [], "batch_sequences": [], "step_times": steps.step_times,
-                 "accumulation": args.gradient_accumulation_steps, "dataset_sequences": len(dataset), "removed_sequences": dataset.removed}
+        clock = {
+            "process_start": PROCESS_START,
+            "tokens": [],
+            "padded_tokens": [],
+            "batch_sequences": [],
+            "step_times": steps.step_times,
+            "accumulation": args.gradient_accumulation_steps,
+            "dataset_sequences": len(dataset),
+            "removed_sequences": dataset.removed,
+        }
         distiller.train(args.steps, clock)
         steps.remove()
         distiller.save_checkpoint()

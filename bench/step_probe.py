@@ -36,6 +36,7 @@ Run the trainer under them (every argument goes to distill-train; the probe is c
 count}}}}. STEP_PROBE_STEPS (the run's steps) stops counting after the last step (its bookkeeping and the final
 checkpoint are no step).
 """
+
 from __future__ import annotations
 
 import time
@@ -52,7 +53,20 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 HOST_TAG = "_step_probe_host"
-READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "__array__", "__format__", "__repr__", "__str__"}
+READS = {
+    "item",
+    "tolist",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "__index__",
+    "cpu",
+    "numpy",
+    "__array__",
+    "__format__",
+    "__repr__",
+    "__str__",
+}
 IMPLICIT = {"nonzero", "masked_select", "unique", "unique_consecutive", "bincount", "argwhere", "nonzero_static"}
 # factories that make a host tensor when no device is given (on CPU the stand-in for "made on the host"; the collator's
 # torch.from_numpy batches among them)
@@ -80,7 +94,7 @@ def _short(name: str) -> str:
     if marker in name:  # a library: from its package on
         return name.split(marker, 1)[1]
     if name.startswith(_REPO + os.sep):  # this repository: relative to its root
-        return name[len(_REPO) + 1:]
+        return name[len(_REPO) + 1 :]
     return name
 
 
@@ -162,11 +176,19 @@ class SyncCounter(TorchFunctionMode):
         inputs = _tensors(args, []) + _tensors(kwargs, [])
         if inputs and name in READS and self.on_device(inputs[0]):
             self.record("read", name)
-        elif inputs and (name in IMPLICIT or (name == "where" and len(args) == 1) or (name == "repeat_interleave" and "output_size" not in kwargs)) \
-                and self.on_device(inputs[0]):
+        elif (
+            inputs
+            and (name in IMPLICIT or (name == "where" and len(args) == 1) or (name == "repeat_interleave" and "output_size" not in kwargs))
+            and self.on_device(inputs[0])
+        ):
             self.record("implicit", name)
-        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and len(args) > 1 and inputs and self.on_device(inputs[0]) \
-                and _bool_index(args[1]):
+        elif (
+            name in ("__getitem__", "__setitem__", "index_put_", "index_put")
+            and len(args) > 1
+            and inputs
+            and self.on_device(inputs[0])
+            and _bool_index(args[1])
+        ):
             self.record("implicit", f"{name} with a boolean mask")
         result = func(*args, **kwargs)
         if self.cuda:
@@ -295,8 +317,14 @@ class StepClock:
     ends with the last of them. Optionally counts syncs per optimizer step (from one step's first optimizer call to the
     next step's) and cProfiles the steps `profile_from + 1 .. profile_from + profile_steps`."""
 
-    def __init__(self, count_syncs: bool = False, cprofile: Optional[str] = None, profile_from: int = 0, profile_steps: int = 0,
-                 total_steps: Optional[int] = None):
+    def __init__(
+        self,
+        count_syncs: bool = False,
+        cprofile: Optional[str] = None,
+        profile_from: int = 0,
+        profile_steps: int = 0,
+        total_steps: Optional[int] = None,
+    ):
         self.step_times: list[float] = []
         self.count_syncs = count_syncs
         self.counter: Optional[SyncCounter] = None
@@ -399,9 +427,13 @@ class StepClock:
 def main(argv: Optional[list[str]] = None) -> int:
     out = os.environ.get("STEP_PROBE_OUT")
     env = os.environ.get
-    clock = StepClock(count_syncs=env("STEP_PROBE_SYNCS") == "1", cprofile=env("STEP_PROBE_CPROFILE"),
-                      profile_from=int(env("STEP_PROBE_PROFILE_FROM", "0")), profile_steps=int(env("STEP_PROBE_PROFILE_STEPS", "0")),
-                      total_steps=int(env("STEP_PROBE_STEPS")) if env("STEP_PROBE_STEPS") else None).install()
+    clock = StepClock(
+        count_syncs=env("STEP_PROBE_SYNCS") == "1",
+        cprofile=env("STEP_PROBE_CPROFILE"),
+        profile_from=int(env("STEP_PROBE_PROFILE_FROM", "0")),
+        profile_steps=int(env("STEP_PROBE_PROFILE_STEPS", "0")),
+        total_steps=int(env("STEP_PROBE_STEPS")) if env("STEP_PROBE_STEPS") else None,
+    ).install()
     from distill.cli import train_main
 
     code = 1

@@ -14,6 +14,7 @@
 5. `distill-eval` on the held-out text: perplexity and KL(teacher || student) per token, as a table.
 Every stage whose output exists is reused on a rerun with the same --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")
 BIN = os.path.dirname(sys.executable)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-CACHES = {"top-k 8": ["--mode", "topk", "--k", "8"], "top-k 64": ["--mode", "topk", "--k", "64"], "sampled 64": ["--mode", "sampled", "--n", "64"]}
+CACHES = {
+    "top-k 8": ["--mode", "topk", "--k", "8"],
+    "top-k 64": ["--mode", "topk", "--k", "64"],
+    "sampled 64": ["--mode", "sampled", "--n", "64"],
+}
 
 
 def sh(cmd: list[str]) -> str:
@@ -71,18 +76,40 @@ def tokenizer_dir(out: str, train: str) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([os.path.join(train, "text.txt")], trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
-                                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<|endoftext|>").save_pretrained(path)
+    tok.train(
+        [os.path.join(train, "text.txt")],
+        trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    ).save_pretrained(path)
     return path
 
 
 def prepare(out: str, name: str, text: str, tokenizer: str, validation: float) -> str:
     path = os.path.join(out, name)
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        sh([os.path.join(BIN, "distill-prep"), "--input", text, "--tokenizer", tokenizer, "--output", path, "--max-seq-len", "64",
-            "--min-seq-len", "16", "--packing", "causal", "--validation-fraction", str(validation), "--workers", "1"])
+        sh(
+            [
+                os.path.join(BIN, "distill-prep"),
+                "--input",
+                text,
+                "--tokenizer",
+                tokenizer,
+                "--output",
+                path,
+                "--max-seq-len",
+                "64",
+                "--min-seq-len",
+                "16",
+                "--packing",
+                "causal",
+                "--validation-fraction",
+                str(validation),
+                "--workers",
+                "1",
+            ]
+        )
     return path
 
 
@@ -98,11 +125,23 @@ def train_teacher(out: str, data: str, tokenizer: str, steps: int) -> str:
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    rows = sum((pq.read_table(os.path.join(data, s["path"])).column("input_ids").to_pylist() for s in manifest["splits"]["train"]["shards"]), [])
+    rows = sum(
+        (pq.read_table(os.path.join(data, s["path"])).column("input_ids").to_pylist() for s in manifest["splits"]["train"]["shards"]), []
+    )
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.eos_token_id)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
     model = AutoModelForCausalLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     rng = np.random.default_rng(0)
@@ -132,8 +171,22 @@ def train_teacher(out: str, data: str, tokenizer: str, steps: int) -> str:
 def write_cache(out: str, name: str, data: str, teacher: str, args: list[str]) -> dict:
     path = os.path.join(out, "caches", name.replace(" ", "-"))
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        sh([os.path.join(BIN, "distill-cache"), "--data", data, "--teacher", teacher, "--output", path, "--workers", "1", "--batch-size", "32",
-            *args])
+        sh(
+            [
+                os.path.join(BIN, "distill-cache"),
+                "--data",
+                data,
+                "--teacher",
+                teacher,
+                "--output",
+                path,
+                "--workers",
+                "1",
+                "--batch-size",
+                "32",
+                *args,
+            ]
+        )
     return {"path": path, **json.load(open(os.path.join(path, "manifest.json")))}
 
 
@@ -141,10 +194,26 @@ def train_student(out: str, name: str, data: str, teacher: str, steps: int, cach
     run_dir = os.path.join(out, "students", name.replace(" ", "-"))
     export = run_dir + "-export"
     if not os.path.exists(os.path.join(export, "config.json")):
-        args = [sys.executable, "-m", "distill", "--config", "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}",
-                f"output_dir={run_dir}", f"train.max_steps={steps}", "train.global_batch=16", "train.micro_batch=16", "train.log_every=25",
-                f"checkpoint.every_steps={steps}", "optim.lr=2e-3", "optim.warmup_fraction=0.05", "deepspeed.config=configs/deepspeed/zero2.json",
-                "student.num_layers=2", "train.profile_phases=true"]
+        args = [
+            sys.executable,
+            "-m",
+            "distill",
+            "--config",
+            "configs/llm_kd.yaml",
+            f"teacher.path={teacher}",
+            f"data.path={data}",
+            f"output_dir={run_dir}",
+            f"train.max_steps={steps}",
+            "train.global_batch=16",
+            "train.micro_batch=16",
+            "train.log_every=25",
+            f"checkpoint.every_steps={steps}",
+            "optim.lr=2e-3",
+            "optim.warmup_fraction=0.05",
+            "deepspeed.config=configs/deepspeed/zero2.json",
+            "student.num_layers=2",
+            "train.profile_phases=true",
+        ]
         if cache:
             args += ["teacher.source=cache", f"teacher.cache={cache}"]
         sh(args)
@@ -210,30 +279,53 @@ def main() -> None:
     print(f"[{time.time() - t0:.0f}s] evaluating on held-out text", flush=True)
     from distill.evaluate import evaluate
 
-    result = evaluate(students["online"]["export"], held_data, teacher, split="train", name="online", device="cpu",
-                      compare=[(n, students[n]["export"]) for n in CACHES])
+    result = evaluate(
+        students["online"]["export"],
+        held_data,
+        teacher,
+        split="train",
+        name="online",
+        device="cpu",
+        compare=[(n, students[n]["export"]) for n in CACHES],
+    )
     models = result["models"]
     online_sps = students["online"]["steps_per_s"]
-    lines = [f"{'teacher source':<14} {'bytes/token':>11} {'cache tok/s':>11} {'teacher ms':>10} {'steps/s':>8} {'vs online':>9} "
-             f"{'held-out ppl':>12} {'KL(t||s)':>9}",
-             f"{'teacher':<14} {'-':>11} {'-':>11} {'-':>10} {'-':>8} {'-':>9} {models['teacher']['perplexity']:>12.2f} {'-':>9}"]
+    lines = [
+        f"{'teacher source':<14} {'bytes/token':>11} {'cache tok/s':>11} {'teacher ms':>10} {'steps/s':>8} {'vs online':>9} "
+        f"{'held-out ppl':>12} {'KL(t||s)':>9}",
+        f"{'teacher':<14} {'-':>11} {'-':>11} {'-':>10} {'-':>8} {'-':>9} {models['teacher']['perplexity']:>12.2f} {'-':>9}",
+    ]
     for name in ["online"] + list(CACHES):
         c = caches.get(name, {}).get("stats", {})
         s = students[name]
         size = f"{c['bytes_per_token']:>11.1f} {c['tokens_per_second']:>11,.0f}" if c else f"{'-':>11} {'-':>11}"
-        lines.append(f"{name:<14} {size} {s['teacher_ms']:>10.1f} {s['steps_per_s']:>8.2f} {s['steps_per_s'] / online_sps:>8.2f}x "
-                     f"{models[name]['perplexity']:>12.2f} {models[name]['kl_from_teacher']:>9.4f}")
+        lines.append(
+            f"{name:<14} {size} {s['teacher_ms']:>10.1f} {s['steps_per_s']:>8.2f} {s['steps_per_s'] / online_sps:>8.2f}x "
+            f"{models[name]['perplexity']:>12.2f} {models[name]['kl_from_teacher']:>9.4f}"
+        )
     print("\n".join(lines))
     synthetic = synthetic_bytes_per_token()
-    print(f"top-k 64 at a 128,256-token vocabulary (synthetic, ids uniform over the vocabulary): {synthetic[16]:.1f} bytes per token with "
-          f"16-bit values, {synthetic[32]:.1f} with 32-bit")
-    print(f"{result['sequences']} held-out sequences, {result['tokens']} next-token positions, vocabulary {result['vocab_size']}; "
-          f"{sum(p['rows'] for p in caches['top-k 64']['parts'])} cached rows, "
-          f"{sum(p['tokens'] for p in caches['top-k 64']['parts'])} tokens; {a.steps} student steps of 16 sequences; total {time.time() - t0:.0f}s")
+    print(
+        f"top-k 64 at a 128,256-token vocabulary (synthetic, ids uniform over the vocabulary): {synthetic[16]:.1f} bytes per token with "
+        f"16-bit values, {synthetic[32]:.1f} with 32-bit"
+    )
+    print(
+        f"{result['sequences']} held-out sequences, {result['tokens']} next-token positions, vocabulary {result['vocab_size']}; "
+        f"{sum(p['rows'] for p in caches['top-k 64']['parts'])} cached rows, "
+        f"{sum(p['tokens'] for p in caches['top-k 64']['parts'])} tokens; {a.steps} student steps of 16 sequences; total {time.time() - t0:.0f}s"
+    )
     if a.json:
         with open(a.json, "w") as handle:
-            json.dump({"caches": {n: c["stats"] for n, c in caches.items()}, "students": students, "eval": result,
-                       "synthetic_128k_bytes_per_token": synthetic}, handle, indent=2)
+            json.dump(
+                {
+                    "caches": {n: c["stats"] for n, c in caches.items()},
+                    "students": students,
+                    "eval": result,
+                    "synthetic_128k_bytes_per_token": synthetic,
+                },
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ FLOPs per step (bench/flops.py), matrix multiplications only:
 Without --data the demo corpus (text shipped with Python) is prepared with distill-prep; without --teacher a
 randomly initialised BERT of --teacher-size is saved (throughput does not depend on the weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,14 @@ TEACHER_SIZES = {  # layers, hidden, heads, intermediate
     "small": (4, 128, 2, 512),
     "base": (12, 768, 12, 3072),
 }
-BASELINE = ["teacher.dtype=fp32", "teacher.inference_mode=false", "teacher.attn_implementation=eager", "student.attn_implementation=eager",
-            "train.logits_where_needed=false", "data.group_by_length=false"]
+BASELINE = [
+    "teacher.dtype=fp32",
+    "teacher.inference_mode=false",
+    "teacher.attn_implementation=eager",
+    "student.attn_implementation=eager",
+    "train.logits_where_needed=false",
+    "data.group_by_length=false",
+]
 COMPILE = ["train.compile=true"]
 # (name, overrides applied to the fast path): each fast-path piece switched off (or an optional one on) alone
 ABLATIONS_CPU = [
@@ -95,10 +102,22 @@ ABLATIONS_GPU = [
 ]
 DISTILBERT_OBJECTIVE = ["train.precision=fp32", "teacher.dtype=fp32", "loss.weights={ce: 5.0, mlm: 2.0, cos: 1.0}", "loss.ce_positions=all"]
 HF_DISTILLER = {  # issue 16: Hugging Face's DistilBERT distiller configuration on a 2-core CPU
-    "procs": 1, "vocab_size": 1000, "teacher_size": "small", "max_seq_len": 128, "steps": 81, "warmup": 5, "rounds": 12,
+    "procs": 1,
+    "vocab_size": 1000,
+    "teacher_size": "small",
+    "max_seq_len": 128,
+    "steps": 81,
+    "warmup": 5,
+    "rounds": 12,
     "paths": "reference,fast",
-    "overrides": ["train.global_batch=32", "train.micro_batch=32", "student.num_layers=2", *DISTILBERT_OBJECTIVE, "data.group_by_length=true",
-                  "data.length_group_steps=32"],  # lengths grouped over pools of 32 batches, like the reference's sampler
+    "overrides": [
+        "train.global_batch=32",
+        "train.micro_batch=32",
+        "student.num_layers=2",
+        *DISTILBERT_OBJECTIVE,
+        "data.group_by_length=true",
+        "data.length_group_steps=32",
+    ],  # lengths grouped over pools of 32 batches, like the reference's sampler
     # the reference's sequences average ~60 tokens (one per corpus line, cut at 128): documents of 12-60 words
     "short_docs": (12, 60),
     "targets": {"per_step": 1.5, "whole_process": 1.2},
@@ -106,10 +125,17 @@ HF_DISTILLER = {  # issue 16: Hugging Face's DistilBERT distiller configuration 
     "issue": {"reference": 10984.0, "fast": 12499.0, "compile": 13123.0},
 }
 OVERHEAD = {  # a model so small its compute is negligible: what is left of a step is fixed cost
-    "teacher_size": "tiny", "vocab_size": 1000, "max_seq_len": 12, "steps": 60, "warmup": 10, "sync_steps": 6,
-    "micro_batch": 2, "accumulations": (1, 4),
+    "teacher_size": "tiny",
+    "vocab_size": 1000,
+    "max_seq_len": 12,
+    "steps": 60,
+    "warmup": 10,
+    "sync_steps": 6,
+    "micro_batch": 2,
+    "accumulations": (1, 4),
     "overrides": ["student.num_layers=1", *DISTILBERT_OBJECTIVE, "data.group_by_length=true"],
-    "target_ms": 2.0, "target_syncs": 1,
+    "target_ms": 2.0,
+    "target_syncs": 1,
 }
 GPU_TARGET = {"name": "H100 bf16 at 50% MFU, BERT-base -> 6 layers, seq 128, logits at masked positions", "peak_tflops": 989.0, "mfu": 0.5}
 
@@ -132,8 +158,14 @@ def write_short_documents(corpus: str, out_dir: str, min_words: int, max_words: 
     os.replace(out_dir + ".tmp", out_dir)
 
 
-def prepare(cache: str, max_seq_len: int, vocab_size: int, packing: str = "document", short_docs: tuple[int, int] | None = None,
-            min_seq_len: int | None = None) -> tuple[str, str]:
+def prepare(
+    cache: str,
+    max_seq_len: int,
+    vocab_size: int,
+    packing: str = "document",
+    short_docs: tuple[int, int] | None = None,
+    min_seq_len: int | None = None,
+) -> tuple[str, str]:
     """Demo corpus -> WordPiece tokenizer -> distill-prep output (cached under `cache`). `short_docs`
     (min, max words): prepare the corpus cut into short documents instead (see write_short_documents)."""
     from distill.demo_assets import train_wordpiece_tokenizer, write_corpus
@@ -152,8 +184,22 @@ def prepare(cache: str, max_seq_len: int, vocab_size: int, packing: str = "docum
             write_short_documents(corpus, short, *short_docs)
         corpus, data = short, data + f"_short_{short_docs[0]}_{short_docs[1]}"
     if not os.path.exists(os.path.join(data, "manifest.json")):
-        cmd = [os.path.join(BIN, "distill-prep"), "--input", corpus, "--tokenizer", tok, "--output", data, "--packing", packing,
-               "--max-seq-len", str(max_seq_len), "--validation-fraction", "0.01", "--overwrite"]
+        cmd = [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            corpus,
+            "--tokenizer",
+            tok,
+            "--output",
+            data,
+            "--packing",
+            packing,
+            "--max-seq-len",
+            str(max_seq_len),
+            "--validation-fraction",
+            "0.01",
+            "--overwrite",
+        ]
         if min_seq_len is not None:
             cmd += ["--min-seq-len", str(min_seq_len)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -281,9 +327,13 @@ def run_ours(name: str, args, train_args: list[str], extra: list[str], port: int
         "tokens_per_sequence": tokens / (len(measured) * cfg["train"]["global_batch"]),
         "flops_per_token": {k: v / measured[-1]["tokens"] / 1e6 for k, v in parts.items()},
         "shapes": {"teacher": teacher.__dict__, "student": student.__dict__},
-        "global_batch": cfg["train"]["global_batch"], "micro_batch": cfg["train"]["micro_batch"],
-        "phase_seconds": ({k: sum(r["phase_seconds"][k] for r in measured) / len(measured) for k in measured[0]["phase_seconds"]}
-                          if "phase_seconds" in measured[0] else None),
+        "global_batch": cfg["train"]["global_batch"],
+        "micro_batch": cfg["train"]["micro_batch"],
+        "phase_seconds": (
+            {k: sum(r["phase_seconds"][k] for r in measured) / len(measured) for k in measured[0]["phase_seconds"]}
+            if "phase_seconds" in measured[0]
+            else None
+        ),
         "step_seconds": window / len(measured),
         "last_loss": rows[-1].get("loss"),
     }
@@ -308,14 +358,54 @@ def reference_command(cfg, teacher: str, data: str, steps: int, procs: int, same
         teacher_layers = json.load(handle)["num_hidden_layers"]
     layers = cfg.student.num_layers or (len(cfg.student.init_layers) if cfg.student.init_layers else teacher_layers // 2)
     mask, rand = cfg.data.mask_token_fraction, cfg.data.random_token_fraction
-    cmd = [sys.executable, os.path.join(BENCH, "reference_distiller.py"), "--teacher", teacher, "--data", data, "--steps", str(steps),
-           "--batch-size", str(cfg.train.micro_batch), "--gradient-accumulation-steps", str(cfg.train.global_batch // cfg.train.micro_batch),
-           "--student-layers", str(layers), "--student-dropout", str(cfg.student.dropout), "--temperature", str(cfg.loss.temperature),
-           "--alpha-ce", str(weights.get("ce", 0.0)), "--alpha-mlm", str(weights["mlm"]), "--alpha-cos", str(weights.get("cos", 0.0)),
-           "--mlm-mask-prop", str(cfg.data.mlm_probability), "--word-mask", str(mask), "--word-rand", str(rand),
-           "--word-keep", str(round(1.0 - mask - rand, 12)), "--mlm-smoothing", str(cfg.data.token_frequency_smoothing),
-           "--learning-rate", str(cfg.optim.lr), "--adam-epsilon", str(cfg.optim.eps), "--weight-decay", str(cfg.optim.weight_decay),
-           "--max-grad-norm", str(cfg.optim.grad_clip), "--warmup-prop", str(cfg.optim.warmup_fraction), "--seed", str(cfg.seed)]
+    cmd = [
+        sys.executable,
+        os.path.join(BENCH, "reference_distiller.py"),
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(cfg.train.micro_batch),
+        "--gradient-accumulation-steps",
+        str(cfg.train.global_batch // cfg.train.micro_batch),
+        "--student-layers",
+        str(layers),
+        "--student-dropout",
+        str(cfg.student.dropout),
+        "--temperature",
+        str(cfg.loss.temperature),
+        "--alpha-ce",
+        str(weights.get("ce", 0.0)),
+        "--alpha-mlm",
+        str(weights["mlm"]),
+        "--alpha-cos",
+        str(weights.get("cos", 0.0)),
+        "--mlm-mask-prop",
+        str(cfg.data.mlm_probability),
+        "--word-mask",
+        str(mask),
+        "--word-rand",
+        str(rand),
+        "--word-keep",
+        str(round(1.0 - mask - rand, 12)),
+        "--mlm-smoothing",
+        str(cfg.data.token_frequency_smoothing),
+        "--learning-rate",
+        str(cfg.optim.lr),
+        "--adam-epsilon",
+        str(cfg.optim.eps),
+        "--weight-decay",
+        str(cfg.optim.weight_decay),
+        "--max-grad-norm",
+        str(cfg.optim.grad_clip),
+        "--warmup-prop",
+        str(cfg.optim.warmup_fraction),
+        "--seed",
+        str(cfg.seed),
+    ]
     if cfg.loss.ce_positions == "masked":
         cmd.append("--restrict-ce-to-mask")
     if same_batches:
@@ -344,10 +434,20 @@ def run_reference(args, cfg, teacher: str, data: str, env: dict) -> dict:
     sequences = sum(clock["batch_sequences"][first:])
     window = t1 - t0
     return {
-        "name": "reference", "steps": args.steps - warmup, "wall_s": wall, "startup_s": clock["step_times"][0] - start, "window_s": window,
-        "tokens": tokens, "tokens_per_s": tokens / window, "tokens_per_s_per_proc": tokens / window, "samples_per_s": sequences / window,
-        "padding_share": 1 - tokens / sum(clock["padded_tokens"][first:]), "tokens_per_sequence": tokens / sequences,
-        "step_seconds": window / (args.steps - warmup), "last_loss": clock.get("last_loss"), "dataset_sequences": clock["dataset_sequences"],
+        "name": "reference",
+        "steps": args.steps - warmup,
+        "wall_s": wall,
+        "startup_s": clock["step_times"][0] - start,
+        "window_s": window,
+        "tokens": tokens,
+        "tokens_per_s": tokens / window,
+        "tokens_per_s_per_proc": tokens / window,
+        "samples_per_s": sequences / window,
+        "padding_share": 1 - tokens / sum(clock["padded_tokens"][first:]),
+        "tokens_per_sequence": tokens / sequences,
+        "step_seconds": window / (args.steps - warmup),
+        "last_loss": clock.get("last_loss"),
+        "dataset_sequences": clock["dataset_sequences"],
         "removed_sequences": clock["removed_sequences"],
     }
 
@@ -370,9 +470,12 @@ def run_rounds(plan: list[tuple[str, list[str]]], args, train_args, env, cfg, te
             if "error" in res:
                 print(f"  round {r + 1} {name}: FAILED ({res['error']})\n{res['log']}", file=sys.stderr, flush=True)
             else:
-                print(f"  round {r + 1}/{rounds} {name:<10} {res['tokens_per_s_per_proc']:>9,.0f} real tokens/s/proc (steps {args.warmup + 1}..{args.steps}), "
-                      f"{res['samples_per_s']:,.1f} sequences/s, whole process {res['wall_s']:.1f} s (first step done at {res['startup_s']:.1f} s); "
-                      f"{load_uptime()}", flush=True)
+                print(
+                    f"  round {r + 1}/{rounds} {name:<10} {res['tokens_per_s_per_proc']:>9,.0f} real tokens/s/proc (steps {args.warmup + 1}..{args.steps}), "
+                    f"{res['samples_per_s']:,.1f} sequences/s, whole process {res['wall_s']:.1f} s (first step done at {res['startup_s']:.1f} s); "
+                    f"{load_uptime()}",
+                    flush=True,
+                )
     return results
 
 
@@ -425,11 +528,24 @@ def overhead_section(args, env) -> dict:
     teacher = teacher_for(args.cache, o["teacher_size"], o["vocab_size"], tok)
     sub = argparse.Namespace(**vars(args))
     sub.procs, sub.steps, sub.warmup = 1, args.overhead_steps, min(args.overhead_warmup, args.overhead_steps - 1)
-    base_args = ["--config", args.config, f"teacher.path={teacher}", f"data.path={data}", f"train.max_steps={sub.steps}",
-                 f"checkpoint.every_steps={10**6}", "checkpoint.keep_last=1", "train.log_every=1000", "student.init_layers=null", *o["overrides"]]
-    print(f"\nfixed cost per optimizer step: {TEACHER_SIZES[o['teacher_size']]} (layers, hidden, heads, ffn) teacher, 1-layer student, vocabulary "
-          f"{o['vocab_size']}, {o['max_seq_len']}-token sequences, micro batch {o['micro_batch']}; {sub.steps} steps, the last "
-          f"{sub.steps - sub.warmup} measured; {load_uptime()}", flush=True)
+    base_args = [
+        "--config",
+        args.config,
+        f"teacher.path={teacher}",
+        f"data.path={data}",
+        f"train.max_steps={sub.steps}",
+        f"checkpoint.every_steps={10**6}",
+        "checkpoint.keep_last=1",
+        "train.log_every=1000",
+        "student.init_layers=null",
+        *o["overrides"],
+    ]
+    print(
+        f"\nfixed cost per optimizer step: {TEACHER_SIZES[o['teacher_size']]} (layers, hidden, heads, ffn) teacher, 1-layer student, vocabulary "
+        f"{o['vocab_size']}, {o['max_seq_len']}-token sequences, micro batch {o['micro_batch']}; {sub.steps} steps, the last "
+        f"{sub.steps - sub.warmup} measured; {load_uptime()}",
+        flush=True,
+    )
     out: dict = {"per_step": {}, "load": load_uptime()}
     for acc in o["accumulations"]:
         batch = [f"train.micro_batch={o['micro_batch']}", f"train.global_batch={o['micro_batch'] * acc}"]
@@ -438,9 +554,15 @@ def overhead_section(args, env) -> dict:
             print(f"  fast, accumulation {acc}: FAILED ({res['error']})\n{res['log']}", file=sys.stderr)
             continue
         out["per_step"][acc] = res["step_seconds"]
-        print(f"  distill-train, accumulation {acc}: {1e3 * res['step_seconds']:.2f} ms per optimizer step ({res['steps']} steps, "
-              f"{1e3 * res['window_s']:.0f} ms), whole process {res['wall_s']:.1f} s", flush=True)
-    cfg = load_config(args.config, base_args[2:] + [f"train.micro_batch={o['micro_batch']}", f"train.global_batch={o['micro_batch']}", "output_dir=unused"])
+        print(
+            f"  distill-train, accumulation {acc}: {1e3 * res['step_seconds']:.2f} ms per optimizer step ({res['steps']} steps, "
+            f"{1e3 * res['window_s']:.0f} ms), whole process {res['wall_s']:.1f} s",
+            flush=True,
+        )
+    cfg = load_config(
+        args.config,
+        base_args[2:] + [f"train.micro_batch={o['micro_batch']}", f"train.global_batch={o['micro_batch']}", "output_dir=unused"],
+    )
     ref = run_reference(sub, cfg, teacher, data, env)
     if "error" in ref:
         print(f"  reference: FAILED ({ref['error']})\n{ref['log']}", file=sys.stderr)
@@ -452,10 +574,17 @@ def overhead_section(args, env) -> dict:
         per_micro = (out["per_step"][hi] - out["per_step"][1]) / (hi - 1)
         out["per_micro_step"] = per_micro
         out["per_optimizer_step_fixed"] = out["per_step"][1] - per_micro
-        noisy = " (negative: the two runs disagree by more than the difference, too noisy to split)" if out["per_optimizer_step_fixed"] < 0 else ""
-        print(f"  => per optimizer step {1e3 * out['per_step'][1]:.2f} ms = {1e3 * out['per_optimizer_step_fixed']:.2f} ms once per step "
-              f"+ {1e3 * per_micro:.2f} ms per micro step (forward/backward of a negligible model and its bookkeeping){noisy}; "
-              f"target <= {o['target_ms']:.0f} ms per step", flush=True)
+        noisy = (
+            " (negative: the two runs disagree by more than the difference, too noisy to split)"
+            if out["per_optimizer_step_fixed"] < 0
+            else ""
+        )
+        print(
+            f"  => per optimizer step {1e3 * out['per_step'][1]:.2f} ms = {1e3 * out['per_optimizer_step_fixed']:.2f} ms once per step "
+            f"+ {1e3 * per_micro:.2f} ms per micro step (forward/backward of a negligible model and its bookkeeping){noisy}; "
+            f"target <= {o['target_ms']:.0f} ms per step",
+            flush=True,
+        )
         if "reference_per_step" in out:
             print(f"     above plain PyTorch: {1e3 * (out['per_step'][1] - out['reference_per_step']):+.2f} ms per step", flush=True)
     # host syncs per optimizer step (a separate, counted run: the counting hook slows the loop)
@@ -478,9 +607,19 @@ def overhead_section(args, env) -> dict:
         prof = os.path.join(args.cache, "overhead.prof")
         profile_sub = argparse.Namespace(**vars(sub))
         batch = [f"train.micro_batch={o['micro_batch']}", f"train.global_batch={o['micro_batch']}"]
-        res = run_ours("profiled", profile_sub, base_args + batch, [], args.master_port + 70, env,
-                       {"STEP_PROBE_CPROFILE": prof, "STEP_PROBE_PROFILE_FROM": str(sub.warmup),
-                        "STEP_PROBE_PROFILE_STEPS": str(sub.steps - sub.warmup)})
+        res = run_ours(
+            "profiled",
+            profile_sub,
+            base_args + batch,
+            [],
+            args.master_port + 70,
+            env,
+            {
+                "STEP_PROBE_CPROFILE": prof,
+                "STEP_PROBE_PROFILE_FROM": str(sub.warmup),
+                "STEP_PROBE_PROFILE_STEPS": str(sub.steps - sub.warmup),
+            },
+        )
         if "error" not in res:
             out["profile"] = print_profile(prof, res["profiled_steps"], res["step_seconds"])
     return out
@@ -497,8 +636,10 @@ def print_syncs(syncs: dict, accumulation: int) -> None:
     summary = sync_summary(syncs)
     python_visible = sum(v for k, v in summary.items() if k != "cuda_sync_debug")
     n_steps = max(1, len(syncs["per_step"]))
-    print(f"  host-device syncs per optimizer step (fast path, accumulation {accumulation}, device {syncs['device']}): {python_visible} "
-          f"({', '.join(f'{k} {v}' for k, v in summary.items())}); target {OVERHEAD['target_syncs']}. By call site, per step:")
+    print(
+        f"  host-device syncs per optimizer step (fast path, accumulation {accumulation}, device {syncs['device']}): {python_visible} "
+        f"({', '.join(f'{k} {v}' for k, v in summary.items())}); target {OVERHEAD['target_syncs']}. By call site, per step:"
+    )
     for site, entry in sorted(syncs["sites"].items(), key=lambda kv: -kv[1]["count"]):
         print(f"    {entry['count'] / n_steps:>5.2f}  {entry['kind']:<8} {entry['what']:<34} {site}")
 
@@ -516,13 +657,17 @@ def print_profile(path: str, steps: int, step_seconds: float, top: int = 18) -> 
         rows.append((tottime, cumtime, nc, f"{package}: {os.path.basename(filename)}:{line} {func}"))
     steps = max(1, steps)
     total = sum(by_package.values())
-    print(f"  where an overhead step goes (cProfile of {steps} steps, own time; profiling inflates Python-heavy parts, "
-          f"{1e3 * total / steps:.1f} ms profiled per step vs {1e3 * step_seconds:.2f} ms unprofiled):")
+    print(
+        f"  where an overhead step goes (cProfile of {steps} steps, own time; profiling inflates Python-heavy parts, "
+        f"{1e3 * total / steps:.1f} ms profiled per step vs {1e3 * step_seconds:.2f} ms unprofiled):"
+    )
     for package, seconds in sorted(by_package.items(), key=lambda kv: -kv[1])[:10]:
         print(f"    {1e3 * seconds / steps:>7.2f} ms {100 * seconds / total:>5.1f}%  {package}")
     print("  functions with the most own time per step:")
     for tottime, cumtime, calls, where in sorted(rows, reverse=True)[:top]:
-        print(f"    {1e3 * tottime / steps:>7.3f} ms own, {1e3 * cumtime / steps:>7.2f} ms cumulative, {calls / steps:>6.1f} calls  {where}")
+        print(
+            f"    {1e3 * tottime / steps:>7.3f} ms own, {1e3 * cumtime / steps:>7.2f} ms cumulative, {calls / steps:>6.1f} calls  {where}"
+        )
     return {"by_package_ms": {k: 1e3 * v / steps for k, v in by_package.items()}}
 
 
@@ -559,8 +704,14 @@ def loader_rate(data: str, global_batch: int, micro_batch: int, group_steps: int
     plan = StepPlan(len(sequences), global_batch, micro_batch, 1, 0, seed, sequences.lengths, group_steps)
     counts = np.load(os.path.join(data, manifest.token_counts["path"]))
     tok = manifest.tokenizer
-    policy = MaskingPolicy.with_smoothing(counts, 0.7, mask_id=tok.special_token_ids["mask"], pad_id=tok.special_token_ids["pad"],
-                                          vocab_size=tok.vocab_size, special_ids=tok.all_special_ids)
+    policy = MaskingPolicy.with_smoothing(
+        counts,
+        0.7,
+        mask_id=tok.special_token_ids["mask"],
+        pad_id=tok.special_token_ids["pad"],
+        vocab_size=tok.vocab_size,
+        special_ids=tok.all_special_ids,
+    )
     items = MicroBatches(sequences, plan, BatchedMaskingCollator(policy, seed, 8), 0, steps)  # the trainer's collator, GPU padding
     items[0]  # first touch (memory map, caches)
     tokens = padded = n = 0
@@ -571,8 +722,16 @@ def loader_rate(data: str, global_batch: int, micro_batch: int, group_steps: int
         padded += batch["attention_mask"].numel()
         n += 1
     cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
-    return {"micro_batches": n, "tokens": tokens, "tokens_per_cpu_s": tokens / cpu, "tokens_per_wall_s": tokens / wall,
-            "tokens_per_sequence": tokens / (n * micro_batch), "padding_share": 1 - tokens / padded, "cpu_s": cpu, "wall_s": wall}
+    return {
+        "micro_batches": n,
+        "tokens": tokens,
+        "tokens_per_cpu_s": tokens / cpu,
+        "tokens_per_wall_s": tokens / wall,
+        "tokens_per_sequence": tokens / (n * micro_batch),
+        "padding_share": 1 - tokens / padded,
+        "cpu_s": cpu,
+        "wall_s": wall,
+    }
 
 
 def loader_section(args) -> dict:
@@ -580,10 +739,20 @@ def loader_section(args) -> dict:
     per_token = per_token_mflops(BERT_BASE, DISTILBERT_STUDENT, 128, 0.15)["total"] * 1e6
     gpu_need = GPU_TARGET["peak_tflops"] * 1e12 * GPU_TARGET["mfu"] / per_token
     cases = [
-        ("HF-distiller config: ~64-token sequences, vocab 1000, micro 32, grouped over 32 steps",
-         prepare(args.cache, 128, HF_DISTILLER["vocab_size"], "document", HF_DISTILLER["short_docs"])[0], 32, 32, 32),
-        ("distilbert recipe shape: full 128-token windows, vocab 8000, micro 32 of a 4096 batch",
-         prepare(args.cache, 128, 8000, "full_sentences")[0], 4096, 32, 1),
+        (
+            "HF-distiller config: ~64-token sequences, vocab 1000, micro 32, grouped over 32 steps",
+            prepare(args.cache, 128, HF_DISTILLER["vocab_size"], "document", HF_DISTILLER["short_docs"])[0],
+            32,
+            32,
+            32,
+        ),
+        (
+            "distilbert recipe shape: full 128-token windows, vocab 8000, micro 32 of a 4096 batch",
+            prepare(args.cache, 128, 8000, "full_sentences")[0],
+            4096,
+            32,
+            1,
+        ),
     ]
     print(f"\ninput pipeline ceiling (one core, one thread, in process; {load_uptime()}):", flush=True)
     out = {"gpu_need_tokens_per_s": gpu_need, "gpu": GPU_TARGET["name"], "cases": []}
@@ -592,13 +761,19 @@ def loader_section(args) -> dict:
         rate = r["tokens_per_cpu_s"]
         r.update(label=label, cores_per_gpu=gpu_need / rate, default_workers_share=2 * rate / gpu_need)
         out["cases"].append(r)
-        print(f"  {label}: {rate / 1e6:.2f} M real tokens/s per loader core (CPU time; {r['tokens_per_wall_s'] / 1e6:.2f} M per wall second on "
-              f"this machine now), {r['tokens_per_sequence']:.1f} real tokens per sequence, {100 * r['padding_share']:.1f}% padding, "
-              f"{r['micro_batches']} micro batches", flush=True)
-        print(f"    one GPU at the target consumes {gpu_need / 1e6:.2f} M tokens/s ({GPU_TARGET['name']}, {per_token / 1e6:.0f} MFLOP/token): "
-              f"{gpu_need / rate:.2f} loader cores per GPU; the loader becomes the limit below {gpu_need / rate:.2f} cores per GPU "
-              f"({math.ceil(8 * gpu_need / rate)} cores for the 8 GPUs of a node); one worker delivers {rate / gpu_need:.2f}x the need, "
-              f"data.num_workers=2 (the GPU default) {2 * rate / gpu_need:.2f}x", flush=True)
+        print(
+            f"  {label}: {rate / 1e6:.2f} M real tokens/s per loader core (CPU time; {r['tokens_per_wall_s'] / 1e6:.2f} M per wall second on "
+            f"this machine now), {r['tokens_per_sequence']:.1f} real tokens per sequence, {100 * r['padding_share']:.1f}% padding, "
+            f"{r['micro_batches']} micro batches",
+            flush=True,
+        )
+        print(
+            f"    one GPU at the target consumes {gpu_need / 1e6:.2f} M tokens/s ({GPU_TARGET['name']}, {per_token / 1e6:.0f} MFLOP/token): "
+            f"{gpu_need / rate:.2f} loader cores per GPU; the loader becomes the limit below {gpu_need / rate:.2f} cores per GPU "
+            f"({math.ceil(8 * gpu_need / rate)} cores for the 8 GPUs of a node); one worker delivers {rate / gpu_need:.2f}x the need, "
+            f"data.num_workers=2 (the GPU default) {2 * rate / gpu_need:.2f}x",
+            flush=True,
+        )
     return out
 
 
@@ -612,12 +787,22 @@ def find_max_micro_batch(args, train_args, extra, port, env, start: int = 8, cap
     args.steps, args.warmup = 3, 1
     try:
         while micro <= cap:
-            res = run_ours(f"micro {micro}", args, train_args, [*extra, f"train.micro_batch={micro}", f"train.global_batch={micro * args.procs}"], port, env)
+            res = run_ours(
+                f"micro {micro}",
+                args,
+                train_args,
+                [*extra, f"train.micro_batch={micro}", f"train.global_batch={micro * args.procs}"],
+                port,
+                env,
+            )
             if "error" in res:
                 if res["error"] != "out of memory":
                     print(res["log"], file=sys.stderr)
                 break
-            print(f"  micro batch {micro}: fits, peak {res['peak_memory_mb']:,.0f} MiB, {res['tokens_per_s_per_proc']:,.0f} tokens/s/proc", flush=True)
+            print(
+                f"  micro batch {micro}: fits, peak {res['peak_memory_mb']:,.0f} MiB, {res['tokens_per_s_per_proc']:,.0f} tokens/s/proc",
+                flush=True,
+            )
             best, micro = micro, micro * 2
     finally:
         args.steps, args.warmup = saved_steps, saved_warmup
@@ -650,8 +835,10 @@ def print_breakdown(profiled: list[dict], timed: dict) -> None:
 
 def print_table(summaries: dict[str, dict], base_name: str | None, peak: float | None, gpu: bool) -> None:
     mem = "GPU allocated" if gpu else "CPU RSS"
-    header = (f"{'path':<28} {'tok/s/proc':>11} {'range over rounds':>19} {'samples/s':>10} {'step ms':>8} {'TFLOP/s/proc':>13} {'MFU':>7} "
-              f"{'peak ' + mem:>18} {'data wait':>10} {'padding':>8} {'process s':>10} {'1st step s':>10} {'vs ' + (base_name or '-'):>13}")
+    header = (
+        f"{'path':<28} {'tok/s/proc':>11} {'range over rounds':>19} {'samples/s':>10} {'step ms':>8} {'TFLOP/s/proc':>13} {'MFU':>7} "
+        f"{'peak ' + mem:>18} {'data wait':>10} {'padding':>8} {'process s':>10} {'1st step s':>10} {'vs ' + (base_name or '-'):>13}"
+    )
     print(header)
     print("-" * len(header))
     base = summaries.get(base_name) if base_name else None
@@ -665,8 +852,10 @@ def print_table(summaries: dict[str, dict], base_name: str | None, peak: float |
         mfu = f"{100 * r['model_tflops_per_proc'] / peak:.1f}%" if peak and "model_tflops_per_proc" in r else "-"
         memory = f"{r['peak_memory_mb']:,.0f} MiB" if "peak_memory_mb" in r else "-"
         wait = f"{100 * r['data_wait_share']:.1f}%" if "data_wait_share" in r else "-"
-        print(f"{name:<28} {r['tokens_per_s_per_proc']:>11,.0f} {f'{lo:,.0f}-{hi:,.0f}':>19} {r['samples_per_s']:>10,.1f} {1e3 * r['step_seconds']:>8.1f} "
-              f"{tflops:>13} {mfu:>7} {memory:>18} {wait:>10} {100 * r['padding_share']:>7.1f}% {r['wall_s']:>10.1f} {r['startup_s']:>10.1f} {ratio:>13}")
+        print(
+            f"{name:<28} {r['tokens_per_s_per_proc']:>11,.0f} {f'{lo:,.0f}-{hi:,.0f}':>19} {r['samples_per_s']:>10,.1f} {1e3 * r['step_seconds']:>8.1f} "
+            f"{tflops:>13} {mfu:>7} {memory:>18} {wait:>10} {100 * r['padding_share']:>7.1f}% {r['wall_s']:>10.1f} {r['startup_s']:>10.1f} {ratio:>13}"
+        )
 
 
 def main() -> int:
@@ -675,34 +864,60 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2, help="processes (GPUs) on this machine")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --hf-distiller-config: 81)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the measurement (default 5: steps 6.. are measured)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds, each path in a fresh process per round (default 1; --hf-distiller-config: 12)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds, each path in a fresh process per round (default 1; --hf-distiller-config: 12)"
+    )
     parser.add_argument("--data", help="prepared dataset (default: the demo corpus, prepared here)")
     parser.add_argument("--teacher", help="teacher directory (default: random BERT of --teacher-size)")
     parser.add_argument("--teacher-size", choices=sorted(TEACHER_SIZES), default="demo")
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--packing", choices=["document", "full_sentences"], default="document",
-                        help="distill-prep packing of the demo corpus: full_sentences = full windows, no padding (GPU figures)")
-    parser.add_argument("--paths", help="comma-separated: fast, compile, baseline, reference (default fast,baseline; --hf-distiller-config: reference,fast)")
+    parser.add_argument(
+        "--packing",
+        choices=["document", "full_sentences"],
+        default="document",
+        help="distill-prep packing of the demo corpus: full_sentences = full windows, no padding (GPU figures)",
+    )
+    parser.add_argument(
+        "--paths", help="comma-separated: fast, compile, baseline, reference (default fast,baseline; --hf-distiller-config: reference,fast)"
+    )
     parser.add_argument("--ablate", action="store_true", help="also run the fast path with each piece switched off (or compile on) alone")
-    parser.add_argument("--ablations", help="with --ablate: only the ablations whose name contains one of these comma-separated words "
-                        "(e.g. 'lean,masking,padding')")
-    parser.add_argument("--hf-distiller-config", action="store_true", help="issue 16: 1 process, fp32, 4x128x2 random BERT teacher, 2-layer "
-                        "DistilBERT, WordPiece 1000, ~64-token sequences, batch 32, alpha 5/2/1, against the reference distiller run in the same "
-                        "session; also the fixed cost per step, syncs per step and the loader ceiling")
-    parser.add_argument("--reference-sampler", choices=["plan", "own"], default="plan",
-                        help="batches of the reference baseline: plan = the same rows per micro batch as distill-train (default), own = the "
-                        "reference's GroupedBatchSampler (its first batches hold shorter sequences than average)")
+    parser.add_argument(
+        "--ablations",
+        help="with --ablate: only the ablations whose name contains one of these comma-separated words (e.g. 'lean,masking,padding')",
+    )
+    parser.add_argument(
+        "--hf-distiller-config",
+        action="store_true",
+        help="issue 16: 1 process, fp32, 4x128x2 random BERT teacher, 2-layer "
+        "DistilBERT, WordPiece 1000, ~64-token sequences, batch 32, alpha 5/2/1, against the reference distiller run in the same "
+        "session; also the fixed cost per step, syncs per step and the loader ceiling",
+    )
+    parser.add_argument(
+        "--reference-sampler",
+        choices=["plan", "own"],
+        default="plan",
+        help="batches of the reference baseline: plan = the same rows per micro batch as distill-train (default), own = the "
+        "reference's GroupedBatchSampler (its first batches hold shorter sequences than average)",
+    )
     parser.add_argument("--skip", default="", help="with --hf-distiller-config: comma-separated sections to leave out: overhead, loader")
     parser.add_argument("--overhead", action="store_true", help="only the fixed cost per optimizer step and the host syncs per step")
     parser.add_argument("--overhead-steps", type=int, default=OVERHEAD["steps"])
     parser.add_argument("--overhead-warmup", type=int, default=OVERHEAD["warmup"])
-    parser.add_argument("--overhead-profile", action="store_true", help="also cProfile the overhead run's measured steps and print where they go")
+    parser.add_argument(
+        "--overhead-profile", action="store_true", help="also cProfile the overhead run's measured steps and print where they go"
+    )
     parser.add_argument("--loader-ceiling", action="store_true", help="only the input pipeline's real tokens/s per loader core")
     parser.add_argument("--loader-seconds", type=float, default=5.0, help="how long each loader measurement runs")
-    parser.add_argument("--profile", action="store_true", help="also run fast (and baseline) with train.profile_phases=true and print where a "
-                        "step's time goes (data, teacher, student forward, loss, backward, optimizer, comm); phases are serialised, so only shares count")
-    parser.add_argument("--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run fast (and baseline) with train.profile_phases=true and print where a "
+        "step's time goes (data, teacher, student forward, loss, backward, optimizer, comm); phases are serialised, so only shares count",
+    )
+    parser.add_argument(
+        "--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path"
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak per process for MFU (default: datasheet on GPU, measured matmul on CPU)")
     parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides of the fast path only")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -713,7 +928,9 @@ def main() -> int:
     hf = args.hf_distiller_config
     overrides = list(args.overrides)
     if hf:
-        args.procs, args.vocab_size, args.teacher_size, args.max_seq_len = (HF_DISTILLER[k] for k in ("procs", "vocab_size", "teacher_size", "max_seq_len"))
+        args.procs, args.vocab_size, args.teacher_size, args.max_seq_len = (
+            HF_DISTILLER[k] for k in ("procs", "vocab_size", "teacher_size", "max_seq_len")
+        )
         overrides = HF_DISTILLER["overrides"] + overrides
     args.steps = args.steps or (HF_DISTILLER["steps"] if hf else 30)
     args.warmup = HF_DISTILLER["warmup"] if args.warmup is None else args.warmup
@@ -743,8 +960,18 @@ def main() -> int:
     if not data:
         data, tokenizer = prepare(args.cache, args.max_seq_len, args.vocab_size, args.packing, HF_DISTILLER["short_docs"] if hf else None)
     teacher = args.teacher or teacher_for(args.cache, args.teacher_size, args.vocab_size, tokenizer or os.path.join(data, "tokenizer"))
-    train_args = ["--config", args.config, f"teacher.path={teacher}", f"data.path={data}", f"train.max_steps={args.steps}",
-                  f"checkpoint.every_steps={10**6}", "checkpoint.keep_last=1", "train.log_every=10", "student.init_layers=null", *overrides]
+    train_args = [
+        "--config",
+        args.config,
+        f"teacher.path={teacher}",
+        f"data.path={data}",
+        f"train.max_steps={args.steps}",
+        f"checkpoint.every_steps={10**6}",
+        "checkpoint.keep_last=1",
+        "train.log_every=10",
+        "student.init_layers=null",
+        *overrides,
+    ]
 
     import torch
 
@@ -752,9 +979,14 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores, {threads} threads per process)"
     precision = "fp32" if any(o.startswith("train.precision=fp32") for o in overrides) or not gpu else "bf16"
     peak = args.peak_tflops or (gpu_peak_tflops(device, precision) if gpu else measured_matmul_tflops(threads))
-    peak_note = "--peak-tflops" if args.peak_tflops else ("datasheet dense " + precision if gpu else f"measured fp32 matmul, {threads} threads")
-    print(f"recipe {args.config} | teacher {args.teacher_size if not args.teacher else teacher} | {args.procs} process(es) on {device} | "
-          f"{load_uptime()}", flush=True)
+    peak_note = (
+        "--peak-tflops" if args.peak_tflops else ("datasheet dense " + precision if gpu else f"measured fp32 matmul, {threads} threads")
+    )
+    print(
+        f"recipe {args.config} | teacher {args.teacher_size if not args.teacher else teacher} | {args.procs} process(es) on {device} | "
+        f"{load_uptime()}",
+        flush=True,
+    )
     print(f"overrides: {' '.join(overrides) or '-'}", flush=True)
     report.update(device=device, peak_tflops=peak, peak_note=peak_note, procs=args.procs)
 
@@ -775,21 +1007,29 @@ def main() -> int:
     plan = [(p, known[p]) for p in wanted]
     if args.ablate:
         words = [w.strip() for w in (args.ablations or "").split(",") if w.strip()]
-        plan += [(name, [*args.fast, *extra]) for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)
-                 if not words or any(w in name for w in words)]
+        plan += [
+            (name, [*args.fast, *extra])
+            for name, extra in (ABLATIONS_GPU if gpu else ABLATIONS_CPU)
+            if not words or any(w in name for w in words)
+        ]
     cfg = None
     if "reference" in wanted:
         from distill.config import load_config
 
         cfg = load_config(args.config, train_args[2:] + ["output_dir=unused"])
-    print(f"{rounds} interleaved round(s) of {', '.join(n for n, _ in plan)}: {args.steps} optimizer steps each, steps {args.warmup + 1}..{args.steps} "
-          f"measured", flush=True)
+    print(
+        f"{rounds} interleaved round(s) of {', '.join(n for n, _ in plan)}: {args.steps} optimizer steps each, steps {args.warmup + 1}..{args.steps} "
+        f"measured",
+        flush=True,
+    )
     results = run_rounds(plan, args, train_args, env, cfg, teacher, data, rounds)
     summaries = {name: summarise(runs) for name, runs in results.items()}
     if args.profile:
         for name in ("fast", "baseline"):
             if name == "fast" or name in wanted:
-                res = run_ours(f"{name} (profiled)", args, train_args, [*known[name], "train.profile_phases=true"], args.master_port + 99, env)
+                res = run_ours(
+                    f"{name} (profiled)", args, train_args, [*known[name], "train.profile_phases=true"], args.master_port + 99, env
+                )
                 results[f"{name} (profiled)"] = [res]
                 summaries[f"{name} (profiled)"] = summarise([res])
     report["rounds"] = {name: [{k: v for k, v in r.items() if k != "log"} for r in runs] for name, runs in results.items()}
@@ -801,20 +1041,28 @@ def main() -> int:
     print()
     base_name = "reference" if "reference" in ok else ("baseline" if "baseline" in ok else None)
     if first:
-        print(f"global batch {first['global_batch']}, micro batch {first['micro_batch']}, max_seq_len {args.max_seq_len}, "
-              f"{first['steps']} measured steps of {args.steps} per run, {rounds} round(s); {first['tokens_per_sequence']:.1f} real tokens per sequence")
+        print(
+            f"global batch {first['global_batch']}, micro batch {first['micro_batch']}, max_seq_len {args.max_seq_len}, "
+            f"{first['steps']} measured steps of {args.steps} per run, {rounds} round(s); {first['tokens_per_sequence']:.1f} real tokens per sequence"
+        )
         fpt = first["flops_per_token"]
-        print(f"model MFLOP per real token ({first['name']}): teacher fwd {fpt['teacher_fwd']:.2f}, student fwd+bwd {fpt['student_fwd_bwd']:.2f}, "
-              f"heads {fpt['teacher_head'] + fpt['student_head_fwd_bwd']:.2f}, total {fpt['total']:.2f}")
+        print(
+            f"model MFLOP per real token ({first['name']}): teacher fwd {fpt['teacher_fwd']:.2f}, student fwd+bwd {fpt['student_fwd_bwd']:.2f}, "
+            f"heads {fpt['teacher_head'] + fpt['student_head_fwd_bwd']:.2f}, total {fpt['total']:.2f}"
+        )
     print(f"peak for MFU: {peak:.3g} TFLOP/s per process ({peak_note})")
-    print("tokens/s: aggregate over the measured steps of each run (total real tokens / their wall time), median over rounds; "
-          "process s: whole process at the same number of steps; 1st step s: process start to the end of the first optimizer step "
-          "(start-up + one step); medians over rounds")
+    print(
+        "tokens/s: aggregate over the measured steps of each run (total real tokens / their wall time), median over rounds; "
+        "process s: whole process at the same number of steps; 1st step s: process start to the end of the first optimizer step "
+        "(start-up + one step); medians over rounds"
+    )
     print_table(ok, base_name, peak, gpu)
     if "reference" in ok:
         ref = ok["reference"]
-        print(f"reference: {ref['dataset_sequences']:,} sequences after its filters ({ref['removed_sequences']} removed), "
-              f"{ref['tokens_per_sequence']:.1f} real tokens per sequence in its batches")
+        print(
+            f"reference: {ref['dataset_sequences']:,} sequences after its filters ({ref['removed_sequences']} removed), "
+            f"{ref['tokens_per_sequence']:.1f} real tokens per sequence in its batches"
+        )
     profiled = [s for s in ok.values() if s.get("phase_seconds")]
     if profiled:
         print_breakdown(profiled, ok)
@@ -828,23 +1076,33 @@ def main() -> int:
             if not per_step:
                 continue
             pooled = ok[name]["pooled_tokens_per_s"] / ok[base_name]["pooled_tokens_per_s"]
-            line = (f"{name} / {base_name}: per step {statistics.median(per_step):.2f}x (median of {len(per_step)} rounds, per round "
-                    f"{min(per_step):.2f}-{max(per_step):.2f}, pooled {pooled:.2f}x); whole process at {args.steps} steps "
-                    f"{statistics.median(whole):.2f}x ({ok[name]['wall_s']:.1f} s vs {ok[base_name]['wall_s']:.1f} s; first step done at "
-                    f"{ok[name]['startup_s']:.1f} s vs {ok[base_name]['startup_s']:.1f} s)")
+            line = (
+                f"{name} / {base_name}: per step {statistics.median(per_step):.2f}x (median of {len(per_step)} rounds, per round "
+                f"{min(per_step):.2f}-{max(per_step):.2f}, pooled {pooled:.2f}x); whole process at {args.steps} steps "
+                f"{statistics.median(whole):.2f}x ({ok[name]['wall_s']:.1f} s vs {ok[base_name]['wall_s']:.1f} s; first step done at "
+                f"{ok[name]['startup_s']:.1f} s vs {ok[base_name]['startup_s']:.1f} s)"
+            )
             if base_name == "reference":
                 t = HF_DISTILLER["targets"]
                 met = (statistics.median(per_step) >= t["per_step"], statistics.median(whole) >= t["whole_process"])
-                line += (f"\n  target >= {t['per_step']}x per step: {'met' if met[0] else 'not met'}; >= {t['whole_process']}x whole process: "
-                         f"{'met' if met[1] else 'not met'}")
-                report.setdefault("verdict", {})[name] = {"per_step": statistics.median(per_step), "whole_process": statistics.median(whole),
-                                                          "per_step_met": met[0], "whole_process_met": met[1]}
+                line += (
+                    f"\n  target >= {t['per_step']}x per step: {'met' if met[0] else 'not met'}; >= {t['whole_process']}x whole process: "
+                    f"{'met' if met[1] else 'not met'}"
+                )
+                report.setdefault("verdict", {})[name] = {
+                    "per_step": statistics.median(per_step),
+                    "whole_process": statistics.median(whole),
+                    "per_step_met": met[0],
+                    "whole_process_met": met[1],
+                }
             print(line)
         if hf and "reference" in ok and "fast" in ok:
             issue = HF_DISTILLER["issue"]
             ratio = statistics.median(paired_ratios(results, "reference", "fast", "tokens_per_s"))
-            print(f"consistency with the issue (the real reference distiller there: {issue['reference']:,.0f} vs fast {issue['fast']:,.0f} tokens/s, "
-                  f"reference/fast {issue['reference'] / issue['fast']:.2f}): here reference/fast {ratio:.2f} (per round median)")
+            print(
+                f"consistency with the issue (the real reference distiller there: {issue['reference']:,.0f} vs fast {issue['fast']:,.0f} tokens/s, "
+                f"reference/fast {issue['reference'] / issue['fast']:.2f}): here reference/fast {ratio:.2f} (per round median)"
+            )
     if hf:
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         if "overhead" not in skip:

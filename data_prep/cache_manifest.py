@@ -14,6 +14,7 @@ log-probabilities at the cache's temperature at those ids), and for top-k `tail`
 probability mass outside the k ids, one per position). Sampled mode: the k = n entries of a position are n draws from
 the teacher's distribution at the temperature (repeats kept), each of weight 1/n.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,12 +95,20 @@ def write_cache_manifest(cache_dir: str, manifest: CacheManifest) -> None:
 
 
 def _inside(cache_dir: str, relative: Any) -> str:
-    bad = (not isinstance(relative, str) or not relative or os.path.isabs(relative) or ".." in relative.split("/")
-           or "\\" in relative or os.path.normpath(relative) != relative)
+    bad = (
+        not isinstance(relative, str)
+        or not relative
+        or os.path.isabs(relative)
+        or ".." in relative.split("/")
+        or "\\" in relative
+        or os.path.normpath(relative) != relative
+    )
     path = os.path.join(cache_dir, relative) if not bad else ""
     if bad or not os.path.realpath(path).startswith(os.path.realpath(cache_dir).rstrip(os.sep) + os.sep):
-        raise CacheError(f"{os.path.join(cache_dir, MANIFEST_FILE)} names a part {relative!r} outside the cache; this manifest is damaged: "
-                         f"re-run distill-cache")
+        raise CacheError(
+            f"{os.path.join(cache_dir, MANIFEST_FILE)} names a part {relative!r} outside the cache; this manifest is damaged: "
+            f"re-run distill-cache"
+        )
     return path
 
 
@@ -109,14 +118,20 @@ def load_cache_manifest(cache_dir: str) -> CacheManifest:
     if not os.path.isdir(cache_dir):
         raise CacheError(f"teacher cache {cache_dir!r} does not exist; write it with `distill-cache --output {cache_dir} ...`")
     if not os.path.exists(path):
-        raise CacheError(f"{cache_dir!r} has no {MANIFEST_FILE}: distill-cache did not finish there (or it is not a teacher cache); re-run distill-cache")
+        raise CacheError(
+            f"{cache_dir!r} has no {MANIFEST_FILE}: distill-cache did not finish there (or it is not a teacher cache); re-run distill-cache"
+        )
     try:
         with open(path) as handle:
             manifest = CacheManifest.from_json(json.load(handle))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CacheError(f"{path} is not a valid teacher-cache manifest ({' '.join(str(exc).split())[:160]}); re-run distill-cache") from None
+        raise CacheError(
+            f"{path} is not a valid teacher-cache manifest ({' '.join(str(exc).split())[:160]}); re-run distill-cache"
+        ) from None
     if manifest.format != FORMAT_NAME or manifest.format_version != FORMAT_VERSION:
-        raise CacheError(f"{path} is a {manifest.format!r} v{manifest.format_version}, not a {FORMAT_NAME!r} v{FORMAT_VERSION}; re-run distill-cache")
+        raise CacheError(
+            f"{path} is a {manifest.format!r} v{manifest.format_version}, not a {FORMAT_NAME!r} v{FORMAT_VERSION}; re-run distill-cache"
+        )
     if manifest.mode not in MODES:
         raise CacheError(f"{path} has mode {manifest.mode!r}, expected one of {', '.join(MODES)}; re-run distill-cache")
     for part in manifest.parts:
@@ -133,7 +148,9 @@ def verify_cache_parts(cache_dir: str, manifest: CacheManifest, checksums: bool 
             raise CacheError(f"cache part {path} listed in the manifest is missing; the cache is damaged: re-run distill-cache")
         size = os.path.getsize(path)
         if size != part.bytes:
-            raise CacheError(f"cache part {path} has {size} bytes, the manifest says {part.bytes} (truncated or replaced); re-run distill-cache")
+            raise CacheError(
+                f"cache part {path} has {size} bytes, the manifest says {part.bytes} (truncated or replaced); re-run distill-cache"
+            )
         if checksums and sha256_file(path) != part.sha256:
             raise CacheError(f"cache part {path} fails its sha256 check (modified after it was written); re-run distill-cache")
         paths.append(path)

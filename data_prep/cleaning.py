@@ -1,4 +1,5 @@
 """Document cleaning before tokenization: Unicode normalisation, control characters, a content hash."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """distill-prep: corpus -> tokenized, packed, sharded dataset with masking metadata (Apache Beam)."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,9 @@ def print_summary(manifest) -> None:
     table.add_row("tokens read (no specials)", f"{stats['tokens_read']:,}")
     for name, info in manifest.splits.items():
         docs = stats["splits"].get(name, {}).get("documents", 0)
-        table.add_row(f"{name}: documents / sequences / tokens / shards", f"{docs:,} / {info.rows:,} / {info.tokens:,} / {len(info.shards)}")
+        table.add_row(
+            f"{name}: documents / sequences / tokens / shards", f"{docs:,} / {info.rows:,} / {info.tokens:,} / {len(info.shards)}"
+        )
     for reason, d in sorted(stats["dropped"].items()):
         units = ", ".join(f"{v:,} {k}" for k, v in d.items())
         table.add_row(f"dropped: {reason}", units)
@@ -56,8 +59,13 @@ def print_summary(manifest) -> None:
     hist = stats.get("length_histogram", {})
     if hist:
         total = sum(hist.values()) or 1
-        table.add_row("sequence lengths", "  ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0]))))
-    table.add_row("accounting", f"{stats['tokens_read']:,} = {stats['content_tokens_written']:,} written + {stats['tokens_dropped']:,} dropped")
+        table.add_row(
+            "sequence lengths",
+            "  ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0]))),
+        )
+    table.add_row(
+        "accounting", f"{stats['tokens_read']:,} = {stats['content_tokens_written']:,} written + {stats['tokens_dropped']:,} dropped"
+    )
     Console().print(table)
 
 

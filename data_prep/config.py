@@ -1,6 +1,7 @@
 """Settings of one `distill-prep` run, on the config mechanism every command shares (kd_common/config.py):
 `--config prep.yaml`, `key=value` overrides and the flags below (`--max-seq-len 128`, `--no-dedup`, ...),
 every field bounded and documented, every rule checked in one pass."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,17 +12,26 @@ from kd_common.config import Bool, Float, Int, Str, section, setting
 
 @section
 class PrepConfig:
-    inputs: list[Str] = setting(help="files, directories or globs (.txt, .jsonl, .parquet; .gz/.bz2/.xz/.zst compressed), on any Beam "
-                                "filesystem (local, gs://, s3://, hdfs://)", flag="--input")
+    inputs: list[Str] = setting(
+        help="files, directories or globs (.txt, .jsonl, .parquet; .gz/.bz2/.xz/.zst compressed), on any Beam "
+        "filesystem (local, gs://, s3://, hdfs://)",
+        flag="--input",
+    )
     output: Str = setting(help="new directory for the prepared dataset (built beside it, moved into place when complete)")
     tokenizer: Str = setting("", "the teacher's Hugging Face tokenizer directory, or a sentencepiece .model file")
-    train_sentencepiece: Int = setting(0, "instead of --tokenizer: train a sentencepiece (unigram) model of this vocabulary size on a "
-                                       "corpus sample; saved in OUTPUT/tokenizer/", ge=0)
+    train_sentencepiece: Int = setting(
+        0,
+        "instead of --tokenizer: train a sentencepiece (unigram) model of this vocabulary size on a "
+        "corpus sample; saved in OUTPUT/tokenizer/",
+        ge=0,
+    )
     max_seq_len: Int = setting(128, "tokens per sequence including [CLS] and [SEP]", ge=3, le=1 << 20)
     min_seq_len: Int = setting(12, "drop shorter sequences (DistilBERT dropped <= 11 tokens)", ge=1)
     packing: Literal["document", "full_sentences", "causal"] = setting(
-        "document", "document: [CLS] window [SEP] within one document; full_sentences: across documents with [SEP] between them "
-        "(RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly max_seq_len, no word-start flags")
+        "document",
+        "document: [CLS] window [SEP] within one document; full_sentences: across documents with [SEP] between them "
+        "(RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly max_seq_len, no word-start flags",
+    )
     doc_split: Literal["line", "paragraph"] = setting("line", ".txt documents: one per line, or blank-line separated paragraphs")
     text_field: Str = setting("text", "field of .jsonl records / column of .parquet files holding the text")
     normalization: Literal["NFC", "NFKC", "none"] = setting("NFC", "Unicode normalisation of every document")
@@ -33,10 +43,12 @@ class PrepConfig:
     shard_mb: Int = setting(128, "target MB of token data per shard (uncompressed ids + flags)", ge=1)
     batch_size: Int = setting(256, "documents per tokenizer call", ge=1)
     batch_chars: Int = setting(1_000_000, "... or fewer documents when they hold this many characters", ge=1)
-    workers: Int = setting(0, "local runner worker processes; 0 = automatic (in-process below 16 MB of input, else one per CPU, at most "
-                           "one per file)", ge=0)
+    workers: Int = setting(
+        0, "local runner worker processes; 0 = automatic (in-process below 16 MB of input, else one per CPU, at most one per file)", ge=0
+    )
     on_decode_error: Literal["error", "skip"] = setting(
-        "error", "invalid UTF-8 / bad JSON lines, binary, truncated or corrupt files: stop, or count and skip")
+        "error", "invalid UTF-8 / bad JSON lines, binary, truncated or corrupt files: stop, or count and skip"
+    )
     overwrite: Bool = setting(False, "replace --output if it holds a prepared dataset, once the new one is complete (not on object stores)")
     seed: Int = setting(0, "salt of the train/validation split hash and of the shuffle into shards", ge=0)
     max_line_bytes: Int = setting(4 << 20, "longer lines are read in pieces, never whole (data_prep/sources.py)", ge=1024)

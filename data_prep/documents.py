@@ -12,6 +12,7 @@ position) and how many copies it stands for. The second pass re-reads each file 
 documents it keeps. Without dedup, `ReadAllDocuments` is one pass. Documents leave in lists of up to
 `batch_size` (one Beam element per batch, not per document), in file order; files are the unit of parallelism.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -35,8 +36,9 @@ def dedup_partitions(input_bytes: int) -> int:
     return int(min(256, max(1, input_bytes // PARTITION_BYTES)))
 
 
-def cleaned_documents(path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None,
-                      listed: Optional[tuple] = None, verify: bool = True) -> Iterator[tuple[int, str, Optional[str]]]:
+def cleaned_documents(
+    path: str, cfg: PrepConfig, stats: Optional[Counter], keep: Optional[dict] = None, listed: Optional[tuple] = None, verify: bool = True
+) -> Iterator[tuple[int, str, Optional[str]]]:
     """(ordinal, cleaned text, split key or None) of one file's documents; counts into `stats` when given.
 
     The ordinal numbers every document the reader yields (also those that clean to nothing), so two
@@ -135,7 +137,10 @@ class ReadKeptDocuments(beam.DoFn):
         index, blocks = element
         kept = np.frombuffer(b"".join(blocks), dtype=KEPT_RECORD)
         copies = dict(zip(kept["ordinal"].tolist(), kept["copies"].tolist()))
-        docs = ((text, key, copies[ordinal]) for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies, _listed(self.stamps, index)))
+        docs = (
+            (text, key, copies[ordinal])
+            for ordinal, text, key in cleaned_documents(self.files[index], self.cfg, None, copies, _listed(self.stamps, index))
+        )
         yield from in_batches(docs, self.cfg.batch_size)
 
 
@@ -171,7 +176,9 @@ class ReadDocuments(beam.PTransform):
         if not self.cfg.dedup:
             read = indexed_paths | "ReadAll" >> beam.ParDo(ReadAllDocuments(self.cfg, self.stamps)).with_outputs("stats", main="docs")
             return read.docs, read.stats
-        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg, self.partitions, self.stamps)).with_outputs("stats", main="hashes")
+        scan = indexed_paths | "Scan" >> beam.ParDo(ScanDocuments(self.cfg, self.partitions, self.stamps)).with_outputs(
+            "stats", main="hashes"
+        )
         docs = (
             scan.hashes
             | "GroupByHash" >> beam.GroupByKey()

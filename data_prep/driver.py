@@ -4,6 +4,7 @@ re-open every shard to record rows, tokens and sha256, check the token accountin
 Locally all of it goes into a staging directory beside `--output`, moved into place only when complete
 (data_prep/output_dir.py); a failed run removes it and leaves `--output` as it was.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ from data_prep.tokenization import load_tokenizer
 log = logging.getLogger("distill-prep")
 
 
-def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict,
-             recorded: Optional[PrepConfig] = None) -> mf.Manifest:
+def finalize(
+    cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dtype: str, options: dict, recorded: Optional[PrepConfig] = None
+) -> mf.Manifest:
     """Re-open the shards in `cfg.output`, check the accounting, write manifest.json last (atomically). Any Beam filesystem.
 
     `recorded`: the settings the manifest records (the user's `--output`, not the staging directory written to).
@@ -47,16 +49,26 @@ def finalize(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], token_dty
     stats = structure(flat)
     stats["input_bytes"] = sum(size for _, size in files)
     if stats.get("documents_read", 0) == 0:
-        raise PrepInputError(f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document or file skipped); check the inputs")
+        raise PrepInputError(
+            f"no text found in --input {' '.join(cfg.inputs)} (all files empty or every document or file skipped); check the inputs"
+        )
     splits = {name: info for name in SPLIT_NAMES if (info := mf.SplitInfo(shard_infos(cfg, name))).shards}
     for name, info in splits.items():
         expected = stats["splits"].get(name, {})
-        if info.rows != expected.get("sequences", 0) or info.tokens != expected.get("content_tokens", 0) + expected.get("special_tokens", 0):
-            raise RuntimeError(f"shards of {name!r} hold {info.rows} rows / {info.tokens} tokens, the pipeline counted {expected}; output is inconsistent")
+        if info.rows != expected.get("sequences", 0) or info.tokens != expected.get("content_tokens", 0) + expected.get(
+            "special_tokens", 0
+        ):
+            raise RuntimeError(
+                f"shards of {name!r} hold {info.rows} rows / {info.tokens} tokens, the pipeline counted {expected}; output is inconsistent"
+            )
     if stats["tokens_read"] != stats["content_tokens_written"] + stats["tokens_dropped"]:
-        raise RuntimeError(f"token accounting broken: read {stats['tokens_read']} != written {stats['content_tokens_written']} + dropped {stats['tokens_dropped']}")
+        raise RuntimeError(
+            f"token accounting broken: read {stats['tokens_read']} != written {stats['content_tokens_written']} + dropped {stats['tokens_dropped']}"
+        )
     if "train" not in splits or splits["train"].rows == 0:
-        raise PrepInputError("no training sequences were produced (every sequence was dropped); lower --min-seq-len or check the corpus and tokenizer")
+        raise PrepInputError(
+            "no training sequences were produced (every sequence was dropped); lower --min-seq-len or check the corpus and tokenizer"
+        )
     save_tokenizer(tokenizer, cfg)
     manifest = mf.Manifest(
         tokenizer=tokenizer.identity(),
@@ -132,7 +144,11 @@ def _train_tokenizer(cfg: PrepConfig, files: list[str]):
 
     from data_prep.sentencepiece_tok import MODEL_FILE, SentencePieceTokenizer, train_sentencepiece
 
-    log.info("training a sentencepiece model (vocab %d) on up to %d characters of the corpus", cfg.train_sentencepiece, cfg.sentencepiece_sample_chars)
+    log.info(
+        "training a sentencepiece model (vocab %d) on up to %d characters of the corpus",
+        cfg.train_sentencepiece,
+        cfg.sentencepiece_sample_chars,
+    )
     with tempfile.TemporaryDirectory(prefix="distill-prep-spm-") as tmp:
         model = train_sentencepiece(sample_documents(cfg, files), cfg.train_sentencepiece, os.path.join(tmp, "spiece"))
         with open(model, "rb") as handle:
@@ -170,13 +186,30 @@ def _prepare(cfg: PrepConfig, work: PrepConfig, tokenizer, inputs: list, beam_ar
     options = beam_options(work, beam_args, workers)
     runner = local_runner(options)
     mode = ("in-process" if workers == 1 else f"{workers} worker processes") if runner is not None else "runner from the Beam options"
-    log.info("%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards; %s", len(files), input_bytes / 1e6, cfg.tokenizer,
-             tokenizer.vocab_size, num_shards, mode)
+    log.info(
+        "%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards; %s",
+        len(files),
+        input_bytes / 1e6,
+        cfg.tokenizer,
+        tokenizer.vocab_size,
+        num_shards,
+        mode,
+    )
     beam_recorded = options.get_all_options(drop_default=True)
     if runner is not None:
         beam_recorded["runner"] = "FnApiRunner"
     with beam.Pipeline(runner=runner, options=options) as pipeline:
-        build_pipeline(pipeline, work, [path for path, _ in files], tokenizer.payload(), tokenizer.vocab_size, token_dtype, num_shards,
-                       spill=runner is not None, dedup_partitions=dedup_partitions(input_bytes), stamps=[(f.size, f.mtime) for f in inputs])
+        build_pipeline(
+            pipeline,
+            work,
+            [path for path, _ in files],
+            tokenizer.payload(),
+            tokenizer.vocab_size,
+            token_dtype,
+            num_shards,
+            spill=runner is not None,
+            dedup_partitions=dedup_partitions(input_bytes),
+            stamps=[(f.size, f.mtime) for f in inputs],
+        )
     log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
     return finalize(work, tokenizer, files, token_dtype, beam_recorded, recorded=cfg)

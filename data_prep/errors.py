@@ -1,8 +1,10 @@
 """The one exception type users see from distill-prep."""
+
 from __future__ import annotations
 
 import errno
 import re
+
 from kd_common.errors import UserError
 
 _MARKER = "PrepInputError: "
@@ -23,8 +25,10 @@ def extract_message(exc: BaseException) -> str | None:
         match = re.search(re.escape(_MARKER) + r"(.+)", str(exc))
         if not match:
             if "No space left on device" in str(exc) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
-                return ("no space left on device while writing the dataset (nothing was published: --output is as it was); "
-                        "free space beside --output, where the new dataset is built, and rerun")
+                return (
+                    "no space left on device while writing the dataset (nothing was published: --output is as it was); "
+                    "free space beside --output, where the new dataset is built, and rerun"
+                )
             return None
         text = match.group(1)
     return text.split(" [while running")[0].strip().strip("'\"").replace("\\'", "'")

@@ -10,6 +10,7 @@ A prepared dataset is a directory::
 
 This module has no Beam dependency so that the trainer can import it cheaply.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,10 +92,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
         data = dict(data)
-        splits = {
-            name: SplitInfo(shards=[ShardInfo(**s) for s in info["shards"]])
-            for name, info in data.pop("splits").items()
-        }
+        splits = {name: SplitInfo(shards=[ShardInfo(**s) for s in info["shards"]]) for name, info in data.pop("splits").items()}
         tokenizer = TokenizerIdentity(**data.pop("tokenizer"))
         return cls(tokenizer=tokenizer, splits=splits, **data)
 
@@ -124,14 +122,24 @@ def dataset_file(data_dir: str, relative: Any, what: str) -> str:
     Only a plain relative path is accepted (no absolute path, no `..`, no drive); after resolving symlinks
     it must still be inside `data_dir`, so a crafted manifest cannot make a reader open a file elsewhere.
     """
-    bad = (not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative or os.path.isabs(relative)
-           or relative.startswith("/") or ":" in relative.split("/")[0] or ".." in relative.split("/")
-           or os.path.normpath(relative) != relative.rstrip("/"))
+    bad = (
+        not isinstance(relative, str)
+        or not relative
+        or "\0" in relative
+        or "\\" in relative
+        or os.path.isabs(relative)
+        or relative.startswith("/")
+        or ":" in relative.split("/")[0]
+        or ".." in relative.split("/")
+        or os.path.normpath(relative) != relative.rstrip("/")
+    )
     path = os.path.join(data_dir, relative) if not bad else ""
     root = os.path.realpath(data_dir)
     if bad or not os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep):
-        raise DatasetError(f"{os.path.join(data_dir, MANIFEST_FILE)} names {what} {relative!r}, which is not a path inside the dataset; "
-                           f"this manifest is damaged or crafted: re-run distill-prep")
+        raise DatasetError(
+            f"{os.path.join(data_dir, MANIFEST_FILE)} names {what} {relative!r}, which is not a path inside the dataset; "
+            f"this manifest is damaged or crafted: re-run distill-prep"
+        )
     return path
 
 
@@ -142,9 +150,7 @@ def load_manifest(data_dir: str) -> Manifest:
     """
     path = os.path.join(data_dir, MANIFEST_FILE)
     if not os.path.isdir(data_dir):
-        raise DatasetError(
-            f"prepared dataset {data_dir!r} does not exist; run `distill-prep --output {data_dir} ...` first"
-        )
+        raise DatasetError(f"prepared dataset {data_dir!r} does not exist; run `distill-prep --output {data_dir} ...` first")
     if not os.path.exists(path):
         raise DatasetError(
             f"{data_dir!r} has no {MANIFEST_FILE}: the data-prep pipeline did not finish there "
@@ -180,8 +186,7 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
 
     if split not in manifest.splits:
         raise DatasetError(
-            f"{data_dir!r} has no {split!r} split (it has {sorted(manifest.splits)}); "
-            f"prepare it with distill-prep or pick another split"
+            f"{data_dir!r} has no {split!r} split (it has {sorted(manifest.splits)}); prepare it with distill-prep or pick another split"
         )
     info = manifest.splits[split]
     if not info.shards or info.rows == 0:
@@ -193,8 +198,7 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
         rows = pq.ParquetFile(path).metadata.num_rows
         if rows != shard.rows:
             raise DatasetError(
-                f"shard {path} holds {rows} rows but the manifest says {shard.rows}; "
-                f"the dataset is damaged, re-run distill-prep"
+                f"shard {path} holds {rows} rows but the manifest says {shard.rows}; the dataset is damaged, re-run distill-prep"
             )
         if checksums and sha256_file(path) != shard.sha256:
             raise DatasetError(f"shard {path} fails its sha256 check; the dataset is damaged, re-run distill-prep")
@@ -212,6 +216,9 @@ def check_tokenizer_matches(manifest: Manifest, identity: TokenizerIdentity, wha
             f"the tokenizer of {what} ({identity.name_or_path}, vocab {identity.vocab_size}) does not match the "
             f"one the dataset was prepared with ({prepared.name_or_path}, vocab {prepared.vocab_size}); "
             f"re-run distill-prep with --tokenizer {identity.name_or_path}"
-            + ("; distilling across tokenizers is not supported (yet): the teacher, the student and the data share one tokenizer"
-               if what.startswith("teacher") else "")
+            + (
+                "; distilling across tokenizers is not supported (yet): the teacher, the student and the data share one tokenizer"
+                if what.startswith("teacher")
+                else ""
+            )
         )

@@ -11,6 +11,7 @@
   only into an empty prefix (manifest.json last) and removes what it wrote if the run fails;
   `--overwrite` of a prefix that holds data is refused with a one-line error that says what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,8 +89,10 @@ def check_apart(output: str, patterns: list[str], files: list[str], tokenizer: s
             continue
         how = overlap(output, base)
         if how in ("is", "contains") or (how == "is inside" and "**" in pattern):
-            raise OutputError(f"--output {output!r} {how} the directory that --input {pattern!r} reads; an output must not overlap "
-                              f"an input (it could overwrite or re-read it): choose an --output outside it")
+            raise OutputError(
+                f"--output {output!r} {how} the directory that --input {pattern!r} reads; an output must not overlap "
+                f"an input (it could overwrite or re-read it): choose an --output outside it"
+            )
     check_no_overlap(output, inputs)
     check_no_overlap(output, [("--input file", path) for path in files])
 
@@ -120,15 +123,21 @@ def _check_remote_empty(output: str, overwrite: bool) -> None:
     try:
         existing = _list_files(output.rstrip("/") + "/**")
     except Exception as exc:
-        raise PrepInputError(f"cannot list --output {output!r} ({str(exc).splitlines()[0][:160]}); check the path and its filesystem") from None
+        raise PrepInputError(
+            f"cannot list --output {output!r} ({str(exc).splitlines()[0][:160]}); check the path and its filesystem"
+        ) from None
     if not existing:
         return
     if overwrite:
-        raise PrepInputError(f"--output {output!r} already holds data and --overwrite is refused on an object store: with no rename there, "
-                             f"the old dataset would be deleted before the new one is complete; write to a new --output prefix, "
-                             f"or delete the old one yourself first{f' (gsutil -m rm -r {output})' if output.startswith('gs://') else ''}")
-    raise PrepInputError(f"--output {output!r} already holds data; choose a new --output prefix "
-                         f"(on an object store distill-prep never replaces data: delete it yourself first to reuse the prefix)")
+        raise PrepInputError(
+            f"--output {output!r} already holds data and --overwrite is refused on an object store: with no rename there, "
+            f"the old dataset would be deleted before the new one is complete; write to a new --output prefix, "
+            f"or delete the old one yourself first{f' (gsutil -m rm -r {output})' if output.startswith('gs://') else ''}"
+        )
+    raise PrepInputError(
+        f"--output {output!r} already holds data; choose a new --output prefix "
+        f"(on an object store distill-prep never replaces data: delete it yourself first to reuse the prefix)"
+    )
 
 
 def check_output(output: str, overwrite: bool, patterns: list[str], files: list[str], tokenizer: str = "") -> None:
@@ -148,8 +157,11 @@ def _warn_about_leftovers(output: str) -> None:
     stem = os.path.join(glob.escape(os.path.dirname(os.path.abspath(output))), "." + glob.escape(os.path.basename(os.path.abspath(output))))
     found = sorted(glob.glob(stem + ".partial-*") + glob.glob(stem + ".old-*"))
     if found:
-        log.warning("found %s beside --output: left by a distill-prep that was killed (or is still running); a .old-* one holds "
-                    "the dataset it was replacing; delete them when you no longer need them", ", ".join(found))
+        log.warning(
+            "found %s beside --output: left by a distill-prep that was killed (or is still running); a .old-* one holds "
+            "the dataset it was replacing; delete them when you no longer need them",
+            ", ".join(found),
+        )
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ content is more than `max_unk_fraction` unknown tokens are dropped as `mostly_un
 content tokens only (inserted separators / EOS are not read tokens), so
 tokens read == content tokens written + content tokens dropped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,8 +92,16 @@ def _check(out: Packed, spec: PackSpec, window: np.ndarray, real: Optional[np.nd
     return True
 
 
-def pack_document(ids: np.ndarray, word_start: np.ndarray, cls_id: int, sep_id: int, unk_id: int | None,
-                  max_seq_len: int, min_seq_len: int, max_unk_fraction: float) -> Packed:
+def pack_document(
+    ids: np.ndarray,
+    word_start: np.ndarray,
+    cls_id: int,
+    sep_id: int,
+    unk_id: int | None,
+    max_seq_len: int,
+    min_seq_len: int,
+    max_unk_fraction: float,
+) -> Packed:
     """Windows of one document as [CLS] ... [SEP] sequences, with drops counted."""
     if max_seq_len < 3:
         raise ValueError("max_seq_len must be at least 3 ([CLS] token [SEP])")
@@ -216,8 +225,13 @@ class StreamPacker:
             return []
         ids_all, starts_all, real_all = (np.concatenate(x) for x in zip(*self._parts))
         full = (len(ids_all) // self.width) * self.width
-        out = [seq for start in range(0, full, self.width)
-               for seq in self._emit(ids_all[start : start + self.width], starts_all[start : start + self.width], real_all[start : start + self.width])]
+        out = [
+            seq
+            for start in range(0, full, self.width)
+            for seq in self._emit(
+                ids_all[start : start + self.width], starts_all[start : start + self.width], real_all[start : start + self.width]
+            )
+        ]
         self._parts, self._length = [], 0
         if full < len(ids_all):
             self._append(ids_all[full:], starts_all[full:], real_all[full:])

@@ -10,6 +10,7 @@ spill files on the local runner and through the runner's GroupByKey elsewhere (d
 So on the local runner no grouping holds the corpus, and memory stays flat as it grows.
 The tokenizer is read once by the driver and travels inside TokenizeAndPack as bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,7 +92,7 @@ class TokenizeAndPack(beam.DoFn):
         self.in_flight = None  # (documents, future of their encodings): the batch being tokenized
 
     def process(self, element):
-        for doc in (element if isinstance(element, list) else [element]):
+        for doc in element if isinstance(element, list) else [element]:
             doc = _as_doc(doc)
             self.buffer.append(doc)
             self.buffered_chars += len(doc[0])
@@ -187,9 +188,9 @@ def _write_json(data: dict, path: str) -> None:
 
 
 def _write_npy(array: np.ndarray, path: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
     import io
+
+    from apache_beam.io.filesystems import FileSystems
 
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -197,9 +198,19 @@ def _write_npy(array: np.ndarray, path: str) -> None:
         handle.write(buffer.getvalue())
 
 
-def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], tokenizer: TokenizerPayload, vocab_size: int,
-                   token_dtype: str, num_shards: int, spill: bool = True, spill_bytes: int = SPILL_BYTES, dedup_partitions: int = 1,
-                   stamps: Optional[list] = None) -> None:
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    cfg: PrepConfig,
+    files: list[str],
+    tokenizer: TokenizerPayload,
+    vocab_size: int,
+    token_dtype: str,
+    num_shards: int,
+    spill: bool = True,
+    spill_bytes: int = SPILL_BYTES,
+    dedup_partitions: int = 1,
+    stamps: Optional[list] = None,
+) -> None:
     """Attach the prep transforms to `pipeline` (also used by tests); `tokenizer` is pickled into the DoFn.
 
     `spill`: shuffle rows into shards through spill files (the local runner, whose GroupByKey is in
@@ -215,9 +226,8 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], t
         | "OneFile" >> beam.MapTuple(lambda index, paths: (index, next(iter(paths))))
         | "Read" >> ReadDocuments(cfg, files, dedup_partitions, stamps)
     )
-    packed = (
-        docs
-        | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, tokenizer, vocab_size)).with_outputs("validation", "stats", "counts", main="train")
+    packed = docs | "TokenizeAndPack" >> beam.ParDo(TokenizeAndPack(cfg, tokenizer, vocab_size)).with_outputs(
+        "validation", "stats", "counts", main="train"
     )
     splits = {"train": packed.train}
     if cfg.validation_fraction > 0:
@@ -226,7 +236,9 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PrepConfig, files: list[str], t
         shards = num_shards if name == "train" else max(1, int(np.ceil(num_shards * cfg.validation_fraction)))
         directory = os.path.join(cfg.output, name)
         if spill:
-            shuffle = ShuffleThroughFiles(directory, os.path.join(tmp, "spill", name), shards, cfg.seed, token_dtype, cfg.packing, spill_bytes)
+            shuffle = ShuffleThroughFiles(
+                directory, os.path.join(tmp, "spill", name), shards, cfg.seed, token_dtype, cfg.packing, spill_bytes
+            )
         else:
             shuffle = ShuffleThroughRunner(directory, shards, cfg.seed, token_dtype, cfg.packing)
         _ = rows | f"Shuffle_{name}" >> shuffle

@@ -6,6 +6,7 @@ TokenizeAndPack emits one block per batch and split; the shuffle, the spill file
 writer all work on blocks. `shuffle_keys` gives every row a seeded 64-bit key from its ids alone,
 which is what makes the shuffle deterministic: same rows and seed, same shards, on any runner.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ class RowBlock:
     def concat(cls, blocks: list["RowBlock"], token_dtype: str, with_flags: bool) -> "RowBlock":
         if not blocks:
             return cls(np.zeros(0, np.int64), np.zeros(0, token_dtype), np.zeros(0, bool) if with_flags else None)
-        return cls(np.concatenate([b.lengths for b in blocks]), np.concatenate([b.ids for b in blocks]),
-                   np.concatenate([b.flags for b in blocks]) if with_flags else None)
+        return cls(
+            np.concatenate([b.lengths for b in blocks]),
+            np.concatenate([b.ids for b in blocks]),
+            np.concatenate([b.flags for b in blocks]) if with_flags else None,
+        )
 
     def token_index(self, order: np.ndarray) -> np.ndarray:
         """Positions in `ids` of the tokens of rows `order`, in that order."""

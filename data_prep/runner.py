@@ -1,5 +1,6 @@
 """Which Beam runner a prep run uses and with what options: the local FnApiRunner (in-process or N worker
 processes) unless the user names a runner (Dataflow, Flink, Spark) in the Beam options."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep.config import PrepConfig
 from data_prep.sources import is_packed
-
 
 IN_PROCESS_MAX_BYTES = 16 << 20  # auto mode: smaller inputs run in the launcher process
 
@@ -60,4 +60,6 @@ def local_runner(options: PipelineOptions):
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+    return fn_runner.FnApiRunner(
+        provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    )

@@ -4,6 +4,7 @@ Ids always come from the `sentencepiece` library itself. The dataset's `tokenize
 the `.model` file and a Hugging Face fast tokenizer built from its pieces and scores, so that the
 trainer loads it with `AutoTokenizer` (same vocabulary, same special ids, same identity hash).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,13 @@ from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 from data_prep.tokenizer_base import REQUIRED_SPECIALS, TokenizerPayload, split_pieces
 
 SPECIAL_PIECES = {  # role -> pieces that play it, first found wins
-    "cls": ("[CLS]", "<cls>"), "sep": ("[SEP]", "<sep>"), "mask": ("[MASK]", "<mask>"),
-    "pad": ("<pad>", "[PAD]"), "unk": ("<unk>", "[UNK]"), "eos": ("</s>", "<|endoftext|>"), "bos": ("<s>",),
+    "cls": ("[CLS]", "<cls>"),
+    "sep": ("[SEP]", "<sep>"),
+    "mask": ("[MASK]", "<mask>"),
+    "pad": ("<pad>", "[PAD]"),
+    "unk": ("<unk>", "[UNK]"),
+    "eos": ("</s>", "<|endoftext|>"),
+    "bos": ("<s>",),
 }
 TRAINED_SPECIALS = ["[CLS]", "[SEP]", "[MASK]"]
 MODEL_FILE = "spiece.model"
@@ -30,7 +36,9 @@ def _read_model(path: str) -> bytes:
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             return handle.read()
     except Exception as exc:
-        raise PrepInputError(f"--tokenizer {path!r} cannot be read ({str(exc).splitlines()[0][:120]}); pass a readable .model file") from None
+        raise PrepInputError(
+            f"--tokenizer {path!r} cannot be read ({str(exc).splitlines()[0][:120]}); pass a readable .model file"
+        ) from None
 
 
 def _load_processor(path: str, model_bytes: bytes):
@@ -39,7 +47,9 @@ def _load_processor(path: str, model_bytes: bytes):
     try:
         return spm.SentencePieceProcessor(model_proto=model_bytes)
     except Exception as exc:
-        raise PrepInputError(f"--tokenizer {path!r} is not a sentencepiece model ({str(exc).splitlines()[0][:120]}); pass a .model file or a tokenizer directory") from None
+        raise PrepInputError(
+            f"--tokenizer {path!r} is not a sentencepiece model ({str(exc).splitlines()[0][:120]}); pass a .model file or a tokenizer directory"
+        ) from None
 
 
 class SentencePieceTokenizer:
@@ -138,11 +148,25 @@ def train_sentencepiece(texts, vocab_size: int, model_prefix: str, model_type: s
 
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-            pad_id=0, unk_id=1, eos_id=2, bos_id=-1, user_defined_symbols=TRAINED_SPECIALS,
-            normalization_rule_name="identity", character_coverage=0.9995, input_sentence_size=2_000_000,
-            shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=False,
+            sentence_iterator=iter(texts),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0,
+            unk_id=1,
+            eos_id=2,
+            bos_id=-1,
+            user_defined_symbols=TRAINED_SPECIALS,
+            normalization_rule_name="identity",
+            character_coverage=0.9995,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            hard_vocab_limit=False,
         )
     except RuntimeError as exc:
-        raise PrepInputError(f"--train-sentencepiece {vocab_size}: training failed ({str(exc).splitlines()[0][:160]}); use a smaller vocabulary or a larger corpus") from None
+        raise PrepInputError(
+            f"--train-sentencepiece {vocab_size}: training failed ({str(exc).splitlines()[0][:160]}); use a smaller vocabulary or a larger corpus"
+        ) from None
     return model_prefix + ".model"

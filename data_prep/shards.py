@@ -16,6 +16,7 @@ runner and worker count; row groups hold `ROW_GROUP` rows (the last one fewer) o
 Spill file: rows n (u64), keys (n × u64, ascending), lengths (n × u32), ids (token dtype), word-start
 flags (one byte per token, absent in causal mode).
 """
+
 from __future__ import annotations
 
 import os
@@ -84,7 +85,9 @@ class ShardWriter:
         import pyarrow as pa
 
         offsets = rows.offsets.astype(np.int32)
-        columns = [pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type)]
+        columns = [
+            pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type)
+        ]
         if self.with_flags:
             columns.append(pa.ListArray.from_arrays(offsets, rows.flags, type=self.schema.field("word_start").type))
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
@@ -131,16 +134,14 @@ class ShuffleThroughRunner(beam.PTransform):
             rows = list(rows)
             keys = np.array([key for key, _, _ in rows], dtype=np.uint64)
             ids = [np.frombuffer(i, dtype=dtype) for _, i, _ in rows]
-            block = RowBlock(np.array([len(i) for i in ids], dtype=np.int64), np.concatenate(ids) if ids else np.zeros(0, dtype),
-                             None if packing == "causal" else np.frombuffer(b"".join(f for _, _, f in rows), dtype=bool))
+            block = RowBlock(
+                np.array([len(i) for i in ids], dtype=np.int64),
+                np.concatenate(ids) if ids else np.zeros(0, dtype),
+                None if packing == "causal" else np.frombuffer(b"".join(f for _, _, f in rows), dtype=bool),
+            )
             return write_shard(block, keys, shard_path(directory, shard, shards), dtype, packing)
 
-        return (
-            blocks
-            | "KeyRows" >> beam.FlatMap(keyed_rows)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.MapTuple(write)
-        )
+        return blocks | "KeyRows" >> beam.FlatMap(keyed_rows) | "GroupShards" >> beam.GroupByKey() | "WriteShards" >> beam.MapTuple(write)
 
 
 class SpillRows(beam.DoFn):
@@ -196,7 +197,9 @@ def _read_exactly(handle, size: int, path: str) -> bytes:
     """`size` bytes, or an error: a spill file shorter than its header says is never read as complete."""
     data = handle.read(size)
     if len(data) != size:
-        raise OSError(f"spill file {path} is cut short ({len(data)} of {size} bytes where more were written); the run's temporary data was damaged")
+        raise OSError(
+            f"spill file {path} is cut short ({len(data)} of {size} bytes where more were written); the run's temporary data was damaged"
+        )
     return data
 
 
@@ -258,8 +261,9 @@ def write_spilled_shard(shard: int, spill_files, directory: str, shards: int, to
 class ShuffleThroughFiles(beam.PTransform):
     """Row blocks -> shard paths, through spill files under `spill_directory` (only file names are grouped)."""
 
-    def __init__(self, directory: str, spill_directory: str, shards: int, seed: int, token_dtype: str, packing: str,
-                 spill_bytes: int = SPILL_BYTES):
+    def __init__(
+        self, directory: str, spill_directory: str, shards: int, seed: int, token_dtype: str, packing: str, spill_bytes: int = SPILL_BYTES
+    ):
         super().__init__()
         self.directory, self.spill_directory, self.shards, self.seed = directory, spill_directory, shards, seed
         self.token_dtype, self.packing, self.spill_bytes = token_dtype, packing, spill_bytes

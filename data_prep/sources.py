@@ -23,6 +23,7 @@ Document rules:
 Whitespace-only documents are dropped and counted (`empty`); undecodable lines and bad JSON records
 either stop the run with a one-line error or are counted and skipped (`on_error=skip`).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -117,7 +118,9 @@ def list_inputs(patterns: list[str]) -> list[InputFile]:
             raise PrepInputError(f"cannot list --input {pattern!r} ({exc}); check the path and its filesystem") from None
         files = [m for m in results if not os.path.basename(m.path).startswith((".", "_"))]
         if not files:
-            raise PrepInputError(f"--input {pattern!r} matches no files; check the path or glob (quote globs so the shell does not expand them)")
+            raise PrepInputError(
+                f"--input {pattern!r} matches no files; check the path or glob (quote globs so the shell does not expand them)"
+            )
         for meta in files:
             found[meta.path] = InputFile(meta.path, meta.size_in_bytes, getattr(meta, "last_updated_in_seconds", None))
     return [found[path] for path in sorted(found)]
@@ -229,7 +232,10 @@ def _parquet_damage(path: str, text_field: str) -> Optional[DamagedFile]:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 4))
             if handle.read(4) != b"PAR1":
-                return DamagedFile("truncated_file", "is truncated: it does not end with a Parquet footer (an interrupted download or copy, or not a Parquet file)")
+                return DamagedFile(
+                    "truncated_file",
+                    "is truncated: it does not end with a Parquet footer (an interrupted download or copy, or not a Parquet file)",
+                )
             handle.seek(0)
             reader = pq.ParquetFile(handle, page_checksum_verification=True)
             if text_field in reader.schema_arrow.names:
@@ -263,8 +269,10 @@ def _stamp(path: str) -> tuple[int, Optional[float]]:
     try:
         meta = FileSystems.get_filesystem(path).metadata(path)
     except (BeamIOError, OSError) as exc:
-        raise PrepInputError(f"{path} cannot be found any more ({str(exc).splitlines()[0][:120]}): it was listed at the start of the run; "
-                             f"rerun once nothing moves or deletes files of the corpus") from None
+        raise PrepInputError(
+            f"{path} cannot be found any more ({str(exc).splitlines()[0][:120]}): it was listed at the start of the run; "
+            f"rerun once nothing moves or deletes files of the corpus"
+        ) from None
     return meta.size_in_bytes, getattr(meta, "last_updated_in_seconds", None)
 
 
@@ -272,8 +280,9 @@ def _check_unchanged(path: str, before: tuple[int, Optional[float]], when: str) 
     """Refuse a file whose size or modification time is no longer `before`."""
     now = _stamp(path)
     if now[0] != before[0] or (now[1] and before[1] and now[1] != before[1]):
-        raise PrepInputError(f"{path} changed {when} (size {before[0]} -> {now[0]} bytes, or rewritten); "
-                             f"rerun once nothing writes to the corpus")
+        raise PrepInputError(
+            f"{path} changed {when} (size {before[0]} -> {now[0]} bytes, or rewritten); rerun once nothing writes to the corpus"
+        )
     return now
 
 
@@ -339,9 +348,15 @@ def _is_binary(path: str) -> bool:
         return b"\x00" in handle.read(8192)
 
 
-def read_documents(path: str, doc_split: str = "line", text_field: str = "text", on_error: str = "error",
-                   max_line_bytes: int = MAX_LINE_BYTES, listed: Optional[tuple[int, Optional[float]]] = None,
-                   verify: bool = True) -> Iterator[Union[Document, Dropped]]:
+def read_documents(
+    path: str,
+    doc_split: str = "line",
+    text_field: str = "text",
+    on_error: str = "error",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    listed: Optional[tuple[int, Optional[float]]] = None,
+    verify: bool = True,
+) -> Iterator[Union[Document, Dropped]]:
     """Documents of one file, in file order, with drop records for what was skipped.
 
     A damaged compressed or Parquet file is found before any document is read (`verify`; without it, where
@@ -356,24 +371,32 @@ def read_documents(path: str, doc_split: str = "line", text_field: str = "text",
             yield from _file_documents(path, file_kind(path), doc_split, text_field, on_error, max_line_bytes)
     except DamagedFile as found:
         if verify:  # it read whole a moment ago
-            raise PrepInputError(f"{path} changed while it was read (it now {found.detail}); rerun once nothing writes to the corpus") from None
+            raise PrepInputError(
+                f"{path} changed while it was read (it now {found.detail}); rerun once nothing writes to the corpus"
+            ) from None
         damage = found
     if damage is not None:
         if on_error != "skip":
-            raise PrepInputError(f"{path} {damage.detail}; restore the complete file, remove it from --input, "
-                                 f"or pass --on-decode-error skip to leave it out (counted as {damage.reason})")
+            raise PrepInputError(
+                f"{path} {damage.detail}; restore the complete file, remove it from --input, "
+                f"or pass --on-decode-error skip to leave it out (counted as {damage.reason})"
+            )
         yield Dropped(damage.reason, unit="files")
         return
     _check_unchanged(path, before, "while it was read")
 
 
-def _file_documents(path: str, kind: str, doc_split: str, text_field: str, on_error: str, max_line_bytes: int) -> Iterator[Union[Document, Dropped]]:
+def _file_documents(
+    path: str, kind: str, doc_split: str, text_field: str, on_error: str, max_line_bytes: int
+) -> Iterator[Union[Document, Dropped]]:
     if kind == "parquet":
         yield from _parquet_documents(path, text_field, on_error)
         return
     if _is_binary(path):
         if on_error != "skip":
-            raise PrepInputError(f"{path} is a binary file (it holds NUL bytes), not text; remove it from --input or pass --on-decode-error skip to count and skip it")
+            raise PrepInputError(
+                f"{path} is a binary file (it holds NUL bytes), not text; remove it from --input or pass --on-decode-error skip to count and skip it"
+            )
         yield Dropped("binary_file")
         return
     with open_text(path) as handle:
@@ -396,12 +419,16 @@ def _parquet_documents(path: str, text_field: str, on_error: str) -> Iterator[Un
         except Exception as exc:
             raise DamagedFile("corrupt_file", f"is corrupt: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
         if text_field not in reader.schema_arrow.names:
-            raise PrepInputError(f"{path} has no column {text_field!r} (it has {', '.join(reader.schema_arrow.names)}); set --text-field to the text column")
+            raise PrepInputError(
+                f"{path} has no column {text_field!r} (it has {', '.join(reader.schema_arrow.names)}); set --text-field to the text column"
+            )
         for batch in _checked_batches(reader, text_field):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     if on_error != "skip":
-                        raise PrepInputError(f"{path}: column {text_field!r} holds a non-string value ({type(text).__name__}); pick a string column or pass --on-decode-error skip")
+                        raise PrepInputError(
+                            f"{path}: column {text_field!r} holds a non-string value ({type(text).__name__}); pick a string column or pass --on-decode-error skip"
+                        )
                     yield Dropped("missing_field")
                 elif text.strip():
                     yield Document(text.strip())
@@ -479,7 +506,9 @@ def _jsonl_documents(lines, path: str, text_field: str, on_error: str) -> Iterat
             if on_error == "skip":
                 yield Dropped("bad_json")
                 continue
-            raise PrepInputError(f"{path} line {number}: not valid JSON; fix the line or pass --on-decode-error skip to count and skip such lines") from None
+            raise PrepInputError(
+                f"{path} line {number}: not valid JSON; fix the line or pass --on-decode-error skip to count and skip such lines"
+            ) from None
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             if on_error == "skip":

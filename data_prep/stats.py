@@ -1,4 +1,5 @@
 """Counters of what the pipeline read, wrote and dropped; merged with a Beam CombineFn."""
+
 from __future__ import annotations
 
 from collections import Counter

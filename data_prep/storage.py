@@ -1,4 +1,5 @@
 """Reading back and publishing a prep run's files through Beam's filesystems (local disk, gs://, s3://, hdfs://)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,15 @@ def shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
                 ids = shard.read_row_group(group, columns=["input_ids"]).column("input_ids")
                 rows += len(ids)
                 tokens += int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
-        infos.append(mf.ShardInfo(path=meta.path[len(root):] if meta.path.startswith(root) else os.path.relpath(meta.path, cfg.output),
-                                  rows=rows, tokens=tokens, sha256=sha256(meta.path), bytes=meta.size_in_bytes))
+        infos.append(
+            mf.ShardInfo(
+                path=meta.path[len(root) :] if meta.path.startswith(root) else os.path.relpath(meta.path, cfg.output),
+                rows=rows,
+                tokens=tokens,
+                sha256=sha256(meta.path),
+                bytes=meta.size_in_bytes,
+            )
+        )
     return infos
 
 

@@ -2,6 +2,7 @@
 
 One interface so that the pipeline does not care which kind of tokenizer the teacher uses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,7 @@ from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 from data_prep.sentencepiece_tok import SentencePieceTokenizer
 from data_prep.tokenizer_base import REQUIRED_SPECIALS, TOKENIZER_FILES, TokenizerPayload, has_tokenizer_files, split_pieces  # noqa: F401
+
 
 def _fast_backend(tokenizer_json: str):
     """A `tokenizers.Tokenizer` from its JSON, with truncation and padding off (we cut sequences ourselves)."""
@@ -157,17 +159,23 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
             f"downloaded beforehand: this job never downloads"
         )
     if not has_tokenizer_files(path):
-        raise PrepInputError(f"--tokenizer {path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the teacher's tokenizer directory")
+        raise PrepInputError(
+            f"--tokenizer {path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the teacher's tokenizer directory"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrepInputError(f"--tokenizer {path!r} is not a loadable tokenizer ({first[:200]}); pass a directory written by save_pretrained") from None
+        raise PrepInputError(
+            f"--tokenizer {path!r} is not a loadable tokenizer ({first[:200]}); pass a directory written by save_pretrained"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise PrepInputError(f"--tokenizer {path!r} is a slow (Python) tokenizer; save it with its tokenizer.json (a fast tokenizer)")
     missing = [name for name in REQUIRED_SPECIALS[packing] if getattr(tokenizer, f"{name}_token_id", None) is None]
     if missing and packing == "causal":
-        raise PrepInputError(f"--tokenizer {path!r} has no EOS token; causal packing puts EOS between documents, use the teacher's GPT-2-style tokenizer")
+        raise PrepInputError(
+            f"--tokenizer {path!r} has no EOS token; causal packing puts EOS between documents, use the teacher's GPT-2-style tokenizer"
+        )
     if missing:
         raise PrepInputError(
             f"--tokenizer {path!r} has no {', '.join(missing)} token(s); masked-LM data needs [CLS], [SEP], [PAD] and [MASK] equivalents "

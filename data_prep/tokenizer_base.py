@@ -1,6 +1,7 @@
 """What every tokenizer adapter shares: the special tokens each packing needs, cutting long texts into pieces,
 and the payload that carries a tokenizer to the workers as bytes. (The adapters: data_prep/tokenization.py for
 Hugging Face fast tokenizers, data_prep/sentencepiece_tok.py for sentencepiece models; both import only this.)"""
+
 from __future__ import annotations
 
 import os

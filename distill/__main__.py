@@ -1,4 +1,5 @@
 """`python -m distill --config ...` (and `deepspeed --module distill ...`) runs distill-train."""
+
 import sys
 
 from distill.cli import train_main

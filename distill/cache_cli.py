@@ -2,6 +2,7 @@
 
 Settings: --config YAML < key=value < the generated flags (the same mechanism as distill-prep); other
 `--name=value` options go to Apache Beam (e.g. --runner=DataflowRunner ...)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     from distill.cache_pipeline import CacheConfig
     from kd_common.config import add_arguments
 
-    p = argparse.ArgumentParser(prog="distill-cache", description="Run a frozen teacher once over a prepared (causal) dataset and write a "
-                                "sparse cache of its distribution (top-k + tail mass, or samples) row-aligned with the data shards, for "
-                                "`teacher.source: cache`. Other --name=value options go to Apache Beam.")
+    p = argparse.ArgumentParser(
+        prog="distill-cache",
+        description="Run a frozen teacher once over a prepared (causal) dataset and write a "
+        "sparse cache of its distribution (top-k + tail mass, or samples) row-aligned with the data shards, for "
+        "`teacher.source: cache`. Other --name=value options go to Apache Beam.",
+    )
     add_arguments(p, CacheConfig, overrides=False)
     return p
 
@@ -63,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-cache: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     stats = manifest.stats
-    print(f"{manifest.tokens:,} tokens, {manifest.rows:,} rows, {len(manifest.parts)} parts; {stats['bytes_per_token']:.1f} bytes per token; "
-          f"{stats['tokens_per_second']:,.0f} tokens/s")
+    print(
+        f"{manifest.tokens:,} tokens, {manifest.rows:,} rows, {len(manifest.parts)} parts; {stats['bytes_per_token']:.1f} bytes per token; "
+        f"{stats['tokens_per_second']:,.0f} tokens/s"
+    )
     print(cfg.output)
     return 0
 

@@ -8,6 +8,7 @@ number of a part depends only on (settings, teacher, rows of the part), and a dr
 (seed, shard, row, position): the output is the same for any worker count. The launcher then re-opens every
 part (rows, sha256) and writes manifest.json last (data_prep/cache_manifest.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,11 @@ class CacheConfig:
     data: Str = setting(help="prepared dataset directory (distill-prep output; causal data)")
     teacher: Str = setting(help="the teacher: a local Hugging Face directory (config.json + weights)")
     output: Str = setting(help="new directory for the cache (built beside it, moved into place when complete)")
-    mode: Literal["topk", "sampled"] = setting("topk", "topk: the k most likely ids per position + the remaining mass; sampled: n ids drawn "
-                                               "from the teacher's distribution (weight 1/n each)")
+    mode: Literal["topk", "sampled"] = setting(
+        "topk",
+        "topk: the k most likely ids per position + the remaining mass; sampled: n ids drawn "
+        "from the teacher's distribution (weight 1/n each)",
+    )
     k: Int = setting(64, "topk: ids kept per position", ge=1)
     n: Int = setting(64, "sampled: draws per position", ge=1)
     temperature: Float = setting(1.0, "the distribution cached is softmax(logits / T); training must use the same loss.temperature", gt=0)
@@ -44,8 +48,12 @@ class CacheConfig:
     rows_per_part: Int = setting(4096, "rows per part file (the unit of parallelism; fixed by this setting, not by the workers)", ge=1)
     workers: Int = setting(1, "local runner worker processes (1 = in-process)", ge=1)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where each worker runs the teacher; auto = its GPU when it has one")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU (scores are fp32 either way)")
-    threads: Int = setting(1, "torch CPU threads per worker (0 = torch's default); fixed so results do not depend on the machine's load", ge=0)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU (scores are fp32 either way)"
+    )
+    threads: Int = setting(
+        1, "torch CPU threads per worker (0 = torch's default); fixed so results do not depend on the machine's load", ge=0
+    )
     overwrite: Bool = setting(False, "replace --output if it holds a teacher cache, once the new one is complete")
 
     @property
@@ -130,7 +138,10 @@ class TeacherScorer:
         positions = mask.reshape(-1).nonzero().squeeze(1)
         with torch.inference_mode():
             out = model_forward(self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True)
-            weight, bias = out.head.weight[: self.vocab], (out.head.bias[: self.vocab] if getattr(out.head, "bias", None) is not None else None)
+            weight, bias = (
+                out.head.weight[: self.vocab],
+                (out.head.bias[: self.vocab] if getattr(out.head, "bias", None) is not None else None),
+            )
             uniforms = None
             if self.cfg.mode == "sampled":
                 uniforms = np.concatenate([row_uniforms(self.cfg.seed, shard, first_row + i, n, self.cfg.n) for i, n in enumerate(lengths)])
@@ -145,7 +156,9 @@ class TeacherScorer:
         tail = torch.cat([p[2] for p in parts]).cpu().numpy() if parts[0][2] is not None else None
         result, at = [], 0
         for n in lengths:
-            result.append((indices[at:at + n].reshape(-1), values[at:at + n].reshape(-1), tail[at:at + n] if tail is not None else None))
+            result.append(
+                (indices[at : at + n].reshape(-1), values[at : at + n].reshape(-1), tail[at : at + n] if tail is not None else None)
+            )
             at += n
         return result
 
@@ -167,16 +180,24 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
     if rows and rows[0][2] is not None:
         columns["tail"] = pa.array([r[2].astype(vtype) for r in rows], type=pa.list_(pa.from_numpy_dtype(vtype)))
     tmp = path + ".tmp"
-    pq.write_table(pa.table(columns), tmp, compression="zstd", compression_level=9, use_dictionary=False,
-                   column_encoding={"indices.list.element": "DELTA_BINARY_PACKED", "values.list.element": "BYTE_STREAM_SPLIT",
-                                    **({"tail.list.element": "BYTE_STREAM_SPLIT"} if "tail" in columns else {})})
+    pq.write_table(
+        pa.table(columns),
+        tmp,
+        compression="zstd",
+        compression_level=9,
+        use_dictionary=False,
+        column_encoding={
+            "indices.list.element": "DELTA_BINARY_PACKED",
+            "values.list.element": "BYTE_STREAM_SPLIT",
+            **({"tail.list.element": "BYTE_STREAM_SPLIT"} if "tail" in columns else {}),
+        },
+    )
     os.replace(tmp, path)
 
 
 def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[np.ndarray]:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
     groups, first, at = [], None, 0  # only the row groups that overlap [start, stop)
@@ -210,12 +231,16 @@ try:
             rows = read_rows(self.cfg.data, shard_path, start, stop)
             out = []
             for b in range(0, len(rows), self.cfg.batch_size):
-                out += self.scorer.score(rows[b:b + self.cfg.batch_size], shard, start + b)
+                out += self.scorer.score(rows[b : b + self.cfg.batch_size], shard, start + b)
             name = part_name(self.cfg.split, shard, start)
             write_part(os.path.join(self.work_dir, name), out, self.cfg.value_bits)
             tokens = sum(len(r) for r in rows)
-            print(f"distill-cache: shard {shard} rows {start}-{stop}: {tokens} tokens, {tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s "
-                  f"({self.scorer.device})", file=sys.stderr, flush=True)
+            print(
+                f"distill-cache: shard {shard} rows {start}-{stop}: {tokens} tokens, {tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s "
+                f"({self.scorer.device})",
+                file=sys.stderr,
+                flush=True,
+            )
             yield name
 except ImportError:  # the trainer imports this module's helpers without Beam
     beam = None
@@ -223,8 +248,11 @@ except ImportError:  # the trainer imports this module's helpers without Beam
 
 def parts_of(manifest, split: str, rows_per_part: int) -> list[tuple[int, str, int, int]]:
     """(shard index, shard path, first row, end row) of every part: fixed by the dataset and `rows_per_part` alone."""
-    return [(i, shard.path, start, min(start + rows_per_part, shard.rows))
-            for i, shard in enumerate(manifest.splits[split].shards) for start in range(0, shard.rows, rows_per_part)]
+    return [
+        (i, shard.path, start, min(start + rows_per_part, shard.rows))
+        for i, shard in enumerate(manifest.splits[split].shards)
+        for start in range(0, shard.rows, rows_per_part)
+    ]
 
 
 def check_inputs(cfg: CacheConfig):
@@ -234,13 +262,17 @@ def check_inputs(cfg: CacheConfig):
 
     manifest = load_manifest(cfg.data)
     if manifest.packing != "causal":
-        raise CacheError(f"{cfg.data} is {manifest.packing!r} (masked-LM) data: the teacher's output depends on the mask, which is drawn anew every "
-                         f"epoch, so it cannot be cached; cache causal data (distill-prep --packing causal)")
+        raise CacheError(
+            f"{cfg.data} is {manifest.packing!r} (masked-LM) data: the teacher's output depends on the mask, which is drawn anew every "
+            f"epoch, so it cannot be cached; cache causal data (distill-prep --packing causal)"
+        )
     verify_shards(cfg.data, manifest, cfg.split, checksums=True)
     config = load_teacher_config(cfg.teacher)
     vocab = manifest.tokenizer.vocab_size
     if config.vocab_size < vocab:
-        raise CacheError(f"the teacher's vocabulary ({config.vocab_size}) is smaller than the dataset tokenizer's ({vocab}); it is not this data's teacher")
+        raise CacheError(
+            f"the teacher's vocabulary ({config.vocab_size}) is smaller than the dataset tokenizer's ({vocab}); it is not this data's teacher"
+        )
     return manifest, config
 
 
@@ -262,29 +294,64 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
         os.makedirs(os.path.join(work, cfg.split), exist_ok=True)
         options = _options(beam_args or [], cfg.workers)
         runner = local_runner(options)
-        log.info("caching %d rows (%d parts) of %s with teacher %s: %s, %d entries per position, T=%g, %d-bit values, %s",
-                 manifest.splits[cfg.split].rows, len(units), cfg.data, cfg.teacher, cfg.mode, cfg.entries, cfg.temperature, cfg.value_bits,
-                 f"{cfg.workers} worker process(es)" if runner is not None else "runner from the Beam options")
+        log.info(
+            "caching %d rows (%d parts) of %s with teacher %s: %s, %d entries per position, T=%g, %d-bit values, %s",
+            manifest.splits[cfg.split].rows,
+            len(units),
+            cfg.data,
+            cfg.teacher,
+            cfg.mode,
+            cfg.entries,
+            cfg.temperature,
+            cfg.value_bits,
+            f"{cfg.workers} worker process(es)" if runner is not None else "runner from the Beam options",
+        )
         with beam.Pipeline(runner=runner, options=options) as pipeline:
-            (pipeline | "Parts" >> beam.Create(units) | "Spread" >> beam.Reshuffle()
-             | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work)))
+            (
+                pipeline
+                | "Parts" >> beam.Create(units)
+                | "Spread" >> beam.Reshuffle()
+                | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work))
+            )
         elapsed = time.time() - t0
         parts = _verify_parts(work, manifest, cfg, units)
         tokens = sum(p.tokens for p in parts)
         size = sum(p.bytes for p in parts)
         result = CacheManifest(
-            mode=cfg.mode, k=cfg.entries, temperature=cfg.temperature, value_dtype=f"float{cfg.value_bits}", vocab_size=vocab, split=cfg.split,
-            seed=cfg.seed, parts=parts,
-            teacher={"path": os.path.abspath(cfg.teacher), "fingerprint": teacher_fingerprint(cfg.teacher), "config": config.to_dict(),
-                     "weights_sha256": weights_sha256(cfg.teacher)},
-            dataset={"path": os.path.abspath(cfg.data), "manifest_sha256": sha256_file(os.path.join(cfg.data, MANIFEST_FILE)),
-                     "rows": manifest.splits[cfg.split].rows, "tokens": manifest.splits[cfg.split].tokens},
-            stats={"bytes": size, "bytes_per_token": size / max(tokens, 1), "seconds": elapsed, "tokens_per_second": tokens / max(elapsed, 1e-9),
-                   "workers": cfg.workers, "settings": dataclasses.asdict(cfg)},
+            mode=cfg.mode,
+            k=cfg.entries,
+            temperature=cfg.temperature,
+            value_dtype=f"float{cfg.value_bits}",
+            vocab_size=vocab,
+            split=cfg.split,
+            seed=cfg.seed,
+            parts=parts,
+            teacher={
+                "path": os.path.abspath(cfg.teacher),
+                "fingerprint": teacher_fingerprint(cfg.teacher),
+                "config": config.to_dict(),
+                "weights_sha256": weights_sha256(cfg.teacher),
+            },
+            dataset={
+                "path": os.path.abspath(cfg.data),
+                "manifest_sha256": sha256_file(os.path.join(cfg.data, MANIFEST_FILE)),
+                "rows": manifest.splits[cfg.split].rows,
+                "tokens": manifest.splits[cfg.split].tokens,
+            },
+            stats={
+                "bytes": size,
+                "bytes_per_token": size / max(tokens, 1),
+                "seconds": elapsed,
+                "tokens_per_second": tokens / max(elapsed, 1e-9),
+                "workers": cfg.workers,
+                "settings": dataclasses.asdict(cfg),
+            },
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         write_cache_manifest(work, result)
-    log.info("wrote %s: %d tokens, %.1f bytes per token, %.0f tokens/s", cfg.output, tokens, size / max(tokens, 1), tokens / max(elapsed, 1e-9))
+    log.info(
+        "wrote %s: %d tokens, %.1f bytes per token, %.0f tokens/s", cfg.output, tokens, size / max(tokens, 1), tokens / max(elapsed, 1e-9)
+    )
     return result
 
 
@@ -293,8 +360,11 @@ def _options(beam_args: list[str], workers: int):
 
     args = list(beam_args) + ["--no_pipeline_type_check", "--default_sdk_harness_log_level=WARNING"]
     if not any(a.startswith("--runner") for a in beam_args):
-        args += (["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] if workers > 1
-                 else ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+        args += (
+            ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+            if workers > 1
+            else ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+        )
     return PipelineOptions(args)
 
 
@@ -311,11 +381,23 @@ def _verify_parts(work: str, manifest, cfg: CacheConfig, units) -> list[CachePar
         path = os.path.join(work, name)
         if not os.path.exists(path):
             raise RuntimeError(f"the pipeline finished but part {name} was not written")
-        lengths = pc.list_value_length(pq.read_table(os.path.join(cfg.data, shard_path), columns=["input_ids"]).column("input_ids")
-                                       .slice(start, stop - start)).to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(
+            pq.read_table(os.path.join(cfg.data, shard_path), columns=["input_ids"]).column("input_ids").slice(start, stop - start)
+        ).to_numpy(zero_copy_only=False)
         entries = pc.list_value_length(pq.read_table(path, columns=["indices"]).column("indices")).to_numpy(zero_copy_only=False)
         if len(entries) != stop - start or not np.array_equal(entries, lengths * cfg.entries):
-            raise RuntimeError(f"part {name} does not hold rows {start}-{stop} of shard {shard} x {cfg.entries} entries; output is inconsistent")
-        parts.append(CachePart(path=name, shard=shard, row_start=start, rows=stop - start, tokens=int(lengths.sum()),
-                               sha256=sha256_file(path), bytes=os.path.getsize(path)))
+            raise RuntimeError(
+                f"part {name} does not hold rows {start}-{stop} of shard {shard} x {cfg.entries} entries; output is inconsistent"
+            )
+        parts.append(
+            CachePart(
+                path=name,
+                shard=shard,
+                row_start=start,
+                rows=stop - start,
+                tokens=int(lengths.sum()),
+                sha256=sha256_file(path),
+                bytes=os.path.getsize(path),
+            )
+        )
     return parts

@@ -8,6 +8,7 @@ ChunkedLogitLoss from the cached support (distill/sparse_losses.py). Refused wit
 dataset, teacher, split, temperature or vocabulary, one with fewer (or more) rows than the data, a damaged part,
 masked-LM data, and losses that need the live teacher (hidden states, attention).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,8 @@ import os
 import numpy as np
 import torch
 
-from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST, CacheError, load_cache_manifest, verify_cache_parts
+from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
+from data_prep.cache_manifest import CacheError, load_cache_manifest, verify_cache_parts
 from distill.outputs import ModelOutputs
 from distill.sparse_losses import SparseTargets
 
@@ -33,15 +35,27 @@ def config_problems(cfg) -> list[str]:
     if not cfg.teacher.cache:
         p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
     if not cfg.teacher.path:
-        p.append("teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)")
-    live = sorted(n for n, w in cfg.loss.weights.items() if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE)
+        p.append(
+            "teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)"
+        )
+    live = sorted(
+        n
+        for n, w in cfg.loss.weights.items()
+        if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE
+    )
     if live:
-        p.append(f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
-                 f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online")
+        p.append(
+            f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
+            f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online"
+        )
     if getattr(cfg.teacher, "partition", False):
-        p.append("teacher.partition splits the online teacher across the ranks; with teacher.source=cache there is no teacher model: drop one of them")
+        p.append(
+            "teacher.partition splits the online teacher across the ranks; with teacher.source=cache there is no teacher model: drop one of them"
+        )
     if not (cfg.loss.chunked_logits and cfg.train.logits_where_needed):
-        p.append("teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true")
+        p.append(
+            "teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true"
+        )
     return p
 
 
@@ -67,35 +81,54 @@ class CacheTeacher:
         cache_dir = cfg.teacher.cache
         data = load_manifest(cfg.data.path)
         if data.packing != "causal":
-            raise CacheError(f"teacher.source=cache needs causal data, {cfg.data.path} is {data.packing!r} (masked-LM) data whose mask is drawn "
-                             f"anew every epoch, so the teacher's output cannot be cached; use teacher.source=online")
+            raise CacheError(
+                f"teacher.source=cache needs causal data, {cfg.data.path} is {data.packing!r} (masked-LM) data whose mask is drawn "
+                f"anew every epoch, so the teacher's output cannot be cached; use teacher.source=online"
+            )
         manifest = load_cache_manifest(cache_dir)
         where = os.path.join(cache_dir, CACHE_MANIFEST)
         if manifest.dataset.get("manifest_sha256") != sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE)):
-            raise CacheError(f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
-                             f"run distill-cache on this dataset")
+            raise CacheError(
+                f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
+                f"run distill-cache on this dataset"
+            )
         if manifest.teacher.get("fingerprint") != teacher_fingerprint(cfg.teacher.path):
-            raise CacheError(f"{where} was written with another teacher ({manifest.teacher.get('path')}), not {cfg.teacher.path}; "
-                             f"run distill-cache with this teacher")
+            raise CacheError(
+                f"{where} was written with another teacher ({manifest.teacher.get('path')}), not {cfg.teacher.path}; "
+                f"run distill-cache with this teacher"
+            )
         if manifest.split != cfg.data.split:
             raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
         if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
-            raise CacheError(f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
-                             f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature")
+            raise CacheError(
+                f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
+                f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature"
+            )
         if manifest.vocab_size != data.tokenizer.vocab_size:
             raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
         rows = data.splits[cfg.data.split].rows
         if manifest.rows != rows:
-            raise CacheError(f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache")
+            raise CacheError(
+                f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache"
+            )
         paths = verify_cache_parts(cache_dir, manifest, checksums=cfg.teacher.cache_verify)
         table = _open_parts(paths, manifest, cfg.data.cache_dir)
-        log.info("teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token", cache_dir, manifest.mode,
-                 manifest.k, manifest.temperature, manifest.value_dtype, manifest.stats.get("bytes_per_token", float("nan")))
+        log.info(
+            "teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token",
+            cache_dir,
+            manifest.mode,
+            manifest.k,
+            manifest.temperature,
+            manifest.value_dtype,
+            manifest.stats.get("bytes_per_token", float("nan")),
+        )
         return cls(cfg, cache_dir, manifest, table, load_teacher_config(cfg.teacher.path), device)
 
     def bind(self, objective) -> None:
         if not objective.chunked:
-            raise CacheError("teacher.source=cache needs the chunked logit sweep (loss.chunked_logits=true, train.logits_where_needed=true)")
+            raise CacheError(
+                "teacher.source=cache needs the chunked logit sweep (loss.chunked_logits=true, train.logits_where_needed=true)"
+            )
         self.objective = objective
 
     def compile(self) -> None:
@@ -108,7 +141,9 @@ class CacheTeacher:
         return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
 
     def describe(self) -> str:
-        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}); no teacher model in memory"
+        return (
+            f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}); no teacher model in memory"
+        )
 
     def fingerprint(self) -> str:
         """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
@@ -128,8 +163,10 @@ class CacheTeacher:
         bad = np.flatnonzero(counts != lengths * k)
         if len(bad):
             b = int(bad[0])
-            raise CacheError(f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {lengths[b]}: the cache is not aligned "
-                             f"with the data; re-run distill-cache")
+            raise CacheError(
+                f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {lengths[b]}: the cache is not aligned "
+                f"with the data; re-run distill-cache"
+            )
         flat = batch.logit_positions.cpu().numpy()
         sample, position = np.divmod(flat, batch.input_ids.shape[1])
         entries = (offsets[sample] + position * k)[:, None] + np.arange(k)
@@ -138,9 +175,13 @@ class CacheTeacher:
         if self.manifest.mode == "topk":
             tail_offsets, tails = _list_column(picked, "tail")
             tail = torch.from_numpy(tails[tail_offsets[sample] + position].astype(np.float32)).to(self.device)
-        targets = SparseTargets(indices=torch.from_numpy(ids[entries].astype(np.int64)).to(self.device),
-                                values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
-                                tail=tail, mode=self.manifest.mode, temperature=self.manifest.temperature)
+        targets = SparseTargets(
+            indices=torch.from_numpy(ids[entries].astype(np.int64)).to(self.device),
+            values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
+            tail=tail,
+            mode=self.manifest.mode,
+            temperature=self.manifest.temperature,
+        )
         return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=True)
 
 

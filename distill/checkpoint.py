@@ -12,6 +12,7 @@ A checkpoint counts only with its COMPLETE marker; resume takes the newest compl
 about any newer, unfinished one. Before DeepSpeed reads it, `latest_loadable` checks it (files present,
 safe to unpickle, checksums, trainer_state.json) and falls back, loudly, past damaged ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,34 @@ _TAG = re.compile(r"^step_(\d{8})$")
 
 # Keys that may change between restarts of the same run (they do not change what is learned).
 RESTARTABLE_KEYS = {
-    "output_dir", "data.path", "data.num_workers", "data.cache_dir", "data.verify_checksums",
-    "train.micro_batch", "train.log_every", "train.halt_at_step", "checkpoint.every_steps",
-    "checkpoint.keep_last", "deepspeed.config", "deepspeed.zero_stage", "teacher.attn_implementation",
-    "student.attn_implementation", "teacher.path", "teacher.cache", "teacher.cache_verify",  # a cache is bound by its fingerprint
+    "output_dir",
+    "data.path",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.verify_checksums",
+    "train.micro_batch",
+    "train.log_every",
+    "train.halt_at_step",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "deepspeed.config",
+    "deepspeed.zero_stage",
+    "teacher.attn_implementation",
+    "student.attn_implementation",
+    "teacher.path",
+    "teacher.cache",
+    "teacher.cache_verify",  # a cache is bound by its fingerprint
     # speed switches that do not change what is learned (bench/train_throughput.py measures each)
-    "teacher.inference_mode", "train.logits_where_needed", "train.compile", "data.pin_memory", "data.prefetch_factor",
-    "train.profile_phases", "data.pad_to_multiple_of", "loss.chunked_logits", "loss.chunk_positions", "deepspeed.lean_single_process",
+    "teacher.inference_mode",
+    "train.logits_where_needed",
+    "train.compile",
+    "data.pin_memory",
+    "data.prefetch_factor",
+    "train.profile_phases",
+    "data.pad_to_multiple_of",
+    "loss.chunked_logits",
+    "loss.chunk_positions",
+    "deepspeed.lean_single_process",
     "train.lean_startup",
     # what to do about non-finite steps is a guard, not part of what is learned
     "train.max_nonfinite_steps",
@@ -130,8 +152,13 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
             # the earlier attempt never wrote a checkpoint (it stopped at a bad setting or a non-finite step):
             # nothing to resume, so these settings take the directory over; its logs are kept aside
             aside = _set_aside_logs(output_dir)
-            log.warning("output_dir %s held a run with other settings (%s) that never wrote a checkpoint; starting this run there "
-                        "(its logs moved to %s)", output_dir, "; ".join(diffs), aside)
+            log.warning(
+                "output_dir %s held a run with other settings (%s) that never wrote a checkpoint; starting this run there "
+                "(its logs moved to %s)",
+                output_dir,
+                "; ".join(diffs),
+                aside,
+            )
             write_json_atomically(run_file, {"identity": identity})
             return False
         if diffs:
@@ -199,7 +226,9 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     root = path if os.path.basename(path) == CHECKPOINTS else checkpoints_root(path)
     found = latest_complete(root)
     if found is None:
-        raise CheckpointError(f"no complete checkpoint under {path}; pass a run directory written by distill-train or a checkpoint directory")
+        raise CheckpointError(
+            f"no complete checkpoint under {path}; pass a run directory written by distill-train or a checkpoint directory"
+        )
     return root, found[1]
 
 
@@ -276,15 +305,23 @@ def latest_loadable(root: str) -> Optional[tuple[int, str]]:
             for bad_tag, why in damaged:
                 aside = os.path.join(root, f"{bad_tag}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.rename(os.path.join(root, bad_tag), aside)
-                log.warning("CHECKPOINT DAMAGED: %s (%s); resuming from the previous complete checkpoint %s instead; the damaged one "
-                            "is kept as %s", os.path.join(root, bad_tag), why, tag, aside)
+                log.warning(
+                    "CHECKPOINT DAMAGED: %s (%s); resuming from the previous complete checkpoint %s instead; the damaged one is kept as %s",
+                    os.path.join(root, bad_tag),
+                    why,
+                    tag,
+                    aside,
+                )
             if damaged:
                 write_latest(root, tag)
             latest_complete(root)  # warns about unfinished newer ones
             return step, tag
         damaged.append((tag, problem))
-    raise CheckpointError(f"no loadable checkpoint under {root}: " + "; ".join(f"{t}: {why}" for t, why in damaged)
-                          + "; restore the damaged files from a copy, or move the checkpoints directory away to start afresh")
+    raise CheckpointError(
+        f"no loadable checkpoint under {root}: "
+        + "; ".join(f"{t}: {why}" for t, why in damaged)
+        + "; restore the damaged files from a copy, or move the checkpoints directory away to start afresh"
+    )
 
 
 def check_exportable(root: str, tag: str) -> None:
@@ -294,7 +331,11 @@ def check_exportable(root: str, tag: str) -> None:
         return
     older = [t for s, t, ok in list_checkpoints(root) if ok and t < tag]
     usable = next((t for t in reversed(older) if checkpoint_problem(root, t, for_export=True) is None), None)
-    hint = f"export the previous one with --checkpoint {os.path.join(root, usable)}" if usable else "no older complete checkpoint can be exported either"
+    hint = (
+        f"export the previous one with --checkpoint {os.path.join(root, usable)}"
+        if usable
+        else "no older complete checkpoint can be exported either"
+    )
     raise CheckpointError(f"checkpoint {os.path.join(root, tag)} is damaged: {problem}; {hint}")
 
 
@@ -324,18 +365,34 @@ def universal_checkpoint(root: str, tag: str) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     # DeepSpeed's converter, run by our wrapper: every torch.load in it is weights_only=True (distill/safe_load.py)
-    cmd = [sys.executable, "-m", "distill.safe_load", "--input_folder", os.path.join(root, tag),
-           "--output_folder", staging, "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill.safe_load",
+        "--input_folder",
+        os.path.join(root, tag),
+        "--output_folder",
+        staging,
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     log.info("converting %s to a universal checkpoint: %s", os.path.join(root, tag), " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, safe_load.FORCE: "1"})
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
         if "not a plain tensor checkpoint" in tail:
-            raise UntrustedCheckpointError(f"refused to convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); "
-                                           f"move it away (keep it for inspection), then rerun")
-        raise CheckpointError(f"could not convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); resume with the "
-                              f"world size and ZeRO stage that wrote it")
+            raise UntrustedCheckpointError(
+                f"refused to convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); "
+                f"move it away (keep it for inspection), then rerun"
+            )
+        raise CheckpointError(
+            f"could not convert {os.path.join(root, tag)} to a universal checkpoint ({tail}); resume with the "
+            f"world size and ZeRO stage that wrote it"
+        )
     shutil.copy2(os.path.join(root, tag, TRAINER_STATE), os.path.join(staging, TRAINER_STATE))
     _name_model_states_for_every_stage(staging)
     _optimizer_state_for_every_stage(staging)
@@ -368,7 +425,11 @@ def _name_model_states_for_every_stage(folder: str) -> None:
     for name in names:
         plain = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name)
         zero3 = re.fullmatch(r"zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt", name)
-        alias = f"zero_pp_rank_0_mp_rank_{plain.group(1)}_model_states.pt" if plain else (f"mp_rank_{zero3.group(1)}_model_states.pt" if zero3 else None)
+        alias = (
+            f"zero_pp_rank_0_mp_rank_{plain.group(1)}_model_states.pt"
+            if plain
+            else (f"mp_rank_{zero3.group(1)}_model_states.pt" if zero3 else None)
+        )
         if alias and alias not in names:
             os.link(os.path.join(folder, name), os.path.join(folder, alias))
 
@@ -388,10 +449,15 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
     if not isinstance(inner, dict) or "param_groups" not in inner:
         step_files = sorted(glob.glob(os.path.join(folder, "zero", "*", "step.pt")))
         step = safe_load.load(step_files[0]) if step_files else torch.tensor(0.0)
-        state["optimizer_state_dict"] = {"state": {0: {"step": torch.as_tensor(step, dtype=torch.float32)}}, "param_groups": state["param_groups"]}
+        state["optimizer_state_dict"] = {
+            "state": {0: {"step": torch.as_tensor(step, dtype=torch.float32)}},
+            "param_groups": state["param_groups"],
+        }
     state.setdefault("param_groups", state["optimizer_state_dict"]["param_groups"])
     for key, default in (("ds_version", _deepspeed_version()), ("clip_grad", 0.0), ("dynamic_loss_scale", False), ("overflow", False)):
-        state.setdefault(key, state["optimizer_state_dict"].get(key, default) if isinstance(state["optimizer_state_dict"], dict) else default)
+        state.setdefault(
+            key, state["optimizer_state_dict"].get(key, default) if isinstance(state["optimizer_state_dict"], dict) else default
+        )
     torch.save(state, path)
 
 

@@ -6,6 +6,7 @@ world size or ZeRO stage changed; `save` writes one: nothing when a weight is no
 cannot hold it, the COMPLETE marker and `latest` only after every rank wrote its shards, older ones
 pruned only after that.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,15 @@ from typing import Any, Optional
 from data_prep.manifest import write_json_atomically
 from distill import checkpoint as ckpt
 from distill.distributed import DistContext, all_reduce_sum, barrier, on_main_then_broadcast
-from distill.guards import (BYTES_PER_PARAMETER, TrainingStopped, check_free_space, directory_bytes, is_disk_full, local_weights_finite,
-                            no_space_message)
+from distill.guards import (
+    BYTES_PER_PARAMETER,
+    TrainingStopped,
+    check_free_space,
+    directory_bytes,
+    is_disk_full,
+    local_weights_finite,
+    no_space_message,
+)
 from distill.models import count_parameters
 
 log = logging.getLogger("distill.checkpoint")
@@ -57,8 +65,14 @@ class Checkpointer:
         load_root, universal = self.root, False
         if state["world_size"] != self.ctx.world_size or state["zero_stage"] != zero_stage:
             # Elastic resume: DeepSpeed's universal checkpoint re-partitions parameters and optimizer state.
-            log.info("checkpoint %s was written by %d ranks at ZeRO-%d; resuming on %d ranks at ZeRO-%d through a universal checkpoint",
-                     tag, state["world_size"], state["zero_stage"], self.ctx.world_size, zero_stage)
+            log.info(
+                "checkpoint %s was written by %d ranks at ZeRO-%d; resuming on %d ranks at ZeRO-%d through a universal checkpoint",
+                tag,
+                state["world_size"],
+                state["zero_stage"],
+                self.ctx.world_size,
+                zero_stage,
+            )
             load_root = on_main_then_broadcast(self.ctx, lambda: ckpt.universal_checkpoint(self.root, tag))
             universal = True
         return ResumePoint(step, tag, state, load_root, universal)
@@ -81,9 +95,11 @@ class Checkpointer:
         tag_dir = os.path.join(self.root, tag)
         previous = self.newest()
         if all_reduce_sum([0.0 if local_weights_finite(engine.module) else 1.0], self.ctx.device)[0]:
-            raise TrainingStopped(f"step {step}: the weights are not finite numbers; stopped before saving: "
-                                  f"{'the newest complete checkpoint is ' + previous if previous else 'no checkpoint was written yet'}. "
-                                  f"Lower optim.lr, then rerun the same command to resume from it")
+            raise TrainingStopped(
+                f"step {step}: the weights are not finite numbers; stopped before saving: "
+                f"{'the newest complete checkpoint is ' + previous if previous else 'no checkpoint was written yet'}. "
+                f"Lower optim.lr, then rerun the same command to resume from it"
+            )
         parameters = count_parameters(engine.module)
 
         def prepare() -> None:
@@ -98,7 +114,10 @@ class Checkpointer:
             "total_steps": self.total_steps,
             "world_size": self.ctx.world_size,
             "zero_stage": engine.zero_stage,
-            "rng": {"scheme": "dropout: torch seeded per (seed, step, micro step, rank); masks: per (seed, stream index)", "seed": self.cfg.seed},
+            "rng": {
+                "scheme": "dropout: torch seeded per (seed, step, micro step, rank); masks: per (seed, stream index)",
+                "seed": self.cfg.seed,
+            },
             "data_manifest_sha256": self.manifest_sha,
             **extra_state,
             "config": self.cfg.to_dict(),

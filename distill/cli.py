@@ -1,4 +1,5 @@
 """Console entry points: distill-train, distill-export (thin wrappers over the library); distill-eval is distill.evaluate:main."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,6 @@ import errno
 import logging
 import os
 import sys
-
-
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -40,15 +39,26 @@ def train_main(argv: list[str] | None = None) -> int:
     from distill.config import Config, ConfigError, describe_fields
     from kd_common.config import add_arguments, from_arguments
 
-    parser = argparse.ArgumentParser(prog="distill-train", description="Distil a teacher into a student with DeepSpeed. Start it with "
-                                     "`deepspeed --num_gpus N --module distill --config ...` or as one process. Settings come from "
-                                     "--config, then key=value overrides, then the flags below (later wins).")
+    parser = argparse.ArgumentParser(
+        prog="distill-train",
+        description="Distil a teacher into a student with DeepSpeed. Start it with "
+        "`deepspeed --num_gpus N --module distill --config ...` or as one process. Settings come from "
+        "--config, then key=value overrides, then the flags below (later wins).",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default, meaning and bounds")
-    parser.add_argument("--check", action="store_true", help="print the resolved config and every problem found reading only configs "
-                        "(dataset manifest, teacher config.json and tokenizer, DeepSpeed JSON; no weights), then exit: 0 = ready to run")
-    parser.add_argument("--world-size", type=int, default=None, help="with --check: the number of ranks to check batch sizes for "
-                        "(default: $WORLD_SIZE or 1)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print the resolved config and every problem found reading only configs "
+        "(dataset manifest, teacher config.json and tokenizer, DeepSpeed JSON; no weights), then exit: 0 = ready to run",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --check: the number of ranks to check batch sizes for (default: $WORLD_SIZE or 1)",
+    )
     add_arguments(parser, Config)
     args = parser.parse_args(argv)
     if args.help_config:
@@ -68,8 +78,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        full = OSError(f"no space left writing {exc.filename or 'the run directory'} ({exc.strerror}); the newest complete checkpoint "
-                       f"is kept: free space, then rerun the same command to resume")
+        full = OSError(
+            f"no space left writing {exc.filename or 'the run directory'} ({exc.strerror}); the newest complete checkpoint "
+            f"is kept: free space, then rerun the same command to resume"
+        )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
         return _fail("distill-train", full)
     if result.get("stopped_by"):
@@ -104,8 +116,10 @@ def export_main(argv: list[str] | None = None) -> int:
     from distill.export import ExportConfig, export_checkpoint
     from kd_common.config import add_arguments, from_arguments
 
-    parser = argparse.ArgumentParser(prog="distill-export", description="Export a checkpoint (any ZeRO stage) as a Hugging Face model "
-                                     "directory. Settings: --config YAML < key=value < flags.")
+    parser = argparse.ArgumentParser(
+        prog="distill-export",
+        description="Export a checkpoint (any ZeRO stage) as a Hugging Face model directory. Settings: --config YAML < key=value < flags.",
+    )
     add_arguments(parser, ExportConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

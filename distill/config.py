@@ -4,6 +4,7 @@ Built on the one config mechanism every command shares (kd_common/config.py): ea
 by `distill-train --help` and `--help-config`) and its bounds; loading checks names, types, finiteness and
 ranges of every key, then every cross-field rule (`Config.problems`), and reports all problems at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,30 +20,54 @@ __all__ = ["Config", "ConfigError", "batch_problem", "load_config", "config_from
 
 @section
 class TeacherConfig:
-    path: Optional[Str] = setting(None, "local Hugging Face masked-LM directory (config.json + weights); null = no teacher (plain MLM pretraining)")
+    path: Optional[Str] = setting(
+        None, "local Hugging Face masked-LM directory (config.json + weights); null = no teacher (plain MLM pretraining)"
+    )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel of the teacher")
-    inference_mode: Bool = setting(True, "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way")
-    partition: Bool = setting(False, "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/partitioned_teacher.py)")
-    source: Literal["online", "cache"] = setting("online", "where the teacher's outputs come from: online = the model on every rank; cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)")
+    inference_mode: Bool = setting(
+        True,
+        "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way",
+    )
+    partition: Bool = setting(
+        False,
+        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/partitioned_teacher.py)",
+    )
+    source: Literal["online", "cache"] = setting(
+        "online",
+        "where the teacher's outputs come from: online = the model on every rank; cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
+    )
     cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")
     cache_verify: Bool = setting(True, "with teacher.source=cache: re-hash every cache part against its sha256 at start")
 
 
 @section
 class StudentConfig:
-    architecture: Literal["distilbert", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "same"] = setting("distilbert", "student model family (distill/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family")
+    architecture: Literal["distilbert", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "same"] = setting(
+        "distilbert",
+        "student model family (distill/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
+    )
     init: Literal["teacher", "random"] = setting("teacher", "copy embeddings, chosen layers and MLM head from the teacher, or random init")
     num_layers: Optional[Int] = setting(None, "student depth; null = half the teacher's layers", ge=1)
-    init_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(None, "teacher layers copied into the student, in order (0-based); null = chosen by student.init_mapping")
-    init_mapping: Literal["spread", "every_other", "first", "last", "uniform"] = setting("spread", "which teacher layers initialise the student when init_layers is null: spread = evenly spaced incl. first and last (12->6: 0,2,4,7,9,11, the DistilBERT release), every_other = 0,2,4,..., first = the first k (Patient-KD), last = the last k, uniform = every (N/M)-th ending at the last")
+    init_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
+        None, "teacher layers copied into the student, in order (0-based); null = chosen by student.init_mapping"
+    )
+    init_mapping: Literal["spread", "every_other", "first", "last", "uniform"] = setting(
+        "spread",
+        "which teacher layers initialise the student when init_layers is null: spread = evenly spaced incl. first and last (12->6: 0,2,4,7,9,11, the DistilBERT release), every_other = 0,2,4,..., first = the first k (Patient-KD), last = the last k, uniform = every (N/M)-th ending at the last",
+    )
     hidden_size: Optional[Int] = setting(None, "student width; null = the teacher's (required without a teacher)", ge=1)
     num_heads: Optional[Int] = setting(None, "attention heads; null = the teacher's", ge=1)
-    num_kv_heads: Optional[Int] = setting(None, "key/value heads of decoder families (grouped-query attention); null = the teacher's, or num_heads when that is set", ge=1)
+    num_kv_heads: Optional[Int] = setting(
+        None, "key/value heads of decoder families (grouped-query attention); null = the teacher's, or num_heads when that is set", ge=1
+    )
     intermediate_size: Optional[Int] = setting(None, "feed-forward width; null = the teacher's", ge=1)
     max_position_embeddings: Optional[Int] = setting(None, "null = the teacher's, or the dataset's max_seq_len without a teacher", ge=1)
     dropout: Float = setting(0.1, "dropout of hidden states and attention probabilities", ge=0, lt=1)
-    fold_token_type_embeddings: Bool = setting(True, "add the teacher's token-type-0 embedding to the student's position embeddings, so the student's embedding output equals the teacher's (DistilBERT dropped it)")
+    fold_token_type_embeddings: Bool = setting(
+        True,
+        "add the teacher's token-type-0 embedding to the student's position embeddings, so the student's embedding output equals the teacher's (DistilBERT dropped it)",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel of the student")
 
 
@@ -53,32 +78,78 @@ class DataConfig:
     verify_checksums: Bool = setting(False, "re-hash every shard against the manifest at start (slow on large corpora)")
     mlm_probability: Float = setting(0.15, "fraction of each sequence's maskable tokens selected for prediction", gt=0, lt=1)
     mask_token_fraction: Float = setting(0.8, "of the selected tokens: fraction replaced by [MASK]", ge=0, le=1)
-    random_token_fraction: Float = setting(0.1, "of the selected tokens: fraction replaced by a random token (the rest stay unchanged)", ge=0, le=1)
+    random_token_fraction: Float = setting(
+        0.1, "of the selected tokens: fraction replaced by a random token (the rest stay unchanged)", ge=0, le=1
+    )
     token_frequency_smoothing: Float = setting(0.7, "select tokens with probability ~ count^-s (DistilBERT: 0.7); 0 = uniform", ge=0)
     whole_word_masking: Bool = setting(False, "select whole words (all their sub-tokens) instead of single tokens")
-    group_by_length: Bool = setting(True, "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)")
-    masking: Literal["batched", "per_sequence"] = setting("batched", "how the masks are drawn: batched = the whole micro batch in array operations from counter-based random numbers (a hash of seed, sample and position); per_sequence = one generator per sequence (before issue 16, and distill-eval's masks). Same statistics, different masks: a run resumed across the change draws the new masks from then on")
-    length_group_steps: Int = setting(1, "with group_by_length: pool the samples of this many consecutive steps, sort them by length and give each step one length bucket (steps in a seeded order), so micro batches have nearly equal lengths even with a small global batch (Hugging Face's length-grouped sampler); 1 = group only within each step. Changes which samples share a step", ge=1)
-    pad_to_multiple_of: Optional[Int] = setting(None, "pad each micro batch to a multiple of this length; null = 8 on GPU (tensor-core shapes), 1 on CPU (no padding beyond the longest sequence)", ge=1)
+    masking: Literal["batched", "per_sequence"] = setting(
+        "batched",
+        "how the masks are drawn: batched = the whole micro batch in array operations from counter-based random numbers (a hash of seed, sample and position); per_sequence = one generator per sequence (before issue 16, and distill-eval's masks). Same statistics, different masks: a run resumed across the change draws the new masks from then on",
+    )
+    group_by_length: Bool = setting(
+        True,
+        "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)",
+    )
+    length_group_steps: Int = setting(
+        1,
+        "with group_by_length: pool the samples of this many consecutive steps, sort them by length and give each step one length bucket (steps in a seeded order), so micro batches have nearly equal lengths even with a small global batch (Hugging Face's length-grouped sampler); 1 = group only within each step. Changes which samples share a step",
+        ge=1,
+    )
+    pad_to_multiple_of: Optional[Int] = setting(
+        None,
+        "pad each micro batch to a multiple of this length; null = 8 on GPU (tensor-core shapes), 1 on CPU (no padding beyond the longest sequence)",
+        ge=1,
+    )
     num_workers: Optional[Int] = setting(None, "data-loader worker processes per rank; null = 2 on GPU, 0 on CPU", ge=0)
-    pin_memory: Optional[Bool] = setting(None, "page-locked host batches so host-to-GPU copies run asynchronously; null = on with a GPU, off on CPU")
+    pin_memory: Optional[Bool] = setting(
+        None, "page-locked host batches so host-to-GPU copies run asynchronously; null = on with a GPU, off on CPU"
+    )
     prefetch_factor: Int = setting(4, "micro batches each data-loader worker prepares ahead (only with num_workers > 0)", ge=1)
     cache_dir: Optional[Str] = setting(None, "where the Arrow cache of the shards goes; null = the Hugging Face datasets cache")
 
 
 @section
 class LossConfig:
-    weights: dict[str, Annotated[Float, Field(ge=0)]] = setting({"ce": 5.0, "mlm": 2.0, "cos": 1.0}, "loss name -> weight; registered losses: see distill/losses.py (DistilBERT: ce 5, mlm 2, cos 1)")
+    weights: dict[str, Annotated[Float, Field(ge=0)]] = setting(
+        {"ce": 5.0, "mlm": 2.0, "cos": 1.0},
+        "loss name -> weight; registered losses: see distill/losses.py (DistilBERT: ce 5, mlm 2, cos 1)",
+    )
     temperature: Float = setting(2.0, "softmax temperature of the soft-target loss (scaled by T^2)", gt=0)
-    ce_positions: Literal["all", "masked"] = setting("all", "positions of the soft-target loss: all non-padding tokens (the DistilBERT release) or masked tokens only")
-    layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = setting("uniform", "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/layer_map.py)")
-    layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map")
-    pkd_include_last: Bool = setting(False, "pkd: also pair the student's last layer (Sun et al. leave it to the output losses: PKD-Skip 12->6 uses teacher layers 2,4,6,8,10)")
-    projection: Literal["shared", "separate", "per_layer"] = setting("shared", "tinybert_*: trainable maps of student hidden states to the teacher's width; shared = one matrix for embeddings and every layer (TinyBERT's released code), separate = W_e plus one W_h (the paper), per_layer = W_e plus one per layer. Dropped at export")
-    chunked_logits: Bool = setting(True, "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/logit_losses.py). false = materialise the logits")
-    chunk_positions: Optional[Int] = setting(None, "positions per chunk of the chunked logit losses; null = about 2^26 logits per chunk (512 positions at a 128k vocabulary)", ge=1)
-    jsd_beta: Float = setting(0.5, "jsd: the generalized Jensen-Shannon divergence's beta (TRL / Liger convention): 0 = forward KL, 1 = reverse KL", ge=0, le=1)
-    attention_teacher_layer: Int = setting(-1, "minilm_*: teacher layer (0-based; negative counts from the end) whose self-attention the student's last layer mimics; -1 = last (MiniLM v1)")
+    ce_positions: Literal["all", "masked"] = setting(
+        "all", "positions of the soft-target loss: all non-padding tokens (the DistilBERT release) or masked tokens only"
+    )
+    layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = setting(
+        "uniform",
+        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/layer_map.py)",
+    )
+    layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
+        None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map"
+    )
+    pkd_include_last: Bool = setting(
+        False,
+        "pkd: also pair the student's last layer (Sun et al. leave it to the output losses: PKD-Skip 12->6 uses teacher layers 2,4,6,8,10)",
+    )
+    projection: Literal["shared", "separate", "per_layer"] = setting(
+        "shared",
+        "tinybert_*: trainable maps of student hidden states to the teacher's width; shared = one matrix for embeddings and every layer (TinyBERT's released code), separate = W_e plus one W_h (the paper), per_layer = W_e plus one per layer. Dropped at export",
+    )
+    chunked_logits: Bool = setting(
+        True,
+        "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/logit_losses.py). false = materialise the logits",
+    )
+    chunk_positions: Optional[Int] = setting(
+        None,
+        "positions per chunk of the chunked logit losses; null = about 2^26 logits per chunk (512 positions at a 128k vocabulary)",
+        ge=1,
+    )
+    jsd_beta: Float = setting(
+        0.5, "jsd: the generalized Jensen-Shannon divergence's beta (TRL / Liger convention): 0 = forward KL, 1 = reverse KL", ge=0, le=1
+    )
+    attention_teacher_layer: Int = setting(
+        -1,
+        "minilm_*: teacher layer (0-based; negative counts from the end) whose self-attention the student's last layer mimics; -1 = last (MiniLM v1)",
+    )
 
 
 @section
@@ -97,14 +168,34 @@ class TrainConfig:
     micro_batch: Int = setting(16, "sequences per rank per forward pass; gradient accumulation = global / (micro x ranks)", ge=1)
     max_steps: Optional[Int] = setting(None, "optimizer steps; null = derived from epochs", ge=1)
     epochs: Float = setting(3.0, "passes over the training split when max_steps is null", gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "student precision; auto = bf16 on GPUs that support it, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "student precision; auto = bf16 on GPUs that support it, fp32 on CPU"
+    )
     log_every: Int = setting(10, "steps between log lines / TensorBoard points", ge=1)
-    halt_at_step: Optional[Int] = setting(None, "checkpoint and exit once this step is reached; the same command later resumes (time-sliced clusters, tests)", ge=1)
-    logits_where_needed: Bool = setting(True, "apply the vocabulary projection only to the hidden states at the positions some loss reads (gathered first); false = full-vocabulary logits at every position of the padded micro batch, then selected (the benchmark's baseline path: same values, far more FLOPs and memory)")
-    profile_phases: Bool = setting(False, "record this rank's seconds per step phase (data, teacher forward, student forward, loss, backward, optimizer, comm) in metrics.jsonl, synchronising the device at each phase boundary and making collectives blocking: a diagnosis that slows the step (bench/train_throughput.py --profile)")
-    max_nonfinite_steps: Int = setting(0, "steps whose loss or gradient norm is not finite that may be skipped (no update, counted as train/skipped_steps) before the run stops; 0 = stop at the first, before any checkpoint is written. Skipping relies on DeepSpeed's overflow check (on with ZeRO >= 1 in fp32, turned on here for bf16); a non-finite update that was applied anyway always stops the run", ge=0)
-    lean_startup: Bool = setting(True, "start-up without work the run does not need: DeepSpeed's optimizer check answered without importing its Muon optimizer (whose import compiles kernels), the teacher's config and weights read by its family's class instead of the auto classes. false = as before (bench/train_throughput.py --ablate)")
-    compile: Bool = setting(False, "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths")
+    halt_at_step: Optional[Int] = setting(
+        None, "checkpoint and exit once this step is reached; the same command later resumes (time-sliced clusters, tests)", ge=1
+    )
+    logits_where_needed: Bool = setting(
+        True,
+        "apply the vocabulary projection only to the hidden states at the positions some loss reads (gathered first); false = full-vocabulary logits at every position of the padded micro batch, then selected (the benchmark's baseline path: same values, far more FLOPs and memory)",
+    )
+    profile_phases: Bool = setting(
+        False,
+        "record this rank's seconds per step phase (data, teacher forward, student forward, loss, backward, optimizer, comm) in metrics.jsonl, synchronising the device at each phase boundary and making collectives blocking: a diagnosis that slows the step (bench/train_throughput.py --profile)",
+    )
+    max_nonfinite_steps: Int = setting(
+        0,
+        "steps whose loss or gradient norm is not finite that may be skipped (no update, counted as train/skipped_steps) before the run stops; 0 = stop at the first, before any checkpoint is written. Skipping relies on DeepSpeed's overflow check (on with ZeRO >= 1 in fp32, turned on here for bf16); a non-finite update that was applied anyway always stops the run",
+        ge=0,
+    )
+    lean_startup: Bool = setting(
+        True,
+        "start-up without work the run does not need: DeepSpeed's optimizer check answered without importing its Muon optimizer (whose import compiles kernels), the teacher's config and weights read by its family's class instead of the auto classes. false = as before (bench/train_throughput.py --ablate)",
+    )
+    compile: Bool = setting(
+        False,
+        "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths",
+    )
 
 
 @section
@@ -115,14 +206,22 @@ class CheckpointConfig:
 
 @section
 class DeepSpeedConfig:
-    config: Optional[Str] = setting(None, "DeepSpeed JSON (ZeRO and communication settings); batch sizes, optimizer, scheduler, precision and clipping are filled in from this file")
+    config: Optional[Str] = setting(
+        None,
+        "DeepSpeed JSON (ZeRO and communication settings); batch sizes, optimizer, scheduler, precision and clipping are filled in from this file",
+    )
     zero_stage: Optional[Int] = setting(None, "ZeRO stage 0-3; overrides the JSON's zero_optimization.stage (default 2)", ge=0, le=3)
+    lean_single_process: Bool = setting(
+        True,
+        "with one process at ZeRO-1/2: DeepSpeed runs ZeRO-1 without overlap_comm, contiguous_gradients and reduce_scatter (no per-parameter gradient hooks or buckets in backward); checkpoints keep the configured stage in their state and DeepSpeed's layout, so resume and the universal conversion are unchanged. false = the JSON as written (bench/train_throughput.py --ablate)",
+    )
 
-    lean_single_process: Bool = setting(True, "with one process at ZeRO-1/2: DeepSpeed runs ZeRO-1 without overlap_comm, contiguous_gradients and reduce_scatter (no per-parameter gradient hooks or buckets in backward); checkpoints keep the configured stage in their state and DeepSpeed's layout, so resume and the universal conversion are unchanged. false = the JSON as written (bench/train_throughput.py --ablate)")
 
 @section
 class Config:
-    output_dir: Optional[Str] = setting(None, "run directory: checkpoints, TensorBoard logs, resolved config; rerunning the same command resumes")
+    output_dir: Optional[Str] = setting(
+        None, "run directory: checkpoints, TensorBoard logs, resolved config; rerunning the same command resumes"
+    )
     seed: Int = setting(56, "seed of data order, masking and dropout (DistilBERT: 56)", ge=0, le=2**63 - 1)
     teacher: TeacherConfig = setting(TeacherConfig, "teacher settings")
     student: StudentConfig = setting(StudentConfig, "student settings")
@@ -185,8 +284,10 @@ def batch_problem(global_batch: int, micro_batch: int, world_size: Optional[int]
         return None
     if world_size is None:
         return f"train.global_batch={global_batch} is not a multiple of train.micro_batch={micro_batch}"
-    return (f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch} x {world_size} ranks = {per_step}; "
-            f"use a global batch that is a multiple of {per_step}, or another micro batch")
+    return (
+        f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch} x {world_size} ranks = {per_step}; "
+        f"use a global batch that is a multiple of {per_step}, or another micro batch"
+    )
 
 
 def load_config(path: Optional[str], overrides: list[str] | None = None, values: Optional[dict[str, Any]] = None) -> Config:

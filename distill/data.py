@@ -6,6 +6,7 @@ Data order is a pure function of (seed, epoch, global stream index): stream inde
 samples it had not seen yet. Which rank and micro step gets which sample of a step is free (the
 gradient is their sum), so samples of similar length are grouped to save padding.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,14 @@ log = logging.getLogger(__name__)
 class TokenSequences:
     """Random access to the sequences of one split (Arrow files memory-mapped by `datasets`)."""
 
-    def __init__(self, data_dir: str, split: str, manifest: Optional[Manifest] = None, cache_dir: Optional[str] = None, verify_checksums: bool = False):
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        manifest: Optional[Manifest] = None,
+        cache_dir: Optional[str] = None,
+        verify_checksums: bool = False,
+    ):
         import datasets
         import pyarrow.compute as pc
 
@@ -38,7 +46,9 @@ class TokenSequences:
         self.has_word_start = "word_start" in self.dataset.column_names
         self._table = None
         column = self.dataset.data.column("input_ids")
-        self.lengths = np.concatenate([pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]).astype(np.int32)
+        self.lengths = np.concatenate([pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]).astype(
+            np.int32
+        )
         if len(self.lengths) != self.manifest.splits[split].rows:
             raise ValueError(f"{data_dir}: read {len(self.lengths)} rows of {split!r}, manifest says {self.manifest.splits[split].rows}")
 
@@ -199,8 +209,16 @@ class DataSource:
     (masking, padding) are built once; `start` opens a loader at the step a run starts or resumes from.
     """
 
-    def __init__(self, sequences: TokenSequences, plan: StepPlan, collator, device: torch.device, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int):
+    def __init__(
+        self,
+        sequences: TokenSequences,
+        plan: StepPlan,
+        collator,
+        device: torch.device,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int,
+    ):
         self.sequences = sequences
         self.plan = plan
         self.collator = collator
@@ -213,7 +231,9 @@ class DataSource:
         return self.plan.accumulation
 
     def start(self, start_step: int, total_steps: int) -> None:
-        self._batches = iter(make_loader(MicroBatches(self.sequences, self.plan, self.collator, start_step, total_steps), *self.loader_options))
+        self._batches = iter(
+            make_loader(MicroBatches(self.sequences, self.plan, self.collator, start_step, total_steps), *self.loader_options)
+        )
 
     def next(self):
         """(Batch on the device, the collated CPU tensors) of the next micro batch."""

@@ -9,6 +9,7 @@ standard library's modules, classes and functions (about 270k words together).
     distill-demo-assets random-teacher --tokenizer DIR --output DIR [--layers N --hidden N ...]
     distill-demo-assets probe NAME=DIR [NAME=DIR ...]   # fill-mask top-3 of each model on the demo's probes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -168,12 +169,22 @@ def teacher_record(run_dir: str, data_dir: str, teacher_dir: str, check_step: in
 
     def scores(result):
         row = result["models"]["student"]
-        return {"accuracy": row["accuracy"], "mlm_loss": row["mlm_loss"], "baseline_accuracy": result["baseline"]["accuracy"],
-                "masked_tokens": result["masked_tokens"]}
+        return {
+            "accuracy": row["accuracy"],
+            "mlm_loss": row["mlm_loss"],
+            "baseline_accuracy": result["baseline"]["accuracy"],
+            "masked_tokens": result["masked_tokens"],
+        }
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "train_fingerprint": split_fingerprint(data_dir),
-            "loss_per_step": [round(m["loss"], 6) for m in metrics], "check_step": check_step,
-            "validation_at_check_step": scores(early), "validation_final": scores(final)}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "train_fingerprint": split_fingerprint(data_dir),
+        "loss_per_step": [round(m["loss"], 6) for m in metrics],
+        "check_step": check_step,
+        "validation_at_check_step": scores(early),
+        "validation_final": scores(final),
+    }
 
 
 def fill_mask_probes(models: list[tuple[str, str]], probes=None, top_k: int = 3) -> list[dict]:
@@ -264,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tokenizer":
         print(train_wordpiece_tokenizer(args.files, args.output, args.vocab_size))
     else:
-        print(save_random_bert_teacher(args.tokenizer, args.output, args.layers, args.hidden, args.heads, args.intermediate, args.max_positions))
+        print(
+            save_random_bert_teacher(
+                args.tokenizer, args.output, args.layers, args.hidden, args.heads, args.intermediate, args.max_positions
+            )
+        )
     return 0
 
 

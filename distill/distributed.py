@@ -1,4 +1,5 @@
 """Process-group setup, rank-tagged logging and small collective helpers."""
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,7 @@ precision); `make_optimizer` and `warmup_linear_decay` are shared with distill-f
 wraps `deepspeed.initialize` and exposes what the loop calls: forward, backward + step, the numbers a
 step reports, save and load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,16 @@ from distill.outputs import ModelOutputs
 from distill.profiling import COMMS_LOGGER
 
 log = logging.getLogger("distill.engine")
-_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
-                  "gradient_clipping", "bf16", "fp16")
+_OWNED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+)
 
 
 def read_deepspeed_json(path: Optional[str]) -> dict[str, Any]:
@@ -40,7 +49,9 @@ def read_deepspeed_json(path: Optional[str]) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.config {path!r} must hold a JSON object")
     clashes = [k for k in _OWNED_DS_KEYS if k in base and base[k] != "auto"]
     if clashes:
-        raise ConfigError(f"deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to \"auto\"")
+        raise ConfigError(
+            f'deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to "auto"'
+        )
     return base
 
 
@@ -193,8 +204,18 @@ def peak_memory_mb(device: torch.device) -> float:
 class StudentEngine:
     """The DeepSpeed engine around the student wrapper (distill.models.StudentForDistillation)."""
 
-    def __init__(self, wrapper: torch.nn.Module, optim_cfg, ds_config: dict[str, Any], total_steps: int, warmup_steps: int,
-                 device: torch.device, world_size: int = 1, lean_single_process: bool = False, lean_startup: bool = False):
+    def __init__(
+        self,
+        wrapper: torch.nn.Module,
+        optim_cfg,
+        ds_config: dict[str, Any],
+        total_steps: int,
+        warmup_steps: int,
+        device: torch.device,
+        world_size: int = 1,
+        lean_single_process: bool = False,
+        lean_startup: bool = False,
+    ):
         import deepspeed
 
         optimizer = make_optimizer(wrapper, optim_cfg, device)
@@ -204,12 +225,17 @@ class StudentEngine:
             ds_config = lean_single_process_config(ds_config)
         if lean_startup:
             preload_muon_lazily()
-        self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-                                                    dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
         # one rank: DeepSpeed's all-reduces (gradient bucket, grad norm, overflow flag) are the identity; skip them (gloo's cost)
         self._collectives = _OneRankCollectives() if lean_single_process and world_size == 1 else contextlib.nullcontext()
         # the stage the run is configured with (what its checkpoints record and a resume compares), whatever runs underneath
-        self.zero_stage = configured if self.engine.zero_optimization_stage() in (1, 2) and configured in (1, 2) else self.engine.zero_optimization_stage()
+        self.zero_stage = (
+            configured
+            if self.engine.zero_optimization_stage() in (1, 2) and configured in (1, 2)
+            else self.engine.zero_optimization_stage()
+        )
 
     @property
     def module(self) -> torch.nn.Module:
@@ -220,7 +246,9 @@ class StudentEngine:
 
     def forward(self, batch) -> ModelOutputs:
         # no attention mask without padding (decided on the host): transformers would read the mask back to drop it
-        return self.engine.module.outputs(self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions))
+        return self.engine.module.outputs(
+            self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions)
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         with self._collectives:
@@ -265,8 +293,10 @@ class StudentEngine:
         except pickle.UnpicklingError as exc:
             raise ckpt.CheckpointError(safe_load.describe(os.path.join(load_root, tag), exc)) from None
         if path is None:
-            raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_root, tag)}; it is damaged: move it away to "
-                                       f"resume from an earlier one")
+            raise ckpt.CheckpointError(
+                f"DeepSpeed could not load checkpoint {os.path.join(load_root, tag)}; it is damaged: move it away to "
+                f"resume from an earlier one"
+            )
         for group, saved in zip(self.engine.optimizer.param_groups, hyper):
             group.update(saved)  # recipe hyperparameters per group (a universal ZeRO-3 load copies group 0's to all)
         if universal:

@@ -9,13 +9,13 @@ time for all models together (about 2^26 logits per model per chunk, `chunk_posi
 (tokens x vocabulary) tensor of a batch is ever alive whole. Head rows past the tokenizer's vocabulary (the
 padding many checkpoints carry) are dropped, as in training: every distribution is over the real vocabulary.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distill.logit_losses import CHUNK_ELEMENTS
 from distill.losses import Batch, select_logit_positions
@@ -35,12 +35,29 @@ def unigram_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
     p = label_counts[label_counts > 0] / total
     entropy = float(-(p * np.log(p)).sum())
     token = tokenizer.convert_ids_to_tokens(top) if tokenizer is not None else None
-    return {"token_id": top, "token": token, "accuracy": float(label_counts[top]) / total, "loss": entropy, "perplexity": float(np.exp(entropy))}
+    return {
+        "token_id": top,
+        "token": token,
+        "accuracy": float(label_counts[top]) / total,
+        "loss": entropy,
+        "perplexity": float(np.exp(entropy)),
+    }
 
 
 @torch.no_grad()
-def evaluate_causal(models: dict, paths: dict[str, str], sequences, n: int, vocab_size: int, pad_id: int, batch_size: int,
-                    device: torch.device, name: str, tokenizer=None, chunk_positions: Optional[int] = None) -> dict:
+def evaluate_causal(
+    models: dict,
+    paths: dict[str, str],
+    sequences,
+    n: int,
+    vocab_size: int,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    name: str,
+    tokenizer=None,
+    chunk_positions: Optional[int] = None,
+) -> dict:
     """Metrics of `models` (label -> causal LM; the teacher under "teacher") on the first `n` of `sequences`."""
     collator = CausalLMCollator(pad_id, pad_to_multiple_of=8)
     order = np.argsort(sequences.lengths[:n], kind="stable")  # similar lengths together: less padding
@@ -52,7 +69,9 @@ def evaluate_causal(models: dict, paths: dict[str, str], sequences, n: int, voca
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size]
         raw = collator(sequences.rows(rows), rows)
-        batch = select_logit_positions(Batch(raw["input_ids"].to(device), raw["attention_mask"].to(device), raw["labels"].to(device)), "masked")
+        batch = select_logit_positions(
+            Batch(raw["input_ids"].to(device), raw["attention_mask"].to(device), raw["labels"].to(device)), "masked"
+        )
         labels = batch.position_labels
         hidden = {}
         for label, model in models.items():
@@ -60,8 +79,10 @@ def evaluate_causal(models: dict, paths: dict[str, str], sequences, n: int, voca
             hidden[label] = h.reshape(-1, h.shape[-1]).index_select(0, batch.logit_positions)
         for c in range(0, len(labels), chunk):
             y = labels[c : c + chunk]
-            log_p = {label: torch.log_softmax(apply_mlm_head(model, hidden[label][c : c + chunk]).float()[:, :vocab_size], dim=-1)
-                     for label, model in models.items()}
+            log_p = {
+                label: torch.log_softmax(apply_mlm_head(model, hidden[label][c : c + chunk]).float()[:, :vocab_size], dim=-1)
+                for label, model in models.items()
+            }
             predictions = {label: lp.argmax(-1) for label, lp in log_p.items()}
             for label, lp in log_p.items():
                 t = totals[label]
@@ -75,13 +96,26 @@ def evaluate_causal(models: dict, paths: dict[str, str], sequences, n: int, voca
         positions_seen += len(labels)
 
     baseline = unigram_baseline(label_counts, tokenizer)
-    result = {"task": "causal_lm", "split": None, "sequences": int(n), "tokens": positions_seen, "vocab_size": vocab_size, "student": name,
-              "baseline": baseline, "models": {}}
+    result = {
+        "task": "causal_lm",
+        "split": None,
+        "sequences": int(n),
+        "tokens": positions_seen,
+        "vocab_size": vocab_size,
+        "student": name,
+        "baseline": baseline,
+        "models": {},
+    }
     count = max(positions_seen, 1)
     for label, t in totals.items():
         loss = t["loss_sum"] / count
-        row = {"path": paths[label], "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": t["correct"] / count,
-               "parameters": sum(p.numel() for p in models[label].parameters())}
+        row = {
+            "path": paths[label],
+            "loss": loss,
+            "perplexity": float(np.exp(min(loss, 50.0))),
+            "accuracy": t["correct"] / count,
+            "parameters": sum(p.numel() for p in models[label].parameters()),
+        }
         if has_teacher:
             row["teacher_agreement"] = t["agree"] / count
             row["kl_from_teacher"] = t["kl_sum"] / count
@@ -108,14 +142,22 @@ def render_causal_table(result: dict) -> str:
     for label, m in models.items():
         agree = f"{m['teacher_agreement']:.1%}" if has_teacher and label != TEACHER else "-"
         kl = f"{m['kl_from_teacher']:.4f}" if has_teacher and label != TEACHER else "-"
-        lines.append(line(label, f"{m['parameters'] / 1e6:.2f}M", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['accuracy']:.2%}", agree, kl))
+        lines.append(
+            line(label, f"{m['parameters'] / 1e6:.2f}M", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['accuracy']:.2%}", agree, kl)
+        )
     if baseline:
-        lines.append(line(base_name, "-", f"{baseline['loss']:.4f}", f"{baseline['perplexity']:.2f}", f"{baseline['accuracy']:.2%}", "-", "-"))
+        lines.append(
+            line(base_name, "-", f"{baseline['loss']:.4f}", f"{baseline['perplexity']:.2f}", f"{baseline['accuracy']:.2%}", "-", "-")
+        )
     if has_teacher:
         student = result["student"]
-        lines.append(f"{student}: perplexity {models[student]['perplexity']:.2f} vs the teacher's {models[TEACHER]['perplexity']:.2f} "
-                     f"({result['perplexity_ratio']:.2f}x); top-1 agreement {result['top1_agreement']:.2%}; "
-                     f"KL(teacher||student) {result['kl_from_teacher']:.4f} nats per token")
-    lines.append(f"{result['sequences']} sequences of split {result['split']!r}, {result['tokens']} next-token positions, "
-                 f"vocabulary {result['vocab_size']}")
+        lines.append(
+            f"{student}: perplexity {models[student]['perplexity']:.2f} vs the teacher's {models[TEACHER]['perplexity']:.2f} "
+            f"({result['perplexity_ratio']:.2f}x); top-1 agreement {result['top1_agreement']:.2%}; "
+            f"KL(teacher||student) {result['kl_from_teacher']:.4f} nats per token"
+        )
+    lines.append(
+        f"{result['sequences']} sequences of split {result['split']!r}, {result['tokens']} next-token positions, "
+        f"vocabulary {result['vocab_size']}"
+    )
     return "\n".join(lines)

@@ -17,6 +17,7 @@ A model below that row has learnt nothing a unigram count would not give.
     distill-eval --model STUDENT --teacher TEACHER --data PREPARED \\
                  [--name "distilled student"] [--compare "without teacher=OTHER_STUDENT"] ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,24 @@ class EvalConfig:
     model: Str = setting(help="student (or any masked or causal LM) directory, e.g. a distill-export output")
     data: Str = setting(help="prepared dataset directory (distill-prep output); packing causal = causal-LM metrics, any other = masked-LM")
     name: Str = setting("student", "the model's row name in the table")
-    teacher: Optional[Str] = setting(None, "teacher directory: its own row, and every model's top-1 agreement with it (causal: and KL(teacher||model))")
-    compare: list[Str] = setting([], "another model evaluated on the same tokens, as its own row, written NAME=DIR (repeatable), "
-                                     "e.g. --compare 'without teacher=runs/mlm_student'", repeat=True)
+    teacher: Optional[Str] = setting(
+        None, "teacher directory: its own row, and every model's top-1 agreement with it (causal: and KL(teacher||model))"
+    )
+    compare: list[Str] = setting(
+        [],
+        "another model evaluated on the same tokens, as its own row, written NAME=DIR (repeatable), "
+        "e.g. --compare 'without teacher=runs/mlm_student'",
+        repeat=True,
+    )
     split: Str = setting("validation", "split of the prepared dataset to evaluate on")
     max_sequences: Optional[Int] = setting(None, "evaluate on the first N sequences only; null = all", ge=1)
     batch_size: Int = setting(32, "sequences per forward pass", ge=1)
-    chunk_positions: Optional[Int] = setting(None, "causal: positions whose vocabulary logits are computed at once; null = about 2^26 "
-                                                   "logits per model per chunk (512 positions at a 128k vocabulary)", ge=1)
+    chunk_positions: Optional[Int] = setting(
+        None,
+        "causal: positions whose vocabulary logits are computed at once; null = about 2^26 "
+        "logits per model per chunk (512 positions at a 128k vocabulary)",
+        ge=1,
+    )
     json: Optional[Str] = setting(None, "also write the results to this JSON file (atomically; not inside an input)")
     device: Optional[Str] = setting(None, "cpu, cuda, cuda:1 ...; null = cuda if available")
 
@@ -75,7 +86,9 @@ def model_family(path: str) -> Family:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained") from None
+        raise ModelError(
+            f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained"
+        ) from None
     return family_of(config)
 
 
@@ -106,10 +119,14 @@ def check_task(label: str, path: str, family: Family, data_dir: str, packing: st
     if family.causal == causal_data:
         return
     if family.causal:
-        raise ModelError(f"{label} {path!r} is a causal LM ({family.name}) but {data_dir} is packed {packing!r} for masked LMs; evaluate it on "
-                         f"data prepared with `distill-prep --packing causal`")
-    raise ModelError(f"{label} {path!r} is a masked LM ({family.name}) but {data_dir} is packed for causal LMs; evaluate a causal LM "
-                     f"(gpt2, llama, mistral, qwen2, qwen3) on it, or a masked LM on data prepared with --packing document")
+        raise ModelError(
+            f"{label} {path!r} is a causal LM ({family.name}) but {data_dir} is packed {packing!r} for masked LMs; evaluate it on "
+            f"data prepared with `distill-prep --packing causal`"
+        )
+    raise ModelError(
+        f"{label} {path!r} is a masked LM ({family.name}) but {data_dir} is packed for causal LMs; evaluate a causal LM "
+        f"(gpt2, llama, mistral, qwen2, qwen3) on it, or a masked LM on data prepared with --packing document"
+    )
 
 
 def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
@@ -122,14 +139,29 @@ def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> di
     p = label_counts[label_counts > 0] / total
     entropy = float(-(p * np.log(p)).sum())
     token = tokenizer.convert_ids_to_tokens(top) if tokenizer is not None else None
-    return {"token_id": top, "token": token, "accuracy": float(label_counts[top]) / total, "mlm_loss": entropy,
-            "perplexity": float(np.exp(entropy))}
+    return {
+        "token_id": top,
+        "token": token,
+        "accuracy": float(label_counts[top]) / total,
+        "mlm_loss": entropy,
+        "perplexity": float(np.exp(entropy)),
+    }
 
 
 @torch.no_grad()
-def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, split: str = "validation",
-             max_sequences: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None, *,
-             name: str = "student", compare: Sequence[tuple[str, str]] = (), chunk_positions: Optional[int] = None) -> dict:
+def evaluate(
+    model_dir: str,
+    data_dir: str,
+    teacher_dir: Optional[str] = None,
+    split: str = "validation",
+    max_sequences: Optional[int] = None,
+    batch_size: int = 32,
+    device: Optional[str] = None,
+    *,
+    name: str = "student",
+    compare: Sequence[tuple[str, str]] = (),
+    chunk_positions: Optional[int] = None,
+) -> dict:
     """Metrics of the model `name`, the teacher and the `compare` (name, dir) models on `split`: causal-LM metrics
     (distill/eval_causal.py) when the dataset is packed causal, else the masked-LM metrics below.
 
@@ -162,7 +194,9 @@ def evaluate(model_dir: str, data_dir: str, teacher_dir: Optional[str] = None, s
     if causal:
         return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions)
     vocab = max(m.config.vocab_size for m, _ in models.values())
-    policy = MaskingPolicy(mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab, special_ids=manifest.tokenizer.all_special_ids)
+    policy = MaskingPolicy(
+        mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab, special_ids=manifest.tokenizer.all_special_ids
+    )
     collator = MaskingCollator(policy, EVAL_SEED, pad_to_multiple_of=8)
     order = np.argsort(sequences.lengths[:n], kind="stable")  # similar lengths together: less padding
 
@@ -218,10 +252,13 @@ def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name,
     vocab = manifest.tokenizer.vocab_size
     small = [f"{label} ({m.config.vocab_size})" for label, (m, _) in models.items() if m.config.vocab_size < vocab]
     if small:
-        raise ModelError(f"{', '.join(small)}: vocabulary smaller than the dataset's tokenizer ({vocab}); evaluate on data prepared with its tokenizer")
+        raise ModelError(
+            f"{', '.join(small)}: vocabulary smaller than the dataset's tokenizer ({vocab}); evaluate on data prepared with its tokenizer"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = evaluate_causal({label: m for label, (m, _) in models.items()}, paths, sequences, n, vocab, pad, batch_size, dev, name,
-                             tokenizer, chunk_positions)
+    result = evaluate_causal(
+        {label: m for label, (m, _) in models.items()}, paths, sequences, n, vocab, pad, batch_size, dev, name, tokenizer, chunk_positions
+    )
     result["split"] = split
     return result
 
@@ -246,22 +283,46 @@ def render_table(result: dict) -> str:
         times = f"{m['accuracy_over_baseline']:.1f}x" if m.get("accuracy_over_baseline") is not None else "-"
         kept = f"{m['accuracy_retained']:.1%}" if "accuracy_retained" in m else "-"
         agree = f"{m['teacher_agreement']:.1%}" if "teacher_agreement" in m and name != TEACHER else "-"
-        lines.append(line(name, f"{m['parameters'] / 1e6:.2f}M", f"{m['mlm_loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['accuracy']:.2%}",
-                          times, kept, agree))
+        lines.append(
+            line(
+                name,
+                f"{m['parameters'] / 1e6:.2f}M",
+                f"{m['mlm_loss']:.4f}",
+                f"{m['perplexity']:.2f}",
+                f"{m['accuracy']:.2%}",
+                times,
+                kept,
+                agree,
+            )
+        )
     if baseline:
         kept = f"{baseline['accuracy'] / models[TEACHER]['accuracy']:.1%}" if has_teacher and models[TEACHER]["accuracy"] > 0 else "-"
-        lines.append(line(base_name, "-", f"{baseline['mlm_loss']:.4f}", f"{baseline['perplexity']:.2f}", f"{baseline['accuracy']:.2%}",
-                          "1.0x", kept, "-"))
+        lines.append(
+            line(
+                base_name,
+                "-",
+                f"{baseline['mlm_loss']:.4f}",
+                f"{baseline['perplexity']:.2f}",
+                f"{baseline['accuracy']:.2%}",
+                "1.0x",
+                kept,
+                "-",
+            )
+        )
     if has_teacher:
         student = result.get("student", "student")
         others = [n for n in models if n not in (TEACHER, student)]
         words = [f"{student}: {models[student]['accuracy_retained']:.0%} of the teacher's masked-token accuracy"]
         words += [f"{n}: {models[n]['accuracy_retained']:.0%}" for n in others]
         lines.append("; ".join(words) + ".")
-        lines.append(f"top-1 agreement {student}/teacher: {result['top1_agreement']:.2%}; accuracy retained: {result['accuracy_retained']:.1%}")
+        lines.append(
+            f"top-1 agreement {student}/teacher: {result['top1_agreement']:.2%}; accuracy retained: {result['accuracy_retained']:.1%}"
+        )
     if baseline:
-        lines.append(f"x base: accuracy over always predicting {baseline['token']!r}, the most frequent of the masked tokens "
-                     f"(its loss: their own frequencies as the prediction)")
+        lines.append(
+            f"x base: accuracy over always predicting {baseline['token']!r}, the most frequent of the masked tokens "
+            f"(its loss: their own frequencies as the prediction)"
+        )
     lines.append(f"{result['sequences']} sequences of split {result['split']!r}, {result['masked_tokens']} masked tokens")
     return "\n".join(lines)
 
@@ -287,11 +348,14 @@ def parse_compare(items: Sequence[str]) -> list[tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     from kd_common.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="distill-eval", description="Held-out evaluation of a student, its teacher and any models "
-                                     "compared with it. Masked LMs: masked-LM loss, perplexity, accuracy, the most-frequent-token baseline, "
-                                     "teacher agreement and retained accuracy. Causal LMs (data packed causal): perplexity, next-token "
-                                     "accuracy, top-1 agreement and KL(teacher||student) per token. Settings: --config YAML < key=value "
-                                     "< the flags below.")
+    parser = argparse.ArgumentParser(
+        prog="distill-eval",
+        description="Held-out evaluation of a student, its teacher and any models "
+        "compared with it. Masked LMs: masked-LM loss, perplexity, accuracy, the most-frequent-token baseline, "
+        "teacher agreement and retained accuracy. Causal LMs (data packed causal): perplexity, next-token "
+        "accuracy, top-1 agreement and KL(teacher||student) per token. Settings: --config YAML < key=value "
+        "< the flags below.",
+    )
     add_arguments(parser, EvalConfig)
     return parser
 
@@ -306,10 +370,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = from_arguments(EvalConfig, args)
         compare = parse_compare(cfg.compare)
         if cfg.json:
-            check_result_file(cfg.json, [("--model", cfg.model), ("--teacher", cfg.teacher), ("--data", cfg.data)]
-                              + [(f"--compare {n}", p) for n, p in compare])
-        result = evaluate(cfg.model, cfg.data, cfg.teacher, cfg.split, cfg.max_sequences, cfg.batch_size, cfg.device,
-                          name=cfg.name, compare=compare, chunk_positions=cfg.chunk_positions)
+            check_result_file(
+                cfg.json,
+                [("--model", cfg.model), ("--teacher", cfg.teacher), ("--data", cfg.data)] + [(f"--compare {n}", p) for n, p in compare],
+            )
+        result = evaluate(
+            cfg.model,
+            cfg.data,
+            cfg.teacher,
+            cfg.split,
+            cfg.max_sequences,
+            cfg.batch_size,
+            cfg.device,
+            name=cfg.name,
+            compare=compare,
+            chunk_positions=cfg.chunk_positions,
+        )
     except (ValueError,) + _user_errors() as exc:
         return _fail("distill-eval", exc)
     print(render_table(result))

@@ -1,4 +1,5 @@
 """Turn a DeepSpeed checkpoint (any ZeRO stage) into a standard Hugging Face model directory."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import torch
 from distill import checkpoint as ckpt
 from distill import safe_load
 from distill.families import FamilyError, family_of
-from kd_common.outputs import replace_when_complete
 from kd_common.config import Bool, Str, section, setting
 from kd_common.errors import UserError
+from kd_common.outputs import replace_when_complete
 
 log = logging.getLogger(__name__)
 _WRAPPER_PREFIX = "model."
@@ -47,7 +48,7 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     dropped = sorted(k for k in state if not k.startswith(_WRAPPER_PREFIX))
     if dropped:
         log.info("not exported (training-only weights): %s", ", ".join(dropped))
-    return {k[len(_WRAPPER_PREFIX):]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
+    return {k[len(_WRAPPER_PREFIX) :]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
 
 
 PROVENANCE = "distill_provenance.json"
@@ -73,7 +74,9 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     inputs = [("--checkpoint", checkpoint), ("the checkpoints directory", root)]
     if os.path.basename(root) == ckpt.CHECKPOINTS and os.path.isfile(os.path.join(os.path.dirname(root), ckpt.RUN_FILE)):
         inputs.append(("its run directory", os.path.dirname(root)))
-    with replace_when_complete(output, overwrite, is_export_dir, "distill-export output (it holds distill_provenance.json)", inputs) as staging:
+    with replace_when_complete(
+        output, overwrite, is_export_dir, "distill-export output (it holds distill_provenance.json)", inputs
+    ) as staging:
         ckpt.check_exportable(root, tag)
         config = AutoConfig.from_pretrained(os.path.join(tag_dir, "hf_config"), local_files_only=True)
         try:
@@ -101,7 +104,15 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         tokenizer.save_pretrained(staging)
         state_info = ckpt.read_trainer_state(root, tag)
         with open(os.path.join(staging, PROVENANCE), "w") as handle:  # written last: it marks a finished export
-            json.dump({"checkpoint": tag_dir, "step": state_info["step"], "samples_consumed": state_info["samples_consumed"],
-                       "config": state_info["config"]}, handle, indent=2)
+            json.dump(
+                {
+                    "checkpoint": tag_dir,
+                    "step": state_info["step"],
+                    "samples_consumed": state_info["samples_consumed"],
+                    "config": state_info["config"],
+                },
+                handle,
+                indent=2,
+            )
     log.info("exported %s (step %d) to %s", tag_dir, state_info["step"], output)
     return output

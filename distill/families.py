@@ -10,6 +10,7 @@ Students: a family lists the teacher families it can be initialised from (`init_
 the teacher's own family copies every weight, with the chosen teacher layers renumbered 0..k-1
 (`copy_same_family`); DistilBERT and BERT students of BERT-family teachers use the BERT mapping below.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,10 @@ def family_of(model_or_config: Any) -> Family:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in _BY_MODEL_TYPE:
-        raise FamilyError(f"model type {model_type!r} is not supported here (supported: {', '.join(known_model_types())}); "
-                          f"use a checkpoint of one of these families")
+        raise FamilyError(
+            f"model type {model_type!r} is not supported here (supported: {', '.join(known_model_types())}); "
+            f"use a checkpoint of one of these families"
+        )
     return _BY_MODEL_TYPE[model_type]
 
 
@@ -103,9 +106,16 @@ def submodule(root: nn.Module, path: str) -> nn.Module:
 
 def _bert_shape(c) -> dict:
     offset = _roberta_offset(c) if c.model_type in ROBERTA_TYPES else 0
-    return {"hidden_size": c.hidden_size, "num_heads": c.num_attention_heads, "num_kv_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size, "num_layers": c.num_hidden_layers,
-            "max_position_embeddings": c.max_position_embeddings - offset, "activation": c.hidden_act, "vocab_size": c.vocab_size}
+    return {
+        "hidden_size": c.hidden_size,
+        "num_heads": c.num_attention_heads,
+        "num_kv_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "num_layers": c.num_hidden_layers,
+        "max_position_embeddings": c.max_position_embeddings - offset,
+        "activation": c.hidden_act,
+        "vocab_size": c.vocab_size,
+    }
 
 
 def _roberta_offset(c) -> int:
@@ -115,15 +125,31 @@ def _roberta_offset(c) -> int:
 def _bert_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_layers"],
-                      num_attention_heads=shape["num_heads"], intermediate_size=shape["intermediate_size"],
-                      max_position_embeddings=shape["max_position_embeddings"], hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                      hidden_act=shape.get("activation", "gelu"), pad_token_id=pad_token_id)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        intermediate_size=shape["intermediate_size"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        hidden_act=shape.get("activation", "gelu"),
+        pad_token_id=pad_token_id,
+    )
 
 
 def _distilbert_shape(c) -> dict:
-    return {"hidden_size": c.dim, "num_heads": c.n_heads, "num_kv_heads": c.n_heads, "intermediate_size": c.hidden_dim,
-            "num_layers": c.n_layers, "max_position_embeddings": c.max_position_embeddings, "activation": c.activation, "vocab_size": c.vocab_size}
+    return {
+        "hidden_size": c.dim,
+        "num_heads": c.n_heads,
+        "num_kv_heads": c.n_heads,
+        "intermediate_size": c.hidden_dim,
+        "num_layers": c.n_layers,
+        "max_position_embeddings": c.max_position_embeddings,
+        "activation": c.activation,
+        "vocab_size": c.vocab_size,
+    }
 
 
 def _distilbert_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
@@ -132,9 +158,19 @@ def _distilbert_student_config(shape: dict, vocab_size: int, pad_token_id: int, 
     activation = shape.get("activation", "gelu")
     if activation not in ("gelu", "relu"):
         raise FamilyError(f"DistilBERT supports gelu/relu activations, the teacher uses {activation!r}; use student.architecture=bert")
-    return DistilBertConfig(vocab_size=vocab_size, dim=shape["hidden_size"], n_layers=shape["num_layers"], n_heads=shape["num_heads"],
-                            hidden_dim=shape["intermediate_size"], max_position_embeddings=shape["max_position_embeddings"], dropout=dropout,
-                            attention_dropout=dropout, activation=activation, pad_token_id=pad_token_id, tie_word_embeddings=True)
+    return DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=shape["hidden_size"],
+        n_layers=shape["num_layers"],
+        n_heads=shape["num_heads"],
+        hidden_dim=shape["intermediate_size"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        dropout=dropout,
+        attention_dropout=dropout,
+        activation=activation,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=True,
+    )
 
 
 def _distilbert_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,21 +180,51 @@ def _distilbert_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 _BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 
-BERT = register(Family(
-    name="bert", model_types=("bert",), causal=False, base="bert", layers="encoder.layer", qkv=_BERT_QKV,
-    head_transform=lambda m, h: m.cls.predictions.transform(h), projection=lambda m: m.cls.predictions.decoder,
-    shape=_bert_shape, student_config=_bert_student_config, init_from=("bert", "roberta"),
-))
-ROBERTA = register(Family(
-    name="roberta", model_types=ROBERTA_TYPES, causal=False, base="roberta", layers="encoder.layer", qkv=_BERT_QKV,
-    head_transform=lambda m, h: m.lm_head.layer_norm(torch.nn.functional.gelu(m.lm_head.dense(h))), projection=lambda m: m.lm_head.decoder,
-    shape=_bert_shape, student_config=_bert_student_config, position_offset=_roberta_offset,
-))
-DISTILBERT = register(Family(
-    name="distilbert", model_types=("distilbert",), causal=False, base="distilbert", layers="transformer.layer",
-    qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"), head_transform=_distilbert_transform, projection=lambda m: m.vocab_projector,
-    shape=_distilbert_shape, student_config=_distilbert_student_config, init_from=("bert", "roberta"),
-))
+BERT = register(
+    Family(
+        name="bert",
+        model_types=("bert",),
+        causal=False,
+        base="bert",
+        layers="encoder.layer",
+        qkv=_BERT_QKV,
+        head_transform=lambda m, h: m.cls.predictions.transform(h),
+        projection=lambda m: m.cls.predictions.decoder,
+        shape=_bert_shape,
+        student_config=_bert_student_config,
+        init_from=("bert", "roberta"),
+    )
+)
+ROBERTA = register(
+    Family(
+        name="roberta",
+        model_types=ROBERTA_TYPES,
+        causal=False,
+        base="roberta",
+        layers="encoder.layer",
+        qkv=_BERT_QKV,
+        head_transform=lambda m, h: m.lm_head.layer_norm(torch.nn.functional.gelu(m.lm_head.dense(h))),
+        projection=lambda m: m.lm_head.decoder,
+        shape=_bert_shape,
+        student_config=_bert_student_config,
+        position_offset=_roberta_offset,
+    )
+)
+DISTILBERT = register(
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        causal=False,
+        base="distilbert",
+        layers="transformer.layer",
+        qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        head_transform=_distilbert_transform,
+        projection=lambda m: m.vocab_projector,
+        shape=_distilbert_shape,
+        student_config=_distilbert_student_config,
+        init_from=("bert", "roberta"),
+    )
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +232,16 @@ DISTILBERT = register(Family(
 
 
 def _gpt2_shape(c) -> dict:
-    return {"hidden_size": c.n_embd, "num_heads": c.n_head, "num_kv_heads": c.n_head, "intermediate_size": c.n_inner or 4 * c.n_embd,
-            "num_layers": c.n_layer, "max_position_embeddings": c.n_positions, "activation": c.activation_function, "vocab_size": c.vocab_size}
+    return {
+        "hidden_size": c.n_embd,
+        "num_heads": c.n_head,
+        "num_kv_heads": c.n_head,
+        "intermediate_size": c.n_inner or 4 * c.n_embd,
+        "num_layers": c.n_layer,
+        "max_position_embeddings": c.n_positions,
+        "activation": c.activation_function,
+        "vocab_size": c.vocab_size,
+    }
 
 
 def _gpt2_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
@@ -175,18 +249,38 @@ def _gpt2_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropou
 
     t = teacher_config
     return GPT2Config(
-        vocab_size=vocab_size, n_embd=shape["hidden_size"], n_layer=shape["num_layers"], n_head=shape["num_heads"],
-        n_inner=shape["intermediate_size"], n_positions=shape["max_position_embeddings"], resid_pdrop=dropout, embd_pdrop=dropout,
-        attn_pdrop=dropout, activation_function=shape.get("activation", "gelu_new") if t is not None else "gelu_new",
-        bos_token_id=t.bos_token_id if t is not None else pad_token_id, eos_token_id=t.eos_token_id if t is not None else pad_token_id,
-        pad_token_id=pad_token_id, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        n_embd=shape["hidden_size"],
+        n_layer=shape["num_layers"],
+        n_head=shape["num_heads"],
+        n_inner=shape["intermediate_size"],
+        n_positions=shape["max_position_embeddings"],
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        activation_function=shape.get("activation", "gelu_new") if t is not None else "gelu_new",
+        bos_token_id=t.bos_token_id if t is not None else pad_token_id,
+        eos_token_id=t.eos_token_id if t is not None else pad_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=True,
     )
 
 
-GPT2 = register(Family(
-    name="gpt2", model_types=("gpt2",), causal=True, base="transformer", layers="h", qkv=("attn.c_attn",),
-    head_transform=None, projection=lambda m: m.lm_head, shape=_gpt2_shape, student_config=_gpt2_student_config, init_from=("gpt2",),
-))
+GPT2 = register(
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        causal=True,
+        base="transformer",
+        layers="h",
+        qkv=("attn.c_attn",),
+        head_transform=None,
+        projection=lambda m: m.lm_head,
+        shape=_gpt2_shape,
+        student_config=_gpt2_student_config,
+        init_from=("gpt2",),
+    )
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,10 +288,17 @@ GPT2 = register(Family(
 
 
 def _decoder_shape(c) -> dict:
-    return {"hidden_size": c.hidden_size, "num_heads": c.num_attention_heads,
-            "num_kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads, "intermediate_size": c.intermediate_size,
-            "num_layers": c.num_hidden_layers, "max_position_embeddings": c.max_position_embeddings, "activation": c.hidden_act,
-            "vocab_size": c.vocab_size, "head_dim": getattr(c, "head_dim", None)}
+    return {
+        "hidden_size": c.hidden_size,
+        "num_heads": c.num_attention_heads,
+        "num_kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "num_layers": c.num_hidden_layers,
+        "max_position_embeddings": c.max_position_embeddings,
+        "activation": c.hidden_act,
+        "vocab_size": c.vocab_size,
+        "head_dim": getattr(c, "head_dim", None),
+    }
 
 
 def _decoder_student_config(model_type: str):
@@ -212,28 +313,47 @@ def _decoder_student_config(model_type: str):
             values.pop(key, None)  # per-layer lists are rebuilt for the student's depth
         t_heads, t_hidden = values.get("num_attention_heads"), values.get("hidden_size")
         derived_head_dim = t_heads and t_hidden and values.get("head_dim") in (None, t_hidden // t_heads)
-        values.update(vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_layers"],
-                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape.get("num_kv_heads") or shape["num_heads"],
-                      intermediate_size=shape["intermediate_size"], max_position_embeddings=shape["max_position_embeddings"],
-                      attention_dropout=dropout)
+        values.update(
+            vocab_size=vocab_size,
+            hidden_size=shape["hidden_size"],
+            num_hidden_layers=shape["num_layers"],
+            num_attention_heads=shape["num_heads"],
+            num_key_value_heads=shape.get("num_kv_heads") or shape["num_heads"],
+            intermediate_size=shape["intermediate_size"],
+            max_position_embeddings=shape["max_position_embeddings"],
+            attention_dropout=dropout,
+        )
         if teacher_config is None or derived_head_dim:
             values["head_dim"] = shape["hidden_size"] // shape["num_heads"]
         if teacher_config is None:
             values.update(pad_token_id=pad_token_id, tie_word_embeddings=True)
         if values["num_attention_heads"] % values["num_key_value_heads"]:
-            raise FamilyError(f"student has {values['num_attention_heads']} attention heads and {values['num_key_value_heads']} key/value "
-                              f"heads; the heads must be a multiple of the key/value heads (set student.num_kv_heads)")
+            raise FamilyError(
+                f"student has {values['num_attention_heads']} attention heads and {values['num_key_value_heads']} key/value "
+                f"heads; the heads must be a multiple of the key/value heads (set student.num_kv_heads)"
+            )
         return AutoConfig.for_model(model_type, **values)
 
     return build
 
 
 def _decoder(name: str) -> Family:
-    return register(Family(
-        name=name, model_types=(name,), causal=True, base="model", layers="layers",
-        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), head_transform=None, projection=lambda m: m.lm_head,
-        shape=_decoder_shape, student_config=_decoder_student_config(name), init_from=(name,), rotary=True,
-    ))
+    return register(
+        Family(
+            name=name,
+            model_types=(name,),
+            causal=True,
+            base="model",
+            layers="layers",
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            head_transform=None,
+            projection=lambda m: m.lm_head,
+            shape=_decoder_shape,
+            student_config=_decoder_student_config(name),
+            init_from=(name,),
+            rotary=True,
+        )
+    )
 
 
 LLAMA, MISTRAL, QWEN2, QWEN3 = (_decoder(name) for name in ("llama", "mistral", "qwen2", "qwen3"))
@@ -254,17 +374,23 @@ def copy_same_family(student: nn.Module, teacher: nn.Module, layers: list[int]) 
         for s_key, param in student.state_dict(keep_vars=True).items():
             t_key = s_key
             if s_key.startswith(prefix):
-                index, rest = s_key[len(prefix):].split(".", 1)
+                index, rest = s_key[len(prefix) :].split(".", 1)
                 t_key = f"{prefix}{layers[int(index)]}.{rest}"
             if t_key not in t_sd or _tied_to_input(student, s_key):
                 continue  # non-persistent buffers; a tied output projection follows its embedding
             source = t_sd[t_key]
             if source.shape != param.shape:
-                if source.dim() == param.dim() and all(t >= s for t, s in zip(source.shape, param.shape)) and source.shape[1:] == param.shape[1:]:
+                if (
+                    source.dim() == param.dim()
+                    and all(t >= s for t, s in zip(source.shape, param.shape))
+                    and source.shape[1:] == param.shape[1:]
+                ):
                     source = source[: param.shape[0]]  # e.g. position embeddings for a shorter context
                 else:
-                    raise FamilyError(f"student weight {s_key} has shape {tuple(param.shape)}, the teacher's {t_key} {tuple(source.shape)}; "
-                                      f"init from the teacher needs the teacher's widths (or use student.init=random)")
+                    raise FamilyError(
+                        f"student weight {s_key} has shape {tuple(param.shape)}, the teacher's {t_key} {tuple(source.shape)}; "
+                        f"init from the teacher needs the teacher's widths (or use student.init=random)"
+                    )
             param.data.copy_(source.to(param.dtype))
             applied[s_key] = t_key
     return applied
@@ -274,8 +400,12 @@ def _tied_to_input(model: nn.Module, key: str) -> bool:
     if not getattr(model.config, "tie_word_embeddings", False):
         return False
     out = model.get_output_embeddings()
-    return out is not None and key.endswith("weight") and out.weight is model.get_input_embeddings().weight and key.startswith(
-        _module_name(model, out))
+    return (
+        out is not None
+        and key.endswith("weight")
+        and out.weight is model.get_input_embeddings().weight
+        and key.startswith(_module_name(model, out))
+    )
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -317,7 +447,9 @@ def copy_bert_to_encoder(student: nn.Module, teacher: nn.Module, layers: list[in
     t_sd = teacher.state_dict()
     s_params = dict(student.state_dict(keep_vars=True))
     tp, sp = t_family.base, s_family.base
-    pairs: list[tuple[str, str]] = [(f"{sp}.embeddings.{n}", f"{tp}.embeddings.{n}") for n in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")]
+    pairs: list[tuple[str, str]] = [
+        (f"{sp}.embeddings.{n}", f"{tp}.embeddings.{n}") for n in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")
+    ]
     mapping = BERT_LAYER_TO_DISTILBERT if s_family is DISTILBERT else {k: k for k in BERT_LAYER_TO_DISTILBERT}
     for s_idx, t_idx in enumerate(layers):
         for t_name, s_name in mapping.items():
@@ -345,7 +477,8 @@ def copy_bert_to_encoder(student: nn.Module, teacher: nn.Module, layers: list[in
             t_pos += t_sd[t_type_key][0]
         s_pos.copy_(t_pos.to(s_pos.dtype))
     applied[f"{sp}.embeddings.position_embeddings.weight"] = f"{tp}.embeddings.position_embeddings.weight" + (
-        f"[{offset}:] + token_type[0]" if fold_token_type and s_family is not BERT and t_type_key in t_sd else "")
+        f"[{offset}:] + token_type[0]" if fold_token_type and s_family is not BERT and t_type_key in t_sd else ""
+    )
     return applied
 
 
@@ -353,8 +486,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int],
     """Copy the teacher's weights into the student as the student's family says (see the module docstring)."""
     t_family, s_family = family_of(teacher), family_of(student)
     if t_family.name not in s_family.init_from:
-        raise FamilyError(f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher "
-                          f"(it can from: {', '.join(s_family.init_from) or 'none'}); use student.init=random")
+        raise FamilyError(
+            f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher "
+            f"(it can from: {', '.join(s_family.init_from) or 'none'}); use student.init=random"
+        )
     if s_family is t_family:
         return copy_same_family(student, teacher, layers)
     return copy_bert_to_encoder(student, teacher, layers, fold_token_type)
@@ -367,8 +502,9 @@ def student_shape(teacher_config: Any, overrides: dict) -> dict:
     return shape
 
 
-def student_config_for(architecture: str, teacher_config: Any, shape: dict, vocab_size: int, pad_token_id: int, dropout: float,
-                       attn_implementation: str) -> Any:
+def student_config_for(
+    architecture: str, teacher_config: Any, shape: dict, vocab_size: int, pad_token_id: int, dropout: float, attn_implementation: str
+) -> Any:
     """A config of `architecture` (a family name) with `shape`; its attention kernel set to `attn_implementation`."""
     if architecture not in FAMILIES:
         raise FamilyError(f"student.architecture={architecture!r} is not a known family ({', '.join(sorted(FAMILIES))})")

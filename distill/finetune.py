@@ -12,6 +12,7 @@ encoder: DistilBERT, BERT and the other families transformers knows).
 Accuracy is counted directly: predictions equal to labels over held-out rows, next to the
 majority-class baseline, as a table and JSON (`--json`, and `eval_results.json` in `--output`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -184,7 +185,7 @@ def predict(model, tokenizer, data: TsvData, batch_size: int, max_len: int, devi
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            (inputs, _), = _batches(tokenizer, data.sentences, data.labels, rows, batch_size, max_len, device)
+            ((inputs, _),) = _batches(tokenizer, data.sentences, data.labels, rows, batch_size, max_len, device)
             for row, p in zip(rows, model(**inputs).logits.argmax(-1).tolist()):
                 preds[row] = p
     return preds
@@ -194,10 +195,18 @@ def accuracy_report(labels: list[int], preds: list[int]) -> dict:
     """Accuracy, per-class counts and the majority-class baseline, counted directly."""
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     classes = sorted(set(labels) | set(preds))
-    per_class = {str(c): {"rows": sum(1 for y in labels if y == c), "correct": sum(1 for p, y in zip(preds, labels) if y == c and p == c)} for c in classes}
+    per_class = {
+        str(c): {"rows": sum(1 for y in labels if y == c), "correct": sum(1 for p, y in zip(preds, labels) if y == c and p == c)}
+        for c in classes
+    }
     majority = max((sum(1 for y in labels if y == c) for c in set(labels)), default=0)
-    return {"examples": len(labels), "correct": correct, "accuracy": correct / max(len(labels), 1),
-            "majority_baseline": majority / max(len(labels), 1), "per_class": per_class}
+    return {
+        "examples": len(labels),
+        "correct": correct,
+        "accuracy": correct / max(len(labels), 1),
+        "majority_baseline": majority / max(len(labels), 1),
+        "per_class": per_class,
+    }
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
@@ -220,7 +229,14 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     if cfg.max_train_examples is not None:
         if cfg.max_train_examples < 1:
             raise FinetuneError("--max-train-examples must be >= 1")
-        train = TsvData(train.sentences[: cfg.max_train_examples], train.labels[: cfg.max_train_examples], train.path, train.header, train.bad_rows, train.bad_examples)
+        train = TsvData(
+            train.sentences[: cfg.max_train_examples],
+            train.labels[: cfg.max_train_examples],
+            train.path,
+            train.header,
+            train.bad_rows,
+            train.bad_examples,
+        )
     if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.max_seq_len < 3:
         raise FinetuneError("--epochs and --lr must be > 0, --batch-size >= 1, --max-seq-len >= 3")
     num_labels = max(max(train.labels), max(held.labels)) + 1
@@ -307,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     from kd_common.config import ConfigError, add_arguments, from_arguments
     from kd_common.outputs import OutputError
 
-    p = argparse.ArgumentParser(prog="distill-finetune", description="Fine-tune an exported model for sentence classification "
-                                "on a `sentence<TAB>label` TSV and report held-out accuracy. Settings: --config YAML < key=value < flags.")
+    p = argparse.ArgumentParser(
+        prog="distill-finetune",
+        description="Fine-tune an exported model for sentence classification "
+        "on a `sentence<TAB>label` TSV and report held-out accuracy. Settings: --config YAML < key=value < flags.",
+    )
     add_arguments(p, FinetuneConfig)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

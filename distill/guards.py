@@ -3,6 +3,7 @@
 Every decision here is taken from values all ranks share (the step's all-reduced metrics, an all-reduced
 flag, or rank 0's answer broadcast), so every rank stops at the same point and nothing hangs.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,6 +14,7 @@ import shutil
 from typing import Callable, Optional
 
 import torch
+
 from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,9 @@ class NonFiniteGuard:
         self.max_skips = max_skips
         self.skipped = skipped
 
-    def check(self, step: int, values: dict[str, Optional[float]], update_skipped: bool, last_checkpoint: Callable[[], Optional[str]]) -> bool:
+    def check(
+        self, step: int, values: dict[str, Optional[float]], update_skipped: bool, last_checkpoint: Callable[[], Optional[str]]
+    ) -> bool:
         """True when `step` was a non-finite step that is skipped; raises TrainingStopped when the run must stop.
         `last_checkpoint()` names the newest complete checkpoint (asked only then)."""
         bad = first_nonfinite(values)
@@ -57,7 +61,9 @@ class NonFiniteGuard:
         newest = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written yet"
         if update_skipped and self.skipped < self.max_skips:
             self.skipped += 1
-            log.warning("%s; the optimizer skipped this update (%d of train.max_nonfinite_steps=%d skips used)", where, self.skipped, self.max_skips)
+            log.warning(
+                "%s; the optimizer skipped this update (%d of train.max_nonfinite_steps=%d skips used)", where, self.skipped, self.max_skips
+            )
             return True
         if not update_skipped:
             why = "the update was applied, so the weights are no longer trustworthy"
@@ -65,9 +71,11 @@ class NonFiniteGuard:
             why = f"train.max_nonfinite_steps={self.max_skips} skips are used up"
         else:
             why = "train.max_nonfinite_steps=0"
-        raise TrainingStopped(f"{where} (not a finite number; {why}); stopped before saving anything: {newest}. "
-                              f"Lower optim.lr, check loss.* and the data, then rerun the same command to resume from it"
-                              + ("" if self.max_skips else ", or allow a few skipped steps with train.max_nonfinite_steps=N"))
+        raise TrainingStopped(
+            f"{where} (not a finite number; {why}); stopped before saving anything: {newest}. "
+            f"Lower optim.lr, check loss.* and the data, then rerun the same command to resume from it"
+            + ("" if self.max_skips else ", or allow a few skipped steps with train.max_nonfinite_steps=N")
+        )
 
 
 def local_weights_finite(module: torch.nn.Module) -> bool:
@@ -103,8 +111,10 @@ def check_free_space(root: str, previous_checkpoint: Optional[str], parameters: 
 def no_space_message(root: str, need: int, free: Optional[int], previous_checkpoint: Optional[str]) -> str:
     kept = f"the newest complete checkpoint {previous_checkpoint} is kept" if previous_checkpoint else "no checkpoint was written yet"
     free_text = f", {free / 2**20:.0f} MB free" if free is not None else ""
-    return (f"no space left on the filesystem of {root}: a checkpoint needs ~{need / 2**20:.0f} MB{free_text}; {kept}. "
-            f"Free space (or lower checkpoint.keep_last), then rerun the same command to resume")
+    return (
+        f"no space left on the filesystem of {root}: a checkpoint needs ~{need / 2**20:.0f} MB{free_text}; {kept}. "
+        f"Free space (or lower checkpoint.keep_last), then rerun the same command to resume"
+    )
 
 
 def is_disk_full(exc: BaseException, root: str) -> bool:

@@ -10,9 +10,11 @@ All indices are 0-based transformer layers (layer i's output is `hidden_states[i
 - `uniform`: every (N/M)-th ending at the last, round((j+1) N/M) - 1 (TinyBERT's g(m) = m N/M; PKD-Skip)
 - an explicit list of M teacher layers.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
 from kd_common.errors import UserError
 
 STRATEGIES = ("spread", "every_other", "first", "last", "uniform")
@@ -22,7 +24,9 @@ class LayerMapError(UserError, ValueError):
     """A mapping that does not fit the two models' depths."""
 
 
-def resolve_layers(strategy: str, teacher_layers: int, student_layers: int, explicit: Optional[Sequence[int]] = None, key: str = "layer map") -> list[int]:
+def resolve_layers(
+    strategy: str, teacher_layers: int, student_layers: int, explicit: Optional[Sequence[int]] = None, key: str = "layer map"
+) -> list[int]:
     """Teacher layer (0-based) for each of the `student_layers` student layers."""
     n, m = teacher_layers, student_layers
     if m < 1:

@@ -61,6 +61,7 @@ without the registration the second fails)::
 The teacher head is passed to forward (a frozen teacher outside the engine; a ZeRO-3-partitioned teacher must be
 gathered by its caller, e.g. `deepspeed.zero.GatheredParameters`, no gradients needed). ZeRO-0/1/2 need nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -114,11 +115,15 @@ def _weight_bias(head: Head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
 
 def _check_head(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
     if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"the {name} head weight has shape {tuple(weight.shape)}, expected (vocab rows, {hidden.shape[-1]}); an empty weight is "
-                         f"what DeepSpeed ZeRO-3 shows outside the forward of a module that uses it: use distill.logit_losses.ChunkedLogitLoss, "
-                         f"a submodule of the DeepSpeed-wrapped model that gathers the head for its forward")
+        raise ValueError(
+            f"the {name} head weight has shape {tuple(weight.shape)}, expected (vocab rows, {hidden.shape[-1]}); an empty weight is "
+            f"what DeepSpeed ZeRO-3 shows outside the forward of a module that uses it: use distill.logit_losses.ChunkedLogitLoss, "
+            f"a submodule of the DeepSpeed-wrapped model that gathers the head for its forward"
+        )
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"the {name} head weight has shape {tuple(weight.shape)} but the {name} hidden states have width {hidden.shape[-1]}")
+        raise ValueError(
+            f"the {name} head weight has shape {tuple(weight.shape)} but the {name} hidden states have width {hidden.shape[-1]}"
+        )
     if weight.dtype != hidden.dtype:
         raise ValueError(f"the {name} hidden states are {hidden.dtype} but its head weight is {weight.dtype}; cast one of them")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -129,7 +134,9 @@ def _resolve_vocab(vocab_size: Optional[int], *weights: torch.Tensor) -> int:
     rows = sorted({w.shape[0] for w in weights})
     if vocab_size is None:
         if len(rows) > 1:
-            raise ValueError(f"the heads have {' and '.join(map(str, rows))} rows (padded embedding matrices?); pass vocab_size, the tokenizer's size")
+            raise ValueError(
+                f"the heads have {' and '.join(map(str, rows))} rows (padded embedding matrices?); pass vocab_size, the tokenizer's size"
+            )
         return rows[0]
     if not 0 < vocab_size <= rows[0]:
         raise ValueError(f"vocab_size={vocab_size} must be in 1..{rows[0]} (the smallest head's rows)")
@@ -262,18 +269,34 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         else:
             grads, ctx.grads = ctx.grads, None
             if grads is None:
-                raise RuntimeError("backward ran twice through a chunked logit loss whose gradients were computed in forward "
-                                   "(they are consumed by the first backward); use grad_in_forward=False to backpropagate more than once")
+                raise RuntimeError(
+                    "backward ran twice through a chunked logit loss whose gradients were computed in forward "
+                    "(they are consumed by the first backward); use grad_in_forward=False to backpropagate more than once"
+                )
         grads = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
         return grads + (None,) * 8
 
 
-def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher_hidden: Optional[torch.Tensor] = None,
-                       teacher_head: Optional[Head] = None, kind: Optional[str] = "forward_kl", *, temperature: float = 1.0,
-                       beta: float = 0.5, chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
-                       labels: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
-                       ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, grad_in_forward: bool = True,
-                       check_labels: bool = True, all_positions: bool = False) -> LogitLosses:
+def chunked_logit_loss(
+    student_hidden: torch.Tensor,
+    student_head: Head,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_head: Optional[Head] = None,
+    kind: Optional[str] = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+    kd_mask: Optional[torch.Tensor] = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    grad_in_forward: bool = True,
+    check_labels: bool = True,
+    all_positions: bool = False,
+) -> LogitLosses:
     """KD loss (`kind` in KINDS, or None for the cross-entropy alone) and, with `labels`, the student's cross-entropy,
     from hidden states (..., H) and LM heads, `chunk_size` positions at a time (default: about CHUNK_ELEMENTS logits
     per chunk). `labels` (...): the target token of each position, already shifted for a causal LM (as the
@@ -337,17 +360,34 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     grad_on = torch.is_grad_enabled()
-    grads = (grad_on and s_hidden.requires_grad, grad_on and s_weight.requires_grad, grad_on and s_bias is not None and s_bias.requires_grad)
+    grads = (
+        grad_on and s_hidden.requires_grad,
+        grad_on and s_weight.requires_grad,
+        grad_on and s_bias is not None and s_bias.requires_grad,
+    )
     o = _Options(kind, float(temperature), float(beta), int(chunk_size), vocab, float(kd_weight), float(ce_weight), with_ce, grads)
-    loss, kd, ce = _ChunkedLogitLoss.apply(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels_flat, kd_row, ce_row, o, grad_in_forward)
+    loss, kd, ce = _ChunkedLogitLoss.apply(
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels_flat, kd_row, ce_row, o, grad_in_forward
+    )
     return LogitLosses(loss, kd if kind is not None else None, ce if with_ce else None)
 
 
-def naive_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher_hidden: Optional[torch.Tensor] = None,
-                     teacher_head: Optional[Head] = None, kind: Optional[str] = "forward_kl", *, temperature: float = 1.0,
-                     beta: float = 0.5, vocab_size: Optional[int] = None, labels: Optional[torch.Tensor] = None,
-                     kd_mask: Optional[torch.Tensor] = None, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                     ignore_index: int = IGNORE_INDEX) -> LogitLosses:
+def naive_logit_loss(
+    student_hidden: torch.Tensor,
+    student_head: Head,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_head: Optional[Head] = None,
+    kind: Optional[str] = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    vocab_size: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+    kd_mask: Optional[torch.Tensor] = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> LogitLosses:
     """The direct computation, for tests and the benchmark: full (tokens x vocab) logits of both models, then the
     loss with PyTorch's own ops (F.kl_div, F.cross_entropy, the mixture as in TRL) and autograd for gradients."""
     s_weight, s_bias = _weight_bias(student_head)
@@ -377,8 +417,10 @@ def naive_logit_loss(student_hidden: torch.Tensor, student_head: Head, teacher_h
             per_position = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
         else:
             mixture = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
-            per_position = (beta * F.kl_div(mixture, t, reduction="none", log_target=True)
-                            + (1 - beta) * F.kl_div(mixture, s, reduction="none", log_target=True)).sum(-1)
+            per_position = (
+                beta * F.kl_div(mixture, t, reduction="none", log_target=True)
+                + (1 - beta) * F.kl_div(mixture, s, reduction="none", log_target=True)
+            ).sum(-1)
         if kd_mask is None:
             kd_mask = ce_mask if ce_mask is not None else torch.ones(n, dtype=torch.bool, device=s_hidden.device)
         kd_mask = kd_mask.reshape(-1).to(acc)
@@ -420,10 +462,23 @@ class ChunkedLogitLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
 
-    def forward(self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False) -> LogitLosses:
+    def forward(
+        self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False
+    ) -> LogitLosses:
         from distill.sparse_losses import SparseTargets, sparse_logit_loss
 
         if isinstance(teacher_hidden, SparseTargets):  # the teacher from a cache (teacher.source: cache)
-            return sparse_logit_loss(student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options)
-        return chunked_logit_loss(student_hidden, self._head[0], teacher_hidden, teacher_head, self.kind, labels=labels, kd_mask=kd_mask,
-                                  all_positions=all_positions, **self.options)
+            return sparse_logit_loss(
+                student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options
+            )
+        return chunked_logit_loss(
+            student_hidden,
+            self._head[0],
+            teacher_hidden,
+            teacher_head,
+            self.kind,
+            labels=labels,
+            kd_mask=kd_mask,
+            all_positions=all_positions,
+            **self.options,
+        )

@@ -11,6 +11,7 @@ Literature covered: DistilBERT (ce, mlm, cos), Patient-KD (pkd), TinyBERT genera
 (tinybert_emb, tinybert_hidden, tinybert_attn, optional ce), MiniLM (minilm_attn, minilm_value),
 DistilGPT2 (ce, clm, cos on causal data).
 """
+
 from __future__ import annotations
 
 import math
@@ -99,14 +100,29 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register(name: str, needs_teacher: bool, logits_at: Callable[[object], Optional[str]] = lambda cfg: None, needs_teacher_logits: bool = False,
-             student_needs: Callable[[LossContext], Needs] = _no_needs, teacher_needs: Callable[[LossContext], Needs] = _no_needs,
-             check: Callable[[LossContext], Optional[str]] = _no_problem, logit_kind: Optional[str] = None):
+def register(
+    name: str,
+    needs_teacher: bool,
+    logits_at: Callable[[object], Optional[str]] = lambda cfg: None,
+    needs_teacher_logits: bool = False,
+    student_needs: Callable[[LossContext], Needs] = _no_needs,
+    teacher_needs: Callable[[LossContext], Needs] = _no_needs,
+    check: Callable[[LossContext], Optional[str]] = _no_problem,
+    logit_kind: Optional[str] = None,
+):
     """Decorator: make a loss available under `name` in `loss.weights`, with what it reads from the models."""
 
     def wrap(fn):
-        LOSSES[name] = LossSpec(fn=fn, needs_teacher=needs_teacher, logits_at=logits_at, needs_teacher_logits=needs_teacher_logits,
-                                student_needs=student_needs, teacher_needs=teacher_needs, check=check, logit_kind=logit_kind)
+        LOSSES[name] = LossSpec(
+            fn=fn,
+            needs_teacher=needs_teacher,
+            logits_at=logits_at,
+            needs_teacher_logits=needs_teacher_logits,
+            student_needs=student_needs,
+            teacher_needs=teacher_needs,
+            check=check,
+            logit_kind=logit_kind,
+        )
         return fn
 
     return wrap
@@ -146,8 +162,10 @@ def logit_divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, 
 def _same_width(name: str):
     def check(ctx: LossContext) -> Optional[str]:
         if ctx.teacher and ctx.student and ctx.teacher.hidden_size != ctx.student.hidden_size:
-            return (f"loss '{name}' compares hidden states directly and needs the teacher's width {ctx.teacher.hidden_size}, the student has "
-                    f"{ctx.student.hidden_size}; set loss.weights.{name}=0 (or use the projected tinybert_* losses)")
+            return (
+                f"loss '{name}' compares hidden states directly and needs the teacher's width {ctx.teacher.hidden_size}, the student has "
+                f"{ctx.student.hidden_size}; set loss.weights.{name}=0 (or use the projected tinybert_* losses)"
+            )
         return None
 
     return check
@@ -156,8 +174,10 @@ def _same_width(name: str):
 def _same_heads(name: str):
     def check(ctx: LossContext) -> Optional[str]:
         if ctx.teacher and ctx.student and ctx.teacher.num_heads != ctx.student.num_heads:
-            return (f"loss '{name}' compares attention head by head and needs as many heads as the teacher ({ctx.teacher.num_heads}), "
-                    f"the student has {ctx.student.num_heads}; set student.num_heads={ctx.teacher.num_heads} (widths may differ)")
+            return (
+                f"loss '{name}' compares attention head by head and needs as many heads as the teacher ({ctx.teacher.num_heads}), "
+                f"the student has {ctx.student.num_heads}; set student.num_heads={ctx.teacher.num_heads} (widths may differ)"
+            )
         return None
 
     return check
@@ -182,7 +202,9 @@ Positions: every non-padding token (`ce_positions: all`, as the DistilBERT relea
 reverse_kl_loss = register("reverse_kl", needs_teacher=True, logit_kind="reverse_kl", **_KD_AT)(_soft_targets("reverse_kl"))
 reverse_kl_loss.__doc__ = """KL(student_T || teacher_T): mode-seeking (MiniLLM, GKD); same positions and T^2 scale as ce."""
 jsd_loss = register("jsd", needs_teacher=True, logit_kind="jsd", **_KD_AT)(_soft_targets("jsd"))
-jsd_loss.__doc__ = """Generalized Jensen-Shannon divergence with loss.jsd_beta (0 = forward KL, 1 = reverse KL; TRL/Liger convention), T^2 scale."""
+jsd_loss.__doc__ = (
+    """Generalized Jensen-Shannon divergence with loss.jsd_beta (0 = forward KL, 1 = reverse KL; TRL/Liger convention), T^2 scale."""
+)
 
 
 @register("mlm", needs_teacher=False, logits_at=lambda cfg: "masked", logit_kind="ce")
@@ -225,8 +247,16 @@ def _all_student_layers(ctx: LossContext) -> Needs:
     return Needs(attention_layers=tuple(range(ctx.student.num_layers)))
 
 
-@register("pkd", needs_teacher=True, student_needs=lambda ctx: Needs(hidden_states=True), teacher_needs=lambda ctx: Needs(hidden_states=True),
-          check=lambda ctx: _same_width("pkd")(ctx) or (None if ctx.pkd_pairs else "loss 'pkd' has no layer pairs: a 1-layer student needs loss.pkd_include_last=true"))
+@register(
+    "pkd",
+    needs_teacher=True,
+    student_needs=lambda ctx: Needs(hidden_states=True),
+    teacher_needs=lambda ctx: Needs(hidden_states=True),
+    check=lambda ctx: (
+        _same_width("pkd")(ctx)
+        or (None if ctx.pkd_pairs else "loss 'pkd' has no layer pairs: a 1-layer student needs loss.pkd_include_last=true")
+    ),
+)
 def patient_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """Patient-KD (Sun et al., 2019): MSE between the L2-normalised [CLS] (position 0) hidden states of
     student layer j and teacher layer g(j), over the pairs `cfg.pkd_pairs`; the mean over (batch, layers,
@@ -237,13 +267,20 @@ def patient_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg
     return F.mse_loss(F.normalize(s_cls, p=2, dim=-1), F.normalize(t_cls, p=2, dim=-1))
 
 
-@register("tinybert_emb", needs_teacher=True, student_needs=lambda ctx: Needs(projected=True), teacher_needs=lambda ctx: Needs(hidden_states=True))
+@register(
+    "tinybert_emb", needs_teacher=True, student_needs=lambda ctx: Needs(projected=True), teacher_needs=lambda ctx: Needs(hidden_states=True)
+)
 def tinybert_embedding_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """TinyBERT embedding-layer loss: MSE(E_s W_e, E_t) over non-padding tokens."""
     return _masked_mse(student.projected[0], teacher.hidden_states[0], batch.attention_mask.bool())
 
 
-@register("tinybert_hidden", needs_teacher=True, student_needs=lambda ctx: Needs(projected=True), teacher_needs=lambda ctx: Needs(hidden_states=True))
+@register(
+    "tinybert_hidden",
+    needs_teacher=True,
+    student_needs=lambda ctx: Needs(projected=True),
+    teacher_needs=lambda ctx: Needs(hidden_states=True),
+)
 def tinybert_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """TinyBERT hidden-state loss: sum over student layers m of MSE(H_s^m W_h, H_t^g(m)) over non-padding tokens."""
     mask = batch.attention_mask.bool()
@@ -265,8 +302,13 @@ def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float().transpose(-1, -2)) / math.sqrt(a.shape[-1])
 
 
-@register("tinybert_attn", needs_teacher=True, student_needs=_all_student_layers,
-          teacher_needs=lambda ctx: Needs(attention_layers=tuple(ctx.layer_map)), check=_same_heads("tinybert_attn"))
+@register(
+    "tinybert_attn",
+    needs_teacher=True,
+    student_needs=_all_student_layers,
+    teacher_needs=lambda ctx: Needs(attention_layers=tuple(ctx.layer_map)),
+    check=_same_heads("tinybert_attn"),
+)
 def tinybert_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """TinyBERT attention loss: sum over student layers m of the MSE between pre-softmax attention scores
     (q k^T / sqrt(d), per head) of student layer m and teacher layer g(m), averaged over the (query, key)
@@ -301,7 +343,13 @@ def _minilm_needs_student(ctx: LossContext) -> Needs:
     return Needs(attention_layers=(ctx.student.num_layers - 1,))
 
 
-@register("minilm_attn", needs_teacher=True, student_needs=_minilm_needs_student, teacher_needs=_minilm_needs_teacher, check=_same_heads("minilm_attn"))
+@register(
+    "minilm_attn",
+    needs_teacher=True,
+    student_needs=_minilm_needs_student,
+    teacher_needs=_minilm_needs_teacher,
+    check=_same_heads("minilm_attn"),
+)
 def minilm_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """MiniLM self-attention distribution transfer: KL(A_T || A_S) of the teacher's chosen (last) layer and
     the student's last layer, per head and real query, averaged over heads and queries."""
@@ -310,7 +358,13 @@ def minilm_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: B
     return _relation_kl(_scores(t_q, t_k), _scores(s_q, s_k), batch.attention_mask, student.causal)
 
 
-@register("minilm_value", needs_teacher=True, student_needs=_minilm_needs_student, teacher_needs=_minilm_needs_teacher, check=_same_heads("minilm_value"))
+@register(
+    "minilm_value",
+    needs_teacher=True,
+    student_needs=_minilm_needs_student,
+    teacher_needs=_minilm_needs_teacher,
+    check=_same_heads("minilm_value"),
+)
 def minilm_value_relation_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """MiniLM value-relation transfer: KL(softmax(V_T V_T^T / sqrt(d_T)) || softmax(V_S V_S^T / sqrt(d_S))) of the
     same layers, per head and real query; head dims (so widths) may differ, no projection."""
@@ -340,7 +394,9 @@ def needs_teacher_logits(weights: dict[str, float]) -> bool:
     return any(spec.needs_teacher_logits for spec, _ in active_losses(weights).values())
 
 
-def compute_losses(weights: dict[str, float], teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_losses(
+    weights: dict[str, float], teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the active losses, and each term (unweighted, detached) for logging.
 
     With chunked logits (`student.head` set), the logit losses come from one fused sweep of the student's
@@ -384,8 +440,13 @@ def logit_plan(weights: dict[str, float]) -> tuple[Optional[LogitPlan], Optional
         return None, f"losses {[n for n, _, _ in ce]} are each a cross-entropy over the vocabulary; use one of them"
     if not kd and not ce:
         return None, None
-    return LogitPlan(kd[0][0] if kd else None, kd[0][1].logit_kind if kd else None, kd[0][2] if kd else 0.0,
-                     ce[0][0] if ce else None, ce[0][2] if ce else 0.0), None
+    return LogitPlan(
+        kd[0][0] if kd else None,
+        kd[0][1].logit_kind if kd else None,
+        kd[0][2] if kd else 0.0,
+        ce[0][0] if ce else None,
+        ce[0][2] if ce else 0.0,
+    ), None
 
 
 def _fused_logit_losses(active, teacher: Optional[ModelOutputs], student: ModelOutputs, batch: Batch, cfg):
@@ -396,8 +457,14 @@ def _fused_logit_losses(active, teacher: Optional[ModelOutputs], student: ModelO
         if kd_mask is None:
             kd_mask, every = torch.ones_like(batch.position_labels, dtype=torch.bool), True
     extra = {"all_positions": True} if every else {}  # soft targets at every logit position: the sweep looks no positions up
-    result = student.head(student.head_input, teacher.head_input if plan.kind else None, teacher.head if plan.kind else None,
-                          labels=batch.position_labels if plan.ce_name else None, kd_mask=kd_mask, **extra)
+    result = student.head(
+        student.head_input,
+        teacher.head_input if plan.kind else None,
+        teacher.head if plan.kind else None,
+        labels=batch.position_labels if plan.ce_name else None,
+        kd_mask=kd_mask,
+        **extra,
+    )
     terms = {}
     if plan.kd_name:
         terms[plan.kd_name] = result.kd

@@ -10,6 +10,7 @@ weight is the mean of its tokens' weights) until n tokens are covered. Of the se
 80% become [MASK], 10% a random non-special token, 10% stay; special tokens and padding are never
 selected.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ def _weighted_order(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.argsort(-keys, kind="stable")
 
 
-def mask_sequence(ids: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mask_sequence(
+    ids: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (input ids with replacements, labels with -100 where nothing is predicted)."""
     ids = np.asarray(ids, dtype=np.int64)
     maskable = ~policy.is_special[ids]
@@ -174,14 +177,17 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def counter_uniforms(seed: int, stream_indices: np.ndarray, length: int, tag: int) -> np.ndarray:
     """(len(stream_indices), length) uniforms in (0, 1): a hash of (seed, stream index, tag, position), float64 with 53 bits."""
     with np.errstate(over="ignore"):
-        base = _mix64(_mix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)) ^ np.asarray(stream_indices, dtype=np.int64).astype(np.uint64))
+        base = _mix64(
+            _mix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)) ^ np.asarray(stream_indices, dtype=np.int64).astype(np.uint64)
+        )
         counter = (np.arange(length, dtype=np.uint64) * np.uint64(3) + np.uint64(tag)) * np.uint64(0xD1B54A32D192ED03)
         bits = _mix64(base[:, None] ^ counter[None, :])
     return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
 
 
-def mask_batch(ids: np.ndarray, lengths: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, seed: int,
-               stream_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_batch(
+    ids: np.ndarray, lengths: np.ndarray, word_start: Optional[np.ndarray], policy: MaskingPolicy, seed: int, stream_indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(input ids with replacements, labels with -100 where nothing is predicted) of a padded (B, L) micro batch whose row b
     holds `lengths[b]` tokens; `word_start` (B, L) flags for whole-word masking (None: token masking)."""
     batch, length = ids.shape
@@ -284,16 +290,23 @@ class CausalLMCollator:
         return _as_batch(batch_ids, attention, labels, stream_indices)
 
 
-def collator_for(data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, special_ids: Sequence[int], token_counts: np.ndarray,
-                 pad_multiple: int):
+def collator_for(
+    data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, special_ids: Sequence[int], token_counts: np.ndarray, pad_multiple: int
+):
     """The collator a dataset needs: dynamic masking for masked-LM data, next-token labels for causal data."""
     if packing == "causal":  # no masking: labels are the next tokens
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return CausalLMCollator(pad, pad_multiple)
     policy = MaskingPolicy.with_smoothing(
-        token_counts, data_cfg.token_frequency_smoothing, mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id,
-        vocab_size=vocab_size, special_ids=special_ids, mlm_probability=data_cfg.mlm_probability,
-        mask_token_fraction=data_cfg.mask_token_fraction, random_token_fraction=data_cfg.random_token_fraction,
+        token_counts,
+        data_cfg.token_frequency_smoothing,
+        mask_id=tokenizer.mask_token_id,
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab_size,
+        special_ids=special_ids,
+        mlm_probability=data_cfg.mlm_probability,
+        mask_token_fraction=data_cfg.mask_token_fraction,
+        random_token_fraction=data_cfg.random_token_fraction,
         whole_word=data_cfg.whole_word_masking,
     )
     return (BatchedMaskingCollator if getattr(data_cfg, "masking", "batched") == "batched" else MaskingCollator)(policy, seed, pad_multiple)

@@ -6,6 +6,7 @@ data wait, the stop flag). `reduce()` sums both over every rank in ONE all-reduc
 back once: the step's only host-device synchronisation. `MetricsLog` (rank 0) writes each step to
 metrics.jsonl, chosen names to TensorBoard, and a console line every `log_every` steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ import torch.distributed as dist
 
 # TensorBoard tag of each logged name (loss terms are added as loss/<name>)
 TENSORBOARD_TAGS = {
-    "loss": "loss/total", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
-    "samples_per_s": "train/samples_per_s", "samples_seen": "train/samples_seen", "peak_memory_mb": "train/peak_memory_mb",
+    "loss": "loss/total",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "samples_per_s": "train/samples_per_s",
+    "samples_seen": "train/samples_seen",
+    "peak_memory_mb": "train/peak_memory_mb",
     "skipped_steps": "train/skipped_steps",
 }
 
@@ -70,8 +76,16 @@ def count_batch(sums: StepSums, attention_mask: torch.Tensor, logit_positions: O
     sums.add("data_wait", data_wait)
 
 
-def step_metrics(step: int, reduced: dict[str, float], term_names: list[str], micro_batches: int, world_size: int, elapsed: float,
-                 global_batch: int, **extra: Any) -> dict[str, Any]:
+def step_metrics(
+    step: int,
+    reduced: dict[str, float],
+    term_names: list[str],
+    micro_batches: int,
+    world_size: int,
+    elapsed: float,
+    global_batch: int,
+    **extra: Any,
+) -> dict[str, Any]:
     """One step's metrics by name from its reduced sums (means over every micro batch of every rank)."""
     denom = micro_batches * world_size
     return {
@@ -96,8 +110,9 @@ def step_metrics(step: int, reduced: dict[str, float], term_names: list[str], mi
 class MetricsLog:
     """Rank 0's outputs: one JSON line per step, TensorBoard scalars and a console line every `log_every` steps."""
 
-    def __init__(self, output_dir: str, start_step: int, config_yaml: str, log_every: int, term_names: list[str], world_size: int,
-                 total_steps: int):
+    def __init__(
+        self, output_dir: str, start_step: int, config_yaml: str, log_every: int, term_names: list[str], world_size: int, total_steps: int
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_every = log_every
@@ -121,8 +136,10 @@ class MetricsLog:
                 self.writer.add_scalar(tag, metrics[name], step)
         terms = " ".join(f"{n} {metrics[f'loss_{n}']:.4f}" for n in self.term_names)
         grad = metrics["grad_norm"] if metrics["grad_norm"] is None else round(metrics["grad_norm"], 3)
-        console(f"[rank 0/{self.world_size}] step {step}/{self.total_steps} loss {metrics['loss']:.4f} ({terms}) lr {metrics['lr']:.2e} "
-                f"grad {grad} {metrics['tokens_per_s']:.0f} tok/s")
+        console(
+            f"[rank 0/{self.world_size}] step {step}/{self.total_steps} loss {metrics['loss']:.4f} ({terms}) lr {metrics['lr']:.2e} "
+            f"grad {grad} {metrics['tokens_per_s']:.0f} tok/s"
+        )
 
     def close(self) -> None:
         self.writer.flush()

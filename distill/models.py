@@ -7,6 +7,7 @@ a loss reads beyond that is collected only when asked for (`Needs`): hidden stat
 attention's q/k/v projections (so any attention kernel works, sdpa included, and ZeRO-3's own parameter
 hooks are untouched).
 """
+
 from __future__ import annotations
 
 import json
@@ -114,9 +115,16 @@ class AttentionCapture:
         self._handles = []
 
 
-def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor],
-                  needs: Needs = Needs(), capture: Optional[AttentionCapture] = None, full_logits: bool = False,
-                  head_input: bool = False) -> ModelOutputs:
+def model_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logit_positions: Optional[torch.Tensor],
+    needs: Needs = Needs(),
+    capture: Optional[AttentionCapture] = None,
+    full_logits: bool = False,
+    head_input: bool = False,
+) -> ModelOutputs:
     """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
     states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
 
@@ -141,12 +149,19 @@ def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
         logits = apply_mlm_head(model, selected)
     return ModelOutputs(
-        hidden=hidden, logits=logits, hidden_states=tuple(out.hidden_states) if want_states else None,
-        attention=capture.collect() if capture is not None else None, causal=family.causal, head_input=projected_input, head=head,
+        hidden=hidden,
+        logits=logits,
+        hidden_states=tuple(out.hidden_states) if want_states else None,
+        attention=capture.collect() if capture is not None else None,
+        causal=family.causal,
+        head_input=projected_input,
+        head=head,
     )
 
 
-def mlm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor]) -> ModelOutputs:
+def mlm_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor]
+) -> ModelOutputs:
     """Encoder forward; vocabulary logits only at the flat `logit_positions` (None: no logits)."""
     return model_forward(model, input_ids, attention_mask, logit_positions)
 
@@ -163,8 +178,15 @@ class StudentForDistillation(nn.Module):
     only `model.*`.
     """
 
-    def __init__(self, model: nn.Module, needs: Needs = Needs(), projection: str = "shared", target_width: Optional[int] = None,
-                 full_logits: bool = False, logit_loss: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        needs: Needs = Needs(),
+        projection: str = "shared",
+        target_width: Optional[int] = None,
+        full_logits: bool = False,
+        logit_loss: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.model = model
         self.needs = needs
@@ -181,8 +203,16 @@ class StudentForDistillation(nn.Module):
             self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
 
     def forward(self, input_ids, attention_mask, logit_positions=None):
-        out = model_forward(self.model, input_ids, attention_mask, logit_positions, self.needs, self.capture, self.full_logits,
-                            head_input=self.logit_loss is not None)
+        out = model_forward(
+            self.model,
+            input_ids,
+            attention_mask,
+            logit_positions,
+            self.needs,
+            self.capture,
+            self.full_logits,
+            head_input=self.logit_loss is not None,
+        )
         result = {"hidden": out.hidden, "logits": out.logits, "head_input": out.head_input}
         if self.needs.hidden_states:
             result["hidden_states"] = out.hidden_states
@@ -197,9 +227,16 @@ class StudentForDistillation(nn.Module):
         if "attention" in result:
             flat = result["attention"]
             attention = {layer: tuple(flat[3 * i : 3 * i + 3]) for i, layer in enumerate(self.capture.layers)}
-        return ModelOutputs(hidden=result["hidden"], logits=result["logits"], hidden_states=result.get("hidden_states"),
-                            projected=result.get("projected"), attention=attention, causal=is_causal(self.model),
-                            head_input=result.get("head_input"), head=self.logit_loss)
+        return ModelOutputs(
+            hidden=result["hidden"],
+            logits=result["logits"],
+            hidden_states=result.get("hidden_states"),
+            projected=result.get("projected"),
+            attention=attention,
+            causal=is_causal(self.model),
+            head_input=result.get("head_input"),
+            head=self.logit_loss,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +260,10 @@ def load_teacher_config(path: str):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
-                         f"complete Hugging Face checkpoint") from None
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
+            f"complete Hugging Face checkpoint"
+        ) from None
     _family(config)
     return config
 
@@ -239,7 +278,9 @@ def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device
         teacher = auto.from_pretrained(path, config=config, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"teacher {path!r} could not be loaded as a masked or causal LM ({first}); check the directory holds a complete Hugging Face checkpoint") from None
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM ({first}); check the directory holds a complete Hugging Face checkpoint"
+        ) from None
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher.to(device)
@@ -272,8 +313,13 @@ def student_depth(cfg, teacher: Optional[nn.Module]) -> Optional[int]:
 def init_layers_for(cfg, teacher: nn.Module, student_layers: int) -> list[int]:
     """Teacher layers copied into the student: student.init_layers, else the student.init_mapping strategy."""
     try:
-        return resolve_layers(cfg.init_mapping, _teacher_num_layers(teacher), student_layers, cfg.init_layers,
-                              key="student.init_layers" if cfg.init_layers else "student.init_mapping")
+        return resolve_layers(
+            cfg.init_mapping,
+            _teacher_num_layers(teacher),
+            student_layers,
+            cfg.init_layers,
+            key="student.init_layers" if cfg.init_layers else "student.init_mapping",
+        )
     except ValueError as exc:
         raise ModelError(str(exc)) from None
 
@@ -285,9 +331,16 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
 
     from distill.families import FAMILIES
 
-    shape = student_shape(_config(teacher) if teacher is not None else None, {
-        "hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
-        "num_layers": student_depth(cfg, teacher), "max_position_embeddings": cfg.max_position_embeddings})
+    shape = student_shape(
+        _config(teacher) if teacher is not None else None,
+        {
+            "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "num_layers": student_depth(cfg, teacher),
+            "max_position_embeddings": cfg.max_position_embeddings,
+        },
+    )
     if cfg.num_kv_heads:
         shape["num_kv_heads"] = cfg.num_kv_heads
     elif cfg.num_heads:
@@ -298,21 +351,34 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
     if shape["hidden_size"] % shape["num_heads"]:
         raise ModelError(f"student.hidden_size={shape['hidden_size']} is not divisible by student.num_heads={shape['num_heads']}")
     if shape["max_position_embeddings"] < max_seq_len:
-        raise ModelError(f"student has {shape['max_position_embeddings']} positions but the dataset's max_seq_len is {max_seq_len}; "
-                         f"raise student.max_position_embeddings")
+        raise ModelError(
+            f"student has {shape['max_position_embeddings']} positions but the dataset's max_seq_len is {max_seq_len}; "
+            f"raise student.max_position_embeddings"
+        )
     architecture = _family(teacher).name if cfg.architecture == "same" and teacher is not None else cfg.architecture
     family = FAMILIES.get(architecture)
     if family is None:
         raise ModelError(f"student.architecture={cfg.architecture!r} needs a teacher (same = the teacher's family); name a family")
     if teacher is not None and family is not None and _family(teacher).causal != family.causal:
-        raise ModelError(f"a {_family(teacher).name} ({'causal' if _family(teacher).causal else 'masked'}) teacher needs a student of the same kind; "
-                         f"student.architecture={cfg.architecture} is {'causal' if family.causal else 'masked'}")
+        raise ModelError(
+            f"a {_family(teacher).name} ({'causal' if _family(teacher).causal else 'masked'}) teacher needs a student of the same kind; "
+            f"student.architecture={cfg.architecture} is {'causal' if family.causal else 'masked'}"
+        )
     if teacher is not None and family is not None and family.causal and family is not _family(teacher):
-        raise ModelError(f"a {_family(teacher).name} teacher needs student.architecture={_family(teacher).name} (a causal student is built "
-                         f"in its teacher's family)")
+        raise ModelError(
+            f"a {_family(teacher).name} teacher needs student.architecture={_family(teacher).name} (a causal student is built "
+            f"in its teacher's family)"
+        )
     try:
-        config = student_config_for(architecture, _config(teacher) if teacher is not None else None, shape, vocab_size, pad_token_id,
-                                    cfg.dropout, cfg.attn_implementation)
+        config = student_config_for(
+            architecture,
+            _config(teacher) if teacher is not None else None,
+            shape,
+            vocab_size,
+            pad_token_id,
+            cfg.dropout,
+            cfg.attn_implementation,
+        )
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
     auto = AutoModelForCausalLM if family.causal else AutoModelForMaskedLM
@@ -336,13 +402,17 @@ def check_init(student, teacher, layers: list[int]) -> None:
     """Copying `layers` of the teacher into the student needs its width and one layer per student layer (models or configs)."""
     t_family, s_family = _family(teacher), _family(student)
     if t_family.name not in s_family.init_from:
-        raise ModelError(f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher (it can from: "
-                         f"{', '.join(s_family.init_from) or 'none'}); use student.init=random")
+        raise ModelError(
+            f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher (it can from: "
+            f"{', '.join(s_family.init_from) or 'none'}); use student.init=random"
+        )
     t_shape = t_family.shape(_config(teacher))
     s_shape = s_family.shape(_config(student))
     if s_shape["hidden_size"] != t_shape["hidden_size"]:
-        raise ModelError(f"student.init=teacher needs the teacher's width {t_shape['hidden_size']}, the student has {s_shape['hidden_size']}; "
-                         f"use student.init=random")
+        raise ModelError(
+            f"student.init=teacher needs the teacher's width {t_shape['hidden_size']}, the student has {s_shape['hidden_size']}; "
+            f"use student.init=random"
+        )
     if len(layers) != s_shape["num_layers"]:
         raise ModelError(f"student.init_layers has {len(layers)} entries for a {s_shape['num_layers']}-layer student")
     bad = [i for i in layers if not 0 <= i < t_shape["num_layers"]]
@@ -355,21 +425,29 @@ def check_data_fits(model, packing: str) -> None:
     model_type = _config(model).model_type
     causal = _family(model).causal
     if causal and packing != "causal":
-        raise ModelError(f"a {model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}")
+        raise ModelError(
+            f"a {model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}"
+        )
     if not causal and packing == "causal":
-        raise ModelError(f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model_type}); "
-                         f"re-run distill-prep with --packing document")
+        raise ModelError(
+            f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model_type}); "
+            f"re-run distill-prep with --packing document"
+        )
 
 
 def check_teacher_fits(path: str, teacher, packing: str) -> bool:
     """The teacher (a model or its config) is the kind of LM the dataset was packed for; a one-line ModelError naming it otherwise."""
     family = _family(teacher)
     if family.causal and packing != "causal":
-        raise ModelError(f"teacher {path!r} is a causal LM ({family.name}) but the dataset is packed {packing!r} for masked LMs; prepare the "
-                         f"data with `distill-prep --packing causal --tokenizer {path}`")
+        raise ModelError(
+            f"teacher {path!r} is a causal LM ({family.name}) but the dataset is packed {packing!r} for masked LMs; prepare the "
+            f"data with `distill-prep --packing causal --tokenizer {path}`"
+        )
     if not family.causal and packing == "causal":
-        raise ModelError(f"teacher {path!r} is a masked LM ({family.name}), not a causal LM, but the dataset is packed for causal LMs; use a "
-                         f"causal-LM teacher (gpt2, llama, mistral, qwen2, qwen3) or prepare the data with --packing document")
+        raise ModelError(
+            f"teacher {path!r} is a masked LM ({family.name}), not a causal LM, but the dataset is packed for causal LMs; use a "
+            f"causal-LM teacher (gpt2, llama, mistral, qwen2, qwen3) or prepare the data with --packing document"
+        )
     return True
 
 

@@ -5,6 +5,7 @@ mapping depends on their depths. It decides once what every forward returns — 
 computed (`prepare(batch)` picks the positions), which hidden states and q/k/v each model hands over — and
 computes the weighted losses. The loop only calls `prepare`, the teacher source, the student and `losses`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -15,8 +16,19 @@ from torch import nn
 from distill.config import ConfigError
 from distill.families import FamilyError, family_of
 from distill.layer_map import LayerMapError, resolve_layers
-from distill.losses import (Batch, LossContext, ModelOutputs, check_losses, compute_losses, logit_plan, logits_positions_needed, needs_of,
-                            needs_teacher, needs_teacher_logits, select_logit_positions)
+from distill.losses import (
+    Batch,
+    LossContext,
+    ModelOutputs,
+    check_losses,
+    compute_losses,
+    logit_plan,
+    logits_positions_needed,
+    needs_of,
+    needs_teacher,
+    needs_teacher_logits,
+    select_logit_positions,
+)
 from distill.models import AttentionCapture, model_forward
 from distill.outputs import ModelShape
 
@@ -44,16 +56,29 @@ class Objective:
         attention_layer = -1
         if t_shape is not None:
             try:
-                layer_map = tuple(resolve_layers(loss_cfg.layer_map, t_shape.num_layers, s_shape.num_layers, loss_cfg.layer_map_layers,
-                                                 key="loss.layer_map_layers" if loss_cfg.layer_map_layers else "loss.layer_map"))
+                layer_map = tuple(
+                    resolve_layers(
+                        loss_cfg.layer_map,
+                        t_shape.num_layers,
+                        s_shape.num_layers,
+                        loss_cfg.layer_map_layers,
+                        key="loss.layer_map_layers" if loss_cfg.layer_map_layers else "loss.layer_map",
+                    )
+                )
             except LayerMapError as exc:
                 problems.append(str(exc))
             attention_layer = loss_cfg.attention_teacher_layer
             if not -t_shape.num_layers <= attention_layer < t_shape.num_layers:
                 problems.append(f"loss.attention_teacher_layer={attention_layer} is out of range for a {t_shape.num_layers}-layer teacher")
             attention_layer %= t_shape.num_layers
-        self.ctx = LossContext(cfg=loss_cfg, teacher=t_shape, student=s_shape, layer_map=layer_map, attention_teacher_layer=attention_layer,
-                               vocab_size=vocab_size)
+        self.ctx = LossContext(
+            cfg=loss_cfg,
+            teacher=t_shape,
+            student=s_shape,
+            layer_map=layer_map,
+            attention_teacher_layer=attention_layer,
+            vocab_size=vocab_size,
+        )
         self.plan, plan_problem = logit_plan(self.weights)
         if plan_problem and chunked:
             problems.append(plan_problem + " (or set loss.chunked_logits=false)")
@@ -61,12 +86,17 @@ class Objective:
             problems += check_losses(self.weights, self.ctx)
         if not problems:
             t_needs, s_needs = needs_of(self.weights, self.ctx)
-            rotary = [side for side, shape, needs in (("teacher", t_shape, t_needs), ("student", s_shape, s_needs))
-                      if shape is not None and shape.rotary and needs.attention_layers]
+            rotary = [
+                side
+                for side, shape, needs in (("teacher", t_shape, t_needs), ("student", s_shape, s_needs))
+                if shape is not None and shape.rotary and needs.attention_layers
+            ]
             if rotary:
-                problems.append(f"the attention losses ({', '.join(n for n in self.weights if n.startswith(('tinybert_attn', 'minilm')) and self.weights[n] > 0)}) "
-                                f"compare q.k scores, but the {' and '.join(rotary)} uses rotary positions that the captured q/k do not carry; "
-                                f"use the logit and hidden-state losses for this family")
+                problems.append(
+                    f"the attention losses ({', '.join(n for n in self.weights if n.startswith(('tinybert_attn', 'minilm')) and self.weights[n] > 0)}) "
+                    f"compare q.k scores, but the {' and '.join(rotary)} uses rotary positions that the captured q/k do not carry; "
+                    f"use the logit and hidden-state losses for this family"
+                )
         if problems:
             raise ConfigError(problems)
         self.teacher_needs, self.student_needs = needs_of(self.weights, self.ctx)
@@ -76,7 +106,9 @@ class Objective:
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
         self.chunked = chunked and self.plan is not None
         with_modules = isinstance(teacher, nn.Module)
-        self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers) if with_modules and self.teacher_needs.attention_layers else None
+        self.capture = (
+            AttentionCapture(teacher, self.teacher_needs.attention_layers) if with_modules and self.teacher_needs.attention_layers else None
+        )
 
     def describe(self) -> str:
         parts = [f"losses {', '.join(f'{n} x{w:g}' for n, w in self.weights.items() if w > 0)}"]
@@ -98,8 +130,16 @@ class Objective:
         """The frozen teacher's forward: under `torch.inference_mode` (no autograd bookkeeping; `teacher.inference_mode`)
         or `torch.no_grad` (the baseline path). Same values either way; the outputs only ever feed loss targets."""
         with torch.inference_mode() if inference_mode else torch.no_grad():
-            return model_forward(teacher, batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions if self.teacher_logits else None,
-                                 self.teacher_needs, self.capture, full_logits, head_input=self.chunked and not full_logits)
+            return model_forward(
+                teacher,
+                batch.input_ids,
+                batch.attention_mask if batch.padded else None,
+                batch.logit_positions if self.teacher_logits else None,
+                self.teacher_needs,
+                self.capture,
+                full_logits,
+                head_input=self.chunked and not full_logits,
+            )
 
     def student_logit_loss(self, student: nn.Module):
         """The student's side of the chunked sweep: a ChunkedLogitLoss over its LM head, weighted as the plan says
@@ -109,9 +149,17 @@ class Objective:
         from distill.logit_losses import ChunkedLogitLoss
 
         plan, cfg = self.plan, self.ctx.cfg
-        module = ChunkedLogitLoss(family_of(student).projection(student), plan.kind, temperature=cfg.temperature, beta=cfg.jsd_beta,
-                                  chunk_size=cfg.chunk_positions, vocab_size=self.ctx.vocab_size, kd_weight=plan.kd_weight,
-                                  ce_weight=plan.ce_weight, check_labels=False)  # labels are dataset ids: bounded by the embedding lookup
+        module = ChunkedLogitLoss(
+            family_of(student).projection(student),
+            plan.kind,
+            temperature=cfg.temperature,
+            beta=cfg.jsd_beta,
+            chunk_size=cfg.chunk_positions,
+            vocab_size=self.ctx.vocab_size,
+            kd_weight=plan.kd_weight,
+            ce_weight=plan.ce_weight,
+            check_labels=False,
+        )  # labels are dataset ids: bounded by the embedding lookup
         module.plan = plan
         return module
 

@@ -3,6 +3,7 @@
 Shared by models (which fill them), losses (which read them) and the objective (which decides them),
 so none of those imports another for its types.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ class Needs:
     attention_layers: tuple = ()  # layers (0-based) whose queries / keys / values are captured
 
     def union(self, other: "Needs") -> "Needs":
-        return Needs(self.hidden_states or other.hidden_states, self.projected or other.projected,
-                     tuple(sorted(set(self.attention_layers) | set(other.attention_layers))))
+        return Needs(
+            self.hidden_states or other.hidden_states,
+            self.projected or other.projected,
+            tuple(sorted(set(self.attention_layers) | set(other.attention_layers))),
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ Until `bind()` the teacher is whole in host memory (the student is initialised f
 When the chunked logit losses read the teacher's vocabulary projection outside its forward, `outputs()`
 hands them a gathered copy of that one matrix for the micro batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,12 @@ def zero3_inference_config(user_zero: Optional[dict], micro_batch: int, dtype: t
     zero = {k: v for k, v in (user_zero or {}).items() if k.startswith("stage3_") or k in ("overlap_comm", "offload_param")}
     zero.pop("stage3_gather_16bit_weights_on_model_save", None)
     zero["stage"] = 3
-    ds: dict[str, Any] = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-                          "steps_per_print": 10**9}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
     if dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
     elif dtype == torch.float16:
@@ -97,7 +102,9 @@ def full_parameter_bytes(model: nn.Module) -> int:
 class PartitionedTeacher(OnlineTeacher):
     """The online teacher with its parameters partitioned across the data-parallel ranks (`teacher.partition: true`)."""
 
-    def __init__(self, model: nn.Module, path: str, inference_mode: bool = True, full_logits: bool = False, ds_config: Optional[dict] = None):
+    def __init__(
+        self, model: nn.Module, path: str, inference_mode: bool = True, full_logits: bool = False, ds_config: Optional[dict] = None
+    ):
         super().__init__(model, path, inference_mode, full_logits)
         self.ds_config = ds_config
         self.engine = None
@@ -119,9 +126,12 @@ class PartitionedTeacher(OnlineTeacher):
         if self.engine is None:
             self.engine, self.wrapper = partition(self.model, self.ds_config)
             self.wrapper.inference_mode, self.wrapper.full_logits = self.inference_mode, self.full_logits
-            log.info("teacher partitioned across the ranks (ZeRO-3, no optimizer): this rank holds %.1f of %.1f MB of its parameters "
-                     "(its partitions, and the parameters under stage3_param_persistence_threshold whole)",
-                     local_parameter_bytes(self.model) / 2**20, full_parameter_bytes(self.model) / 2**20)
+            log.info(
+                "teacher partitioned across the ranks (ZeRO-3, no optimizer): this rank holds %.1f of %.1f MB of its parameters "
+                "(its partitions, and the parameters under stage3_param_persistence_threshold whole)",
+                local_parameter_bytes(self.model) / 2**20,
+                full_parameter_bytes(self.model) / 2**20,
+            )
         self.wrapper.objective = objective
 
     def compile(self) -> None:
@@ -146,9 +156,13 @@ def partition_problems(cfg, world_size: int) -> list[str]:
     if not cfg.teacher.path:
         problems.append("teacher.partition=true needs a teacher to partition: set teacher.path, or drop teacher.partition")
     elif getattr(cfg.teacher, "source", "online") != "online":
-        problems.append(f"teacher.partition=true splits the online teacher's parameters; teacher.source={cfg.teacher.source} runs no teacher "
-                        f"model: drop teacher.partition")
+        problems.append(
+            f"teacher.partition=true splits the online teacher's parameters; teacher.source={cfg.teacher.source} runs no teacher "
+            f"model: drop teacher.partition"
+        )
     if world_size < 2:
-        problems.append(f"teacher.partition=true splits the teacher's parameters across the data-parallel ranks, but this run has {world_size} "
-                        f"rank: launch 2 or more (deepspeed --num_gpus N), or drop teacher.partition")
+        problems.append(
+            f"teacher.partition=true splits the teacher's parameters across the data-parallel ranks, but this run has {world_size} "
+            f"rank: launch 2 or more (deepspeed --num_gpus N), or drop teacher.partition"
+        )
     return problems

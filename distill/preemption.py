@@ -7,6 +7,7 @@ process that launched this worker, see `StopRequest.watch_launcher`) is all-redu
 stop after the same step, save one complete checkpoint together and exit with `PREEMPTED_EXIT_CODE`;
 rerunning the same command resumes from that checkpoint.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -94,7 +95,8 @@ def _is_launcher(proc: psutil.Process) -> bool:
         return False
     names = {os.path.basename(arg) for arg in cmd[:2]}
     return bool(names & {"deepspeed", "ds", "torchrun"}) or any(
-        arg in ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run") for arg in cmd[:4])
+        arg in ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run") for arg in cmd[:4]
+    )
 
 
 def launcher_processes() -> list[psutil.Process]:

@@ -5,6 +5,7 @@ tokenizer files, the DeepSpeed JSON — builds the student on the meta device (s
 runs every rule of the model, data and objective that a real start would hit, collecting all problems
 instead of stopping at the first. The run itself then reuses what was read here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,16 @@ from distill.config import Config, ConfigError
 from distill.engine import deepspeed_config
 from distill.families import FamilyError
 from distill.layer_map import LayerMapError
-from distill.models import ModelError, build_student, check_data_fits, check_init, check_teacher_fits, init_layers_for, load_teacher_config, resolve_dtype
+from distill.models import (
+    ModelError,
+    build_student,
+    check_data_fits,
+    check_init,
+    check_teacher_fits,
+    init_layers_for,
+    load_teacher_config,
+    resolve_dtype,
+)
 from distill.partitioned_teacher import partition_problems
 
 log = logging.getLogger("distill.preflight")
@@ -89,15 +99,21 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         if pf.teacher_config is not None:
             teacher_vocab = pf.teacher_config.vocab_size
             if teacher_vocab < pf.manifest.tokenizer.vocab_size:
-                pf.problems.append(f"teacher vocabulary ({teacher_vocab}) is smaller than the dataset's tokenizer ({pf.manifest.tokenizer.vocab_size}); "
-                                   f"re-run distill-prep with the teacher's tokenizer")
+                pf.problems.append(
+                    f"teacher vocabulary ({teacher_vocab}) is smaller than the dataset's tokenizer ({pf.manifest.tokenizer.vocab_size}); "
+                    f"re-run distill-prep with the teacher's tokenizer"
+                )
             pf.vocab_size = teacher_vocab
     if pf.manifest is None or pf.tokenizer is None or (cfg.teacher.path and pf.teacher_config is None):
         return pf  # the model checks need the dataset and the teacher's config
-    if pf.teacher_config is not None and not pf.attempt(lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)):
+    if pf.teacher_config is not None and not pf.attempt(
+        lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
+    ):
         return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
     with torch.device("meta"):  # shapes only: no weights, no memory
-        student = pf.attempt(lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len))
+        student = pf.attempt(
+            lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
+        )
     if student is None:
         return pf
     if cfg.student.init == "teacher" and pf.teacher_config is not None:
@@ -105,6 +121,13 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         if layers is not None:
             pf.attempt(lambda: check_init(student, pf.teacher_config, layers))
     pf.attempt(lambda: check_data_fits(student, pf.manifest.packing))
-    pf.attempt(lambda: Objective(cfg.loss, pf.teacher_config, student, vocab_size=pf.manifest.tokenizer.vocab_size,
-                                 chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed))
+    pf.attempt(
+        lambda: Objective(
+            cfg.loss,
+            pf.teacher_config,
+            student,
+            vocab_size=pf.manifest.tokenizer.vocab_size,
+            chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed,
+        )
+    )
     return pf

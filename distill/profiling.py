@@ -7,6 +7,7 @@ makes every collective blocking. Profiling therefore serialises what normally ov
 reduction with the backward pass, data loading with compute): the phases add up to more than an
 unprofiled step, and are meant for finding the largest cost, not for throughput figures.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ left by a crashed or killed run is never in the way) and holding who took it (ho
 which a second trainer reports when it is refused. Filesystems without `flock` get an exclusive-create
 lock file instead; a stale one (same host, holder no longer alive) is taken over.
 """
+
 from __future__ import annotations
 
 import errno
@@ -15,6 +16,7 @@ import os
 import socket
 import time
 from typing import Optional
+
 from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,10 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunLockedError(f"output_dir {self.output_dir!r} is in use by another trainer ({_describe(self.path)}); "
-                                     f"wait for it to finish, stop it, or choose another output_dir") from None
+                raise RunLockedError(
+                    f"output_dir {self.output_dir!r} is in use by another trainer ({_describe(self.path)}); "
+                    f"wait for it to finish, stop it, or choose another output_dir"
+                ) from None
             except OSError as exc:
                 os.close(fd)
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -104,8 +108,10 @@ class RunLock:
                     log.warning("taking over the stale lock of dead process %s in %s", info["pid"], self.output_dir)
                     os.unlink(self.path + ".x")
                     continue
-                raise RunLockedError(f"output_dir {self.output_dir!r} is in use by another trainer ({_describe(self.path + '.x')}); "
-                                     f"if that process is gone, delete {self.path + '.x'}") from None
+                raise RunLockedError(
+                    f"output_dir {self.output_dir!r} is in use by another trainer ({_describe(self.path + '.x')}); "
+                    f"if that process is gone, delete {self.path + '.x'}"
+                ) from None
             os.write(fd, _holder_text().encode())
             os.close(fd)
             self._exclusive_file = True

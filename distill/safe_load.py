@@ -11,6 +11,7 @@ any other global (`os.system`, `builtins.exec`, ...) is refused before anything 
 `ALLOWED` is exactly what DeepSpeed 0.19 writes into ZeRO-1/2/3 checkpoints and universal conversions
 (found with `torch.serialization.get_unsafe_globals_in_checkpoint` on real ones, see the README).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,8 +110,18 @@ def file_problem(path: str) -> Optional[tuple[str, str]]:
     try:
         load(path, mmap=True)
         verify_checksums(path)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, KeyError, AttributeError, TypeError, IndexError,
-            zipfile.BadZipFile) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+        zipfile.BadZipFile,
+    ) as exc:
         return ("untrusted" if is_untrusted(exc) else "damaged"), describe(path, exc)
     return None
 

@@ -16,6 +16,7 @@ student's logits exist one chunk at a time (positions x vocabulary); each chunk'
 sweep by autograd on that chunk alone, so backward only scales stored gradients. The default chunk is half the dense
 sweep's, as this sweep keeps about twice as many (chunk x vocabulary) buffers alive.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,16 @@ class SparseTargets:
     temperature: float
 
 
-def sparse_divergence(z: torch.Tensor, idx: torch.Tensor, tv: torch.Tensor, tail: Optional[torch.Tensor], mode: str, kind: str,
-                      temperature: float, beta: float) -> torch.Tensor:
+def sparse_divergence(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    tv: torch.Tensor,
+    tail: Optional[torch.Tensor],
+    mode: str,
+    kind: str,
+    temperature: float,
+    beta: float,
+) -> torch.Tensor:
     """Per-position divergence (not yet times T^2) of the student's logits z (c, V) from the sparse teacher (differentiable)."""
     if kind == "jsd" and beta == 0.0:
         kind = "forward_kl"
@@ -90,8 +99,16 @@ def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, c
             z = F.linear(h.detach(), sw.detach(), sb.detach() if sb is not None else None).to(acc).requires_grad_(want_grads)
             total = torch.zeros((), dtype=acc, device=z.device)
             if o["kind"] is not None:
-                div = sparse_divergence(z, targets.indices[rows], targets.values[rows].to(acc),
-                                        targets.tail[rows] if targets.tail is not None else None, targets.mode, o["kind"], temperature, o["beta"])
+                div = sparse_divergence(
+                    z,
+                    targets.indices[rows],
+                    targets.values[rows].to(acc),
+                    targets.tail[rows] if targets.tail is not None else None,
+                    targets.mode,
+                    o["kind"],
+                    temperature,
+                    o["beta"],
+                )
                 kd = (kd_row[rows] * div).sum() * temperature**2
                 kd_sum += kd.detach()
                 total = total + o["kd_weight"] * kd
@@ -133,10 +150,23 @@ class _SparseLogitLoss(torch.autograd.Function):
         return tuple(None if g is None else g.mul_(grad_loss) for g in grads) + (None,) * 5
 
 
-def sparse_logit_loss(student_hidden: torch.Tensor, student_head, targets: SparseTargets, kind: Optional[str] = "forward_kl", *,
-                      temperature: float = 1.0, beta: float = 0.5, chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
-                      labels: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
-                      ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX, **_unused) -> LogitLosses:
+def sparse_logit_loss(
+    student_hidden: torch.Tensor,
+    student_head,
+    targets: SparseTargets,
+    kind: Optional[str] = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+    kd_mask: Optional[torch.Tensor] = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    **_unused,
+) -> LogitLosses:
     """`chunked_logit_loss` with the teacher's side from a cache (`targets`, one row per position of `student_hidden`)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -159,13 +189,30 @@ def sparse_logit_loss(student_hidden: torch.Tensor, student_head, targets: Spars
     ce_row = ce_mask.to(acc) / ce_mask.sum().clamp(min=1)
     labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
     index = (kd_mask | ce_mask).nonzero().squeeze(1)
-    picked = SparseTargets(targets.indices.index_select(0, index), targets.values.index_select(0, index),
-                           targets.tail.index_select(0, index) if targets.tail is not None else None, targets.mode, targets.temperature)
+    picked = SparseTargets(
+        targets.indices.index_select(0, index),
+        targets.values.index_select(0, index),
+        targets.tail.index_select(0, index) if targets.tail is not None else None,
+        targets.mode,
+        targets.temperature,
+    )
     s_hidden = s_hidden.index_select(0, index)
     labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
     grad_on = torch.is_grad_enabled()
-    o = {"kind": kind, "temperature": float(temperature), "beta": float(beta), "vocab": vocab, "kd_weight": float(kd_weight),
-         "ce_weight": float(ce_weight), "with_ce": with_ce, "chunk": int(chunk_size or max(1, CHUNK_ELEMENTS // (2 * vocab))),
-         "grads": (grad_on and s_hidden.requires_grad, grad_on and s_weight.requires_grad, grad_on and s_bias is not None and s_bias.requires_grad)}
+    o = {
+        "kind": kind,
+        "temperature": float(temperature),
+        "beta": float(beta),
+        "vocab": vocab,
+        "kd_weight": float(kd_weight),
+        "ce_weight": float(ce_weight),
+        "with_ce": with_ce,
+        "chunk": int(chunk_size or max(1, CHUNK_ELEMENTS // (2 * vocab))),
+        "grads": (
+            grad_on and s_hidden.requires_grad,
+            grad_on and s_weight.requires_grad,
+            grad_on and s_bias is not None and s_bias.requires_grad,
+        ),
+    }
     loss, kd, ce = _SparseLogitLoss.apply(s_hidden, s_weight, s_bias, picked, labels_flat, kd_row, ce_row, o)
     return LogitLosses(loss, kd if kind is not None else None, ce if with_ce else None)

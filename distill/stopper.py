@@ -3,6 +3,7 @@ or at a step that is not finite, before any checkpoint (distill/guards.py), or a
 
 Every rank decides from the same all-reduced step metrics, so every rank stops after the same step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,11 @@ class Stopper:
 
     def after_step(self, step: int, reduced: dict, update_skipped: bool, newest_checkpoint: Callable[[], Optional[str]]) -> Verdict:
         """The step's verdict from its all-reduced metrics (`stop_flag`, the loss terms, the gradient norm)."""
-        checked = {**{f"loss term {name[len('loss_'):]!r}": v for name, v in reduced.items() if name.startswith("loss_")},
-                   "the total loss": reduced["loss"], "the gradient norm": reduced.get("grad_norm")}
+        checked = {
+            **{f"loss term {name[len('loss_') :]!r}": v for name, v in reduced.items() if name.startswith("loss_")},
+            "the total loss": reduced["loss"],
+            "the gradient norm": reduced.get("grad_norm"),
+        }
         verdict = Verdict(stop_requested=reduced["stop_flag"] > 0)
         try:
             verdict.skipped_update = self.guard.check(step, checked, update_skipped, newest_checkpoint)

@@ -5,6 +5,7 @@ gradients, `torch.inference_mode`), returning what the objective decided it must
 reads them, hidden states, q/k/v). Other sources (a teacher partitioned across ranks, a cache of its
 distributions written once) implement `outputs(batch)` and `fingerprint()` and register in `TEACHER_SOURCES`.
 """
+
 from __future__ import annotations
 
 import hashlib

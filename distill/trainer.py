@@ -10,6 +10,7 @@
 
 `build_run` wires them once (every setting checked before the run directory is claimed); `train` runs the loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,16 @@ from distill.distributed import DistContext, barrier, init_distributed, on_main_
 from distill.engine import StudentEngine, peak_memory_mb
 from distill.masking import collator_for
 from distill.metrics import HOST_COUNTERS, MetricsLog, StepSums, count_batch, step_metrics
-from distill.models import StudentForDistillation, build_student, check_data_fits, compile_encoder, count_parameters, init_layers_for, init_student_from_teacher, resolve_dtype
+from distill.models import (
+    StudentForDistillation,
+    build_student,
+    check_data_fits,
+    compile_encoder,
+    count_parameters,
+    init_layers_for,
+    init_student_from_teacher,
+    resolve_dtype,
+)
 from distill.objectives import Objective
 from distill.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from distill.preflight import preflight
@@ -92,8 +102,15 @@ def run_steps(run: Run) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg, ctx, phases, last = run.cfg, run.ctx, run.phases, {}
-    progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not ctx.is_main, desc="distill", unit="step",
-                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    progress = tqdm(
+        total=run.total_steps,
+        initial=run.start_step,
+        disable=not ctx.is_main,
+        desc="distill",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
     run.engine.train()
     try:
         for step in range(run.start_step + 1, run.end_step + 1):
@@ -123,13 +140,24 @@ def run_steps(run: Run) -> dict[str, Any]:
             if grad_norm is not None:
                 sums.add_device_value("grad_norm", grad_norm if ctx.is_main else torch.zeros_like(grad_norm))
             reduced = sums.reduce()  # the step's one all-reduce and host read
-            metrics = step_metrics(step, reduced, run.term_names, run.data.accumulation, ctx.world_size, time.time() - t0, cfg.train.global_batch,
-                                   lr=run.engine.lr(), grad_norm=reduced.get("grad_norm"), peak_memory_mb=peak_memory_mb(ctx.device),
-                                   data=run.data.step_fingerprint(step - 1))
+            metrics = step_metrics(
+                step,
+                reduced,
+                run.term_names,
+                run.data.accumulation,
+                ctx.world_size,
+                time.time() - t0,
+                cfg.train.global_batch,
+                lr=run.engine.lr(),
+                grad_norm=reduced.get("grad_norm"),
+                peak_memory_mb=peak_memory_mb(ctx.device),
+                data=run.data.step_fingerprint(step - 1),
+            )
             if phases.enabled:  # this rank's seconds per phase (train.profile_phases)
                 metrics["phase_seconds"] = phases.take()
-            verdict = run.stopper.after_step(step, metrics | {"stop_flag": reduced["stop_flag"]}, run.engine.skipped_steps > skipped_before,
-                                             run.checkpointer.newest)
+            verdict = run.stopper.after_step(
+                step, metrics | {"stop_flag": reduced["stop_flag"]}, run.engine.skipped_steps > skipped_before, run.checkpointer.newest
+            )
             if verdict.skipped_update:
                 metrics["skipped_update"] = True
             metrics["skipped_steps"] = run.stopper.skipped
@@ -155,8 +183,13 @@ def _finish(run: Run, last: dict[str, Any]) -> None:
     if run.metrics_log is not None:
         run.metrics_log.close()
         if "stopped_by" in last:
-            log.warning("stopped at step %d of %d on request (%s) after a complete checkpoint; rerun the same command to resume "
-                        "(exit code %d)", step, run.total_steps, last["stopped_by"], PREEMPTED_EXIT_CODE)
+            log.warning(
+                "stopped at step %d of %d on request (%s) after a complete checkpoint; rerun the same command to resume (exit code %d)",
+                step,
+                run.total_steps,
+                last["stopped_by"],
+                PREEMPTED_EXIT_CODE,
+            )
         elif step < run.total_steps:
             log.info("halted at step %d of %d (train.halt_at_step); rerun the same command to continue", step, run.total_steps)
         else:
@@ -190,33 +223,73 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     teacher = TEACHER_SOURCES[cfg.teacher.source].load(cfg, ctx.device) if cfg.teacher.path else None
 
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, teacher.model if teacher is not None else None, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len)
+    student = build_student(
+        cfg.student, teacher.model if teacher is not None else None, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len
+    )
     if cfg.student.init == "teacher":
         layers = init_layers_for(cfg.student, teacher.model, student.config.num_hidden_layers)
         init_student_from_teacher(student, teacher.init_model(), layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", layers)
     check_data_fits(student, manifest.packing)
-    objective = Objective(cfg.loss, teacher.model if teacher is not None else None, student, vocab_size=manifest.tokenizer.vocab_size,
-                          chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed)  # checks the losses against the shapes
+    objective = Objective(
+        cfg.loss,
+        teacher.model if teacher is not None else None,
+        student,
+        vocab_size=manifest.tokenizer.vocab_size,
+        chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed,
+    )  # checks the losses against the shapes
     if teacher is not None:
         teacher.bind(objective)
     log.info("objective: %s", objective.describe())
-    log.info("student: %s, %.2fM parameters; teacher: %s", type(student).__name__, count_parameters(student) / 1e6,
-             teacher.describe() if teacher is not None else "none")
+    log.info(
+        "student: %s, %.2fM parameters; teacher: %s",
+        type(student).__name__,
+        count_parameters(student) / 1e6,
+        teacher.describe() if teacher is not None else "none",
+    )
 
     sequences = TokenSequences(cfg.data.path, cfg.data.split, manifest, cfg.data.cache_dir, cfg.data.verify_checksums)
-    plan = StepPlan(len(sequences), cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size, ctx.rank, cfg.seed,
-                    sequences.lengths if cfg.data.group_by_length else None, cfg.data.length_group_steps)
+    plan = StepPlan(
+        len(sequences),
+        cfg.train.global_batch,
+        cfg.train.micro_batch,
+        ctx.world_size,
+        ctx.rank,
+        cfg.seed,
+        sequences.lengths if cfg.data.group_by_length else None,
+        cfg.data.length_group_steps,
+    )
     counts = load_token_counts(cfg.data.path, manifest) if cfg.data.token_frequency_smoothing > 0 else np.zeros(0)
     cuda = ctx.device.type == "cuda"
-    collator = collator_for(cfg.data, cfg.seed, manifest.packing, tokenizer, vocab_size, manifest.tokenizer.all_special_ids, counts,
-                            pad_multiple=cfg.data.pad_to_multiple_of or (8 if cuda else 1))
-    data = DataSource(sequences, plan, collator, ctx.device, cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0),
-                      cfg.data.pin_memory if cfg.data.pin_memory is not None else cuda, cfg.data.prefetch_factor)
+    collator = collator_for(
+        cfg.data,
+        cfg.seed,
+        manifest.packing,
+        tokenizer,
+        vocab_size,
+        manifest.tokenizer.all_special_ids,
+        counts,
+        pad_multiple=cfg.data.pad_to_multiple_of or (8 if cuda else 1),
+    )
+    data = DataSource(
+        sequences,
+        plan,
+        collator,
+        ctx.device,
+        cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0),
+        cfg.data.pin_memory if cfg.data.pin_memory is not None else cuda,
+        cfg.data.prefetch_factor,
+    )
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(sequences) / cfg.train.global_batch))
 
-    wrapper = StudentForDistillation(student, objective.student_needs, cfg.loss.projection, objective.teacher_width,
-                                     full_logits=not cfg.train.logits_where_needed, logit_loss=objective.student_logit_loss(student))
+    wrapper = StudentForDistillation(
+        student,
+        objective.student_needs,
+        cfg.loss.projection,
+        objective.teacher_width,
+        full_logits=not cfg.train.logits_where_needed,
+        logit_loss=objective.student_logit_loss(student),
+    )
     if cfg.train.compile:
         compile_encoder(student)
         if teacher is not None:
@@ -232,17 +305,38 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     warmup = int(cfg.optim.warmup_fraction * total_steps)
-    engine = StudentEngine(wrapper, cfg.optim, ds_config, total_steps, warmup, ctx.device, ctx.world_size, cfg.deepspeed.lean_single_process,
-                           lean_startup=cfg.train.lean_startup)
-    log.info("DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
-             engine.zero_stage, ctx.world_size, cfg.train.micro_batch, plan.accumulation, cfg.train.global_batch,
-             str(precision).replace("torch.", ""), total_steps, warmup)
+    engine = StudentEngine(
+        wrapper,
+        cfg.optim,
+        ds_config,
+        total_steps,
+        warmup,
+        ctx.device,
+        ctx.world_size,
+        cfg.deepspeed.lean_single_process,
+        lean_startup=cfg.train.lean_startup,
+    )
+    log.info(
+        "DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
+        engine.zero_stage,
+        ctx.world_size,
+        cfg.train.micro_batch,
+        plan.accumulation,
+        cfg.train.global_batch,
+        str(precision).replace("torch.", ""),
+        total_steps,
+        warmup,
+    )
     start_step = 0
     if resume is not None:
         engine.load(resume.load_root, resume.tag, resume.universal)
         start_step = resume.state["step"]
-        log.info("resumed from %s: step %d, %d samples consumed", os.path.join(checkpointer.root, resume.tag), start_step,
-                 resume.state["samples_consumed"])
+        log.info(
+            "resumed from %s: step %d, %d samples consumed",
+            os.path.join(checkpointer.root, resume.tag),
+            start_step,
+            resume.state["samples_consumed"],
+        )
     elif resuming:
         log.info("output_dir belongs to this run but holds no complete checkpoint: starting from step 0")
 
@@ -253,6 +347,23 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     data.start(start_step, total_steps)
     end_step = total_steps if cfg.train.halt_at_step is None else min(total_steps, cfg.train.halt_at_step)
     term_names = [n for n, w in cfg.loss.weights.items() if w > 0]
-    metrics_log = MetricsLog(cfg.output_dir, start_step, cfg.to_yaml(), cfg.train.log_every, term_names, ctx.world_size, total_steps) if ctx.is_main else None
-    return Run(cfg, ctx, data, teacher, objective, engine, checkpointer, stopper, metrics_log, PhaseTimer(ctx.device, cfg.train.profile_phases),
-               start_step, end_step, total_steps)
+    metrics_log = (
+        MetricsLog(cfg.output_dir, start_step, cfg.to_yaml(), cfg.train.log_every, term_names, ctx.world_size, total_steps)
+        if ctx.is_main
+        else None
+    )
+    return Run(
+        cfg,
+        ctx,
+        data,
+        teacher,
+        objective,
+        engine,
+        checkpointer,
+        stopper,
+        metrics_log,
+        PhaseTimer(ctx.device, cfg.train.profile_phases),
+        start_step,
+        end_step,
+        total_steps,
+    )

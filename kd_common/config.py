@@ -14,6 +14,7 @@ A command's settings are typed sections: pydantic dataclasses (`@section`) whose
 Sections stay dataclasses (`dataclasses.replace`, `asdict` and `fields` work), and constructing one in code
 validates it too. Nothing here executes code from a config: YAML is read with `safe_load`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,26 @@ from typing import Annotated, Any, Iterator, Optional
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
 from kd_common.errors import UserError
 
-__all__ = ["ConfigError", "Float", "Int", "Bool", "Str", "section", "setting", "build", "load", "parse_overrides", "add_arguments",
-           "from_arguments", "describe", "leaves", "to_yaml"]
+__all__ = [
+    "ConfigError",
+    "Float",
+    "Int",
+    "Bool",
+    "Str",
+    "section",
+    "setting",
+    "build",
+    "load",
+    "parse_overrides",
+    "add_arguments",
+    "from_arguments",
+    "describe",
+    "leaves",
+    "to_yaml",
+]
 
 
 class ConfigError(UserError, ValueError):
@@ -65,9 +82,18 @@ def section(cls: type) -> type:
     return _pydantic_dataclass(config=_STRICT)(cls)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, gt: Optional[float] = None, ge: Optional[float] = None,
-            lt: Optional[float] = None, le: Optional[float] = None, flag: Optional[str] = None, positional: bool = False,
-            repeat: bool = False) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    gt: Optional[float] = None,
+    ge: Optional[float] = None,
+    lt: Optional[float] = None,
+    le: Optional[float] = None,
+    flag: Optional[str] = None,
+    positional: bool = False,
+    repeat: bool = False,
+) -> Any:
     """A documented field; `gt/ge/lt/le` bound it (and each element of a list / value of a mapping: write the bound
     on the element type instead, `list[Annotated[Float, Field(ge=0)]]`); `flag` names its command-line option
     (default `--field-name`); `repeat` (a list): the flag takes one value and may be given again (`--compare A --compare B`)."""
@@ -170,7 +196,9 @@ def _key(loc: tuple) -> str:
 
 def _bound_text(ctx: dict) -> str:
     symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and ".join(f"{symbols[k]} {v:g}" if isinstance(v, (int, float)) else f"{symbols[k]} {v}" for k, v in ctx.items() if k in symbols)
+    return " and ".join(
+        f"{symbols[k]} {v:g}" if isinstance(v, (int, float)) else f"{symbols[k]} {v}" for k, v in ctx.items() if k in symbols
+    )
 
 
 def _message(cls: type, error: dict, data: dict) -> str:
@@ -257,8 +285,13 @@ def collect_problems(config: Any) -> list[str]:
     return found
 
 
-def load(cls: type, path: Optional[str] = None, overrides: Optional[list[str]] = None, values: Optional[dict[str, Any]] = None,
-         replace: tuple[str, ...] = ()) -> Any:
+def load(
+    cls: type,
+    path: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
+    values: Optional[dict[str, Any]] = None,
+    replace: tuple[str, ...] = (),
+) -> Any:
     """YAML file, then `key=value` overrides, then `values` (nested dict, e.g. from flags); checked by `build`."""
     data = read_yaml(path) if path else {}
     data = merge(data, parse_overrides(overrides or []), replace)
@@ -326,20 +359,30 @@ def _flag_name(key: str, info: Any) -> str:
     return _extra(info).get("flag") or "--" + key.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool = True, overrides: bool = True,
-                  skip: tuple[str, ...] = ()) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, config_file: bool = True, overrides: bool = True, skip: tuple[str, ...] = ()
+) -> None:
     """`--config FILE`, positional `key=value` overrides and one `--flag` per setting of `cls`, with its doc as help."""
     if config_file:
         parser.add_argument("--config", help="YAML file of settings (any key below); flags and key=value overrides win over it")
     if overrides:
-        parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings in YAML syntax, named as the flags below without the dashes (e.g. max_seq_len=128, train.max_steps=100)")
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="settings in YAML syntax, named as the flags below without the dashes (e.g. max_seq_len=128, train.max_steps=100)",
+        )
     for key, tp, info in leaves(cls):
         if key in skip:
             continue
         base = _scalar(tp)
         default = _default(info)
         bounds = _bounds(info)
-        text = (info.description or "") + (f" [{bounds}]" if bounds else "") + (f" (default: {default!r})" if default not in (None, "", [], {}) else "")
+        text = (
+            (info.description or "")
+            + (f" [{bounds}]" if bounds else "")
+            + (f" (default: {default!r})" if default not in (None, "", [], {}) else "")
+        )
         text = text.replace("%", "%%")
         name = _flag_name(key, info)
         dest = "setting:" + key
@@ -350,8 +393,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
         elif base is bool and not _is_list(tp):
             parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(name, dest=dest, nargs="+" if _is_list(tp) else None, default=argparse.SUPPRESS,
-                                metavar=key.split(".")[-1].upper(), help=text)
+            parser.add_argument(
+                name,
+                dest=dest,
+                nargs="+" if _is_list(tp) else None,
+                default=argparse.SUPPRESS,
+                metavar=key.split(".")[-1].upper(),
+                help=text,
+            )
 
 
 def _convert(raw: Any, tp: Any) -> Any:
@@ -372,11 +421,10 @@ def from_arguments(cls: type, args: argparse.Namespace, replace: tuple[str, ...]
     values: dict[str, Any] = {}
     for dest, raw in vars(args).items():
         if dest.startswith("setting:") and raw is not None:
-            key = dest[len("setting:"):]
+            key = dest[len("setting:") :]
             _set_path(values, key, _convert(raw, types_of[key]))
     return load(cls, getattr(args, "config", None), getattr(args, "overrides", None), values, replace)
 
 
 def to_yaml(config: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-

@@ -1,4 +1,5 @@
 """The base of every error a user can fix: a command prints its message as one line and exits 2 (no traceback)."""
+
 from __future__ import annotations
 
 

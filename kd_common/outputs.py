@@ -9,6 +9,7 @@
   output untouched and removes its staging directory (a killed one leaves a hidden `.NAME.partial-*`
   beside it, never a half-written NAME).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 from typing import Callable, Iterable, Iterator, Optional
+
 from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ def check_no_overlap(output: str, inputs: Iterable[tuple[str, str]], output_name
             continue
         how = overlap(output, path)
         if how:
-            raise OutputError(f"{output_name} {output!r} {how} {name} {path!r}; an output must not overlap an input "
-                              f"(it could overwrite or re-read it): choose an {output_name} outside every input")
+            raise OutputError(
+                f"{output_name} {output!r} {how} {name} {path!r}; an output must not overlap an input "
+                f"(it could overwrite or re-read it): choose an {output_name} outside every input"
+            )
 
 
 def is_empty_dir(path: str) -> bool:
@@ -81,8 +85,10 @@ def check_replaceable(output: str, overwrite: bool, is_ours: Callable[[str], boo
     if not overwrite:
         raise OutputError(f"{output_name} {output!r} already holds data; choose a new {output_name} or pass --overwrite to replace it")
     if not is_ours(output):
-        raise OutputError(f"{output_name} {output!r} holds data that is not a {kind}; --overwrite replaces only a {kind}: "
-                          f"choose another {output_name} (or move that directory away yourself)")
+        raise OutputError(
+            f"{output_name} {output!r} holds data that is not a {kind}; --overwrite replaces only a {kind}: "
+            f"choose another {output_name} (or move that directory away yourself)"
+        )
 
 
 def staging_dir_for(output: str, output_name: str = "--output") -> str:
@@ -96,9 +102,11 @@ def staging_dir_for(output: str, output_name: str = "--output") -> str:
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the published result gets a plain directory's mode
         return staging
     except OSError as exc:
-        raise OutputError(f"cannot create a staging directory in {parent!r} ({exc.strerror}): the new result is built beside "
-                          f"{output_name} and moved into place when complete, so its parent must be writable; "
-                          f"choose an {output_name} in a writable directory") from None
+        raise OutputError(
+            f"cannot create a staging directory in {parent!r} ({exc.strerror}): the new result is built beside "
+            f"{output_name} and moved into place when complete, so its parent must be writable; "
+            f"choose an {output_name} in a writable directory"
+        ) from None
 
 
 def publish(staging: str, output: str) -> None:
@@ -122,8 +130,14 @@ def publish(staging: str, output: str) -> None:
 
 
 @contextlib.contextmanager
-def replace_when_complete(output: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str,
-                          inputs: Iterable[tuple[str, str]] = (), output_name: str = "--output") -> Iterator[str]:
+def replace_when_complete(
+    output: str,
+    overwrite: bool,
+    is_ours: Callable[[str], bool],
+    kind: str,
+    inputs: Iterable[tuple[str, str]] = (),
+    output_name: str = "--output",
+) -> Iterator[str]:
     """Check `output` against the rule, yield a staging directory to write into, publish it on success.
 
     On any exception (KeyboardInterrupt included) the staging directory is removed and `output` is left as it was.

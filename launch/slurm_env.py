@@ -5,6 +5,7 @@
 prints `export` lines for NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT and OUTPUT_DIR (the
 run's output_dir resolved from the recipe and its overrides, where the stop file and logs go).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Shared fixtures: every test asset is built locally (no network), once per session."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,21 @@ def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> str:
     import subprocess
 
     out = str(tmp_path_factory.mktemp("prepared") / "data")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "distill-prep"), "--input", corpus_dir, "--tokenizer", tokenizer_dir,
-           "--output", out, "--max-seq-len", "64", "--validation-fraction", "0.05", "--workers", "2"]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "distill-prep"),
+        "--input",
+        corpus_dir,
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        out,
+        "--max-seq-len",
+        "64",
+        "--validation-fraction",
+        "0.05",
+        "--workers",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

@@ -7,6 +7,7 @@ DeepSpeed's default persistence threshold (every parameter of this tiny model st
 difference between the partitioned and the whole teacher's outputs on the same micro batch, for the chunked
 (hidden states + gathered head) and the logits paths.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,17 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    config = AutoConfig.for_model("llama", vocab_size=301, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=301,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     whole = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().requires_grad_(False)
     split = copy.deepcopy(whole)
@@ -44,11 +54,19 @@ def main(out_dir: str) -> None:
     batch = select_logit_positions(Batch(ids, mask, labels), "masked")
 
     engine, wrapper = partition(split, zero3_inference_config({"stage3_param_persistence_threshold": 0}, 2, torch.float32))
-    result = {"local_bytes": local_parameter_bytes(split), "full_bytes": full_parameter_bytes(whole),
-              "whole_bytes_here": sum(p.numel() * p.element_size() for p in whole.parameters())}
+    result = {
+        "local_bytes": local_parameter_bytes(split),
+        "full_bytes": full_parameter_bytes(whole),
+        "whole_bytes_here": sum(p.numel() * p.element_size() for p in whole.parameters()),
+    }
     for chunked in (True, False):
-        objective = Objective(LossConfig(weights={"ce": 1.0, "clm": 1.0, "cos": 1.0}, ce_positions="masked", temperature=1.0), whole, whole,
-                              vocab_size=301, chunked=chunked)
+        objective = Objective(
+            LossConfig(weights={"ce": 1.0, "clm": 1.0, "cos": 1.0}, ce_positions="masked", temperature=1.0),
+            whole,
+            whole,
+            vocab_size=301,
+            chunked=chunked,
+        )
         wrapper.objective = objective
         got = ModelOutputs(**engine(batch))
         want = objective.teacher_forward(whole, batch)

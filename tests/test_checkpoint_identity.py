@@ -1,4 +1,5 @@
 """Run identity: what lets a rerun resume an output_dir, and what makes it refuse."""
+
 from __future__ import annotations
 
 import json

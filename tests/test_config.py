@@ -1,4 +1,5 @@
 """Config loading: YAML + overrides, unknown keys, types, values, all problems reported at once."""
+
 import pytest
 
 from distill.config import ConfigError, describe_fields, load_config, parse_overrides
@@ -27,11 +28,16 @@ def test_shipped_recipes_load():
     recipes = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
     assert recipes
     for recipe in recipes:
-        load_config(recipe, ["output_dir=x", "data.path=y", "teacher.path=t"] if "teacher" not in recipe else ["output_dir=x", "data.path=y"])
+        load_config(
+            recipe, ["output_dir=x", "data.path=y", "teacher.path=t"] if "teacher" not in recipe else ["output_dir=x", "data.path=y"]
+        )
 
 
 def test_unknown_key_wrong_type_and_bad_values_reported_together(tmp_path):
-    path = _write(tmp_path, "output_dir: out\ndata: {path: d}\nteacher: {path: t}\ntrain: {global_bach: 8, micro_batch: two}\nloss: {weights: {kd: 1}}\n")
+    path = _write(
+        tmp_path,
+        "output_dir: out\ndata: {path: d}\nteacher: {path: t}\ntrain: {global_bach: 8, micro_batch: two}\nloss: {weights: {kd: 1}}\n",
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     message = str(err.value)

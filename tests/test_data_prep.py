@@ -1,4 +1,5 @@
 """distill-prep: packing rules, readers, Beam transforms (TestPipeline) and full runs checked independently."""
+
 from __future__ import annotations
 
 import collections
@@ -14,14 +15,14 @@ import tempfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_data_path
 
 from data_prep.config import PrepConfig
+from data_prep.driver import run_prep
 from data_prep.manifest import load_manifest, sha256_file, verify_shards
 from data_prep.packing import PackSpec, make_packer, pack_document, split_of
-from data_prep.driver import run_prep
 from data_prep.sources import Document, Dropped, read_documents
 from data_prep.tokenization import load_tokenizer
-from conftest import shared_data_path
 
 BIN = os.path.dirname(sys.executable)
 CLS, SEP, UNK = 2, 3, 1
@@ -33,7 +34,10 @@ def test_pack_document_windows_specials_and_drops():
     packed = pack_document(ids, starts, CLS, SEP, UNK, max_seq_len=8, min_seq_len=5, max_unk_fraction=0.5)
     # windows of 6: [10..15] [16..21] [22..27] [28, 29] -> the last has 2 + 2 = 4 < 5 tokens: dropped
     assert [s.ids.tolist() for s in packed.sequences] == [
-        [CLS, 10, 11, 12, 13, 14, 15, SEP], [CLS, 16, 17, 18, 19, 20, 21, SEP], [CLS, 22, 23, 24, 25, 26, 27, SEP]]
+        [CLS, 10, 11, 12, 13, 14, 15, SEP],
+        [CLS, 16, 17, 18, 19, 20, 21, SEP],
+        [CLS, 22, 23, 24, 25, 26, 27, SEP],
+    ]
     assert packed.sequences[1].word_start.tolist() == [True] + starts[6:12].tolist() + [True]
     assert packed.dropped == {"too_short": [1, 2]}
     unk_heavy = np.array([UNK, UNK, UNK, 40, 41, 42, UNK, UNK])
@@ -97,6 +101,8 @@ def test_causal_packing_eos_after_documents_fixed_windows():
     assert dropped == {"too_short": [1, 0]}
     with pytest.raises(ValueError, match="EOS"):
         PackSpec("causal", 8, 2, 0.5, None)
+
+
 def test_split_is_stable_and_close_to_the_fraction():
     docs = [f"document number {i} with some text" for i in range(20000)]
     splits = [split_of(d, 0.1) for d in docs]
@@ -108,7 +114,12 @@ def test_split_is_stable_and_close_to_the_fraction():
 def test_readers_line_paragraph_jsonl_gzip(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\n\n   \nsecond doc\nthird line\n\n\nlast\n")
-    assert [d.text for d in read_documents(str(txt), "line") if isinstance(d, Document)] == ["first doc", "second doc", "third line", "last"]
+    assert [d.text for d in read_documents(str(txt), "line") if isinstance(d, Document)] == [
+        "first doc",
+        "second doc",
+        "third line",
+        "last",
+    ]
     assert sum(isinstance(d, Dropped) for d in read_documents(str(txt), "line")) == 1  # the whitespace-only line
     assert [d.text for d in read_documents(str(txt), "paragraph")] == ["first doc", "second doc third line", "last"]
     jsonl = tmp_path / "b.jsonl.gz"
@@ -124,7 +135,12 @@ def test_wordpiece_word_starts_without_offsets_match_word_ids(tmp_path, corpus_d
     every document of the corpus plus punctuation, digits, accents and unknown characters; causal mode keeps the ids."""
     from data_prep.tokenization import _ids_and_starts
 
-    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    docs = [
+        line.strip()
+        for name in sorted(os.listdir(corpus_dir))
+        for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
+        if line.strip()
+    ]
     docs += ["Hello, world!! (x+y)=3.14 -- don't stop", "naïve café ☃ 漢字 [MASK] ##ing", "a" * 300]
     tok = load_tokenizer(tokenizer_dir)
     assert tok.continues_word is not None and tok.continues_word.any()
@@ -133,7 +149,9 @@ def test_wordpiece_word_starts_without_offsets_match_word_ids(tmp_path, corpus_d
         assert ids.tolist() == want_ids.tolist() and starts.tolist() == want_starts.tolist()
     gpt2 = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
     assert gpt2.continues_word is None
-    assert [ids.tolist() for ids, _ in gpt2.encode_batch(docs[:50])] == [e.ids for e in gpt2.backend.encode_batch(docs[:50], add_special_tokens=False)]
+    assert [ids.tolist() for ids, _ in gpt2.encode_batch(docs[:50])] == [
+        e.ids for e in gpt2.backend.encode_batch(docs[:50], add_special_tokens=False)
+    ]
 
 
 def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
@@ -149,23 +167,38 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
     first.write_text(f"{docs[0]}\n{docs[1]}\n{docs[0]}\n")  # a duplicate inside one file ...
     second.write_text(f"  {docs[1]} \n\x07\n")  # ... one across files (after cleaning), and a line that cleans to nothing
     files = [str(first), str(second)]
-    cfg = PrepConfig(inputs=files, tokenizer=tokenizer_dir, output=str(tmp_path / "o"), max_seq_len=8, min_seq_len=3, validation_fraction=0.0)
+    cfg = PrepConfig(
+        inputs=files, tokenizer=tokenizer_dir, output=str(tmp_path / "o"), max_seq_len=8, min_seq_len=3, validation_fraction=0.0
+    )
     tok = load_tokenizer(tokenizer_dir)
     expected = []
     for ids, _ in tok.encode_batch(docs):
         for s in range(0, len(ids), 6):
-            if len(ids[s:s + 6]) + 2 >= 3:
-                expected.append(tuple([tok.cls_id] + ids[s:s + 6].tolist() + [tok.sep_id]))
+            if len(ids[s : s + 6]) + 2 >= 3:
+                expected.append(tuple([tok.cls_id] + ids[s : s + 6].tolist() + [tok.sep_id]))
     with TestPipeline(runner="FnApiRunner") as p:  # the runner distill-prep uses locally (DirectRunner's detour via Prism leaks a temp dir)
         batches, stats = p | beam.Create(list(enumerate(files))) | ReadDocuments(cfg, files, partitions=3)
         kept = batches | beam.FlatMap(lambda batch: batch)
         assert_that(kept, equal_to([(docs[0], None, 2), (docs[1], None, 2)]), label="first copies, with their copy counts")
-        assert_that(stats | beam.Map(lambda s: (s["files"], s["documents_read"], s.get("dropped.empty.documents", 0))),
-                    equal_to([(1, 3, 0), (1, 2, 1)]), label="per-file counters")
-        rows = kept | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs("validation", "stats", "counts", main="train")
-        assert_that(rows.train | beam.FlatMap(lambda block: [tuple(ids.tolist()) for ids, _ in block.rows()]), equal_to(expected), label="sequences")
-        unique = p | "NoDedup" >> beam.Create(list(enumerate(files))) | "ReadAll" >> ReadDocuments(dataclasses.replace(cfg, dedup=False), files)
-        assert_that(unique[0] | "Unbatch" >> beam.FlatMap(lambda batch: batch), equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]), label="every copy without dedup")
+        assert_that(
+            stats | beam.Map(lambda s: (s["files"], s["documents_read"], s.get("dropped.empty.documents", 0))),
+            equal_to([(1, 3, 0), (1, 2, 1)]),
+            label="per-file counters",
+        )
+        rows = kept | beam.ParDo(TokenizeAndPack(cfg, tok.payload(), tok.vocab_size)).with_outputs(
+            "validation", "stats", "counts", main="train"
+        )
+        assert_that(
+            rows.train | beam.FlatMap(lambda block: [tuple(ids.tolist()) for ids, _ in block.rows()]), equal_to(expected), label="sequences"
+        )
+        unique = (
+            p | "NoDedup" >> beam.Create(list(enumerate(files))) | "ReadAll" >> ReadDocuments(dataclasses.replace(cfg, dedup=False), files)
+        )
+        assert_that(
+            unique[0] | "Unbatch" >> beam.FlatMap(lambda batch: batch),
+            equal_to([(docs[0], None, 1), (docs[1], None, 1), (docs[0], None, 1), (docs[1], None, 1)]),
+            label="every copy without dedup",
+        )
 
 
 def _read_split(out, manifest, split):
@@ -184,7 +217,7 @@ def _expected_sequences(docs, tok, max_len, min_len):
     for doc, ids in zip(docs, encoded["input_ids"]):
         tokens_read += len(ids)
         for s in range(0, len(ids), max_len - 2):
-            window = ids[s:s + max_len - 2]
+            window = ids[s : s + max_len - 2]
             if len(window) + 2 >= min_len and sum(i == tok.unk_id for i in window) <= 0.5 * len(window):
                 out[split_of(doc, 0.05)][tuple([tok.cls_id] + window + [tok.sep_id])] += 1
     return out, tokens_read
@@ -214,7 +247,12 @@ def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_di
         for shard in reread.splits[split].shards:
             assert sha256_file(os.path.join(out, shard.path)) == shard.sha256
     tok = load_tokenizer(tokenizer_dir)
-    all_docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    all_docs = [
+        line.strip()
+        for name in sorted(os.listdir(corpus_dir))
+        for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
+        if line.strip()
+    ]
     docs = list(dict.fromkeys(all_docs))  # exact duplicates are dropped
     expected, unique_tokens = _expected_sequences(docs, tok, 64, 12)
     _, tokens_read = _expected_sequences(all_docs, tok, 64, 12)
@@ -227,7 +265,9 @@ def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_di
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for split in ("train", "validation"):
         rows = _read_split(out, reread, split)
-        assert collections.Counter(tuple(ids) for ids, _ in rows) == expected[split], f"{split} sequences differ from an independent computation"
+        assert collections.Counter(tuple(ids) for ids, _ in rows) == expected[split], (
+            f"{split} sequences differ from an independent computation"
+        )
         assert sum(len(ids) for ids, _ in rows) == reread.splits[split].tokens
         for ids, starts in rows:
             assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) <= 64 and len(starts) == len(ids)
@@ -262,7 +302,9 @@ def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir, monkeypatch):
     scratch = _private_tmpdir(tmp_path, monkeypatch)  # every run below, failed or not, must leave it empty
     out = tmp_path / "out"
     code, err = _cli("--input", str(tmp_path / "nothing*.txt"), "--tokenizer", tokenizer_dir, "--output", str(out))
-    assert code == 2 and err == [f"distill-prep: error: --input '{tmp_path / 'nothing*.txt'}' matches no files; check the path or glob (quote globs so the shell does not expand them)"]
+    assert code == 2 and err == [
+        f"distill-prep: error: --input '{tmp_path / 'nothing*.txt'}' matches no files; check the path or glob (quote globs so the shell does not expand them)"
+    ]
     code, err = _cli("--input", corpus_dir, "--tokenizer", corpus_dir, "--output", str(out))
     assert code == 2 and len(err) == 1 and "holds no tokenizer files" in err[0]
     assert not out.exists()
@@ -281,7 +323,20 @@ def test_cli_bad_input(tmp_path, tokenizer_dir, corpus_dir, monkeypatch):
     assert code == 2 and len(err) == 1, err
     assert "a.txt line 2: invalid UTF-8" in err[0] and "--on-decode-error skip" in err[0]
     assert not out.exists(), "a failed run leaves no output (and so no manifest)"
-    code, _ = _cli("--input", str(bad), "--tokenizer", tokenizer_dir, "--output", str(out), "--workers", "1", "--on-decode-error", "skip", "--min-seq-len", "3")
+    code, _ = _cli(
+        "--input",
+        str(bad),
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        str(out),
+        "--workers",
+        "1",
+        "--on-decode-error",
+        "skip",
+        "--min-seq-len",
+        "3",
+    )
     assert code == 0
     manifest = load_manifest(str(out))
     assert manifest.stats["dropped"]["invalid_utf8"]["documents"] == 3
@@ -309,7 +364,7 @@ def _object_store_on_disk():
             return "testobj"
 
         def _local(self, url):
-            return os.path.join(self.root, url[len("testobj://"):])
+            return os.path.join(self.root, url[len("testobj://") :])
 
         def join(self, base, *parts):
             return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
@@ -382,9 +437,19 @@ def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypa
     store = _object_store_on_disk()
     store.root = str(tmp_path / "store")
     monkeypatch.chdir(tmp_path)
-    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:400]
+    docs = list(
+        dict.fromkeys(
+            line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()
+        )
+    )[:400]
     (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
-    cfg = PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer=tokenizer_dir, output="testobj://bucket/prepared", max_seq_len=32, validation_fraction=0.1)
+    cfg = PrepConfig(
+        inputs=[str(tmp_path / "c.txt")],
+        tokenizer=tokenizer_dir,
+        output="testobj://bucket/prepared",
+        max_seq_len=32,
+        validation_fraction=0.1,
+    )
     manifest = run_prep(cfg, workers=1)  # in-process: the test filesystem is defined in this process only
     local = str(tmp_path / "store" / "bucket" / "prepared")
     assert load_manifest(local).to_json() == manifest.to_json()
@@ -404,7 +469,9 @@ def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypa
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(PrepInputError, match="no text found"):
         run_prep(dataclasses.replace(cfg, inputs=[str(tmp_path / "blank.txt")], output="testobj://bucket/other"), workers=1)
-    assert not [f for _, _, files in os.walk(tmp_path / "store" / "bucket" / "other") for f in files], "a failed run leaves no objects under the output prefix"
+    assert not [f for _, _, files in os.walk(tmp_path / "store" / "bucket" / "other") for f in files], (
+        "a failed run leaves no objects under the output prefix"
+    )
 
 
 def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
@@ -420,22 +487,34 @@ def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_d
     from data_prep.runner import beam_options, local_runner
     from data_prep.sentencepiece_tok import train_sentencepiece
 
-    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:300]
+    docs = list(
+        dict.fromkeys(
+            line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()
+        )
+    )[:300]
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(docs) + "\n")
 
     tok_dir = str(tmp_path / "hf_tokenizer")
     shutil.copytree(tokenizer_dir, tok_dir)
     out = str(tmp_path / "out")
-    cfg = PrepConfig(inputs=[str(corpus)], tokenizer=tok_dir, output=out, max_seq_len=32, min_seq_len=3, validation_fraction=0.0, dedup=False)
+    cfg = PrepConfig(
+        inputs=[str(corpus)], tokenizer=tok_dir, output=out, max_seq_len=32, min_seq_len=3, validation_fraction=0.0, dedup=False
+    )
     tok = load_tokenizer(tok_dir)
     options = beam_options(cfg, [], workers=2)
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_pipeline(pipeline, cfg, [str(corpus)], tok.payload(), tok.vocab_size, "uint16", 1)
     shutil.rmtree(tok_dir)
     pipeline.run().wait_until_finish()
-    rows = [tuple(r) for path in sorted((tmp_path / "out" / "train").iterdir()) for r in pq.read_table(path).column("input_ids").to_pylist()]
-    expected = [tuple([tok.cls_id] + ids[s:s + 30] + [tok.sep_id]) for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"] for s in range(0, len(ids), 30)]
+    rows = [
+        tuple(r) for path in sorted((tmp_path / "out" / "train").iterdir()) for r in pq.read_table(path).column("input_ids").to_pylist()
+    ]
+    expected = [
+        tuple([tok.cls_id] + ids[s : s + 30] + [tok.sep_id])
+        for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids), 30)
+    ]
     assert collections.Counter(rows) == collections.Counter(expected)
 
     model = train_sentencepiece(docs, 400, str(tmp_path / "spm"))
@@ -452,21 +531,25 @@ def test_tokenizer_travels_inside_the_pipeline(tmp_path, corpus_dir, tokenizer_d
         "out = [o for d in sys.argv[2:] for o in fn.process(d)] + [getattr(o, 'value', o) for o in fn.finish_bundle()]\n"
         "print(json.dumps([ids.tolist() for o in out if isinstance(o, RowBlock) for ids, _ in o.rows()]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dofn.pkl"), *docs[:5]], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "dofn.pkl"), *docs[:5]], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    want = [[sp_tok.cls_id] + ids[s:s + 30] + [sp_tok.sep_id] for ids in sp_tok.sp.encode(docs[:5]) for s in range(0, len(ids), 30)]
+    want = [[sp_tok.cls_id] + ids[s : s + 30] + [sp_tok.sep_id] for ids in sp_tok.sp.encode(docs[:5]) for s in range(0, len(ids), 30)]
     assert sorted(json.loads(proc.stdout.strip().splitlines()[-1])) == sorted(w for w in want if len(w) >= 3)
 
 
 def test_wikitext_accounting(tmp_path, tokenizer_dir):
     valid = shared_data_path("wikitext-2", "valid.txt")
     out = str(tmp_path / "wiki")
-    manifest = run_prep(PrepConfig(inputs=[valid], tokenizer=tokenizer_dir, output=out, max_seq_len=128, validation_fraction=0.01), workers=2)
+    manifest = run_prep(
+        PrepConfig(inputs=[valid], tokenizer=tokenizer_dir, output=out, max_seq_len=128, validation_fraction=0.01), workers=2
+    )
     stats = manifest.stats
     assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
     assert stats["dropped"]["too_short"]["sequences"] > 0  # the " = Title = " lines
     tok = load_tokenizer(tokenizer_dir)
-    lines = [l.strip() for l in open(valid, encoding="utf-8") if l.strip()]
+    lines = [text.strip() for text in open(valid, encoding="utf-8") if text.strip()]
     assert stats["documents_read"] == len(lines)
     assert stats["tokens_read"] == sum(len(ids) for ids in tok.tokenizer(lines, add_special_tokens=False)["input_ids"])
 
@@ -490,12 +573,27 @@ def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
 def test_causal_run_eos_between_documents_no_masking_metadata(tmp_path, corpus_dir, gpt2_tokenizer_dir):
     out = str(tmp_path / "causal")
     L = 64
-    manifest = run_prep(PrepConfig(inputs=[corpus_dir], tokenizer=gpt2_tokenizer_dir, output=out, max_seq_len=L, min_seq_len=8,
-                                   packing="causal", validation_fraction=0.05), workers=2)
+    manifest = run_prep(
+        PrepConfig(
+            inputs=[corpus_dir],
+            tokenizer=gpt2_tokenizer_dir,
+            output=out,
+            max_seq_len=L,
+            min_seq_len=8,
+            packing="causal",
+            validation_fraction=0.05,
+        ),
+        workers=2,
+    )
     assert load_manifest(out).packing == "causal" and manifest.tokenizer.special_token_ids["eos"] >= 0
     tok = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
     eos = tok.eos_id
-    docs = [line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()]
+    docs = [
+        line.strip()
+        for name in sorted(os.listdir(corpus_dir))
+        for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
+        if line.strip()
+    ]
     encoded = list(zip(docs, tok.tokenizer(docs, add_special_tokens=False)["input_ids"]))
     stats = manifest.stats
     assert stats["tokens_read"] == sum(len(ids) for _, ids in encoded)
@@ -599,11 +697,28 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
 
     from data_prep.manifest import tokenizer_identity
 
-    docs = list(dict.fromkeys(line.strip() for name in sorted(os.listdir(corpus_dir)) for line in open(os.path.join(corpus_dir, name), encoding="utf-8") if line.strip()))[:600]
+    docs = list(
+        dict.fromkeys(
+            line.strip()
+            for name in sorted(os.listdir(corpus_dir))
+            for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
+            if line.strip()
+        )
+    )[:600]
     (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
     out = str(tmp_path / "spm")
-    manifest = run_prep(PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer="", output=out, train_sentencepiece=700, max_seq_len=32,
-                                   min_seq_len=3, validation_fraction=0.0), workers=1)
+    manifest = run_prep(
+        PrepConfig(
+            inputs=[str(tmp_path / "c.txt")],
+            tokenizer="",
+            output=out,
+            train_sentencepiece=700,
+            max_seq_len=32,
+            min_seq_len=3,
+            validation_fraction=0.0,
+        ),
+        workers=1,
+    )
     assert manifest.tokenizer.type == "sentencepiece" and manifest.tokenizer.vocab_size == 700
     # the model was trained in a temporary directory and reached the pipeline as bytes: the path it is
     # known by was only written by the driver after the pipeline had finished
@@ -612,7 +727,7 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     expected = collections.Counter()
     for ids in sp.encode(docs):
         for s in range(0, len(ids), 30):
-            expected[tuple([sp.piece_to_id("[CLS]")] + ids[s:s + 30] + [sp.piece_to_id("[SEP]")])] += 1
+            expected[tuple([sp.piece_to_id("[CLS]")] + ids[s : s + 30] + [sp.piece_to_id("[SEP]")])] += 1
     rows = _read_split(out, manifest, "train")
     assert collections.Counter(tuple(ids) for ids, _ in rows) == expected
     hf = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))  # what distill-train loads
@@ -620,37 +735,64 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     assert (hf.mask_token_id, hf.pad_token_id) == (sp.piece_to_id("[MASK]"), 0)
     # the saved .model is itself a --tokenizer for another run, behind the same interface
     tok = load_tokenizer(os.path.join(out, "tokenizer", "spiece.model"))
-    (ids, starts), = tok.encode_batch([docs[0]])
-    assert ids.tolist() == sp.encode(docs[0]) and starts.tolist() == [i == 0 or sp.id_to_piece(int(t)).startswith("\u2581") for i, t in enumerate(ids)]
+    ((ids, starts),) = tok.encode_batch([docs[0]])
+    assert ids.tolist() == sp.encode(docs[0]) and starts.tolist() == [
+        i == 0 or sp.id_to_piece(int(t)).startswith("\u2581") for i, t in enumerate(ids)
+    ]
 
 
 def test_shards_are_globally_shuffled_deterministically(tmp_path, corpus_dir, tokenizer_dir):
-    docs = list(dict.fromkeys(line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()))[:800]
+    docs = list(
+        dict.fromkeys(
+            line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()
+        )
+    )[:800]
     (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
 
     def run(name, seed, workers):
-        cfg = PrepConfig(inputs=[str(tmp_path / "c.txt")], tokenizer=tokenizer_dir, output=str(tmp_path / name), max_seq_len=32,
-                         validation_fraction=0.0, shard_rows=300, seed=seed)
+        cfg = PrepConfig(
+            inputs=[str(tmp_path / "c.txt")],
+            tokenizer=tokenizer_dir,
+            output=str(tmp_path / name),
+            max_seq_len=32,
+            validation_fraction=0.0,
+            shard_rows=300,
+            seed=seed,
+        )
         m = run_prep(cfg, workers=workers)
         return m, [tuple(ids) for ids, _ in _read_split(cfg.output, m, "train")]
 
     m1, rows1 = run("a", 0, 1)
     m2, rows2 = run("b", 0, 2)
     _, rows3 = run("c", 1, 1)
-    assert m1.token_dtype == "uint16" and pq.read_schema(os.path.join(str(tmp_path / "a"), m1.splits["train"].shards[0].path)).field("input_ids").type.value_type == "uint16"
-    assert [s.sha256 for s in m1.splits["train"].shards] == [s.sha256 for s in m2.splits["train"].shards], "same seed, same shards (any worker count)"
+    assert (
+        m1.token_dtype == "uint16"
+        and pq.read_schema(os.path.join(str(tmp_path / "a"), m1.splits["train"].shards[0].path)).field("input_ids").type.value_type
+        == "uint16"
+    )
+    assert [s.sha256 for s in m1.splits["train"].shards] == [s.sha256 for s in m2.splits["train"].shards], (
+        "same seed, same shards (any worker count)"
+    )
     assert rows1 != rows3 and sorted(rows1) == sorted(rows3), "another seed: same rows, another order"
     tok = load_tokenizer(tokenizer_dir)
-    in_order = [tuple([tok.cls_id] + ids[s:s + 30] + [tok.sep_id]) for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"] for s in range(0, len(ids), 30)]
+    in_order = [
+        tuple([tok.cls_id] + ids[s : s + 30] + [tok.sep_id])
+        for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids), 30)
+    ]
     in_order = [r for r in in_order if len(r) >= 12]
     assert sorted(rows1) == sorted(in_order) and rows1 != in_order
     n = len(rows1)
-    assert len(m1.splits["train"].shards) == -(-n // 300) or abs(len(m1.splits["train"].shards) - n / 300) <= 1 + n / 600  # about n / 300 shards
+    assert (
+        len(m1.splits["train"].shards) == -(-n // 300) or abs(len(m1.splits["train"].shards) - n / 300) <= 1 + n / 600
+    )  # about n / 300 shards
     assert sum(m1.stats["length_histogram"].values()) == n
 
 
 @pytest.mark.parametrize("packing", ["document", "causal"])
-def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing, monkeypatch):
+def test_shuffle_through_spill_files_writes_the_runners_shards(
+    tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing, monkeypatch
+):
     """The local route (rows in spill files, only file names grouped) and the distributed route (the runner's
     GroupByKey) write byte-identical shards; tiny spill buffers force many spill files per shard, and tiny
     key ranges many reads of each (the pipeline runs in this process, so the patched limit applies)."""
@@ -669,19 +811,40 @@ def test_shuffle_through_spill_files_writes_the_runners_shards(tmp_path, corpus_
     files = [os.path.join(corpus_dir, name) for name in sorted(os.listdir(corpus_dir))]
     contents = {}
     for route, spill_bytes in (("runner", 0), ("spill", 4096)):
-        cfg = PrepConfig(inputs=files, tokenizer=tok_dir, output=str(tmp_path / route), max_seq_len=32, validation_fraction=0.1, packing=packing)
+        cfg = PrepConfig(
+            inputs=files, tokenizer=tok_dir, output=str(tmp_path / route), max_seq_len=32, validation_fraction=0.1, packing=packing
+        )
         options = beam_options(cfg, [], workers=1)
         with beam.Pipeline(runner=local_runner(options), options=options) as pipeline:
-            build_pipeline(pipeline, cfg, files, tok.payload(), tok.vocab_size, token_dtype_for(tok.vocab_size), 3,
-                           spill=route == "spill", spill_bytes=spill_bytes or 1 << 26)
-        contents[route] = {os.path.relpath(os.path.join(d, f), cfg.output): open(os.path.join(d, f), "rb").read()
-                           for d, _, names in os.walk(cfg.output) for f in names if f.endswith(".parquet")}
+            build_pipeline(
+                pipeline,
+                cfg,
+                files,
+                tok.payload(),
+                tok.vocab_size,
+                token_dtype_for(tok.vocab_size),
+                3,
+                spill=route == "spill",
+                spill_bytes=spill_bytes or 1 << 26,
+            )
+        contents[route] = {
+            os.path.relpath(os.path.join(d, f), cfg.output): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(cfg.output)
+            for f in names
+            if f.endswith(".parquet")
+        }
         rows = sum(pq.read_metadata(os.path.join(cfg.output, path)).num_rows for path in contents[route])
         assert rows * 16 > 20 * 4096, "the corpus must spill many times over"
         assert sum(pq.read_metadata(os.path.join(cfg.output, path)).num_row_groups for path in contents[route]) > 8
-        assert not [f for _, _, names in os.walk(os.path.join(cfg.output, "_prep_tmp")) for f in names if f.endswith(".spill")], "spill files are deleted once their shard is written"
-    assert sorted(contents["spill"]) == ["train/part-00000-of-00003.parquet", "train/part-00001-of-00003.parquet", "train/part-00002-of-00003.parquet",
-                                         "validation/part-00000-of-00001.parquet"]
+        assert not [f for _, _, names in os.walk(os.path.join(cfg.output, "_prep_tmp")) for f in names if f.endswith(".spill")], (
+            "spill files are deleted once their shard is written"
+        )
+    assert sorted(contents["spill"]) == [
+        "train/part-00000-of-00003.parquet",
+        "train/part-00001-of-00003.parquet",
+        "train/part-00002-of-00003.parquet",
+        "validation/part-00000-of-00001.parquet",
+    ]
     assert contents["spill"] == contents["runner"]
 
 
@@ -693,8 +856,11 @@ def test_row_blocks_keys_order_and_gather():
     rows = [([5, 6, 7], [1, 0, 1]), ([7, 6, 5], [1, 1, 1]), ([5, 6, 7], [1, 1, 0]), ([9], [1]), ([5, 6, 7], [1, 0, 1])]
 
     def block(items):
-        return RowBlock(np.array([len(i) for i, _ in items]), np.array([t for i, _ in items for t in i], dtype=np.uint16),
-                        np.array([f for _, fl in items for f in fl], dtype=bool))
+        return RowBlock(
+            np.array([len(i) for i, _ in items]),
+            np.array([t for i, _ in items for t in i], dtype=np.uint16),
+            np.array([f for _, fl in items for f in fl], dtype=bool),
+        )
 
     b = block(rows)
     keys = b.shuffle_keys(0)

@@ -7,6 +7,7 @@ output is its bias alone (the transform before the vocabulary projection is zero
 distribution everywhere; with the bias set to the log-frequencies of the masked labels it is exactly the
 most-frequent-token baseline, and its top-k are the k most frequent labels with their frequencies.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,12 @@ def masked_labels(data_dir: str, vocab_size: int, n: int) -> np.ndarray:
 
     sequences = TokenSequences(data_dir, "validation")
     ids = sequences.manifest.tokenizer.special_token_ids
-    collator = MaskingCollator(MaskingPolicy(mask_id=ids["mask"], pad_id=ids["pad"], vocab_size=vocab_size,
-                                             special_ids=sequences.manifest.tokenizer.all_special_ids), EVAL_SEED)
+    collator = MaskingCollator(
+        MaskingPolicy(
+            mask_id=ids["mask"], pad_id=ids["pad"], vocab_size=vocab_size, special_ids=sequences.manifest.tokenizer.all_special_ids
+        ),
+        EVAL_SEED,
+    )
     labels = []
     for i in range(min(n, len(sequences))):
         row = collator(sequences.rows(np.array([i])), [i])["labels"][0]
@@ -59,8 +64,17 @@ def save_unigram_model(tokenizer_dir: str, out: str, log_probs: np.ndarray) -> s
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     with torch.no_grad():
         model.cls.predictions.transform.LayerNorm.weight.zero_()
         model.cls.predictions.transform.LayerNorm.bias.zero_()
@@ -118,8 +132,15 @@ def test_eval_three_rows_retained_and_agreement(tmp_path, prepared_dir, oracle_u
     second = int(np.argsort(label_counts)[-2])
     flat[second] = 5.0  # always predicts the second most frequent label
     other = save_unigram_model(tokenizer_dir, str(tmp_path / "second"), flat)
-    result = evaluate(teacher_dir, prepared_dir, oracle_unigram, name="distilled student", compare=[("without teacher", other)],
-                      max_sequences=N, device="cpu")
+    result = evaluate(
+        teacher_dir,
+        prepared_dir,
+        oracle_unigram,
+        name="distilled student",
+        compare=[("without teacher", other)],
+        max_sequences=N,
+        device="cpu",
+    )
     assert list(result["models"]) == ["teacher", "distilled student", "without teacher"]
     rows = result["models"]
     for name, path in (("teacher", oracle_unigram), ("distilled student", teacher_dir), ("without teacher", other)):
@@ -136,8 +157,10 @@ def test_eval_three_rows_retained_and_agreement(tmp_path, prepared_dir, oracle_u
     table = render_table(result).splitlines()
     kept = rows["without teacher"]["accuracy_retained"]
     sentence = [line for line in table if line.startswith("distilled student: ")]
-    assert sentence == [f"distilled student: {rows['distilled student']['accuracy_retained']:.0%} of the teacher's masked-token accuracy; "
-                        f"without teacher: {kept:.0%}."]
+    assert sentence == [
+        f"distilled student: {rows['distilled student']['accuracy_retained']:.0%} of the teacher's masked-token accuracy; "
+        f"without teacher: {kept:.0%}."
+    ]
     assert [line.split()[0] for line in table[1:5]] == ["teacher", "distilled", "without", "most"], "teacher, students, then the baseline"
 
 
@@ -145,14 +168,37 @@ def test_eval_cli_third_row_and_bad_input(tmp_path, prepared_dir, oracle_unigram
     from distill.evaluate import main
 
     out = str(tmp_path / "eval.json")
-    proc = run([sys.executable, "-m", "distill.evaluate", "--model", teacher_dir, "--name", "distilled student", "--teacher", oracle_unigram,
-                "--compare", f"without teacher={teacher_dir}", "--data", prepared_dir, "--max-sequences", "16", "--json", out])
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "distill.evaluate",
+            "--model",
+            teacher_dir,
+            "--name",
+            "distilled student",
+            "--teacher",
+            oracle_unigram,
+            "--compare",
+            f"without teacher={teacher_dir}",
+            "--data",
+            prepared_dir,
+            "--max-sequences",
+            "16",
+            "--json",
+            out,
+        ]
+    )
     result = json.load(open(out))
     assert list(result["models"]) == ["teacher", "distilled student", "without teacher"] and result["sequences"] == 16
     assert "without teacher: " in proc.stdout and "most frequent token" in proc.stdout
     common = ["--model", teacher_dir, "--teacher", oracle_unigram, "--data", prepared_dir, "--max-sequences", "4"]
-    for args, fragment in ((["--compare", "nodir"], "is not NAME=DIR"), (["--compare", f"teacher={teacher_dir}"], "two models are named 'teacher'"),
-                           (["--compare", "x=/nonexistent"], "is not a local directory"), (["--split", "test"], "no 'test' rows")):
+    for args, fragment in (
+        (["--compare", "nodir"], "is not NAME=DIR"),
+        (["--compare", f"teacher={teacher_dir}"], "two models are named 'teacher'"),
+        (["--compare", "x=/nonexistent"], "is not a local directory"),
+        (["--split", "test"], "no 'test' rows"),
+    ):
         assert main(common + args) == 2
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("distill-")]  # (weight-loading progress bars aside)
@@ -162,9 +208,9 @@ def test_eval_cli_third_row_and_bad_input(tmp_path, prepared_dir, oracle_unigram
 
 def test_probes_print_each_models_top3(tmp_path, oracle_unigram, teacher_dir, label_counts):
     """The unigram model's top 3 are the three most frequent labels with their frequencies, for every probe."""
-    from distill.demo_assets import DEMO_PROBES, fill_mask_probes, render_probes
-
     from transformers import AutoTokenizer
+
+    from distill.demo_assets import DEMO_PROBES, fill_mask_probes, render_probes
 
     tok = AutoTokenizer.from_pretrained(oracle_unigram)
     results = fill_mask_probes([("teacher", oracle_unigram), ("random", teacher_dir)])
@@ -202,10 +248,19 @@ def test_no_teacher_row_is_the_distilled_students_shape_without_the_teacher():
     assert type(distilled) is type(plain)
     assert [(n, p.shape) for n, p in distilled.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
     a, b = distilled_cfg.to_dict(), plain_cfg.to_dict()
-    differ = {f"{section}.{key}" for section in a if isinstance(a[section], dict)
-              for key in a[section] if a[section][key] != b[section].get(key)}
-    assert differ <= {"teacher.path", "student.init", "student.num_layers", "student.hidden_size", "student.num_heads",
-                      "student.intermediate_size", "loss.weights", "loss.ce_positions"}, differ  # ce_positions: read by the ce term only
+    differ = {
+        f"{section}.{key}" for section in a if isinstance(a[section], dict) for key in a[section] if a[section][key] != b[section].get(key)
+    }
+    assert differ <= {
+        "teacher.path",
+        "student.init",
+        "student.num_layers",
+        "student.hidden_size",
+        "student.num_heads",
+        "student.intermediate_size",
+        "loss.weights",
+        "loss.ce_positions",
+    }, differ  # ce_positions: read by the ce term only
     assert a["loss"]["weights"].keys() >= {"ce", "mlm", "cos"} and b["loss"]["weights"] == {"mlm": 1.0}
     assert b["student"]["init"] == "random" and b["teacher"]["path"] is None
     assert a["train"] == b["train"] and a["optim"] == b["optim"] and a["data"] == b["data"] and a["seed"] == b["seed"]
@@ -214,10 +269,30 @@ def test_no_teacher_row_is_the_distilled_students_shape_without_the_teacher():
 def test_no_teacher_row_trains_in_two_processes(tmp_path, prepared_dir):
     """The demo's stage 5 at a tiny size: 2-process DeepSpeed, masked LM only, no teacher, exported as a DistilBERT."""
     out = str(tmp_path / "run")
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29741", "--module", "distill", "--config",
-         "configs/demo_no_teacher.yaml", f"data.path={prepared_dir}", f"output_dir={out}", "student.hidden_size=32",
-         "student.intermediate_size=64", "student.num_heads=2", "train.max_steps=12", "train.global_batch=16", "train.micro_batch=8",
-         "train.log_every=1", "optim.lr=5e-3", "optim.warmup_fraction=0"])
+    run(
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29741",
+            "--module",
+            "distill",
+            "--config",
+            "configs/demo_no_teacher.yaml",
+            f"data.path={prepared_dir}",
+            f"output_dir={out}",
+            "student.hidden_size=32",
+            "student.intermediate_size=64",
+            "student.num_heads=2",
+            "train.max_steps=12",
+            "train.global_batch=16",
+            "train.micro_batch=8",
+            "train.log_every=1",
+            "optim.lr=5e-3",
+            "optim.warmup_fraction=0",
+        ]
+    )
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         m = [json.loads(line) for line in handle]
     assert [x["step"] for x in m] == list(range(1, 13))
@@ -283,8 +358,22 @@ def test_teacher_recipe_reproduces_the_shipped_run(tmp_path, demo_data, record, 
 
     step = record["check_step"]
     out = str(tmp_path / "teacher_run")
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29742", "--module", "distill", "--config",
-         "configs/demo_teacher.yaml", f"data.path={demo_data}", f"output_dir={out}", f"train.halt_at_step={step}"])
+    run(
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29742",
+            "--module",
+            "distill",
+            "--config",
+            "configs/demo_teacher.yaml",
+            f"data.path={demo_data}",
+            f"output_dir={out}",
+            f"train.halt_at_step={step}",
+        ]
+    )
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         losses = [json.loads(line)["loss"] for line in handle]
     recorded = record["loss_per_step"][:step]

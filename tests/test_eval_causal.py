@@ -1,6 +1,7 @@
 """distill-eval on causal data: perplexity, next-token accuracy, top-1 agreement and KL(teacher || student) per
 token, against an independent computation (each sequence alone through Hugging Face's forward, torch's
 cross_entropy and kl_div over the tokenizer's vocabulary); the CLI's settings on the one config mechanism."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_llm_distill import bpe_data, save_teacher  # noqa: F401  (fixtures)
 from test_recipes import small_corpus  # noqa: F401
 
@@ -28,9 +28,19 @@ def save_student(tokenizer, path: str, vocab_rows: int) -> str:
     """A 2-layer Llama of another seed: a student that disagrees with the teacher often."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", vocab_size=vocab_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.eos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab_rows,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -45,7 +55,10 @@ def validation_rows(data: str, n: int) -> list[np.ndarray]:
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     rows = []
     for shard in manifest["splits"]["validation"]["shards"]:
-        rows += [np.asarray(r, dtype=np.int64) for r in pq.read_table(os.path.join(data, shard["path"]), columns=["input_ids"]).column(0).to_pylist()]
+        rows += [
+            np.asarray(r, dtype=np.int64)
+            for r in pq.read_table(os.path.join(data, shard["path"]), columns=["input_ids"]).column(0).to_pylist()
+        ]
     return rows[:n]
 
 
@@ -102,8 +115,27 @@ def test_causal_metrics_equal_the_direct_computation(models):
 def test_cli_json_and_bad_input(tmp_path, models, teacher_dir):
     data, teacher, student, _ = models
     out = str(tmp_path / "eval.json")
-    proc = subprocess.run([os.path.join(BIN, "distill-eval"), "--model", student, "--teacher", teacher, "--compare", f"twin={teacher}",
-                           "--data", data, "max_sequences=4", "--json", out], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            os.path.join(BIN, "distill-eval"),
+            "--model",
+            student,
+            "--teacher",
+            teacher,
+            "--compare",
+            f"twin={teacher}",
+            "--data",
+            data,
+            "max_sequences=4",
+            "--json",
+            out,
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
     assert list(result["models"]) == ["teacher", "student", "twin"] and result["sequences"] == 4
@@ -111,7 +143,9 @@ def test_cli_json_and_bad_input(tmp_path, models, teacher_dir):
     assert "top-1 agreement" in proc.stdout
 
     def fails(*args):
-        proc = subprocess.run([os.path.join(BIN, "distill-eval"), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [os.path.join(BIN, "distill-eval"), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
+        )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("distill-")]
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         return errors[0]

@@ -2,6 +2,7 @@
 signal, and a resume on another world size and ZeRO stage. Each run is compared with one
 uninterrupted run of the same command (same seed): bit for bit where the world size is the same.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ import time
 import psutil
 import pytest
 import torch
-
 from test_train_e2e import BIN, ENV, REPO_ROOT, _safetensors, metrics, run
 
 pytestmark = pytest.mark.timeout(900)
@@ -22,10 +22,24 @@ STEPS = 12
 
 def job_args(teacher_dir, data_dir, out, zero=2):
     # dropout 0: the 1-rank elastic resume can then be compared with the 2-rank run numerically
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "student.dropout=0.0", "train.global_batch=32", "train.micro_batch=8",
-            f"train.max_steps={STEPS}", "optim.lr=3e-3", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "train.log_every=1",
-            f"deepspeed.config=configs/deepspeed/zero{zero}.json"]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "student.dropout=0.0",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        f"train.max_steps={STEPS}",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=0",
+        "train.log_every=1",
+        f"deepspeed.config=configs/deepspeed/zero{zero}.json",
+    ]
 
 
 def launcher(args, port):
@@ -33,8 +47,15 @@ def launcher(args, port):
 
 
 def start(args, port, env=None):
-    return subprocess.Popen(launcher(args, port), cwd=REPO_ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        launcher(args, port),
+        cwd=REPO_ROOT,
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc, timeout=600, what="condition"):

@@ -1,4 +1,5 @@
 """distill-finetune: TSV reading (header, malformed rows), hold-out split, accuracy counted independently."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
 
 
 def test_read_tsv_header_and_bad_rows(tmp_path):
-    path = write_tsv(str(tmp_path / "a.tsv"), [("good film", 1), ("bad film", 0)],
-                     extra_lines=("no label here", "x\tpositive", "\t1", "a\tb\tc", "", "ok row\t0"))
+    path = write_tsv(
+        str(tmp_path / "a.tsv"),
+        [("good film", 1), ("bad film", 0)],
+        extra_lines=("no label here", "x\tpositive", "\t1", "a\tb\tc", "", "ok row\t0"),
+    )
     data = read_tsv(path)
     assert data.header
     assert data.sentences == ["good film", "bad film", "ok row"]
@@ -101,8 +105,18 @@ def test_finetune_learns_and_accuracy_matches_independent_count(tmp_path, tiny_m
     rows = synthetic_rows(400, seed=1)
     path = write_tsv(str(tmp_path / "train.tsv"), rows, extra_lines=("broken row without tab",))
     out = str(tmp_path / "out")
-    cfg = FinetuneConfig(model=tiny_model, output=out, train=path, holdout_fraction=0.25, epochs=4, lr=3e-3,
-                         batch_size=16, max_seq_len=32, device="cpu", seed=0)
+    cfg = FinetuneConfig(
+        model=tiny_model,
+        output=out,
+        train=path,
+        holdout_fraction=0.25,
+        epochs=4,
+        lr=3e-3,
+        batch_size=16,
+        max_seq_len=32,
+        device="cpu",
+        seed=0,
+    )
     result = finetune(cfg, log=lambda msg: None)
     assert result["train"]["bad_rows"] == 1
     assert result["eval"]["examples"] == 100 and result["train"]["rows_used"] == 300
@@ -129,9 +143,33 @@ def test_cli_table_and_json(tmp_path, tiny_model):
     train = write_tsv(str(tmp_path / "train.tsv"), synthetic_rows(64, 2))
     held = write_tsv(str(tmp_path / "eval.tsv"), synthetic_rows(16, 3))
     out_json = str(tmp_path / "r.json")
-    proc = subprocess.run([sys.executable, "-m", "distill.finetune", "--model", tiny_model, "--train", train, "--eval", held,
-                           "--output", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                           "--no-save-model", "--json", out_json], capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.finetune",
+            "--model",
+            tiny_model,
+            "--train",
+            train,
+            "--eval",
+            held,
+            "--output",
+            str(tmp_path / "o"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--no-save-model",
+            "--json",
+            out_json,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "majority" in proc.stdout
     result = json.load(open(out_json))

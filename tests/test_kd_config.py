@@ -1,4 +1,5 @@
 """kd_common/config.py: the one config mechanism every command uses (YAML, key=value, generated flags, checks)."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     recipe.write_text("steps: 4\noptim: {lr: 1e-3}\nweights: {ce: 1, mlm: 2}\n")
     parser = argparse.ArgumentParser()
     add_arguments(parser, Job)
-    args = parser.parse_args(["--config", str(recipe), "optim.lr=2e-3", "--steps", "6", "--input", "x.txt", "y 1.txt", "--no-dedup", "--name", "007"])
+    args = parser.parse_args(
+        ["--config", str(recipe), "optim.lr=2e-3", "--steps", "6", "--input", "x.txt", "y 1.txt", "--no-dedup", "--name", "007"]
+    )
     job = from_arguments(Job, args)
     assert job.steps == 6 and job.optim.lr == 2e-3 and job.inputs == ["x.txt", "y 1.txt"] and job.dedup is False
     assert job.name == "007", "a text setting keeps its text (not read as the number 7)"
@@ -46,12 +49,27 @@ def test_yaml_then_overrides_then_flags(tmp_path):
 
 def test_every_problem_is_reported_at_once_with_its_key():
     with pytest.raises(ConfigError) as err:
-        build(Job, {"stpes": 3, "mode": "slow", "steps": 3, "dedup": "yes", "optim": {"lr": float("nan"), "betas": [0.9, 1.5], "lrr": 1},
-                    "weights": {"ce": -1}})
+        build(
+            Job,
+            {
+                "stpes": 3,
+                "mode": "slow",
+                "steps": 3,
+                "dedup": "yes",
+                "optim": {"lr": float("nan"), "betas": [0.9, 1.5], "lrr": 1},
+                "weights": {"ce": -1},
+            },
+        )
     message = str(err.value)
-    for part in ("unknown config key stpes (did you mean steps?)", "unknown config key optim.lrr (did you mean optim.lr?)",
-                 "dedup must be bool, got 'yes'", "optim.lr=nan is not a finite number", "optim.betas[1]=1.5 is out of range: it must be < 1",
-                 "weights.ce=-1 is out of range: it must be >= 0", "steps must be even with mode=slow"):
+    for part in (
+        "unknown config key stpes (did you mean steps?)",
+        "unknown config key optim.lrr (did you mean optim.lr?)",
+        "dedup must be bool, got 'yes'",
+        "optim.lr=nan is not a finite number",
+        "optim.betas[1]=1.5 is out of range: it must be < 1",
+        "weights.ce=-1 is out of range: it must be >= 0",
+        "steps must be even with mode=slow",
+    ):
         assert part in message, (part, message)
 
 

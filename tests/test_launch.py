@@ -1,5 +1,6 @@
 """launch/ and docker/: two 'nodes' on loopback training one model, the Slurm allocation helper,
 the Dockerfile (hadolint; no Docker engine runs here) and the image's entrypoint outside the image."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import subprocess
 import time
 
 import pytest
-
 from test_train_e2e import BIN, ENV, REPO_ROOT, metrics
 
 pytestmark = pytest.mark.timeout(900)
@@ -19,12 +19,33 @@ pytestmark = pytest.mark.timeout(900)
 def test_two_nodes_with_no_ssh_node_ranks_train_one_model(tmp_path, teacher_dir, prepared_dir):
     """Two launchers (node ranks 0 and 1, one process each) rendezvous on 127.0.0.1: world size 2."""
     out = tmp_path / "run"
-    args = ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=4",
-            "optim.lr=3e-3", "checkpoint.every_steps=4", "train.log_every=1"]
+    args = [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        "train.max_steps=4",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=4",
+        "train.log_every=1",
+    ]
     env = dict(ENV, PATH=f"{BIN}{os.pathsep}{ENV['PATH']}", NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29671")
-    nodes = [subprocess.Popen(["launch/node_launch.sh"] + args, cwd=REPO_ROOT, env=dict(env, NODE_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            ["launch/node_launch.sh"] + args,
+            cwd=REPO_ROOT,
+            env=dict(env, NODE_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "2 ranks x micro batch 8 x accumulation 2" in logs[0]
@@ -40,8 +61,12 @@ def _sshd(tmp_path):
     if not all(shutil.which(b) for b in ("sshd", "pdsh", "ssh-keygen")):
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             pytest.skip("the hostfile flow needs sshd and pdsh: apt-get install openssh-server pdsh (root)")
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"], capture_output=True, text=True,
-                              env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        proc = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
         if proc.returncode != 0:
             pytest.skip(f"apt-get install openssh-server pdsh failed: {proc.stderr.strip()[-200:]}")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -53,8 +78,10 @@ def _sshd(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = tmp_path / "sshd_config"
-    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {tmp_path}/authorized_keys\n"
-                      f"PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nPidFile {tmp_path}/sshd.pid\nUsePAM no\n")
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {tmp_path}/authorized_keys\n"
+        f"PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nPidFile {tmp_path}/sshd.pid\nUsePAM no\n"
+    )
     os.makedirs("/run/sshd", exist_ok=True)
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     options = f"-i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
@@ -75,10 +102,31 @@ def test_hostfile_flow_starts_both_nodes_through_pdsh_and_ssh(tmp_path, teacher_
         out = tmp_path / "run"
         (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
         env = dict(ENV, PATH=f"{BIN}{os.pathsep}{ENV['PATH']}", PDSH_SSH_ARGS_APPEND=options)
-        cmd = [os.path.join(BIN, "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--ssh_port", str(port), "--no_ssh_check",
-               "--master_addr", "127.0.0.1", "--master_port", "29672", "--module", "distill", "--config", "configs/distilbert.yaml",
-               f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}", "student.init=random",
-               "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=2", "checkpoint.every_steps=2"]
+        cmd = [
+            os.path.join(BIN, "deepspeed"),
+            "--hostfile",
+            str(tmp_path / "hostfile"),
+            "--ssh_port",
+            str(port),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            "29672",
+            "--module",
+            "distill",
+            "--config",
+            "configs/distilbert.yaml",
+            f"teacher.path={teacher_dir}",
+            f"data.path={prepared_dir}",
+            f"output_dir={out}",
+            "student.init=random",
+            "student.init_layers=null",
+            "train.global_batch=32",
+            "train.micro_batch=8",
+            "train.max_steps=2",
+            "checkpoint.every_steps=2",
+        ]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
@@ -99,11 +147,21 @@ def test_node_launch_rejects_a_node_rank_outside_the_cluster():
 def test_slurm_env_turns_the_allocation_into_launcher_variables(tmp_path):
     from launch.slurm_env import gpus_per_node, launcher_env
 
-    env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[001-004]", "SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_ON_NODE": "8",
-           "MASTER_ADDR": "gpu001"}
+    env = {
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[001-004]",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_GPUS_ON_NODE": "8",
+        "MASTER_ADDR": "gpu001",
+    }
     got = launcher_env(env, ["--config", "configs/distilbert.yaml", f"output_dir={tmp_path}/run", "data.path=/d", "teacher.path=/t"])
-    assert got == {"NNODES": "4", "GPUS_PER_NODE": "8", "MASTER_ADDR": "gpu001", "MASTER_PORT": str(20000 + 123456 % 20000),
-                   "OUTPUT_DIR": f"{tmp_path}/run"}
+    assert got == {
+        "NNODES": "4",
+        "GPUS_PER_NODE": "8",
+        "MASTER_ADDR": "gpu001",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "OUTPUT_DIR": f"{tmp_path}/run",
+    }
     assert gpus_per_node({"SLURM_GPUS_PER_NODE": "a100:4"}) == 4 and gpus_per_node({}) == 1
     with pytest.raises(ValueError, match="inside a Slurm job"):
         launcher_env({}, [])
@@ -129,8 +187,12 @@ def test_entrypoint_runs_any_stage_outside_the_image(tmp_path):
     assert default.returncode == 0 and "distill-train" in default.stdout
     short = subprocess.run([entry, "prep", "--help"], env=env, capture_output=True, text=True)
     assert short.returncode == 0 and "--tokenizer" in short.stdout
-    full = subprocess.run([entry, "distill-export", "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "x")],
-                          env=env, capture_output=True, text=True)
+    full = subprocess.run(
+        [entry, "distill-export", "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "x")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert full.returncode == 2 and full.stderr.count("\n") == 1 and "no complete checkpoint" in full.stderr
     unknown = subprocess.run([entry, "distill-fly"], env=env, capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command 'distill-fly'" in unknown.stderr

@@ -1,5 +1,6 @@
 """Bad input to a decoder-LLM run (configs/llm_kd.yaml on causal data): one line, exit 2, no traceback, nothing written —
 said by the checks that read only configs, before any weights load."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-
 from test_llm_distill import TINY, bpe_data, save_teacher  # noqa: F401  (bpe_data is a fixture)
 from test_recipes import BIN, ENV, REPO_ROOT, small_corpus  # noqa: F401  (small_corpus is a fixture)
 from test_train_bad_input import assert_one_line_error
@@ -16,8 +16,23 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def train(tmp_path, teacher: str, data: str, *extra: str):
-    proc = subprocess.run([os.path.join(BIN, "distill-train"), "--config", "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}",
-                           f"output_dir={tmp_path / 'run'}", *TINY, *extra], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            os.path.join(BIN, "distill-train"),
+            "--config",
+            "configs/llm_kd.yaml",
+            f"teacher.path={teacher}",
+            f"data.path={data}",
+            f"output_dir={tmp_path / 'run'}",
+            *TINY,
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert not (tmp_path / "run").exists(), "nothing written for a run that could not start"
     return proc.returncode, proc.stderr.strip().splitlines()
 
@@ -28,8 +43,17 @@ def test_a_teacher_that_is_not_a_causal_lm(tmp_path, bpe_data):  # noqa: F811
     tokenizer, data = bpe_data
     bert = str(tmp_path / "bert")
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               max_position_embeddings=64, pad_token_id=tokenizer.eos_token_id)).save_pretrained(bert)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     assert_one_line_error(*train(tmp_path, bert, data), f"teacher {bert!r} is a masked LM (bert), not a causal LM", "causal-LM teacher")
     t5 = tmp_path / "t5"
@@ -41,8 +65,11 @@ def test_a_masked_lm_student_of_a_causal_teacher(tmp_path, bpe_data):  # noqa: F
     tokenizer, data = bpe_data
     teacher = save_teacher("llama", tokenizer, str(tmp_path / "llama"), vocab_rows=len(tokenizer))
     for architecture in ("distilbert", "bert"):
-        assert_one_line_error(*train(tmp_path, teacher, data, f"student.architecture={architecture}"),
-                              "a llama (causal) teacher needs a student of the same kind", f"student.architecture={architecture} is masked")
+        assert_one_line_error(
+            *train(tmp_path, teacher, data, f"student.architecture={architecture}"),
+            "a llama (causal) teacher needs a student of the same kind",
+            f"student.architecture={architecture} is masked",
+        )
 
 
 def test_vocabulary_mismatch(tmp_path, bpe_data, small_corpus):  # noqa: F811
@@ -53,8 +80,10 @@ def test_vocabulary_mismatch(tmp_path, bpe_data, small_corpus):  # noqa: F811
     other = Tokenizer(models.BPE())
     other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     other.decoder = decoders.ByteLevel()
-    other.train(sorted(os.path.join(small_corpus, f) for f in os.listdir(small_corpus)),
-                trainers.BpeTrainer(vocab_size=450, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other.train(
+        sorted(os.path.join(small_corpus, f) for f in os.listdir(small_corpus)),
+        trainers.BpeTrainer(vocab_size=450, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     other = PreTrainedTokenizerFast(tokenizer_object=other, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     foreign = save_teacher("llama", other, str(tmp_path / "foreign"), vocab_rows=len(other))
     assert_one_line_error(*train(tmp_path, foreign, data), "does not match", "not supported (yet)")
@@ -62,4 +91,6 @@ def test_vocabulary_mismatch(tmp_path, bpe_data, small_corpus):  # noqa: F811
     for name in os.listdir(small):
         if "token" in name or name.endswith((".txt", ".model")) and name != "config.json":
             os.remove(os.path.join(small, name))  # no tokenizer files: only the vocabulary size can be checked
-    assert_one_line_error(*train(tmp_path, small, data), f"teacher vocabulary ({len(tokenizer) - 10}) is smaller than the dataset's tokenizer")
+    assert_one_line_error(
+        *train(tmp_path, small, data), f"teacher vocabulary ({len(tokenizer) - 10}) is smaller than the dataset's tokenizer"
+    )

@@ -2,6 +2,7 @@
 prepared by distill-prep, tiny random Llama / Mistral / Qwen2 / Qwen3 teachers saved with save_pretrained, the
 configs/llm_kd.yaml recipe (forward KL + causal LM, chunked logit losses) in 2 DeepSpeed processes: losses fall, the
 student exports, reloads with AutoModelForCausalLM and generates; at ZeRO-3 a halted run resumes bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,18 @@ import os
 
 import pytest
 import torch
-
 from test_recipes import BIN, assert_falls, deepspeed, losses, run, small_corpus  # noqa: F401  (small_corpus is a fixture)
 
 pytestmark = pytest.mark.timeout(900)
-TINY = ["train.global_batch=16", "train.micro_batch=8", "train.log_every=5", "optim.warmup_fraction=0.0", "optim.lr=3e-3",
-        "deepspeed.config=configs/deepspeed/zero2.json", "student.dropout=0.0"]
+TINY = [
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "train.log_every=5",
+    "optim.warmup_fraction=0.0",
+    "optim.lr=3e-3",
+    "deepspeed.config=configs/deepspeed/zero2.json",
+    "student.dropout=0.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +36,30 @@ def bpe_data(tmp_path_factory, small_corpus):  # noqa: F811
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train(sorted(os.path.join(small_corpus, f) for f in os.listdir(small_corpus)), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.save_pretrained(str(root / "tokenizer"))
     data = str(root / "data")
-    run([os.path.join(BIN, "distill-prep"), "--input", small_corpus, "--tokenizer", str(root / "tokenizer"), "--output", data,
-         "--max-seq-len", "48", "--packing", "causal", "--validation-fraction", "0.05", "--workers", "1"])
+    run(
+        [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            small_corpus,
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--output",
+            data,
+            "--max-seq-len",
+            "48",
+            "--packing",
+            "causal",
+            "--validation-fraction",
+            "0.05",
+            "--workers",
+            "1",
+        ]
+    )
     return tokenizer, data
 
 
@@ -41,10 +67,20 @@ def save_teacher(model_type: str, tokenizer, path: str, vocab_rows: int) -> str:
     """A tiny random teacher whose head is padded past the tokenizer's vocabulary (as real checkpoints are)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_rows, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                                  **({"head_dim": 16} if model_type == "qwen3" else {}))
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_rows,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        **({"head_dim": 16} if model_type == "qwen3" else {}),
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -69,8 +105,11 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
     tokenizer, data = bpe_data
     teacher = save_teacher(model_type, tokenizer, str(tmp_path / "teacher"), vocab_rows=len(tokenizer) + 24)
     out = str(tmp_path / "run")
-    log = deepspeed("llm_kd", [f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", "train.max_steps=20",
-                               "checkpoint.every_steps=20"] + TINY, port)
+    log = deepspeed(
+        "llm_kd",
+        [f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", "train.max_steps=20", "checkpoint.every_steps=20"] + TINY,
+        port,
+    )
     assert "student initialised from teacher layers [0, 3]" in log
     assert_falls(losses(out, "loss_clm"), 0.95, "causal LM loss")
     export = str(tmp_path / "export")
@@ -85,13 +124,17 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
 
 
 def test_llama_at_zero3_halts_and_resumes_bit_for_bit(tmp_path, bpe_data):
-    from distill.export import export_checkpoint
     from safetensors.torch import load_file
+
+    from distill.export import export_checkpoint
 
     tokenizer, data = bpe_data
     teacher = save_teacher("llama", tokenizer, str(tmp_path / "teacher"), vocab_rows=len(tokenizer))
-    args = [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=12", "checkpoint.every_steps=6"] + TINY + [
-        "deepspeed.config=configs/deepspeed/zero3.json", "loss.weights={jsd: 1.0, clm: 1.0}", "loss.temperature=2.0"]
+    args = (
+        [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=12", "checkpoint.every_steps=6"]
+        + TINY
+        + ["deepspeed.config=configs/deepspeed/zero3.json", "loss.weights={jsd: 1.0, clm: 1.0}", "loss.temperature=2.0"]
+    )
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     deepspeed("llm_kd", args + [f"output_dir={straight}"], 29765)
     first = deepspeed("llm_kd", args + [f"output_dir={resumed}", "train.halt_at_step=6"], 29765)

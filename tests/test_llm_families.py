@@ -1,5 +1,6 @@
 """Decoder-LLM families in the registry (Llama, Mistral, Qwen2, Qwen3, and GPT-2): students of the teacher's family,
 initialised from chosen teacher layers, shapes of their own, logits only where needed — on tiny random configs."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,21 @@ DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
 def tiny_teacher(model_type: str, layers: int = 4, tie: bool = False, vocab: int = 301):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **({"head_dim": 16} if model_type == "qwen3" else {}))
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **({"head_dim": 16} if model_type == "qwen3" else {}),
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     with torch.no_grad():
@@ -64,8 +77,13 @@ def test_a_full_depth_copy_reproduces_the_teachers_logits_at_the_chosen_position
 
 def test_a_student_of_its_own_width_and_the_refusals():
     teacher = tiny_teacher("llama")
-    narrow = build_student(StudentConfig(architecture="llama", init="random", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=1,
-                                         intermediate_size=64), teacher, 301, 0, 128)
+    narrow = build_student(
+        StudentConfig(architecture="llama", init="random", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=1, intermediate_size=64),
+        teacher,
+        301,
+        0,
+        128,
+    )
     assert (narrow.config.hidden_size, narrow.config.num_key_value_heads, narrow.config.head_dim) == (32, 1, 8)
     with pytest.raises(ModelError, match="needs the teacher's width"):
         init_student_from_teacher(narrow, teacher, [0, 3])

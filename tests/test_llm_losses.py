@@ -1,16 +1,17 @@
 """The logit losses as the trainer runs them: one chunked sweep from hidden states and LM heads (loss.chunked_logits)
 equals the direct full-logits computation, loss and gradients, for every registered logit loss; padded head rows
 never count; two soft-target losses at once are refused."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_llm_families import tiny_teacher
 
 from distill.config import ConfigError, LossConfig, StudentConfig
 from distill.losses import Batch, logit_divergence
 from distill.models import StudentForDistillation, build_student
 from distill.objectives import Objective
-from test_llm_families import tiny_teacher
 
 
 def causal_batch(vocab: int = 301, seed: int = 3) -> Batch:
@@ -42,12 +43,15 @@ def run_objective(teacher, student, weights, chunked, vocab=None, **loss_kw):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("weights, extra", [
-    ({"ce": 5.0, "clm": 2.0, "cos": 1.0}, {"temperature": 2.0}),
-    ({"reverse_kl": 1.0, "clm": 0.5}, {"temperature": 1.0}),
-    ({"jsd": 1.0, "clm": 1.0}, {"temperature": 2.0, "jsd_beta": 0.3}),
-    ({"ce": 1.0}, {"ce_positions": "masked"}),
-])
+@pytest.mark.parametrize(
+    "weights, extra",
+    [
+        ({"ce": 5.0, "clm": 2.0, "cos": 1.0}, {"temperature": 2.0}),
+        ({"reverse_kl": 1.0, "clm": 0.5}, {"temperature": 1.0}),
+        ({"jsd": 1.0, "clm": 1.0}, {"temperature": 2.0, "jsd_beta": 0.3}),
+        ({"ce": 1.0}, {"ce_positions": "masked"}),
+    ],
+)
 def test_chunked_sweep_equals_the_full_logits_computation(family, weights, extra):
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -2,6 +2,7 @@
 in every kind, temperature, beta, chunking, padded vocabulary and ignored position; and they work under a real
 2-process DeepSpeed ZeRO-2 / ZeRO-3 run (this file is also the workers' script: `python tests/test_logit_losses.py`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ def make_case(dtype=torch.float32, seed=0, ignored=True, bias=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     case = SimpleNamespace(
-        s_hidden=r(N, H_S).requires_grad_(), s_weight=r(ROWS_S, H_S).requires_grad_(), s_bias=r(ROWS_S).requires_grad_() if bias else None,
-        t_hidden=r(N, H_T), t_weight=r(ROWS_T, H_T), t_bias=r(ROWS_T),
+        s_hidden=r(N, H_S).requires_grad_(),
+        s_weight=r(ROWS_S, H_S).requires_grad_(),
+        s_bias=r(ROWS_S).requires_grad_() if bias else None,
+        t_hidden=r(N, H_T),
+        t_weight=r(ROWS_T, H_T),
+        t_bias=r(ROWS_T),
         labels=torch.randint(0, VOCAB, (N,), generator=g),
     )
     if ignored:
@@ -83,7 +88,9 @@ def test_equals_full_logits_fp32(kind, beta, temperature, chunk_size, grad_in_fo
 @pytest.mark.parametrize("kind,beta", KIND_BETA)
 def test_equals_full_logits_fp64_to_rounding(kind, beta):
     case = make_case(torch.float64)
-    assert_same(case, kind, dict(temperature=2.0, beta=beta, vocab_size=VOCAB, labels=case.labels, ce_weight=0.3), dict(chunk_size=5), rtol=1e-12)
+    assert_same(
+        case, kind, dict(temperature=2.0, beta=beta, vocab_size=VOCAB, labels=case.labels, ce_weight=0.3), dict(chunk_size=5), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -129,12 +136,24 @@ def test_forward_kl_is_todays_ce_loss():
     from distill.losses import ModelOutputs, soft_target_loss
 
     case = make_case()
-    out = chunked_logit_loss(case.s_hidden, (case.s_weight, case.s_bias), case.t_hidden, (case.t_weight, case.t_bias), "forward_kl",
-                             temperature=2.0, vocab_size=VOCAB, chunk_size=5)
+    out = chunked_logit_loss(
+        case.s_hidden,
+        (case.s_weight, case.s_bias),
+        case.t_hidden,
+        (case.t_weight, case.t_bias),
+        "forward_kl",
+        temperature=2.0,
+        vocab_size=VOCAB,
+        chunk_size=5,
+    )
     s_logits = case.s_hidden @ case.s_weight[:VOCAB].T + case.s_bias[:VOCAB]
     t_logits = case.t_hidden @ case.t_weight[:VOCAB].T + case.t_bias[:VOCAB]
-    expected = soft_target_loss(ModelOutputs(hidden=None, logits=t_logits), ModelOutputs(hidden=None, logits=s_logits), None,
-                                SimpleNamespace(ce_positions="all", temperature=2.0, jsd_beta=0.5))
+    expected = soft_target_loss(
+        ModelOutputs(hidden=None, logits=t_logits),
+        ModelOutputs(hidden=None, logits=s_logits),
+        None,
+        SimpleNamespace(ce_positions="all", temperature=2.0, jsd_beta=0.5),
+    )
     assert_close(out.loss, expected.detach())
 
 
@@ -180,7 +199,9 @@ def test_second_backward_is_refused_when_gradients_were_precomputed():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
-    again = chunked_logit_loss(case.s_hidden, case.s_weight[:VOCAB], case.t_hidden, case.t_weight[:VOCAB], "forward_kl", grad_in_forward=False)
+    again = chunked_logit_loss(
+        case.s_hidden, case.s_weight[:VOCAB], case.t_hidden, case.t_weight[:VOCAB], "forward_kl", grad_in_forward=False
+    )
     case.s_hidden.grad = None
     again.loss.backward(retain_graph=True)
     first = case.s_hidden.grad.clone()
@@ -211,8 +232,10 @@ def test_bf16_as_accurate_as_the_direct_bf16_computation(monkeypatch):
     monkeypatch.setattr("distill.logit_losses.GRAD_BLOCK_ELEMENTS", 64 * 32)
     g = torch.Generator().manual_seed(3)
     n, h, v = 512, 32, 512
-    tensors = [torch.randn(*shape, generator=g).mul_(scale).bfloat16() for shape, scale in
-               (((n, h), 1.0), ((v, h), h**-0.5), ((n, h), 1.0), ((v, h), h**-0.5))]
+    tensors = [
+        torch.randn(*shape, generator=g).mul_(scale).bfloat16()
+        for shape, scale in (((n, h), 1.0), ((v, h), h**-0.5), ((n, h), 1.0), ((v, h), h**-0.5))
+    ]
 
     def grads(fn, dtype, **kw):
         s_hidden, s_weight = (t.to(dtype).clone().requires_grad_() for t in tensors[:2])
@@ -293,8 +316,15 @@ def zero_reference():
     ids, labels, t_hidden, t_weight = zero_data()
     losses = []
     for _ in range(STEPS):
-        out = naive_logit_loss(model.hidden(ids), model.lm_head, t_hidden, t_weight, "jsd", labels=labels,
-                               **{k: v for k, v in LOSS_OPTIONS.items() if k != "chunk_size"})
+        out = naive_logit_loss(
+            model.hidden(ids),
+            model.lm_head,
+            t_hidden,
+            t_weight,
+            "jsd",
+            labels=labels,
+            **{k: v for k, v in LOSS_OPTIONS.items() if k != "chunk_size"},
+        )
         model.zero_grad()
         out.loss.backward()
         with torch.no_grad():
@@ -322,9 +352,13 @@ def zero_worker(out_path):
         if where == "unregistered":
             for param in (model.lm_head.weight, model.lm_head.bias):
                 unregister_external_parameter(model.logit_loss, param)
-        config = {"train_micro_batch_size_per_gpu": BATCH // ctx.world_size, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-                  "zero_allow_untested_optimizer": True,
-                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}  # partition even tiny params
+        config = {
+            "train_micro_batch_size_per_gpu": BATCH // ctx.world_size,
+            "gradient_accumulation_steps": 1,
+            "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        }  # partition even tiny params
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
         head = engine.module.lm_head
@@ -371,8 +405,16 @@ def _free_port():
 def test_zero2_and_zero3_two_processes_match_one_process(tmp_path):
     out_path = tmp_path / "zero.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           os.path.abspath(__file__), "--zero-worker", str(out_path)]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "--zero-worker",
+        str(out_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     results = torch.load(out_path, weights_only=True)
@@ -390,6 +432,7 @@ def test_zero2_and_zero3_two_processes_match_one_process(tmp_path):
     # ZeRO-2 keeps whole parameters; ZeRO-3 partitions the head, so only a module forward that registered it can use it
     assert results[(2, "inside")]["weight_numel_outside_forward"] == ROWS_S * H_S and results[(2, "inside")]["outside_forward_error"] == ""
     assert results[(3, "after")]["weight_numel_outside_forward"] == 0 and "ZeRO-3" in results[(3, "after")]["outside_forward_error"]
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

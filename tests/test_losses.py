@@ -1,4 +1,5 @@
 """Each loss against an independent hand computation (plain Python/numpy loops)."""
+
 import math
 
 import numpy as np
@@ -133,8 +134,13 @@ def _layered(seed=0, B=3, L=6, t_layers=4, s_layers=2, t_width=12, s_width=8, he
 
 
 def _ctx(layer_map, **cfg):
-    return LossContext(cfg=LossConfig(**cfg), teacher=ModelShape(12, 2, 4), student=ModelShape(8, 2, len(layer_map)),
-                       layer_map=tuple(layer_map), attention_teacher_layer=cfg.get("attention_teacher_layer", -1) % 4)
+    return LossContext(
+        cfg=LossConfig(**cfg),
+        teacher=ModelShape(12, 2, 4),
+        student=ModelShape(8, 2, len(layer_map)),
+        layer_map=tuple(layer_map),
+        attention_teacher_layer=cfg.get("attention_teacher_layer", -1) % 4,
+    )
 
 
 def _real(batch, b):

@@ -1,9 +1,18 @@
 """Masking statistics: rates, 80/10/10, specials never masked, smoothing, whole words, determinism."""
+
 import numpy as np
 import pytest
 
-from distill.masking import (IGNORE_INDEX, BatchedMaskingCollator, MaskingCollator, MaskingPolicy, counter_uniforms, mask_batch, mask_sequence,
-                             sample_rng)
+from distill.masking import (
+    IGNORE_INDEX,
+    BatchedMaskingCollator,
+    MaskingCollator,
+    MaskingPolicy,
+    counter_uniforms,
+    mask_batch,
+    mask_sequence,
+    sample_rng,
+)
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
@@ -23,8 +32,14 @@ def _mask(kind, ids, word_start, policy, seed, g):
     if kind == "per_sequence":
         return mask_sequence(ids, word_start, policy, sample_rng(seed, g))
     ids = np.asarray(ids, dtype=np.int64)
-    out, labels = mask_batch(ids[None, :], np.array([len(ids)]), None if word_start is None else np.asarray(word_start, bool)[None, :], policy,
-                             seed, np.array([g]))
+    out, labels = mask_batch(
+        ids[None, :],
+        np.array([len(ids)]),
+        None if word_start is None else np.asarray(word_start, bool)[None, :],
+        policy,
+        seed,
+        np.array([g]),
+    )
     return out[0], labels[0]
 
 
@@ -79,7 +94,7 @@ def test_smoothing_selection_probabilities(kind):
     counts[6] = 1000  # frequent
     counts[7] = 10  # rare
     policy = MaskingPolicy.with_smoothing(counts, 0.7, mask_id=MASK, pad_id=PAD, vocab_size=V, special_ids=SPECIALS, mlm_probability=0.01)
-    assert policy.token_weights[6] == pytest.approx(1000 ** -0.7)
+    assert policy.token_weights[6] == pytest.approx(1000**-0.7)
     assert policy.token_weights[CLS] == 0.0
     # sequence: 50 frequent tokens and 50 rare ones; exactly one is selected per draw (round(0.01*100) = 1)
     ids = np.array([CLS] + [6] * 50 + [7] * 50 + [SEP])
@@ -184,7 +199,9 @@ def test_trainer_collator_is_batched_unless_asked():
     from distill.masking import collator_for
 
     tok = SimpleNamespace(mask_token_id=MASK, pad_token_id=PAD)
-    kw = dict(mlm_probability=0.15, token_frequency_smoothing=0.0, mask_token_fraction=0.8, random_token_fraction=0.1, whole_word_masking=False)
+    kw = dict(
+        mlm_probability=0.15, token_frequency_smoothing=0.0, mask_token_fraction=0.8, random_token_fraction=0.1, whole_word_masking=False
+    )
     batched = collator_for(SimpleNamespace(**kw), 1, "document", tok, V, SPECIALS, np.zeros(0), 1)
     per_sequence = collator_for(SimpleNamespace(masking="per_sequence", **kw), 1, "document", tok, V, SPECIALS, np.zeros(0), 1)
     assert isinstance(batched, BatchedMaskingCollator) and type(per_sequence) is MaskingCollator

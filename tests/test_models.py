@@ -1,10 +1,18 @@
 """Student construction and initialisation from teacher layers; logits only where needed."""
+
 import pytest
 import torch
 
 from distill.config import StudentConfig
-from distill.models import (ModelError, apply_mlm_head, build_student, default_init_layers, init_student_from_teacher,
-                            load_teacher, mlm_forward)
+from distill.models import (
+    ModelError,
+    apply_mlm_head,
+    build_student,
+    default_init_layers,
+    init_student_from_teacher,
+    load_teacher,
+    mlm_forward,
+)
 
 
 def _bert_teacher(layers=12, hidden=32, heads=4, vocab=97, seed=0, kind="bert"):
@@ -12,12 +20,26 @@ def _bert_teacher(layers=12, hidden=32, heads=4, vocab=97, seed=0, kind="bert"):
 
     torch.manual_seed(seed)
     if kind == "roberta":
-        cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                            intermediate_size=4 * hidden, max_position_embeddings=66, pad_token_id=1)
+        cfg = RobertaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=66,
+            pad_token_id=1,
+        )
         model = RobertaForMaskedLM(cfg)
     else:
-        cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         intermediate_size=4 * hidden, max_position_embeddings=64, pad_token_id=0)
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         model = BertForMaskedLM(cfg)
     # make every parameter distinct (fresh inits leave biases at 0 and LayerNorms at 1)
     with torch.no_grad():
@@ -44,10 +66,16 @@ def test_distilbert_student_copies_the_chosen_teacher_layers(layers):
     t, s = teacher.state_dict(), student.state_dict()
     for s_idx, t_idx in enumerate(layers):
         tl, sl = f"bert.encoder.layer.{t_idx}.", f"distilbert.transformer.layer.{s_idx}."
-        for t_name, s_name in [("attention.self.query", "attention.q_lin"), ("attention.self.key", "attention.k_lin"),
-                               ("attention.self.value", "attention.v_lin"), ("attention.output.dense", "attention.out_lin"),
-                               ("attention.output.LayerNorm", "sa_layer_norm"), ("intermediate.dense", "ffn.lin1"),
-                               ("output.dense", "ffn.lin2"), ("output.LayerNorm", "output_layer_norm")]:
+        for t_name, s_name in [
+            ("attention.self.query", "attention.q_lin"),
+            ("attention.self.key", "attention.k_lin"),
+            ("attention.self.value", "attention.v_lin"),
+            ("attention.output.dense", "attention.out_lin"),
+            ("attention.output.LayerNorm", "sa_layer_norm"),
+            ("intermediate.dense", "ffn.lin1"),
+            ("output.dense", "ffn.lin2"),
+            ("output.LayerNorm", "output_layer_norm"),
+        ]:
             for w in ("weight", "bias"):
                 assert torch.equal(s[sl + s_name + "." + w], t[tl + t_name + "." + w]), (s_idx, t_idx, s_name)
     assert torch.equal(s["distilbert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
@@ -183,8 +211,13 @@ def test_captured_qkv_give_the_models_own_attention_probabilities(kind):
 @pytest.mark.parametrize("projection,count", [("shared", 1), ("separate", 2), ("per_layer", 3)])
 def test_projections_live_in_the_training_wrapper(projection, count):
     teacher = _bert_teacher(layers=4)
-    student = build_student(StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=4, intermediate_size=32, num_layers=2),
-                            teacher, 97, 0, 64)
+    student = build_student(
+        StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=4, intermediate_size=32, num_layers=2),
+        teacher,
+        97,
+        0,
+        64,
+    )
     wrapper = StudentForDistillation(student, Needs(projected=True, attention_layers=(0, 1)), projection, target_width=32).eval()
     assert len(wrapper.projections) == count
     names = [n for n, _ in wrapper.named_parameters()]
@@ -215,7 +248,9 @@ def test_gpt2_student_from_every_other_teacher_layer():
     for s_idx, t_idx in enumerate(layers):
         for name in ("attn.c_attn.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "ln_1.weight", "ln_2.bias"):
             assert torch.equal(s[f"transformer.h.{s_idx}.{name}"], t[f"transformer.h.{t_idx}.{name}"])
-    assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"]) and torch.equal(s["lm_head.weight"], t["transformer.wte.weight"])
+    assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"]) and torch.equal(
+        s["lm_head.weight"], t["transformer.wte.weight"]
+    )
     assert torch.equal(s["transformer.ln_f.weight"], t["transformer.ln_f.weight"])
     ids = torch.randint(5, 97, (2, 8))
     student.eval()
@@ -238,10 +273,18 @@ def test_objective_reports_shape_problems_and_skips_logits_nobody_needs():
     from distill.objectives import Objective
 
     teacher = _bert_teacher(layers=4)
-    narrow = build_student(StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2),
-                           teacher, 97, 0, 64)
-    with pytest.raises(ConfigError, match=r"loss 'pkd' compares hidden states directly .* width 32, the student has 16.*"
-                                          r"loss 'tinybert_attn' compares attention head by head .* student.num_heads=4"):
+    narrow = build_student(
+        StudentConfig(architecture="bert", init="random", hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2),
+        teacher,
+        97,
+        0,
+        64,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"loss 'pkd' compares hidden states directly .* width 32, the student has 16.*"
+        r"loss 'tinybert_attn' compares attention head by head .* student.num_heads=4",
+    ):
         Objective(LossConfig(weights={"pkd": 1.0, "tinybert_attn": 1.0}), teacher, narrow)
     with pytest.raises(ConfigError, match="loss.layer_map_layers lists 3 teacher layers for a 2-layer student"):
         Objective(LossConfig(weights={"tinybert_hidden": 1.0}, layer_map_layers=[0, 1, 2]), teacher, narrow)

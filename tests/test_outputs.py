@@ -1,4 +1,5 @@
 """The output-directory rule shared by every command (kd_common/outputs.py), on real directories."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 the teacher's parameter bytes (its actual partition tensors), the partitioned teacher's outputs equal the whole
 teacher's, a short distillation run with it has the replicated-teacher run's losses, and the settings it cannot
 work with are refused in one line before anything loads."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import os
 import subprocess
 
 import pytest
-
 from test_llm_distill import TINY, bpe_data, save_teacher  # noqa: F401  (bpe_data is a fixture)
 from test_recipes import BIN, ENV, REPO_ROOT, deepspeed, losses, small_corpus  # noqa: F401  (small_corpus is a fixture)
 
@@ -17,8 +17,14 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teachers(tmp_path):
-    proc = subprocess.run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29771", "tests/partitioned_teacher_worker.py",
-                           str(tmp_path)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29771", "tests/partitioned_teacher_worker.py", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     full = ranks[0]["full_bytes"]
@@ -42,8 +48,11 @@ def llama_teacher(tmp_path_factory, bpe_data):  # noqa: F811
 @pytest.mark.parametrize("student_zero", ["zero2", "zero3"])  # zero3: the recipe's, two stage-3 engines in one process
 def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_path, llama_teacher, student_zero):
     teacher, data = llama_teacher
-    args = [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=8", "checkpoint.every_steps=8", "train.log_every=1"] + TINY + [
-        f"deepspeed.config=configs/deepspeed/{student_zero}.json"]
+    args = (
+        [f"teacher.path={teacher}", f"data.path={data}", "train.max_steps=8", "checkpoint.every_steps=8", "train.log_every=1"]
+        + TINY
+        + [f"deepspeed.config=configs/deepspeed/{student_zero}.json"]
+    )
     deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'replicated'}"], 29772)
     log = deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'partitioned'}", "teacher.partition=true"], 29772)
     assert "teacher partitioned across the ranks" in log
@@ -55,8 +64,15 @@ def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_p
 
 def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher):
     teacher, data = llama_teacher
-    base = [os.path.join(BIN, "distill-train"), "--config", "configs/llm_kd.yaml", f"teacher.path={teacher}", f"data.path={data}",
-            f"output_dir={tmp_path / 'o'}", "teacher.partition=true"] + TINY
+    base = [
+        os.path.join(BIN, "distill-train"),
+        "--config",
+        "configs/llm_kd.yaml",
+        f"teacher.path={teacher}",
+        f"data.path={data}",
+        f"output_dir={tmp_path / 'o'}",
+        "teacher.partition=true",
+    ] + TINY
     proc = subprocess.run(base, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distill-train")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -64,7 +80,21 @@ def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher)
     assert not (tmp_path / "o").exists()
     check = subprocess.run(base + ["--check", "--world-size", "2"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "ready to run" in check.stdout and "partition: true" in check.stdout, check.stdout[-3000:]
-    no_teacher = ["teacher.path=null", "student.init=random", "student.architecture=llama", "student.hidden_size=32", "student.num_heads=4",
-                  "student.intermediate_size=64", "student.num_layers=2", "loss.weights={clm: 1.0}"]
-    check = subprocess.run(base + no_teacher + ["--check", "--world-size", "1"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert check.returncode == 2 and "teacher.partition=true needs a teacher to partition" in check.stdout and "this run has 1 rank" in check.stdout
+    no_teacher = [
+        "teacher.path=null",
+        "student.init=random",
+        "student.architecture=llama",
+        "student.hidden_size=32",
+        "student.num_heads=4",
+        "student.intermediate_size=64",
+        "student.num_layers=2",
+        "loss.weights={clm: 1.0}",
+    ]
+    check = subprocess.run(
+        base + no_teacher + ["--check", "--world-size", "1"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        check.returncode == 2
+        and "teacher.partition=true needs a teacher to partition" in check.stdout
+        and "this run has 1 rank" in check.stdout
+    )

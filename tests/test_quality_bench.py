@@ -1,5 +1,6 @@
 """bench/quality.py's summary: retention, seed spread and the issue's checks, computed from known scores
 (the benchmark itself takes minutes to hours; its stages are the CLIs tested elsewhere)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,12 +13,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import quality  # noqa: E402
 
 
-def scored(acc: float, ppl: float, agree: float | None, sst2: float | None, params: int = 1000, variant: str = "teacher", seed=None) -> dict:
+def scored(
+    acc: float, ppl: float, agree: float | None, sst2: float | None, params: int = 1000, variant: str = "teacher", seed=None
+) -> dict:
     test = {"models": {"student": {"accuracy": acc, "perplexity": ppl, "parameters": params}}}
     if agree is not None:
         test["top1_agreement"] = agree
-    return {"variant": variant, "seed": seed, "model": "unused", "curve": [], "test": test,
-            "sst2": None if sst2 is None else {"accuracy": sst2}}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "model": "unused",
+        "curve": [],
+        "test": test,
+        "sst2": None if sst2 is None else {"accuracy": sst2},
+    }
 
 
 @pytest.fixture
@@ -54,9 +63,11 @@ def test_summary_retention_spread_and_checks(runner):
 
 
 def test_summary_below_97_percent_fails(runner):
-    runs = {"teacher": scored(0.2556, 207.0, None, 0.7535),
-            "a_seed1": scored(0.1852, 523.0, 0.37, 0.79, variant="a", seed=1),
-            "a_seed2": scored(0.1825, 543.0, 0.36, 0.79, variant="a", seed=2)}
+    runs = {
+        "teacher": scored(0.2556, 207.0, None, 0.7535),
+        "a_seed1": scored(0.1852, 523.0, 0.37, 0.79, variant="a", seed=1),
+        "a_seed2": scored(0.1825, 543.0, 0.36, 0.79, variant="a", seed=2),
+    }
     result = runner.summarise(runs)
     assert result["rows"]["a"]["mask_acc_retained"] == pytest.approx((0.1852 + 0.1825) / 2 / 0.2556)
     assert result["checks"]["a_keeps_97pct_mask_acc"] is False

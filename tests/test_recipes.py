@@ -5,6 +5,7 @@ Models are tiny versions of each recipe's shapes (overridden on the command line
 recipe as shipped. The teacher is a random BERT with a large init range so that its attention is peaked
 (a freshly initialised one attends almost uniformly, which leaves attention losses nothing to learn).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,20 @@ def run(cmd):
 
 
 def deepspeed(recipe, args, port):
-    return run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "distill",
-                "--config", f"configs/{recipe}.yaml"] + args)
+    return run(
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            "--module",
+            "distill",
+            "--config",
+            f"configs/{recipe}.yaml",
+        ]
+        + args
+    )
 
 
 def losses(run_dir, key="loss"):
@@ -61,8 +74,23 @@ def small_corpus(tmp_path_factory, corpus_dir):
 @pytest.fixture(scope="module")
 def mlm_data(tmp_path_factory, small_corpus, tokenizer_dir):
     out = str(tmp_path_factory.mktemp("recipes_prepared") / "data")
-    run([os.path.join(BIN, "distill-prep"), "--input", small_corpus, "--tokenizer", tokenizer_dir, "--output", out,
-         "--max-seq-len", "64", "--validation-fraction", "0.05", "--workers", "2"])
+    run(
+        [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            small_corpus,
+            "--tokenizer",
+            tokenizer_dir,
+            "--output",
+            out,
+            "--max-seq-len",
+            "64",
+            "--validation-fraction",
+            "0.05",
+            "--workers",
+            "2",
+        ]
+    )
     return out
 
 
@@ -73,9 +101,18 @@ def peaked_teacher(tmp_path_factory, tokenizer_dir):
     out = str(tmp_path_factory.mktemp("peaked_teacher"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                       intermediate_size=128, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                                       initializer_range=0.2))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+            initializer_range=0.2,
+        )
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -97,8 +134,21 @@ def export_and_reload(run_dir, out):
 def test_pkd_recipe(tmp_path, peaked_teacher, mlm_data):
     """Patient-KD at ZeRO-2: student from the teacher's first layers, PKD-Last mapping, patient + soft + hard loss."""
     out = str(tmp_path / "pkd")
-    log = deepspeed("pkd", [f"teacher.path={peaked_teacher}", f"data.path={mlm_data}", f"output_dir={out}", "student.num_layers=2",
-                            "loss.layer_map=last", "train.max_steps=25", "optim.lr=3e-3", "checkpoint.every_steps=25"] + TINY, 29720)
+    log = deepspeed(
+        "pkd",
+        [
+            f"teacher.path={peaked_teacher}",
+            f"data.path={mlm_data}",
+            f"output_dir={out}",
+            "student.num_layers=2",
+            "loss.layer_map=last",
+            "train.max_steps=25",
+            "optim.lr=3e-3",
+            "checkpoint.every_steps=25",
+        ]
+        + TINY,
+        29720,
+    )
     assert "student initialised from teacher layers [0, 1]" in log  # init_mapping: first
     assert "layer map (student -> teacher) [2, 3]" in log  # PKD-Last; the patient loss pairs student 0 with teacher 2
     assert set(json.loads(open(os.path.join(out, "metrics.jsonl")).readline())) >= {"loss_ce", "loss_mlm", "loss_pkd"}
@@ -115,8 +165,22 @@ def test_tinybert_recipe_at_zero3_trains_and_drops_the_projections(tmp_path, pea
     from safetensors.torch import load_file
 
     out = str(tmp_path / "tinybert")
-    log = deepspeed("tinybert", [f"teacher.path={peaked_teacher}", f"data.path={mlm_data}", f"output_dir={out}", "train.max_steps=30",
-                                 "optim.lr=3e-3", "checkpoint.every_steps=30", "deepspeed.zero_stage=3", "loss.projection=separate"] + NARROW + TINY, 29721)
+    log = deepspeed(
+        "tinybert",
+        [
+            f"teacher.path={peaked_teacher}",
+            f"data.path={mlm_data}",
+            f"output_dir={out}",
+            "train.max_steps=30",
+            "optim.lr=3e-3",
+            "checkpoint.every_steps=30",
+            "deepspeed.zero_stage=3",
+            "loss.projection=separate",
+        ]
+        + NARROW
+        + TINY,
+        29721,
+    )
     assert "DeepSpeed ZeRO-3" in log and "layer map (student -> teacher) [1, 3]" in log
     for key in ("loss", "loss_tinybert_emb", "loss_tinybert_hidden", "loss_tinybert_attn"):
         assert_falls(losses(out, key), 0.85, key)
@@ -135,8 +199,21 @@ def test_minilm_recipe(tmp_path, peaked_teacher, mlm_data):
     """MiniLM at ZeRO-2: narrower student, no projection; the teacher layer is an option (layer 0 here: a random
     teacher's deep layers attend almost uniformly)."""
     out = str(tmp_path / "minilm")
-    log = deepspeed("minilm", [f"teacher.path={peaked_teacher}", f"data.path={mlm_data}", f"output_dir={out}", "train.max_steps=30",
-                               "optim.lr=3e-3", "checkpoint.every_steps=30", "loss.attention_teacher_layer=0"] + NARROW + TINY, 29722)
+    log = deepspeed(
+        "minilm",
+        [
+            f"teacher.path={peaked_teacher}",
+            f"data.path={mlm_data}",
+            f"output_dir={out}",
+            "train.max_steps=30",
+            "optim.lr=3e-3",
+            "checkpoint.every_steps=30",
+            "loss.attention_teacher_layer=0",
+        ]
+        + NARROW
+        + TINY,
+        29722,
+    )
     assert "teacher: q/k/v of layers [0]; student: q/k/v of layers [1]" in log
     for key in ("loss", "loss_minilm_attn", "loss_minilm_value"):
         assert_falls(losses(out, key), 0.9, key)  # measured: 3.91 -> 3.18 (0.81), steadily, step-to-step noise ~0.05
@@ -169,13 +246,39 @@ def gpt2_assets(tmp_path_factory, small_corpus):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     tokenizer.save_pretrained(str(root / "tokenizer"))
     torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=4, n_positions=128,
-                                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    teacher = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     teacher.save_pretrained(str(root / "teacher"))
     tokenizer.save_pretrained(str(root / "teacher"))
     data = str(root / "data")
-    run([os.path.join(BIN, "distill-prep"), "--input", small_corpus, "--tokenizer", str(root / "tokenizer"), "--output", data,
-         "--max-seq-len", "64", "--packing", "causal", "--validation-fraction", "0.05", "--workers", "2"])
+    run(
+        [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            small_corpus,
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--output",
+            data,
+            "--max-seq-len",
+            "64",
+            "--packing",
+            "causal",
+            "--validation-fraction",
+            "0.05",
+            "--workers",
+            "2",
+        ]
+    )
     return str(root / "teacher"), data
 
 
@@ -188,8 +291,19 @@ def test_distilgpt2_recipe(tmp_path, gpt2_assets):
 
     teacher, data = gpt2_assets
     out = str(tmp_path / "distilgpt2")
-    log = deepspeed("distilgpt2", [f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", "train.max_steps=40",
-                                   "optim.lr=3e-3", "checkpoint.every_steps=40"] + TINY, 29723)
+    log = deepspeed(
+        "distilgpt2",
+        [
+            f"teacher.path={teacher}",
+            f"data.path={data}",
+            f"output_dir={out}",
+            "train.max_steps=40",
+            "optim.lr=3e-3",
+            "checkpoint.every_steps=40",
+        ]
+        + TINY,
+        29723,
+    )
     assert "student initialised from teacher layers [0, 2]" in log
     # measured over 30 steps: clm 6.84 -> 6.38 and total 13.98 -> 13.31 (first/last 5 means), step-to-step noise ~0.02 / ~0.1;
     # the student starts as a copy of the random teacher's layers, so the soft-target term can only grow from ~0

@@ -4,6 +4,7 @@ Every fault is made for real on a real 2-process DeepSpeed run (ZeRO-1, checkpoi
 crafted files hold a pickle whose `__reduce__` opens (creates) a marker file, and each test first shows that
 a plain `torch.load` does run it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,7 @@ import sys
 
 import pytest
 import torch
-
-from test_train_e2e import BIN, ENV, REPO_ROOT, _safetensors, run
+from test_train_e2e import BIN, _safetensors, run
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 6
@@ -43,10 +43,23 @@ def craft(path, marker) -> None:
 
 
 def train_args(teacher_dir, data_dir, out):
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", f"train.max_steps={STEPS}",
-            "optim.lr=3e-3", "checkpoint.every_steps=2", "checkpoint.keep_last=0", "train.log_every=1",
-            "deepspeed.config=configs/deepspeed/zero1.json"]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        f"train.max_steps={STEPS}",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=0",
+        "train.log_every=1",
+        "deepspeed.config=configs/deepspeed/zero1.json",
+    ]
 
 
 def launch(args, port, check=True):
@@ -140,8 +153,18 @@ def test_crafted_checkpoint_file_never_runs_in_universal_conversion(tmp_path, ba
 
     # DeepSpeed's converter itself (without the wrapper's check first) under the guard: refused, nothing runs
     sys_argv = sys.argv
-    sys.argv = ["ds_to_universal", "--input_folder", str(tag_dir(run_dir, 6)), "--output_folder", str(tmp_path / "uni"),
-                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    sys.argv = [
+        "ds_to_universal",
+        "--input_folder",
+        str(tag_dir(run_dir, 6)),
+        "--output_folder",
+        str(tmp_path / "uni"),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     try:
         args = ds_to_universal.parse_arguments()
     finally:
@@ -213,7 +236,9 @@ def test_bit_rot_missing_rank_file_empty_file_fall_back_or_stop(tmp_path, base, 
     before = sorted(os.listdir(root))
     with pytest.raises(ckpt.CheckpointError, match="no loadable checkpoint") as err:
         ckpt.latest_loadable(root)
-    assert "Bad CRC-32" in str(err.value) and "optim_states.pt is missing" in str(err.value) and "model_states.pt is empty" in str(err.value)
+    assert (
+        "Bad CRC-32" in str(err.value) and "optim_states.pt is missing" in str(err.value) and "model_states.pt is empty" in str(err.value)
+    )
     assert sorted(os.listdir(root)) == before, "nothing is moved when there is nothing to fall back to"
 
     shutil.copy(tag_dir(base[0], 2) / "mp_rank_00_model_states.pt", tag_dir(run_dir, 2) / "mp_rank_00_model_states.pt")
@@ -234,8 +259,12 @@ def test_export_into_the_run_it_reads_is_refused_and_the_run_is_intact(tmp_path,
     before = snapshot(run_dir)
     proc = run([os.path.join(BIN, "distill-export"), "--checkpoint", str(run_dir), "--output", str(run_dir), "--overwrite"], check=False)
     one_line_error(proc, "must not overlap an input")
-    for checkpoint, output in ((run_dir, run_dir / "checkpoints"), (tag_dir(run_dir, 6), run_dir),
-                               (tag_dir(run_dir, 6), tag_dir(run_dir, 6) / "export"), (run_dir / "checkpoints", run_dir / "checkpoints" / "step_00000008")):
+    for checkpoint, output in (
+        (run_dir, run_dir / "checkpoints"),
+        (tag_dir(run_dir, 6), run_dir),
+        (tag_dir(run_dir, 6), tag_dir(run_dir, 6) / "export"),
+        (run_dir / "checkpoints", run_dir / "checkpoints" / "step_00000008"),
+    ):
         with pytest.raises(OutputError, match="must not overlap an input"):
             export_checkpoint(str(checkpoint), str(output), overwrite=True)
     assert snapshot(run_dir) == before
@@ -291,8 +320,10 @@ def test_finetune_and_eval_outputs_never_overwrite_their_inputs(tmp_path, tokeni
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "n.txt").write_text("mine")
     refused(common + ["--output", str(tmp_path / "notes"), "--overwrite"], "not a distill-finetune output")
-    proc = run([os.path.join(BIN, "distill-eval"), "--model", model, "--data", prepared_dir, "--json", os.path.join(prepared_dir, "eval.json")],
-               check=False)
+    proc = run(
+        [os.path.join(BIN, "distill-eval"), "--model", model, "--data", prepared_dir, "--json", os.path.join(prepared_dir, "eval.json")],
+        check=False,
+    )
     one_line_error(proc, "--json", "must not overlap an input")
     assert snapshot(model) == before and os.listdir(tmp_path / "notes") == ["n.txt"]
     assert not os.path.exists(os.path.join(prepared_dir, "eval.json"))

@@ -3,6 +3,7 @@
 Every fault is made for real (damaged files written with gzip/bz2/lzma/zstandard/pyarrow, real directories, the
 real `distill-prep` in a subprocess where the whole command matters) and the test checks what the user keeps.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -18,9 +19,9 @@ import sys
 import pytest
 
 from data_prep.config import PrepConfig
+from data_prep.driver import run_prep
 from data_prep.errors import PrepInputError
 from data_prep.manifest import DatasetError, load_manifest, verify_shards
-from data_prep.driver import run_prep
 from data_prep.sources import Document, Dropped, read_documents
 
 BIN = os.path.dirname(sys.executable)
@@ -30,15 +31,18 @@ def _prep(tmp_path, *args):
     """Run the real CLI with a private TMPDIR; (exit code, stderr lines, stdout). Every run must leave TMPDIR empty."""
     scratch = tmp_path / "tmpdir"
     scratch.mkdir(exist_ok=True)
-    proc = subprocess.run([os.path.join(BIN, "distill-prep"), *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TMPDIR=str(scratch)))
+    proc = subprocess.run(
+        [os.path.join(BIN, "distill-prep"), *args], capture_output=True, text=True, timeout=300, env=dict(os.environ, TMPDIR=str(scratch))
+    )
     assert os.listdir(scratch) == [], f"the run left {os.listdir(scratch)} in the temp directory"
     return proc.returncode, proc.stderr.strip().splitlines(), proc.stdout
 
 
 def _tree(path) -> dict:
     """{relative path: bytes} of every file under `path`."""
-    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(path) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(path) for f in files
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +59,12 @@ def prepared(tmp_path_factory, lines, tokenizer_dir) -> str:
     """A dataset prepared from `lines` (a template: tests copy it before touching it)."""
     root = tmp_path_factory.mktemp("robust")
     (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    run_prep(PrepConfig(inputs=[str(root / "corpus.txt")], tokenizer=tokenizer_dir, output=str(root / "data"), max_seq_len=64,
-                        validation_fraction=0.1), workers=1)
+    run_prep(
+        PrepConfig(
+            inputs=[str(root / "corpus.txt")], tokenizer=tokenizer_dir, output=str(root / "data"), max_seq_len=64, validation_fraction=0.1
+        ),
+        workers=1,
+    )
     return str(root / "data")
 
 
@@ -76,7 +84,9 @@ def test_failed_overwrite_keeps_the_old_dataset_bit_identical(tmp_path, prepared
         assert sorted(os.listdir(tmp_path)) == ["blank.txt", "cut.txt.gz", "data", "tmpdir"], "staging left behind"
 
     (tmp_path / "new.txt").write_text("\n".join(lines[100:]) + "\n")
-    run_prep(PrepConfig(inputs=[str(tmp_path / "new.txt")], tokenizer=tokenizer_dir, output=str(out), max_seq_len=32, overwrite=True), workers=1)
+    run_prep(
+        PrepConfig(inputs=[str(tmp_path / "new.txt")], tokenizer=tokenizer_dir, output=str(out), max_seq_len=32, overwrite=True), workers=1
+    )
     assert load_manifest(str(out)).max_seq_len == 32 and _tree(out) != before
     assert sorted(os.listdir(tmp_path)) == ["blank.txt", "cut.txt.gz", "data", "new.txt", "tmpdir"], "staging or old copy left behind"
 
@@ -129,11 +139,13 @@ def test_output_overlapping_an_input_is_refused_with_the_corpus_intact(tmp_path,
     code, err, _ = _prep(tmp_path, "--input", str(corpus), "--tokenizer", str(tok), "--output", str(corpus), "--overwrite")
     assert code == 2 and len(err) == 1 and f"--output '{corpus}' is --input '{corpus}'" in err[0], err
 
-    cases = [([str(corpus / "a.txt")], str(corpus), f"--output '{corpus}' contains --input '{corpus / 'a.txt'}'"),
-             ([str(corpus)], str(corpus / "prepared"), "is inside --input"),
-             ([str(corpus / "**")], str(corpus / "prepared"), "is inside the directory that --input"),
-             ([str(tmp_path / "*" / "a.txt")], str(corpus), "contains --input file"),
-             ([str(corpus)], str(tok / "prepared"), "is inside --tokenizer")]
+    cases = [
+        ([str(corpus / "a.txt")], str(corpus), f"--output '{corpus}' contains --input '{corpus / 'a.txt'}'"),
+        ([str(corpus)], str(corpus / "prepared"), "is inside --input"),
+        ([str(corpus / "**")], str(corpus / "prepared"), "is inside the directory that --input"),
+        ([str(tmp_path / "*" / "a.txt")], str(corpus), "contains --input file"),
+        ([str(corpus)], str(tok / "prepared"), "is inside --tokenizer"),
+    ]
     for inputs, output, message in cases:
         with pytest.raises(PrepInputError, match=re.escape(message) if "'" in message else message):
             run_prep(PrepConfig(inputs=inputs, tokenizer=str(tok), output=output, overwrite=True))
@@ -148,9 +160,11 @@ def test_truncated_and_corrupt_compressed_inputs(tmp_path, lines, tokenizer_dir)
     text = ("\n".join(lines) + "\n").encode()
     good = tmp_path / "good.txt"
     good.write_text("\n".join(lines[:100]) + "\n")
-    damaged = {"truncated_gz": ("cut.txt.gz", gzip.compress(text)[: len(gzip.compress(text)) // 2], "is truncated"),
-               "truncated_bz2": ("cut.txt.bz2", bz2.compress(text)[:-100], "is truncated"),
-               "corrupt_gz": ("bad.txt.gz", _flip(gzip.compress(text)), "is corrupt")}
+    damaged = {
+        "truncated_gz": ("cut.txt.gz", gzip.compress(text)[: len(gzip.compress(text)) // 2], "is truncated"),
+        "truncated_bz2": ("cut.txt.bz2", bz2.compress(text)[:-100], "is truncated"),
+        "corrupt_gz": ("bad.txt.gz", _flip(gzip.compress(text)), "is corrupt"),
+    }
     out = tmp_path / "out"
     runs = {}
     for name, (file_name, data, message) in damaged.items():  # the three runs side by side, to save time
@@ -158,16 +172,39 @@ def test_truncated_and_corrupt_compressed_inputs(tmp_path, lines, tokenizer_dir)
         folder.mkdir()
         (folder / file_name).write_bytes(data)
         shutil.copy(good, folder / "good.txt")
-        command = [os.path.join(BIN, "distill-prep"), "--input", str(folder), "--tokenizer", tokenizer_dir, "--output", str(tmp_path / f"out_{name}" / "data")]
-        runs[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+        command = [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            str(folder),
+            "--tokenizer",
+            tokenizer_dir,
+            "--output",
+            str(tmp_path / f"out_{name}" / "data"),
+        ]
+        runs[name] = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path))
+        )
     for name, (file_name, _, message) in damaged.items():
         err = runs[name].communicate(timeout=300)[1].strip().splitlines()
         assert runs[name].returncode == 2 and len(err) == 1, err
         assert err[0].startswith(f"distill-prep: error: {tmp_path / name / file_name} {message}") and "--on-decode-error skip" in err[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt_gz", "good.txt", "truncated_bz2", "truncated_gz"], "output or staging left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt_gz", "good.txt", "truncated_bz2", "truncated_gz"], (
+        "output or staging left"
+    )
 
-    code, err, stdout = _prep(tmp_path, "--input", *(str(tmp_path / name) for name in damaged), "--tokenizer", tokenizer_dir,
-                              "--output", str(out), "--on-decode-error", "skip", "--min-seq-len", "3")
+    code, err, stdout = _prep(
+        tmp_path,
+        "--input",
+        *(str(tmp_path / name) for name in damaged),
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        str(out),
+        "--on-decode-error",
+        "skip",
+        "--min-seq-len",
+        "3",
+    )
     assert code == 0, err
     stats = load_manifest(str(out)).stats
     assert stats["dropped"]["truncated_file"] == {"files": 2, "tokens": 0}
@@ -203,15 +240,26 @@ def test_damaged_file_siblings_in_the_reader(tmp_path, lines):
 
     pq.write_table(pa.table({"text": lines}), tmp_path / "t.parquet", row_group_size=50)
     parquet = (tmp_path / "t.parquet").read_bytes()
-    whole = {"members.txt.gz": gzip.compress(body[:999]) + gzip.compress(body[999:]), "padded.txt.gz": gzip.compress(body) + b"\0" * 512,
-             "a.txt.xz": lzma.compress(body), "a.txt.zst": zstandard.ZstdCompressor().compress(body), "a.jsonl.zst": zstandard.ZstdCompressor().compress(jsonl)}
+    whole = {
+        "members.txt.gz": gzip.compress(body[:999]) + gzip.compress(body[999:]),
+        "padded.txt.gz": gzip.compress(body) + b"\0" * 512,
+        "a.txt.xz": lzma.compress(body),
+        "a.txt.zst": zstandard.ZstdCompressor().compress(body),
+        "a.jsonl.zst": zstandard.ZstdCompressor().compress(jsonl),
+    }
     for name, data in whole.items():
         assert [d.text for d in read_documents(write(name, data))] == lines, name
     assert list(read_documents(write("empty.txt.gz", gzip.compress(b"")))) == [], "an empty stream is an empty file"
-    damaged = {"zero.txt.gz": (b"", "truncated_file"), "cut.jsonl.gz": (gzip.compress(jsonl)[: len(gzip.compress(jsonl)) * 2 // 3], "truncated_file"),
-               "cut.txt.xz": (lzma.compress(body)[:-30], "truncated_file"), "cut.txt.zst": (zstandard.ZstdCompressor().compress(body)[:-30], "truncated_file"),
-               "tail.txt.gz": (gzip.compress(body) + b"trailing junk", "corrupt_file"), "plain.txt.gz": (body, "corrupt_file"),
-               "cut.parquet": (parquet[: len(parquet) // 2], "truncated_file"), "bad.parquet": (_flip(parquet), "corrupt_file")}
+    damaged = {
+        "zero.txt.gz": (b"", "truncated_file"),
+        "cut.jsonl.gz": (gzip.compress(jsonl)[: len(gzip.compress(jsonl)) * 2 // 3], "truncated_file"),
+        "cut.txt.xz": (lzma.compress(body)[:-30], "truncated_file"),
+        "cut.txt.zst": (zstandard.ZstdCompressor().compress(body)[:-30], "truncated_file"),
+        "tail.txt.gz": (gzip.compress(body) + b"trailing junk", "corrupt_file"),
+        "plain.txt.gz": (body, "corrupt_file"),
+        "cut.parquet": (parquet[: len(parquet) // 2], "truncated_file"),
+        "bad.parquet": (_flip(parquet), "corrupt_file"),
+    }
     for name, (data, reason) in damaged.items():
         path = write(name, data)
         with pytest.raises(PrepInputError, match=f"^{re.escape(path)} is (truncated|corrupt|empty).*counted as {reason}"):
@@ -241,8 +289,16 @@ def test_crafted_manifest_paths_are_refused(tmp_path, prepared):
     (tmp_path / "secret.npy").write_bytes(open(os.path.join(prepared, "token_counts.npy"), "rb").read())
     original = json.loads((data / "manifest.json").read_text())
     os.symlink(tmp_path, data / "train" / "escape")
-    crafted = {("splits", "train", "shards", 0, "path"): ["../../etc/passwd", "/etc/passwd", "train/../../secret.npy", "train/escape/secret.npy", 7],
-               ("token_counts", "path"): ["../secret.npy", str(tmp_path / "secret.npy"), "train/escape/secret.npy"]}
+    crafted = {
+        ("splits", "train", "shards", 0, "path"): [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "train/../../secret.npy",
+            "train/escape/secret.npy",
+            7,
+        ],
+        ("token_counts", "path"): ["../secret.npy", str(tmp_path / "secret.npy"), "train/escape/secret.npy"],
+    }
     for keys, values in crafted.items():
         for value in values:
             manifest = json.loads(json.dumps(original))
@@ -275,7 +331,7 @@ def test_a_cut_spill_file_is_never_read_as_complete(tmp_path):
     spill = SpillRows(str(tmp_path), 1, 0, "uint16", True)
     spill.start_bundle()
     list(spill.process(block))
-    (_, path), = [out.value for out in spill.finish_bundle()]
+    ((_, path),) = [out.value for out in spill.finish_bundle()]
     keys, rows = SpillFile(path, "uint16", True).read(0, 1 << 64)
     assert len(rows) == 150 and len(rows.ids) == len(rows.flags) == lengths.sum()  # the whole file reads back
     data = open(path, "rb").read()

@@ -2,17 +2,16 @@
 alone, the launch scripts signalled (alone, as a process group, on one of two "nodes") or killed, a
 worker crashing under them. Nothing is mocked; each run is stopped a few steps in.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
-
 from test_fault_tolerance import latest, steps_logged, wait_for, worker
 from test_train_e2e import BIN, ENV, REPO_ROOT, metrics, run
 
@@ -22,13 +21,28 @@ SCRIPT_ENV = dict(ENV, PATH=f"{BIN}{os.pathsep}{ENV['PATH']}")
 
 
 def job_args(teacher_dir, data_dir, out, steps=STEPS):
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", f"train.max_steps={steps}",
-            "optim.lr=3e-3", "checkpoint.every_steps=1000", "checkpoint.keep_last=0", "train.log_every=1"]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        f"train.max_steps={steps}",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=1000",
+        "checkpoint.keep_last=0",
+        "train.log_every=1",
+    ]
 
 
 def start(cmd, env):
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def processes_of(out) -> list[psutil.Process]:
@@ -115,7 +129,9 @@ def test_sigusr1_to_node_launch_sh_of_one_node_stops_both_nodes_with_exit_99(tmp
         outputs = [finish(node) for node in nodes]
         assert [n.returncode for n in nodes] == [99, 99], outputs[0][-2000:] + outputs[1][-2000:]
         assert_stopped_with_complete_checkpoint(out, outputs[0])
-        assert "received SIGUSR1: asking every worker" in outputs[0] and "received SIG" not in outputs[1]  # node 1 stopped with node 0's ranks
+        assert (
+            "received SIGUSR1: asking every worker" in outputs[0] and "received SIG" not in outputs[1]
+        )  # node 1 stopped with node 0's ranks
 
 
 def test_sigkill_to_launch_script_stops_its_workers_with_checkpoint(tmp_path, teacher_dir, prepared_dir):

@@ -3,10 +3,10 @@ settings that would diverge or crash, non-finite steps, a second trainer on the 
 an attempt that died before its first checkpoint. Single-process `distill-train` runs (the DeepSpeed
 engine, ZeRO-2, gloo) on the tiny fixtures of conftest.py.
 """
+
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -14,19 +14,33 @@ import time
 
 import pytest
 import torch
+from test_train_e2e import BIN, ENV, REPO_ROOT, metrics
 
 from distill.config import Config, ConfigError, load_config
-from test_train_e2e import BIN, ENV, REPO_ROOT, metrics
 
 pytestmark = pytest.mark.timeout(600)
 TRAIN = os.path.join(BIN, "distill-train")
 
 
 def args(teacher_dir, data_dir, out, *extra):
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=16", "train.micro_batch=8", "train.max_steps=6",
-            "optim.lr=3e-3", "checkpoint.every_steps=2", "checkpoint.keep_last=1", "train.log_every=1",
-            "deepspeed.config=configs/deepspeed/zero2.json", *extra]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=16",
+        "train.micro_batch=8",
+        "train.max_steps=6",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=1",
+        "train.log_every=1",
+        "deepspeed.config=configs/deepspeed/zero2.json",
+        *extra,
+    ]
 
 
 def train(*argv, check=None):
@@ -63,17 +77,20 @@ def test_every_numeric_setting_declares_its_range():
     assert len(numeric) > 30 and not missing, f"numeric settings without a declared range: {missing}"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.temperature=.nan", "loss.temperature=nan is not a finite number"),
-    ("optim.lr=1e10", "optim.lr=10000000000.0 is out of range: it must be <= 1"),
-    ("optim.lr=-1", "optim.lr=-1 is out of range: it must be > 0"),
-    ("student.dropout=1.5", "student.dropout=1.5 is out of range: it must be < 1"),
-    ("optim.betas=[0.9, 1.5]", "optim.betas[1]=1.5 is out of range"),
-    ("loss.weights={ce: .inf, mlm: 1}", "loss.weights.ce=inf is not a finite number"),
-    ("seed=-3", "seed=-3 is out of range"),
-    ("optim.eps=0", "optim.eps=0 is out of range: it must be > 0"),
-    ("train.epochs=.nan", "train.epochs=nan is not a finite number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.temperature=.nan", "loss.temperature=nan is not a finite number"),
+        ("optim.lr=1e10", "optim.lr=10000000000.0 is out of range: it must be <= 1"),
+        ("optim.lr=-1", "optim.lr=-1 is out of range: it must be > 0"),
+        ("student.dropout=1.5", "student.dropout=1.5 is out of range: it must be < 1"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas[1]=1.5 is out of range"),
+        ("loss.weights={ce: .inf, mlm: 1}", "loss.weights.ce=inf is not a finite number"),
+        ("seed=-3", "seed=-3 is out of range"),
+        ("optim.eps=0", "optim.eps=0 is out of range: it must be > 0"),
+        ("train.epochs=.nan", "train.epochs=nan is not a finite number"),
+    ],
+)
 def test_bad_numbers_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(os.path.join(REPO_ROOT, "configs", "distilbert.yaml"), ["output_dir=o", "data.path=d", "teacher.path=t", override])
@@ -142,8 +159,14 @@ def test_non_finite_step_stops_before_any_save_and_keeps_the_last_good_checkpoin
 def test_second_trainer_is_refused_and_a_dead_holder_does_not_block(tmp_path, teacher_dir, prepared_dir):
     out = str(tmp_path / "run")
     log_path = tmp_path / "first.log"
-    first = subprocess.Popen([TRAIN, *args(teacher_dir, prepared_dir, out, "train.max_steps=400", "checkpoint.every_steps=1000")],
-                             cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True)
+    first = subprocess.Popen(
+        [TRAIN, *args(teacher_dir, prepared_dir, out, "train.max_steps=400", "checkpoint.every_steps=1000")],
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log_path, "w"),
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while not (os.path.exists(os.path.join(out, "metrics.jsonl")) and metrics(out)):

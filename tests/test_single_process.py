@@ -1,6 +1,7 @@
 """One process at ZeRO-1/2 (issue 16): DeepSpeed runs a lean ZeRO-1 underneath (deepspeed.lean_single_process: no gradient
 hooks or buckets in backward, all-reduces skipped), yet learns exactly what the configured engine learns, and its
 checkpoints resume bit for bit with the switch on or off and convert to a universal checkpoint (elastic resume)."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,26 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def _train(teacher_dir, prepared_dir, out, *extra) -> str:
-    cmd = [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml"), f"teacher.path={teacher_dir}",
-           f"data.path={prepared_dir}", f"output_dir={out}", "train.max_steps=6", "train.micro_batch=2", "train.global_batch=4",
-           "student.num_layers=1", "student.init_layers=null", "checkpoint.every_steps=3", "checkpoint.keep_last=0", "train.log_every=1000",
-           "loss.ce_positions=all", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "--config",
+        os.path.join(REPO, "configs", "demo.yaml"),
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "train.micro_batch=2",
+        "train.global_batch=4",
+        "student.num_layers=1",
+        "student.init_layers=null",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=0",
+        "train.log_every=1000",
+        "loss.ce_positions=all",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr

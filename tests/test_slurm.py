@@ -6,6 +6,7 @@ and checks what the job wrote. The second test preempts the job (USR1 to the bat
 `--signal=B:USR1@...` does before a time limit) and checks it checkpointed, was requeued and resumed.
 Skipped, with the reason, only where Slurm cannot be installed or started.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ import subprocess
 import time
 
 import pytest
-
 from test_train_e2e import REPO_ROOT, metrics
 
 pytestmark = pytest.mark.timeout(900)
@@ -76,7 +76,7 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=60
-NodeName={host} CPUs={hw.get('CPUs', 2)} RealMemory={int(hw.get('RealMemory', 4000)) // 2} State=UNKNOWN
+NodeName={host} CPUs={hw.get("CPUs", 2)} RealMemory={int(hw.get("RealMemory", 4000)) // 2} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
     env = dict(os.environ, SLURM_CONF=str(conf))
@@ -85,8 +85,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         started = _sh(["munged", "--force"])
         if started.returncode != 0:
             pytest.skip(f"munged does not start here: {started.stderr.strip()}")
-    daemons = [subprocess.Popen([b, "-D", "-f", str(conf)] + extra, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for b, extra in (("slurmctld", ["-i"]), ("slurmd", []))]
+    daemons = [
+        subprocess.Popen([b, "-D", "-f", str(conf)] + extra, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for b, extra in (("slurmctld", ["-i"]), ("slurmd", []))
+    ]
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -126,16 +128,31 @@ def _wait_done(env, job_id, timeout=600) -> dict[str, str]:
 
 def _submit(env, tmp_path, args, name):
     env = dict(env, GPUS_PER_NODE="2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = _sh(["sbatch", "--parsable", f"--output={tmp_path}/{name}-%j.out", "--cpus-per-task=2", "launch/slurm.sbatch"] + args,
-               cwd=REPO_ROOT, env=env)
+    proc = _sh(
+        ["sbatch", "--parsable", f"--output={tmp_path}/{name}-%j.out", "--cpus-per-task=2", "launch/slurm.sbatch"] + args,
+        cwd=REPO_ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def _job_args(teacher_dir, prepared_dir, out, steps):
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", f"train.max_steps={steps}",
-            "optim.lr=3e-3", "checkpoint.every_steps=100", "train.log_every=1"]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        f"train.max_steps={steps}",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=100",
+        "train.log_every=1",
+    ]
 
 
 def test_sbatch_trains_two_ranks_and_writes_checkpoint_and_per_rank_logs(slurm, tmp_path, teacher_dir, prepared_dir):
@@ -178,7 +195,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, teacher
     state = json.loads((out / "checkpoints" / f"step_{steps:08d}" / "trainer_state.json").read_text())
     assert state["step"] == steps
     logs = "".join(p.read_text() for p in (out / "logs").rglob("*") if p.is_file())
-    stop_line = [l for l in logs.splitlines() if "stopped at step" in l]
+    stop_line = [line for line in logs.splitlines() if "stopped at step" in line]
     assert stop_line, "the first attempt did not report its cooperative stop"
     k = int(stop_line[0].split("stopped at step ")[1].split()[0])
     assert 3 <= k < steps and f"resumed from {out}/checkpoints/step_{k:08d}" in logs

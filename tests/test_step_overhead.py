@@ -3,6 +3,7 @@ bench/step_probe.py's SyncCounter, and the counter itself.
 
 The bounds below are what the fast path does today (issue 16, point 3): they keep it from getting worse; the
 trainer work of that issue lowers them to one sync per optimizer step (the loss sums / metrics read once)."""
+
 import json
 import os
 import subprocess
@@ -34,13 +35,36 @@ STEPS = 5  # syncs are counted from the end of step 2: three steps counted
 
 def _probe(tmp_path, teacher_dir, prepared_dir, accumulation: int) -> dict:
     out = tmp_path / "probe.json"
-    env = dict(os.environ, STEP_PROBE_OUT=str(out), STEP_PROBE_SYNCS="1", STEP_PROBE_STEPS=str(STEPS), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        STEP_PROBE_OUT=str(out),
+        STEP_PROBE_SYNCS="1",
+        STEP_PROBE_STEPS=str(STEPS),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, os.path.join(REPO, "bench", "step_probe.py"), "--config", os.path.join(REPO, "configs", "demo.yaml"),
-           f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={tmp_path / 'run'}", f"train.max_steps={STEPS}",
-           "train.micro_batch=2", f"train.global_batch={2 * accumulation}", "student.num_layers=1", "student.init_layers=null",
-           "train.precision=fp32", "teacher.dtype=fp32", "loss.weights={ce: 5.0, mlm: 2.0, cos: 1.0}", "loss.ce_positions=all",
-           f"checkpoint.every_steps={10**6}", "train.log_every=1000"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "bench", "step_probe.py"),
+        "--config",
+        os.path.join(REPO, "configs", "demo.yaml"),
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={tmp_path / 'run'}",
+        f"train.max_steps={STEPS}",
+        "train.micro_batch=2",
+        f"train.global_batch={2 * accumulation}",
+        "student.num_layers=1",
+        "student.init_layers=null",
+        "train.precision=fp32",
+        "teacher.dtype=fp32",
+        "loss.weights={ce: 5.0, mlm: 2.0, cos: 1.0}",
+        "loss.ce_positions=all",
+        f"checkpoint.every_steps={10**6}",
+        "train.log_every=1000",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as handle:

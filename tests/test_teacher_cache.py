@@ -1,6 +1,7 @@
 """The teacher-logit cache (issue 18): distill-cache on the Beam local runner with worker processes, its output
 checked against the teacher run here; 1 vs 2 workers byte-identical; the sparse losses equal the dense ones at k =
 vocabulary; a 2-process DeepSpeed run from the cache has the online run's per-step losses; the refusals."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from test_llm_distill import save_teacher
 from test_recipes import BIN, ENV, REPO_ROOT, deepspeed, losses, run  # noqa: F401
 
 pytestmark = pytest.mark.timeout(900)
-TINY = ["train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "optim.warmup_fraction=0.0", "optim.lr=3e-3",
-        "deepspeed.config=configs/deepspeed/zero2.json", "student.dropout=0.0", "train.max_steps=4", "checkpoint.every_steps=4"]
+TINY = [
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.log_every=1",
+    "optim.warmup_fraction=0.0",
+    "optim.lr=3e-3",
+    "deepspeed.config=configs/deepspeed/zero2.json",
+    "student.dropout=0.0",
+    "train.max_steps=4",
+    "checkpoint.every_steps=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +45,53 @@ def assets(tmp_path_factory, corpus_dir):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train(sorted(str(corpus / f) for f in os.listdir(corpus)),
-              trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.train(
+        sorted(str(corpus / f) for f in os.listdir(corpus)),
+        trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.save_pretrained(str(root / "tokenizer"))
     data = str(root / "data")
-    run([os.path.join(BIN, "distill-prep"), "--input", str(corpus), "--tokenizer", str(root / "tokenizer"), "--output", data,
-         "--max-seq-len", "48", "--packing", "causal", "--validation-fraction", "0.05", "--workers", "1", "--num-shards", "2"])
+    run(
+        [
+            os.path.join(BIN, "distill-prep"),
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--output",
+            data,
+            "--max-seq-len",
+            "48",
+            "--packing",
+            "causal",
+            "--validation-fraction",
+            "0.05",
+            "--workers",
+            "1",
+            "--num-shards",
+            "2",
+        ]
+    )
     teacher = save_teacher("llama", tokenizer, str(root / "teacher"), vocab_rows=len(tokenizer) + 8)
     return {"root": root, "data": data, "teacher": teacher, "tokenizer": tokenizer, "vocab": len(tokenizer)}
 
 
 def cache(assets, out, *extra, check=True):
-    cmd = [os.path.join(BIN, "distill-cache"), "--data", assets["data"], "--teacher", assets["teacher"], "--output", str(out),
-           "--rows-per-part", "16", *extra]
+    cmd = [
+        os.path.join(BIN, "distill-cache"),
+        "--data",
+        assets["data"],
+        "--teacher",
+        assets["teacher"],
+        "--output",
+        str(out),
+        "--rows-per-part",
+        "16",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"distill-cache exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -135,13 +177,25 @@ def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
     th, tw = torch.randn(n, width, dtype=torch.float64), torch.randn(vocab + 3, width, dtype=torch.float64)
     labels = torch.randint(0, vocab, (n,))
     labels[3] = -100
-    dense = chunked_logit_loss(sh, sw, th, tw, kind, temperature=temperature, beta=0.3, vocab_size=vocab, labels=labels, kd_weight=0.7,
-                               ce_weight=0.4, chunk_size=5)
+    dense = chunked_logit_loss(
+        sh, sw, th, tw, kind, temperature=temperature, beta=0.3, vocab_size=vocab, labels=labels, kd_weight=0.7, ce_weight=0.4, chunk_size=5
+    )
     g_dense = torch.autograd.grad(dense.loss, (sh, sw))
     lp = torch.log_softmax((th @ tw[:vocab].T) / temperature, -1)
     targets = SparseTargets(torch.arange(vocab).expand(n, vocab), lp, torch.zeros(n, dtype=torch.float64), "topk", temperature)
-    sparse = sparse_logit_loss(sh, sw, targets, kind, temperature=temperature, beta=0.3, vocab_size=vocab, labels=labels, kd_weight=0.7,
-                               ce_weight=0.4, chunk_size=7)
+    sparse = sparse_logit_loss(
+        sh,
+        sw,
+        targets,
+        kind,
+        temperature=temperature,
+        beta=0.3,
+        vocab_size=vocab,
+        labels=labels,
+        kd_weight=0.7,
+        ce_weight=0.4,
+        chunk_size=7,
+    )
     g_sparse = torch.autograd.grad(sparse.loss, (sh, sw))
     assert torch.allclose(sparse.loss, dense.loss, atol=1e-10) and torch.allclose(sparse.kd, dense.kd, atol=1e-10)
     for a, b in zip(g_sparse, g_dense):
@@ -150,8 +204,16 @@ def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
     k = 6
     top = torch.topk(lp, k, -1)
     tail = 1 - top.values.exp().sum(-1)
-    sparse = sparse_logit_loss(sh, sw, SparseTargets(top.indices, top.values, tail, "topk", temperature), kind, temperature=temperature,
-                               beta=0.3, vocab_size=vocab, labels=labels)
+    sparse = sparse_logit_loss(
+        sh,
+        sw,
+        SparseTargets(top.indices, top.values, tail, "topk", temperature),
+        kind,
+        temperature=temperature,
+        beta=0.3,
+        vocab_size=vocab,
+        labels=labels,
+    )
     s = torch.log_softmax((sh @ sw[:vocab].T) / temperature, -1)
     q_top = s.gather(1, top.indices).exp()
     qb = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], 1)
@@ -177,8 +239,11 @@ def test_sampled_estimates_are_unbiased():
     idx = torch.multinomial(lp.exp(), draws, replacement=True)
     ls, lpx = torch.log_softmax(sh @ sw.T, -1).gather(1, idx), lp.gather(1, idx)
     lm = torch.logaddexp(lpx + np.log(0.5), ls + np.log(0.5))
-    terms = {"forward_kl": lpx - ls, "reverse_kl": (ls - lpx).exp() * (ls - lpx),
-             "jsd": 0.5 * (lpx - lm) + 0.5 * (ls - lpx).exp() * (ls - lm)}  # per draw, computed here
+    terms = {
+        "forward_kl": lpx - ls,
+        "reverse_kl": (ls - lpx).exp() * (ls - lpx),
+        "jsd": 0.5 * (lpx - lm) + 0.5 * (ls - lpx).exp() * (ls - lm),
+    }  # per draw, computed here
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         full = chunked_logit_loss(sh, sw, th, tw, kind, beta=0.5).kd
         est = sparse_logit_loss(sh, sw, SparseTargets(idx, lpx, None, "sampled", 1.0), kind, beta=0.5).kd
@@ -197,8 +262,18 @@ def cached_run(assets, tmp_path_factory):
     out = root / "full"
     cache(assets, out, "--workers", "2", "--k", str(assets["vocab"]), "--value-bits", "32", "--temperature", "2.0")
     run_dir = str(root / "cached")
-    log = deepspeed("llm_kd", [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={run_dir}",
-                               "teacher.source=cache", f"teacher.cache={out}"] + COMMON, 29781)
+    log = deepspeed(
+        "llm_kd",
+        [
+            f"teacher.path={assets['teacher']}",
+            f"data.path={assets['data']}",
+            f"output_dir={run_dir}",
+            "teacher.source=cache",
+            f"teacher.cache={out}",
+        ]
+        + COMMON,
+        29781,
+    )
     assert "no teacher model in memory" in log
     return out, run_dir
 
@@ -216,8 +291,17 @@ def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, c
 def test_a_run_from_the_cache_halts_and_resumes_with_the_same_losses(assets, cached_run, tmp_path):
     cache_dir, cached = cached_run
     resumed = str(tmp_path / "resumed")
-    args = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={resumed}", "teacher.source=cache",
-            f"teacher.cache={cache_dir}"] + COMMON + ["checkpoint.every_steps=2"]
+    args = (
+        [
+            f"teacher.path={assets['teacher']}",
+            f"data.path={assets['data']}",
+            f"output_dir={resumed}",
+            "teacher.source=cache",
+            f"teacher.cache={cache_dir}",
+        ]
+        + COMMON
+        + ["checkpoint.every_steps=2"]
+    )
     assert "halted at step 2" in deepspeed("llm_kd", args + ["train.halt_at_step=2"], 29783)
     deepspeed("llm_kd", args, 29783)
     assert losses(resumed) == losses(cached)
@@ -227,8 +311,17 @@ def test_a_run_from_the_cache_resumes_on_another_world_size(assets, cached_run, 
     """Halted on 2 ranks, resumed on 1: the same samples every step (the cache is read by dataset row), losses to rounding."""
     cache_dir, cached = cached_run
     out = str(tmp_path / "elastic")
-    args = [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={out}", "teacher.source=cache",
-            f"teacher.cache={cache_dir}"] + COMMON + ["checkpoint.every_steps=2"]
+    args = (
+        [
+            f"teacher.path={assets['teacher']}",
+            f"data.path={assets['data']}",
+            f"output_dir={out}",
+            "teacher.source=cache",
+            f"teacher.cache={cache_dir}",
+        ]
+        + COMMON
+        + ["checkpoint.every_steps=2"]
+    )
     deepspeed("llm_kd", args + ["train.halt_at_step=2"], 29784)
     log = run([os.path.join(BIN, "python"), "-m", "distill", "--config", "configs/llm_kd.yaml"] + args)
     assert "resumed from" in log
@@ -238,6 +331,7 @@ def test_a_run_from_the_cache_resumes_on_another_world_size(assets, cached_run, 
     for a, b in zip(ref, got):
         assert a["data"] == b["data"], f"step {a['step']}: other samples after the elastic resume"
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+
 
 def cli(name, *args):
     proc = subprocess.run([os.path.join(BIN, name), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -260,9 +354,22 @@ def small_cache(assets):
 
 
 def train_from(assets, cache_dir, out, *extra):
-    return cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={assets['teacher']}", f"data.path={assets['data']}",
-               "teacher.source=cache", f"teacher.cache={cache_dir}", f"output_dir={out}", "student.init=random", "student.num_layers=1",
-               "deepspeed.zero_stage=0", *TINY[:2], "train.max_steps=1", *extra)
+    return cli(
+        "distill-train",
+        "--config",
+        "configs/llm_kd.yaml",
+        f"teacher.path={assets['teacher']}",
+        f"data.path={assets['data']}",
+        "teacher.source=cache",
+        f"teacher.cache={cache_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.num_layers=1",
+        "deepspeed.zero_stage=0",
+        *TINY[:2],
+        "train.max_steps=1",
+        *extra,
+    )
 
 
 def test_training_refuses_a_damaged_or_short_cache(assets, small_cache, tmp_path):
@@ -298,25 +405,47 @@ def test_training_refuses_a_cache_of_another_dataset_or_teacher_and_live_teacher
     shutil.copytree(assets["data"], other_data)
     with open(other_data / "manifest.json", "a") as handle:
         handle.write("\n")
-    code, lines = cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={assets['teacher']}", f"data.path={other_data}",
-                      "teacher.source=cache", f"teacher.cache={small_cache}", f"output_dir={out}", "student.init=random", "deepspeed.zero_stage=0",
-                      *TINY[:2])
+    code, lines = cli(
+        "distill-train",
+        "--config",
+        "configs/llm_kd.yaml",
+        f"teacher.path={assets['teacher']}",
+        f"data.path={other_data}",
+        "teacher.source=cache",
+        f"teacher.cache={small_cache}",
+        f"output_dir={out}",
+        "student.init=random",
+        "deepspeed.zero_stage=0",
+        *TINY[:2],
+    )
     assert_one_line_error(code, lines, "distill-train", "written for another dataset")
     other_teacher = save_teacher("llama", assets["tokenizer"], str(tmp_path / "t2"), vocab_rows=assets["vocab"])
-    code, lines = cli("distill-train", "--config", "configs/llm_kd.yaml", f"teacher.path={other_teacher}", f"data.path={assets['data']}",
-                      "teacher.source=cache", f"teacher.cache={small_cache}", f"output_dir={out}", "student.init=random", "deepspeed.zero_stage=0",
-                      *TINY[:2])
+    code, lines = cli(
+        "distill-train",
+        "--config",
+        "configs/llm_kd.yaml",
+        f"teacher.path={other_teacher}",
+        f"data.path={assets['data']}",
+        "teacher.source=cache",
+        f"teacher.cache={small_cache}",
+        f"output_dir={out}",
+        "student.init=random",
+        "deepspeed.zero_stage=0",
+        *TINY[:2],
+    )
     assert_one_line_error(code, lines, "distill-train", "written with another teacher")
     # losses that need the live teacher; another temperature
-    assert_one_line_error(*train_from(assets, small_cache, out, "loss.weights={ce: 1.0, cos: 1.0}"), "distill-train", "['cos'] need the live teacher")
+    assert_one_line_error(
+        *train_from(assets, small_cache, out, "loss.weights={ce: 1.0, cos: 1.0}"), "distill-train", "['cos'] need the live teacher"
+    )
     assert_one_line_error(*train_from(assets, small_cache, out, "loss.temperature=2.0"), "distill-train", "temperature 1")
     assert not out.exists(), "a refused run left a run directory"
 
 
 def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
+    from data_prep.cache_manifest import CacheError
     from distill.cache_teacher import CacheTeacher
     from distill.config import load_config
-    from data_prep.cache_manifest import CacheError
 
     masked = tmp_path / "masked"
     shutil.copytree(assets["data"], masked)
@@ -325,14 +454,24 @@ def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
     (masked / "manifest.json").write_text(json.dumps(manifest))
     code, lines = cli("distill-cache", "--data", str(masked), "--teacher", assets["teacher"], "--output", str(tmp_path / "c"))
     assert_one_line_error(code, lines, "distill-cache", "masked-LM", "cannot be cached")
-    cfg = load_config("configs/llm_kd.yaml", [f"teacher.path={assets['teacher']}", f"data.path={masked}", "teacher.source=cache",
-                                              f"teacher.cache={small_cache}", f"output_dir={tmp_path / 'o'}"])
+    cfg = load_config(
+        "configs/llm_kd.yaml",
+        [
+            f"teacher.path={assets['teacher']}",
+            f"data.path={masked}",
+            "teacher.source=cache",
+            f"teacher.cache={small_cache}",
+            f"output_dir={tmp_path / 'o'}",
+        ],
+    )
     with pytest.raises(CacheError, match="needs causal data"):
         CacheTeacher.load(cfg, torch.device("cpu"))
 
 
 def test_cache_output_rule(assets, small_cache, tmp_path):
-    code, lines = cli("distill-cache", "--data", assets["data"], "--teacher", assets["teacher"], "--output", os.path.join(assets["data"], "cache"))
+    code, lines = cli(
+        "distill-cache", "--data", assets["data"], "--teacher", assets["teacher"], "--output", os.path.join(assets["data"], "cache")
+    )
     assert_one_line_error(code, lines, "distill-cache", "must not overlap an input")
     occupied = tmp_path / "occupied"
     occupied.mkdir()

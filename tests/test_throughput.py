@@ -1,6 +1,7 @@
 """The throughput benchmark's FLOP formula against an independent count, the fast path against the
 baseline path (same losses and gradients on the same batch; only speed and memory differ), and the HF-distiller
 reference baseline against the reference's computation and our objective."""
+
 import math
 import os
 import sys
@@ -26,9 +27,20 @@ def _models(attn="eager", layers=4, student_layers=2):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=F,
-                                         max_position_embeddings=64, pad_token_id=0, attn_implementation=attn,
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    teacher = BertForMaskedLM(
+        BertConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=F,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            attn_implementation=attn,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).eval()
     student = build_student(StudentConfig(num_layers=student_layers, dropout=0.0, attn_implementation=attn), teacher, V, 0, 64)
     init_student_from_teacher(student, teacher, [0, layers - 1], True)
     return teacher, student
@@ -192,7 +204,9 @@ def test_reference_baseline_losses_equal_our_objective_on_the_same_batch(restric
     wrapper = StudentForDistillation(student, objective.student_needs, cfg.projection, objective.teacher_width)
     ours_batch = select_logit_positions(_batch(), objective.logits_at)
     t_out = objective.teacher_forward(teacher, ours_batch)
-    ours, ours_terms = objective.losses(t_out, wrapper.outputs(wrapper(ours_batch.input_ids, ours_batch.attention_mask, ours_batch.logit_positions)), ours_batch)
+    ours, ours_terms = objective.losses(
+        t_out, wrapper.outputs(wrapper(ours_batch.input_ids, ours_batch.attention_mask, ours_batch.logit_positions)), ours_batch
+    )
 
     attention = batch.attention_mask.bool()  # the reference's mask is boolean (arange < lengths)
     s = student(input_ids=batch.input_ids, attention_mask=attention, output_hidden_states=True)

@@ -1,4 +1,5 @@
 """Bad input to distill-train / distill-export / distill-eval: one-line error, non-zero exit, nothing overwritten."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,21 @@ def assert_one_line_error(code, lines, *fragments):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, corpus_dir, tokenizer_dir):
     out = str(tmp_path_factory.mktemp("bad") / "data")
-    code, lines = cli("distill-prep", "--input", os.path.join(corpus_dir, "python_topics.txt"), "--tokenizer", tokenizer_dir,
-                      "--output", out, "--max-seq-len", "64", "--validation-fraction", "0.1", "--workers", "1")
+    code, lines = cli(
+        "distill-prep",
+        "--input",
+        os.path.join(corpus_dir, "python_topics.txt"),
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        out,
+        "--max-seq-len",
+        "64",
+        "--validation-fraction",
+        "0.1",
+        "--workers",
+        "1",
+    )
     assert code == 0, lines
     return out
 
@@ -59,7 +73,9 @@ def test_tokenizer_mismatch(tmp_path, prepared, corpus_dir):
     from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
 
     other_tok = train_wordpiece_tokenizer([os.path.join(corpus_dir, "python_topics.txt")], str(tmp_path / "tok"), vocab_size=1500)
-    other_teacher = save_random_bert_teacher(other_tok, str(tmp_path / "teacher"), layers=2, hidden=32, heads=2, intermediate=64, max_positions=64)
+    other_teacher = save_random_bert_teacher(
+        other_tok, str(tmp_path / "teacher"), layers=2, hidden=32, heads=2, intermediate=64, max_positions=64
+    )
     code, lines = train(f"teacher.path={other_teacher}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}")
     assert_one_line_error(code, lines, "does not match", "re-run distill-prep with --tokenizer")
 
@@ -67,9 +83,17 @@ def test_tokenizer_mismatch(tmp_path, prepared, corpus_dir):
 def test_config_errors(tmp_path, prepared, teacher_dir):
     code, lines = train(f"teacher.path={teacher_dir}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}", "train.micro_bach=4")
     assert_one_line_error(code, lines, "unknown config key train.micro_bach (did you mean train.micro_batch?)")
-    code, lines = train(f"teacher.path={teacher_dir}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}", "train.global_batch=100", "train.micro_batch=16")
+    code, lines = train(
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared}",
+        f"output_dir={tmp_path / 'o'}",
+        "train.global_batch=100",
+        "train.micro_batch=16",
+    )
     assert_one_line_error(code, lines, "train.global_batch=100 is not a multiple of train.micro_batch=16")
-    cfg = load_config("configs/demo.yaml", ["teacher.path=t", "data.path=d", "output_dir=o", "train.global_batch=64", "train.micro_batch=8"])
+    cfg = load_config(
+        "configs/demo.yaml", ["teacher.path=t", "data.path=d", "output_dir=o", "train.global_batch=64", "train.micro_batch=8"]
+    )
     with pytest.raises(Exception, match=r"not divisible by train.micro_batch=8 x 3 ranks = 24"):
         deepspeed_config(cfg, world_size=3, precision=__import__("torch").float32)
     ds = deepspeed_config(cfg, world_size=2, precision=__import__("torch").float32)
@@ -100,7 +124,14 @@ def test_output_dir_with_foreign_data_or_another_run(tmp_path, prepared, teacher
     assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "precious"
 
     out = tmp_path / "run"
-    args = [f"teacher.path={teacher_dir}", f"data.path={prepared}", f"output_dir={out}", "train.max_steps=1", "train.global_batch=8", "train.micro_batch=8"]
+    args = [
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared}",
+        f"output_dir={out}",
+        "train.max_steps=1",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+    ]
     code, lines = train(*args)
     assert code == 0, lines
     before = sorted(os.listdir(out / "checkpoints"))

@@ -1,11 +1,11 @@
 """`distill-train --check`: the resolved config and every problem a start would hit, from configs only, in one pass."""
+
 from __future__ import annotations
 
 import os
 import subprocess
 
 import yaml
-
 from test_train_e2e import BIN, ENV, REPO_ROOT
 
 TRAIN = os.path.join(BIN, "distill-train")
@@ -17,8 +17,20 @@ def check(*argv):
 
 def test_a_good_recipe_prints_its_resolved_config_and_writes_nothing(tmp_path, teacher_dir, prepared_dir):
     out = tmp_path / "run"
-    proc = check("--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}",
-                 "student.init_layers=null", "--train.global-batch", "32", "--train.micro-batch", "8", "--world-size", "2")
+    proc = check(
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "student.init_layers=null",
+        "--train.global-batch",
+        "32",
+        "--train.micro-batch",
+        "8",
+        "--world-size",
+        "2",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     resolved = yaml.safe_load(proc.stdout.split("no problems found")[0])
     assert resolved["train"]["global_batch"] == 32 and resolved["loss"]["weights"] == {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
@@ -30,16 +42,39 @@ def test_every_problem_at_once_before_any_weight_loads(tmp_path, teacher_dir, pr
     out = tmp_path / "run"
     # four independent problems: batch sizes for 2 ranks, init layers beyond the 4-layer teacher, a loss that needs the
     # teacher's width from a narrower student, and a DeepSpeed JSON that does not exist
-    proc = check("--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}",
-                 "train.global_batch=24", "train.micro_batch=8", "student.init_layers=[0, 9]", "deepspeed.config=missing.json",
-                 "--world-size", "2")
+    proc = check(
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "train.global_batch=24",
+        "train.micro_batch=8",
+        "student.init_layers=[0, 9]",
+        "deepspeed.config=missing.json",
+        "--world-size",
+        "2",
+    )
     assert proc.returncode == 2
     problems = proc.stdout.split("problems (2 ranks):")[1]
-    for part in ("train.global_batch=24 is not divisible by train.micro_batch=8 x 2 ranks", "deepspeed.config 'missing.json' does not exist",
-                 "student.init_layers: teacher layers [9] out of range for a 4-layer teacher"):
+    for part in (
+        "train.global_batch=24 is not divisible by train.micro_batch=8 x 2 ranks",
+        "deepspeed.config 'missing.json' does not exist",
+        "student.init_layers: teacher layers [9] out of range for a 4-layer teacher",
+    ):
         assert part in problems, (part, proc.stdout)
-    narrow = check("--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={out}",
-                   "student.init=random", "student.init_layers=null", "student.hidden_size=32", "student.num_heads=2", "student.intermediate_size=64")
+    narrow = check(
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={prepared_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "student.hidden_size=32",
+        "student.num_heads=2",
+        "student.intermediate_size=64",
+    )
     assert narrow.returncode == 2 and "loss 'cos' compares hidden states directly and needs the teacher's width 64" in narrow.stdout
     assert not out.exists()
 

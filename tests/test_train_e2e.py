@@ -2,6 +2,7 @@
 
 Nothing is mocked; the only stand-in is the CPU (gloo instead of NCCL, fp32 instead of bf16).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,23 @@ def metrics(run_dir):
 
 
 def common_args(teacher_dir, data_dir, out, zero):
-    return ["--config", "configs/distilbert.yaml", f"teacher.path={teacher_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "student.init=random", "student.init_layers=null", "train.global_batch=32", "train.micro_batch=8", "train.max_steps=8", "optim.lr=3e-3",
-            "checkpoint.every_steps=4", "checkpoint.keep_last=0", "train.log_every=1", f"deepspeed.config=configs/deepspeed/zero{zero}.json"]
+    return [
+        "--config",
+        "configs/distilbert.yaml",
+        f"teacher.path={teacher_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "student.init=random",
+        "student.init_layers=null",
+        "train.global_batch=32",
+        "train.micro_batch=8",
+        "train.max_steps=8",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=0",
+        "train.log_every=1",
+        f"deepspeed.config=configs/deepspeed/zero{zero}.json",
+    ]
 
 
 def _safetensors(path):
@@ -105,9 +120,25 @@ def test_two_process_run_checkpoints_resumes_identically_and_exports(tmp_path, t
 def test_mlm_only_teacher_pretraining_single_process_and_eval(tmp_path, prepared_dir):
     """The demo's teacher step: no teacher, BERT student from random init, plain MLM, one process."""
     out = str(tmp_path / "teacher_run")
-    run([sys.executable, "-m", "distill", "--config", "configs/demo_teacher.yaml", f"data.path={prepared_dir}", f"output_dir={out}",
-         "student.hidden_size=64", "student.intermediate_size=128", "student.num_layers=2", "train.max_steps=12",
-         "train.global_batch=32", "train.micro_batch=16", "optim.lr=2e-3", "train.log_every=4"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "--config",
+            "configs/demo_teacher.yaml",
+            f"data.path={prepared_dir}",
+            f"output_dir={out}",
+            "student.hidden_size=64",
+            "student.intermediate_size=128",
+            "student.num_layers=2",
+            "train.max_steps=12",
+            "train.global_batch=32",
+            "train.micro_batch=16",
+            "optim.lr=2e-3",
+            "train.log_every=4",
+        ]
+    )
     m = metrics(out)
     assert set(m[0]) >= {"loss", "loss_mlm", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "samples_seen"}
     assert "loss_ce" not in m[0]
@@ -119,7 +150,9 @@ def test_mlm_only_teacher_pretraining_single_process_and_eval(tmp_path, prepared
 
     events = EventAccumulator(os.path.join(out, "tensorboard"))
     events.Reload()
-    assert {"loss/total", "loss/mlm", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_seen"} <= set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/mlm", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_seen"} <= set(
+        events.Tags()["scalars"]
+    )
     assert "config/text_summary" in events.Tags()["tensors"]
 
     result_file = str(tmp_path / "eval.json")
@@ -142,8 +175,12 @@ def _check_eval_independently(model_dir, data_dir, result):
     manifest = sequences.manifest
     model = AutoModelForMaskedLM.from_pretrained(model_dir, local_files_only=True).eval()
     ids = manifest.tokenizer.special_token_ids
-    collator = MaskingCollator(MaskingPolicy(mask_id=ids["mask"], pad_id=ids["pad"], vocab_size=model.config.vocab_size,
-                                             special_ids=manifest.tokenizer.all_special_ids), EVAL_SEED)
+    collator = MaskingCollator(
+        MaskingPolicy(
+            mask_id=ids["mask"], pad_id=ids["pad"], vocab_size=model.config.vocab_size, special_ids=manifest.tokenizer.all_special_ids
+        ),
+        EVAL_SEED,
+    )
     correct = total = 0
     nll = 0.0
     for i in range(len(sequences)):  # one sequence at a time: no padding, no batching shortcuts
