@@ -25,12 +25,12 @@ from distill.models import apply_mlm_head, model_forward
 TEACHER = "teacher"
 
 
-def unigram_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
-    """Context-free baseline of the next-token labels: always predicting the most frequent (its accuracy), and
-    predicting their own frequencies (its loss: their entropy)."""
+def unigram_baseline(label_counts: np.ndarray, tokenizer=None, loss_key: str = "loss") -> dict:
+    """Context-free baseline of label counts (next tokens, or masked tokens with loss_key="mlm_loss"): always
+    predicting the most frequent (its accuracy), and predicting their own frequencies (its loss: their entropy)."""
     total = int(label_counts.sum())
     if total == 0:
-        return {"token_id": None, "token": None, "accuracy": 0.0, "loss": 0.0, "perplexity": 1.0}
+        return {"token_id": None, "token": None, "accuracy": 0.0, loss_key: 0.0, "perplexity": 1.0}
     top = int(np.argmax(label_counts))
     p = label_counts[label_counts > 0] / total
     entropy = float(-(p * np.log(p)).sum())
@@ -39,7 +39,7 @@ def unigram_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
         "token_id": top,
         "token": token,
         "accuracy": float(label_counts[top]) / total,
-        "loss": entropy,
+        loss_key: entropy,
         "perplexity": float(np.exp(entropy)),
     }
 

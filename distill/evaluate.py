@@ -130,22 +130,10 @@ def check_task(label: str, path: str, family: Family, data_dir: str, packing: st
 
 
 def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
-    """The context-free baseline of masked-token counts: accuracy of always predicting the most
-    frequent label, and the loss of predicting the labels' own frequencies (their entropy)."""
-    total = int(label_counts.sum())
-    if total == 0:
-        return {"token_id": None, "token": None, "accuracy": 0.0, "mlm_loss": 0.0, "perplexity": 1.0}
-    top = int(np.argmax(label_counts))
-    p = label_counts[label_counts > 0] / total
-    entropy = float(-(p * np.log(p)).sum())
-    token = tokenizer.convert_ids_to_tokens(top) if tokenizer is not None else None
-    return {
-        "token_id": top,
-        "token": token,
-        "accuracy": float(label_counts[top]) / total,
-        "mlm_loss": entropy,
-        "perplexity": float(np.exp(entropy)),
-    }
+    """The context-free baseline of masked-token counts (`eval_causal.unigram_baseline`, loss under "mlm_loss")."""
+    from distill.eval_causal import unigram_baseline
+
+    return unigram_baseline(label_counts, tokenizer, loss_key="mlm_loss")
 
 
 @torch.no_grad()

@@ -277,6 +277,30 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         return grads + (None,) * 8
 
 
+def position_weights(
+    hidden: torch.Tensor,
+    kind: Optional[str],
+    labels: Optional[torch.Tensor],
+    kd_mask: Optional[torch.Tensor],
+    ignore_index: int = IGNORE_INDEX,
+):
+    """Which of the (N, H) `hidden` positions count, and their weights: `kd_mask` (default: the labelled positions
+    when `labels` are given, else all; none without a KD `kind`), `ce_mask` (the labelled ones), each position's
+    share of its mean (`kd_row`, `ce_row`, in the accumulation dtype) and the flat labels (zeros without labels)."""
+    n, device, acc = hidden.shape[0], hidden.device, _acc_dtype(hidden.dtype)
+    with_ce = labels is not None
+    ce_mask = (labels.reshape(-1) != ignore_index) if with_ce else torch.zeros(n, dtype=torch.bool, device=device)
+    if kd_mask is None:
+        kd_mask = ce_mask if with_ce else torch.ones(n, dtype=torch.bool, device=device)
+    kd_mask = kd_mask.reshape(-1).bool() & (kind is not None)
+    if kd_mask.shape[0] != n or ce_mask.shape[0] != n:
+        raise ValueError(f"labels and kd_mask need one entry per position ({n})")
+    kd_row = kd_mask.to(acc) / kd_mask.sum().clamp(min=1)
+    ce_row = ce_mask.to(acc) / ce_mask.sum().clamp(min=1)
+    labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
+    return kd_mask, ce_mask, kd_row, ce_row, labels_flat
+
+
 def chunked_logit_loss(
     student_hidden: torch.Tensor,
     student_head: Head,
@@ -330,23 +354,12 @@ def chunked_logit_loss(
             raise ValueError(f"teacher hidden states have {t_hidden.shape[0]} positions, the student's {s_hidden.shape[0]}")
     vocab = _resolve_vocab(vocab_size, s_weight, *([t_weight] if t_weight is not None else []))
 
-    n = s_hidden.shape[0]
-    device = s_hidden.device
-    acc = _acc_dtype(s_hidden.dtype)
     with_ce = labels is not None
-    ce_mask = (labels.reshape(-1) != ignore_index) if with_ce else torch.zeros(n, dtype=torch.bool, device=device)
-    if kd_mask is None:
-        kd_mask = ce_mask if with_ce else torch.ones(n, dtype=torch.bool, device=device)
-    kd_mask = kd_mask.reshape(-1).bool() & (kind is not None)
-    if kd_mask.shape[0] != n or ce_mask.shape[0] != n:
-        raise ValueError(f"labels and kd_mask need one entry per position ({n})")
+    kd_mask, ce_mask, kd_row, ce_row, labels_flat = position_weights(s_hidden, kind, labels, kd_mask, ignore_index)
     if with_ce and check_labels:
         picked = labels.reshape(-1)[ce_mask]
         if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= vocab):
             raise ValueError(f"labels must be in 0..{vocab - 1} or ignore_index={ignore_index}")
-    kd_row = kd_mask.to(acc) / kd_mask.sum().clamp(min=1)
-    ce_row = ce_mask.to(acc) / ce_mask.sum().clamp(min=1)
-    labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
 
     # positions that count: only these are projected to the vocabulary (one nonzero, the sweep's only host sync)
     if not (all_positions and kind is not None):

@@ -26,7 +26,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from distill.logit_losses import CHUNK_ELEMENTS, IGNORE_INDEX, KINDS, LogitLosses, _acc_dtype, _check_head, _resolve_vocab, _weight_bias
+from distill.logit_losses import (
+    CHUNK_ELEMENTS,
+    IGNORE_INDEX,
+    KINDS,
+    LogitLosses,
+    _acc_dtype,
+    _check_head,
+    _resolve_vocab,
+    _weight_bias,
+    position_weights,
+)
 
 
 @dataclass
@@ -177,17 +187,11 @@ def sparse_logit_loss(
     s_weight, s_bias = _weight_bias(student_head)
     _check_head("student", s_weight, s_bias, student_hidden)
     vocab = _resolve_vocab(vocab_size, s_weight)
-    n, device, acc = s_hidden.shape[0], s_hidden.device, _acc_dtype(s_hidden.dtype)
+    n = s_hidden.shape[0]
     if targets.indices.shape[0] != n:
         raise ValueError(f"the cache gives {targets.indices.shape[0]} positions, the student {n}")
     with_ce = labels is not None
-    ce_mask = (labels.reshape(-1) != ignore_index) if with_ce else torch.zeros(n, dtype=torch.bool, device=device)
-    if kd_mask is None:
-        kd_mask = ce_mask if with_ce else torch.ones(n, dtype=torch.bool, device=device)
-    kd_mask = kd_mask.reshape(-1).bool() & (kind is not None)
-    kd_row = kd_mask.to(acc) / kd_mask.sum().clamp(min=1)
-    ce_row = ce_mask.to(acc) / ce_mask.sum().clamp(min=1)
-    labels_flat = labels.reshape(-1).long() if with_ce else torch.zeros(n, dtype=torch.long, device=device)
+    kd_mask, ce_mask, kd_row, ce_row, labels_flat = position_weights(s_hidden, kind, labels, kd_mask, ignore_index)
     index = (kd_mask | ce_mask).nonzero().squeeze(1)
     picked = SparseTargets(
         targets.indices.index_select(0, index),
