@@ -8,7 +8,15 @@ A cache directory::
                          and the parts with their rows, tokens, bytes and sha256
     train/SSSSS-RRRRRRRRR.parquet   part files: data shard SSSSS, rows from RRRRRRRRR on, row for row with the data
 
-Columns of a part (one row per dataset row; a row of length L holds L x k entries, position-major):
+Masked-LM data (static masks, `distill-cache --static-masks D`): a part holds D rows per dataset row, row-major (part
+row j * D + d = variant d of the part's j-th dataset row; the masked input of variant d of split row r is the trainer's,
+keyed d * N + r, distill/masking.py), each with the teacher's targets on that masked input at the stored positions:
+`positions: all` = every real position (L x k entries; serves loss.ce_positions all and masked), `positions: masked` =
+the variant's masked positions only, ascending (M x k entries; only loss.ce_positions=masked). The manifest records D
+(`static_masks`), `positions` and `masking`: the seed and every masking setting by its training-config key, which a run
+from the cache must match. Causal data: `static_masks` 0, `masking` empty.
+
+Columns of a part (one row per dataset row, or per (row, variant); a row of length L holds L x k entries, position-major):
 `indices` list<int32> (token ids, ascending within a position), `values` list<float16|float32> (the teacher's
 log-probabilities at the cache's temperature at those ids), and for top-k `tail` list<float16|float32> (the
 probability mass outside the k ids, one per position). Sampled mode: the k = n entries of a position are n draws from
@@ -59,6 +67,9 @@ class CacheManifest:
     dataset: dict[str, Any]  # path, manifest_sha256, rows, tokens
     parts: list[CachePart] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    static_masks: int = 0  # masked-LM data: D masks per row (part rows per dataset row); 0 = causal data
+    positions: str = "all"  # all real positions, or (masked-LM) "masked" positions only
+    masking: dict[str, Any] = field(default_factory=dict)  # masked-LM: seed and data.* masking settings (training-config keys)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created: str = ""
@@ -70,6 +81,11 @@ class CacheManifest:
     @property
     def tokens(self) -> int:
         return sum(p.tokens for p in self.parts)
+
+    @property
+    def rows_per_data_row(self) -> int:
+        """Cache rows per dataset row: D for a static-mask (masked-LM) cache, else 1."""
+        return max(1, self.static_masks)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +150,8 @@ def load_cache_manifest(cache_dir: str) -> CacheManifest:
         )
     if manifest.mode not in MODES:
         raise CacheError(f"{path} has mode {manifest.mode!r}, expected one of {', '.join(MODES)}; re-run distill-cache")
+    if manifest.positions not in ("all", "masked"):
+        raise CacheError(f"{path} has positions {manifest.positions!r}, expected all or masked; re-run distill-cache")
     for part in manifest.parts:
         _inside(cache_dir, part.path)
     return manifest

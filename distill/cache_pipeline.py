@@ -7,6 +7,12 @@ and writes each part's Parquet file (temp name, then rename: a retried bundle re
 number of a part depends only on (settings, teacher, rows of the part), and a draw of sampled mode on
 (seed, shard, row, position): the output is the same for any worker count. The launcher then re-opens every
 part (rows, sha256) and writes manifest.json last (data_prep/cache_manifest.py).
+
+Masked-LM data needs static masks (`--static-masks D`, BERT's dupe factor; the run trains with data.static_masks=D):
+for every row and variant d the DoFn builds the masked input exactly as the trainer's collator does (the same
+`collator_for`, seed and masking settings, keyed d * N + r: distill/masking.py), runs the teacher on it and stores the
+targets at every real position (`--positions all`) or the masked ones (`--positions masked`). The seed and masking
+settings come from the training config (`--train-config`), one source of truth, and are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import sys
 import time
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import numpy as np
@@ -55,6 +62,25 @@ class CacheConfig:
         1, "torch CPU threads per worker (0 = torch's default); fixed so results do not depend on the machine's load", ge=0
     )
     overwrite: Bool = setting(False, "replace --output if it holds a teacher cache, once the new one is complete")
+    static_masks: Int = setting(
+        0,
+        "masked-LM data: D fixed masks per sequence (BERT's dupe factor; train with data.static_masks=D): the teacher is cached "
+        "on each row's D masked inputs, built as the trainer builds them; storage grows D-fold. 0 = the training config's "
+        "data.static_masks (masked-LM data needs D > 0; causal data 0)",
+        ge=0,
+        le=255,
+    )
+    train_config: Optional[Str] = setting(
+        None,
+        "masked-LM data: the training config (the distill-train --config YAML) whose seed and data.* masking settings "
+        "(mlm_probability, mask/random fractions, token_frequency_smoothing, whole_word_masking, masking, static_masks) draw "
+        "the masks: one source of truth with the run, which must match them; null = the trainer's defaults",
+    )
+    positions: Literal["all", "masked"] = setting(
+        "all",
+        "masked-LM data: store the teacher at every real position (serves loss.ce_positions all and masked) or at the masked "
+        "positions only (about 15% of the bytes; only loss.ce_positions=masked)",
+    )
 
     @property
     def entries(self) -> int:
@@ -83,9 +109,84 @@ def teacher_fingerprint(path: str) -> str:
     return OnlineTeacher(None, path).fingerprint()
 
 
-def row_uniforms(seed: int, shard: int, row: int, length: int, n: int) -> np.ndarray:
-    """(length, n) uniforms of one row: a pure function of (seed, shard, row), position-major."""
-    return np.random.Generator(np.random.Philox(key=[seed, (shard << 40) | row])).random((length, n))
+def row_uniforms(seed: int, shard: int, row: int, length: int, n: int, variant: int = 0) -> np.ndarray:
+    """(length, n) uniforms of one row (of static-mask `variant`): a pure function of (seed, shard, row, variant), position-major."""
+    return np.random.Generator(np.random.Philox(key=[seed, (variant << 56) | (shard << 40) | row])).random((length, n))
+
+
+def train_mask_settings(path: Optional[str]) -> dict:
+    """The seed and data.* masking settings of a training config YAML (the trainer's defaults where it says nothing), by
+    their training-config keys (distill.masking.mask_settings)."""
+    import dataclasses as dc
+
+    from distill.config import Config, DataConfig
+    from distill.masking import mask_settings
+    from kd_common.config import build, read_yaml
+
+    raw = read_yaml(path) if path else {}
+    data = build(DataConfig, dict(raw.get("data") or {}, path=None))
+    seed = raw.get("seed", next(f.default for f in dc.fields(Config) if f.name == "seed"))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CacheError(f"{path}: seed must be a non-negative integer, got {seed!r}")
+    return mask_settings(SimpleNamespace(seed=seed, data=data))
+
+
+def masking_for(cfg: CacheConfig, manifest) -> Optional[dict]:
+    """The masking settings of a masked-LM dataset's static masks (training-config keys), None for causal data."""
+    if manifest.packing == "causal":
+        if cfg.static_masks:
+            raise CacheError(f"--static-masks applies to masked-LM data, {cfg.data} is causal (nothing is masked); drop --static-masks")
+        return None
+    settings = train_mask_settings(cfg.train_config)
+    from_config = settings["data.static_masks"]
+    if cfg.static_masks and from_config and cfg.static_masks != from_config:
+        raise CacheError(
+            f"--static-masks {cfg.static_masks} but {cfg.train_config} has data.static_masks={from_config}; give one value (the run's)"
+        )
+    variants = cfg.static_masks or from_config
+    if not variants:
+        raise CacheError(
+            f"{cfg.data} is {manifest.packing!r} (masked-LM) data: with dynamic masking the teacher's output depends on a mask drawn "
+            f"anew every epoch, so it cannot be cached; cache D fixed masks per sequence with --static-masks D (and "
+            f"--train-config YAML for the run's seed and masking settings), then train with data.static_masks=D"
+        )
+    settings["data.static_masks"] = variants
+    return settings
+
+
+class StaticMasker:
+    """The trainer's masked inputs of a masked-LM split: variant d of split row r masked at key d * N + r by the collator
+    the trainer builds (`collator_for` with the recorded seed and settings, the dataset's tokenizer and token counts, the
+    teacher's vocabulary for random replacements). Picklable; the collator is built on the worker."""
+
+    def __init__(self, data_dir: str, manifest, split: str, settings: dict, vocab_size: int, positions: str):
+        self.data_dir, self.split, self.settings, self.vocab_size, self.positions = data_dir, split, settings, vocab_size, positions
+        self.variants = int(settings["data.static_masks"])
+        shards = manifest.splits[split].shards
+        self.num_rows = manifest.splits[split].rows
+        self.shard_offsets = [int(x) for x in np.cumsum([0] + [s.rows for s in shards])[:-1]]
+        self.collator = None
+
+    def _build(self):
+        from transformers import AutoTokenizer
+
+        from data_prep.manifest import TOKENIZER_DIR, load_manifest
+        from distill.data import load_token_counts
+        from distill.masking import collator_for
+
+        manifest = load_manifest(self.data_dir)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.data_dir, TOKENIZER_DIR), local_files_only=True)
+        data = SimpleNamespace(**{key[len("data.") :]: v for key, v in self.settings.items() if key.startswith("data.")})
+        counts = load_token_counts(self.data_dir, manifest) if data.token_frequency_smoothing > 0 else np.zeros(0)
+        special = manifest.tokenizer.all_special_ids
+        return collator_for(data, self.settings["seed"], manifest.packing, tokenizer, self.vocab_size, special, counts, pad_multiple=1)
+
+    def masked(self, rows: list[tuple], shard: int, first_row: int, variant: int) -> dict:
+        """The collated micro batch (input_ids, attention_mask, labels) of variant `variant` of these consecutive rows."""
+        if self.collator is None:
+            self.collator = self._build()
+        keys = variant * self.num_rows + self.shard_offsets[shard] + first_row + np.arange(len(rows), dtype=np.int64)
+        return self.collator(rows, keys)
 
 
 def sparse_targets(log_probs, cfg: CacheConfig, uniforms: Optional[np.ndarray] = None):
@@ -123,19 +224,37 @@ class TeacherScorer:
         width = self.model.config.hidden_size
         self.chunk = max(1, (1 << 24) // max(vocab_size, width))  # positions projected to the vocabulary at once
 
-    def score(self, rows: list[np.ndarray], shard: int, first_row: int) -> list[tuple]:
+    def score(self, rows: list[tuple], shard: int, first_row: int, masker: Optional[StaticMasker] = None) -> list[tuple]:
+        """Sparse targets of rows of (token ids, word-start flags): one per row at every position (causal data), or with a
+        `masker` one per (row, variant), row-major, on the trainer's masked inputs at the positions it stores."""
+        import torch
+
+        if masker is None:
+            lengths = [len(ids) for ids, _ in rows]
+            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (r, _) in enumerate(rows):
+                ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+                mask[i, : len(r)] = 1
+            return self._score(ids, mask, mask.bool(), [(shard, first_row + i, 0) for i in range(len(rows))])
+        per_variant = []
+        for d in range(masker.variants):
+            batch = masker.masked(rows, shard, first_row, d)
+            keep = batch["attention_mask"].bool() if masker.positions == "all" else batch["labels"] != -100
+            keys = [(shard, first_row + i, d) for i in range(len(rows))]
+            per_variant.append(self._score(batch["input_ids"], batch["attention_mask"], keep, keys))
+        return [per_variant[d][i] for i in range(len(rows)) for d in range(masker.variants)]
+
+    def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]]) -> list[tuple]:
+        """The teacher on (B, L) `ids` with attention `mask`: per row, the targets at its `keep` positions, ascending;
+        sampled draws keyed by `keys` (shard, row, variant)."""
         import torch
         import torch.nn.functional as F
 
         from distill.models import model_forward
 
-        lengths = [len(r) for r in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-            mask[i, : len(r)] = 1
-        positions = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = keep.sum(1).tolist()
+        positions = keep.reshape(-1).nonzero().squeeze(1)
         with torch.inference_mode():
             out = model_forward(self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True)
             weight, bias = (
@@ -144,7 +263,9 @@ class TeacherScorer:
             )
             uniforms = None
             if self.cfg.mode == "sampled":
-                uniforms = np.concatenate([row_uniforms(self.cfg.seed, shard, first_row + i, n, self.cfg.n) for i, n in enumerate(lengths)])
+                uniforms = np.concatenate(
+                    [row_uniforms(self.cfg.seed, shard, row, n, self.cfg.n, d) for (shard, row, d), n in zip(keys, lengths)]
+                )
             parts = []
             for start in range(0, len(positions), self.chunk):
                 sl = slice(start, start + self.chunk)
@@ -195,11 +316,21 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
     os.replace(tmp, path)
 
 
-def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[np.ndarray]:
-    import pyarrow as pa
+def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
+    """(token ids, word-start flags or None) of rows [start, stop) of a data shard."""
     import pyarrow.parquet as pq
 
     shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
+    ids = read_column(shard, "input_ids", start, stop, np.int64)
+    if "word_start" not in shard.schema_arrow.names:
+        return [(r, None) for r in ids]
+    return list(zip(ids, read_column(shard, "word_start", start, stop, bool)))
+
+
+def read_column(shard, column: str, start: int, stop: int, dtype) -> list[np.ndarray]:
+    """Rows [start, stop) of a list column of an open Parquet data shard, as numpy arrays."""
+    import pyarrow as pa
+
     groups, first, at = [], None, 0  # only the row groups that overlap [start, stop)
     for g in range(shard.metadata.num_row_groups):
         n = shard.metadata.row_group(g).num_rows
@@ -207,9 +338,9 @@ def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[np.
             groups.append(g)
             first = at if first is None else first
         at += n
-    table = shard.read_row_groups(groups, columns=["input_ids"]) if groups else pa.table({"input_ids": pa.array([], pa.list_(pa.int32()))})
-    column = table.column("input_ids").slice(start - (first or 0), stop - start)
-    return [np.asarray(r, dtype=np.int64) for r in column.to_pylist()]
+    table = shard.read_row_groups(groups, columns=[column]) if groups else pa.table({column: pa.array([], pa.list_(pa.int32()))})
+    values = table.column(column).slice(start - (first or 0), stop - start)
+    return [np.asarray(r, dtype=dtype) for r in values.to_pylist()]
 
 
 try:
@@ -218,8 +349,8 @@ try:
     class CacheTeacherLogits(beam.DoFn):
         """Element (shard index, shard path, first row, end row) -> that part's file written; yields its name."""
 
-        def __init__(self, cfg: CacheConfig, vocab_size: int, work_dir: str):
-            self.cfg, self.vocab, self.work_dir = cfg, vocab_size, work_dir
+        def __init__(self, cfg: CacheConfig, vocab_size: int, work_dir: str, masker: Optional[StaticMasker] = None):
+            self.cfg, self.vocab, self.work_dir, self.masker = cfg, vocab_size, work_dir, masker
             self.scorer = None
 
         def setup(self):
@@ -231,10 +362,10 @@ try:
             rows = read_rows(self.cfg.data, shard_path, start, stop)
             out = []
             for b in range(0, len(rows), self.cfg.batch_size):
-                out += self.scorer.score(rows[b : b + self.cfg.batch_size], shard, start + b)
+                out += self.scorer.score(rows[b : b + self.cfg.batch_size], shard, start + b, self.masker)
             name = part_name(self.cfg.split, shard, start)
             write_part(os.path.join(self.work_dir, name), out, self.cfg.value_bits)
-            tokens = sum(len(r) for r in rows)
+            tokens = sum(len(r) for r, _ in rows) * (self.masker.variants if self.masker is not None else 1)
             print(
                 f"distill-cache: shard {shard} rows {start}-{stop}: {tokens} tokens, {tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s "
                 f"({self.scorer.device})",
@@ -261,11 +392,7 @@ def check_inputs(cfg: CacheConfig):
     from distill.models import load_teacher_config
 
     manifest = load_manifest(cfg.data)
-    if manifest.packing != "causal":
-        raise CacheError(
-            f"{cfg.data} is {manifest.packing!r} (masked-LM) data: the teacher's output depends on the mask, which is drawn anew every "
-            f"epoch, so it cannot be cached; cache causal data (distill-prep --packing causal)"
-        )
+    masking_for(cfg, manifest)  # masked-LM data without static masks: refused here, before any work
     verify_shards(cfg.data, manifest, cfg.split, checksums=True)
     config = load_teacher_config(cfg.teacher)
     vocab = manifest.tokenizer.vocab_size
@@ -289,15 +416,19 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
     manifest, config = check_inputs(cfg)
     vocab = manifest.tokenizer.vocab_size
     units = parts_of(manifest, cfg.split, cfg.rows_per_part)
+    masking = masking_for(cfg, manifest)
+    masker = StaticMasker(cfg.data, manifest, cfg.split, masking, config.vocab_size, cfg.positions) if masking else None
+    variants = masker.variants if masker else 0
     inputs = [("--data", cfg.data), ("--teacher", cfg.teacher)]
     with replace_when_complete(cfg.output, cfg.overwrite, is_cache_dir, "teacher cache", inputs) as work:
         os.makedirs(os.path.join(work, cfg.split), exist_ok=True)
         options = _options(beam_args or [], cfg.workers)
         runner = local_runner(options)
         log.info(
-            "caching %d rows (%d parts) of %s with teacher %s: %s, %d entries per position, T=%g, %d-bit values, %s",
+            "caching %d rows (%d parts%s) of %s with teacher %s: %s, %d entries per position, T=%g, %d-bit values, %s",
             manifest.splits[cfg.split].rows,
             len(units),
+            f", {variants} static masks each, {cfg.positions} positions" if variants else "",
             cfg.data,
             cfg.teacher,
             cfg.mode,
@@ -311,12 +442,13 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
                 pipeline
                 | "Parts" >> beam.Create(units)
                 | "Spread" >> beam.Reshuffle()
-                | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work))
+                | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work, masker))
             )
         elapsed = time.time() - t0
-        parts = _verify_parts(work, manifest, cfg, units)
+        parts = _verify_parts(work, manifest, cfg, units, variants)
         tokens = sum(p.tokens for p in parts)
         size = sum(p.bytes for p in parts)
+        cached = tokens * max(1, variants)  # tokens the teacher ran on (each row once per static mask)
         result = CacheManifest(
             mode=cfg.mode,
             k=cfg.entries,
@@ -326,6 +458,9 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
             split=cfg.split,
             seed=cfg.seed,
             parts=parts,
+            static_masks=variants,
+            positions=cfg.positions if variants else "all",
+            masking=masking or {},
             teacher={
                 "path": os.path.abspath(cfg.teacher),
                 "fingerprint": teacher_fingerprint(cfg.teacher),
@@ -340,9 +475,10 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
             },
             stats={
                 "bytes": size,
-                "bytes_per_token": size / max(tokens, 1),
+                "bytes_per_token": size / max(tokens, 1),  # per token of the dataset (all D masks of it, with static masks)
+                "bytes_per_masked_copy_token": size / max(cached, 1),  # per token of one masked copy (= bytes_per_token when causal)
                 "seconds": elapsed,
-                "tokens_per_second": tokens / max(elapsed, 1e-9),
+                "tokens_per_second": cached / max(elapsed, 1e-9),
                 "workers": cfg.workers,
                 "settings": dataclasses.asdict(cfg),
             },
@@ -350,7 +486,12 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
         )
         write_cache_manifest(work, result)
     log.info(
-        "wrote %s: %d tokens, %.1f bytes per token, %.0f tokens/s", cfg.output, tokens, size / max(tokens, 1), tokens / max(elapsed, 1e-9)
+        "wrote %s: %d tokens, %.1f bytes per token%s, %.0f tokens/s",
+        cfg.output,
+        tokens,
+        size / max(tokens, 1),
+        f" ({size / max(cached, 1):.1f} per token of each of the {variants} masked copies)" if variants else "",
+        cached / max(elapsed, 1e-9),
     )
     return result
 
@@ -368,8 +509,9 @@ def _options(beam_args: list[str], workers: int):
     return PipelineOptions(args)
 
 
-def _verify_parts(work: str, manifest, cfg: CacheConfig, units) -> list[CachePart]:
-    """Re-open every part: it exists and holds its rows, each with length x entries ids."""
+def _verify_parts(work: str, manifest, cfg: CacheConfig, units, variants: int = 0) -> list[CachePart]:
+    """Re-open every part: it exists and holds its rows (x D static masks), each with length x entries ids (masked
+    positions only: a multiple of the entries)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -385,7 +527,12 @@ def _verify_parts(work: str, manifest, cfg: CacheConfig, units) -> list[CachePar
             pq.read_table(os.path.join(cfg.data, shard_path), columns=["input_ids"]).column("input_ids").slice(start, stop - start)
         ).to_numpy(zero_copy_only=False)
         entries = pc.list_value_length(pq.read_table(path, columns=["indices"]).column("indices")).to_numpy(zero_copy_only=False)
-        if len(entries) != stop - start or not np.array_equal(entries, lengths * cfg.entries):
+        want = np.repeat(lengths, max(1, variants)) * cfg.entries
+        if variants and cfg.positions == "masked":
+            ok = len(entries) == len(want) and not np.any(entries % cfg.entries) and np.all(entries <= want)
+        else:
+            ok = len(entries) == len(want) and np.array_equal(entries, want)
+        if not ok:
             raise RuntimeError(
                 f"part {name} does not hold rows {start}-{stop} of shard {shard} x {cfg.entries} entries; output is inconsistent"
             )

@@ -6,7 +6,12 @@ the copy, then dropped). Each micro batch's targets are looked up by the dataset
 resume are those of an online run. The soft-target loss (ce / reverse_kl / jsd) is computed by the student's
 ChunkedLogitLoss from the cached support (distill/sparse_losses.py). Refused with one line: a cache of another
 dataset, teacher, split, temperature or vocabulary, one with fewer (or more) rows than the data, a damaged part,
-masked-LM data, and losses that need the live teacher (hidden states, attention).
+losses that need the live teacher (hidden states, attention), and on masked-LM data dynamic masking or static masks
+other than the cache's (data.static_masks, seed, every masking setting: `distill.masking.mask_settings`).
+
+Masked-LM data with static masks (data.static_masks = D, `distill-cache --static-masks D`): the cache holds D rows
+per dataset row, the teacher on each variant's masked input; a sample is looked up by (row, variant), the variant a
+pure function of its stream index (epoch mod D), so data order and resume are unchanged here too.
 """
 
 from __future__ import annotations
@@ -80,11 +85,6 @@ class CacheTeacher:
             raise CacheError(problems[0])
         cache_dir = cfg.teacher.cache
         data = load_manifest(cfg.data.path)
-        if data.packing != "causal":
-            raise CacheError(
-                f"teacher.source=cache needs causal data, {cfg.data.path} is {data.packing!r} (masked-LM) data whose mask is drawn "
-                f"anew every epoch, so the teacher's output cannot be cached; use teacher.source=online"
-            )
         manifest = load_cache_manifest(cache_dir)
         where = os.path.join(cache_dir, CACHE_MANIFEST)
         if manifest.dataset.get("manifest_sha256") != sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE)):
@@ -106,6 +106,7 @@ class CacheTeacher:
             )
         if manifest.vocab_size != data.tokenizer.vocab_size:
             raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
+        _check_masking(cfg, manifest, where, data.packing)
         rows = data.splits[cfg.data.split].rows
         if manifest.rows != rows:
             raise CacheError(
@@ -141,9 +142,8 @@ class CacheTeacher:
         return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
 
     def describe(self) -> str:
-        return (
-            f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}); no teacher model in memory"
-        )
+        masks = f", {self.manifest.static_masks} static masks, {self.manifest.positions} positions" if self.manifest.static_masks else ""
+        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
 
     def fingerprint(self) -> str:
         """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
@@ -157,24 +157,35 @@ class CacheTeacher:
         rows = batch.rows.cpu().numpy()
         k = self.manifest.k
         lengths = batch.attention_mask.sum(1).cpu().numpy()
-        picked = self.table.take(rows)
+        variants = self.manifest.static_masks
+        if variants:  # D cache rows per dataset row: variant d of row r is cache row r * D + d
+            if batch.mask_variants is None:
+                raise RuntimeError("a static-mask cache needs each sample's mask variant (Batch.mask_variants; data.static_masks > 0)")
+            picked = self.table.take(rows * variants + batch.mask_variants.cpu().numpy())
+        else:
+            picked = self.table.take(rows)
         offsets, ids = _list_column(picked, "indices")
+        flat = batch.logit_positions.cpu().numpy()
+        sample, position = np.divmod(flat, batch.input_ids.shape[1])
+        slot, stored = position, lengths  # the entry of a position within its cache row, and positions per cache row
+        if self.manifest.positions == "masked":  # the masked positions only, ascending: a position's slot is its rank among them
+            labelled = batch.labels.cpu().numpy() != -100
+            slot = (np.cumsum(labelled, axis=1) - 1)[sample, position]
+            stored = labelled.sum(1)
         counts = np.diff(offsets)
-        bad = np.flatnonzero(counts != lengths * k)
+        bad = np.flatnonzero(counts != stored * k)
         if len(bad):
             b = int(bad[0])
             raise CacheError(
-                f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {lengths[b]}: the cache is not aligned "
-                f"with the data; re-run distill-cache"
+                f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {stored[b]} to look up: the cache is not aligned "
+                f"with the data (or its masks are not the run's); re-run distill-cache"
             )
-        flat = batch.logit_positions.cpu().numpy()
-        sample, position = np.divmod(flat, batch.input_ids.shape[1])
-        entries = (offsets[sample] + position * k)[:, None] + np.arange(k)
+        entries = (offsets[sample] + slot * k)[:, None] + np.arange(k)
         _, vals = _list_column(picked, "values")
         tail = None
         if self.manifest.mode == "topk":
             tail_offsets, tails = _list_column(picked, "tail")
-            tail = torch.from_numpy(tails[tail_offsets[sample] + position].astype(np.float32)).to(self.device)
+            tail = torch.from_numpy(tails[tail_offsets[sample] + slot].astype(np.float32)).to(self.device)
         targets = SparseTargets(
             indices=torch.from_numpy(ids[entries].astype(np.int64)).to(self.device),
             values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
@@ -182,7 +193,38 @@ class CacheTeacher:
             mode=self.manifest.mode,
             temperature=self.manifest.temperature,
         )
-        return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=True)
+        return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=not variants)
+
+
+def _check_masking(cfg, manifest, where: str, packing: str) -> None:
+    """The run's masks are the cache's: the same static masks, seed and masking settings (masked-LM data), or none (causal)."""
+    from distill.masking import mask_settings
+
+    if packing == "causal":
+        return
+    if not manifest.static_masks:
+        raise CacheError(
+            f"{where} holds no static masks (a cache of causal data); re-run distill-cache --static-masks D on {cfg.data.path}"
+        )
+    if not cfg.data.static_masks:
+        raise CacheError(
+            f"teacher.source=cache on masked-LM data needs static masks: with dynamic masking (data.static_masks=0) the mask is drawn "
+            f"anew every epoch and no cache holds the teacher's output; set data.static_masks={manifest.static_masks} (the cache's, "
+            f"{where}) or use teacher.source=online"
+        )
+    run = mask_settings(cfg)
+    for key, cached in manifest.masking.items():
+        if run.get(key) != cached:
+            raise CacheError(
+                f"{where} was written with {key}={cached}, the run has {key}={run.get(key)}: its masks would not be the cache's; "
+                f"set {key}={cached} or re-run distill-cache with the run's settings (--train-config)"
+            )
+    if manifest.positions == "masked" and cfg.loss.ce_positions != "masked":
+        raise CacheError(
+            f"{where} holds the teacher at the masked positions only (distill-cache --positions masked), the run's soft-target loss "
+            f"reads every position (loss.ce_positions={cfg.loss.ce_positions}); set loss.ce_positions=masked or re-run distill-cache "
+            f"--positions all"
+        )
 
 
 def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -192,11 +234,13 @@ def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _open_parts(paths: list[str], manifest, cache_dir):
-    """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order)."""
+    """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order; a
+    static-mask cache has its D variants of each row consecutive)."""
     import datasets
 
     datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir, keep_in_memory=False)
-    if len(dataset) != manifest.rows:
-        raise CacheError(f"the cache parts hold {len(dataset)} rows, the manifest says {manifest.rows}; re-run distill-cache")
+    want = manifest.rows * manifest.rows_per_data_row
+    if len(dataset) != want:
+        raise CacheError(f"the cache parts hold {len(dataset)} rows, the manifest says {want}; re-run distill-cache")
     return dataset.data.table

@@ -87,6 +87,12 @@ class DataConfig:
         "batched",
         "how the masks are drawn: batched = the whole micro batch in array operations from counter-based random numbers (a hash of seed, sample and position); per_sequence = one generator per sequence (before issue 16, and distill-eval's masks). Same statistics, different masks: a run resumed across the change draws the new masks from then on",
     )
+    static_masks: Int = setting(
+        0,
+        "masked-LM data: 0 = dynamic masking (a fresh mask every time a sequence is seen; the default, as RoBERTa); D > 0 = static masks, BERT's dupe factor: each sequence has D fixed masks and the sample of row r seen in epoch e uses variant d = e mod D, drawn by the same function as the dynamic masks at key d * N + r (N = rows of the split), so the same statistics. Needed by teacher.source=cache on masked-LM data (equal to the cache's distill-cache --static-masks); also allowed with an online teacher",
+        ge=0,
+        le=255,
+    )
     group_by_length: Bool = setting(
         True,
         "within each global batch, give micro batches sequences of similar length (less padding; the set of samples per step is unchanged)",

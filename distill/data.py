@@ -178,8 +178,22 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start_step + i // self.plan.accumulation
         stream, rows = self.plan.micro_batch_of(step, i % self.plan.accumulation)
-        batch = self.collator(self.sequences.rows(rows), stream)
+        variants = getattr(self.collator, "static_masks", 0)
+        if not variants:  # dynamic masking (or causal data): keyed by the stream index
+            batch = self.collator(self.sequences.rows(rows), stream)
+        else:
+            batch = self.static_masked(stream, rows, variants)
         batch["rows"] = torch.as_tensor(np.asarray(rows, dtype=np.int64))  # for sources that look the teacher up by row (a cache)
+        return batch
+
+    def static_masked(self, stream: np.ndarray, rows: np.ndarray, variants: int) -> dict[str, torch.Tensor]:
+        """The micro batch with static masks (data.static_masks = D): each sample masked at its key d * N + r, d = epoch mod D."""
+        from distill.masking import static_mask_keys, static_mask_variants
+
+        n = self.plan.num_samples
+        batch = self.collator(self.sequences.rows(rows), static_mask_keys(stream, rows, n, variants))
+        batch["stream_indices"] = torch.as_tensor(np.asarray(stream, dtype=np.int64))
+        batch["mask_variants"] = torch.as_tensor(static_mask_variants(stream, n, variants))  # a cache looks its targets up by it
         return batch
 
 
@@ -250,6 +264,7 @@ class DataSource:
             attention_mask=attention.to(self.device, non_blocking=True),
             labels=raw["labels"].to(self.device, non_blocking=True),
             rows=raw.get("rows"),
+            mask_variants=raw.get("mask_variants"),
             token_positions=tokens.to(self.device, non_blocking=True),
             masked_positions=masked.to(self.device, non_blocking=True),
             padded=tokens.numel() != attention.numel(),

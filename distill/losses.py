@@ -63,6 +63,7 @@ class Batch:
     logit_positions: Optional[torch.Tensor] = None  # (P,) flat indices into B*L
     position_labels: Optional[torch.Tensor] = None  # (P,) labels at those positions (-100 = not selected)
     rows: Optional[torch.Tensor] = None  # (B,) dataset row of each sample (CPU): a teacher cache looks its targets up by it
+    mask_variants: Optional[torch.Tensor] = None  # (B,) static-mask variant of each sample (data.static_masks > 0; CPU), for a cache
     # computed on the host from the collated batch before the copy (distill/data.py), so nothing below reads device values:
     token_positions: Optional[torch.Tensor] = None  # (T,) flat indices of the real (non-padding) tokens
     masked_positions: Optional[torch.Tensor] = None  # (M,) flat indices of the selected (labelled) positions

@@ -1,7 +1,11 @@
 """Dynamic masking: a fresh mask every time a sequence is seen, drawn in the collator.
 
-The mask of a sequence is a pure function of (seed, global stream position of the sample), so a
-resumed run, or a run on another number of ranks, draws exactly the same masks.
+The mask of a sequence is a pure function of (seed, mask key), so a resumed run, or a run on another number of
+ranks, draws exactly the same masks. With dynamic masking (data.static_masks = 0, the default) the key is the
+sample's global stream position: a fresh mask every time a sequence is seen. With static masks (data.static_masks =
+D > 0, BERT's dupe factor) row r of a split of N rows has D fixed masks: the sample of row r seen in epoch e uses
+variant d = e mod D, keyed d * N + r (`static_mask_keys`), so the variants are drawn by the very same function and
+have the same statistics; `distill-cache` builds the same masked inputs to cache the teacher on them.
 
 Per sequence: n = max(1, round(p * maskable tokens)) positions are selected without replacement,
 uniformly or with probability ~ count(token)^-s (DistilBERT's smoothing, s = 0.7), by
@@ -51,6 +55,35 @@ class MaskingPolicy:
             weights[policy.is_special] = 0.0
             policy.token_weights = weights
         return policy
+
+
+STATIC_MASK_LIMIT = 255  # variants per sequence (the cache's sampled-mode draws key the variant in 8 bits)
+MASK_SETTING_KEYS = (
+    "static_masks",
+    "mlm_probability",
+    "mask_token_fraction",
+    "random_token_fraction",
+    "token_frequency_smoothing",
+    "whole_word_masking",
+    "masking",
+)
+
+
+def static_mask_variants(stream: np.ndarray, num_rows: int, variants: int) -> np.ndarray:
+    """Static-mask variant of each sample: d = epoch mod D, the epoch of stream index g being g // N."""
+    return (np.asarray(stream, dtype=np.int64) // num_rows) % variants
+
+
+def static_mask_keys(stream: np.ndarray, rows: np.ndarray, num_rows: int, variants: int) -> np.ndarray:
+    """Mask key of each sample under static masking: variant d of dataset row r is keyed d * N + r (the stream index the
+    sample of row r would have in epoch d under an identity order), so the masks come from the dynamic-mask function."""
+    return static_mask_variants(stream, num_rows, variants) * num_rows + np.asarray(rows, dtype=np.int64)
+
+
+def mask_settings(cfg) -> dict:
+    """Every setting a masked input depends on, by its training-config key (`seed`, `data.*`): what a static-mask cache
+    records in its manifest and a run from it must match."""
+    return {"seed": int(cfg.seed), **{f"data.{key}": getattr(cfg.data, key) for key in MASK_SETTING_KEYS}}
 
 
 def sample_rng(seed: int, stream_index: int) -> np.random.Generator:
@@ -293,8 +326,18 @@ class CausalLMCollator:
 def collator_for(
     data_cfg, seed: int, packing: str, tokenizer, vocab_size: int, special_ids: Sequence[int], token_counts: np.ndarray, pad_multiple: int
 ):
-    """The collator a dataset needs: dynamic masking for masked-LM data, next-token labels for causal data."""
+    """The collator a dataset needs: masking for masked-LM data, next-token labels for causal data.
+
+    A masking collator carries `static_masks` (data.static_masks): when > 0, the caller (distill/data.py MicroBatches)
+    passes each sample's static mask key (`static_mask_keys`) instead of its stream index."""
+    static_masks = getattr(data_cfg, "static_masks", 0)
     if packing == "causal":  # no masking: labels are the next tokens
+        if static_masks:
+            from kd_common.config import ConfigError
+
+            raise ConfigError(
+                f"data.static_masks={static_masks} applies to masked-LM data, this dataset is causal (nothing is masked); set data.static_masks=0"
+            )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return CausalLMCollator(pad, pad_multiple)
     policy = MaskingPolicy.with_smoothing(
@@ -309,4 +352,8 @@ def collator_for(
         random_token_fraction=data_cfg.random_token_fraction,
         whole_word=data_cfg.whole_word_masking,
     )
-    return (BatchedMaskingCollator if getattr(data_cfg, "masking", "batched") == "batched" else MaskingCollator)(policy, seed, pad_multiple)
+    collator = (BatchedMaskingCollator if getattr(data_cfg, "masking", "batched") == "batched" else MaskingCollator)(
+        policy, seed, pad_multiple
+    )
+    collator.static_masks = static_masks
+    return collator
