@@ -125,7 +125,8 @@ def train_mask_settings(path: Optional[str]) -> dict:
 
     raw = read_yaml(path) if path else {}
     data = build(DataConfig, dict(raw.get("data") or {}, path=None))
-    seed = raw.get("seed", next(f.default for f in dc.fields(Config) if f.name == "seed"))
+    default = next(f.default for f in dc.fields(Config) if f.name == "seed")
+    seed = raw.get("seed", getattr(default, "default", default))  # a pydantic field's default sits in its FieldInfo
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise CacheError(f"{path}: seed must be a non-negative integer, got {seed!r}")
     return mask_settings(SimpleNamespace(seed=seed, data=data))
@@ -199,6 +200,8 @@ def sparse_targets(log_probs, cfg: CacheConfig, uniforms: Optional[np.ndarray] =
         indices, order = torch.sort(indices, dim=-1)
         values = values.gather(1, order)
         tail = (1.0 - values.double().exp().sum(-1)).clamp_(min=0.0).float()
+        if k == log_probs.shape[-1]:
+            tail.zero_()  # every id kept: nothing is outside them (not the rounding of 1 - sum)
         return indices.int(), values.float(), tail
     cdf = log_probs.double().exp().cumsum(-1)
     u = torch.from_numpy(uniforms).to(cdf.device) * cdf[:, -1:]

@@ -80,7 +80,9 @@ def sparse_divergence(
     low = torch.finfo(s_all.dtype).min
     rest = torch.logsumexp(s_all.scatter(1, idx, low), dim=-1, keepdim=True)  # student's log-mass outside the ids
     ls = torch.cat([ls, rest], dim=1)
-    p_tail = tail[:, None].to(ls.dtype)
+    # ids covering the whole vocabulary leave nothing outside them: a teacher tail there is rounding (1 - sum of k
+    # probabilities, ~1e-7), which against the student's empty bucket (log-mass ~ the dtype's min) would blow up
+    p_tail = torch.where(rest <= low / 2, 0.0, tail[:, None].to(ls.dtype))
     lp = torch.cat([tv, torch.log(p_tail.clamp(min=torch.finfo(ls.dtype).tiny))], dim=1)
     p = torch.cat([tv.exp(), p_tail], dim=1)
     if kind == "forward_kl":
