@@ -196,6 +196,8 @@ TRAIN_CONFIG = {
 def mlm(tmp_path_factory, corpus_dir):
     """A WordPiece tokenizer (vocab 200), a few dozen rows of masked-LM data (32 tokens, 2 shards), a tiny BERT teacher,
     and the training config (static masks) that both distill-cache and the runs read."""
+    from transformers import AutoModelForMaskedLM
+
     from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
 
     root = tmp_path_factory.mktemp("static_masks")
@@ -226,6 +228,10 @@ def mlm(tmp_path_factory, corpus_dir):
         ]
     )
     teacher = save_random_bert_teacher(tok_dir, str(root / "teacher"), layers=2, hidden=32, heads=2, intermediate=64, max_positions=64)
+    model = AutoModelForMaskedLM.from_pretrained(teacher)
+    with torch.no_grad():  # a peaked teacher (a random one is near uniform): soft targets far from the student's
+        model.cls.predictions.transform.LayerNorm.weight.mul_(20.0)
+    model.save_pretrained(teacher)
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump(TRAIN_CONFIG))
     manifest = json.load(open(os.path.join(data, "manifest.json")))

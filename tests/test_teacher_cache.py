@@ -446,6 +446,7 @@ def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
     from data_prep.cache_manifest import CacheError
     from distill.cache_teacher import CacheTeacher
     from distill.config import load_config
+    from kd_common.files import sha256_file
 
     masked = tmp_path / "masked"
     shutil.copytree(assets["data"], masked)
@@ -453,19 +454,23 @@ def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
     manifest["packing"] = "document"  # what a masked-LM dataset says
     (masked / "manifest.json").write_text(json.dumps(manifest))
     code, lines = cli("distill-cache", "--data", str(masked), "--teacher", assets["teacher"], "--output", str(tmp_path / "c"))
-    assert_one_line_error(code, lines, "distill-cache", "masked-LM", "cannot be cached")
-    cfg = load_config(
-        "configs/llm_kd.yaml",
-        [
-            f"teacher.path={assets['teacher']}",
-            f"data.path={masked}",
-            "teacher.source=cache",
-            f"teacher.cache={small_cache}",
-            f"output_dir={tmp_path / 'o'}",
-        ],
-    )
-    with pytest.raises(CacheError, match="needs causal data"):
-        CacheTeacher.load(cfg, torch.device("cpu"))
+    assert_one_line_error(code, lines, "distill-cache", "masked-LM", "cannot be cached", "--static-masks D")
+    # a causal cache bound to this (masked-LM) dataset: it holds no static masks; dynamic masking is refused too
+    # (tests/test_static_masks.py: static-mask caches, their refusals and exactness)
+    bound = tmp_path / "bound"
+    shutil.copytree(small_cache, bound)
+    cache_manifest = json.load(open(bound / "manifest.json"))
+    cache_manifest["dataset"]["manifest_sha256"] = sha256_file(str(masked / "manifest.json"))
+    (bound / "manifest.json").write_text(json.dumps(cache_manifest))
+    overrides = [
+        f"teacher.path={assets['teacher']}",
+        f"data.path={masked}",
+        "teacher.source=cache",
+        f"teacher.cache={bound}",
+        f"output_dir={tmp_path / 'o'}",
+    ]
+    with pytest.raises(CacheError, match="holds no static masks"):
+        CacheTeacher.load(load_config("configs/llm_kd.yaml", overrides), torch.device("cpu"))
 
 
 def test_cache_output_rule(assets, small_cache, tmp_path):
