@@ -13,6 +13,13 @@
    median milliseconds per step of the teacher phase (the online forward, or the cache lookup; train.profile_phases).
 5. `distill-eval` on the held-out text: perplexity and KL(teacher || student) per token, as a table.
 Every stage whose output exists is reused on a rerun with the same --out.
+
+    OMP_NUM_THREADS=1 python bench/teacher_cache.py --mlm [--mlm-chars 100000]     # ~3 min: static masks only
+
+Masked-LM data with static masks (`--mlm`, instead of the above): a WordPiece tokenizer (vocab 2048) and
+`distill-prep --max-seq-len 64` (document packing) on the first --mlm-chars of the training text, a random 4-layer BERT
+teacher (128 wide), and `distill-cache --static-masks D` for D = 1, 2, 4 at k = 64 (16-bit values), storing every
+position or the masked ones: bytes per dataset token (all D masked copies), per token of one copy, tokens/s.
 """
 
 from __future__ import annotations
@@ -251,6 +258,49 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
     return out
 
 
+def static_mask_sizes(out: str, train: str, chars: int) -> list[dict]:
+    """distill-cache on masked-LM data for D = 1, 2, 4 static masks, every position and masked positions: stats per cache."""
+    from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
+
+    root = os.path.join(out, "mlm")
+    text = os.path.join(root, "text")
+    if not os.path.isdir(text):
+        os.makedirs(text)
+        with open(os.path.join(train, "text.txt"), encoding="utf-8") as handle:
+            body = handle.read(chars)
+        with open(os.path.join(text, "text.txt"), "w", encoding="utf-8") as handle:
+            handle.write(body[: body.rfind("\n") + 1])
+    tok = os.path.join(root, "tokenizer")
+    if not os.path.isdir(tok):
+        train_wordpiece_tokenizer([os.path.join(text, "text.txt")], tok, vocab_size=2048)
+    data = os.path.join(root, "data")
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        sh(
+            [os.path.join(BIN, "distill-prep"), "--input", text, "--tokenizer", tok, "--output", data, "--max-seq-len", "64"]
+            + ["--validation-fraction", "0.0", "--workers", "1"]
+        )
+    teacher = os.path.join(root, "teacher")
+    if not os.path.isdir(teacher):
+        save_random_bert_teacher(tok, teacher, layers=4, hidden=128, heads=4, intermediate=512, max_positions=128)
+    results = []
+    for variants in (1, 2, 4):
+        for positions in ("all", "masked"):
+            name = f"mlm-d{variants}-{positions}"
+            args = ["--mode", "topk", "--k", "64", "--static-masks", str(variants), "--positions", positions]
+            stats = write_cache(root, name, data, teacher, args)["stats"]
+            results.append({"static_masks": variants, "positions": positions, **stats})
+    return results
+
+
+def print_static_mask_sizes(results: list[dict]) -> None:
+    print(f"{'D':>2} {'positions':>9} {'bytes/data token':>16} {'bytes/copy token':>16} {'cache tok/s':>11}")
+    for r in results:
+        print(
+            f"{r['static_masks']:>2} {r['positions']:>9} {r['bytes_per_token']:>16.1f} {r['bytes_per_masked_copy_token']:>16.1f} "
+            f"{r['tokens_per_second']:>11,.0f}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "bench_teacher_cache"), help="work directory (reused on a rerun)")
@@ -259,10 +309,20 @@ def main() -> None:
     p.add_argument("--train-chars", type=int, default=400_000)
     p.add_argument("--eval-chars", type=int, default=60_000)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--mlm", action="store_true", help="only the masked-LM static-mask cache sizes (see above)")
+    p.add_argument("--mlm-chars", type=int, default=100_000, help="--mlm: characters of the training text to prepare")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     train, held = text_files(a.out, a.train_chars, a.eval_chars)
+    if a.mlm:
+        results = static_mask_sizes(a.out, train, a.mlm_chars)
+        print_static_mask_sizes(results)
+        print(f"total {time.time() - t0:.0f}s")
+        if a.json:
+            with open(a.json, "w") as handle:
+                json.dump({"static_masks": results}, handle, indent=2)
+        return
     tok = tokenizer_dir(a.out, train)
     data = prepare(a.out, "data", train, tok, 0.0)
     held_data = prepare(a.out, "held", held, tok, 0.0)

@@ -22,9 +22,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="distill-cache",
-        description="Run a frozen teacher once over a prepared (causal) dataset and write a "
+        description="Run a frozen teacher once over a prepared dataset and write a "
         "sparse cache of its distribution (top-k + tail mass, or samples) row-aligned with the data shards, for "
-        "`teacher.source: cache`. Other --name=value options go to Apache Beam.",
+        "`teacher.source: cache`. Causal data as it is; masked-LM data with static masks (--static-masks D "
+        "--train-config YAML: the teacher on each of a row's D masked inputs, drawn as the run with data.static_masks=D draws "
+        "them). Other --name=value options go to Apache Beam.",
     )
     add_arguments(p, CacheConfig, overrides=False)
     return p
@@ -67,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-cache: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     stats = manifest.stats
+    masks = (
+        f" ({manifest.static_masks} static masks: {stats['bytes_per_masked_copy_token']:.1f} per token of each masked copy)"
+        if manifest.static_masks
+        else ""
+    )
     print(
-        f"{manifest.tokens:,} tokens, {manifest.rows:,} rows, {len(manifest.parts)} parts; {stats['bytes_per_token']:.1f} bytes per token; "
-        f"{stats['tokens_per_second']:,.0f} tokens/s"
+        f"{manifest.tokens:,} tokens, {manifest.rows:,} rows, {len(manifest.parts)} parts; {stats['bytes_per_token']:.1f} bytes per token"
+        f"{masks}; {stats['tokens_per_second']:,.0f} tokens/s"
     )
     print(cfg.output)
     return 0
