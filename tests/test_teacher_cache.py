@@ -226,6 +226,22 @@ def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
     assert torch.allclose(sparse.kd, per[kind][keep].mean() * temperature**2, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_rounding_tail_is_ignored_when_every_id_is_kept(kind):
+    """k = vocabulary: the student has no mass outside the ids, so a teacher tail of 1 - sum(p) ~ 1e-7 (rounding) must not
+    count (against the student's empty bucket it made the loss ~1e31)."""
+    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+
+    torch.manual_seed(2)
+    vocab, width, n = 40, 8, 10
+    sh, sw = torch.randn(n, width), torch.randn(vocab, width)
+    lp = torch.log_softmax(torch.randn(n, vocab), -1)
+    ids = torch.arange(vocab).expand(n, vocab)
+    exact = sparse_logit_loss(sh, sw, SparseTargets(ids, lp, torch.zeros(n), "topk", 1.0), kind).kd
+    rounded = sparse_logit_loss(sh, sw, SparseTargets(ids, lp, torch.full((n,), 3e-7), "topk", 1.0), kind).kd
+    assert torch.isfinite(rounded) and torch.allclose(exact, rounded, atol=1e-6), (float(exact), float(rounded))
+
+
 def test_sampled_estimates_are_unbiased():
     """The importance-weighted estimates over many draws approach the full divergences."""
     from distill.logit_losses import chunked_logit_loss
