@@ -258,6 +258,9 @@ class TeacherScorer:
 
         lengths = keep.sum(1).tolist()
         positions = keep.reshape(-1).nonzero().squeeze(1)
+        if len(positions) == 0:  # nothing to store (e.g. masked positions of rows with nothing maskable)
+            none = np.zeros(0, dtype=np.float32)
+            return [(none.astype(np.int32), none, none if self.cfg.mode == "topk" else None) for _ in lengths]
         with torch.inference_mode():
             out = model_forward(self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True)
             weight, bias = (
