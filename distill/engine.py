@@ -130,6 +130,32 @@ class _OneRankCollectives:
         ds_comm.all_reduce = self._saved
 
 
+class _KnownFiniteNorm:
+    """While active, DeepSpeed's ZeRO-1/2 step takes `norm` (already computed, and read to be finite) as the global gradient norm
+    and its validity checks answer 'valid' without reading the device."""
+
+    def __init__(self, optimizer, norm: torch.Tensor):
+        self.optimizer, self.norm = optimizer, norm
+
+    def __enter__(self):
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        self._saved_check = stage_1_and_2.is_invalid_grad_norm
+        stage_1_and_2.is_invalid_grad_norm = _finite
+        self.optimizer.scaled_global_norm = lambda norm_type=2: self.norm  # instance attribute: shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        stage_1_and_2.is_invalid_grad_norm = self._saved_check
+        del self.optimizer.scaled_global_norm
+
+
+def _finite(norm) -> bool:
+    return False
+
+
 def _identity_all_reduce(tensor, op=None, group=None, async_op=False, *args, **kwargs):
     return _Done() if async_op else None
 
@@ -229,7 +255,12 @@ class StudentEngine:
             model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
         # one rank: DeepSpeed's all-reduces (gradient bucket, grad norm, overflow flag) are the identity; skip them (gloo's cost)
-        self._collectives = _OneRankCollectives() if lean_single_process and world_size == 1 else contextlib.nullcontext()
+        lean = lean_single_process and world_size == 1
+        self._collectives = _OneRankCollectives() if lean else contextlib.nullcontext()
+        # one rank at ZeRO-1/2: the update's gradient norm is computed before the step and read with the step's sums, so the
+        # step itself needs no host read (see boundary_grad_norm)
+        self.defers_update = lean and self.engine.zero_optimization_stage() == 1 and hasattr(self.engine.optimizer, "scaled_global_norm")
+        self._pending_norm: Optional[torch.Tensor] = None
         # the stage the run is configured with (what its checkpoints record and a resume compares), whatever runs underneath
         self.zero_stage = (
             configured
@@ -257,6 +288,23 @@ class StudentEngine:
     def step(self) -> None:
         """DeepSpeed's step: it updates the weights only at the end of the gradient accumulation."""
         with self._collectives:
+            self.engine.step()
+
+    def boundary_grad_norm(self) -> torch.Tensor:
+        """With `defers_update`, after the last micro batch's backward and before `update`: the global gradient norm the update
+        will clip with, as DeepSpeed computes it (inf when not finite), on the device; no host read."""
+        with self._collectives:
+            self._pending_norm = self.engine.optimizer.scaled_global_norm()
+        return self._pending_norm
+
+    def update(self, norm_is_finite: bool) -> None:
+        """With `defers_update`: the last micro batch's step, which updates the weights. DeepSpeed's checks of the norm read it
+        back to the host (three times); the caller has read it already (with the step's sums), so when it is finite the step
+        runs with that norm and without the reads. A non-finite norm goes through DeepSpeed's own check, which skips the update."""
+        norm, self._pending_norm = self._pending_norm, None
+        if not norm_is_finite:
+            return self.step()
+        with self._collectives, _KnownFiniteNorm(self.engine.optimizer, norm):
             self.engine.step()
 
     @property

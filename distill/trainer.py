@@ -131,15 +131,20 @@ def run_steps(run: Run) -> dict[str, Any]:
                     loss, terms = run.objective.losses(teacher_out, student_out, batch)
                 with phases("backward"):
                     run.engine.backward(loss)
-                with phases("optimizer"):
-                    run.engine.step()
+                if not (run.engine.defers_update and micro == run.data.accumulation - 1):
+                    with phases("optimizer"):
+                        run.engine.step()
                 sums.add_device([loss] + [terms[n] for n in run.term_names])
                 count_batch(sums, raw["attention_mask"], batch.logit_positions, data_wait)
             sums.add("stop_flag", run.stopper.local_flag())
-            grad_norm = run.engine.grad_norm_tensor()  # the same on every rank: rank 0 adds it, read back with the sums
+            # the same on every rank: rank 0 adds it, read back with the sums (the update's norm, before a deferred update)
+            grad_norm = run.engine.boundary_grad_norm() if run.engine.defers_update else run.engine.grad_norm_tensor()
             if grad_norm is not None:
                 sums.add_device_value("grad_norm", grad_norm if ctx.is_main else torch.zeros_like(grad_norm))
             reduced = sums.reduce()  # the step's one all-reduce and host read
+            if run.engine.defers_update:
+                with phases("optimizer"):
+                    run.engine.update(norm_is_finite=math.isfinite(reduced["grad_norm"]))
             metrics = step_metrics(
                 step,
                 reduced,

@@ -76,3 +76,49 @@ def test_lean_single_process_checkpoint_converts_for_an_elastic_resume(tmp_path,
     log = _train(teacher_dir, prepared_dir, out, "deepspeed.zero_stage=3")  # another stage: through DeepSpeed's universal checkpoint
     assert "through a universal checkpoint" in log and "resumed from" in log
     assert len(_metrics(out)) == 6
+
+
+def test_lean_single_process_skips_a_non_finite_update_as_zero2_does(tmp_path, teacher_dir, prepared_dir):
+    """The deferred update (its gradient norm read with the step's sums, DeepSpeed's own reads skipped when it is finite) still
+    leaves the weights untouched when the norm is not finite, and the non-finite guard counts and reports the skip."""
+    from test_robustness_train import _blow_up_weights
+
+    out = tmp_path / "run"
+    _train(teacher_dir, prepared_dir, out, "train.halt_at_step=3")
+    _blow_up_weights(str(out), "step_00000003")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml"), f"teacher.path={teacher_dir}",
+         f"data.path={prepared_dir}", f"output_dir={out}", "train.max_steps=6", "train.micro_batch=2", "train.global_batch=4",
+         "student.num_layers=1", "student.init_layers=null", "checkpoint.every_steps=3", "checkpoint.keep_last=0",
+         "train.log_every=1000", "loss.ce_positions=all", "train.max_nonfinite_steps=2"],
+        cwd=REPO, env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "skipped this update (1 of train.max_nonfinite_steps=2" in proc.stderr
+    assert "step 6: loss term" in proc.stderr and "train.max_nonfinite_steps=2 skips are used up" in proc.stderr, proc.stderr[-1500:]
+    rows = _metrics(out)[-3:]
+    assert [r["step"] for r in rows] == [4, 5, 6] and all(r.get("skipped_update") for r in rows[:2])
+    assert all(r["grad_norm"] == float("inf") for r in rows)
+    assert "step_00000006" not in os.listdir(out / "checkpoints")  # nothing saved after the bad steps
+
+
+def test_bf16_on_a_cpu_with_native_bf16_trains_like_fp32_and_is_refused_elsewhere(tmp_path, teacher_dir, prepared_dir):
+    """train.precision=bf16 / teacher.dtype=bf16 on a CPU: allowed where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX),
+    where it is several times faster than fp32 (README Performance); the run's losses follow fp32's. Elsewhere: one line, exit 2."""
+    from distill.models import cpu_has_native_bf16
+
+    bf16 = ("train.precision=bf16", "teacher.dtype=bf16")
+    if not cpu_has_native_bf16():
+        cmd = [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml"), f"teacher.path={teacher_dir}",
+               f"data.path={prepared_dir}", f"output_dir={tmp_path / 'refused'}", *bf16]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 2 and "AVX512-BF16 or AMX" in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "refused").exists()
+        return
+    _train(teacher_dir, prepared_dir, tmp_path / "fp32")
+    log = _train(teacher_dir, prepared_dir, tmp_path / "bf16", *bf16)
+    assert "precision bfloat16" in log
+    fp32, half = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
+    assert len(half) == len(fp32) == 6
+    for a, b in zip(fp32, half):  # same weights, batches and masks: bf16 rounding only
+        assert abs(a["loss"] - b["loss"]) <= 0.03 * abs(a["loss"]), (a["loss"], b["loss"])

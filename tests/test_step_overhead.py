@@ -1,8 +1,7 @@
 """Host-device synchronisations per optimizer step of the training loop users run (distill-train), counted by
 bench/step_probe.py's SyncCounter, and the counter itself.
 
-The bounds below are what the fast path does today (issue 16, point 3): they keep it from getting worse; the
-trainer work of that issue lowers them to one sync per optimizer step (the loss sums / metrics read once)."""
+The bound below is issue 16's target (point 3): one sync per optimizer step, the step's numbers read once."""
 
 import json
 import os
@@ -17,18 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from step_probe import SyncCounter  # noqa: E402
 
-# Today's count (CPU, DeepSpeed ZeRO-2 configured, 1 process, the DistilBERT objective ce/mlm/cos with soft targets at every
-# token, the fixtures' variable-length sequences), by kind, per optimizer step (the most seen in any step). Per step: 4 reads:
-# DeepSpeed's grad-norm checks (3x bool() of is_invalid_grad_norm) and the trainer's one .tolist() of the reduced step sums
-# (the gradient norm among them); per micro step: 2 reads when the micro batch is padded (transformers' SDPA mask check
-# `padding_mask.all()` in teacher and student; a micro batch without padding gets no mask and no check, as in
-# bench/train_throughput.py --overhead: 4 per step). Removed in issue 16 (14 per step at accumulation 1 and 23 at 2
-# before): DeepSpeed's throughput-timer synchronize() (timers off), the nonzero of the logit positions and the
-# boolean-mask gathers of the cos loss (positions computed on the host before the copy), the chunked sweep's nonzero
-# (soft targets at every position need no lookup), float(grad norm) (read back with the step sums).
+# The count (CPU, DeepSpeed ZeRO-2 configured, 1 process, the DistilBERT objective ce/mlm/cos with soft targets at every
+# token, the fixtures' variable-length, padded sequences), by kind, per optimizer step (the most seen in any step): ONE read,
+# the trainer's .tolist() of the reduced step sums (losses, token counts, the stop flag and the update's gradient norm,
+# computed before the deferred update). Removed in issue 16 (14 per step at accumulation 1 and 23 at 2 before): DeepSpeed's
+# throughput-timer synchronize() (timers off), the nonzero of the logit positions and the boolean-mask gathers of the cos
+# loss (positions computed on the host before the copy), the chunked sweep's nonzero (soft targets at every position need
+# no lookup), float(grad norm) (read back with the step sums), DeepSpeed's three bool()s of is_invalid_grad_norm in the
+# update (its norm is read with the step sums first: distill.engine.StudentEngine.update), and transformers' SDPA mask
+# check `padding_mask.all()` per forward of a padded micro batch (a 4-d key mask is passed: distill.models.sdpa_key_mask).
 TODAY = {
-    1: {"read": 6},
-    2: {"read": 8},
+    1: {"read": 1},
+    2: {"read": 1},
 }
 STEPS = 5  # syncs are counted from the end of step 2: three steps counted
 
@@ -159,3 +158,37 @@ def test_implicit_and_explicit_syncs_are_counted():
         counter.mark_step()
     assert get_accelerator().synchronize == original, "the accelerator's synchronize is restored"
     assert counter.per_step == [{"implicit": 3, "explicit": 1}, {}]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_padded_encoder_forward_reads_nothing_and_attends_as_with_the_2d_mask(family):
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    from distill.models import model_forward
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=100, num_attention_heads=2, attn_implementation="sdpa")
+    model = {
+        "bert": lambda: BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, **shape)),
+        "roberta": lambda: RobertaForMaskedLM(
+            RobertaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, pad_token_id=1, **shape)
+        ),
+        "distilbert": lambda: DistilBertForMaskedLM(
+            DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, attn_implementation="sdpa")
+        ),
+    }[family]().eval()
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    positions = torch.tensor([1, 2, 9, 15])
+    counter = SyncCounter("cpu")
+    with torch.no_grad(), counter:
+        SyncCounter.mark_host({"ids": ids, "mask": mask, "positions": positions})
+        ours = model_forward(model, ids.to("cpu"), mask.to("cpu"), positions.to("cpu"))
+        counter.mark_step()
+    assert counter.per_step == [{}], counter.sites
+    with torch.no_grad():  # transformers given the 2-d mask (what it reads back to the host)
+        base = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.equal(ours.hidden[real], base[real])
