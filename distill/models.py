@@ -31,6 +31,20 @@ class ModelError(UserError, ValueError):
     """A teacher that cannot be loaded or used, or a student that cannot be built as asked."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo flags).
+    Without them oneDNN emulates bf16 through fp32, slower than fp32 itself."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bf16 on a GPU that supports it, else fp32."""
     if name == "auto":
@@ -115,6 +129,17 @@ class AttentionCapture:
         self._handles = []
 
 
+def sdpa_key_mask(model: nn.Module, family, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An encoder's (B, L) padding mask as the (B, 1, 1, L) boolean key mask SDPA broadcasts (same attention). Given the 2-d mask,
+    transformers first reads it back to the host (`mask.all()`, to drop a mask without padding): a host-device sync in
+    every forward; a 4-d mask is used as it is. The trainer passes no mask at all for micro batches without padding."""
+    if attention_mask is None or attention_mask.dim() != 2 or family.causal:
+        return attention_mask
+    if getattr(_config(model), "_attn_implementation", None) != "sdpa":
+        return attention_mask  # eager wants an additive float mask, flash attention the 2-d one
+    return attention_mask[:, None, None, :].bool()
+
+
 def model_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -135,6 +160,7 @@ def model_forward(
     family = _family(model)
     want_states = needs.hidden_states or needs.projected
     kwargs = {"output_hidden_states": True} if want_states else {}
+    attention_mask = sdpa_key_mask(model, family, attention_mask)
     out = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state
     logits = projected_input = head = None

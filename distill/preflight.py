@@ -26,6 +26,7 @@ from distill.models import (
     check_data_fits,
     check_init,
     check_teacher_fits,
+    cpu_has_native_bf16,
     init_layers_for,
     load_teacher_config,
     resolve_dtype,
@@ -84,8 +85,10 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
 
     pf = Preflight()
     precision = resolve_dtype(cfg.train.precision, device)
-    if device.type == "cpu" and precision != torch.float32:
-        pf.problems.append(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on CPU")
+    if device.type == "cpu" and precision != torch.float32 and not (precision == torch.bfloat16 and cpu_has_native_bf16()):
+        pf.problems.append(
+            f"train.precision={cfg.train.precision} needs a GPU (or, for bf16, a CPU with AVX512-BF16 or AMX); use fp32 (or auto) on this CPU"
+        )
     pf.ds_config = pf.attempt(lambda: deepspeed_config(cfg, world_size, precision))
     pf.problems += partition_problems(cfg, world_size)
     pf.manifest = pf.attempt(lambda: load_manifest(cfg.data.path))
