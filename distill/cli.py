@@ -84,6 +84,9 @@ def train_main(argv: list[str] | None = None) -> int:
         )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
         return _fail("distill-train", full)
+    from distill.distributed import leave_process_group
+
+    leave_process_group()  # every rank got here: the run ended (or stopped on request) and synchronised in its last barrier
     if result.get("stopped_by"):
         from distill.preemption import PREEMPTED_EXIT_CODE
 

@@ -89,6 +89,13 @@ def setup_logging(rank: int, world: int, level: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to exit-time destruction, its communication threads
+    (gloo, NCCL) can abort the process ('terminate called without an active exception') after a finished run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
