@@ -376,7 +376,9 @@ def test_training_from_a_full_mlm_cache_equals_the_online_teacher_with_the_same_
     assert "no teacher model in memory" in log and "2 static masks" in log
     a, b = losses(online, "loss_ce"), losses(cached, "loss_ce")
     assert len(a) == 9 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
-    assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
+    # the total adds the student's own mlm term (14-19 here): fp32 rounding of updates that differ by 1e-7 moves it ~1e-5
+    # absolute, i.e. 1e-6 relative
+    assert np.allclose(losses(online), losses(cached), rtol=1e-6, atol=1e-5), (losses(online), losses(cached))
     assert losses(online, "data") == losses(cached, "data")
 
 
