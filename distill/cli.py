@@ -84,14 +84,13 @@ def train_main(argv: list[str] | None = None) -> int:
         )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
         return _fail("distill-train", full)
-    from distill.distributed import leave_process_group
+    from distill.distributed import end_finished_rank
+    from distill.preemption import PREEMPTED_EXIT_CODE
 
-    leave_process_group()  # every rank got here: the run ended (or stopped on request) and synchronised in its last barrier
-    if result.get("stopped_by"):
-        from distill.preemption import PREEMPTED_EXIT_CODE
-
-        return PREEMPTED_EXIT_CODE  # checkpointed on request: the scheduler requeues, the same command resumes
-    return 0
+    # checkpointed on request (stopped_by): the scheduler requeues, the same command resumes
+    code = PREEMPTED_EXIT_CODE if result.get("stopped_by") else 0
+    end_finished_rank(code)  # several ranks: ends the process here, after the run's last barrier
+    return code
 
 
 def _check_train(args, config_cls, from_arguments, config_error) -> int:

@@ -189,12 +189,12 @@ def test_sbatch_trains_two_ranks_and_writes_checkpoint_and_per_rank_logs(slurm, 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, teacher_dir, prepared_dir):
     out = tmp_path / "run"
-    steps = 12
+    steps = 60  # long enough that the stop notice, sent after step 3, lands mid-run (a warm job ran 12 steps before it did)
     job_id = _submit(slurm, tmp_path, _job_args(teacher_dir, prepared_dir, out, steps), "preempt")
     deadline = time.time() + 600
     while time.time() < deadline and not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
         assert time.time() < deadline, "the job never started training"
-        time.sleep(1)
+        time.sleep(0.2)
     # What --signal=B:USR1@300 does before the time limit: USR1 to the batch script only.
     assert _sh(["scancel", "--signal=USR1", "--batch", job_id], env=slurm).returncode == 0
     _start_when_requeued(slurm, job_id)
