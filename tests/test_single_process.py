@@ -17,7 +17,8 @@ ENV.pop("WORLD_SIZE", None)
 pytestmark = pytest.mark.timeout(900)
 
 
-def _train(teacher_dir, prepared_dir, out, *extra) -> str:
+def _run(teacher_dir, prepared_dir, out, *extra) -> subprocess.CompletedProcess:
+    """distill-train, one process, on the small run every test here uses; `extra` overrides it."""
     cmd = [
         sys.executable,
         "-m",
@@ -38,7 +39,11 @@ def _train(teacher_dir, prepared_dir, out, *extra) -> str:
         "loss.ce_positions=all",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+
+
+def _train(teacher_dir, prepared_dir, out, *extra) -> str:
+    proc = _run(teacher_dir, prepared_dir, out, *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -86,13 +91,7 @@ def test_lean_single_process_skips_a_non_finite_update_as_zero2_does(tmp_path, t
     out = tmp_path / "run"
     _train(teacher_dir, prepared_dir, out, "train.halt_at_step=3")
     _blow_up_weights(str(out), "step_00000003")
-    proc = subprocess.run(
-        [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml"), f"teacher.path={teacher_dir}",
-         f"data.path={prepared_dir}", f"output_dir={out}", "train.max_steps=6", "train.micro_batch=2", "train.global_batch=4",
-         "student.num_layers=1", "student.init_layers=null", "checkpoint.every_steps=3", "checkpoint.keep_last=0",
-         "train.log_every=1000", "loss.ce_positions=all", "train.max_nonfinite_steps=2"],
-        cwd=REPO, env=ENV, capture_output=True, text=True,
-    )  # fmt: skip
+    proc = _run(teacher_dir, prepared_dir, out, "train.max_nonfinite_steps=2")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "skipped this update (1 of train.max_nonfinite_steps=2" in proc.stderr
     assert "step 6: loss term" in proc.stderr and "train.max_nonfinite_steps=2 skips are used up" in proc.stderr, proc.stderr[-1500:]
@@ -109,9 +108,7 @@ def test_bf16_on_a_cpu_with_native_bf16_trains_like_fp32_and_is_refused_elsewher
 
     bf16 = ("train.precision=bf16", "teacher.dtype=bf16")
     if not cpu_has_native_bf16():
-        cmd = [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml"), f"teacher.path={teacher_dir}",
-               f"data.path={prepared_dir}", f"output_dir={tmp_path / 'refused'}", *bf16]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+        proc = _run(teacher_dir, prepared_dir, tmp_path / "refused", *bf16)
         assert proc.returncode == 2 and "AVX512-BF16 or AMX" in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "refused").exists()
         return
