@@ -9,7 +9,7 @@ any other global (`os.system`, `builtins.exec`, ...) is refused before anything 
 `file_problem` also reads every record once to check the CRC-32 torch wrote (torch.load does not).
 
 `ALLOWED` is exactly what DeepSpeed 0.19 writes into ZeRO-1/2/3 checkpoints and universal conversions
-(found with `torch.serialization.get_unsafe_globals_in_checkpoint` on real ones, see the README).
+(found with `torch.serialization.get_unsafe_globals_in_checkpoint` on real ones, see docs/clusters-and-faults.md).
 """
 
 from __future__ import annotations

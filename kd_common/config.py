@@ -428,3 +428,15 @@ def from_arguments(cls: type, args: argparse.Namespace, replace: tuple[str, ...]
 
 def to_yaml(config: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def reference_markdown(cls: type, command: str) -> str:
+    """A Markdown table of every setting of `cls` (key, flag, default, meaning, range), from the fields' own docs."""
+
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    rows = [f"## `{command}`", "", "| key | flag | default | meaning | range |", "|---|---|---|---|---|"]
+    for key, _, info in leaves(cls):
+        rows.append(f"| `{key}` | `{_flag_name(key, info)}` | `{cell(repr(_default(info)))}` | {cell(info.description or '')} | {cell(_bounds(info))} |")
+    return "\n".join(rows) + "\n"
