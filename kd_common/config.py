@@ -438,5 +438,7 @@ def reference_markdown(cls: type, command: str) -> str:
 
     rows = [f"## `{command}`", "", "| key | flag | default | meaning | range |", "|---|---|---|---|---|"]
     for key, _, info in leaves(cls):
-        rows.append(f"| `{key}` | `{_flag_name(key, info)}` | `{cell(repr(_default(info)))}` | {cell(info.description or '')} | {cell(_bounds(info))} |")
+        rows.append(
+            f"| `{key}` | `{_flag_name(key, info)}` | `{cell(repr(_default(info)))}` | {cell(info.description or '')} | {cell(_bounds(info))} |"
+        )
     return "\n".join(rows) + "\n"
