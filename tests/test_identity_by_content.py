@@ -200,7 +200,9 @@ def causal_assets(tmp_path_factory, corpus_dir):
         sorted(str(corpus / f) for f in os.listdir(corpus)),
         trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.save_pretrained(str(root / "tokenizer"))
     data = str(root / "data")
     prep = cli(
