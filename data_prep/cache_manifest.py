@@ -4,7 +4,7 @@
 A cache directory::
 
     manifest.json        written last: format, mode (topk | sampled), k, temperature, value dtype, the teacher's
-                         identity (fingerprint, config, sha256 of its weight files), the dataset manifest's sha256,
+                         identity (fingerprint, config, content sha256 of its weight files), the dataset manifest's sha256,
                          and the parts with their rows, tokens, bytes and sha256
     train/SSSSS-RRRRRRRRR.parquet   part files: data shard SSSSS, rows from RRRRRRRRR on, row for row with the data
 
@@ -63,7 +63,7 @@ class CacheManifest:
     vocab_size: int
     split: str
     seed: int
-    teacher: dict[str, Any]  # path, fingerprint, config, weights_sha256
+    teacher: dict[str, Any]  # path, fingerprint, config, content_sha256 + files (distill/fingerprint.py; older: weights_sha256)
     dataset: dict[str, Any]  # path, manifest_sha256, rows, tokens
     parts: list[CachePart] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)

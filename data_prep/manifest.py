@@ -222,3 +222,33 @@ def check_tokenizer_matches(manifest: Manifest, identity: TokenizerIdentity, wha
                 else ""
             )
         )
+
+
+def check_tokenizer_folder(folder: str, expected: TokenizerIdentity, source: str, advice: str = "restore it or prepare the data again"):
+    """Load the tokenizer in `folder` and refuse it unless it is `expected` (the identity `source` recorded: the same
+    vocabulary hash, the hash distill-prep computed, and the same special-token ids); returns the tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        found = tokenizer_identity(tokenizer, folder, expected.type)
+    except Exception as exc:  # transformers raises many types for a damaged folder
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise DatasetError(f"{folder} cannot be read as the tokenizer {source} records ({first}); {advice}") from None
+    shared = set(expected.special_token_ids) & set(found.special_token_ids)
+    specials = {n: (expected.special_token_ids[n], found.special_token_ids[n]) for n in sorted(shared)}
+    if found.vocab_sha256 != expected.vocab_sha256 or any(a != b for a, b in specials.values()):
+        raise DatasetError(
+            f"{folder} does not match the tokenizer this dataset was prepared with ({source}: vocab {expected.vocab_size}, vocab sha256 "
+            f"{expected.vocab_sha256[:12]}; the folder: vocab {found.vocab_size}, vocab sha256 {found.vocab_sha256[:12]}"
+            + "".join(f", {n} id {a} -> {b}" for n, (a, b) in specials.items() if a != b)
+            + f"): {advice}"
+        )
+    return tokenizer
+
+
+def load_dataset_tokenizer(data_dir: str, manifest: Manifest):
+    """The dataset's `tokenizer/` folder, loaded and checked against its manifest (`check_tokenizer_folder`)."""
+    return check_tokenizer_folder(
+        os.path.join(data_dir, TOKENIZER_DIR), manifest.tokenizer, f"manifest {os.path.join(data_dir, MANIFEST_FILE)}"
+    )

@@ -91,7 +91,8 @@ class CacheConfig:
 
 
 def weights_sha256(path: str) -> str:
-    """sha256 over the teacher's weight files (name + content), in name order."""
+    """sha256 over the teacher's weight files (name + content), in name order: what caches before content fingerprints
+    recorded (the reader checks it for them; new caches record `distill.fingerprint.content_identity`)."""
     digest = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         if name.endswith((".safetensors", ".bin")):
@@ -103,7 +104,8 @@ def weights_sha256(path: str) -> str:
 
 
 def teacher_fingerprint(path: str) -> str:
-    """The identity the trainer records for a teacher (distill/teacher.py: config + weight file names and sizes)."""
+    """The old identity of a teacher (distill/teacher.py: config + weight file names and sizes), kept in the manifest for
+    older readers; the content is `teacher.content_sha256`."""
     from distill.teacher import OnlineTeacher
 
     return OnlineTeacher(None, path).fingerprint()
@@ -169,14 +171,12 @@ class StaticMasker:
         self.collator = None
 
     def _build(self):
-        from transformers import AutoTokenizer
-
-        from data_prep.manifest import TOKENIZER_DIR, load_manifest
+        from data_prep.manifest import load_dataset_tokenizer, load_manifest
         from distill.data import load_token_counts
         from distill.masking import collator_for
 
         manifest = load_manifest(self.data_dir)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.data_dir, TOKENIZER_DIR), local_files_only=True)
+        tokenizer = load_dataset_tokenizer(self.data_dir, manifest)
         data = SimpleNamespace(**{key[len("data.") :]: v for key, v in self.settings.items() if key.startswith("data.")})
         counts = load_token_counts(self.data_dir, manifest) if data.token_frequency_smoothing > 0 else np.zeros(0)
         special = manifest.tokenizer.all_special_ids
@@ -394,12 +394,13 @@ def parts_of(manifest, split: str, rows_per_part: int) -> list[tuple[int, str, i
 
 def check_inputs(cfg: CacheConfig):
     """The dataset (manifest, causal packing, split), the teacher's config and vocabulary: every problem before any work."""
-    from data_prep.manifest import load_manifest, verify_shards
+    from data_prep.manifest import load_dataset_tokenizer, load_manifest, verify_shards
     from distill.models import load_teacher_config
 
     manifest = load_manifest(cfg.data)
     masking_for(cfg, manifest)  # masked-LM data without static masks: refused here, before any work
     verify_shards(cfg.data, manifest, cfg.split, checksums=True)
+    load_dataset_tokenizer(cfg.data, manifest)  # its tokenizer/ folder is the one the manifest records
     config = load_teacher_config(cfg.teacher)
     vocab = manifest.tokenizer.vocab_size
     if config.vocab_size < vocab:
@@ -415,11 +416,13 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
 
     from data_prep.manifest import MANIFEST_FILE
     from data_prep.runner import local_runner
+    from distill.fingerprint import content_identity
     from kd_common.files import sha256_file
     from kd_common.outputs import replace_when_complete
 
     t0 = time.time()
     manifest, config = check_inputs(cfg)
+    teacher_content = content_identity(cfg.teacher)  # the teacher the workers read, by content (checked again at the end)
     vocab = manifest.tokenizer.vocab_size
     units = parts_of(manifest, cfg.split, cfg.rows_per_part)
     masking = masking_for(cfg, manifest)
@@ -454,6 +457,10 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
         parts = _verify_parts(work, manifest, cfg, units, variants)
         tokens = sum(p.tokens for p in parts)
         size = sum(p.bytes for p in parts)
+        if content_identity(cfg.teacher, teacher_content["files"])["sha256"] != teacher_content["sha256"]:
+            raise CacheError(
+                f"the teacher's files in {cfg.teacher} changed while the cache was written; nothing was kept: run distill-cache again"
+            )
         cached = tokens * max(1, variants)  # tokens the teacher ran on (each row once per static mask)
         result = CacheManifest(
             mode=cfg.mode,
@@ -471,7 +478,8 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
                 "path": os.path.abspath(cfg.teacher),
                 "fingerprint": teacher_fingerprint(cfg.teacher),
                 "config": config.to_dict(),
-                "weights_sha256": weights_sha256(cfg.teacher),
+                "content_sha256": teacher_content["sha256"],  # distill/fingerprint.py; "files": its per-file record
+                "files": teacher_content["files"],
             },
             dataset={
                 "path": os.path.abspath(cfg.data),

@@ -77,7 +77,6 @@ class CacheTeacher:
     @classmethod
     def load(cls, cfg, device: torch.device) -> "CacheTeacher":
         from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
-        from distill.cache_pipeline import teacher_fingerprint
         from distill.models import load_teacher_config
 
         problems = config_problems(cfg)
@@ -92,11 +91,7 @@ class CacheTeacher:
                 f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
                 f"run distill-cache on this dataset"
             )
-        if manifest.teacher.get("fingerprint") != teacher_fingerprint(cfg.teacher.path):
-            raise CacheError(
-                f"{where} was written with another teacher ({manifest.teacher.get('path')}), not {cfg.teacher.path}; "
-                f"run distill-cache with this teacher"
-            )
+        _check_teacher(cfg.teacher.path, manifest.teacher, where)
         if manifest.split != cfg.data.split:
             raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
         if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
@@ -194,6 +189,31 @@ class CacheTeacher:
             temperature=self.manifest.temperature,
         )
         return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=not variants)
+
+
+def _check_teacher(path: str, recorded: dict, where: str) -> None:
+    """The teacher at `path` is the one the cache was written with, by the content of its files (distill/fingerprint.py,
+    re-hashing only files changed since the cache recorded them); a cache from before content fingerprints is checked
+    by the sha256 of its weight files it recorded, one with neither by config and file sizes (with a warning)."""
+    from distill.cache_pipeline import teacher_fingerprint, weights_sha256
+    from distill.fingerprint import content_identity, differing_files
+
+    if "content_sha256" in recorded:
+        now = content_identity(path, recorded.get("files"))
+        was, found, changed = recorded["content_sha256"], now["sha256"], differing_files(recorded.get("files"), now["files"])
+    elif "weights_sha256" in recorded:
+        was, found, changed = recorded["weights_sha256"], weights_sha256(path), []
+    else:
+        log.warning(
+            "%s records no hash of its teacher's weights (an older cache): the teacher is matched by config and file sizes only", where
+        )
+        was, found, changed = recorded.get("fingerprint"), teacher_fingerprint(path), []
+    if was != found:
+        raise CacheError(
+            f"{where} was written with another teacher ({recorded.get('path')}, content sha256 {str(was)[:12]}), not {path} "
+            f"(content sha256 {found[:12]}{', differs in ' + ', '.join(changed) if changed else ''}); run distill-cache with this "
+            f"teacher, or set teacher.path to the one the cache was written with"
+        )
 
 
 def _check_masking(cfg, manifest, where: str, packing: str) -> None:

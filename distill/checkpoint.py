@@ -136,13 +136,41 @@ def _default_identity() -> dict[str, Any]:
     return {k: v for k, v in flatten(Config().to_dict()).items() if k not in RESTARTABLE_KEYS}
 
 
-def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
-    """Make `output_dir` this run's: returns True if it already was (resume), refuses foreign data."""
+CONTENT_KEY = "teacher.content_sha256"  # the teacher by its weights (distill/fingerprint.py); runs before it lack the key
+
+
+def read_run_record(output_dir: str) -> dict[str, Any]:
+    """OUTPUT/run.json as written ({"identity": ..., "teacher_files": ...}); {} when there is none."""
     run_file = os.path.join(output_dir, RUN_FILE)
-    if os.path.exists(run_file):
-        with open(run_file) as handle:
-            previous = json.load(handle)["identity"]
+    if not os.path.exists(run_file):
+        return {}
+    with open(run_file) as handle:
+        return json.load(handle)
+
+
+def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Optional[str] = None) -> bool:
+    """Make `output_dir` this run's: returns True if it already was (resume), refuses foreign data.
+
+    With `teacher_path`, the identity also holds the teacher's content fingerprint (`CONTENT_KEY`), hashed with the
+    per-file record run.json keeps (`teacher_files`: a file unchanged since is not read again). A run.json written
+    before that key existed is matched by the old fingerprint (config + file sizes) alone, with a warning, and then
+    records the content, so the next resume checks it."""
+    from distill.fingerprint import content_identity, differing_files
+
+    run_file = os.path.join(output_dir, RUN_FILE)
+    record = read_run_record(output_dir)
+    files = None
+    if teacher_path:
+        content = content_identity(teacher_path, record.get("teacher_files"))
+        identity = dict(identity, **{CONTENT_KEY: content["sha256"]})
+        files = content["files"]
+    written = {"identity": identity, **({"teacher_files": files} if files is not None else {})}
+    if record:
+        previous = record["identity"]
         defaults = _default_identity()  # a key added in a later version counts as its default in older runs
+        legacy = CONTENT_KEY in identity and CONTENT_KEY not in previous
+        if legacy:
+            defaults[CONTENT_KEY] = identity[CONTENT_KEY]
         diffs = [
             f"{k}: {previous.get(k, defaults.get(k))!r} -> {identity.get(k, defaults.get(k))!r}"
             for k in sorted(set(previous) | set(identity))
@@ -159,12 +187,30 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
                 "; ".join(diffs),
                 aside,
             )
-            write_json_atomically(run_file, {"identity": identity})
+            write_json_atomically(run_file, written)
             return False
+        if diffs and any(d.startswith(CONTENT_KEY + ":") for d in diffs):
+            changed = differing_files(record.get("teacher_files"), files or {})
+            raise CheckpointError(
+                f"output_dir {output_dir!r} holds a run of another teacher (differs in {'; '.join(diffs)}): teacher.path "
+                f"{teacher_path} holds other weights than the run was started with (changed: {', '.join(changed) or 'unknown'}); "
+                f"put the run's teacher back at teacher.path to resume, or use a new output_dir"
+            )
         if diffs:
             raise CheckpointError(
                 f"output_dir {output_dir!r} holds another run (differs in {'; '.join(diffs)}); "
                 f"use a new output_dir, or restore the old settings to resume it"
+            )
+        if legacy:
+            log.warning(
+                "run.json of %s predates content fingerprints: its teacher was matched by config.json and weight-file sizes only "
+                "(not its weights); recording the content of %s now, later resumes check it",
+                output_dir,
+                teacher_path,
+            )
+        if files is not None and (legacy or files != record.get("teacher_files")):  # an older run, or teacher files touched since
+            write_json_atomically(
+                run_file, dict(record, identity=dict(previous, **{CONTENT_KEY: identity[CONTENT_KEY]}), teacher_files=files)
             )
         return True
     if os.path.isdir(output_dir) and set(os.listdir(output_dir)) - LAUNCHER_ENTRIES:
@@ -172,7 +218,7 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
             f"output_dir {output_dir!r} already holds data that is not a run of this tool; choose an empty or new directory"
         )
     os.makedirs(output_dir, exist_ok=True)
-    write_json_atomically(run_file, {"identity": identity})
+    write_json_atomically(run_file, written)
     return False
 
 

@@ -43,17 +43,20 @@ class ResumePoint:
 
 
 class Checkpointer:
-    def __init__(self, cfg, ctx: DistContext, manifest_sha: str, total_steps: int, tokenizer_dir: str):
+    def __init__(self, cfg, ctx: DistContext, manifest_sha: str, total_steps: int, tokenizer, tokenizer_identity: Optional[dict] = None):
+        """`tokenizer`: the dataset's, as loaded and checked against its manifest at start (each checkpoint saves that one,
+        not the folder as it is at save time); `tokenizer_identity`: the manifest's record of it (distill-export checks it)."""
         self.cfg = cfg
         self.ctx = ctx
         self.manifest_sha = manifest_sha
         self.total_steps = total_steps
-        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer = tokenizer
+        self.tokenizer_identity = tokenizer_identity
         self.root = ckpt.checkpoints_root(cfg.output_dir)
 
-    def claim(self, identity: dict) -> bool:
-        """Make output_dir this run's (rank 0 decides): True when it already was (resume)."""
-        return on_main_then_broadcast(self.ctx, lambda: ckpt.claim_output_dir(self.cfg.output_dir, identity))
+    def claim(self, identity: dict, teacher_path: Optional[str] = None) -> bool:
+        """Make output_dir this run's (rank 0 decides, and only rank 0 hashes the teacher): True when it already was (resume)."""
+        return on_main_then_broadcast(self.ctx, lambda: ckpt.claim_output_dir(self.cfg.output_dir, identity, teacher_path))
 
     def resume_point(self, zero_stage: int) -> Optional[ResumePoint]:
         """The newest checkpoint that loads safely (a damaged newer one is reported loudly and set aside), or None."""
@@ -119,6 +122,7 @@ class Checkpointer:
                 "seed": self.cfg.seed,
             },
             "data_manifest_sha256": self.manifest_sha,
+            **({"tokenizer": self.tokenizer_identity} if self.tokenizer_identity else {}),
             **extra_state,
             "config": self.cfg.to_dict(),
         }
@@ -139,13 +143,11 @@ class Checkpointer:
 
     def _finish(self, engine, tag: str, state: dict) -> None:
         """Rank 0, after every rank wrote its shards: HF config, tokenizer, trainer state, COMPLETE, `latest`, pruning."""
-        from transformers import AutoTokenizer
-
         tag_dir = os.path.join(self.root, tag)
         student = engine.module.model
         student.config.architectures = [type(student).__name__]
         student.config.save_pretrained(os.path.join(tag_dir, "hf_config"))
-        AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True).save_pretrained(os.path.join(tag_dir, "tokenizer"))
+        self.tokenizer.save_pretrained(os.path.join(tag_dir, "tokenizer"))
         write_json_atomically(os.path.join(tag_dir, ckpt.TRAINER_STATE), state)
         ckpt.mark_complete(tag_dir)
         ckpt.write_latest(self.root, tag)

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data_prep.manifest import check_tokenizer_matches, load_manifest, tokenizer_identity
+from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity
 from distill.data import TokenSequences
 from distill.families import Family, FamilyError, family_of
 from distill.losses import IGNORE_INDEX, Batch, select_logit_positions
@@ -165,6 +165,7 @@ def evaluate(
         paths[label] = path
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     manifest = load_manifest(data_dir)
+    load_dataset_tokenizer(data_dir, manifest)  # a dataset whose tokenizer/ folder is not its manifest's is refused by every reader
     if split not in manifest.splits or manifest.splits[split].rows == 0:
         raise ModelError(f"{data_dir} has no {split!r} rows to evaluate on (splits: {', '.join(manifest.splits) or 'none'})")
     causal = manifest.packing == "causal"

@@ -59,6 +59,34 @@ def is_export_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PROVENANCE))
 
 
+def checkpoint_tokenizer(tag_dir: str, state: dict):
+    """The checkpoint's tokenizer/ folder, refused unless it is the dataset's tokenizer the run trained with (the identity
+    its trainer_state.json records; an older checkpoint: the dataset's manifest, if it is still the one the run read)."""
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+
+    from data_prep.manifest import MANIFEST_FILE, TokenizerIdentity, check_tokenizer_folder, load_manifest, sha256_file
+
+    folder = os.path.join(tag_dir, "tokenizer")
+    recorded, source = state.get("tokenizer"), f"{os.path.join(tag_dir, ckpt.TRAINER_STATE)}"
+    if not isinstance(recorded, dict):
+        data = ((state.get("config") or {}).get("data") or {}).get("path")
+        manifest = os.path.join(data, MANIFEST_FILE) if isinstance(data, str) else ""
+        if manifest and os.path.isfile(manifest) and sha256_file(manifest) == state.get("data_manifest_sha256"):
+            recorded, source = asdict(load_manifest(data).tokenizer), f"manifest {manifest}"
+        else:
+            log.warning("%s records no tokenizer identity and its dataset is gone or changed: exporting %s unchecked", tag_dir, folder)
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    try:
+        expected = TokenizerIdentity(**recorded)
+    except TypeError:
+        raise ExportError(f"{source} has a malformed tokenizer record; the checkpoint is damaged: export another one") from None
+    return check_tokenizer_folder(
+        folder, expected, source, "restore it (a copy of the dataset's tokenizer/ folder) or export another checkpoint"
+    )
+
+
 def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> str:
     """Write `output` with safetensors weights, config and tokenizer; returns `output`.
 
@@ -67,7 +95,7 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     one `step_XXXXXXXX` directory. `output` must not overlap the checkpoint; an existing one is replaced
     only with `overwrite`, only if distill-export wrote it, and only once the new export is complete.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     root, tag = ckpt.resolve_checkpoint(checkpoint)
     tag_dir = os.path.join(root, tag)
@@ -97,12 +125,12 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         if result.unexpected_keys:
             raise ExportError(f"checkpoint {tag_dir} has unexpected weights {result.unexpected_keys[:5]}")
         model.tie_weights()
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(tag_dir, "tokenizer"), local_files_only=True)
+        state_info = ckpt.read_trainer_state(root, tag)
+        tokenizer = checkpoint_tokenizer(tag_dir, state_info)
         if config.model_type == "distilbert":
             tokenizer.model_input_names = ["input_ids", "attention_mask"]  # DistilBERT takes no token_type_ids
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        state_info = ckpt.read_trainer_state(root, tag)
         with open(os.path.join(staging, PROVENANCE), "w") as handle:  # written last: it marks a finished export
             json.dump(
                 {

@@ -15,7 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from data_prep.manifest import TOKENIZER_DIR, DatasetError, check_tokenizer_matches, load_manifest, tokenizer_identity, verify_shards
+from data_prep.manifest import (
+    DatasetError,
+    check_tokenizer_matches,
+    load_dataset_tokenizer,
+    load_manifest,
+    tokenizer_identity,
+    verify_shards,
+)
 from distill.config import Config, ConfigError
 from distill.engine import deepspeed_config
 from distill.families import FamilyError
@@ -64,12 +71,12 @@ class Preflight:
 
 
 def load_tokenizer(cfg: Config, manifest):
-    """The dataset's tokenizer; the teacher's own tokenizer (if it has one) must be the same."""
+    """The dataset's tokenizer (its folder checked against the manifest); the teacher's own tokenizer (if it has one) must be the same."""
     from transformers import AutoTokenizer
 
     from data_prep.tokenization import has_tokenizer_files
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), local_files_only=True)
+    tokenizer = load_dataset_tokenizer(cfg.data.path, manifest)
     if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
         if has_tokenizer_files(cfg.teacher.path):
             teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, local_files_only=True)

@@ -57,7 +57,8 @@ class OnlineTeacher:
         return f"{type(self.model).__name__}, {count_parameters(self.model) / 1e6:.2f}M parameters, frozen"
 
     def fingerprint(self) -> str:
-        """Config hash plus weight file names and sizes: cheap, and stable when the directory moves."""
+        """Config hash plus weight file names and sizes (the identity runs recorded before content fingerprints; the run
+        identity also records the weights' content, `teacher.content_sha256`: distill/fingerprint.py)."""
         digest = hashlib.sha256(open(os.path.join(self.path, "config.json"), "rb").read())
         for name in sorted(os.listdir(self.path)):
             if name.endswith((".safetensors", ".bin")):

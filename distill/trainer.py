@@ -18,13 +18,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from data_prep.manifest import MANIFEST_FILE, TOKENIZER_DIR, sha256_file
+from data_prep.manifest import MANIFEST_FILE, sha256_file
 from distill import checkpoint as ckpt
 from distill.checkpointer import Checkpointer
 from distill.config import Config
@@ -301,11 +301,11 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
             teacher.compile()
 
     # Everything above only read: the run directory is claimed (run.json written) once every setting has been checked.
-    checkpointer = Checkpointer(cfg, ctx, manifest_sha, total_steps, os.path.join(cfg.data.path, TOKENIZER_DIR))
+    checkpointer = Checkpointer(cfg, ctx, manifest_sha, total_steps, tokenizer, asdict(manifest.tokenizer))
     identity = ckpt.run_identity(cfg.to_dict(), manifest_sha)
     if teacher is not None:
         identity["teacher.fingerprint"] = teacher.fingerprint()
-    resuming = checkpointer.claim(identity)
+    resuming = checkpointer.claim(identity, cfg.teacher.path)  # + the teacher's content fingerprint (distill/fingerprint.py)
     resume = checkpointer.resume_point(ds_config["zero_optimization"]["stage"]) if resuming else None
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
