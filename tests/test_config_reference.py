@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from distill import config_reference
+from distill.tools import config_reference
 from kd_common.config import leaves, reference_markdown, section, setting
 
 
 def test_configuration_page_is_current():
-    """The committed page equals what the generator writes now (rerun `python -m distill.config_reference` if not)."""
+    """The committed page equals what the generator writes now (rerun `python -m distill.tools.config_reference` if not)."""
     with open(config_reference.PAGE, encoding="utf-8") as handle:
-        assert handle.read() == config_reference.render(), "docs/configuration.md is stale: run `python -m distill.config_reference`"
+        assert handle.read() == config_reference.render(), "docs/configuration.md is stale: run `python -m distill.tools.config_reference`"
     assert config_reference.main(["--check"]) == 0
 
 

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from distill import checkpoint as ckpt
-from distill import fingerprint as fp
+from distill.checkpoints import layout as ckpt
+from distill.models import fingerprint as fp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -85,7 +85,7 @@ def flip_tensor_byte(path: str) -> None:
 @pytest.fixture(scope="module")
 def twin_teachers(tmp_path_factory, tokenizer_dir):
     """Two random BERT teachers of one shape (same config.json, same file sizes), different weights (seeds 0 and 1)."""
-    from distill.demo_assets import save_random_bert_teacher
+    from distill.tools.demo_assets import save_random_bert_teacher
 
     root = tmp_path_factory.mktemp("twins")
     shape = dict(layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
@@ -95,7 +95,7 @@ def twin_teachers(tmp_path_factory, tokenizer_dir):
 
 
 def test_twins_differ_only_in_content_and_the_old_fingerprint_cannot_tell(twin_teachers):
-    from distill.teacher import OnlineTeacher
+    from distill.teachers.online import OnlineTeacher
 
     a, b = twin_teachers
     assert open(os.path.join(a, "config.json"), "rb").read() == open(os.path.join(b, "config.json"), "rb").read()
@@ -236,7 +236,7 @@ def causal_assets(tmp_path_factory, corpus_dir):
 
 
 def test_a_cache_of_teacher_a_is_refused_for_teacher_b_of_the_same_shape(causal_assets, tmp_path):
-    from distill.teacher import OnlineTeacher
+    from distill.teachers.online import OnlineTeacher
 
     a, b = causal_assets["teachers"]
     data = causal_assets["data"]
@@ -302,7 +302,7 @@ def replace_tokenizer(folder, corpus_dir, bpe: bool = False) -> None:
         eos = "<|endoftext|>"
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos).save_pretrained(str(folder))
     else:
-        from distill.demo_assets import train_wordpiece_tokenizer
+        from distill.tools.demo_assets import train_wordpiece_tokenizer
 
         train_wordpiece_tokenizer(files, str(folder), vocab_size=1500)
 
