@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.objective.chunked_logits import ChunkedLogitLoss, chunked_logit_loss, naive_logit_loss
+from distill.objective.chunked_logits import chunked_logit_loss, naive_logit_loss
+from distill.objective.head_loss import ChunkedLogitLoss
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, H_S, H_T, ROWS_S, ROWS_T, VOCAB = 24, 8, 12, 40, 38, 36  # two heads padded differently; the first 36 rows count

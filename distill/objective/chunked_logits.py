@@ -39,7 +39,7 @@ to bf16 before the fp32 sum: tested as accurate as the direct bf16 computation a
 
 DeepSpeed ZeRO-3: the student's LM-head weight is a partitioned parameter, gathered only while a module whose
 forward uses it runs; read anywhere else (e.g. by a loss after ``engine(...)`` returned) it is an empty tensor, and
-`chunked_logit_loss` then raises. Use `ChunkedLogitLoss`: a parameter-less module that holds a reference to the
+`chunked_logit_loss` then raises. Use `ChunkedLogitLoss` (distill/objective/head_loss.py): a parameter-less module that holds a reference to the
 head and registers its weight and bias as external parameters of itself
 (`deepspeed.zero.register_external_parameter`), so ZeRO-3 gathers them for its own forward and releases them
 after (its backward needs nothing gathered, the gradients are ready; with grad_in_forward=False ZeRO-3's backward
@@ -104,7 +104,7 @@ class _Options:
     grads: tuple  # which of (student hidden, student weight, student bias) need a gradient
 
 
-def _weight_bias(head: Head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def weight_bias(head: Head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(head, torch.Tensor):
         return head, None
     if isinstance(head, (tuple, list)):
@@ -113,11 +113,11 @@ def _weight_bias(head: Head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return head.weight, getattr(head, "bias", None)
 
 
-def _check_head(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
+def check_head(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
             f"the {name} head weight has shape {tuple(weight.shape)}, expected (vocab rows, {hidden.shape[-1]}); an empty weight is "
-            f"what DeepSpeed ZeRO-3 shows outside the forward of a module that uses it: use distill.objective.chunked_logits.ChunkedLogitLoss, "
+            f"what DeepSpeed ZeRO-3 shows outside the forward of a module that uses it: use distill.objective.head_loss.ChunkedLogitLoss, "
             f"a submodule of the DeepSpeed-wrapped model that gathers the head for its forward"
         )
     if weight.shape[1] != hidden.shape[-1]:
@@ -130,7 +130,7 @@ def _check_head(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], h
         raise ValueError(f"the {name} head bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
 
 
-def _resolve_vocab(vocab_size: Optional[int], *weights: torch.Tensor) -> int:
+def resolve_vocab(vocab_size: Optional[int], *weights: torch.Tensor) -> int:
     rows = sorted({w.shape[0] for w in weights})
     if vocab_size is None:
         if len(rows) > 1:
@@ -143,7 +143,7 @@ def _resolve_vocab(vocab_size: Optional[int], *weights: torch.Tensor) -> int:
     return vocab_size
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 for fp64
 
 
@@ -192,7 +192,7 @@ def _divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, want_g
 def _sweep(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, kd_row, ce_row, o: _Options, want_grads: bool):
     """One pass over the positions, `o.chunk_size` at a time: (kd, ce) sums weighted by kd_row / ce_row, and the
     student's gradients of kd_weight * kd + ce_weight * ce (None unless `want_grads`)."""
-    acc = _acc_dtype(s_hidden.dtype)
+    acc = acc_dtype(s_hidden.dtype)
     vocab, temperature = o.vocab_size, o.temperature
     sw, sb = s_weight[:vocab], (s_bias[:vocab] if s_bias is not None else None)
     tw = t_weight[:vocab] if t_weight is not None else None
@@ -287,7 +287,7 @@ def position_weights(
     """Which of the (N, H) `hidden` positions count, and their weights: `kd_mask` (default: the labelled positions
     when `labels` are given, else all; none without a KD `kind`), `ce_mask` (the labelled ones), each position's
     share of its mean (`kd_row`, `ce_row`, in the accumulation dtype) and the flat labels (zeros without labels)."""
-    n, device, acc = hidden.shape[0], hidden.device, _acc_dtype(hidden.dtype)
+    n, device, acc = hidden.shape[0], hidden.device, acc_dtype(hidden.dtype)
     with_ce = labels is not None
     ce_mask = (labels.reshape(-1) != ignore_index) if with_ce else torch.zeros(n, dtype=torch.bool, device=device)
     if kd_mask is None:
@@ -340,19 +340,19 @@ def chunked_logit_loss(
         raise ValueError("nothing to compute: kind=None (no KD loss) needs labels for the cross-entropy")
     width = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, width)
-    s_weight, s_bias = _weight_bias(student_head)
-    _check_head("student", s_weight, s_bias, student_hidden)
+    s_weight, s_bias = weight_bias(student_head)
+    check_head("student", s_weight, s_bias, student_hidden)
     t_hidden = t_weight = t_bias = None
     if kind is not None:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError(f"kind {kind!r} needs the teacher's hidden states and head")
-        t_weight, t_bias = _weight_bias(teacher_head)
-        _check_head("teacher", t_weight, t_bias, teacher_hidden)
+        t_weight, t_bias = weight_bias(teacher_head)
+        check_head("teacher", t_weight, t_bias, teacher_hidden)
         t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         t_weight, t_bias = t_weight.detach(), (t_bias.detach() if t_bias is not None else None)
         if t_hidden.shape[0] != s_hidden.shape[0]:
             raise ValueError(f"teacher hidden states have {t_hidden.shape[0]} positions, the student's {s_hidden.shape[0]}")
-    vocab = _resolve_vocab(vocab_size, s_weight, *([t_weight] if t_weight is not None else []))
+    vocab = resolve_vocab(vocab_size, s_weight, *([t_weight] if t_weight is not None else []))
 
     with_ce = labels is not None
     kd_mask, ce_mask, kd_row, ce_row, labels_flat = position_weights(s_hidden, kind, labels, kd_mask, ignore_index)
@@ -403,16 +403,16 @@ def naive_logit_loss(
 ) -> LogitLosses:
     """The direct computation, for tests and the benchmark: full (tokens x vocab) logits of both models, then the
     loss with PyTorch's own ops (F.kl_div, F.cross_entropy, the mixture as in TRL) and autograd for gradients."""
-    s_weight, s_bias = _weight_bias(student_head)
+    s_weight, s_bias = weight_bias(student_head)
     width = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, width)
     n = s_hidden.shape[0]
-    acc = _acc_dtype(s_hidden.dtype)
+    acc = acc_dtype(s_hidden.dtype)
     weights = [s_weight]
     if kind is not None:
-        t_weight, t_bias = _weight_bias(teacher_head)
+        t_weight, t_bias = weight_bias(teacher_head)
         weights.append(t_weight)
-    vocab = _resolve_vocab(vocab_size, *weights)
+    vocab = resolve_vocab(vocab_size, *weights)
     s_logits = F.linear(s_hidden, s_weight[:vocab], s_bias[:vocab] if s_bias is not None else None).to(acc)
     labels = labels.reshape(-1) if labels is not None else None
     ce_mask = labels != ignore_index if labels is not None else None
@@ -443,55 +443,3 @@ def naive_logit_loss(
         ce = F.cross_entropy(s_logits, labels, ignore_index=ignore_index, reduction="sum") / ce_mask.sum().clamp(min=1)
         loss = loss + ce_weight * ce
     return LogitLosses(loss, kd.detach() if kd is not None else None, ce.detach() if ce is not None else None)
-
-
-def _register_external(module: nn.Module, *params) -> None:
-    """Tell DeepSpeed ZeRO-3 to gather `params` for `module`'s forward (a no-op without DeepSpeed or ZeRO-3)."""
-    try:
-        import deepspeed
-    except ImportError:  # DeepSpeed is a dependency, but the losses work without it
-        return
-    for param in params:
-        if isinstance(param, nn.Parameter):
-            deepspeed.zero.register_external_parameter(module, param)
-
-
-class ChunkedLogitLoss(nn.Module):
-    """`chunked_logit_loss` with the student's LM head read inside this module's forward: the ZeRO-3-safe way.
-
-    Holds a reference to `head` (not a submodule: its parameters stay where they are, once in the state dict) and
-    registers the head's weight and bias as external parameters, so ZeRO-3 gathers them for this forward. Must be a
-    submodule of the module DeepSpeed wraps, called from its forward or after it (``engine.module.<name>(...)``).
-    `options` are `chunked_logit_loss`'s keywords.
-    """
-
-    def __init__(self, head: nn.Module, kind: Optional[str] = "forward_kl", **options):
-        super().__init__()
-        self._head = (head,)  # a tuple hides it from nn.Module's registration
-        self.kind = kind
-        self.options = options
-        _register_external(self, head.weight, getattr(head, "bias", None))
-
-    def extra_repr(self) -> str:
-        return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
-
-    def forward(
-        self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False
-    ) -> LogitLosses:
-        from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
-
-        if isinstance(teacher_hidden, SparseTargets):  # the teacher from a cache (teacher.source: cache)
-            return sparse_logit_loss(
-                student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options
-            )
-        return chunked_logit_loss(
-            student_hidden,
-            self._head[0],
-            teacher_hidden,
-            teacher_head,
-            self.kind,
-            labels=labels,
-            kd_mask=kd_mask,
-            all_positions=all_positions,
-            **self.options,
-        )

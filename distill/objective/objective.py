@@ -146,7 +146,7 @@ class Objective:
         (a submodule of the engine's wrapper, so ZeRO-3 gathers the head for it), or None when not chunked."""
         if not self.chunked:
             return None
-        from distill.objective.chunked_logits import ChunkedLogitLoss
+        from distill.objective.head_loss import ChunkedLogitLoss
 
         plan, cfg = self.plan, self.ctx.cfg
         module = ChunkedLogitLoss(

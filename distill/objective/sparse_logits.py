@@ -31,11 +31,11 @@ from distill.objective.chunked_logits import (
     IGNORE_INDEX,
     KINDS,
     LogitLosses,
-    _acc_dtype,
-    _check_head,
-    _resolve_vocab,
-    _weight_bias,
+    acc_dtype,
+    check_head,
     position_weights,
+    resolve_vocab,
+    weight_bias,
 )
 
 
@@ -95,7 +95,7 @@ def sparse_divergence(
 
 
 def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, ce_row, o, want_grads: bool):
-    acc = _acc_dtype(s_hidden.dtype)
+    acc = acc_dtype(s_hidden.dtype)
     vocab, temperature = o["vocab"], o["temperature"]
     sw, sb = s_weight[:vocab], (s_bias[:vocab] if s_bias is not None else None)
     kd_sum = torch.zeros((), dtype=acc, device=s_hidden.device)
@@ -186,9 +186,9 @@ def sparse_logit_loss(
         raise ValueError(f"the cache holds the teacher at T={targets.temperature:g}, the loss asks T={temperature:g}")
     width = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, width)
-    s_weight, s_bias = _weight_bias(student_head)
-    _check_head("student", s_weight, s_bias, student_hidden)
-    vocab = _resolve_vocab(vocab_size, s_weight)
+    s_weight, s_bias = weight_bias(student_head)
+    check_head("student", s_weight, s_bias, student_hidden)
+    vocab = resolve_vocab(vocab_size, s_weight)
     n = s_hidden.shape[0]
     if targets.indices.shape[0] != n:
         raise ValueError(f"the cache gives {targets.indices.shape[0]} positions, the student {n}")
