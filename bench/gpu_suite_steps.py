@@ -57,8 +57,28 @@ def sh(cmd: list[str], log: str | None = None) -> subprocess.CompletedProcess:
 
 def bert_setup(smoke: bool) -> dict:
     if smoke:
-        return dict(config="configs/demo.yaml", size="tiny", student=["student.num_layers=1"], vocab=1000, steps=3, warmup=1, seq=(32, 64), micro=4, cap=(4, 4))
-    return dict(config="configs/distilbert.yaml", size="base", student=[], vocab=30522, steps=30, warmup=5, seq=(128, 512), micro=256, cap=(128, 2048))
+        return dict(
+            config="configs/demo.yaml",
+            size="tiny",
+            student=["student.num_layers=1"],
+            vocab=1000,
+            steps=3,
+            warmup=1,
+            seq=(32, 64),
+            micro=4,
+            cap=(4, 4),
+        )
+    return dict(
+        config="configs/distilbert.yaml",
+        size="base",
+        student=[],
+        vocab=30522,
+        steps=30,
+        warmup=5,
+        seq=(128, 512),
+        micro=256,
+        cap=(128, 2048),
+    )
 
 
 def throughput(out: str, name: str, extra: list[str]) -> dict:
@@ -129,7 +149,9 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         tok.train(sorted(os.path.join(corpus, f) for f in os.listdir(corpus)), trainer)
         e = "<|endoftext|>"
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=e, eos_token=e, pad_token=e).save_pretrained(tok_dir)
@@ -141,7 +163,9 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096)
+        shape = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096
+        )
         if not smoke:  # ~1.5B with its untied 128k head and embeddings (Llama-3.2-1B: 16 x 2048, FFN 8192, 32 / 8 heads)
             shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                          vocab_size=128256)  # fmt: skip
@@ -225,7 +249,10 @@ def step_d(out: str, step: str, smoke: bool) -> dict:
 
 def summary(out: str) -> None:
     """OUT/summary.md: a table of every finished step to paste into the README (pending steps say so)."""
-    rows = ["| step | what | tokens/s/GPU | MFU | model TFLOP/s | peak memory (estimate) | data wait | vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| step | what | tokens/s/GPU | MFU | model TFLOP/s | peak memory (estimate) | data wait | vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in sorted(f[:-5] for f in os.listdir(out) if f.endswith(".json")):
         with open(os.path.join(out, name + ".json")) as handle:
             r = json.load(handle)
@@ -248,7 +275,9 @@ def summary(out: str) -> None:
         elif "largest_micro_batch" in r:
             rows.append(f"| {name} | largest micro batch at seq {r['seq']}: {r['largest_micro_batch']} | | | | | | |")
         elif "bytes_per_token" in r:
-            rows.append(f"| {name} | distill-cache top-k 64: {r['tokens_per_s'] or 0:,.0f} tokens/s, {r['bytes_per_token'] or 0:,.1f} bytes/token | | | | | | |")
+            rows.append(
+                f"| {name} | distill-cache top-k 64: {r['tokens_per_s'] or 0:,.0f} tokens/s, {r['bytes_per_token'] or 0:,.1f} bytes/token | | | | | | |"
+            )
         elif "piece" in r:
             rows.append(f"| {name} | quality {r['piece']}: done | | | | | | |")
     with open(os.path.join(out, "summary.md.tmp"), "w") as handle:

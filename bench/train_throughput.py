@@ -924,7 +924,12 @@ def main() -> int:
         "--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path"
     )
     parser.add_argument(
-        "--micro-batch-range", type=int, nargs=2, default=(8, 8192), metavar=("START", "CAP"), help="--find-max-micro-batch: doubling from START up to CAP"
+        "--micro-batch-range",
+        type=int,
+        nargs=2,
+        default=(8, 8192),
+        metavar=("START", "CAP"),
+        help="--find-max-micro-batch: doubling from START up to CAP",
     )
     parser.add_argument("--peak-tflops", type=float, help="peak per process for MFU (default: datasheet on GPU, measured matmul on CPU)")
     parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides of the fast path only")

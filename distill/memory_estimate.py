@@ -144,8 +144,8 @@ def estimate_memory(
         partitioned = P_t * t_bytes / R + gathered
         use_partition = bool(cfg.teacher.partition) and R > 1
         est.parts["teacher weights"] = partitioned if use_partition else replicated
-        est.notes["teacher weights"] = (
-            f"{P_t / 1e6:,.1f}M params x {t_bytes} B " + (f"/ {R} + gathered {gathered / GIB:.2f} GiB" if use_partition else "(replicated)")
+        est.notes["teacher weights"] = f"{P_t / 1e6:,.1f}M params x {t_bytes} B " + (
+            f"/ {R} + gathered {gathered / GIB:.2f} GiB" if use_partition else "(replicated)"
         )
         t_eager = cfg.teacher.attn_implementation == "eager"
         t_elem, _ = activation_elements_per_token_layer(teacher_config, max_seq_len, t_eager, 0.0)
