@@ -89,12 +89,12 @@ def throughput(out: str, name: str, extra: list[str]) -> dict:
 
 
 def memory_estimate_mib(config: str, overrides: list[str], world: int = 1) -> dict:
-    """distill-train --check's estimate (distill/memory_estimate.py) for the config a throughput run used."""
+    """distill-train --check's estimate (distill/train/memory_estimate.py) for the config a throughput run used."""
     import torch
 
     from distill.config import load_config
-    from distill.memory_estimate import GIB, estimate_from_preflight
-    from distill.preflight import preflight
+    from distill.train.memory_estimate import GIB, estimate_from_preflight
+    from distill.train.preflight import preflight
 
     cfg = load_config(os.path.join(REPO, config), [*overrides, "output_dir=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +138,7 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
     tok_dir, data, teacher = (os.path.join(work, d) for d in ("tokenizer", "data", "teacher"))
     corpus = os.path.join(out, "work", "corpus")
     if not os.path.isdir(corpus):
-        from distill.demo_assets import write_corpus
+        from distill.tools.demo_assets import write_corpus
 
         write_corpus(corpus + ".tmp")
         os.replace(corpus + ".tmp", corpus)

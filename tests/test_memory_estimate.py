@@ -1,4 +1,4 @@
-"""The memory estimate of `distill-train --check` (distill/memory_estimate.py) against the measured peak of real runs.
+"""The memory estimate of `distill-train --check` (distill/train/memory_estimate.py) against the measured peak of real runs.
 
 What is compared: the trainer's own peak memory figure on a CPU (metrics.jsonl `peak_memory_mb`, the process's peak
 RSS, ru_maxrss) minus the peak RSS of a process that imports what the trainer imports (torch, DeepSpeed, transformers,
@@ -28,7 +28,7 @@ def _baseline_mib(args: list[str]) -> float:
     """Peak RSS of a process that imports the trainer and its libraries and runs `--check` on the same config (the
     tokenizer, the manifest, meta-device models: every library the run imports, no weights), nothing else."""
     code = (
-        "import resource, sys, deepspeed, distill.trainer, distill.cli; distill.cli.train_main(['--check', *sys.argv[1:]]); "
+        "import resource, sys, deepspeed, distill.train.trainer, distill.cli; distill.cli.train_main(['--check', *sys.argv[1:]]); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -73,7 +73,7 @@ COMMON = [
 
 
 def test_bert_estimate_matches_measured_peak_rss(tmp_path, tokenizer_dir, prepared_dir):
-    from distill.demo_assets import save_random_bert_teacher
+    from distill.tools.demo_assets import save_random_bert_teacher
 
     teacher = save_random_bert_teacher(tokenizer_dir, str(tmp_path / "teacher"), layers=6, hidden=512, heads=8, intermediate=2048)
     args = [
@@ -132,7 +132,7 @@ def test_estimate_arithmetic_of_the_readme_8b_table(world):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill.config import load_config
-    from distill.memory_estimate import GIB, estimate_memory
+    from distill.train.memory_estimate import GIB, estimate_memory
 
     config = AutoConfig.for_model(
         "llama",

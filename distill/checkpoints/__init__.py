@@ -1,0 +1,1 @@
+"""Checkpoints on disk: layout, completeness and run identity; writing and finding them; loading without running code."""
