@@ -923,6 +923,14 @@ def main() -> int:
     parser.add_argument(
         "--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path"
     )
+    parser.add_argument(
+        "--micro-batch-range",
+        type=int,
+        nargs=2,
+        default=(8, 8192),
+        metavar=("START", "CAP"),
+        help="--find-max-micro-batch: doubling from START up to CAP",
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak per process for MFU (default: datasheet on GPU, measured matmul on CPU)")
     parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides of the fast path only")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -998,9 +1006,10 @@ def main() -> int:
     if args.find_max_micro_batch:
         for name, extra in (("fast", args.fast), ("baseline", BASELINE)):
             print(f"{name}: searching the largest micro batch at max_seq_len {args.max_seq_len}", flush=True)
-            best = find_max_micro_batch(args, train_args, extra, args.master_port, env)
+            best = find_max_micro_batch(args, train_args, extra, args.master_port, env, *args.micro_batch_range)
             print(f"{name}: largest micro batch that fits: {best or 'none'}", flush=True)
-        return 0
+            report.setdefault("largest_micro_batch", {})[name] = best
+        return finish(0)
 
     known = {
         "fast": list(args.fast),

@@ -106,7 +106,13 @@ def _check_train(args, config_cls, from_arguments, config_error) -> int:
 
     print(config.to_yaml(), end="")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    found = preflight(config, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = preflight(config, world, device)
+    from distill.train.memory_estimate import estimate_from_preflight
+
+    estimate = estimate_from_preflight(config, world, device, found)
+    if estimate is not None:
+        print("\n".join(estimate.lines()))
     if found.problems:
         print(f"problems ({world} rank{'s' if world > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in found.problems))
         return 2

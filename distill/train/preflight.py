@@ -53,6 +53,7 @@ class Preflight:
     teacher_config: Any = None
     ds_config: Optional[dict] = None
     vocab_size: Optional[int] = None
+    student: Any = None  # the student on the meta device (shapes only), for the memory estimate
     problems: list[str] = field(default_factory=list)
 
     def attempt(self, check: Callable[[], Any]) -> Any:
@@ -126,6 +127,7 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         )
     if student is None:
         return pf
+    pf.student = student
     if cfg.student.init == "teacher" and pf.teacher_config is not None:
         layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.config.num_hidden_layers))
         if layers is not None:

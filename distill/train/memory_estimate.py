@@ -1,0 +1,217 @@
+"""Expected peak memory per rank of a run, from shapes only (no weights): what `distill-train --check` prints.
+
+The arithmetic of the README's "8B -> 4B on N nodes" table made a function. Parameters are counted on meta-device
+models (exact, tied weights once); everything else is per-token arithmetic:
+
+- student states, bytes per parameter: weights w, gradients g, fp32 master m and Adam m+v (8); bf16/fp16 w = g = 2,
+  m = 4; fp32 w = g = 4 and DeepSpeed's ZeRO still keeps its own fp32 partition (m = 4). At the step DeepSpeed also
+  holds the gradient partition in fp32 (4), and on a CPU torch's unfused AdamW two temporaries (8). Stage 1 divides m, Adam and the fp32 gradient by the ranks R, stage 2 also
+  g, stage 3 everything (plus one gathered layer and embedding).
+- teacher: its weights in its dtype, on every rank (replicated) or 1/R of them plus what is gathered at once
+  (partitioned); its forward runs without autograd, so only one layer's activations live at a time.
+- student activations kept for backward: elements per token per layer (BERT/GPT-2: 8h + 2f, plus dropout masks and,
+  with eager attention, the heads x seq attention probabilities; gated MLPs (Llama, Mistral, Qwen): 6h + 2 kv + 4f)
+  x micro batch x max_seq_len (full windows: an upper bound with padding) x layers; with activation checkpointing
+  (not a setting of this job: shown for comparison) one h per token per layer plus one layer's full set.
+- logit buffers: chunked logit losses ~3.5 fp32 (chunk x vocab) buffers plus the fp32 head gradient; full logits
+  4 fp32 (positions x vocab) tensors (teacher and student logits, a softmax, the gradient); with mixed precision
+  the head gradient summed in fp32 too.
+Not covered: the CUDA context, allocator slack and fragmentation, the libraries (on a CPU: the interpreter, torch,
+DeepSpeed, transformers), the data loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+GIB = 2**30
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "olmo", "olmo2")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank by component; `total` is the run as configured (no activation checkpointing)."""
+
+    world_size: int
+    zero_stage: int
+    parts: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    alternatives: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"expected peak memory per rank ({self.world_size} rank{'s' if self.world_size > 1 else ''}, ZeRO-{self.zero_stage}):"]
+        for name, value in self.parts.items():
+            out.append(f"  {name:<34} {value / GIB:>8.2f} GiB   {self.notes.get(name, '')}".rstrip())
+        out.append(f"  {'total':<34} {self.total / GIB:>8.2f} GiB   (+ CUDA context, allocator slack, libraries, data loader)")
+        for name, value in self.alternatives.items():
+            out.append(f"  {name:<34} {value / GIB:>8.2f} GiB")
+        return out
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _meta_teacher(teacher_config) -> Optional[torch.nn.Module]:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from distill.models.build import _family
+
+    if teacher_config is None:
+        return None
+    auto = AutoModelForCausalLM if _family(teacher_config).causal else AutoModelForMaskedLM
+    with torch.device("meta"):
+        return auto.from_config(teacher_config)
+
+
+def _shape(config) -> dict[str, int]:
+    h = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    f = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    return {"h": h, "heads": heads, "f": f, "layers": layers, "kv": kv, "vocab": config.vocab_size}
+
+
+def activation_elements_per_token_layer(config, seq: int, eager: bool, dropout: float) -> tuple[float, float]:
+    """(elements kept for backward per token per layer in the activation dtype, one-byte dropout-mask elements)."""
+    s = _shape(config)
+    h, f, heads = s["h"], s["f"], s["heads"]
+    if getattr(config, "model_type", "") in GATED_MLP:
+        elements = 6 * h + 2 * s["kv"] + 4 * f  # norms in/out, q, k, v, attention out, gate, up, act(gate), product
+        masks = 0.0
+    else:
+        elements = 8 * h + 2 * f  # qkv input, q, k, v, attention out, two layer norms' inputs, fc1 input, fc1 out, act out
+        masks = 2 * h if dropout > 0 else 0.0
+    if eager:
+        elements += heads * seq  # attention probabilities
+        masks += heads * seq if dropout > 0 else 0.0
+    return elements, masks
+
+
+def estimate_memory(
+    cfg,
+    world_size: int,
+    student: torch.nn.Module,
+    teacher_config: Any,
+    zero_stage: int,
+    precision: torch.dtype,
+    teacher_dtype: torch.dtype,
+    max_seq_len: int,
+    vocab_size: int,
+    causal: bool,
+    device_type: str = "cuda",
+) -> MemoryEstimate:
+    """Expected peak bytes per rank of `cfg` on `world_size` ranks; `student` may live on the meta device."""
+    R = max(1, world_size)
+    est = MemoryEstimate(world_size=R, zero_stage=zero_stage)
+    mixed = precision in (torch.bfloat16, torch.float16)
+    act_b = 2 if mixed else 4
+    w, g, m, adam, g32 = (2, 2, 4, 8, 4) if mixed else (4, 4, 4, 8, 4)
+    P_s = _count(student)
+    if zero_stage == 0:
+        per_param = w + g + m + adam + g32
+    elif zero_stage == 1:
+        per_param = w + g + (m + adam + g32) / R
+    elif zero_stage == 2:
+        per_param = w + (g + m + adam + g32) / R
+    else:
+        per_param = (w + g + m + adam + g32) / R
+    s = _shape(student.config)
+    est.parts["student states"] = P_s * per_param
+    est.notes["student states"] = f"{P_s / 1e6:,.1f}M params x {per_param:.1f} B (w {w} g {g} master {m} Adam {adam} fp32 grad {g32})"
+    if device_type == "cpu":  # torch's unfused AdamW (fused on CUDA) allocates sqrt(v) and its quotient at the step
+        est.parts["optimizer step temporaries"] = P_s * 8 / (1 if zero_stage == 0 else R)
+        est.notes["optimizer step temporaries"] = "CPU: unfused AdamW, 8 B/param of the partition"
+    if zero_stage == 3:
+        layer = (P_s - 2 * s["vocab"] * s["h"]) / max(1, s["layers"])
+        est.parts["student gathered (ZeRO-3)"] = (layer + s["vocab"] * s["h"]) * w
+        est.notes["student gathered (ZeRO-3)"] = "a layer and an embedding at once"
+
+    tokens = cfg.train.micro_batch * max_seq_len
+    teacher = _meta_teacher(teacher_config)
+    t_bytes = torch.finfo(teacher_dtype).bits // 8
+    teacher_extra = 0.0
+    if teacher is not None:
+        P_t = _count(teacher)
+        t = _shape(teacher_config)
+        replicated = P_t * t_bytes
+        gathered = ((P_t - 2 * t["vocab"] * t["h"]) / max(1, t["layers"]) + 2 * t["vocab"] * t["h"]) * t_bytes
+        partitioned = P_t * t_bytes / R + gathered
+        use_partition = bool(cfg.teacher.partition) and R > 1
+        est.parts["teacher weights"] = partitioned if use_partition else replicated
+        est.notes["teacher weights"] = f"{P_t / 1e6:,.1f}M params x {t_bytes} B " + (
+            f"/ {R} + gathered {gathered / GIB:.2f} GiB" if use_partition else "(replicated)"
+        )
+        t_eager = cfg.teacher.attn_implementation == "eager"
+        t_elem, _ = activation_elements_per_token_layer(teacher_config, max_seq_len, t_eager, 0.0)
+        teacher_extra = tokens * (t_elem + 2 * t["h"]) * t_bytes  # one layer's transient + hidden states handed to the losses
+        est.parts["teacher activations"] = teacher_extra
+        est.notes["teacher activations"] = "one layer at a time (no autograd) + its outputs"
+        other_teacher = replicated if use_partition else partitioned
+
+    dropout = float(getattr(cfg.student, "dropout", 0.0) or 0.0)
+    eager = cfg.student.attn_implementation == "eager"
+    elem, masks = activation_elements_per_token_layer(student.config, max_seq_len, eager, dropout)
+    per_layer = tokens * (elem * act_b + masks)
+    full_act = per_layer * s["layers"] + tokens * 2 * s["h"] * act_b  # + embeddings output, final hidden states
+    ckpt_act = tokens * s["h"] * act_b * s["layers"] + per_layer + tokens * 2 * s["h"] * act_b
+    est.parts["student activations"] = full_act
+    est.notes["student activations"] = f"{elem * act_b + masks:,.0f} B/token/layer x {tokens:,} tokens x {s['layers']} layers"
+
+    V = max(vocab_size, s["vocab"])
+    if causal or cfg.loss.ce_positions == "all" or not cfg.train.logits_where_needed:
+        positions = tokens
+    else:
+        positions = tokens * cfg.data.mlm_probability
+    chunked = cfg.loss.chunked_logits and cfg.train.logits_where_needed and causal
+    if chunked:
+        from distill.objective.chunked_logits import CHUNK_ELEMENTS
+
+        chunk = min(positions, max(1, CHUNK_ELEMENTS // V))
+        head_sum = V * s["h"] * 4 if mixed else 0  # the head gradient summed in fp32 (in fp32: the gradient itself, counted above)
+        logits = 3.5 * chunk * V * 4 + head_sum
+        est.notes["logit buffers"] = f"chunked: ~3.5 fp32 buffers of {chunk:,.0f} x {V:,}" + (" + fp32 head gradient" if mixed else "")
+    else:
+        logits = 4 * positions * V * 4
+        est.notes["logit buffers"] = f"full logits: 4 fp32 tensors of {positions:,.0f} positions x {V:,}"
+    est.parts["logit buffers"] = logits
+    est.total = sum(est.parts.values())
+    est.alternatives = {
+        "total with activation checkpointing": est.total - full_act + ckpt_act,
+        **(
+            {
+                "total, teacher " + ("replicated" if cfg.teacher.partition and R > 1 else "partitioned"): est.total
+                - est.parts["teacher weights"]
+                + other_teacher
+            }
+            if teacher is not None
+            else {}
+        ),
+    }
+    return est
+
+
+def estimate_from_preflight(cfg, world_size: int, device: torch.device, pf) -> Optional[MemoryEstimate]:
+    """The estimate for what `distill.train.preflight.preflight` read (None when it could not build the student)."""
+    from distill.models.build import is_causal, resolve_dtype
+
+    if getattr(pf, "student", None) is None or pf.manifest is None or pf.ds_config is None:
+        return None
+    return estimate_memory(
+        cfg,
+        world_size,
+        pf.student,
+        pf.teacher_config,
+        int(pf.ds_config.get("zero_optimization", {}).get("stage", 0)),
+        resolve_dtype(cfg.train.precision, device),
+        resolve_dtype(cfg.teacher.dtype, device),
+        pf.manifest.max_seq_len,
+        pf.vocab_size or pf.student.config.vocab_size,
+        is_causal(pf.student),
+        device.type,
+    )
