@@ -8,6 +8,7 @@ ranges of every key, then every cross-field rule (`Config.problems`), and report
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
@@ -314,3 +315,37 @@ def validate(config: Config) -> None:
 def describe_fields() -> list[str]:
     """One line per config key with its default, help and bounds (for `distill-train --help-config`)."""
     return describe(Config)
+
+
+# The DeepSpeed JSON the recipe points at (deepspeed.config): the settings the recipe owns must not be in it.
+RECIPE_OWNED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+)
+
+
+def read_deepspeed_json(path: Optional[str]) -> dict[str, Any]:
+    """The user's DeepSpeed JSON ({} without one); its problems as ConfigError."""
+    if not path:
+        return {}
+    try:
+        with open(path) as handle:
+            base = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config {path!r} does not exist (relative paths are resolved from the current directory)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config {path!r} is not valid JSON ({exc})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed.config {path!r} must hold a JSON object")
+    clashes = [k for k in RECIPE_OWNED_DS_KEYS if k in base and base[k] != "auto"]
+    if clashes:
+        raise ConfigError(
+            f'deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to "auto"'
+        )
+    return base

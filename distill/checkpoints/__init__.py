@@ -1,1 +1,1 @@
-"""Checkpoints on disk: layout, completeness and run identity; writing and finding them; loading without running code."""
+"""Checkpoints on disk: layout, completeness and run identity; loading them without running code."""

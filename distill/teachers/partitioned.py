@@ -112,7 +112,7 @@ class PartitionedTeacher(OnlineTeacher):
 
     @classmethod
     def load(cls, cfg, device: torch.device) -> "PartitionedTeacher":
-        from distill.train.engine import read_deepspeed_json
+        from distill.config import read_deepspeed_json
 
         dtype = resolve_dtype(cfg.teacher.dtype, device)
         model = load_teacher(cfg.teacher.path, dtype, cfg.teacher.attn_implementation, torch.device("cpu"))  # whole, in host memory

@@ -1,1 +1,1 @@
-"""The training run: the loop, its components (engine, metrics, stopper, checkpoint guards, lock), start-up checks and the process group."""
+"""The training run: the loop and its components (engine, checkpointer, metrics, stopper, save guards, lock), start-up checks and the process group."""

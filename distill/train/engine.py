@@ -9,7 +9,6 @@ step reports, save and load.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pickle
@@ -17,42 +16,11 @@ from typing import Any, Optional
 
 import torch
 
-from distill.config import ConfigError, batch_problem
+from distill.config import RECIPE_OWNED_DS_KEYS, ConfigError, batch_problem, read_deepspeed_json
 from distill.model_outputs import ModelOutputs
 from distill.train.profiling import COMMS_LOGGER
 
 log = logging.getLogger("distill.train.engine")
-_OWNED_DS_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "optimizer",
-    "scheduler",
-    "gradient_clipping",
-    "bf16",
-    "fp16",
-)
-
-
-def read_deepspeed_json(path: Optional[str]) -> dict[str, Any]:
-    """The user's DeepSpeed JSON ({} without one); its problems as ConfigError."""
-    if not path:
-        return {}
-    try:
-        with open(path) as handle:
-            base = json.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config {path!r} does not exist (relative paths are resolved from the current directory)") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"deepspeed.config {path!r} is not valid JSON ({exc})") from None
-    if not isinstance(base, dict):
-        raise ConfigError(f"deepspeed.config {path!r} must hold a JSON object")
-    clashes = [k for k in _OWNED_DS_KEYS if k in base and base[k] != "auto"]
-    if clashes:
-        raise ConfigError(
-            f'deepspeed.config sets {clashes}; these come from the recipe (train.*, optim.*): remove them or set them to "auto"'
-        )
-    return base
 
 
 def deepspeed_config(cfg, world_size: int, precision: torch.dtype) -> dict[str, Any]:
@@ -65,7 +33,7 @@ def deepspeed_config(cfg, world_size: int, precision: torch.dtype) -> dict[str, 
     if problems:
         raise ConfigError(problems)
     per_step = cfg.train.micro_batch * world_size
-    ds = {k: v for k, v in base.items() if k not in _OWNED_DS_KEYS}
+    ds = {k: v for k, v in base.items() if k not in RECIPE_OWNED_DS_KEYS}
     ds.update(
         train_batch_size=cfg.train.global_batch,
         train_micro_batch_size_per_gpu=cfg.train.micro_batch,

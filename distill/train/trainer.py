@@ -4,7 +4,7 @@
     teacher       distill/teachers/online.py      the teacher's outputs for a micro batch (online today; other sources plug in)
     objective     distill/objective/objective.py   what each forward returns, and the weighted losses (distill/objective/losses.py)
     engine        distill/train/engine.py       the student in DeepSpeed: forward, backward, optimizer step
-    checkpointer  distill/checkpoints/checkpointer.py claim the run directory, resume, save (guarded), prune
+    checkpointer  distill/train/checkpointer.py claim the run directory, resume, save (guarded), prune
     metrics       distill/train/metrics.py      a step's sums by name, reduced once; jsonl, TensorBoard, console
     stopper       distill/train/stopper.py      stop on request after a checkpoint, or at a non-finite step before one
 
@@ -26,7 +26,6 @@ import torch
 
 from data_prep.manifest import MANIFEST_FILE, sha256_file
 from distill.checkpoints import layout as ckpt
-from distill.checkpoints.checkpointer import Checkpointer
 from distill.config import Config
 from distill.data.masking import collator_for
 from distill.data.reader import DataSource, StepPlan, TokenSequences, load_token_counts
@@ -42,6 +41,7 @@ from distill.models.build import (
 )
 from distill.objective.objective import Objective
 from distill.teachers.online import TEACHER_SOURCES, OnlineTeacher
+from distill.train.checkpointer import Checkpointer
 from distill.train.distributed import DistContext, barrier, init_distributed, on_main_then_broadcast, setup_logging
 from distill.train.engine import StudentEngine, peak_memory_mb
 from distill.train.metrics import HOST_COUNTERS, MetricsLog, StepSums, count_batch, step_metrics
