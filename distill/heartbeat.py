@@ -141,7 +141,8 @@ class RankWatchdog:
             f"(exit {RANK_STOPPED_EXIT_CODE}) and keeps its newest complete checkpoint: find out why that rank stopped "
             f"(SIGSTOP, a frozen or lost node), then rerun the same command to resume"
         )
-        print(f"{self.prog}: error (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+        after_progress_bar = "\n" if self.rank == 0 else ""  # rank 0's bar (distill/trainer.py) ends without a newline
+        print(f"{after_progress_bar}{self.prog}: error (rank {self.rank}): {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(RANK_STOPPED_EXIT_CODE)
 

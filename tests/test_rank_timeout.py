@@ -35,6 +35,7 @@ def test_sigstopped_rank_is_named_ended_and_the_run_resumes(tmp_path, teacher_di
             stopped.send_signal(signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
     took = time.time() - t0
+    print(f"the run ended {took:.1f} s after the SIGSTOP of rank 1, exit code {proc.returncode}")
     errors = [line for line in output.splitlines() if line.startswith("distill-train: error")]
     assert len(errors) == 1, output[-4000:]
     assert errors[0].startswith("distill-train: error (rank 0): rank 1 (pid ") and "stopped answering" in errors[0], errors[0]
