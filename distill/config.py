@@ -200,7 +200,7 @@ class TrainConfig:
     )
     collective_timeout_s: Optional[Float] = setting(
         None,
-        "seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before the run ends (init_process_group's timeout); a rank whose heartbeat (OUTPUT/heartbeat/) is silent for half of it (stopped by SIGSTOP, frozen, its node gone) is named by the others, which end the run with exit code 3 (distill/heartbeat.py). null = 1800 with GPUs (a save of a large ZeRO-3 checkpoint or rank 0's universal-checkpoint conversion keeps the others waiting for minutes; NCCL's own default, 600, has ended such runs), 600 on CPU (gloo: small models, saves of seconds, and a stopped rank ends the run after 5 minutes, not gloo's default 30). Must exceed the longest wait of a healthy run",
+        "seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before the run ends (init_process_group's timeout); a rank whose heartbeat (OUTPUT/heartbeat/) is silent for half of it (stopped by SIGSTOP, frozen, its node gone) is named by the others, which end the run with exit code 3 (distill/heartbeat.py). null = 1800 with GPUs (a save of a large ZeRO-3 checkpoint or rank 0's universal-checkpoint conversion keeps the others waiting at a collective for minutes; torch's NCCL default is 600), 600 on CPU (gloo: small models and saves of seconds; a stopped rank is named after 300 s, where gloo's own default would wait 1800). Must exceed the longest wait of a healthy run",
         ge=10,
     )
     compile: Bool = setting(

@@ -93,3 +93,16 @@ def test_a_collective_timeout_is_one_named_error():
     name, message, other = got
     assert name == "CollectiveTimeout" and "train.collective_timeout_s" in message and "Timed out waiting 3000ms" in message
     assert other is None, "only a timed-out collective is converted"
+
+
+def test_collective_timeout_setting_is_checked_and_resolved():
+    from distill.config import ConfigError, load_config
+    from distill.distributed import default_collective_timeout_s
+
+    base = ["output_dir=o", "data.path=d", "teacher.path=t"]
+    assert load_config("configs/distilbert.yaml", base).train.collective_timeout_s is None
+    assert load_config("configs/distilbert.yaml", base + ["train.collective_timeout_s=20"]).train.collective_timeout_s == 20
+    for bad in ("5", "inf", "soon"):
+        with pytest.raises(ConfigError, match="train.collective_timeout_s"):
+            load_config("configs/distilbert.yaml", base + [f"train.collective_timeout_s={bad}"])
+    assert (default_collective_timeout_s(cuda=True), default_collective_timeout_s(cuda=False)) == (1800.0, 600.0)
