@@ -31,7 +31,7 @@ class TeacherConfig:
     )
     partition: Bool = setting(
         False,
-        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/partitioned_teacher.py)",
+        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/teachers/partitioned.py)",
     )
     source: Literal["online", "cache"] = setting(
         "online",
@@ -45,7 +45,7 @@ class TeacherConfig:
 class StudentConfig:
     architecture: Literal["distilbert", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "same"] = setting(
         "distilbert",
-        "student model family (distill/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
+        "student model family (distill/models/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
     )
     init: Literal["teacher", "random"] = setting("teacher", "copy embeddings, chosen layers and MLM head from the teacher, or random init")
     num_layers: Optional[Int] = setting(None, "student depth; null = half the teacher's layers", ge=1)
@@ -119,7 +119,7 @@ class DataConfig:
 class LossConfig:
     weights: dict[str, Annotated[Float, Field(ge=0)]] = setting(
         {"ce": 5.0, "mlm": 2.0, "cos": 1.0},
-        "loss name -> weight; registered losses: see distill/losses.py (DistilBERT: ce 5, mlm 2, cos 1)",
+        "loss name -> weight; registered losses: see distill/objective/losses.py (DistilBERT: ce 5, mlm 2, cos 1)",
     )
     temperature: Float = setting(2.0, "softmax temperature of the soft-target loss (scaled by T^2)", gt=0)
     ce_positions: Literal["all", "masked"] = setting(
@@ -127,7 +127,7 @@ class LossConfig:
     )
     layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = setting(
         "uniform",
-        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/layer_map.py)",
+        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/models/layer_map.py)",
     )
     layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
         None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map"
@@ -142,7 +142,7 @@ class LossConfig:
     )
     chunked_logits: Bool = setting(
         True,
-        "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/logit_losses.py). false = materialise the logits",
+        "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/objective/chunked_logits.py). false = materialise the logits",
     )
     chunk_positions: Optional[Int] = setting(
         None,
@@ -200,7 +200,7 @@ class TrainConfig:
     )
     collective_timeout_s: Optional[Float] = setting(
         None,
-        "seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before the run ends (init_process_group's timeout); a rank whose heartbeat (OUTPUT/heartbeat/) is silent for half of it (stopped by SIGSTOP, frozen, its node gone) is named by the others, which end the run with exit code 3 (distill/heartbeat.py). null = 1800 with GPUs (a save of a large ZeRO-3 checkpoint or rank 0's universal-checkpoint conversion keeps the others waiting at a collective for minutes; torch's NCCL default is 600), 600 on CPU (gloo: small models and saves of seconds; a stopped rank is named after 300 s, where gloo's own default would wait 1800). Must exceed the longest wait of a healthy run",
+        "seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before the run ends (init_process_group's timeout); a rank whose heartbeat (OUTPUT/heartbeat/) is silent for half of it (stopped by SIGSTOP, frozen, its node gone) is named by the others, which end the run with exit code 3 (distill/train/heartbeat.py). null = 1800 with GPUs (a save of a large ZeRO-3 checkpoint or rank 0's universal-checkpoint conversion keeps the others waiting at a collective for minutes; torch's NCCL default is 600), 600 on CPU (gloo: small models and saves of seconds; a stopped rank is named after 300 s, where gloo's own default would wait 1800). Must exceed the longest wait of a healthy run",
         ge=10,
     )
     compile: Bool = setting(
@@ -251,7 +251,7 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every cross-field rule of a run, each written once (field bounds are checked by the loader)."""
-        from distill.losses import LOSSES
+        from distill.objective.losses import LOSSES
 
         p: list[str] = []
         if not self.output_dir:
@@ -280,7 +280,7 @@ class Config:
         if len(self.optim.betas) != 2:
             p.append("optim.betas must have two values")
         if self.teacher.source != "online":
-            from distill.cache_teacher import config_problems
+            from distill.teachers.cache import config_problems
 
             p += config_problems(self)
         if self.student.init_layers is not None and self.student.init != "teacher":
@@ -293,8 +293,8 @@ class Config:
 
 
 def output_overlap_problems(output_dir: str, inputs: list[tuple[str, Optional[str]]]) -> list[str]:
-    """The output rule every command holds (kd_common/outputs.py): output_dir is not an input, not inside one, and holds none."""
-    from kd_common.outputs import OutputError, check_no_overlap
+    """The output rule every command holds (kd_common/output_rule.py): output_dir is not an input, not inside one, and holds none."""
+    from kd_common.output_rule import OutputError, check_no_overlap
 
     try:
         check_no_overlap(output_dir, [(name, path) for name, path in inputs if path], "output_dir")

@@ -14,7 +14,7 @@ import pytest
 from test_fault_tolerance import job_args, latest, launcher, start, steps_logged, wait_for, worker
 from test_train_e2e import metrics, run
 
-from distill.heartbeat import RANK_STOPPED_EXIT_CODE
+from distill.train.heartbeat import RANK_STOPPED_EXIT_CODE
 
 pytestmark = pytest.mark.timeout(900)
 TIMEOUT_S = 20  # train.collective_timeout_s: a rank silent for 10 s is named
@@ -66,7 +66,7 @@ def _timed_out_collective(rank: int, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from distill.heartbeat import collective_timeout_error
+    from distill.train.heartbeat import collective_timeout_error
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
     if rank == 1:
@@ -97,7 +97,7 @@ def test_a_collective_timeout_is_one_named_error():
 
 def test_collective_timeout_setting_is_checked_and_resolved():
     from distill.config import ConfigError, load_config
-    from distill.distributed import default_collective_timeout_s
+    from distill.train.distributed import default_collective_timeout_s
 
     base = ["output_dir=o", "data.path=d", "teacher.path=t"]
     assert load_config("configs/distilbert.yaml", base).train.collective_timeout_s is None
