@@ -195,7 +195,13 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
         path = dataset_file(data_dir, shard.path, f"a {split} shard")
         if not os.path.exists(path):
             raise DatasetError(f"shard {path} listed in the manifest is missing; re-run distill-prep")
-        rows = pq.ParquetFile(path).metadata.num_rows
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a cut or overwritten file
+            raise DatasetError(
+                f"shard {path} is not a readable Parquet file ({' '.join(str(exc).split())[:160]}): it was cut short or damaged; "
+                f"re-run distill-prep to rebuild the dataset"
+            ) from None
         if rows != shard.rows:
             raise DatasetError(
                 f"shard {path} holds {rows} rows but the manifest says {shard.rows}; the dataset is damaged, re-run distill-prep"

@@ -75,6 +75,13 @@ def train_main(argv: list[str] | None = None) -> int:
         result = train(config, args.local_rank)
     except _user_errors() as exc:
         return _fail("distill-train", exc)
+    except RuntimeError as exc:  # a collective timed out (distill/train/heartbeat.py names a rank that went silent before)
+        from distill.train.heartbeat import collective_timeout_error
+
+        timeout = collective_timeout_error(exc)
+        if timeout is None:
+            raise
+        return _fail("distill-train", timeout)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

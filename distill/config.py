@@ -199,6 +199,11 @@ class TrainConfig:
         True,
         "start-up without work the run does not need: DeepSpeed's optimizer check answered without importing its Muon optimizer (whose import compiles kernels), the teacher's config and weights read by its family's class instead of the auto classes. false = as before (bench/train_throughput.py --ablate)",
     )
+    collective_timeout_s: Optional[Float] = setting(
+        None,
+        "seconds a collective (all-reduce, broadcast, barrier) waits for the other ranks before the run ends (init_process_group's timeout); a rank whose heartbeat (OUTPUT/heartbeat/) is silent for half of it (stopped by SIGSTOP, frozen, its node gone) is named by the others, which end the run with exit code 3 (distill/train/heartbeat.py). null = 1800 with GPUs (a save of a large ZeRO-3 checkpoint or rank 0's universal-checkpoint conversion keeps the others waiting at a collective for minutes; torch's NCCL default is 600), 600 on CPU (gloo: small models and saves of seconds; a stopped rank is named after 300 s, where gloo's own default would wait 1800). Must exceed the longest wait of a healthy run",
+        ge=10,
+    )
     compile: Bool = setting(
         False,
         "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths",
@@ -281,7 +286,22 @@ class Config:
             p += config_problems(self)
         if self.student.init_layers is not None and self.student.init != "teacher":
             p.append("student.init_layers only applies with student.init=teacher")
+        if self.output_dir:
+            p += output_overlap_problems(
+                self.output_dir, [("data.path", self.data.path), ("teacher.path", self.teacher.path), ("teacher.cache", self.teacher.cache)]
+            )
         return p
+
+
+def output_overlap_problems(output_dir: str, inputs: list[tuple[str, Optional[str]]]) -> list[str]:
+    """The output rule every command holds (kd_common/output_rule.py): output_dir is not an input, not inside one, and holds none."""
+    from kd_common.output_rule import OutputError, check_no_overlap
+
+    try:
+        check_no_overlap(output_dir, [(name, path) for name, path in inputs if path], "output_dir")
+    except OutputError as exc:
+        return [str(exc)]
+    return []
 
 
 def batch_problem(global_batch: int, micro_batch: int, world_size: Optional[int] = None) -> Optional[str]:

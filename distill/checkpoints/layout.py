@@ -71,6 +71,7 @@ RESTARTABLE_KEYS = {
     "train.lean_startup",
     # what to do about non-finite steps is a guard, not part of what is learned
     "train.max_nonfinite_steps",
+    "train.collective_timeout_s",  # how long a rank waits for the others, not what is learned
 }
 
 

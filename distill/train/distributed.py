@@ -20,6 +20,7 @@ class DistContext:
     local_rank: int
     local_world_size: int
     device: torch.device
+    collective_timeout_s: float = 600.0  # init_process_group's timeout (train.collective_timeout_s, resolved)
 
     @property
     def is_main(self) -> bool:
@@ -32,8 +33,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(local_rank_arg: int | None = None) -> DistContext:
-    """Join the process group the launcher (deepspeed, torchrun, srun) set up, or make a 1-process one."""
+def default_collective_timeout_s(cuda: bool) -> float:
+    """train.collective_timeout_s=null: 1800 s with GPUs (large saves and conversions keep ranks waiting), 600 s on CPU."""
+    return 1800.0 if cuda else 600.0
+
+
+def init_distributed(local_rank_arg: int | None = None, collective_timeout_s: float | None = None) -> DistContext:
+    """Join the process group the launcher (deepspeed, torchrun, srun) set up, or make a 1-process one; its collectives wait
+    `collective_timeout_s` for the other ranks (None: `default_collective_timeout_s`)."""
+    import datetime
     import warnings
 
     import deepspeed
@@ -59,13 +67,16 @@ def init_distributed(local_rank_arg: int | None = None) -> DistContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    timeout = collective_timeout_s or default_collective_timeout_s(torch.cuda.is_available())
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(), verbose=False, timeout=datetime.timedelta(seconds=timeout)
+        )
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-    return DistContext(dist.get_rank(), world, local_rank, local_world, device)
+    return DistContext(dist.get_rank(), world, local_rank, local_world, device, timeout)
 
 
 class _RankFilter(logging.Filter):

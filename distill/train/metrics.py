@@ -4,7 +4,8 @@
 device so the host never waits inside the accumulation loop) and host-side counters (tokens, padding,
 data wait, the stop flag). `reduce()` sums both over every rank in ONE all-reduce and reads the result
 back once: the step's only host-device synchronisation. `MetricsLog` (rank 0) writes each step to
-metrics.jsonl, chosen names to TensorBoard, and a console line every `log_every` steps.
+metrics.jsonl, chosen names to TensorBoard, and a console line every `log_every` steps. A resumed run first cuts
+metrics.jsonl back to the steps its checkpoint holds, so the redone steps are logged once, with the new values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from kd_common.files import write_atomically
 
 # TensorBoard tag of each logged name (loss terms are added as loss/<name>)
 TENSORBOARD_TAGS = {
@@ -107,6 +110,28 @@ def step_metrics(
     }
 
 
+def keep_steps_up_to(path: str, step: int) -> None:
+    """Make the metrics file hold each step <= `step` once (its last line: the run the checkpoint continues) and nothing
+    after: a run resumed from step `step` redoes the later steps and logs them again. Replaced atomically, only when needed.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept: dict[int, str] = {}
+    for line in lines:
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill mid-write
+        if isinstance(logged, int) and logged <= step:
+            kept.pop(logged, None)
+            kept[logged] = line if line.endswith("\n") else line + "\n"
+    result = [kept[s] for s in sorted(kept)]
+    if result != lines:
+        write_atomically(path, "".join(result))
+
+
 class MetricsLog:
     """Rank 0's outputs: one JSON line per step, TensorBoard scalars and a console line every `log_every` steps."""
 
@@ -119,11 +144,15 @@ class MetricsLog:
         self.term_names = term_names
         self.world_size = world_size
         self.total_steps = total_steps
-        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step or None)
+        # TensorBoard's event files are append-only: purge_step makes TensorBoard hide what earlier files logged at the
+        # redone steps (> start_step; the first step this run logs is start_step + 1), so each step shows once
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", start_step)
         with open(os.path.join(output_dir, "config.yaml"), "w") as handle:
             handle.write(config_yaml)
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        keep_steps_up_to(path, start_step)
+        self.jsonl = open(path, "a")
 
     def write(self, metrics: dict[str, Any], last_step: bool, console) -> None:
         step = metrics["step"]

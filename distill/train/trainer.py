@@ -7,6 +7,7 @@
     checkpointer  distill/train/checkpointer.py claim the run directory, resume, save (guarded), prune
     metrics       distill/train/metrics.py      a step's sums by name, reduced once; jsonl, TensorBoard, console
     stopper       distill/train/stopper.py      stop on request after a checkpoint, or at a non-finite step before one
+    watchdog      distill/train/heartbeat.py    a rank that stopped answering ends the run, named, instead of blocking the others
 
 `build_run` wires them once (every setting checked before the run directory is claimed); `train` runs the loop.
 """
@@ -44,6 +45,7 @@ from distill.teachers.online import TEACHER_SOURCES, OnlineTeacher
 from distill.train.checkpointer import Checkpointer
 from distill.train.distributed import DistContext, barrier, init_distributed, on_main_then_broadcast, setup_logging
 from distill.train.engine import StudentEngine, peak_memory_mb
+from distill.train.heartbeat import RankWatchdog
 from distill.train.metrics import HOST_COUNTERS, MetricsLog, StepSums, count_batch, step_metrics
 from distill.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from distill.train.preflight import preflight
@@ -66,6 +68,7 @@ class Run:
     engine: StudentEngine
     checkpointer: Checkpointer
     stopper: Stopper
+    watchdog: RankWatchdog
     metrics_log: Optional[MetricsLog]  # rank 0 only
     phases: PhaseTimer
     start_step: int
@@ -81,18 +84,20 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
     """Run (or resume) the distillation described by `cfg`; returns the last step's metrics.
 
     Rank 0 holds the run directory's lock for the whole run: a second trainer on the same output_dir is refused."""
-    ctx = init_distributed(local_rank)
+    ctx = init_distributed(local_rank, cfg.train.collective_timeout_s)
     setup_logging(ctx.rank, ctx.world_size)
     lock = RunLock(cfg.output_dir) if ctx.is_main else None
     on_main_then_broadcast(ctx, lambda: lock.acquire() and None)
     started = False
+    watchdog = RankWatchdog(cfg.output_dir, ctx.rank, ctx.world_size, ctx.collective_timeout_s)  # started once the run dir is ours
     try:
         stop = StopRequest(cfg.output_dir)  # SIGTERM/SIGUSR1 from here on: finish the step, checkpoint, exit
         stop.watch_launcher()  # and if the launcher that started this worker dies: no orphaned worker trains on
-        run = build_run(cfg, ctx, stop)
+        run = build_run(cfg, ctx, stop, watchdog)
         started = True
         return run_steps(run)
     finally:
+        watchdog.stop()
         if lock is not None:
             lock.release(remove_dir_if_created=not started and not os.path.exists(os.path.join(cfg.output_dir, ckpt.RUN_FILE)))
 
@@ -174,6 +179,7 @@ def run_steps(run: Run) -> dict[str, Any]:
             if run.checkpointer.due(step, run.end_step, verdict.stop_requested):
                 run.checkpointer.save(run.engine, step, {"nonfinite_skipped": run.stopper.skipped})
             last = metrics
+            run.watchdog.progress()
             if verdict.stop_requested:
                 last["stopped_by"] = run.stopper.reason()
                 break
@@ -218,7 +224,7 @@ def seed_for(*parts: int) -> int:
 # Wiring
 
 
-def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
+def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWatchdog) -> Run:
     """Load, build and check everything, then claim the run directory, set up the engine and resume if there is a checkpoint."""
     pf = preflight(cfg, ctx.world_size, ctx.device)  # every weight-free check, all problems at once, before anything loads
     pf.raise_if_any()
@@ -306,6 +312,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     if teacher is not None:
         identity["teacher.fingerprint"] = teacher.fingerprint()
     resuming = checkpointer.claim(identity, cfg.teacher.path)  # + the teacher's content fingerprint (distill/models/fingerprint.py)
+    watchdog.start()  # from here on a rank that stops answering is named by the others (OUTPUT/heartbeat/)
     resume = checkpointer.resume_point(ds_config["zero_optimization"]["stage"]) if resuming else None
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -366,6 +373,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
         engine,
         checkpointer,
         stopper,
+        watchdog,
         metrics_log,
         PhaseTimer(ctx.device, cfg.train.profile_phases),
         start_step,
