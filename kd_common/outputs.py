@@ -20,6 +20,7 @@ import tempfile
 from typing import Callable, Iterable, Iterator, Optional
 
 from kd_common.errors import UserError
+from kd_common.files import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def staging_dir_for(output: str, output_name: str = "--output") -> str:
     try:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the published result gets a plain directory's mode
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the published result gets a plain directory's mode
         return staging
     except OSError as exc:
         raise OutputError(
