@@ -214,6 +214,7 @@ def replace_when_complete(
     try:
         yield staging
         check_replaceable(output, overwrite, is_ours, kind, output_name)
+        _apply_umask(staging)
         publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,6 +222,16 @@ def replace_when_complete(
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
+
+
+def _apply_umask(directory: str) -> None:
+    """Give every file under `directory` the user's umask (some writers, e.g. safetensors, make 0600 files)."""
+    mask = current_umask()
+    for here, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o666 | (os.lstat(path).st_mode & 0o111)) & ~mask)
 
 
 def _missing_ancestors(path: str) -> list[str]:
