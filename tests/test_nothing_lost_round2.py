@@ -21,7 +21,7 @@ import pytest
 from conftest import shared_data_path
 from test_teacher_cache import assets, cache  # noqa: F401  (the causal data and tiny Llama teacher a cache needs)
 
-from kd_common.outputs import FILE_LIST, is_empty_dir
+from kd_common.output_rule import FILE_LIST, is_empty_dir
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,7 +223,7 @@ def test_symlinked_lock_is_refused_and_never_written_through(tmp_path, teacher_d
 
 
 def test_a_directory_holding_a_dangling_symlink_or_a_dotfile_is_not_empty(tmp_path):
-    from distill.checkpoint import CheckpointError, claim_output_dir
+    from distill.checkpoints.layout import CheckpointError, claim_output_dir
 
     for name, make in ((".lock", lambda p: os.symlink(tmp_path / "nowhere", p)), (".notes", lambda p: open(p, "w").close())):
         here = tmp_path / name.strip(".")
