@@ -97,13 +97,20 @@ class CacheManifest:
         return cls(parts=parts, **data)
 
 
-def is_cache_dir(path: str) -> bool:
-    """True when `path` holds a teacher cache (what `--overwrite` may replace)."""
+def is_cache_dir(path: str):
+    """True when `path` holds a teacher cache and nothing else: its manifest and the parts it lists (what `--overwrite`
+    may replace); else False, or why not."""
+    from kd_common.output_rule import unlisted
+
     try:
         with open(os.path.join(path, MANIFEST_FILE)) as handle:
-            return json.load(handle).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
+            data = json.load(handle)
+        if data.get("format") != FORMAT_NAME:
+            return False
+        parts = [str(part["path"]) for part in data.get("parts", [])]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return False
+    return unlisted(path, parts + [MANIFEST_FILE]) or True
 
 
 def write_cache_manifest(cache_dir: str, manifest: CacheManifest) -> None:

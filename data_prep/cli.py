@@ -84,9 +84,31 @@ def stderr_to_file(path: str):
             os.close(saved)
 
 
+_received: list[int] = []  # the stop signals that reached this run
+
+
 def _stop(signum, frame):
-    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the staging directory is removed."""
-    raise KeyboardInterrupt
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop, `kill`) unwind the run, so its staging directory is removed.
+
+    Beam wraps what a transform raises (a RuntimeError naming the step), so the signal is also recorded here and
+    `main` reports it whatever the exception became. A second signal while unwinding is only recorded. The Beam
+    worker processes (--workers N) are stopped first: Beam's shutdown waits for them, and a signal sent to this
+    process alone (`kill PID`) does not reach them.
+    """
+    _received.append(signum)
+    if len(_received) == 1:
+        _stop_workers()
+        raise KeyboardInterrupt
+
+
+def _stop_workers() -> None:
+    """SIGTERM to every process this one started (the Beam SDK workers and their shells)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,17 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
     fd, beam_log = tempfile.mkstemp(prefix="distill-prep-", suffix=".log")  # a new file of our own, never one already there
     os.close(fd)
-    signal.signal(signal.SIGTERM, _stop)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with stderr_to_file(beam_log):
             from data_prep.driver import run_prep
 
             manifest = run_prep(cfg, beam_args)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # published: nothing left to clean up
-    except KeyboardInterrupt:
-        print(f"distill-prep: interrupted; nothing was published, --output is as it was (Beam log: {beam_log})", file=sys.stderr)
-        return 130
-    except Exception as exc:  # Beam re-raises worker errors wrapped in its own types
+        for sig, handler in previous.items():  # published: nothing left to clean up
+            signal.signal(sig, handler)
+    except BaseException as exc:  # Beam re-raises worker errors (and our KeyboardInterrupt) wrapped in its own types
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # the staging directory is already removed; finish the report
+        if _received or isinstance(exc, KeyboardInterrupt):  # asked to stop: the log holds only Beam's shutdown chatter
+            with contextlib.suppress(OSError):
+                os.unlink(beam_log)
+        if _received:
+            name = signal.Signals(_received[0]).name
+            print(f"distill-prep: interrupted by {name}; nothing was published, --output is as it was", file=sys.stderr)
+            return 128 + _received[0]
+        if isinstance(exc, KeyboardInterrupt):
+            print("distill-prep: interrupted; nothing was published, --output is as it was", file=sys.stderr)
+            return 130
+        if not isinstance(exc, Exception):
+            raise
         message = extract_message(exc)
         if message is None:
             print(f"distill-prep: pipeline failed; Beam log: {beam_log}", file=sys.stderr)

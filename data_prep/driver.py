@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -198,18 +199,22 @@ def _prepare(cfg: PrepConfig, work: PrepConfig, tokenizer, inputs: list, beam_ar
     beam_recorded = options.get_all_options(drop_default=True)
     if runner is not None:
         beam_recorded["runner"] = "FnApiRunner"
-    with beam.Pipeline(runner=runner, options=options) as pipeline:
-        build_pipeline(
-            pipeline,
-            work,
-            [path for path, _ in files],
-            tokenizer.payload(),
-            tokenizer.vocab_size,
-            token_dtype,
-            num_shards,
-            spill=runner is not None,
-            dedup_partitions=dedup_partitions(input_bytes),
-            stamps=[(f.size, f.mtime) for f in inputs],
-        )
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    try:
+        with pipeline:
+            build_pipeline(
+                pipeline,
+                work,
+                [path for path, _ in files],
+                tokenizer.payload(),
+                tokenizer.vocab_size,
+                token_dtype,
+                num_shards,
+                spill=runner is not None,
+                dedup_partitions=dedup_partitions(input_bytes),
+                stamps=[(f.size, f.mtime) for f in inputs],
+            )
+    finally:  # Beam removes its temp dir only after a run that was not interrupted
+        shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
     log.info("pipeline finished in %.1fs; verifying shards", time.time() - t0)
     return finalize(work, tokenizer, files, token_dtype, beam_recorded, recorded=cfg)

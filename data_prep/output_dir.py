@@ -25,13 +25,13 @@ from typing import Iterator
 
 from data_prep.errors import PrepInputError
 from data_prep.manifest import FORMAT_NAME, MANIFEST_FILE, TOKEN_COUNTS_FILE, TOKENIZER_DIR
+from data_prep.sources import GLOB_CHARS, names_existing_path
 from kd_common.output_rule import OutputError, check_no_overlap, check_replaceable, is_url, overlap, replace_when_complete
 
 log = logging.getLogger("distill-prep")
 TMP_DIR = "_prep_tmp"  # spill files and stats of a run, inside the dataset being written; removed before the manifest
 DATASET_ENTRIES = {MANIFEST_FILE, TOKEN_COUNTS_FILE, TOKENIZER_DIR, "train", "validation", TMP_DIR}
 KIND = "prepared dataset"
-GLOB_CHARS = "*?["
 
 
 def is_remote(path: str) -> bool:
@@ -83,8 +83,8 @@ def check_apart(output: str, patterns: list[str], files: list[str], tokenizer: s
     """Refuse an `output` that overlaps `--tokenizer`, an `--input` path or glob directory, or a listed input file."""
     inputs = [("--tokenizer", tokenizer)] if tokenizer else []
     for pattern in patterns:
-        base = _glob_base(pattern)
-        if base is None:
+        base = None if names_existing_path(pattern) else _glob_base(pattern)
+        if base is None:  # a plain path, or an existing name taken literally ('doc[1].txt')
             inputs.append(("--input", pattern))
             continue
         how = overlap(output, base)

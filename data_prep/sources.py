@@ -103,20 +103,57 @@ def file_kind(path: str) -> str:
     return "txt"
 
 
+GLOB_CHARS = "*?["
+
+
+def names_existing_path(pattern: str) -> bool:
+    """True when `pattern` names an existing file or directory: then it is that name, never a glob ('doc[1].txt')."""
+    if "://" not in pattern:
+        return os.path.exists(pattern)
+    if not any(c in pattern for c in GLOB_CHARS):
+        return True  # a plain object name (or prefix): Beam's match reads it literally
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return FileSystems.exists(pattern)
+    except Exception:  # unreachable: listing it reports the problem
+        return False
+
+
+def _match(glob: str):
+    import warnings
+
+    from apache_beam.io.filesystems import FileSystems
+
+    with warnings.catch_warnings():  # an escaped '[' ('[[]') makes re warn about a nested set
+        warnings.simplefilter("ignore", FutureWarning)
+        return FileSystems.match([glob])[0].metadata_list
+
+
 def list_inputs(patterns: list[str]) -> list[InputFile]:
-    """Every file the inputs name, sorted by path, with its size and modification time; directories are searched recursively."""
+    """Every file the inputs name, sorted by path, with its size and modification time; directories are searched recursively.
+
+    A name that exists is taken literally (brackets and all, and also when it begins with '.' or '_'); only a name
+    that does not exist is a glob. Files found by a glob or in a directory skip hidden ('.x') and '_x' names
+    (Hadoop's _SUCCESS, Beam's temp files).
+    """
+    import glob as globs
+
     from apache_beam.io.filesystems import FileSystems
 
     found: dict[str, InputFile] = {}
     for pattern in patterns:
-        glob = pattern
-        if "://" not in pattern and os.path.isdir(pattern):
-            glob = os.path.join(pattern, "**")
         try:
-            results = FileSystems.match([glob])[0].metadata_list
+            if "://" not in pattern and os.path.isdir(pattern):
+                files = [
+                    m for m in _match(os.path.join(globs.escape(pattern), "**")) if not os.path.basename(m.path).startswith((".", "_"))
+                ]
+            elif os.path.isfile(pattern) if "://" not in pattern else names_existing_path(pattern):
+                files = [FileSystems.get_filesystem(pattern).metadata(pattern)]
+            else:
+                files = [m for m in _match(pattern) if not os.path.basename(m.path).startswith((".", "_"))]
         except Exception as exc:  # Beam raises BeamIOError for unreachable filesystems
             raise PrepInputError(f"cannot list --input {pattern!r} ({exc}); check the path and its filesystem") from None
-        files = [m for m in results if not os.path.basename(m.path).startswith((".", "_"))]
         if not files:
             raise PrepInputError(
                 f"--input {pattern!r} matches no files; check the path or glob (quote globs so the shell does not expand them)"

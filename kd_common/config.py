@@ -194,11 +194,18 @@ def _key(loc: tuple) -> str:
     return out
 
 
+def _number(value: Any) -> str:
+    """A bound as the user would write it: integers whole (1048576, not 1.04858e+06), other floats short (%g)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _bound_text(ctx: dict) -> str:
     symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and ".join(
-        f"{symbols[k]} {v:g}" if isinstance(v, (int, float)) else f"{symbols[k]} {v}" for k, v in ctx.items() if k in symbols
-    )
+    return " and ".join(f"{symbols[k]} {_number(v)}" for k, v in ctx.items() if k in symbols)
 
 
 def _message(cls: type, error: dict, data: dict) -> str:
@@ -342,7 +349,7 @@ def _bounds(info: Any) -> str:
     for item in info.metadata:
         for name, symbol in symbols.items():
             if getattr(item, name, None) is not None:
-                parts.append(f"{symbol} {getattr(item, name):g}")
+                parts.append(f"{symbol} {_number(getattr(item, name))}")
     return ", ".join(parts)
 
 

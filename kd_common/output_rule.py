@@ -3,7 +3,9 @@
 - An output never overlaps an input: it is not an input, not inside one, and does not contain one
   (paths compared after resolving symlinks).
 - An existing non-empty output is replaced only when the user asked (`--overwrite`), only if it is the
-  kind of directory the command writes (`is_ours`), and only after the new result is complete: the
+  kind of directory the command writes and holds nothing else (`is_ours`: every file in it is one the command
+  wrote, as its manifest or its `.distill-files.json` lists them; a README.md the user put there stops it),
+  and only after the new result is complete: the
   command writes into a staging directory beside the output, and the old output is swapped out for it
   by renames when (and only when) the new one is finished. A failed or interrupted run leaves the old
   output untouched and removes its staging directory (a killed one leaves a hidden `.NAME.partial-*`
@@ -17,9 +19,10 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from kd_common.errors import UserError
+from kd_common.files import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +74,69 @@ def check_no_overlap(output: str, inputs: Iterable[tuple[str, str]], output_name
 
 
 def is_empty_dir(path: str) -> bool:
+    """A directory with no entry at all (a dotfile or a dangling symlink is an entry)."""
     return os.path.isdir(path) and not os.listdir(path)
 
 
-def check_replaceable(output: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str, output_name: str = "--output") -> None:
-    """Refuse an existing output unless it is empty, or `overwrite` is set and it holds a `kind` (`is_ours`)."""
+FILE_LIST = ".distill-files.json"  # what a command wrote into its output, for a later --overwrite (see record_files)
+
+
+def files_under(path: str) -> list[str]:
+    """Relative paths of every entry under `path` that is not a directory (files, symlinks, dangling ones too), sorted.
+
+    Symlinks are not followed: a link to a directory is one entry.
+    """
+    found = []
+    for directory, dirs, files in os.walk(path):
+        rel = os.path.relpath(directory, path)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+            found.append(os.path.normpath(os.path.join(rel, name)))
+    return sorted(found)
+
+
+def record_files(directory: str, command: str) -> None:
+    """List every file in the finished `directory` in its FILE_LIST: the files `--overwrite` may replace later."""
+    from kd_common.files import write_json_atomically
+
+    listed = [name for name in files_under(directory) if name != FILE_LIST]
+    write_json_atomically(os.path.join(directory, FILE_LIST), {"written_by": command, "files": listed})
+
+
+def unlisted(path: str, listed: Iterable[str]) -> Optional[str]:
+    """None when every file under `path` is in `listed`; else why not (naming the first file that is not), for an error message."""
+    known = set(listed)
+    strays = [name for name in files_under(path) if name not in known]
+    if not strays:
+        return None
+    more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
+    return f"it holds {strays[0]!r}{more}, which that command did not write"
+
+
+def written_by(path: str, command: str) -> Union[bool, str]:
+    """True when `path` holds only the files its FILE_LIST says `command` wrote; else a short reason (see check_replaceable)."""
+    import json
+
+    record = os.path.join(path, FILE_LIST)
+    try:
+        if os.path.islink(record):
+            raise ValueError
+        with open(record) as handle:
+            data = json.load(handle)
+        files = data["files"] if data.get("written_by") == command else None
+        if not isinstance(files, list):
+            raise ValueError
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return f"it has no list of the files {command} wrote ({FILE_LIST}; an older version wrote none)"
+    return unlisted(path, [str(f) for f in files] + [FILE_LIST]) or True
+
+
+def check_replaceable(
+    output: str, overwrite: bool, is_ours: Callable[[str], Union[bool, str]], kind: str, output_name: str = "--output"
+) -> None:
+    """Refuse an existing output unless it is empty, or `overwrite` is set and it holds a `kind` and nothing else (`is_ours`).
+
+    `is_ours(path)` returns True, or False or a short reason (a string) why `path` is not one to replace.
+    """
     if not os.path.lexists(output):
         return
     if not os.path.isdir(output):
@@ -84,10 +145,12 @@ def check_replaceable(output: str, overwrite: bool, is_ours: Callable[[str], boo
         return
     if not overwrite:
         raise OutputError(f"{output_name} {output!r} already holds data; choose a new {output_name} or pass --overwrite to replace it")
-    if not is_ours(output):
+    verdict = is_ours(output)
+    if verdict is not True:
+        why = f" ({verdict})" if isinstance(verdict, str) else ""
         raise OutputError(
-            f"{output_name} {output!r} holds data that is not a {kind}; --overwrite replaces only a {kind}: "
-            f"choose another {output_name} (or move that directory away yourself)"
+            f"{output_name} {output!r} holds data that is not a {kind}{why}; --overwrite replaces only a {kind} holding nothing "
+            f"but the files it wrote: choose another {output_name} (or move that directory or those files away yourself)"
         )
 
 
@@ -97,9 +160,7 @@ def staging_dir_for(output: str, output_name: str = "--output") -> str:
     try:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the published result gets a plain directory's mode
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the published result gets a plain directory's mode
         return staging
     except OSError as exc:
         raise OutputError(
@@ -153,6 +214,7 @@ def replace_when_complete(
     try:
         yield staging
         check_replaceable(output, overwrite, is_ours, kind, output_name)
+        _apply_umask(staging)
         publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,6 +222,16 @@ def replace_when_complete(
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
+
+
+def _apply_umask(directory: str) -> None:
+    """Give every file under `directory` the user's umask (some writers, e.g. safetensors, make 0600 files)."""
+    mask = current_umask()
+    for here, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o666 | (os.lstat(path).st_mode & 0o111)) & ~mask)
 
 
 def _missing_ancestors(path: str) -> list[str]:

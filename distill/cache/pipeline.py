@@ -22,6 +22,7 @@ import datetime
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -446,13 +447,17 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
             cfg.value_bits,
             f"{cfg.workers} worker process(es)" if runner is not None else "runner from the Beam options",
         )
-        with beam.Pipeline(runner=runner, options=options) as pipeline:
-            (
-                pipeline
-                | "Parts" >> beam.Create(units)
-                | "Spread" >> beam.Reshuffle()
-                | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work, masker))
-            )
+        pipeline = beam.Pipeline(runner=runner, options=options)
+        try:
+            with pipeline:
+                (
+                    pipeline
+                    | "Parts" >> beam.Create(units)
+                    | "Spread" >> beam.Reshuffle()
+                    | "Teacher" >> beam.ParDo(CacheTeacherLogits(cfg, vocab, work, masker))
+                )
+        finally:  # Beam removes its temp dir only after a run that was not interrupted
+            shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
         elapsed = time.time() - t0
         parts = _verify_parts(work, manifest, cfg, units, variants)
         tokens = sum(p.tokens for p in parts)

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
 from kd_common.errors import UserError
+from kd_common.files import current_umask, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,9 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Op
                 run_file, dict(record, identity=dict(previous, **{CONTENT_KEY: identity[CONTENT_KEY]}), teacher_files=files)
             )
         return True
-    if os.path.isdir(output_dir) and set(os.listdir(output_dir)) - LAUNCHER_ENTRIES:
+    if os.path.isdir(output_dir) and {
+        n for n in os.listdir(output_dir) if n not in LAUNCHER_ENTRIES or os.path.islink(os.path.join(output_dir, n))
+    }:
         raise CheckpointError(
             f"output_dir {output_dir!r} already holds data that is not a run of this tool; choose an empty or new directory"
         )
@@ -231,6 +234,7 @@ def _set_aside_logs(output_dir: str) -> str:
     parent = os.path.join(output_dir, "abandoned")
     os.makedirs(parent, exist_ok=True)
     target = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=parent)
+    os.chmod(target, 0o777 & ~current_umask())  # mkdtemp makes it 0700
     for name in RUN_LOGS:
         if os.path.exists(os.path.join(output_dir, name)):
             os.rename(os.path.join(output_dir, name), os.path.join(target, name))
@@ -238,20 +242,11 @@ def _set_aside_logs(output_dir: str) -> str:
 
 
 def write_latest(root: str, tag: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(tag)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
+    write_atomically(os.path.join(root, LATEST), tag, prefix=".latest-")
 
 
 def mark_complete(tag_dir: str) -> None:
-    path = os.path.join(tag_dir, COMPLETE)
-    with open(path, "w") as handle:
-        handle.write("ok\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_atomically(os.path.join(tag_dir, COMPLETE), "ok\n")  # never through a symlink planted at that name
 
 
 def prune(root: str, keep_last: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Union
 
 import torch
 
@@ -13,7 +14,7 @@ from distill.checkpoints import safe_load
 from distill.models.families import FamilyError, family_of
 from kd_common.config import Bool, Str, section, setting
 from kd_common.errors import UserError
-from kd_common.output_rule import replace_when_complete
+from kd_common.output_rule import record_files, replace_when_complete, written_by
 
 log = logging.getLogger(__name__)
 _WRAPPER_PREFIX = "model."
@@ -52,11 +53,14 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
 
 
 PROVENANCE = "distill_provenance.json"
+COMMAND = "distill-export"
 
 
-def is_export_dir(path: str) -> bool:
-    """A directory distill-export wrote (it holds distill_provenance.json)."""
-    return os.path.isfile(os.path.join(path, PROVENANCE))
+def is_export_dir(path: str) -> Union[bool, str]:
+    """A directory distill-export wrote (it holds distill_provenance.json) and nothing else: True, or why not."""
+    if not os.path.isfile(os.path.join(path, PROVENANCE)):
+        return False
+    return written_by(path, COMMAND)
 
 
 def checkpoint_tokenizer(tag_dir: str, state: dict):
@@ -142,5 +146,6 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
                 handle,
                 indent=2,
             )
+        record_files(staging, COMMAND)  # what a later --overwrite may replace
     log.info("exported %s (step %d) to %s", tag_dir, state_info["step"], output)
     return output

@@ -126,9 +126,11 @@ RESULTS = "eval_results.json"
 OUTPUT_KIND = "distill-finetune output (it holds eval_results.json)"
 
 
-def is_finetune_dir(path: str) -> bool:
-    """A directory distill-finetune wrote (it holds eval_results.json)."""
-    return os.path.isfile(os.path.join(path, RESULTS))
+def is_finetune_dir(path: str):
+    """A directory distill-finetune wrote (it holds eval_results.json) and nothing else: True, or False / why not."""
+    from kd_common.output_rule import written_by
+
+    return os.path.isfile(os.path.join(path, RESULTS)) and written_by(path, "distill-finetune")
 
 
 def _inputs(cfg: FinetuneConfig) -> list[tuple[str, str]]:
@@ -214,7 +216,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     import numpy as np
     import torch
 
-    from kd_common.output_rule import check_no_overlap, check_replaceable, replace_when_complete
+    from kd_common.output_rule import check_no_overlap, check_replaceable, record_files, replace_when_complete
 
     if cfg.output:  # checked before the work, and again when the result replaces it
         check_no_overlap(cfg.output, _inputs(cfg))
@@ -303,6 +305,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                 tokenizer.save_pretrained(staging)
             with open(os.path.join(staging, RESULTS), "w") as handle:
                 json.dump(result, handle, indent=2)
+            record_files(staging, "distill-finetune")  # what a later --overwrite may replace
     return result
 
 

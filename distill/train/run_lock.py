@@ -3,7 +3,8 @@
 The lock is `OUTPUT/.lock`, locked with `flock` (released by the kernel when the holder dies, so a lock
 left by a crashed or killed run is never in the way) and holding who took it (host, pid, start time),
 which a second trainer reports when it is refused. Filesystems without `flock` get an exclusive-create
-lock file instead; a stale one (same host, holder no longer alive) is taken over.
+lock file instead; a stale one (same host, holder no longer alive) is taken over. A symlink (or anything but a
+regular file) at the lock's name is refused, never followed: the lock text is written only into a file of the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from typing import Optional
 
@@ -27,13 +29,34 @@ class RunLockedError(UserError, RuntimeError):
     """Another trainer holds the run directory."""
 
 
+class LockPathError(UserError, RuntimeError):
+    """The lock's name is taken by a symlink or a non-file, or the directory does not allow a lock file."""
+
+
+def _open_lock(path: str, flags: int) -> int:
+    """os.open of the lock file without following a symlink at its name (O_NOFOLLOW); refuse anything but a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP and not os.path.islink(path):
+            raise
+        raise LockPathError(
+            f"{path} is a symlink; the run lock is never written through one (it could overwrite the file it points to): "
+            f"remove the link and start again"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockPathError(f"{path} is not a regular file; remove it (the trainer creates its run lock there) and start again")
+    return fd
+
+
 def _holder_text() -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
 
 
 def _describe(path: str) -> str:
     try:
-        with open(path) as handle:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as handle:
             info = json.loads(handle.read() or "{}")
         return f"pid {info.get('pid')} on host {info.get('host')} since {info.get('since')}"
     except (OSError, ValueError):
@@ -65,7 +88,7 @@ class RunLock:
             os.makedirs(self.output_dir)
             self.created_dir = True
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -81,7 +104,7 @@ class RunLock:
                 self._acquire_exclusive_file()
                 return self
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -97,10 +120,10 @@ class RunLock:
         """Fallback without flock: create the lock file exclusively; take over a stale one of this host."""
         for _ in range(2):
             try:
-                fd = os.open(self.path + ".x", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = _open_lock(self.path + ".x", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 try:
-                    with open(self.path + ".x") as handle:
+                    with os.fdopen(_open_lock(self.path + ".x", os.O_RDONLY)) as handle:
                         info = json.loads(handle.read() or "{}")
                 except (OSError, ValueError):
                     info = {}
