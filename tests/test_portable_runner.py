@@ -152,3 +152,34 @@ def test_runners_whose_workers_cannot_see_local_paths_are_refused(tmp_path, corp
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distill-prep: error: --runner=") and expected in lines[0], lines
     assert os.listdir(tmp_path) == [], "a refused run left files beside --output"
+
+
+def test_distill_cache_on_the_portable_runner_writes_the_local_runners_parts(tmp_path, cluster):
+    """A tiny random Llama teacher over ~100 causal rows (tests/test_teacher_cache.py's assets)."""
+    from test_teacher_cache import assets as _assets  # noqa: F401  (the fixture, built here too)
+    from test_teacher_cache import cache
+
+    assets = _assets.__wrapped__(tmp_path_factory=_Factory(tmp_path), corpus_dir=_demo_corpus(tmp_path))
+    local, portable = tmp_path / "local", tmp_path / "portable"
+    cache(assets, local)
+    cache(assets, portable, *cluster.beam_args())
+    a, b = _files(str(local)), _files(str(portable))
+    assert sorted(a) == sorted(b) and len(a) > 2
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+
+
+class _Factory:
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
+def _demo_corpus(tmp_path) -> str:
+    from distill.demo_assets import write_corpus
+
+    write_corpus(str(tmp_path / "corpus"))
+    return str(tmp_path / "corpus")
