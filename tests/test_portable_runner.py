@@ -179,7 +179,7 @@ class _Factory:
 
 
 def _demo_corpus(tmp_path) -> str:
-    from distill.demo_assets import write_corpus
+    from distill.tools.demo_assets import write_corpus
 
     write_corpus(str(tmp_path / "corpus"))
     return str(tmp_path / "corpus")
