@@ -4,6 +4,7 @@
     python bench/prep_throughput.py --copies 1 10       # quicker: 1.1 MB and 11 MB
     python bench/prep_throughput.py --input corpus/*.txt --tokenizer /models/bert-base-uncased
     python bench/prep_throughput.py --huge-line-mb 100  # one 100 MB single-line document: time, memory, accounting
+    python bench/prep_throughput.py --runner portable --pipeline-only   # also on Beam's portable runner (Prism)
 
 Every side does the same work on the same corpus: read the documents, tokenize them with the same fast
 tokenizer (no special tokens, word-start flags), pack them into [CLS] ... [SEP] windows. The pipeline also
@@ -14,7 +15,10 @@ cleans, dedups, splits train/validation, shuffles, shards, counts and writes the
 - `datasets.map` + adapter: the same loop calling distill-prep's own tokenizer adapter (its faster path), a
   stricter reference;
 - distill-prep in-process (`--workers 1`) and with `--workers N` worker processes; the line of the mode that
-  distill-prep picks by itself for that corpus is marked "default".
+  distill-prep picks by itself for that corpus is marked "default";
+- with `--runner portable`: distill-prep through Beam's PortableRunner on a Prism job server with one EXTERNAL
+  SDK worker pool (launch/portable_cluster.py, started once for the run); its peak RSS is the launcher's, and
+  the worker pool's (pool + SDK harness) is printed beside it.
 
 Each measurement runs in a fresh Python process that imports its libraries before its clock starts, and
 reports wall seconds, CPU seconds (its threads and child processes) and its peak RSS (with its children).
@@ -25,6 +29,7 @@ drifts), with the largest peak RSS seen.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,12 +44,13 @@ import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
-SIDES = ("plain", "adapter", "pipeline", "workers")
+SIDES = ("plain", "adapter", "pipeline", "workers", "portable")
 LABELS = {
     "plain": "datasets.map + tokenizer call (plain loop)",
     "adapter": "datasets.map + distill-prep's tokenizer adapter",
     "pipeline": "distill-prep in-process (--workers 1)",
     "workers": "distill-prep --workers {n}",
+    "portable": "distill-prep, PortableRunner on Prism + 1 worker pool",
 }
 
 
@@ -132,7 +138,7 @@ def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size:
     return sum(len(x) for x in ds["input_ids"])
 
 
-def run_pipeline(files, tokenizer, out, max_seq_len, batch_size, workers):
+def run_pipeline(files, tokenizer, out, max_seq_len, batch_size, workers, beam_args=None):
     """run_prep (Beam's chatter, also its worker processes', to a log file). Returns (tokens written, manifest)."""
     from data_prep.cli import stderr_to_file
     from data_prep.config import PrepConfig
@@ -140,7 +146,7 @@ def run_pipeline(files, tokenizer, out, max_seq_len, batch_size, workers):
 
     cfg = PrepConfig(inputs=files, tokenizer=tokenizer, output=out, max_seq_len=max_seq_len, batch_size=batch_size)
     with stderr_to_file(os.path.join(os.path.dirname(out), "beam.log")):
-        manifest = run_prep(cfg, workers=workers)
+        manifest = run_prep(cfg, beam_args, workers=workers)
     shutil.rmtree(out, ignore_errors=True)
     return sum(s.tokens for s in manifest.splits.values()), manifest
 
@@ -163,12 +169,15 @@ def measure(args) -> int:
             tokens = baseline(files, args.tokenizer, args.max_seq_len, args.batch_size, adapter=args.measure == "adapter")
         else:
             workers = 1 if args.measure == "pipeline" else args.compare_workers
+            beam_args = json.loads(args.beam_args) if args.measure == "portable" else None
             tokens, manifest = run_pipeline(
-                files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers
+                files, args.tokenizer, os.path.join(args.scratch, "out"), args.max_seq_len, args.batch_size, workers, beam_args
             )
             beam = manifest.pipeline_options["beam"]
             extra = {
-                "mode": f"{beam.get('direct_num_workers', 1)} worker processes"
+                "mode": beam["runner"]
+                if args.measure == "portable"
+                else f"{beam.get('direct_num_workers', 1)} worker processes"
                 if beam.get("direct_running_mode") == "multi_processing"
                 else "in-process",
                 "documents": manifest.stats["documents_read"],
@@ -188,7 +197,7 @@ def scaled_corpus(files: list[str], copies: int, directory: str) -> str:
     return directory
 
 
-def _child(side: str, corpus: str, args, scratch: str) -> dict:
+def _child(side: str, corpus: str, args, scratch: str, cluster=None) -> dict:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -209,10 +218,31 @@ def _child(side: str, corpus: str, args, scratch: str) -> dict:
         "--compare-workers",
         str(args.compare_workers),
     ]
+    pool_peak = [0]
+    if side == "portable":
+        cmd += ["--beam-args", json.dumps(cluster.beam_args())]
+        done = threading.Event()
+
+        def poll():  # the worker pool is not a child of the measuring process: its memory is sampled here
+            while not done.is_set():
+                total = 0
+                for pid in cluster.pool_pids():
+                    try:
+                        total += psutil.Process(pid).memory_info().rss
+                    except psutil.Error:
+                        pass
+                pool_peak[0] = max(pool_peak[0], total)
+                done.wait(0.05)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if side == "portable":
+        done.set()
+        poller.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{side} on {corpus} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "pool_rss": pool_peak[0]}
 
 
 def huge_line(args, work: str) -> int:
@@ -277,6 +307,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--pipeline-only", action="store_true", help="skip the datasets.map sides (memory at a large size, quicker)")
     parser.add_argument("--huge-line-mb", type=int, default=0, help="instead: run distill-prep on one single-line document of this many MB")
+    parser.add_argument("--runner", choices=["local", "portable"], default="local", help="portable: also run the portable-runner side")
+    parser.add_argument("--beam-args", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -285,6 +317,7 @@ def main() -> int:
         return measure(args)
 
     work = tempfile.mkdtemp(prefix="prep_bench_")
+    stack = contextlib.ExitStack()
     try:
         if args.huge_line_mb:
             return huge_line(args, work)
@@ -295,17 +328,24 @@ def main() -> int:
             files = [SHARED_WIKITEXT] if os.path.exists(SHARED_WIKITEXT) else write_corpus(os.path.join(work, "corpus"))
         args.tokenizer = args.tokenizer or _default_tokenizer(files, work)
         sides = [s for s in SIDES if (s != "workers" or args.compare_workers) and not (args.pipeline_only and s in ("plain", "adapter"))]
+        sides = [s for s in sides if s != "portable" or args.runner == "portable"]
+        cluster = None
+        if args.runner == "portable":
+            from launch.portable_cluster import PortableCluster, prism_binary
+
+            cluster = stack.enter_context(PortableCluster(prism=prism_binary(build=True), log_dir=work))
         results = {}
         for copies in args.copies:
             corpus = scaled_corpus(files, copies, os.path.join(work, f"x{copies}"))
             best: dict[str, dict] = {}
             for _ in range(args.rounds):
                 for side in sides:
-                    r = _child(side, corpus, args, work)
+                    r = _child(side, corpus, args, work, cluster)
                     if side not in best or r["seconds"] < best[side]["seconds"]:
                         best[side] = {**r, "peak_rss": max(r["peak_rss"], best.get(side, {}).get("peak_rss", 0))}
                     else:
                         best[side]["peak_rss"] = max(best[side]["peak_rss"], r["peak_rss"])
+                    best[side]["pool_rss"] = max(best[side].get("pool_rss", 0), r["pool_rss"])
             results[copies] = (corpus, best)
             shutil.rmtree(corpus)
 
@@ -331,8 +371,9 @@ def main() -> int:
                 ratios = "" if side == "plain" or not base else f"  {rate / (base['tokens'] / base['seconds']):.2f}x the plain loop"
                 if side not in ("plain", "adapter") and base:
                     ratios += f", {rate / (best['adapter']['tokens'] / best['adapter']['seconds']):.2f}x the adapter loop"
+                pool = f", worker pool {r['pool_rss'] / 2**20:,.0f} MiB" if side == "portable" else ""
                 print(
-                    f"  {label:<62} {rate:>10,.0f} tokens/s ({r['seconds']:.1f}s, CPU {r['cpu']:.1f}s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB){ratios}"
+                    f"  {label:<62} {rate:>10,.0f} tokens/s ({r['seconds']:.1f}s, CPU {r['cpu']:.1f}s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB{pool}){ratios}"
                 )
             if base and best["pipeline"]["tokens"] != base["tokens"]:
                 print(
@@ -345,6 +386,7 @@ def main() -> int:
                     f"peak RSS at {large} copies / at {small} copies, {LABELS[side].format(n=args.compare_workers)}: {b[side]['peak_rss'] / a[side]['peak_rss']:.2f}x"
                 )
     finally:
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

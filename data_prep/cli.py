@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from data_prep.config import PrepConfig
-from data_prep.errors import extract_message
+from data_prep.errors import extract_message, runner_failure
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, Exception):
             raise
         message = extract_message(exc)
+        failure = None if message else runner_failure(exc)
+        if failure:
+            print(
+                f"distill-prep: error: {' '.join(failure.split())}; nothing was published, --output is as it was (Beam log: {beam_log})",
+                file=sys.stderr,
+            )
+            return 1
         if message is None:
             print(f"distill-prep: pipeline failed; Beam log: {beam_log}", file=sys.stderr)
             raise

@@ -23,9 +23,9 @@ from data_prep import manifest as mf
 from data_prep.config import PrepConfig
 from data_prep.documents import cleaned_documents, dedup_partitions
 from data_prep.errors import PrepInputError
-from data_prep.output_dir import TMP_DIR, check_output, claim_output, remove_output
+from data_prep.output_dir import TMP_DIR, check_output, claim_output, is_remote, remove_output
 from data_prep.pipeline import SPLIT_NAMES, build_pipeline, token_dtype_for
-from data_prep.runner import beam_options, choose_workers, local_runner
+from data_prep.runner import beam_options, check_runner, choose_workers, local_runner
 from data_prep.sources import is_packed, list_inputs
 from data_prep.stats import structure
 from data_prep.storage import save_tokenizer, sha256, shard_infos, write_manifest
@@ -186,6 +186,10 @@ def _prepare(cfg: PrepConfig, work: PrepConfig, tokenizer, inputs: list, beam_ar
     workers = choose_workers(workers, files)
     options = beam_options(work, beam_args, workers)
     runner = local_runner(options)
+    if runner is None:  # another runner's workers do not share the launcher's working directory
+        check_runner(options, [path for path, _ in files] + [work.output])
+        files = [(path if is_remote(path) else os.path.abspath(path), size) for path, size in files]
+        work = work if is_remote(work.output) else dataclasses.replace(work, output=os.path.abspath(work.output))
     mode = ("in-process" if workers == 1 else f"{workers} worker processes") if runner is not None else "runner from the Beam options"
     log.info(
         "%d input files, %.1f MB; tokenizer %s (vocab %d); %d train shards; %s",

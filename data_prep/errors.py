@@ -32,3 +32,19 @@ def extract_message(exc: BaseException) -> str | None:
             return None
         text = match.group(1)
     return text.split(" [while running")[0].strip().strip("'\"").replace("\\'", "'")
+
+
+def runner_failure(exc: BaseException) -> str | None:
+    """One line for a job that another runner (Flink, Prism, a job service) failed or could not start, or None."""
+    text = str(exc)
+    if "Unable to fetch remote job server jar" in text:
+        jar = re.search(r"stage the jar at (\S+)", text)
+        return (
+            "Beam could not download the job server jar for this runner (Maven Central did not serve it); pass "
+            "--flink_job_server_jar=PATH (or --spark_job_server_jar), or start a job server and use --runner=PortableRunner "
+            f"--job_endpoint=HOST:PORT{f' (or put the jar at {jar.group(1)})' if jar else ''}"
+        )
+    match = re.search(r"Pipeline (\S+) failed in state (\w+): (.*)", text)
+    if match:
+        return f"the runner failed job {match.group(1)} ({match.group(2)}): {match.group(3).splitlines()[0][:300]}"
+    return None

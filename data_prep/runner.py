@@ -63,3 +63,38 @@ def local_runner(options: PipelineOptions):
     return fn_runner.FnApiRunner(
         provision_info=fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     )
+
+
+PORTABLE_RUNNERS = {"flinkrunner", "sparkrunner", "portablerunner", "prismrunner", "sparkjobserverrunner"}
+LOCAL_ENVIRONMENTS = {"EXTERNAL", "PROCESS", "LOOPBACK"}
+
+
+def check_runner(options: PipelineOptions, paths: list[str]) -> None:
+    """Refuse a named runner whose workers cannot reach the local paths (`paths`: inputs, output) of this run.
+
+    Dataflow's workers see only object stores; a portable runner's default environment (DOCKER) runs the SDK
+    workers in containers that see no host path. EXTERNAL, PROCESS and LOOPBACK workers run on the cluster's
+    hosts, which must then share the filesystem holding the paths (not checkable from here).
+    """
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+
+    from data_prep.errors import PrepInputError
+    from data_prep.output_dir import is_remote
+
+    runner = options.view_as(StandardOptions).runner
+    local = [p for p in paths if not is_remote(p)]
+    if runner is None or not local:
+        return
+    name = (runner if isinstance(runner, str) else type(runner).__name__).lower().rsplit(".", 1)[-1]
+    if name in ("dataflowrunner", "dataflow"):
+        raise PrepInputError(
+            f"--runner={runner}: Dataflow workers cannot read the local path {local[0]}; put --input and --output on gs:// "
+            "(and set --temp_location=gs://...)"
+        )
+    environment = (options.view_as(PortableOptions).environment_type or "DOCKER").upper()
+    if name in PORTABLE_RUNNERS and environment not in LOCAL_ENVIRONMENTS:
+        raise PrepInputError(
+            f"--runner={runner} runs the SDK workers in Docker (--environment_type={environment}), where the local path "
+            f"{local[0]} does not exist; set --environment_type=EXTERNAL --environment_config=HOST:PORT (a Beam worker pool "
+            "beside each worker, on a filesystem that holds the paths) or PROCESS, or put --input/--output on an object store"
+        )
