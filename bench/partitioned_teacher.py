@@ -1,4 +1,4 @@
-"""What `teacher.partition: true` costs in throughput: the same distillation run with the teacher replicated on every
+"""What `teacher.source: partitioned` costs in throughput: the same distillation run with the teacher replicated on every
 rank and partitioned across the ranks (ZeRO-3 style), interleaved in one run of this script on one machine.
 
     OMP_NUM_THREADS=1 python bench/partitioned_teacher.py [--steps 30] [--rounds 2] [--out DIR]
@@ -127,7 +127,7 @@ def run(out: str, name: str, teacher: str, data: str, ds_json: str, steps: int, 
             "student.dropout=0.0",
             "optim.warmup_fraction=0.0",
             f"deepspeed.config={ds_json}",
-            f"teacher.partition={str(partition).lower()}",
+            f"teacher.source={'partitioned' if partition else 'online'}",
         ]
     )
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

@@ -35,9 +35,10 @@ def check_result_file(path: str, inputs: list[tuple[str, str | None]], name: str
         raise OutputError(f"{name} {path!r} is a directory; give a file path for the JSON result")
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    from distill.config import Config, ConfigError, describe_fields
-    from kd_common.config import add_arguments, from_arguments
+def train_parser() -> argparse.ArgumentParser:
+    """distill-train's command line (also how launch/slurm_env.py reads a job's arguments): flags, --config and key=value overrides."""
+    from distill.config import Config
+    from kd_common.config import add_arguments
 
     parser = argparse.ArgumentParser(
         prog="distill-train",
@@ -60,6 +61,21 @@ def train_main(argv: list[str] | None = None) -> int:
         help="with --check: the number of ranks to check batch sizes for (default: $WORLD_SIZE or 1)",
     )
     add_arguments(parser, Config)
+    return parser
+
+
+def train_config(args: argparse.Namespace):
+    """The run config from parsed distill-train arguments (--config < key=value < flags), every problem checked."""
+    from distill.config import Config
+    from kd_common.config import from_arguments
+
+    return from_arguments(Config, args, replace=("weights",))  # a weights override replaces the whole mapping
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from distill.config import ConfigError, describe_fields
+
+    parser = train_parser()
     args = parser.parse_args(argv)
     if args.help_config:
         print("\n".join(describe_fields()))
@@ -67,9 +83,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if not args.config and not args.overrides and not any(k.startswith("setting:") for k in vars(args)):
         parser.error("--config is required (e.g. --config configs/distilbert.yaml)")
     if args.check:
-        return _check_train(args, Config, from_arguments, ConfigError)
+        return _check_train(args, ConfigError)
     try:
-        config = from_arguments(Config, args, replace=("weights",))
+        config = train_config(args)
         from distill.train.trainer import train
 
         result = train(config, args.local_rank)
@@ -100,12 +116,12 @@ def train_main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _check_train(args, config_cls, from_arguments, config_error) -> int:
+def _check_train(args, config_error) -> int:
     """`distill-train --check`: the resolved config, then every problem (or none); exit 2 when there are problems."""
     import torch
 
     try:
-        config = from_arguments(config_cls, args, replace=("weights",))
+        config = train_config(args)
     except config_error as exc:
         print("problems (config):\n" + "\n".join(f"  - {p}" for p in exc.problems))
         return 2

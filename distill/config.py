@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import Field
 
 from kd_common.config import Bool, ConfigError, Float, Int, Str, build, describe, load, parse_overrides, section, setting
+
+PARTITION_DEPRECATED = "teacher.partition is deprecated: use teacher.source=partitioned"
 
 __all__ = ["Config", "ConfigError", "batch_problem", "load_config", "config_from_dict", "describe_fields", "parse_overrides", "validate"]
 
@@ -30,16 +33,25 @@ class TeacherConfig:
         True,
         "run the teacher's forward under torch.inference_mode (no autograd bookkeeping at all); false = torch.no_grad (the benchmark's baseline path). Same values either way",
     )
-    partition: Bool = setting(
-        False,
-        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/teachers/partitioned.py)",
-    )
-    source: Literal["online", "cache"] = setting(
+    source: Literal["online", "partitioned", "cache"] = setting(
         "online",
-        "where the teacher's outputs come from: online = the model on every rank; cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
+        "where the teacher's outputs come from: online = the model replicated on every rank; partitioned = the model's parameters split across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N, each module's parameters gathered just before it runs, never in an optimizer: for a teacher too big to replicate on every GPU; needs 2 or more ranks, costs an all-gather per teacher module per micro batch; distill/teachers/partitioned.py); cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
     )
+    partition: Bool = setting(False, "deprecated: true is teacher.source=partitioned (say that instead)")
     cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")
     cache_verify: Bool = setting(True, "with teacher.source=cache: re-hash every cache part against its sha256 at start")
+
+    def __post_init__(self) -> None:
+        """The deprecated `teacher.partition: true` read as `teacher.source: partitioned` (once, here; `problems` refuses it beside cache)."""
+        if self.partition and self.source != "cache":
+            if self.source == "online":
+                logging.getLogger("distill.config").warning(PARTITION_DEPRECATED)
+            self.source, self.partition = "partitioned", False
+
+    def problems(self) -> list[str]:
+        if self.partition:  # left only beside source=cache
+            return [f"{PARTITION_DEPRECATED}; it excludes teacher.source={self.source}: drop teacher.partition"]
+        return []
 
 
 @section
@@ -280,7 +292,7 @@ class Config:
             p.append(problem)
         if len(self.optim.betas) != 2:
             p.append("optim.betas must have two values")
-        if self.teacher.source != "online":
+        if self.teacher.source == "cache":
             from distill.teachers.cache import config_problems
 
             p += config_problems(self)

@@ -2,16 +2,20 @@
 
     eval "$(python -m launch.slurm_env --config configs/distilbert.yaml output_dir=... )"
 
-prints `export` lines for NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT and OUTPUT_DIR (the
-run's output_dir resolved from the recipe and its overrides, where the stop file and logs go).
+prints `export` lines for NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT and OUTPUT_DIR (the run's output_dir
+resolved by distill-train's own parser and config mechanism from the recipe, its overrides and flags, where the stop
+file and logs go).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
 import sys
+
+from kd_common.errors import UserError
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 
@@ -33,24 +37,32 @@ def gpus_per_node(env: dict[str, str]) -> int:
     return int(env.get("GPUS_PER_NODE", "1"))
 
 
+class JobArgumentsError(UserError, ValueError):
+    """The job's distill-train arguments do not parse (an unknown flag, a flag without its value)."""
+
+
+def job_config(job_args: list[str]):
+    """The run config of distill-train's arguments, read by distill-train's own parser and config mechanism
+    (--config < key=value < flags, generated flags such as --output-dir X included)."""
+    from distill.cli import train_config, train_parser
+
+    parser = train_parser()
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(job_args)
+    except argparse.ArgumentError as exc:
+        raise JobArgumentsError(f"distill-train arguments: {exc}") from None
+    if unknown:
+        raise JobArgumentsError(f"distill-train does not take {' '.join(unknown)} (see distill-train --help)")
+    return train_config(args)
+
+
 def launcher_env(env: dict[str, str], job_args: list[str]) -> dict[str, str]:
     """The variables launch/node_launch.sh needs, for this allocation."""
-    from distill.config import load_config
-
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES") if k not in env]
     if missing:
         raise ValueError(f"{', '.join(missing)} not set: run this inside a Slurm job (sbatch launch/slurm.sbatch ...)")
-    config_path, overrides = None, []
-    args = list(job_args)
-    while args:
-        arg = args.pop(0)
-        if arg == "--config" and args:
-            config_path = args.pop(0)
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif "=" in arg and not arg.startswith("-"):
-            overrides.append(arg)
-    config = load_config(config_path, overrides)
+    config = job_config(job_args)
     return {
         "NNODES": env["SLURM_JOB_NUM_NODES"],
         "GPUS_PER_NODE": str(gpus_per_node(env)),

@@ -66,3 +66,26 @@ def test_every_field_is_documented():
     lines = describe_fields()
     assert len(lines) > 40
     assert all("#" in line and line.split("#", 1)[1].strip() for line in lines)
+
+
+def test_teacher_source_and_the_deprecated_partition_alias(tmp_path, caplog):
+    """teacher.source: online | partitioned | cache; teacher.partition=true (deprecated) is read as source=partitioned
+    with one warning, and beside source=cache it is refused by one rule with one message."""
+    from distill.checkpoints.layout import legacy_identity, run_identity
+
+    path = _write(tmp_path, "output_dir: out\ndata: {path: d}\nteacher: {path: t}\n")
+    assert load_config(path, ["teacher.source=partitioned"]).teacher.source == "partitioned"
+    with caplog.at_level("WARNING", logger="distill.config"):
+        cfg = load_config(path, ["teacher.partition=true"])
+    assert (cfg.teacher.source, cfg.teacher.partition) == ("partitioned", False)
+    assert [r.getMessage() for r in caplog.records] == ["teacher.partition is deprecated: use teacher.source=partitioned"]
+    # a run recorded with the alias resumes under the new spelling (same identity)
+    old = dict(run_identity(load_config(path).to_dict(), "sha"), **{"teacher.partition": True})
+    assert legacy_identity(old) == run_identity(cfg.to_dict(), "sha")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["teacher.partition=true", "teacher.source=cache", "teacher.cache=c", "loss.weights={ce: 1.0}"])
+    assert err.value.problems == [
+        "teacher.partition is deprecated: use teacher.source=partitioned; it excludes teacher.source=cache: drop teacher.partition"
+    ]
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_config(path, ["teacher.source=online_partitioned"])

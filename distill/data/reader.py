@@ -240,6 +240,44 @@ class DataSource:
         self.loader_options = (num_workers, pin_memory, prefetch_factor)
         self._batches = None
 
+    @classmethod
+    def build(cls, data_cfg, plan, ctx) -> "DataSource":
+        """This rank's data from section `data` and the run's plan (distill/train/preflight.py: manifest, tokenizer, batch sizes, seed)."""
+        from distill.data.masking import collator_for
+
+        manifest, cuda = plan.manifest, ctx.device.type == "cuda"
+        sequences = TokenSequences(data_cfg.path, data_cfg.split, manifest, data_cfg.cache_dir, data_cfg.verify_checksums)
+        steps = StepPlan(
+            len(sequences),
+            plan.global_batch,
+            plan.micro_batch,
+            ctx.world_size,
+            ctx.rank,
+            plan.seed,
+            sequences.lengths if data_cfg.group_by_length else None,
+            data_cfg.length_group_steps,
+        )
+        counts = load_token_counts(data_cfg.path, manifest) if data_cfg.token_frequency_smoothing > 0 else np.zeros(0)
+        collator = collator_for(
+            data_cfg,
+            plan.seed,
+            manifest.packing,
+            plan.tokenizer,
+            plan.vocab_size,
+            manifest.tokenizer.all_special_ids,
+            counts,
+            pad_multiple=data_cfg.pad_to_multiple_of or (8 if cuda else 1),
+        )
+        return cls(
+            sequences,
+            steps,
+            collator,
+            ctx.device,
+            data_cfg.num_workers if data_cfg.num_workers is not None else (2 if cuda else 0),
+            data_cfg.pin_memory if data_cfg.pin_memory is not None else cuda,
+            data_cfg.prefetch_factor,
+        )
+
     @property
     def accumulation(self) -> int:
         return self.plan.accumulation

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -353,8 +353,18 @@ def init_layers_for(cfg, teacher: nn.Module, student_layers: int) -> list[int]:
 def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_id: int, max_seq_len: int) -> nn.Module:
     """Create the student model (random weights) of family `student.architecture`, shaped like the teacher (a model or
     only its config) unless the student's settings say otherwise; `init_student_from_teacher` copies weights after."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    return make_student(student_config(cfg, teacher, vocab_size, pad_token_id, max_seq_len), cfg.attn_implementation)
 
+
+def make_student(config, attn_implementation: str) -> nn.Module:
+    """The student model (random weights) of a config decided by `student_config` (the run's plan holds it)."""
+    import transformers
+
+    return getattr(transformers, _family(config).auto_class).from_config(config, attn_implementation=attn_implementation)
+
+
+def student_config(cfg, teacher: Optional[Any], vocab_size: int, pad_token_id: int, max_seq_len: int):
+    """The student's Hugging Face config (section `student` against the teacher's model or config): every shape rule, no weights."""
     from distill.models.families import FAMILIES
 
     shape = student_shape(
@@ -407,8 +417,7 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
         )
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
-    auto = AutoModelForCausalLM if family.causal else AutoModelForMaskedLM
-    return auto.from_config(config, attn_implementation=cfg.attn_implementation)
+    return config
 
 
 @torch.no_grad()

@@ -105,10 +105,13 @@ class Objective:
         self.uses_teacher = needs_teacher(self.weights)  # false e.g. for MLM only from a teacher-initialised student
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
         self.chunked = chunked and self.plan is not None
-        with_modules = isinstance(teacher, nn.Module)
-        self.capture = (
-            AttentionCapture(teacher, self.teacher_needs.attention_layers) if with_modules and self.teacher_needs.attention_layers else None
-        )
+        self.capture = None
+        self.attach_teacher(teacher)
+
+    def attach_teacher(self, teacher: Any) -> None:
+        """The loaded teacher model (the plan's objective was built from configs): its q/k/v hooks, where a loss reads them."""
+        if isinstance(teacher, nn.Module) and self.teacher_needs.attention_layers and self.capture is None:
+            self.capture = AttentionCapture(teacher, self.teacher_needs.attention_layers)
 
     def describe(self) -> str:
         parts = [f"losses {', '.join(f'{n} x{w:g}' for n, w in self.weights.items() if w > 0)}"]

@@ -53,10 +53,6 @@ def config_problems(cfg) -> list[str]:
             f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
             f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online"
         )
-    if getattr(cfg.teacher, "partition", False):
-        p.append(
-            "teacher.partition splits the online teacher across the ranks; with teacher.source=cache there is no teacher model: drop one of them"
-        )
     if not (cfg.loss.chunked_logits and cfg.train.logits_where_needed):
         p.append(
             "teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true"

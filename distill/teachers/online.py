@@ -30,8 +30,6 @@ class OnlineTeacher:
 
     @classmethod
     def load(cls, cfg, device: torch.device) -> "OnlineTeacher":
-        if getattr(cfg.teacher, "partition", False) and cls is OnlineTeacher:  # the same teacher, split across the ranks
-            return TEACHER_SOURCES["online_partitioned"].load(cfg, device)
         model = load_teacher(cfg.teacher.path, resolve_dtype(cfg.teacher.dtype, device), cfg.teacher.attn_implementation, device)
         return cls(model, cfg.teacher.path, cfg.teacher.inference_mode, not cfg.train.logits_where_needed)
 
@@ -70,7 +68,7 @@ TEACHER_SOURCES = {"online": OnlineTeacher}
 
 
 def _register_partitioned() -> None:
-    import distill.teachers.partitioned  # noqa: F401  teacher.partition: true (its own module, which registers itself)
+    import distill.teachers.partitioned  # noqa: F401  teacher.source: partitioned (its own module, which registers itself)
 
 
 _register_partitioned()

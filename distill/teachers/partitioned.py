@@ -1,4 +1,4 @@
-"""`teacher.partition: true`: the frozen teacher's parameters split across the data-parallel ranks, ZeRO-3 style.
+"""`teacher.source: partitioned`: the frozen teacher's parameters split across the data-parallel ranks, ZeRO-3 style.
 
 Each rank keeps 1/N of every teacher parameter (DeepSpeed pads each to a multiple of N; parameters below
 `zero_optimization.stage3_param_persistence_threshold` elements stay whole on every rank, as for a ZeRO-3
@@ -100,7 +100,7 @@ def full_parameter_bytes(model: nn.Module) -> int:
 
 
 class PartitionedTeacher(OnlineTeacher):
-    """The online teacher with its parameters partitioned across the data-parallel ranks (`teacher.partition: true`)."""
+    """The online teacher with its parameters partitioned across the data-parallel ranks (`teacher.source: partitioned`)."""
 
     def __init__(
         self, model: nn.Module, path: str, inference_mode: bool = True, full_logits: bool = False, ds_config: Optional[dict] = None
@@ -145,24 +145,19 @@ class PartitionedTeacher(OnlineTeacher):
         return f"{type(self.model).__name__}, {count / 1e6:.2f}M parameters, frozen, partitioned across the ranks"
 
 
-TEACHER_SOURCES["online_partitioned"] = PartitionedTeacher
+TEACHER_SOURCES["partitioned"] = PartitionedTeacher
 
 
 def partition_problems(cfg, world_size: int) -> list[str]:
-    """Where `teacher.partition: true` cannot work (preflight / distill-train --check), one line each."""
-    if not cfg.teacher.partition:
+    """Where `teacher.source: partitioned` cannot work (preflight / distill-train --check), one line each."""
+    if cfg.teacher.source != "partitioned":
         return []
     problems = []
     if not cfg.teacher.path:
-        problems.append("teacher.partition=true needs a teacher to partition: set teacher.path, or drop teacher.partition")
-    elif getattr(cfg.teacher, "source", "online") != "online":
-        problems.append(
-            f"teacher.partition=true splits the online teacher's parameters; teacher.source={cfg.teacher.source} runs no teacher "
-            f"model: drop teacher.partition"
-        )
+        problems.append("teacher.source=partitioned needs a teacher to partition: set teacher.path, or use teacher.source=online")
     if world_size < 2:
         problems.append(
-            f"teacher.partition=true splits the teacher's parameters across the data-parallel ranks, but this run has {world_size} "
-            f"rank: launch 2 or more (deepspeed --num_gpus N), or drop teacher.partition"
+            f"teacher.source=partitioned splits the teacher's parameters across the data-parallel ranks, but this run has {world_size} "
+            f"rank: launch 2 or more (deepspeed --num_gpus N), or use teacher.source=online"
         )
     return problems

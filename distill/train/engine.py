@@ -236,6 +236,21 @@ class StudentEngine:
             else self.engine.zero_optimization_stage()
         )
 
+    @classmethod
+    def build(cls, optim_cfg, deepspeed_cfg, plan, ctx, wrapper: torch.nn.Module, lean_startup: bool = False) -> "StudentEngine":
+        """The engine from sections `optim` and `deepspeed` and the run's plan (its DeepSpeed config and step counts)."""
+        return cls(
+            wrapper,
+            optim_cfg,
+            plan.ds_config,
+            plan.total_steps,
+            plan.warmup_steps,
+            ctx.device,
+            ctx.world_size,
+            deepspeed_cfg.lean_single_process,
+            lean_startup=lean_startup,
+        )
+
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module

@@ -198,20 +198,22 @@ def estimate_memory(
 
 def estimate_from_preflight(cfg, world_size: int, device: torch.device, pf) -> Optional[MemoryEstimate]:
     """The estimate for what `distill.train.preflight.preflight` read (None when it could not build the student)."""
-    from distill.models.build import is_causal, resolve_dtype
+    from distill.models.build import is_causal, make_student, resolve_dtype
 
-    if getattr(pf, "student", None) is None or pf.manifest is None or pf.ds_config is None:
+    if pf.student_config is None or pf.manifest is None or pf.ds_config is None:
         return None
+    with torch.device("meta"):  # shapes only: no weights, no memory
+        student = make_student(pf.student_config, cfg.student.attn_implementation)
     return estimate_memory(
         cfg,
         world_size,
-        pf.student,
+        student,
         pf.teacher_config,
         int(pf.ds_config.get("zero_optimization", {}).get("stage", 0)),
         resolve_dtype(cfg.train.precision, device),
         resolve_dtype(cfg.teacher.dtype, device),
         pf.manifest.max_seq_len,
-        pf.vocab_size or pf.student.config.vocab_size,
-        is_causal(pf.student),
+        pf.vocab_size or student.config.vocab_size,
+        is_causal(student),
         device.type,
     )

@@ -1,14 +1,17 @@
 """Every check of a run that needs no weights, in one pass: `distill-train --check`, and the first thing a run does.
 
 Reads only configs — the dataset's manifest (and its shards' footers), the teacher's config.json and
-tokenizer files, the DeepSpeed JSON — builds the student on the meta device (shapes, no memory), and
+tokenizer files, the DeepSpeed JSON — decides the student's config, the layers it copies, the objective
+(built from the two configs' shapes), the DeepSpeed config, the teacher source and the step counts, and
 runs every rule of the model, data and objective that a real start would hit, collecting all problems
-instead of stopping at the first. The run itself then reuses what was read here.
+instead of stopping at the first. The result is the run's `RunPlan`: the run makes it real (loads the
+teacher, builds the student from `student_config`, ...) and decides none of it again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -16,17 +19,18 @@ from typing import Any, Callable, Optional
 import torch
 
 from data_prep.manifest import (
+    MANIFEST_FILE,
     DatasetError,
     check_tokenizer_matches,
     load_dataset_tokenizer,
     load_manifest,
+    sha256_file,
     tokenizer_identity,
     verify_shards,
 )
 from distill.config import Config, ConfigError
 from distill.models.build import (
     ModelError,
-    build_student,
     check_data_fits,
     check_init,
     check_teacher_fits,
@@ -34,6 +38,7 @@ from distill.models.build import (
     init_layers_for,
     load_teacher_config,
     resolve_dtype,
+    student_config,
 )
 from distill.models.families import FamilyError
 from distill.models.layer_map import LayerMapError
@@ -45,15 +50,26 @@ USER_ERRORS = (ConfigError, DatasetError, ModelError, FamilyError, LayerMapError
 
 
 @dataclass
-class Preflight:
-    """What the checks read (reused by the run) and every problem they found."""
+class RunPlan:
+    """What the weight-free pass read and decided (the run makes it real, deciding nothing again), and every problem found."""
 
+    world_size: int = 1
+    seed: int = 0
+    precision: Optional[torch.dtype] = None
     manifest: Any = None
+    manifest_sha: Optional[str] = None  # of the dataset's manifest.json: the run's identity
     tokenizer: Any = None
+    teacher_source: str = "online"  # a key of distill.teachers.online.TEACHER_SOURCES; None without teacher.path
     teacher_config: Any = None
-    ds_config: Optional[dict] = None
-    vocab_size: Optional[int] = None
-    student: Any = None  # the student on the meta device (shapes only), for the memory estimate
+    ds_config: Optional[dict] = None  # the DeepSpeed config: the JSON plus what the recipe owns (batch sizes, precision, clipping)
+    vocab_size: Optional[int] = None  # rows of the embedding (the teacher's, else the tokenizer's)
+    student_config: Any = None  # the student's Hugging Face config (distill.models.build.student_config)
+    init_layers: Optional[list[int]] = None  # teacher layers student.init=teacher copies
+    objective: Any = None  # distill.objective.objective.Objective, built from the two configs
+    global_batch: int = 0
+    micro_batch: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
     problems: list[str] = field(default_factory=list)
 
     def attempt(self, check: Callable[[], Any]) -> Any:
@@ -87,12 +103,16 @@ def load_tokenizer(cfg: Config, manifest):
     return tokenizer
 
 
-def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
-    """Run every weight-free check of `cfg` for `world_size` ranks on `device`; nothing is written."""
+Preflight = RunPlan  # the name before the plan was the run's
+
+
+def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
+    """Run every weight-free check of `cfg` for `world_size` ranks on `device` and decide the run's plan; nothing is written."""
     from distill.objective.objective import Objective
 
-    pf = Preflight()
-    precision = resolve_dtype(cfg.train.precision, device)
+    pf = RunPlan(world_size=world_size, seed=cfg.seed, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
+    pf.teacher_source = cfg.teacher.source if cfg.teacher.path else None
+    pf.precision = precision = resolve_dtype(cfg.train.precision, device)
     if device.type == "cpu" and precision != torch.float32 and not (precision == torch.bfloat16 and cpu_has_native_bf16()):
         pf.problems.append(
             f"train.precision={cfg.train.precision} needs a GPU (or, for bf16, a CPU with AVX512-BF16 or AMX); use fp32 (or auto) on this CPU"
@@ -101,7 +121,11 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
     pf.problems += partition_problems(cfg, world_size)
     pf.manifest = pf.attempt(lambda: load_manifest(cfg.data.path))
     if pf.manifest is not None:
-        pf.attempt(lambda: verify_shards(cfg.data.path, pf.manifest, cfg.data.split, checksums=False))
+        pf.manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
+        if pf.attempt(lambda: verify_shards(cfg.data.path, pf.manifest, cfg.data.split, checksums=False) or True):
+            rows = pf.manifest.splits[cfg.data.split].rows
+            pf.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * rows / cfg.train.global_batch))
+            pf.warmup_steps = int(cfg.optim.warmup_fraction * pf.total_steps)
     if cfg.teacher.path:
         pf.teacher_config = pf.attempt(lambda: load_teacher_config(cfg.teacher.path))
     if pf.manifest is not None:
@@ -121,19 +145,18 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
     ):
         return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
-    with torch.device("meta"):  # shapes only: no weights, no memory
-        student = pf.attempt(
-            lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
-        )
+    student = pf.student_config = pf.attempt(  # shapes only: no weights, no memory
+        lambda: student_config(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
+    )
     if student is None:
         return pf
     pf.student = student
     if cfg.student.init == "teacher" and pf.teacher_config is not None:
-        layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.config.num_hidden_layers))
-        if layers is not None:
-            pf.attempt(lambda: check_init(student, pf.teacher_config, layers))
+        layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.num_hidden_layers))
+        if layers is not None and pf.attempt(lambda: check_init(student, pf.teacher_config, layers) or True):
+            pf.init_layers = layers
     pf.attempt(lambda: check_data_fits(student, pf.manifest.packing))
-    pf.attempt(
+    pf.objective = pf.attempt(
         lambda: Objective(
             cfg.loss,
             pf.teacher_config,

@@ -9,7 +9,8 @@
     stopper       distill/train/stopper.py      stop on request after a checkpoint, or at a non-finite step before one
     watchdog      distill/train/heartbeat.py    a rank that stopped answering ends the run, named, instead of blocking the others
 
-`build_run` wires them once (every setting checked before the run directory is claimed); `train` runs the loop.
+`build_run` makes the plan of the weight-free pass real (distill/train/preflight.py `RunPlan`: every setting checked and
+decided before anything loads or the run directory is claimed), each component from its own section; `train` runs the loop.
 """
 
 from __future__ import annotations
@@ -25,21 +26,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from data_prep.manifest import MANIFEST_FILE, sha256_file
 from distill.checkpoints import layout as ckpt
 from distill.config import Config
-from distill.data.masking import collator_for
-from distill.data.reader import DataSource, StepPlan, TokenSequences, load_token_counts
-from distill.models.build import (
-    StudentForDistillation,
-    build_student,
-    check_data_fits,
-    compile_encoder,
-    count_parameters,
-    init_layers_for,
-    init_student_from_teacher,
-    resolve_dtype,
-)
+from distill.data.reader import DataSource
+from distill.models.build import StudentForDistillation, compile_encoder, count_parameters, init_student_from_teacher, make_student
 from distill.objective.objective import Objective
 from distill.teachers.online import TEACHER_SOURCES, OnlineTeacher
 from distill.train.checkpointer import Checkpointer
@@ -225,31 +215,19 @@ def seed_for(*parts: int) -> int:
 
 
 def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWatchdog) -> Run:
-    """Load, build and check everything, then claim the run directory, set up the engine and resume if there is a checkpoint."""
-    pf = preflight(cfg, ctx.world_size, ctx.device)  # every weight-free check, all problems at once, before anything loads
-    pf.raise_if_any()
-    manifest, tokenizer, ds_config, vocab_size = pf.manifest, pf.tokenizer, pf.ds_config, pf.vocab_size
-    manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
-    precision = resolve_dtype(cfg.train.precision, ctx.device)
-    teacher = TEACHER_SOURCES[cfg.teacher.source].load(cfg, ctx.device) if cfg.teacher.path else None
+    """Make the checked plan real (teacher, student, data), then claim the run directory, set up the engine and resume if there is a checkpoint."""
+    plan = preflight(cfg, ctx.world_size, ctx.device)  # every weight-free check and decision, all problems at once, before anything loads
+    plan.raise_if_any()
+    teacher = TEACHER_SOURCES[plan.teacher_source].load(cfg, ctx.device) if plan.teacher_source else None
 
     torch.manual_seed(cfg.seed)
-    student = build_student(
-        cfg.student, teacher.model if teacher is not None else None, vocab_size, tokenizer.pad_token_id, manifest.max_seq_len
-    )
-    if cfg.student.init == "teacher":
-        layers = init_layers_for(cfg.student, teacher.model, student.config.num_hidden_layers)
-        init_student_from_teacher(student, teacher.init_model(), layers, cfg.student.fold_token_type_embeddings)
-        log.info("student initialised from teacher layers %s", layers)
-    check_data_fits(student, manifest.packing)
-    objective = Objective(
-        cfg.loss,
-        teacher.model if teacher is not None else None,
-        student,
-        vocab_size=manifest.tokenizer.vocab_size,
-        chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed,
-    )  # checks the losses against the shapes
+    student = make_student(plan.student_config, cfg.student.attn_implementation)
+    if plan.init_layers is not None:
+        init_student_from_teacher(student, teacher.init_model(), plan.init_layers, cfg.student.fold_token_type_embeddings)
+        log.info("student initialised from teacher layers %s", plan.init_layers)
+    objective = plan.objective
     if teacher is not None:
+        objective.attach_teacher(teacher.model)
         teacher.bind(objective)
     log.info("objective: %s", objective.describe())
     log.info(
@@ -258,40 +236,8 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
         count_parameters(student) / 1e6,
         teacher.describe() if teacher is not None else "none",
     )
-
-    sequences = TokenSequences(cfg.data.path, cfg.data.split, manifest, cfg.data.cache_dir, cfg.data.verify_checksums)
-    plan = StepPlan(
-        len(sequences),
-        cfg.train.global_batch,
-        cfg.train.micro_batch,
-        ctx.world_size,
-        ctx.rank,
-        cfg.seed,
-        sequences.lengths if cfg.data.group_by_length else None,
-        cfg.data.length_group_steps,
-    )
-    counts = load_token_counts(cfg.data.path, manifest) if cfg.data.token_frequency_smoothing > 0 else np.zeros(0)
-    cuda = ctx.device.type == "cuda"
-    collator = collator_for(
-        cfg.data,
-        cfg.seed,
-        manifest.packing,
-        tokenizer,
-        vocab_size,
-        manifest.tokenizer.all_special_ids,
-        counts,
-        pad_multiple=cfg.data.pad_to_multiple_of or (8 if cuda else 1),
-    )
-    data = DataSource(
-        sequences,
-        plan,
-        collator,
-        ctx.device,
-        cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0),
-        cfg.data.pin_memory if cfg.data.pin_memory is not None else cuda,
-        cfg.data.prefetch_factor,
-    )
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(sequences) / cfg.train.global_batch))
+    data = DataSource.build(cfg.data, plan, ctx)
+    total_steps = plan.total_steps
 
     wrapper = StudentForDistillation(
         student,
@@ -307,37 +253,26 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
             teacher.compile()
 
     # Everything above only read: the run directory is claimed (run.json written) once every setting has been checked.
-    checkpointer = Checkpointer(cfg, ctx, manifest_sha, total_steps, tokenizer, asdict(manifest.tokenizer))
-    identity = ckpt.run_identity(cfg.to_dict(), manifest_sha)
+    checkpointer = Checkpointer(cfg, ctx, plan.manifest_sha, total_steps, plan.tokenizer, asdict(plan.manifest.tokenizer))
+    identity = ckpt.run_identity(cfg.to_dict(), plan.manifest_sha)
     if teacher is not None:
         identity["teacher.fingerprint"] = teacher.fingerprint()
     resuming = checkpointer.claim(identity, cfg.teacher.path)  # + the teacher's content fingerprint (distill/models/fingerprint.py)
     watchdog.start()  # from here on a rank that stops answering is named by the others (OUTPUT/heartbeat/)
-    resume = checkpointer.resume_point(ds_config["zero_optimization"]["stage"]) if resuming else None
+    resume = checkpointer.resume_point(plan.ds_config["zero_optimization"]["stage"]) if resuming else None
     if resume is not None and resume.universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    warmup = int(cfg.optim.warmup_fraction * total_steps)
-    engine = StudentEngine(
-        wrapper,
-        cfg.optim,
-        ds_config,
-        total_steps,
-        warmup,
-        ctx.device,
-        ctx.world_size,
-        cfg.deepspeed.lean_single_process,
-        lean_startup=cfg.train.lean_startup,
-    )
+        plan.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    engine = StudentEngine.build(cfg.optim, cfg.deepspeed, plan, ctx, wrapper, lean_startup=cfg.train.lean_startup)
     log.info(
         "DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
         engine.zero_stage,
         ctx.world_size,
-        cfg.train.micro_batch,
-        plan.accumulation,
-        cfg.train.global_batch,
-        str(precision).replace("torch.", ""),
+        plan.micro_batch,
+        data.accumulation,
+        plan.global_batch,
+        str(plan.precision).replace("torch.", ""),
         total_steps,
-        warmup,
+        plan.warmup_steps,
     )
     start_step = 0
     if resume is not None:
