@@ -150,7 +150,6 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
     )
     if student is None:
         return pf
-    pf.student = student
     if cfg.student.init == "teacher" and pf.teacher_config is not None:
         layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.num_hidden_layers))
         if layers is not None and pf.attempt(lambda: check_init(student, pf.teacher_config, layers) or True):
