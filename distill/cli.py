@@ -134,13 +134,13 @@ def _check_train(args, config_error) -> int:
     from distill.train.memory_estimate import estimate_from_preflight
 
     estimate = estimate_from_preflight(config, world, device, found)
-    if estimate is not None:
-        print("\n".join(estimate.lines()))
     if found.problems:
         print(f"problems ({world} rank{'s' if world > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in found.problems))
-        return 2
-    print(f"no problems found for {world} rank{'s' if world > 1 else ''}: ready to run")
-    return 0
+    else:
+        print(f"no problems found for {world} rank{'s' if world > 1 else ''}: ready to run")
+    if estimate is not None:  # after the verdict: what precedes it stays the resolved config's YAML
+        print("\n".join(estimate.lines()))
+    return 2 if found.problems else 0
 
 
 def export_main(argv: list[str] | None = None) -> int:

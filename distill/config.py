@@ -22,6 +22,10 @@ PARTITION_DEPRECATED = "teacher.partition is deprecated: use teacher.source=part
 __all__ = ["Config", "ConfigError", "batch_problem", "load_config", "config_from_dict", "describe_fields", "parse_overrides", "validate"]
 
 
+# logit kinds a teacher-logit cache can feed (ce: the student's own cross-entropy)
+CACHEABLE_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
+
+
 @section
 class TeacherConfig:
     path: Optional[Str] = setting(
@@ -262,6 +266,33 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def cache_problems(self) -> list[str]:
+        """The rules of `teacher.source: cache` that need only the config."""
+        from distill.objective.losses import LOSSES  # torch: imported when a config is checked, not when this module is
+
+        p = []
+        if not self.teacher.cache:
+            p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
+        if not self.teacher.path:
+            p.append(
+                "teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)"
+            )
+        live = sorted(
+            n
+            for n, w in self.loss.weights.items()
+            if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE_KINDS
+        )
+        if live:
+            p.append(
+                f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
+                f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online"
+            )
+        if not (self.loss.chunked_logits and self.train.logits_where_needed):
+            p.append(
+                "teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true"
+            )
+        return p
+
     def problems(self) -> list[str]:
         """Every cross-field rule of a run, each written once (field bounds are checked by the loader)."""
         from distill.objective.losses import LOSSES
@@ -293,9 +324,7 @@ class Config:
         if len(self.optim.betas) != 2:
             p.append("optim.betas must have two values")
         if self.teacher.source == "cache":
-            from distill.teachers.cache import config_problems
-
-            p += config_problems(self)
+            p += self.cache_problems()
         if self.student.init_layers is not None and self.student.init != "teacher":
             p.append("student.init_layers only applies with student.init=teacher")
         if self.output_dir:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 import os
 import shutil
@@ -89,27 +88,6 @@ class CacheConfig:
 
     def problems(self) -> list[str]:
         return []
-
-
-def weights_sha256(path: str) -> str:
-    """sha256 over the teacher's weight files (name + content), in name order: what caches before content fingerprints
-    recorded (the reader checks it for them; new caches record `distill.models.fingerprint.content_identity`)."""
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin")):
-            digest.update(name.encode())
-            with open(os.path.join(path, name), "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def teacher_fingerprint(path: str) -> str:
-    """The old identity of a teacher (distill/teachers/online.py: config + weight file names and sizes), kept in the manifest for
-    older readers; the content is `teacher.content_sha256`."""
-    from distill.teachers.online import OnlineTeacher
-
-    return OnlineTeacher(None, path).fingerprint()
 
 
 def row_uniforms(seed: int, shard: int, row: int, length: int, n: int, variant: int = 0) -> np.ndarray:
@@ -417,7 +395,7 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
 
     from data_prep.manifest import MANIFEST_FILE
     from data_prep.runner import local_runner
-    from distill.models.fingerprint import content_identity
+    from distill.models.fingerprint import content_identity, shape_fingerprint
     from kd_common.files import sha256_file
     from kd_common.output_rule import replace_when_complete
 
@@ -481,7 +459,7 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
             masking=masking or {},
             teacher={
                 "path": os.path.abspath(cfg.teacher),
-                "fingerprint": teacher_fingerprint(cfg.teacher),
+                "fingerprint": shape_fingerprint(cfg.teacher),
                 "config": config.to_dict(),
                 "content_sha256": teacher_content["sha256"],  # distill/models/fingerprint.py; "files": its per-file record
                 "files": teacher_content["files"],

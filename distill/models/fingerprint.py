@@ -79,3 +79,26 @@ def differing_files(before: Optional[dict[str, Any]], now: dict[str, Any]) -> li
     """Names of the files whose content (or presence) differs between two `files` records, for messages."""
     before = before or {}
     return sorted(n for n in set(before) | set(now) if (before.get(n) or {}).get("sha256") != (now.get(n) or {}).get("sha256"))
+
+
+def shape_fingerprint(path: str) -> str:
+    """Config hash plus weight file names and sizes: the identity runs and caches recorded before content fingerprints
+    (kept so that they still resume / load; it cannot tell two teachers of one shape apart)."""
+    digest = hashlib.sha256(open(os.path.join(path, "config.json"), "rb").read())
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            digest.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
+    return digest.hexdigest()
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 over the teacher's weight files (name + content), in name order: what caches before content fingerprints
+    recorded (the reader checks it for them; new caches record `content_identity`)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            digest.update(name.encode())
+            with open(os.path.join(path, name), "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()

@@ -29,35 +29,6 @@ from distill.model_outputs import ModelOutputs
 from distill.objective.sparse_logits import SparseTargets
 
 log = logging.getLogger("distill.cache")
-CACHEABLE = ("forward_kl", "reverse_kl", "jsd", "ce")  # logit kinds a cache can feed (ce: the student's own cross-entropy)
-
-
-def config_problems(cfg) -> list[str]:
-    """The rules of `teacher.source: cache` that need only the config."""
-    from distill.objective.losses import LOSSES
-
-    p = []
-    if not cfg.teacher.cache:
-        p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
-    if not cfg.teacher.path:
-        p.append(
-            "teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)"
-        )
-    live = sorted(
-        n
-        for n, w in cfg.loss.weights.items()
-        if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE
-    )
-    if live:
-        p.append(
-            f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
-            f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online"
-        )
-    if not (cfg.loss.chunked_logits and cfg.train.logits_where_needed):
-        p.append(
-            "teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true"
-        )
-    return p
 
 
 class CacheTeacher:
@@ -75,7 +46,7 @@ class CacheTeacher:
         from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
         from distill.models.build import load_teacher_config
 
-        problems = config_problems(cfg)
+        problems = cfg.cache_problems()
         if problems:
             raise CacheError(problems[0])
         cache_dir = cfg.teacher.cache
@@ -191,8 +162,7 @@ def _check_teacher(path: str, recorded: dict, where: str) -> None:
     """The teacher at `path` is the one the cache was written with, by the content of its files (distill/models/fingerprint.py,
     re-hashing only files changed since the cache recorded them); a cache from before content fingerprints is checked
     by the sha256 of its weight files it recorded, one with neither by config and file sizes (with a warning)."""
-    from distill.cache.pipeline import teacher_fingerprint, weights_sha256
-    from distill.models.fingerprint import content_identity, differing_files
+    from distill.models.fingerprint import content_identity, differing_files, shape_fingerprint, weights_sha256
 
     if "content_sha256" in recorded:
         now = content_identity(path, recorded.get("files"))
@@ -203,7 +173,7 @@ def _check_teacher(path: str, recorded: dict, where: str) -> None:
         log.warning(
             "%s records no hash of its teacher's weights (an older cache): the teacher is matched by config and file sizes only", where
         )
-        was, found, changed = recorded.get("fingerprint"), teacher_fingerprint(path), []
+        was, found, changed = recorded.get("fingerprint"), shape_fingerprint(path), []
     if was != found:
         raise CacheError(
             f"{where} was written with another teacher ({recorded.get('path')}, content sha256 {str(was)[:12]}), not {path} "

@@ -3,19 +3,17 @@
 `OnlineTeacher`: a frozen teacher replicated on every rank, run on each micro batch (eval mode, no
 gradients, `torch.inference_mode`), returning what the objective decided it must (logits where a loss
 reads them, hidden states, q/k/v). Other sources (a teacher partitioned across ranks, a cache of its
-distributions written once) implement `outputs(batch)` and `fingerprint()` and register in `TEACHER_SOURCES`.
+distributions written once) implement `outputs(batch)` and `fingerprint()`; distill/teachers/sources.py names them.
 """
 
 from __future__ import annotations
-
-import hashlib
-import os
 
 import torch
 from torch import nn
 
 from distill.model_outputs import ModelOutputs
 from distill.models.build import compile_encoder, count_parameters, load_teacher, resolve_dtype
+from distill.models.fingerprint import shape_fingerprint
 
 
 class OnlineTeacher:
@@ -55,29 +53,6 @@ class OnlineTeacher:
         return f"{type(self.model).__name__}, {count_parameters(self.model) / 1e6:.2f}M parameters, frozen"
 
     def fingerprint(self) -> str:
-        """Config hash plus weight file names and sizes (the identity runs recorded before content fingerprints; the run
-        identity also records the weights' content, `teacher.content_sha256`: distill/models/fingerprint.py)."""
-        digest = hashlib.sha256(open(os.path.join(self.path, "config.json"), "rb").read())
-        for name in sorted(os.listdir(self.path)):
-            if name.endswith((".safetensors", ".bin")):
-                digest.update(f"{name}:{os.path.getsize(os.path.join(self.path, name))}".encode())
-        return digest.hexdigest()
-
-
-TEACHER_SOURCES = {"online": OnlineTeacher}
-
-
-def _register_partitioned() -> None:
-    import distill.teachers.partitioned  # noqa: F401  teacher.source: partitioned (its own module, which registers itself)
-
-
-_register_partitioned()
-
-
-def _register_cache() -> None:
-    from distill.teachers.cache import CacheTeacher  # its own module (distill/teachers/cache.py)
-
-    TEACHER_SOURCES["cache"] = CacheTeacher
-
-
-_register_cache()
+        """The shape fingerprint (config + weight file names and sizes) runs recorded before content fingerprints; the run
+        identity also records the weights' content, `teacher.content_sha256` (distill/models/fingerprint.py)."""
+        return shape_fingerprint(self.path)

@@ -24,7 +24,7 @@ from torch import nn
 
 from distill.model_outputs import ModelOutputs
 from distill.models.build import load_teacher, resolve_dtype
-from distill.teachers.online import TEACHER_SOURCES, OnlineTeacher
+from distill.teachers.online import OnlineTeacher
 
 log = logging.getLogger("distill.teachers.online")
 
@@ -143,9 +143,6 @@ class PartitionedTeacher(OnlineTeacher):
     def describe(self) -> str:
         count = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         return f"{type(self.model).__name__}, {count / 1e6:.2f}M parameters, frozen, partitioned across the ranks"
-
-
-TEACHER_SOURCES["partitioned"] = PartitionedTeacher
 
 
 def partition_problems(cfg, world_size: int) -> list[str]:

@@ -59,7 +59,7 @@ class RunPlan:
     manifest: Any = None
     manifest_sha: Optional[str] = None  # of the dataset's manifest.json: the run's identity
     tokenizer: Any = None
-    teacher_source: str = "online"  # a key of distill.teachers.online.TEACHER_SOURCES; None without teacher.path
+    teacher_source: str = "online"  # a key of distill.teachers.sources.TEACHER_SOURCES; None without teacher.path
     teacher_config: Any = None
     ds_config: Optional[dict] = None  # the DeepSpeed config: the JSON plus what the recipe owns (batch sizes, precision, clipping)
     vocab_size: Optional[int] = None  # rows of the embedding (the teacher's, else the tokenizer's)

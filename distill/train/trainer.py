@@ -31,7 +31,8 @@ from distill.config import Config
 from distill.data.reader import DataSource
 from distill.models.build import StudentForDistillation, compile_encoder, count_parameters, init_student_from_teacher, make_student
 from distill.objective.objective import Objective
-from distill.teachers.online import TEACHER_SOURCES, OnlineTeacher
+from distill.teachers.online import OnlineTeacher
+from distill.teachers.sources import TEACHER_SOURCES
 from distill.train.checkpointer import Checkpointer
 from distill.train.distributed import DistContext, barrier, init_distributed, on_main_then_broadcast, setup_logging
 from distill.train.engine import StudentEngine, peak_memory_mb
