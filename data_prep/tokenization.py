@@ -151,6 +151,8 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from kd_common.hf_dirs import LOCAL_ONLY, RemoteCodeError, refuse_remote_code
+
     hf_logging.set_verbosity_error()
     if not os.path.isdir(path):
         raise PrepInputError(
@@ -163,7 +165,11 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
             f"--tokenizer {path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the teacher's tokenizer directory"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        refuse_remote_code(path, "--tokenizer")
+    except RemoteCodeError as exc:
+        raise PrepInputError(str(exc)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrepInputError(

@@ -174,9 +174,11 @@ class StaticMasker:
         from data_prep.manifest import TOKENIZER_DIR, load_manifest
         from distill.data import load_token_counts
         from distill.masking import collator_for
+        from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
         manifest = load_manifest(self.data_dir)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.data_dir, TOKENIZER_DIR), local_files_only=True)
+        refuse_remote_code(os.path.join(self.data_dir, TOKENIZER_DIR), "--data tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.data_dir, TOKENIZER_DIR), **LOCAL_ONLY)
         data = SimpleNamespace(**{key[len("data.") :]: v for key, v in self.settings.items() if key.startswith("data.")})
         counts = load_token_counts(self.data_dir, manifest) if data.token_frequency_smoothing > 0 else np.zeros(0)
         special = manifest.tokenizer.all_special_ids

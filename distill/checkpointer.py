@@ -141,11 +141,14 @@ class Checkpointer:
         """Rank 0, after every rank wrote its shards: HF config, tokenizer, trainer state, COMPLETE, `latest`, pruning."""
         from transformers import AutoTokenizer
 
+        from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
         tag_dir = os.path.join(self.root, tag)
         student = engine.module.model
         student.config.architectures = [type(student).__name__]
         student.config.save_pretrained(os.path.join(tag_dir, "hf_config"))
-        AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True).save_pretrained(os.path.join(tag_dir, "tokenizer"))
+        refuse_remote_code(self.tokenizer_dir, "data.path's tokenizer")
+        AutoTokenizer.from_pretrained(self.tokenizer_dir, **LOCAL_ONLY).save_pretrained(os.path.join(tag_dir, "tokenizer"))
         write_json_atomically(os.path.join(tag_dir, ckpt.TRAINER_STATE), state)
         ckpt.mark_complete(tag_dir)
         ckpt.write_latest(self.root, tag)

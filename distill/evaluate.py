@@ -35,6 +35,7 @@ from distill.losses import IGNORE_INDEX, Batch, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
 from distill.models import ModelError, mlm_forward
 from kd_common.config import Int, Str, section, setting
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 EVAL_SEED = 1234
 TEACHER = "teacher"
@@ -82,8 +83,9 @@ def model_family(path: str) -> Family:
 
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
+    refuse_remote_code(path, "model")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -99,9 +101,10 @@ def load_lm(path: str, device: torch.device, causal: bool = False):
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
     kind = "causal LM" if causal else "masked LM"
+    refuse_remote_code(path, "model")
     try:
-        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, **LOCAL_ONLY)
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path!r} could not be loaded as a {kind} with its tokenizer ({first})") from None

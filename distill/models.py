@@ -22,6 +22,7 @@ from distill.families import FamilyError, family_of, init_from_teacher, student_
 from distill.layer_map import resolve_layers
 from distill.outputs import ModelOutputs, ModelShape, Needs
 from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -283,7 +284,15 @@ def load_teacher_config(path: str):
     try:
         with open(os.path.join(path, "config.json")) as handle:
             json.load(handle)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
+            f"complete Hugging Face checkpoint"
+        ) from None
+    refuse_remote_code(path, "teacher.path")
+    try:
+        config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -301,7 +310,7 @@ def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device
     config = load_teacher_config(path)
     auto = AutoModelForCausalLM if _family(config).causal else AutoModelForMaskedLM
     try:
-        teacher = auto.from_pretrained(path, config=config, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+        teacher = auto.from_pretrained(path, config=config, **LOCAL_ONLY, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(

@@ -68,11 +68,14 @@ def load_tokenizer(cfg: Config, manifest):
     from transformers import AutoTokenizer
 
     from data_prep.tokenization import has_tokenizer_files
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), local_files_only=True)
+    refuse_remote_code(os.path.join(cfg.data.path, TOKENIZER_DIR), "data.path tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), **LOCAL_ONLY)
     if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
         if has_tokenizer_files(cfg.teacher.path):
-            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, local_files_only=True)
+            refuse_remote_code(cfg.teacher.path, "teacher.path")
+            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, **LOCAL_ONLY)
             check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
         else:
             log.warning("teacher %s has no tokenizer files; checking only the vocabulary size against the dataset", cfg.teacher.path)
