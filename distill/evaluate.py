@@ -33,7 +33,7 @@ from distill.data import TokenSequences
 from distill.families import Family, FamilyError, family_of
 from distill.losses import IGNORE_INDEX, Batch, select_logit_positions
 from distill.masking import MaskingCollator, MaskingPolicy
-from distill.models import ModelError, mlm_forward
+from distill.models import ModelError, check_positions, mlm_forward
 from kd_common.config import Int, Str, section, setting
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
@@ -79,6 +79,11 @@ class EvalConfig:
 
 def model_family(path: str) -> Family:
     """The family of the model in local directory `path`, from its config.json alone (no weights)."""
+    return family_of(model_config(path))
+
+
+def model_config(path: str):
+    """The Hugging Face config of the model in local directory `path` (config.json alone: no weights)."""
     from transformers import AutoConfig
 
     if not os.path.isdir(path):
@@ -91,7 +96,7 @@ def model_family(path: str) -> Family:
         raise ModelError(
             f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained"
         ) from None
-    return family_of(config)
+    return config
 
 
 def load_lm(path: str, device: torch.device, causal: bool = False):
@@ -172,10 +177,12 @@ def evaluate(
         raise ModelError(f"{data_dir} has no {split!r} rows to evaluate on (splits: {', '.join(manifest.splits) or 'none'})")
     causal = manifest.packing == "causal"
     for label, path in paths.items():  # every model's kind, from its config alone, before any weights load
+        config = model_config(path)
         try:
-            check_task(label, path, model_family(path), data_dir, manifest.packing)
+            check_task(label, path, family_of(config), data_dir, manifest.packing)
         except FamilyError as exc:
             raise ModelError(f"{label} {path!r}: {exc}") from None
+        check_positions(config, manifest.max_seq_len, f"{label} {path}", f"--data {data_dir}")
     models = {label: load_lm(path, dev, causal) for label, path in paths.items()}
     for label, (_, tokenizer) in models.items():
         check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, paths[label]), label)

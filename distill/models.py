@@ -303,6 +303,17 @@ def load_teacher_config(path: str):
     return config
 
 
+def check_positions(config, max_seq_len: int, label: str, data: str) -> None:
+    """A model of `config` takes sequences of the dataset's max_seq_len (its position table is long enough), else a ModelError."""
+    positions = _family(config).shape(config).get("max_position_embeddings")
+    if positions and positions < max_seq_len:
+        raise ModelError(
+            f"{label} has {positions} positions (config.json max_position_embeddings) but {data} holds sequences of up to {max_seq_len} "
+            f"tokens (its max_seq_len); prepare the data again with distill-prep --max-seq-len {positions} (or less), or use a model "
+            f"with at least {max_seq_len} positions"
+        )
+
+
 def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
     """Load a local masked-LM or causal-LM checkpoint of a known family with `from_pretrained`, frozen: eval mode, no gradients."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM

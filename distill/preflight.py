@@ -15,16 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from data_prep.manifest import TOKENIZER_DIR, DatasetError, check_tokenizer_matches, load_manifest, tokenizer_identity, verify_shards
+from data_prep.manifest import TOKENIZER_DIR, check_tokenizer_matches, load_manifest, tokenizer_identity, verify_shards
 from distill.config import Config, ConfigError
 from distill.engine import deepspeed_config
-from distill.families import FamilyError
-from distill.layer_map import LayerMapError
 from distill.models import (
-    ModelError,
     build_student,
     check_data_fits,
     check_init,
+    check_positions,
     check_teacher_fits,
     cpu_has_native_bf16,
     init_layers_for,
@@ -32,9 +30,10 @@ from distill.models import (
     resolve_dtype,
 )
 from distill.partitioned_teacher import partition_problems
+from kd_common.errors import UserError
 
 log = logging.getLogger("distill.preflight")
-USER_ERRORS = (ConfigError, DatasetError, ModelError, FamilyError, LayerMapError, OSError)
+USER_ERRORS = (UserError, OSError)  # every error a user can act on (kd_common.errors), and unreadable files
 
 
 @dataclass
@@ -116,6 +115,12 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
         lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
     ):
         return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
+    if pf.teacher_config is not None and not pf.attempt(
+        lambda: check_positions(
+            pf.teacher_config, pf.manifest.max_seq_len, f"teacher.path {cfg.teacher.path}", f"data.path {cfg.data.path}"
+        )
+    ):
+        return pf  # the student (shaped like the teacher) would be refused too, with advice that cannot help
     with torch.device("meta"):  # shapes only: no weights, no memory
         student = pf.attempt(
             lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
