@@ -195,7 +195,13 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
         path = dataset_file(data_dir, shard.path, f"a {split} shard")
         if not os.path.exists(path):
             raise DatasetError(f"shard {path} listed in the manifest is missing; re-run distill-prep")
-        rows = pq.ParquetFile(path).metadata.num_rows
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow.ArrowInvalid for a cut or overwritten file, OSError for an unreadable one
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise DatasetError(
+                f"shard {path} is not a readable Parquet file ({first}); the dataset is damaged, re-run distill-prep"
+            ) from None
         if rows != shard.rows:
             raise DatasetError(
                 f"shard {path} holds {rows} rows but the manifest says {shard.rows}; the dataset is damaged, re-run distill-prep"

@@ -188,6 +188,7 @@ def evaluate(
         check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, paths[label]), label)
     tokenizer = models[name][1]
     sequences = TokenSequences(data_dir, split, manifest)
+    sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the vocabulary: one line naming shard and row
     n = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
     if causal:
         return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions)

@@ -254,6 +254,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest) -> Run:
     )
 
     sequences = TokenSequences(cfg.data.path, cfg.data.split, manifest, cfg.data.cache_dir, cfg.data.verify_checksums)
+    sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the dataset's vocabulary: one line naming shard and row
     plan = StepPlan(
         len(sequences),
         cfg.train.global_batch,
