@@ -140,8 +140,16 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any]) -> bool:
     """Make `output_dir` this run's: returns True if it already was (resume), refuses foreign data."""
     run_file = os.path.join(output_dir, RUN_FILE)
     if os.path.exists(run_file):
-        with open(run_file) as handle:
-            previous = json.load(handle)["identity"]
+        try:
+            with open(run_file) as handle:
+                previous = json.load(handle)["identity"]
+            if not isinstance(previous, dict):
+                raise TypeError("identity is not a mapping")
+        except (ValueError, KeyError, TypeError) as exc:  # empty, cut or edited (it is written atomically, so not by us)
+            raise CheckpointError(
+                f"{run_file} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'empty'}); it records "
+                f"which run output_dir holds: restore it from a copy, or use a new output_dir (nothing there was changed)"
+            ) from None
         defaults = _default_identity()  # a key added in a later version counts as its default in older runs
         diffs = [
             f"{k}: {previous.get(k, defaults.get(k))!r} -> {identity.get(k, defaults.get(k))!r}"
