@@ -84,10 +84,12 @@ class TokenSequences:
         bad = int(np.argmax(np.asarray(top) >= self.id_limit))
         path, row = self.where(int(indices[bad]))
         value, limit = top[bad], self.id_limit
-        raise DatasetError(
+        error = DatasetError(
             f"{path} row {row} holds token id {value}, outside the tokenizer's vocabulary of {limit} (ids 0..{limit - 1}); "
             f"the dataset is damaged or was not written by distill-prep with this tokenizer: re-run distill-prep"
         )
+        error.rank_local = True  # type: ignore[attr-defined]  # each rank reads its own rows: the rank that met it says so
+        raise error
 
     def rows(self, indices: np.ndarray) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
         """(token ids, word-start flags) of the given row indices, in that order."""
@@ -307,7 +309,9 @@ class DataSource:
             if "Original Traceback" not in text:
                 raise
             # raised in a loader worker: torch re-raises it with the worker's traceback in the message; keep the one line
-            raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
+            error = type(exc)(text.splitlines()[-1].split(": ", 1)[-1])
+            error.rank_local = True  # type: ignore[attr-defined]  # met by this rank's loader, on its own rows
+            raise error from None
         # what the step needs to know about the batch's layout is computed here, on the host, before the copy: the flat
         # positions of the real tokens and of the labelled ones, and whether anything is padded (no device read later)
         attention = raw["attention_mask"]

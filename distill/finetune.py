@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.json:
             check_result_file(cfg.json, _inputs(cfg) + [("--output", cfg.output)])  # --output is replaced whole
         result = finetune(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (FinetuneError, OutputError, ConfigError) as exc:
+    except (FinetuneError, OutputError, ConfigError, UserError) as exc:  # UserError: e.g. a --model that asks for remote code
         print(f"distill-finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(render_table(result))

@@ -134,6 +134,12 @@ def test_remote_code_is_refused_by_every_cli_and_never_runs(tmp_path, corpus_dir
     assert check.returncode == 2 and "Traceback" not in check.stderr and want in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]
     proc = run("distill-cache", "--data", assets["data"], "--teacher", str(remote_dir), "--output", str(tmp_path / "cache"))
     one_line_error(proc, "distill-cache", want)
+    tsv = tmp_path / "sst.tsv"
+    tsv.write_text("a good film\t1\na bad film\t0\nfine\t1\nawful\t0\n")
+    proc = run(
+        "distill-finetune", "--model", str(remote_dir), "--train", str(tsv), "--holdout-fraction", "0.5", "--output", str(tmp_path / "ft")
+    )
+    one_line_error(proc, "distill-finetune", want)
     # a checkpoint whose hf_config (or tokenizer) asks for remote code: distill-export refuses it too
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run_dir, ckpt)
@@ -142,7 +148,7 @@ def test_remote_code_is_refused_by_every_cli_and_never_runs(tmp_path, corpus_dir
         run("distill-export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "export")), "distill-export", "modeling_x.Tok"
     )
     assert not marker.exists(), "code from a model directory ran"
-    assert not any((tmp_path / name).exists() for name in ("out", "run", "cache", "export"))
+    assert not any((tmp_path / name).exists() for name in ("out", "run", "cache", "export", "ft"))
 
 
 def test_a_model_type_transformers_does_not_ship_is_refused_before_loading(tmp_path, teacher_dir, prepared_dir):
