@@ -303,8 +303,8 @@ def load_teacher_config(path: str):
     return config
 
 
-def check_positions(config, max_seq_len: int, label: str, data: str) -> None:
-    """A model of `config` takes sequences of the dataset's max_seq_len (its position table is long enough), else a ModelError."""
+def check_positions(config, max_seq_len: int, label: str, data: str) -> bool:
+    """A model of `config` takes sequences of the dataset's max_seq_len (its position table is long enough): True, else a ModelError."""
     positions = _family(config).shape(config).get("max_position_embeddings")
     if positions and positions < max_seq_len:
         raise ModelError(
@@ -312,6 +312,7 @@ def check_positions(config, max_seq_len: int, label: str, data: str) -> None:
             f"tokens (its max_seq_len); prepare the data again with distill-prep --max-seq-len {positions} (or less), or use a model "
             f"with at least {max_seq_len} positions"
         )
+    return True
 
 
 def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
