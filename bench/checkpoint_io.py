@@ -39,8 +39,8 @@ def build_engine(size: str, zero: int):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     from distill.config import load_config
-    from distill.engine import deepspeed_config, make_optimizer
-    from distill.models import StudentForDistillation
+    from distill.models.build import StudentForDistillation
+    from distill.train.engine import deepspeed_config, make_optimizer
 
     layers, hidden, heads, inter, vocab = STUDENTS[size]
     torch.manual_seed(0)
@@ -75,8 +75,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-    from distill import checkpoint as ckpt
-    from distill.distributed import barrier, init_distributed, on_main_then_broadcast, setup_logging
+    from distill.checkpoints import layout as ckpt
+    from distill.train.distributed import barrier, init_distributed, on_main_then_broadcast, setup_logging
 
     ctx = init_distributed(args.local_rank)
     setup_logging(ctx.rank, ctx.world_size)

@@ -1,5 +1,5 @@
 """Peak memory and time of the logit KD loss (forward + backward): the direct computation (full tokens x vocab
-logits of teacher and student, then the loss) against `distill.logit_losses.chunked_logit_loss`.
+logits of teacher and student, then the loss) against `distill.objective.chunked_logits.chunked_logit_loss`.
 
     python bench/kd_loss_memory.py --tokens 1024 --threads 1         # CPU: vocab 32k / 128k / 256k, bf16
     python bench/kd_loss_memory.py --device cuda --tokens 8192 --student-hidden 2048 --teacher-hidden 4096
@@ -62,7 +62,7 @@ def inputs(args, vocab, tokens=None, device=None):
 
 def run_once(args, method, tensors):
     """One forward + backward; returns the loss."""
-    from distill.logit_losses import chunked_logit_loss, naive_logit_loss
+    from distill.objective.chunked_logits import chunked_logit_loss, naive_logit_loss
 
     tensors["student_hidden"].grad = tensors["student_head"].grad = None
     kw = dict(kind=args.kind, temperature=args.temperature, beta=args.beta)
@@ -152,7 +152,7 @@ def too_big(args, vocab) -> str:
         return ""
     import psutil
 
-    from distill.logit_losses import CHUNK_ELEMENTS
+    from distill.objective.chunked_logits import CHUNK_ELEMENTS
 
     elem = 2 if args.dtype == "bf16" else 4
     inputs_and_grads = vocab * (args.student_hidden + args.teacher_hidden) * elem + 2 * vocab * args.student_hidden * elem
@@ -205,7 +205,7 @@ def main() -> None:
             print(json.dumps(measure_time(args, int(args.child[1]))))
         return
 
-    from distill.logit_losses import CHUNK_ELEMENTS
+    from distill.objective.chunked_logits import CHUNK_ELEMENTS
 
     print(
         f"{args.device}, {args.dtype}, {args.tokens} tokens, student hidden {args.student_hidden}, teacher hidden {args.teacher_hidden}, "

@@ -41,7 +41,7 @@ def prepare(out: str) -> tuple[str, str]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from distill.demo_assets import write_corpus
+    from distill.tools.demo_assets import write_corpus
 
     teacher, data = os.path.join(out, "teacher"), os.path.join(out, "data")
     if os.path.exists(os.path.join(teacher, "config.json")) and os.path.exists(os.path.join(data, "manifest.json")):

@@ -221,7 +221,7 @@ def huge_line(args, work: str) -> int:
 
     source = args.input or ([SHARED_WIKITEXT] if os.path.exists(SHARED_WIKITEXT) else None)
     if source is None:
-        from distill.demo_assets import write_corpus
+        from distill.tools.demo_assets import write_corpus
 
         source = write_corpus(os.path.join(work, "corpus"))
     words = [w for f in source for line in open(f, encoding="utf-8") for w in line.split()]
@@ -256,7 +256,7 @@ def huge_line(args, work: str) -> int:
 
 
 def _default_tokenizer(files, work):
-    from distill.demo_assets import train_wordpiece_tokenizer
+    from distill.tools.demo_assets import train_wordpiece_tokenizer
 
     return train_wordpiece_tokenizer(files, os.path.join(work, "tok"), vocab_size=8000)
 
@@ -290,7 +290,7 @@ def main() -> int:
             return huge_line(args, work)
         files = args.input
         if not files:
-            from distill.demo_assets import write_corpus
+            from distill.tools.demo_assets import write_corpus
 
             files = [SHARED_WIKITEXT] if os.path.exists(SHARED_WIKITEXT) else write_corpus(os.path.join(work, "corpus"))
         args.tokenizer = args.tokenizer or _default_tokenizer(files, work)

@@ -280,9 +280,9 @@ class Runner:
         out_json = self.path("curves", name + ".json")
         if os.path.exists(out_json):
             return json.load(open(out_json))
-        from distill.checkpoint import checkpoints_root, list_checkpoints
-        from distill.evaluate import evaluate
-        from distill.export import export_checkpoint
+        from distill.checkpoints.layout import checkpoints_root, list_checkpoints
+        from distill.tools.evaluate import evaluate
+        from distill.tools.export import export_checkpoint
 
         t0 = time.time()
         root = checkpoints_root(self.path("runs", name))

@@ -187,7 +187,7 @@ class GroupedBatches(torch.utils.data.Sampler):
 
 
 class PlanBatches(torch.utils.data.Sampler):
-    """Not the reference's: the batches our trainer trains on (distill.data.StepPlan: the same rows per micro batch
+    """Not the reference's: the batches our trainer trains on (distill.data.reader.StepPlan: the same rows per micro batch
     and step, in the same order), so that both sides of the comparison process identical sequences. Rows the
     reference's filters removed are left out of their batch."""
 
@@ -202,7 +202,7 @@ class PlanBatches(torch.utils.data.Sampler):
         seed: int,
         steps: int,
     ):
-        from distill.data import StepPlan
+        from distill.data.reader import StepPlan
 
         self.plan = StepPlan(num_rows, global_batch, micro_batch, 1, 0, seed, lengths if group_steps > 0 else None, max(1, group_steps))
         self.steps = steps
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--same-batches-as-plan",
         dest="same_batches_as_plan",
         action="store_true",
-        help="train on the batches distill-train would (distill.data.StepPlan) instead of the reference's sampler",
+        help="train on the batches distill-train would (distill.data.reader.StepPlan) instead of the reference's sampler",
     )
     parser.add_argument("--plan-global-batch", dest="plan_global_batch", type=int, help="with --same-batches-as-plan: train.global_batch")
     parser.add_argument(

@@ -59,7 +59,7 @@ def text_files(out: str, train_chars: int, eval_chars: int) -> tuple[str, str]:
     if os.path.isdir(SHARED):
         sources = [(os.path.join(SHARED, "valid.txt"), train, train_chars), (os.path.join(SHARED, "test.txt"), held, eval_chars)]
     else:  # a fresh clone: the demo corpus (text shipped with CPython), split in two
-        from distill.demo_assets import write_corpus
+        from distill.tools.demo_assets import write_corpus
 
         corpus = os.path.join(out, "text", "demo")
         write_corpus(corpus)
@@ -224,7 +224,7 @@ def train_student(out: str, name: str, data: str, teacher: str, steps: int, cach
         if cache:
             args += ["teacher.source=cache", f"teacher.cache={cache}"]
         sh(args)
-        from distill.export import export_checkpoint
+        from distill.tools.export import export_checkpoint
 
         export_checkpoint(run_dir, export)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -240,7 +240,7 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
 
     import numpy as np
 
-    from distill.cache_pipeline import write_part
+    from distill.cache.pipeline import write_part
 
     rng = np.random.default_rng(0)
     profile = -1.1 * np.log(np.arange(1, k + 1)) - 2.0
@@ -260,7 +260,7 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
 
 def static_mask_sizes(out: str, train: str, chars: int) -> list[dict]:
     """distill-cache on masked-LM data for D = 1, 2, 4 static masks, every position and masked positions: stats per cache."""
-    from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
+    from distill.tools.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
 
     root = os.path.join(out, "mlm")
     text = os.path.join(root, "text")
@@ -337,7 +337,7 @@ def main() -> None:
         print(f"[{time.time() - t0:.0f}s] student from {name}", flush=True)
         students[name] = train_student(a.out, name, data, teacher, a.steps, caches[name]["path"] if name in caches else None)
     print(f"[{time.time() - t0:.0f}s] evaluating on held-out text", flush=True)
-    from distill.evaluate import evaluate
+    from distill.tools.evaluate import evaluate
 
     result = evaluate(
         students["online"]["export"],

@@ -173,7 +173,7 @@ def prepare(
 ) -> tuple[str, str]:
     """Demo corpus -> WordPiece tokenizer -> distill-prep output (cached under `cache`). `short_docs`
     (min, max words): prepare the corpus cut into short documents instead (see write_short_documents)."""
-    from distill.demo_assets import train_wordpiece_tokenizer, write_corpus
+    from distill.tools.demo_assets import train_wordpiece_tokenizer, write_corpus
 
     suffix = "" if packing == "document" else f"_{packing}"
     if min_seq_len is not None:
@@ -212,7 +212,7 @@ def prepare(
 
 
 def teacher_for(cache: str, size: str, vocab_size: int, tokenizer: str) -> str:
-    from distill.demo_assets import save_random_bert_teacher
+    from distill.tools.demo_assets import save_random_bert_teacher
 
     layers, hidden, heads, inter = TEACHER_SIZES[size]
     teacher = os.path.join(cache, f"teacher_{size}_{vocab_size}")
@@ -292,7 +292,7 @@ def run_ours(name: str, args, train_args: list[str], extra: list[str], port: int
         probe = json.load(handle)
     os.remove(probe_file)
     shutil_rm(out)
-    from distill.losses import needs_teacher_logits
+    from distill.objective.losses import needs_teacher_logits
 
     teacher, student = model_shapes(cfg, cfg["teacher"]["path"])
     t_logits = needs_teacher_logits(cfg["loss"]["weights"])
@@ -699,8 +699,8 @@ def loader_rate(data: str, global_batch: int, micro_batch: int, group_steps: int
     import torch
 
     from data_prep.manifest import load_manifest
-    from distill.data import MicroBatches, StepPlan, TokenSequences
-    from distill.masking import BatchedMaskingCollator, MaskingPolicy
+    from distill.data.masking import BatchedMaskingCollator, MaskingPolicy
+    from distill.data.reader import MicroBatches, StepPlan, TokenSequences
 
     torch.set_num_threads(1)
     manifest = load_manifest(data)
@@ -816,7 +816,7 @@ def find_max_micro_batch(args, train_args, extra, port, env, start: int = 8, cap
 
 def print_breakdown(profiled: list[dict], timed: dict) -> None:
     """Milliseconds per step and share of each phase (rank 0) for every profiled path."""
-    from distill.profiling import PHASES
+    from distill.train.profiling import PHASES
 
     print("\nwhere a step's time goes (rank 0, device synchronised at every phase boundary, collectives blocking):")
     header = f"{'phase':<18}" + "".join(f"{r['name'].replace(' (profiled)', ''):>26}" for r in profiled)

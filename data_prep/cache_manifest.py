@@ -1,5 +1,5 @@
-"""The teacher-logit cache contract between `distill-cache` (distill/cache_pipeline.py) and the trainer
-(distill/cache_teacher.py). No Beam import: the trainer reads it cheaply.
+"""The teacher-logit cache contract between `distill-cache` (distill/cache/pipeline.py) and the trainer
+(distill/teachers/cache.py). No Beam import: the trainer reads it cheaply.
 
 A cache directory::
 
@@ -10,7 +10,7 @@ A cache directory::
 
 Masked-LM data (static masks, `distill-cache --static-masks D`): a part holds D rows per dataset row, row-major (part
 row j * D + d = variant d of the part's j-th dataset row; the masked input of variant d of split row r is the trainer's,
-keyed d * N + r, distill/masking.py), each with the teacher's targets on that masked input at the stored positions:
+keyed d * N + r, distill/data/masking.py), each with the teacher's targets on that masked input at the stored positions:
 `positions: all` = every real position (L x k entries; serves loss.ce_positions all and masked), `positions: masked` =
 the variant's masked positions only, ascending (M x k entries; only loss.ce_positions=masked). The manifest records D
 (`static_masks`), `positions` and `masking`: the seed and every masking setting by its training-config key, which a run

@@ -1,4 +1,4 @@
-"""Where distill-prep writes: the output rule of kd_common/outputs.py, and its object-store form.
+"""Where distill-prep writes: the output rule of kd_common/output_rule.py, and its object-store form.
 
 - `--output` must not overlap an input: a listed file, an `--input` path (a glob's fixed directory part:
   the output may not contain it, nor lie inside it when the glob has `**`), or `--tokenizer`.
@@ -25,7 +25,7 @@ from typing import Iterator
 
 from data_prep.errors import PrepInputError
 from data_prep.manifest import FORMAT_NAME, MANIFEST_FILE, TOKEN_COUNTS_FILE, TOKENIZER_DIR
-from kd_common.outputs import OutputError, check_no_overlap, check_replaceable, is_url, overlap, replace_when_complete
+from kd_common.output_rule import OutputError, check_no_overlap, check_replaceable, is_url, overlap, replace_when_complete
 
 log = logging.getLogger("distill-prep")
 TMP_DIR = "_prep_tmp"  # spill files and stats of a run, inside the dataset being written; removed before the manifest

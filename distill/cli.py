@@ -1,4 +1,4 @@
-"""Console entry points: distill-train, distill-export (thin wrappers over the library); distill-eval is distill.evaluate:main."""
+"""Console entry points: distill-train, distill-export (thin wrappers over the library); distill-eval is distill.tools.evaluate:main."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _fail(prog: str, exc: BaseException) -> int:
 
 def check_result_file(path: str, inputs: list[tuple[str, str | None]], name: str = "--json") -> None:
     """A result file (written atomically later) must not be an input, lie inside one, or be a directory."""
-    from kd_common.outputs import OutputError, check_no_overlap
+    from kd_common.output_rule import OutputError, check_no_overlap
 
     check_no_overlap(path, [(n, p) for n, p in inputs if p], name)
     if os.path.isdir(path):
@@ -70,7 +70,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return _check_train(args, Config, from_arguments, ConfigError)
     try:
         config = from_arguments(Config, args, replace=("weights",))
-        from distill.trainer import train
+        from distill.train.trainer import train
 
         result = train(config, args.local_rank)
     except _user_errors() as exc:
@@ -84,8 +84,8 @@ def train_main(argv: list[str] | None = None) -> int:
         )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
         return _fail("distill-train", full)
-    from distill.distributed import end_finished_rank
-    from distill.preemption import PREEMPTED_EXIT_CODE
+    from distill.train.distributed import end_finished_rank
+    from distill.train.preemption import PREEMPTED_EXIT_CODE
 
     # checkpointed on request (stopped_by): the scheduler requeues, the same command resumes
     code = PREEMPTED_EXIT_CODE if result.get("stopped_by") else 0
@@ -102,7 +102,7 @@ def _check_train(args, config_cls, from_arguments, config_error) -> int:
     except config_error as exc:
         print("problems (config):\n" + "\n".join(f"  - {p}" for p in exc.problems))
         return 2
-    from distill.preflight import preflight
+    from distill.train.preflight import preflight
 
     print(config.to_yaml(), end="")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +115,7 @@ def _check_train(args, config_cls, from_arguments, config_error) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    from distill.export import ExportConfig, export_checkpoint
+    from distill.tools.export import ExportConfig, export_checkpoint
     from kd_common.config import add_arguments, from_arguments
 
     parser = argparse.ArgumentParser(

@@ -31,7 +31,7 @@ class TeacherConfig:
     )
     partition: Bool = setting(
         False,
-        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/partitioned_teacher.py)",
+        "split the frozen teacher's parameters across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N; each module's parameters are gathered just before it runs in the teacher's forward, never in an optimizer): for a teacher too big to replicate on every GPU. Needs 2 or more ranks; costs an all-gather per teacher module per micro batch (distill/teachers/partitioned.py)",
     )
     source: Literal["online", "cache"] = setting(
         "online",
@@ -45,7 +45,7 @@ class TeacherConfig:
 class StudentConfig:
     architecture: Literal["distilbert", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "same"] = setting(
         "distilbert",
-        "student model family (distill/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
+        "student model family (distill/models/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
     )
     init: Literal["teacher", "random"] = setting("teacher", "copy embeddings, chosen layers and MLM head from the teacher, or random init")
     num_layers: Optional[Int] = setting(None, "student depth; null = half the teacher's layers", ge=1)
@@ -119,7 +119,7 @@ class DataConfig:
 class LossConfig:
     weights: dict[str, Annotated[Float, Field(ge=0)]] = setting(
         {"ce": 5.0, "mlm": 2.0, "cos": 1.0},
-        "loss name -> weight; registered losses: see distill/losses.py (DistilBERT: ce 5, mlm 2, cos 1)",
+        "loss name -> weight; registered losses: see distill/objective/losses.py (DistilBERT: ce 5, mlm 2, cos 1)",
     )
     temperature: Float = setting(2.0, "softmax temperature of the soft-target loss (scaled by T^2)", gt=0)
     ce_positions: Literal["all", "masked"] = setting(
@@ -127,7 +127,7 @@ class LossConfig:
     )
     layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = setting(
         "uniform",
-        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/layer_map.py)",
+        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/models/layer_map.py)",
     )
     layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
         None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map"
@@ -142,7 +142,7 @@ class LossConfig:
     )
     chunked_logits: Bool = setting(
         True,
-        "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/logit_losses.py). false = materialise the logits",
+        "compute the logit losses (ce, reverse_kl, jsd, mlm, clm) from the hidden states and the LM-head weights, a chunk of positions at a time, fused into one sweep: no (positions x vocabulary) tensor of the micro batch is ever alive whole (same values; distill/objective/chunked_logits.py). false = materialise the logits",
     )
     chunk_positions: Optional[Int] = setting(
         None,
@@ -246,7 +246,7 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every cross-field rule of a run, each written once (field bounds are checked by the loader)."""
-        from distill.losses import LOSSES
+        from distill.objective.losses import LOSSES
 
         p: list[str] = []
         if not self.output_dir:
@@ -275,7 +275,7 @@ class Config:
         if len(self.optim.betas) != 2:
             p.append("optim.betas must have two values")
         if self.teacher.source != "online":
-            from distill.cache_teacher import config_problems
+            from distill.teachers.cache import config_problems
 
             p += config_problems(self)
         if self.student.init_layers is not None and self.student.init != "teacher":

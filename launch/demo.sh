@@ -69,7 +69,7 @@ distill-export --checkpoint "$OUT/student_run" --output "$OUT/student" --overwri
 distill-export --checkpoint "$OUT/no_teacher_run" --output "$OUT/student_no_teacher" --overwrite
 
 stage "7/7 evaluation on the held-out split, and fill-mask probes"
-python -m distill.evaluate --model "$OUT/student" --name "distilled student" --teacher "$TEACHER" \
+python -m distill.tools.evaluate --model "$OUT/student" --name "distilled student" --teacher "$TEACHER" \
     --compare "without teacher=$OUT/student_no_teacher" --data "$OUT/data" --json "$OUT/eval.json"
 echo
 distill-demo-assets probe "teacher=$TEACHER" "distilled student=$OUT/student" "without teacher=$OUT/student_no_teacher"

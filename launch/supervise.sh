@@ -6,7 +6,7 @@
 #   SIGUSR1) or kill the workers (SIGINT) and exit 143/1 whatever the workers did.
 # - SIGTERM, SIGINT or SIGUSR1 to this script: SIGUSR1 goes to CMD's process group, once a second until
 #   it exits. DeepSpeed's launcher processes ignore it (started with SIGUSR1 ignored, they install no
-#   handler); every worker finishes its step, all ranks checkpoint together and exit 99 (distill/preemption.py).
+#   handler); every worker finishes its step, all ranks checkpoint together and exit 99 (distill/train/preemption.py).
 # - When CMD exits, this waits until no process of its group is left, then exits with CMD's code:
 #   0 finished, 99 checkpointed on request (rerun the same command to resume), anything else a failure.
 # - DISTILL_LAUNCH_PID: the workers also stop (checkpoint, exit 99) if this script or the launcher dies.

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> str:
     """The demo corpus: text shipped with CPython, one document per line, two files."""
-    from distill.demo_assets import write_corpus
+    from distill.tools.demo_assets import write_corpus
 
     out = str(tmp_path_factory.mktemp("corpus"))
     write_corpus(out)
@@ -27,7 +27,7 @@ def corpus_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
     """A WordPiece tokenizer (vocab 2000) trained on the demo corpus, saved as an HF fast tokenizer."""
-    from distill.demo_assets import train_wordpiece_tokenizer
+    from distill.tools.demo_assets import train_wordpiece_tokenizer
 
     out = str(tmp_path_factory.mktemp("tokenizer"))
     files = sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir))
@@ -37,7 +37,7 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
     """A randomly initialised 4-layer BERT masked LM with the tokenizer, saved with save_pretrained."""
-    from distill.demo_assets import save_random_bert_teacher
+    from distill.tools.demo_assets import save_random_bert_teacher
 
     out = str(tmp_path_factory.mktemp("teacher"))
     return save_random_bert_teacher(tokenizer_dir, out, layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)

@@ -1,7 +1,7 @@
 """One rank of tests/test_partitioned_teacher.py (started by the deepspeed launcher, 2 processes, gloo on CPU).
 
 Builds the same tiny random Llama teacher on every rank, keeps a whole copy, partitions the other with
-distill.partitioned_teacher.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of
+distill.teachers.partitioned.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of
 teacher parameters this rank holds (its actual partition tensors) before and after the forwards, and with
 DeepSpeed's default persistence threshold (every parameter of this tiny model stays whole), the whole teacher's bytes, and the largest
 difference between the partitioned and the whole teacher's outputs on the same micro batch, for the chunked
@@ -23,10 +23,10 @@ def main(out_dir: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill.config import LossConfig
-    from distill.losses import Batch, select_logit_positions
-    from distill.objectives import Objective
-    from distill.outputs import ModelOutputs
-    from distill.partitioned_teacher import full_parameter_bytes, local_parameter_bytes, partition, zero3_inference_config
+    from distill.model_outputs import ModelOutputs
+    from distill.objective.losses import Batch, select_logit_positions
+    from distill.objective.objective import Objective
+    from distill.teachers.partitioned import full_parameter_bytes, local_parameter_bytes, partition, zero3_inference_config
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from distill import checkpoint as ckpt
+from distill.checkpoints import layout as ckpt
 from distill.config import Config
 
 

@@ -39,9 +39,9 @@ N = 96  # validation sequences evaluated: enough for a few thousand masked token
 
 def masked_labels(data_dir: str, vocab_size: int, n: int) -> np.ndarray:
     """The labels of every masked position of the first n validation sequences, drawn one at a time (no batching)."""
-    from distill.data import TokenSequences
-    from distill.evaluate import EVAL_SEED
-    from distill.masking import MaskingCollator, MaskingPolicy
+    from distill.data.masking import MaskingCollator, MaskingPolicy
+    from distill.data.reader import TokenSequences
+    from distill.tools.evaluate import EVAL_SEED
 
     sequences = TokenSequences(data_dir, "validation")
     ids = sequences.manifest.tokenizer.special_token_ids
@@ -103,7 +103,7 @@ def oracle_unigram(tmp_path_factory, tokenizer_dir, label_counts):
 def test_eval_baseline_matches_independent_count_and_the_unigram_model(prepared_dir, label_counts, oracle_unigram, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from distill.evaluate import evaluate, render_table
+    from distill.tools.evaluate import evaluate, render_table
 
     result = evaluate(oracle_unigram, prepared_dir, max_sequences=N, device="cpu")
     base = result["baseline"]
@@ -126,7 +126,7 @@ def test_eval_baseline_matches_independent_count_and_the_unigram_model(prepared_
 def test_eval_three_rows_retained_and_agreement(tmp_path, prepared_dir, oracle_unigram, teacher_dir, tokenizer_dir, label_counts):
     """Teacher = the unigram model, student = a random BERT, compared row = a unigram model with another order:
     every row equals that model evaluated alone, and the ratios follow from the rows."""
-    from distill.evaluate import evaluate, render_table
+    from distill.tools.evaluate import evaluate, render_table
 
     flat = np.zeros(len(label_counts))
     second = int(np.argsort(label_counts)[-2])
@@ -165,14 +165,14 @@ def test_eval_three_rows_retained_and_agreement(tmp_path, prepared_dir, oracle_u
 
 
 def test_eval_cli_third_row_and_bad_input(tmp_path, prepared_dir, oracle_unigram, teacher_dir, capsys):
-    from distill.evaluate import main
+    from distill.tools.evaluate import main
 
     out = str(tmp_path / "eval.json")
     proc = run(
         [
             sys.executable,
             "-m",
-            "distill.evaluate",
+            "distill.tools.evaluate",
             "--model",
             teacher_dir,
             "--name",
@@ -210,7 +210,7 @@ def test_probes_print_each_models_top3(tmp_path, oracle_unigram, teacher_dir, la
     """The unigram model's top 3 are the three most frequent labels with their frequencies, for every probe."""
     from transformers import AutoTokenizer
 
-    from distill.demo_assets import DEMO_PROBES, fill_mask_probes, render_probes
+    from distill.tools.demo_assets import DEMO_PROBES, fill_mask_probes, render_probes
 
     tok = AutoTokenizer.from_pretrained(oracle_unigram)
     results = fill_mask_probes([("teacher", oracle_unigram), ("random", teacher_dir)])
@@ -238,7 +238,7 @@ def test_no_teacher_row_is_the_distilled_students_shape_without_the_teacher():
     from transformers import AutoModelForMaskedLM
 
     from distill.config import load_config
-    from distill.models import build_student
+    from distill.models.build import build_student
 
     distilled_cfg = load_config("configs/demo.yaml", [f"teacher.path={SHIPPED}", "data.path=d", "output_dir=o"])
     plain_cfg = load_config("configs/demo_no_teacher.yaml", ["data.path=d", "output_dir=o"])
@@ -322,7 +322,7 @@ def demo_data(tmp_path_factory, corpus_dir):
 
 @pytest.fixture(scope="module")
 def record():
-    from distill.demo_assets import RECORD_FILE
+    from distill.tools.demo_assets import RECORD_FILE
 
     with open(os.path.join(SHIPPED, RECORD_FILE)) as handle:
         return json.load(handle)
@@ -332,13 +332,13 @@ def record():
 def same_data(demo_data, record):
     """Whether this machine's demo corpus is the one the shipped teacher trained on (it is text from the installed
     Python: another Python version has other docstrings)."""
-    from distill.demo_assets import split_fingerprint
+    from distill.tools.demo_assets import split_fingerprint
 
     return split_fingerprint(demo_data) == record["train_fingerprint"]
 
 
 def test_shipped_teacher_is_small_and_has_learnt_the_corpus(demo_data, record, same_data):
-    from distill.evaluate import evaluate
+    from distill.tools.evaluate import evaluate
 
     assert os.path.getsize(os.path.join(SHIPPED, "model.safetensors")) < 8e6
     result = evaluate(SHIPPED, demo_data, device="cpu")
@@ -354,8 +354,8 @@ def test_teacher_recipe_reproduces_the_shipped_run(tmp_path, demo_data, record, 
     schedule is the full run's), against the shipped teacher's own run: on the same data the losses follow its
     recorded ones step by step; on any data the step-200 model is off the unigram plateau and at least as good
     as the shipped run was at step 200. Retraining all 3000 steps (~25 min on 2 cores) is `launch/demo.sh --train-teacher`."""
-    from distill.evaluate import evaluate
-    from distill.export import export_checkpoint
+    from distill.tools.evaluate import evaluate
+    from distill.tools.export import export_checkpoint
 
     step = record["check_step"]
     out = str(tmp_path / "teacher_run")

@@ -93,7 +93,7 @@ def models(tmp_path_factory, bpe_data):  # noqa: F811
 
 
 def test_causal_metrics_equal_the_direct_computation(models):
-    from distill.evaluate import evaluate, render_table
+    from distill.tools.evaluate import evaluate, render_table
 
     data, teacher, student, vocab = models
     result = evaluate(student, data, teacher, max_sequences=N, batch_size=5, device="cpu", chunk_positions=7)  # padding and chunks

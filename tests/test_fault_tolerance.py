@@ -120,7 +120,7 @@ def test_sigkill_of_one_rank_then_rerun_resumes_and_matches_uninterrupted_run(tm
 
 SLOW_SAVE = """
 import os, time
-import distill.checkpoint as ckpt
+import distill.checkpoints.layout as ckpt
 _mark = ckpt.mark_complete
 def mark_complete(tag_dir):
     if tag_dir.endswith("step_00000008"):
@@ -165,7 +165,7 @@ def test_stop_signal_checkpoints_every_rank_exits_99_and_resumes_exactly(tmp_pat
     k = steps_logged(out)
     assert 2 <= k < STEPS and latest(out) == f"step_{k:08d}", (k, latest(out))
     assert (out / "checkpoints" / f"step_{k:08d}" / "COMPLETE").exists()
-    assert f"[rank {rank}/2] WARNING distill.preemption: received {signame}" in output
+    assert f"[rank {rank}/2] WARNING distill.train.preemption: received {signame}" in output
     assert f"stopped at step {k} of {STEPS}" in output
 
     again = run(launcher(job_args(teacher_dir, prepared_dir, out), 29654))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from distill.finetune import FinetuneConfig, FinetuneError, accuracy_report, finetune, main, read_tsv, split_holdout
+from distill.tools.finetune import FinetuneConfig, FinetuneError, accuracy_report, finetune, main, read_tsv, split_holdout
 
 POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
 NEGATIVE = ["bad", "poor", "awful", "sad", "hate", "wrong"]
@@ -43,7 +43,7 @@ def write_tsv(path: str, rows, header: bool = True, extra_lines: tuple[str, ...]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
     """A 1-layer BERT with the session's WordPiece tokenizer (random weights)."""
-    from distill.demo_assets import save_random_bert_teacher
+    from distill.tools.demo_assets import save_random_bert_teacher
 
     out = str(tmp_path_factory.mktemp("tiny_bert"))
     return save_random_bert_teacher(tokenizer_dir, out, layers=1, hidden=32, heads=2, intermediate=64, max_positions=64)
@@ -147,7 +147,7 @@ def test_cli_table_and_json(tmp_path, tiny_model):
         [
             sys.executable,
             "-m",
-            "distill.finetune",
+            "distill.tools.finetune",
             "--model",
             tiny_model,
             "--train",

@@ -100,7 +100,7 @@ def generate_from_export(export: str, model_type: str) -> None:
 
 @pytest.mark.parametrize("model_type, port", [("llama", 29761), ("mistral", 29762), ("qwen2", 29763), ("qwen3", 29764)])
 def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, model_type, port):
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     tokenizer, data = bpe_data
     teacher = save_teacher(model_type, tokenizer, str(tmp_path / "teacher"), vocab_rows=len(tokenizer) + 24)
@@ -115,7 +115,7 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
     export = str(tmp_path / "export")
     export_checkpoint(out, export)
     generate_from_export(export, model_type)
-    from distill.evaluate import evaluate
+    from distill.tools.evaluate import evaluate
 
     result = evaluate(export, data, teacher, max_sequences=8, device="cpu")  # the exported student through distill-eval
     student = result["models"]["student"]
@@ -126,7 +126,7 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
 def test_llama_at_zero3_halts_and_resumes_bit_for_bit(tmp_path, bpe_data):
     from safetensors.torch import load_file
 
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     tokenizer, data = bpe_data
     teacher = save_teacher("llama", tokenizer, str(tmp_path / "teacher"), vocab_rows=len(tokenizer))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distill.config import StudentConfig
-from distill.families import FAMILIES, family_of
-from distill.models import ModelError, build_student, init_student_from_teacher, model_forward
+from distill.models.build import ModelError, build_student, init_student_from_teacher, model_forward
+from distill.models.families import FAMILIES, family_of
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
 

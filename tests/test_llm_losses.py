@@ -9,9 +9,9 @@ import torch
 from test_llm_families import tiny_teacher
 
 from distill.config import ConfigError, LossConfig, StudentConfig
-from distill.losses import Batch, logit_divergence
-from distill.models import StudentForDistillation, build_student
-from distill.objectives import Objective
+from distill.models.build import StudentForDistillation, build_student
+from distill.objective.losses import Batch, logit_divergence
+from distill.objective.objective import Objective
 
 
 def causal_batch(vocab: int = 301, seed: int = 3) -> Batch:

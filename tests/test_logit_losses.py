@@ -1,4 +1,4 @@
-"""distill.logit_losses: the chunked logit losses equal the direct full-logits computation (values and gradients),
+"""distill.objective.chunked_logits: the chunked logit losses equal the direct full-logits computation (values and gradients),
 in every kind, temperature, beta, chunking, padded vocabulary and ignored position; and they work under a real
 2-process DeepSpeed ZeRO-2 / ZeRO-3 run (this file is also the workers' script: `python tests/test_logit_losses.py`).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.logit_losses import ChunkedLogitLoss, chunked_logit_loss, naive_logit_loss
+from distill.objective.chunked_logits import ChunkedLogitLoss, chunked_logit_loss, naive_logit_loss
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, H_S, H_T, ROWS_S, ROWS_T, VOCAB = 24, 8, 12, 40, 38, 36  # two heads padded differently; the first 36 rows count
@@ -132,8 +132,8 @@ def test_beta_limits_are_forward_and_reverse_kl():
 
 
 def test_forward_kl_is_todays_ce_loss():
-    """forward_kl on the full logits equals distill.losses' `ce` (soft-target loss) at every non-padding token."""
-    from distill.losses import ModelOutputs, soft_target_loss
+    """forward_kl on the full logits equals distill.objective.losses' `ce` (soft-target loss) at every non-padding token."""
+    from distill.objective.losses import ModelOutputs, soft_target_loss
 
     case = make_case()
     out = chunked_logit_loss(
@@ -212,7 +212,7 @@ def test_second_backward_is_refused_when_gradients_were_precomputed():
 @pytest.mark.parametrize("grad_block", [None, 5 * H_S])  # None: one block; 5 rows: 8 blocks, the last one partial
 def test_bf16_close_to_fp32(grad_block, monkeypatch):
     if grad_block:
-        monkeypatch.setattr("distill.logit_losses.GRAD_BLOCK_ELEMENTS", grad_block)
+        monkeypatch.setattr("distill.objective.chunked_logits.GRAD_BLOCK_ELEMENTS", grad_block)
     ref_case, case = make_case(torch.float32), make_case(torch.bfloat16)
     kw = dict(temperature=2.0, beta=0.5, vocab_size=VOCAB, labels=ref_case.labels, ce_weight=0.3)
     # the same bf16 inputs, upcast: only the bf16 arithmetic differs
@@ -229,7 +229,7 @@ def test_bf16_close_to_fp32(grad_block, monkeypatch):
 def test_bf16_as_accurate_as_the_direct_bf16_computation(monkeypatch):
     """Against an fp64 truth, chunked bf16 (32 chunks, head gradient summed in fp32 over 8 blocks) errs no more than
     the direct bf16 computation: rounding each chunk's bf16 product before the fp32 sum costs nothing visible."""
-    monkeypatch.setattr("distill.logit_losses.GRAD_BLOCK_ELEMENTS", 64 * 32)
+    monkeypatch.setattr("distill.objective.chunked_logits.GRAD_BLOCK_ELEMENTS", 64 * 32)
     g = torch.Generator().manual_seed(3)
     n, h, v = 512, 32, 512
     tensors = [
@@ -339,7 +339,7 @@ def zero_worker(out_path):
     import torch.distributed as dist
     from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
 
-    from distill.distributed import init_distributed
+    from distill.train.distributed import init_distributed
 
     ctx = init_distributed()
     ids, labels, t_hidden, t_weight = zero_data()

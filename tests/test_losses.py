@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.config import LossConfig
-from distill.losses import LOSSES, Batch, ModelOutputs, compute_losses, logits_positions_needed, select_logit_positions
+from distill.objective.losses import LOSSES, Batch, ModelOutputs, compute_losses, logits_positions_needed, select_logit_positions
 
 
 def _softmax(x):
@@ -104,7 +104,7 @@ def test_weighted_total_and_positions_union():
 # ----------------------------------------------------------------------------------------------
 # Intermediate-layer losses (Patient-KD, TinyBERT, MiniLM): plain loops over batch / heads / tokens.
 
-from distill.losses import LossContext, ModelShape, needs_of  # noqa: E402
+from distill.objective.losses import LossContext, ModelShape, needs_of  # noqa: E402
 
 
 def _np(x):

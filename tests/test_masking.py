@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distill.masking import (
+from distill.data.masking import (
     IGNORE_INDEX,
     BatchedMaskingCollator,
     MaskingCollator,
@@ -196,7 +196,7 @@ def test_counter_uniforms_are_uniform_and_independent():
 def test_trainer_collator_is_batched_unless_asked():
     from types import SimpleNamespace
 
-    from distill.masking import collator_for
+    from distill.data.masking import collator_for
 
     tok = SimpleNamespace(mask_token_id=MASK, pad_token_id=PAD)
     kw = dict(

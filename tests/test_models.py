@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.config import StudentConfig
-from distill.models import (
+from distill.models.build import (
     ModelError,
     apply_mlm_head,
     build_student,
@@ -152,9 +152,9 @@ def test_teacher_loading_errors(tmp_path, teacher_dir):
 # ----------------------------------------------------------------------------------------------
 # Layer mapping, attention capture, projections, GPT-2 students
 
-from distill.layer_map import LayerMapError, resolve_layers  # noqa: E402
-from distill.losses import Needs  # noqa: E402
-from distill.models import AttentionCapture, StudentForDistillation, model_forward  # noqa: E402
+from distill.models.build import AttentionCapture, StudentForDistillation, model_forward  # noqa: E402
+from distill.models.layer_map import LayerMapError, resolve_layers  # noqa: E402
+from distill.objective.losses import Needs  # noqa: E402
 
 
 def test_layer_mapping_strategies():
@@ -234,7 +234,7 @@ def test_projections_live_in_the_training_wrapper(projection, count):
 def test_gpt2_student_from_every_other_teacher_layer():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from distill.models import init_layers_for
+    from distill.models.build import init_layers_for
 
     torch.manual_seed(0)
     teacher = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64)).eval()
@@ -259,7 +259,7 @@ def test_gpt2_student_from_every_other_teacher_layer():
 
 
 def test_init_mapping_first_and_depth_from_init_layers():
-    from distill.models import init_layers_for
+    from distill.models.build import init_layers_for
 
     teacher = _bert_teacher(layers=6)
     cfg = StudentConfig(init_mapping="first", num_layers=3)
@@ -270,7 +270,7 @@ def test_init_mapping_first_and_depth_from_init_layers():
 
 def test_objective_reports_shape_problems_and_skips_logits_nobody_needs():
     from distill.config import ConfigError, LossConfig
-    from distill.objectives import Objective
+    from distill.objective.objective import Objective
 
     teacher = _bert_teacher(layers=4)
     narrow = build_student(

@@ -1,4 +1,4 @@
-"""The output-directory rule shared by every command (kd_common/outputs.py), on real directories."""
+"""The output-directory rule shared by every command (kd_common/output_rule.py), on real directories."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kd_common.outputs import OutputError, check_no_overlap, overlap, replace_when_complete
+from kd_common.output_rule import OutputError, check_no_overlap, overlap, replace_when_complete
 
 
 def _ours(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""`teacher.partition: true` (distill/partitioned_teacher.py) in 2 DeepSpeed processes on CPU: each rank holds half of
+"""`teacher.partition: true` (distill/teachers/partitioned.py) in 2 DeepSpeed processes on CPU: each rank holds half of
 the teacher's parameter bytes (its actual partition tensors), the partitioned teacher's outputs equal the whole
 teacher's, a short distillation run with it has the replicated-teacher run's losses, and the settings it cannot
 work with are refused in one line before anything loads."""

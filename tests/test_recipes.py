@@ -121,7 +121,7 @@ def peaked_teacher(tmp_path_factory, tokenizer_dir):
 def export_and_reload(run_dir, out):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     export_checkpoint(run_dir, out)
     model = AutoModelForMaskedLM.from_pretrained(out, local_files_only=True)
@@ -222,7 +222,7 @@ def test_minilm_recipe(tmp_path, peaked_teacher, mlm_data):
 
 
 def test_causal_collator_does_not_mask_and_labels_are_next_tokens():
-    from distill.masking import CausalLMCollator
+    from distill.data.masking import CausalLMCollator
 
     rows = [(np.array([7, 3, 9, 2, 5]), None), (np.array([4, 8, 6]), None)]
     out = CausalLMCollator(pad_id=0, pad_to_multiple_of=4)(rows, [10, 11])
@@ -287,7 +287,7 @@ def test_distilgpt2_recipe(tmp_path, gpt2_assets):
     the export loads with AutoModelForCausalLM and generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     teacher, data = gpt2_assets
     out = str(tmp_path / "distilgpt2")

@@ -92,7 +92,7 @@ def base(tmp_path_factory, teacher_dir, prepared_dir):
     home = tmp_path_factory.mktemp("robust")
     out = home / "run"
     launch(train_args(teacher_dir, prepared_dir, out), 29761)
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     export_checkpoint(str(out), str(home / "export"))
     return out, _safetensors(str(home / "export"))
@@ -118,7 +118,7 @@ def test_crafted_checkpoint_file_never_runs_on_export(tmp_path, base):
     assert not marker.exists() and not (tmp_path / "export").exists()
 
     # DeepSpeed's own loader (zero_to_fp32), called without our check first: refused by the guard, nothing runs
-    from distill.export import ExportError, consolidated_state_dict
+    from distill.tools.export import ExportError, consolidated_state_dict
 
     with pytest.raises(ExportError, match="not a plain tensor checkpoint"):
         consolidated_state_dict(str(run_dir / "checkpoints"), "step_00000006")
@@ -140,8 +140,8 @@ def test_crafted_checkpoint_file_never_runs_on_resume(tmp_path, base, teacher_di
 def test_crafted_checkpoint_file_never_runs_in_universal_conversion(tmp_path, base):
     from deepspeed.checkpoint import ds_to_universal
 
-    from distill import checkpoint as ckpt
-    from distill import safe_load
+    from distill.checkpoints import layout as ckpt
+    from distill.checkpoints import safe_load
 
     run_dir = copy_run(base, tmp_path)
     root = str(run_dir / "checkpoints")
@@ -199,7 +199,7 @@ def test_damaged_newest_checkpoints_fall_back_loudly_and_training_continues(tmp_
     assert [n.split(".")[0] for n in kept] == ["step_00000004", "step_00000006"], "the damaged ones are kept aside, not deleted"
     assert open(run_dir / "checkpoints" / "latest").read() == "step_00000006"
 
-    from distill.export import export_checkpoint
+    from distill.tools.export import export_checkpoint
 
     export_checkpoint(str(run_dir), str(tmp_path / "export"))
     got, ref = _safetensors(str(tmp_path / "export")), base[1]
@@ -223,8 +223,8 @@ def flip_a_bit_in_a_tensor(path) -> None:
 
 
 def test_bit_rot_missing_rank_file_empty_file_fall_back_or_stop(tmp_path, base, caplog):
-    from distill import checkpoint as ckpt
-    from distill import safe_load
+    from distill.checkpoints import layout as ckpt
+    from distill.checkpoints import safe_load
 
     run_dir = copy_run(base, tmp_path)
     root = str(run_dir / "checkpoints")
@@ -242,7 +242,7 @@ def test_bit_rot_missing_rank_file_empty_file_fall_back_or_stop(tmp_path, base, 
     assert sorted(os.listdir(root)) == before, "nothing is moved when there is nothing to fall back to"
 
     shutil.copy(tag_dir(base[0], 2) / "mp_rank_00_model_states.pt", tag_dir(run_dir, 2) / "mp_rank_00_model_states.pt")
-    with caplog.at_level(logging.WARNING, logger="distill.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="distill.checkpoints.layout"):
         assert ckpt.latest_loadable(root) == (2, "step_00000002")
     assert caplog.text.count("CHECKPOINT DAMAGED") == 2 and "Bad CRC-32" in caplog.text and "is missing" in caplog.text
     assert sorted(n.split(".")[0] for n in os.listdir(root) if ".damaged-" in n) == ["step_00000004", "step_00000006"]
@@ -252,8 +252,8 @@ def test_bit_rot_missing_rank_file_empty_file_fall_back_or_stop(tmp_path, base, 
 
 
 def test_export_into_the_run_it_reads_is_refused_and_the_run_is_intact(tmp_path, base):
-    from distill.export import export_checkpoint
-    from kd_common.outputs import OutputError
+    from distill.tools.export import export_checkpoint
+    from kd_common.output_rule import OutputError
 
     run_dir = copy_run(base, tmp_path)
     before = snapshot(run_dir)
@@ -278,7 +278,7 @@ def test_export_into_the_run_it_reads_is_refused_and_the_run_is_intact(tmp_path,
 
 
 def test_failed_export_with_overwrite_keeps_the_previous_export(tmp_path, base):
-    from distill.export import ExportError, export_checkpoint
+    from distill.tools.export import ExportError, export_checkpoint
 
     run_dir = copy_run(base, tmp_path)
     out = tmp_path / "model"
@@ -298,8 +298,8 @@ def test_failed_export_with_overwrite_keeps_the_previous_export(tmp_path, base):
 
 
 def test_finetune_and_eval_outputs_never_overwrite_their_inputs(tmp_path, tokenizer_dir, prepared_dir, capsys):
-    from distill.demo_assets import save_random_bert_teacher
-    from distill.finetune import main as finetune_main
+    from distill.tools.demo_assets import save_random_bert_teacher
+    from distill.tools.finetune import main as finetune_main
 
     model = str(tmp_path / "model")
     save_random_bert_teacher(tokenizer_dir, model, layers=1, hidden=32, heads=2, intermediate=64, max_positions=64)

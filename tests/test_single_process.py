@@ -104,7 +104,7 @@ def test_lean_single_process_skips_a_non_finite_update_as_zero2_does(tmp_path, t
 def test_bf16_on_a_cpu_with_native_bf16_trains_like_fp32_and_is_refused_elsewhere(tmp_path, teacher_dir, prepared_dir):
     """train.precision=bf16 / teacher.dtype=bf16 on a CPU: allowed where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX),
     where it is several times faster than fp32 (README Performance); the run's losses follow fp32's. Elsewhere: one line, exit 2."""
-    from distill.models import cpu_has_native_bf16
+    from distill.models.build import cpu_has_native_bf16
 
     bf16 = ("train.precision=bf16", "teacher.dtype=bf16")
     if not cpu_has_native_bf16():

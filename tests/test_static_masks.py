@@ -46,7 +46,7 @@ class _Rows:
 
 
 def _policy(whole_word=False, smoothing=0.0):
-    from distill.masking import MaskingPolicy
+    from distill.data.masking import MaskingPolicy
 
     counts = np.arange(1, 61, dtype=np.float64) ** 2
     return MaskingPolicy.with_smoothing(
@@ -55,7 +55,7 @@ def _policy(whole_word=False, smoothing=0.0):
 
 
 def _collator(kind, policy, seed, variants):
-    from distill.masking import BatchedMaskingCollator, MaskingCollator
+    from distill.data.masking import BatchedMaskingCollator, MaskingCollator
 
     collator = (BatchedMaskingCollator if kind == "batched" else MaskingCollator)(policy, seed, 1)
     collator.static_masks = variants
@@ -64,7 +64,7 @@ def _collator(kind, policy, seed, variants):
 
 def _samples(seqs, plan, collator, steps):
     """(stream index, row, masked ids, labels) of every sample of `steps` optimizer steps, as the trainer's loader gives them."""
-    from distill.data import MicroBatches
+    from distill.data.reader import MicroBatches
 
     items = MicroBatches(seqs, plan, collator, 0, steps)
     out = []
@@ -86,8 +86,8 @@ def _samples(seqs, plan, collator, steps):
 
 @pytest.mark.parametrize("kind", ["batched", "per_sequence"])
 def test_static_masks_are_the_dynamic_function_at_the_documented_key_and_cycle_with_the_epoch(kind):
-    from distill.data import StepPlan
-    from distill.masking import mask_batch, mask_sequence, sample_rng
+    from distill.data.masking import mask_batch, mask_sequence, sample_rng
+    from distill.data.reader import StepPlan
 
     seqs, seed, variants = _Rows(24), 5, 3
     policy = _policy(whole_word=True, smoothing=0.7)
@@ -120,7 +120,7 @@ def test_static_masks_are_the_dynamic_function_at_the_documented_key_and_cycle_w
 
 def test_dynamic_masking_is_unchanged():
     """static_masks = 0 keys every sample by its stream index, exactly as before (no variant in the batch)."""
-    from distill.data import StepPlan
+    from distill.data.reader import StepPlan
 
     seqs, seed = _Rows(16), 3
     policy = _policy()
@@ -135,7 +135,7 @@ def test_dynamic_masking_is_unchanged():
 def test_static_mask_statistics(kind):
     """Over 300 rows x 4 variants: each sequence selects max(1, round(0.15 x maskable)) tokens (counted here), never a
     special one; of the selected 80% become [MASK], 10% a random token, 10% stay (binomial bounds)."""
-    from distill.masking import static_mask_keys
+    from distill.data.masking import static_mask_keys
 
     seqs, seed, variants = _Rows(300, seed=1), 9, 4
     policy = _policy()
@@ -168,7 +168,7 @@ def test_static_mask_statistics(kind):
 def test_static_masks_are_refused_on_causal_data():
     from types import SimpleNamespace
 
-    from distill.masking import collator_for
+    from distill.data.masking import collator_for
     from kd_common.config import ConfigError
 
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
@@ -198,7 +198,7 @@ def mlm(tmp_path_factory, corpus_dir):
     and the training config (static masks) that both distill-cache and the runs read."""
     from transformers import AutoModelForMaskedLM
 
-    from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
+    from distill.tools.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
 
     root = tmp_path_factory.mktemp("static_masks")
     corpus = root / "corpus"
@@ -251,7 +251,7 @@ def _cache_cli(mlm, out, *extra):
 
 
 def _cache_in_process(mlm, out, **settings):
-    from distill.cache_pipeline import CacheConfig, run_cache
+    from distill.cache.pipeline import CacheConfig, run_cache
 
     base = {"data": mlm["data"], "teacher": mlm["teacher"], "output": str(out), "train_config": mlm["config"], "rows_per_part": 8}
     return run_cache(CacheConfig(**{**base, **settings}))
@@ -292,13 +292,13 @@ def _cache_columns(out):
 
 
 def _trainer_data(mlm, *overrides):
-    """The trainer's reader, step plan and collator for the training config (as distill/trainer.py builds them, one rank)."""
+    """The trainer's reader, step plan and collator for the training config (as distill/train/trainer.py builds them, one rank)."""
     from transformers import AutoTokenizer
 
     from data_prep.manifest import TOKENIZER_DIR, load_manifest
     from distill.config import load_config
-    from distill.data import StepPlan, TokenSequences, load_token_counts
-    from distill.masking import collator_for
+    from distill.data.masking import collator_for
+    from distill.data.reader import StepPlan, TokenSequences, load_token_counts
 
     cfg = load_config(mlm["config"], [f"data.path={mlm['data']}", f"teacher.path={mlm['teacher']}", "output_dir=unused", *overrides])
     manifest = load_manifest(mlm["data"])
@@ -383,8 +383,8 @@ def test_training_from_a_full_mlm_cache_equals_the_online_teacher_with_the_same_
 
 
 def _load(mlm, cache_dir, *overrides):
-    from distill.cache_teacher import CacheTeacher
     from distill.config import load_config
+    from distill.teachers.cache import CacheTeacher
 
     cfg = load_config(
         mlm["config"],
@@ -401,8 +401,8 @@ def _load(mlm, cache_dir, *overrides):
 
 
 def test_a_masked_positions_cache_gives_the_same_targets_at_the_masked_positions(mlm, full_cache, tmp_path):
-    from distill.data import DataSource
-    from distill.losses import select_logit_positions
+    from distill.data.reader import DataSource
+    from distill.objective.losses import select_logit_positions
 
     masked = _cache_in_process(mlm, tmp_path / "masked", positions="masked", **FULL)
     assert masked.positions == "masked" and masked.stats["bytes"] < 0.4 * json.load(open(full_cache / "manifest.json"))["stats"]["bytes"]

@@ -23,8 +23,8 @@ from step_probe import SyncCounter  # noqa: E402
 # throughput-timer synchronize() (timers off), the nonzero of the logit positions and the boolean-mask gathers of the cos
 # loss (positions computed on the host before the copy), the chunked sweep's nonzero (soft targets at every position need
 # no lookup), float(grad norm) (read back with the step sums), DeepSpeed's three bool()s of is_invalid_grad_norm in the
-# update (its norm is read with the step sums first: distill.engine.StudentEngine.update), and transformers' SDPA mask
-# check `padding_mask.all()` per forward of a padded micro batch (a 4-d key mask is passed: distill.models.sdpa_key_mask).
+# update (its norm is read with the step sums first: distill.train.engine.StudentEngine.update), and transformers' SDPA mask
+# check `padding_mask.all()` per forward of a padded micro batch (a 4-d key mask is passed: distill.models.build.sdpa_key_mask).
 TODAY = {
     1: {"read": 1},
     2: {"read": 1},
@@ -164,7 +164,7 @@ def test_implicit_and_explicit_syncs_are_counted():
 def test_padded_encoder_forward_reads_nothing_and_attends_as_with_the_2d_mask(family):
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-    from distill.models import model_forward
+    from distill.models.build import model_forward
 
     torch.manual_seed(0)
     shape = dict(vocab_size=100, num_attention_heads=2, attn_implementation="sdpa")

@@ -167,8 +167,8 @@ def test_sampled_cache_is_worker_count_independent_and_draws_from_the_teacher(as
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
-    from distill.logit_losses import chunked_logit_loss
-    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+    from distill.objective.chunked_logits import chunked_logit_loss
+    from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
 
     torch.manual_seed(0)
     vocab, width, n, temperature = 50, 16, 24, 2.0
@@ -230,7 +230,7 @@ def test_sparse_losses_equal_the_dense_sweep_at_k_equal_vocabulary(kind):
 def test_a_rounding_tail_is_ignored_when_every_id_is_kept(kind):
     """k = vocabulary: the student has no mass outside the ids, so a teacher tail of 1 - sum(p) ~ 1e-7 (rounding) must not
     count (against the student's empty bucket it made the loss ~1e31)."""
-    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+    from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
 
     torch.manual_seed(2)
     vocab, width, n = 40, 8, 10
@@ -244,8 +244,8 @@ def test_a_rounding_tail_is_ignored_when_every_id_is_kept(kind):
 
 def test_sampled_estimates_are_unbiased():
     """The importance-weighted estimates over many draws approach the full divergences."""
-    from distill.logit_losses import chunked_logit_loss
-    from distill.sparse_losses import SparseTargets, sparse_logit_loss
+    from distill.objective.chunked_logits import chunked_logit_loss
+    from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
 
     torch.manual_seed(1)
     vocab, width, n, draws = 12, 8, 4, 200_000
@@ -460,8 +460,8 @@ def test_training_refuses_a_cache_of_another_dataset_or_teacher_and_live_teacher
 
 def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
     from data_prep.cache_manifest import CacheError
-    from distill.cache_teacher import CacheTeacher
     from distill.config import load_config
+    from distill.teachers.cache import CacheTeacher
     from kd_common.files import sha256_file
 
     masked = tmp_path / "masked"

@@ -15,10 +15,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from flops import BERT_BASE, DISTILBERT_STUDENT, Shape, per_token_mflops, step_flops  # noqa: E402
 
 from distill.config import LossConfig, StudentConfig
-from distill.data import StepPlan
-from distill.losses import Batch, select_logit_positions
-from distill.models import StudentForDistillation, build_student, init_student_from_teacher, model_forward
-from distill.objectives import Objective
+from distill.data.reader import StepPlan
+from distill.models.build import StudentForDistillation, build_student, init_student_from_teacher, model_forward
+from distill.objective.losses import Batch, select_logit_positions
+from distill.objective.objective import Objective
 
 V, H, F = 211, 32, 80
 
@@ -158,7 +158,7 @@ def test_phase_timer_attributes_time_and_collectives_to_phases():
 
     from deepspeed.comm.comm import comms_logger
 
-    from distill.profiling import PhaseTimer
+    from distill.train.profiling import PhaseTimer
 
     timer = PhaseTimer(torch.device("cpu"), enabled=True)
     with timer("teacher_forward"):

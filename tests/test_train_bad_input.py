@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from distill.config import load_config
-from distill.engine import deepspeed_config
+from distill.train.engine import deepspeed_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -70,7 +70,7 @@ def test_teacher_that_is_a_hub_name_or_broken(tmp_path, prepared):
 
 
 def test_tokenizer_mismatch(tmp_path, prepared, corpus_dir):
-    from distill.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
+    from distill.tools.demo_assets import save_random_bert_teacher, train_wordpiece_tokenizer
 
     other_tok = train_wordpiece_tokenizer([os.path.join(corpus_dir, "python_topics.txt")], str(tmp_path / "tok"), vocab_size=1500)
     other_teacher = save_random_bert_teacher(
@@ -150,7 +150,7 @@ def test_output_dir_with_foreign_data_or_another_run(tmp_path, prepared, teacher
 
 
 def test_incomplete_checkpoint_is_never_latest(tmp_path):
-    from distill import checkpoint as ckpt
+    from distill.checkpoints import layout as ckpt
 
     root = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):

@@ -167,9 +167,9 @@ def _check_eval_independently(model_dir, data_dir, result):
     """Recompute masked accuracy and loss with the model's own full forward on the same masked batches."""
     from transformers import AutoModelForMaskedLM
 
-    from distill.data import TokenSequences
-    from distill.evaluate import EVAL_SEED
-    from distill.masking import MaskingCollator, MaskingPolicy
+    from distill.data.masking import MaskingCollator, MaskingPolicy
+    from distill.data.reader import TokenSequences
+    from distill.tools.evaluate import EVAL_SEED
 
     sequences = TokenSequences(data_dir, "validation")
     manifest = sequences.manifest

@@ -1,0 +1,1 @@
+"""distill-cache: the Beam pipeline that runs the teacher once over a dataset, and its command line."""

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: layout, completeness and run identity; loading them without running code."""

@@ -1,0 +1,1 @@
+"""A prepared dataset read as micro batches: row order, masking collators."""

@@ -1,0 +1,1 @@
+"""Model families, student construction and layer-copy initialisation, layer maps."""

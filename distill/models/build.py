@@ -1,0 +1,509 @@
+"""Teacher loading, student construction and initialisation from teacher layers, forward passes.
+
+Every model is driven through one small interface whatever its family (distill/models/families.py knows where each
+family keeps its parts): run the base model, then apply the vocabulary head only at chosen positions. What
+a loss reads beyond that is collected only when asked for (`Needs`): hidden states of every layer
+(`output_hidden_states`), and queries / keys / values of chosen layers, captured by forward hooks on the
+attention's q/k/v projections (so any attention kernel works, sdpa included, and ZeRO-3's own parameter
+hooks are untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill.model_outputs import ModelOutputs, ModelShape, Needs
+from distill.models.families import FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
+from distill.models.layer_map import resolve_layers
+from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
+log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(UserError, ValueError):
+    """A teacher that cannot be loaded or used, or a student that cannot be built as asked."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo flags).
+    Without them oneDNN emulates bf16 through fp32, slower than fp32 itself."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return _DTYPES[name]
+
+
+def _config(model_or_config):
+    """A model's config, or the config itself: shape decisions need no weights."""
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def _family(model: nn.Module):
+    try:
+        return family_of(model)
+    except FamilyError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def is_causal(model: nn.Module) -> bool:
+    return _family(model).causal
+
+
+def apply_mlm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of `model`'s LM head for hidden states of shape (..., H)."""
+    return _family(model).logits(model, hidden)
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    return _family(model).model_shape(model.config)
+
+
+class AttentionCapture:
+    """Forward hooks on the q/k/v projections of chosen layers; `collect()` returns and forgets them.
+
+    Outputs are captured as they leave the projection (so gradients flow through them for the student)
+    and reshaped to (B, heads, L, head_dim); the attention scores are then q k^T / sqrt(head_dim), the
+    pre-softmax scores of BERT, DistilBERT and GPT-2 alike.
+    """
+
+    def __init__(self, model: nn.Module, layers) -> None:
+        family = _family(model)
+        qkv_names = family.qkv
+        blocks = family.layer_list(model)
+        n = len(blocks)
+        self.layers = tuple(sorted({i % n for i in layers}))
+        self.num_heads = model.config.num_attention_heads
+        self.fused = len(qkv_names) == 1
+        self._store: dict[tuple[int, int], torch.Tensor] = {}
+        self._handles = []
+        for layer in self.layers:
+            for slot, name in enumerate(qkv_names):
+                module = submodule(blocks[layer], name)
+                self._handles.append(module.register_forward_hook(self._hook(layer, slot)))
+
+    def _hook(self, layer: int, slot: int):
+        def hook(module, args, output):
+            self._store[(layer, slot)] = output
+
+        return hook
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        return x.view(b, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def collect(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = {}
+        for layer in self.layers:
+            if self.fused:
+                q, k, v = self._store[(layer, 0)].chunk(3, dim=-1)
+            else:
+                q, k, v = (self._store[(layer, slot)] for slot in range(3))
+            out[layer] = (self._heads(q), self._heads(k), self._heads(v))
+        self._store.clear()  # never keep a step's graph alive past its loss
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def sdpa_key_mask(model: nn.Module, family, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An encoder's (B, L) padding mask as the (B, 1, 1, L) boolean key mask SDPA broadcasts (same attention). Given the 2-d mask,
+    transformers first reads it back to the host (`mask.all()`, to drop a mask without padding): a host-device sync in
+    every forward; a 4-d mask is used as it is. The trainer passes no mask at all for micro batches without padding."""
+    if attention_mask is None or attention_mask.dim() != 2 or family.causal:
+        return attention_mask
+    if getattr(_config(model), "_attn_implementation", None) != "sdpa":
+        return attention_mask  # eager wants an additive float mask, flash attention the 2-d one
+    return attention_mask[:, None, None, :].bool()
+
+
+def model_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logit_positions: Optional[torch.Tensor],
+    needs: Needs = Needs(),
+    capture: Optional[AttentionCapture] = None,
+    full_logits: bool = False,
+    head_input: bool = False,
+) -> ModelOutputs:
+    """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
+    states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
+
+    `full_logits` (the benchmark's baseline path, `train.logits_where_needed=false`): project every position
+    of the padded batch to the vocabulary, then select `logit_positions` (same values, (B*L)/P times the
+    head FLOPs and a (B, L, V) activation). `head_input` (chunked logit losses): no logits; the input of the vocabulary
+    projection at `logit_positions` instead, with the projection (the teacher's, for the loss to read its weights)."""
+    family = _family(model)
+    want_states = needs.hidden_states or needs.projected
+    kwargs = {"output_hidden_states": True} if want_states else {}
+    attention_mask = sdpa_key_mask(model, family, attention_mask)
+    out = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = out.last_hidden_state
+    logits = projected_input = head = None
+    if logit_positions is not None and head_input:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
+        projected_input = family.head_transform(model, selected) if family.head_transform is not None else selected
+        head = family.projection(model)
+    elif logit_positions is not None and full_logits:
+        every = apply_mlm_head(model, hidden)
+        logits = every.reshape(-1, every.shape[-1]).index_select(0, logit_positions)
+    elif logit_positions is not None:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
+        logits = apply_mlm_head(model, selected)
+    return ModelOutputs(
+        hidden=hidden,
+        logits=logits,
+        hidden_states=tuple(out.hidden_states) if want_states else None,
+        attention=capture.collect() if capture is not None else None,
+        causal=family.causal,
+        head_input=projected_input,
+        head=head,
+    )
+
+
+def mlm_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: Optional[torch.Tensor]
+) -> ModelOutputs:
+    """Encoder forward; vocabulary logits only at the flat `logit_positions` (None: no logits)."""
+    return model_forward(model, input_ids, attention_mask, logit_positions)
+
+
+PROJECTION_PREFIX = "projections."
+
+
+class StudentForDistillation(nn.Module):
+    """The module DeepSpeed wraps: the student plus what only training needs (TinyBERT's projections).
+
+    `forward` returns a dict of tensors (last hidden states, logits at the given positions, and what
+    `needs` asks for); `outputs()` turns it into `ModelOutputs`. The projections W_e / W_h are submodules
+    here, so DeepSpeed optimises, checkpoints and (ZeRO-3) partitions them with the student; export keeps
+    only `model.*`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        needs: Needs = Needs(),
+        projection: str = "shared",
+        target_width: Optional[int] = None,
+        full_logits: bool = False,
+        logit_loss: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.needs = needs
+        self.logit_loss = logit_loss  # chunked logit losses: the ChunkedLogitLoss over the student's head (ZeRO-3 gathers it)
+        self.full_logits = full_logits  # baseline path: vocabulary logits at every position (train.logits_where_needed=false)
+        self.capture = AttentionCapture(model, needs.attention_layers) if needs.attention_layers else None
+        if needs.projected:
+            if target_width is None:
+                raise ModelError("projected hidden states need the teacher's width")
+            width, depth = model.config.hidden_size, model.config.num_hidden_layers
+            count = {"shared": 1, "separate": 2, "per_layer": depth + 1}[projection]
+            self.projections = nn.ModuleList([nn.Linear(width, target_width) for _ in range(count)])
+            # hidden_states[i] (0 = embeddings) -> projection index
+            self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
+
+    def forward(self, input_ids, attention_mask, logit_positions=None):
+        out = model_forward(
+            self.model,
+            input_ids,
+            attention_mask,
+            logit_positions,
+            self.needs,
+            self.capture,
+            self.full_logits,
+            head_input=self.logit_loss is not None,
+        )
+        result = {"hidden": out.hidden, "logits": out.logits, "head_input": out.head_input}
+        if self.needs.hidden_states:
+            result["hidden_states"] = out.hidden_states
+        if self.needs.projected:
+            result["projected"] = tuple(self.projections[self._projection_of[i]](h) for i, h in enumerate(out.hidden_states))
+        if out.attention is not None:
+            result["attention"] = tuple(t for layer in self.capture.layers for t in out.attention[layer])
+        return result
+
+    def outputs(self, result: dict) -> ModelOutputs:
+        attention = None
+        if "attention" in result:
+            flat = result["attention"]
+            attention = {layer: tuple(flat[3 * i : 3 * i + 3]) for i, layer in enumerate(self.capture.layers)}
+        return ModelOutputs(
+            hidden=result["hidden"],
+            logits=result["logits"],
+            hidden_states=result.get("hidden_states"),
+            projected=result.get("projected"),
+            attention=attention,
+            causal=is_causal(self.model),
+            head_input=result.get("head_input"),
+            head=self.logit_loss,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher
+
+
+def load_teacher_config(path: str):
+    """The teacher's Hugging Face config (config.json only: no weights), of a known family."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise ModelError(
+            f"teacher.path {path!r} is not a local directory; this job never downloads. On a machine with internet run "
+            f"`hf download {path} --local-dir DIR` (or save_pretrained) and set teacher.path=DIR"
+        )
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelError(f"teacher.path {path!r} has no config.json; point it at a directory written by save_pretrained")
+    try:
+        with open(os.path.join(path, "config.json")) as handle:
+            json.load(handle)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
+            f"complete Hugging Face checkpoint"
+        ) from None
+    refuse_remote_code(path, "teacher.path")
+    try:
+        config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
+    except Exception as exc:  # transformers raises many types for unreadable configs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
+            f"complete Hugging Face checkpoint"
+        ) from None
+    _family(config)
+    return config
+
+
+def check_positions(config, max_seq_len: int, label: str, data: str) -> bool:
+    """A model of `config` takes sequences of the dataset's max_seq_len (its position table is long enough): True, else a ModelError."""
+    positions = _family(config).shape(config).get("max_position_embeddings")
+    if positions and positions < max_seq_len:
+        raise ModelError(
+            f"{label} has {positions} positions (config.json max_position_embeddings) but {data} holds sequences of up to {max_seq_len} "
+            f"tokens (its max_seq_len); prepare the data again with distill-prep --max-seq-len {positions} (or less), or use a model "
+            f"with at least {max_seq_len} positions"
+        )
+    return True
+
+
+def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
+    """Load a local masked-LM or causal-LM checkpoint of a known family with `from_pretrained`, frozen: eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = load_teacher_config(path)
+    auto = AutoModelForCausalLM if _family(config).causal else AutoModelForMaskedLM
+    try:
+        teacher = auto.from_pretrained(path, config=config, **LOCAL_ONLY, dtype=dtype, attn_implementation=attn_implementation)
+    except Exception as exc:  # transformers raises many types for unreadable checkpoints
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM ({first}); check the directory holds a complete Hugging Face checkpoint"
+        ) from None
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Student
+
+
+def default_init_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers including the first and last (12 -> 6 gives 0,2,4,7,9,11)."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [int(i * (teacher_layers - 1) / (student_layers - 1) + 0.5) for i in range(student_layers)]
+
+
+def _teacher_num_layers(teacher) -> int:
+    return _family(teacher).shape(_config(teacher))["num_layers"]
+
+
+def student_depth(cfg, teacher: Optional[nn.Module]) -> Optional[int]:
+    """student.num_layers, else the length of student.init_layers, else half the teacher's layers."""
+    if cfg.num_layers:
+        return cfg.num_layers
+    if cfg.init_layers:
+        return len(cfg.init_layers)
+    return _teacher_num_layers(teacher) // 2 if teacher is not None else None
+
+
+def init_layers_for(cfg, teacher: nn.Module, student_layers: int) -> list[int]:
+    """Teacher layers copied into the student: student.init_layers, else the student.init_mapping strategy."""
+    try:
+        return resolve_layers(
+            cfg.init_mapping,
+            _teacher_num_layers(teacher),
+            student_layers,
+            cfg.init_layers,
+            key="student.init_layers" if cfg.init_layers else "student.init_mapping",
+        )
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_id: int, max_seq_len: int) -> nn.Module:
+    """Create the student model (random weights) of family `student.architecture`, shaped like the teacher (a model or
+    only its config) unless the student's settings say otherwise; `init_student_from_teacher` copies weights after."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from distill.models.families import FAMILIES
+
+    shape = student_shape(
+        _config(teacher) if teacher is not None else None,
+        {
+            "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "num_layers": student_depth(cfg, teacher),
+            "max_position_embeddings": cfg.max_position_embeddings,
+        },
+    )
+    if cfg.num_kv_heads:
+        shape["num_kv_heads"] = cfg.num_kv_heads
+    elif cfg.num_heads:
+        shape["num_kv_heads"] = cfg.num_heads  # a student with its own head count: as many key/value heads unless told
+    shape.setdefault("max_position_embeddings", max_seq_len)
+    if not all(shape.get(k) for k in ("hidden_size", "num_heads", "intermediate_size", "num_layers")):
+        raise ModelError("student shape incomplete: set student.hidden_size, num_heads, intermediate_size and num_layers")
+    if shape["hidden_size"] % shape["num_heads"]:
+        raise ModelError(f"student.hidden_size={shape['hidden_size']} is not divisible by student.num_heads={shape['num_heads']}")
+    if shape["max_position_embeddings"] < max_seq_len:
+        raise ModelError(
+            f"student has {shape['max_position_embeddings']} positions but the dataset's max_seq_len is {max_seq_len}; "
+            f"raise student.max_position_embeddings"
+        )
+    architecture = _family(teacher).name if cfg.architecture == "same" and teacher is not None else cfg.architecture
+    family = FAMILIES.get(architecture)
+    if family is None:
+        raise ModelError(f"student.architecture={cfg.architecture!r} needs a teacher (same = the teacher's family); name a family")
+    if teacher is not None and family is not None and _family(teacher).causal != family.causal:
+        raise ModelError(
+            f"a {_family(teacher).name} ({'causal' if _family(teacher).causal else 'masked'}) teacher needs a student of the same kind; "
+            f"student.architecture={cfg.architecture} is {'causal' if family.causal else 'masked'}"
+        )
+    if teacher is not None and family is not None and family.causal and family is not _family(teacher):
+        raise ModelError(
+            f"a {_family(teacher).name} teacher needs student.architecture={_family(teacher).name} (a causal student is built "
+            f"in its teacher's family)"
+        )
+    try:
+        config = student_config_for(
+            architecture,
+            _config(teacher) if teacher is not None else None,
+            shape,
+            vocab_size,
+            pad_token_id,
+            cfg.dropout,
+            cfg.attn_implementation,
+        )
+    except FamilyError as exc:
+        raise ModelError(str(exc)) from None
+    auto = AutoModelForCausalLM if family.causal else AutoModelForMaskedLM
+    return auto.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+@torch.no_grad()
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True) -> dict[str, str]:
+    """Copy embeddings, teacher layers `layers` (in order) and the LM head into the student (distill/models/families.py says how).
+
+    Returns the student-key -> teacher-key map that was applied (used by tests and logged).
+    """
+    check_init(student, teacher, layers)
+    try:
+        return init_from_teacher(student, teacher, layers, fold_token_type)
+    except FamilyError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def check_init(student, teacher, layers: list[int]) -> None:
+    """Copying `layers` of the teacher into the student needs its width and one layer per student layer (models or configs)."""
+    t_family, s_family = _family(teacher), _family(student)
+    if t_family.name not in s_family.init_from:
+        raise ModelError(
+            f"a {s_family.name} student cannot be initialised from a {t_family.name} teacher (it can from: "
+            f"{', '.join(s_family.init_from) or 'none'}); use student.init=random"
+        )
+    t_shape = t_family.shape(_config(teacher))
+    s_shape = s_family.shape(_config(student))
+    if s_shape["hidden_size"] != t_shape["hidden_size"]:
+        raise ModelError(
+            f"student.init=teacher needs the teacher's width {t_shape['hidden_size']}, the student has {s_shape['hidden_size']}; "
+            f"use student.init=random"
+        )
+    if len(layers) != s_shape["num_layers"]:
+        raise ModelError(f"student.init_layers has {len(layers)} entries for a {s_shape['num_layers']}-layer student")
+    bad = [i for i in layers if not 0 <= i < t_shape["num_layers"]]
+    if bad:
+        raise ModelError(f"student.init_layers {bad} out of range for a {t_shape['num_layers']}-layer teacher")
+
+
+def check_data_fits(model, packing: str) -> None:
+    """A causal model trains on causally packed data (`distill-prep --packing causal`), a masked LM on the others."""
+    model_type = _config(model).model_type
+    causal = _family(model).causal
+    if causal and packing != "causal":
+        raise ModelError(
+            f"a {model_type} (causal) model needs a dataset prepared with `distill-prep --packing causal`; this one is packed {packing!r}"
+        )
+    if not causal and packing == "causal":
+        raise ModelError(
+            f"the dataset is packed for causal LMs (--packing causal) but the model is a masked LM ({model_type}); "
+            f"re-run distill-prep with --packing document"
+        )
+
+
+def check_teacher_fits(path: str, teacher, packing: str) -> bool:
+    """The teacher (a model or its config) is the kind of LM the dataset was packed for; a one-line ModelError naming it otherwise."""
+    family = _family(teacher)
+    if family.causal and packing != "causal":
+        raise ModelError(
+            f"teacher {path!r} is a causal LM ({family.name}) but the dataset is packed {packing!r} for masked LMs; prepare the "
+            f"data with `distill-prep --packing causal --tokenizer {path}`"
+        )
+    if not family.causal and packing == "causal":
+        raise ModelError(
+            f"teacher {path!r} is a masked LM ({family.name}), not a causal LM, but the dataset is packed for causal LMs; use a "
+            f"causal-LM teacher (gpt2, llama, mistral, qwen2, qwen3) or prepare the data with --packing document"
+        )
+    return True
+
+
+def compile_encoder(model: nn.Module) -> None:
+    """`torch.compile` the transformer body of `model` in place (`nn.Module.compile`: parameter names, and so
+    checkpoints and ZeRO's hooks on the module tree, stay as they are); the vocabulary head stays eager
+    because the number of logit positions changes every micro batch."""
+    _family(model).base_model(model).compile(dynamic=True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

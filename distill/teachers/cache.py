@@ -1,0 +1,298 @@
+"""`teacher.source: cache`: the teacher's outputs read from a `distill-cache` cache instead of running the teacher.
+
+No teacher model is in memory while training (with `student.init=teacher` its weights are read once on the CPU for
+the copy, then dropped). Each micro batch's targets are looked up by the dataset row every sample came from
+(`Batch.rows`, from the data order, a pure function of (seed, epoch, index)), so data order, resume and elastic
+resume are those of an online run. The soft-target loss (ce / reverse_kl / jsd) is computed by the student's
+ChunkedLogitLoss from the cached support (distill/objective/sparse_logits.py). Refused with one line: a cache of another
+dataset, teacher, split, temperature or vocabulary, one with fewer (or more) rows than the data, a damaged part,
+losses that need the live teacher (hidden states, attention), and on masked-LM data dynamic masking or static masks
+other than the cache's (data.static_masks, seed, every masking setting: `distill.data.masking.mask_settings`).
+
+Masked-LM data with static masks (data.static_masks = D, `distill-cache --static-masks D`): the cache holds D rows
+per dataset row, the teacher on each variant's masked input; a sample is looked up by (row, variant), the variant a
+pure function of its stream index (epoch mod D), so data order and resume are unchanged here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+import torch
+
+from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
+from data_prep.cache_manifest import CacheError, load_cache_manifest, verify_cache_parts
+from distill.model_outputs import ModelOutputs
+from distill.objective.sparse_logits import SparseTargets
+
+log = logging.getLogger("distill.cache")
+CACHEABLE = ("forward_kl", "reverse_kl", "jsd", "ce")  # logit kinds a cache can feed (ce: the student's own cross-entropy)
+
+
+def config_problems(cfg) -> list[str]:
+    """The rules of `teacher.source: cache` that need only the config."""
+    from distill.objective.losses import LOSSES
+
+    p = []
+    if not cfg.teacher.cache:
+        p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
+    if not cfg.teacher.path:
+        p.append(
+            "teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)"
+        )
+    live = sorted(
+        n
+        for n, w in cfg.loss.weights.items()
+        if w > 0 and n in LOSSES and LOSSES[n].needs_teacher and LOSSES[n].logit_kind not in CACHEABLE
+    )
+    if live:
+        p.append(
+            f"losses {live} need the live teacher's hidden states or attention, which a cache does not hold; with teacher.source=cache use "
+            f"the logit losses (ce, reverse_kl, jsd, clm) or set teacher.source=online"
+        )
+    if getattr(cfg.teacher, "partition", False):
+        p.append(
+            "teacher.partition splits the online teacher across the ranks; with teacher.source=cache there is no teacher model: drop one of them"
+        )
+    if not (cfg.loss.chunked_logits and cfg.train.logits_where_needed):
+        p.append(
+            "teacher.source=cache computes its losses in the chunked sweep: keep loss.chunked_logits=true and train.logits_where_needed=true"
+        )
+    return p
+
+
+class CacheTeacher:
+    """A teacher source (distill/teachers/online.py) that reads a cache: `outputs(batch)` and `fingerprint()`."""
+
+    def __init__(self, cfg, cache_dir: str, manifest, table, teacher_config, device: torch.device):
+        self.cfg, self.cache_dir, self.manifest, self.table = cfg, cache_dir, manifest, table
+        self.config = self.model = teacher_config  # shapes only (the objective and the student's construction read them)
+        self.device = device
+        self.path = cfg.teacher.path
+        self.objective = None
+
+    @classmethod
+    def load(cls, cfg, device: torch.device) -> "CacheTeacher":
+        from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
+        from distill.cache.pipeline import teacher_fingerprint
+        from distill.models.build import load_teacher_config
+
+        problems = config_problems(cfg)
+        if problems:
+            raise CacheError(problems[0])
+        cache_dir = cfg.teacher.cache
+        data = load_manifest(cfg.data.path)
+        manifest = load_cache_manifest(cache_dir)
+        where = os.path.join(cache_dir, CACHE_MANIFEST)
+        if manifest.dataset.get("manifest_sha256") != sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE)):
+            raise CacheError(
+                f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
+                f"run distill-cache on this dataset"
+            )
+        if manifest.teacher.get("fingerprint") != teacher_fingerprint(cfg.teacher.path):
+            raise CacheError(
+                f"{where} was written with another teacher ({manifest.teacher.get('path')}), not {cfg.teacher.path}; "
+                f"run distill-cache with this teacher"
+            )
+        if manifest.split != cfg.data.split:
+            raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
+        if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
+            raise CacheError(
+                f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
+                f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature"
+            )
+        if manifest.vocab_size != data.tokenizer.vocab_size:
+            raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
+        _check_masking(cfg, manifest, where, data.packing)
+        rows = data.splits[cfg.data.split].rows
+        if manifest.rows != rows:
+            raise CacheError(
+                f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache"
+            )
+        paths = verify_cache_parts(cache_dir, manifest, checksums=cfg.teacher.cache_verify)
+        table = _open_parts(paths, manifest, cfg.data.cache_dir)
+        log.info(
+            "teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token",
+            cache_dir,
+            manifest.mode,
+            manifest.k,
+            manifest.temperature,
+            manifest.value_dtype,
+            manifest.stats.get("bytes_per_token", float("nan")),
+        )
+        return cls(cfg, cache_dir, manifest, table, load_teacher_config(cfg.teacher.path), device)
+
+    def bind(self, objective) -> None:
+        if not objective.chunked:
+            raise CacheError(
+                "teacher.source=cache needs the chunked logit sweep (loss.chunked_logits=true, train.logits_where_needed=true)"
+            )
+        self.objective = objective
+
+    def compile(self) -> None:
+        pass
+
+    def init_model(self):
+        """The teacher's weights for `student.init=teacher`, read once on the CPU (dropped by the caller after the copy)."""
+        from distill.models.build import load_teacher
+
+        return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
+
+    def describe(self) -> str:
+        masks = f", {self.manifest.static_masks} static masks, {self.manifest.positions} positions" if self.manifest.static_masks else ""
+        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
+
+    def fingerprint(self) -> str:
+        """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
+        with open(os.path.join(self.cache_dir, CACHE_MANIFEST), "rb") as handle:
+            return "cache:" + hashlib.sha256(handle.read()).hexdigest()
+
+    def part_of(self, row: int) -> str:
+        """'part FILE' holding dataset row `row` (parts are listed in shard, then row order)."""
+        for part in self.manifest.parts:
+            if row < part.rows:
+                return f"part {os.path.join(self.cache_dir, part.path)}"
+            row -= part.rows
+        return "no part"
+
+    def outputs(self, batch) -> ModelOutputs:
+        """The cached targets at `batch.logit_positions`, looked up by each sample's dataset row (one gather per column)."""
+        if batch.rows is None:
+            raise RuntimeError("teacher.source=cache needs each sample's dataset row (Batch.rows)")
+        rows = batch.rows.cpu().numpy()
+        k = self.manifest.k
+        lengths = batch.attention_mask.sum(1).cpu().numpy()
+        variants = self.manifest.static_masks
+        if variants:  # D cache rows per dataset row: variant d of row r is cache row r * D + d
+            if batch.mask_variants is None:
+                raise RuntimeError("a static-mask cache needs each sample's mask variant (Batch.mask_variants; data.static_masks > 0)")
+            picked = self.table.take(rows * variants + batch.mask_variants.cpu().numpy())
+        else:
+            picked = self.table.take(rows)
+        offsets, ids = _list_column(picked, "indices")
+        flat = batch.logit_positions.cpu().numpy()
+        sample, position = np.divmod(flat, batch.input_ids.shape[1])
+        slot, stored = position, lengths  # the entry of a position within its cache row, and positions per cache row
+        if self.manifest.positions == "masked":  # the masked positions only, ascending: a position's slot is its rank among them
+            labelled = batch.labels.cpu().numpy() != -100
+            slot = (np.cumsum(labelled, axis=1) - 1)[sample, position]
+            stored = labelled.sum(1)
+        counts = np.diff(offsets)
+        bad = np.flatnonzero(counts != stored * k)
+        if len(bad):
+            b = int(bad[0])
+            raise CacheError(
+                f"cache row {rows[b]} ({self.part_of(int(rows[b]))}) holds {counts[b] // k} positions, the data row has {stored[b]} to look "
+                f"up: the cache is not aligned with the data (or its masks are not the run's); re-run distill-cache"
+            )
+        entries = (offsets[sample] + slot * k)[:, None] + np.arange(k)
+        picked_ids = ids[entries]
+        if picked_ids.size and (int(picked_ids.max()) >= self.manifest.vocab_size or int(picked_ids.min()) < 0):
+            b = int(sample[int(np.argmax(((picked_ids >= self.manifest.vocab_size) | (picked_ids < 0)).any(1)))])
+            raise CacheError(
+                f"cache row {rows[b]} ({self.part_of(int(rows[b]))}) holds token ids outside the vocabulary of {self.manifest.vocab_size}: "
+                f"the part was modified after distill-cache wrote it; re-run distill-cache"
+            )
+        _, vals = _list_column(picked, "values")
+        tail = None
+        if self.manifest.mode == "topk":
+            tail_offsets, tails = _list_column(picked, "tail")
+            tail = torch.from_numpy(tails[tail_offsets[sample] + slot].astype(np.float32)).to(self.device)
+        targets = SparseTargets(
+            indices=torch.from_numpy(picked_ids.astype(np.int64)).to(self.device),
+            values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
+            tail=tail,
+            mode=self.manifest.mode,
+            temperature=self.manifest.temperature,
+        )
+        return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=not variants)
+
+
+def _check_masking(cfg, manifest, where: str, packing: str) -> None:
+    """The run's masks are the cache's: the same static masks, seed and masking settings (masked-LM data), or none (causal)."""
+    from distill.data.masking import mask_settings
+
+    if packing == "causal":
+        return
+    if not manifest.static_masks:
+        raise CacheError(
+            f"{where} holds no static masks (a cache of causal data); re-run distill-cache --static-masks D on {cfg.data.path}"
+        )
+    if not cfg.data.static_masks:
+        raise CacheError(
+            f"teacher.source=cache on masked-LM data needs static masks: with dynamic masking (data.static_masks=0) the mask is drawn "
+            f"anew every epoch and no cache holds the teacher's output; set data.static_masks={manifest.static_masks} (the cache's, "
+            f"{where}) or use teacher.source=online"
+        )
+    run = mask_settings(cfg)
+    for key, cached in manifest.masking.items():
+        if run.get(key) != cached:
+            raise CacheError(
+                f"{where} was written with {key}={cached}, the run has {key}={run.get(key)}: its masks would not be the cache's; "
+                f"set {key}={cached} or re-run distill-cache with the run's settings (--train-config)"
+            )
+    if manifest.positions == "masked" and cfg.loss.ce_positions != "masked":
+        raise CacheError(
+            f"{where} holds the teacher at the masked positions only (distill-cache --positions masked), the run's soft-target loss "
+            f"reads every position (loss.ce_positions={cfg.loss.ce_positions}); set loss.ce_positions=masked or re-run distill-cache "
+            f"--positions all"
+        )
+
+
+def _damaged(path: str, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cache part {path} is unreadable ({first}): it was modified after distill-cache wrote it (teacher.cache_verify=false "
+        f"skips its sha256 check, not this); re-run distill-cache"
+    )
+
+
+def _read_problem(path: str):
+    """The exception reading part `path` in full raises, or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (rows + 1,), values) of a list column: row i is values[offsets[i]:offsets[i + 1]]."""
+    array = table.column(column).combine_chunks()
+    return array.offsets.to_numpy().astype(np.int64), array.values.to_numpy(zero_copy_only=False)
+
+
+def _open_parts(paths: list[str], manifest, cache_dir):
+    """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order; a
+    static-mask cache has its D variants of each row consecutive)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    datasets.disable_progress_bars()
+    for path, part in zip(paths, manifest.parts):  # footers only: cheap, and names the part (the sha256 may be skipped)
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:
+            raise CacheError(_damaged(path, exc)) from None
+        if rows != part.rows * manifest.rows_per_data_row:
+            raise CacheError(
+                f"cache part {path} holds {rows} rows, the manifest says {part.rows * manifest.rows_per_data_row}; the cache is damaged: "
+                f"re-run distill-cache"
+            )
+    try:
+        dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir, keep_in_memory=False)
+    except Exception as exc:  # a part whose pages do not decode (pyarrow / datasets errors): find and name it
+        for path in paths:
+            problem = _read_problem(path)
+            if problem is not None:
+                raise CacheError(_damaged(path, problem)) from None
+        raise CacheError(f"the cache parts do not read ({exc}); re-run distill-cache") from None
+    want = manifest.rows * manifest.rows_per_data_row
+    if len(dataset) != want:
+        raise CacheError(f"the cache parts hold {len(dataset)} rows, the manifest says {want}; re-run distill-cache")
+    return dataset.data.table

@@ -1,0 +1,1 @@
+"""Commands around a run: export, evaluation, fine-tuning, demo assets, the configuration reference."""

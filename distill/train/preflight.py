@@ -1,0 +1,144 @@
+"""Every check of a run that needs no weights, in one pass: `distill-train --check`, and the first thing a run does.
+
+Reads only configs — the dataset's manifest (and its shards' footers), the teacher's config.json and
+tokenizer files, the DeepSpeed JSON — builds the student on the meta device (shapes, no memory), and
+runs every rule of the model, data and objective that a real start would hit, collecting all problems
+instead of stopping at the first. The run itself then reuses what was read here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from data_prep.manifest import TOKENIZER_DIR, check_tokenizer_matches, load_manifest, tokenizer_identity, verify_shards
+from distill.config import Config, ConfigError
+from distill.models.build import (
+    build_student,
+    check_data_fits,
+    check_init,
+    check_positions,
+    check_teacher_fits,
+    cpu_has_native_bf16,
+    init_layers_for,
+    load_teacher_config,
+    resolve_dtype,
+)
+from distill.teachers.partitioned import partition_problems
+from distill.train.engine import deepspeed_config
+from kd_common.errors import UserError
+
+log = logging.getLogger("distill.train.preflight")
+USER_ERRORS = (UserError, OSError)  # every error a user can act on (kd_common.errors), and unreadable files
+
+
+@dataclass
+class Preflight:
+    """What the checks read (reused by the run) and every problem they found."""
+
+    manifest: Any = None
+    tokenizer: Any = None
+    teacher_config: Any = None
+    ds_config: Optional[dict] = None
+    vocab_size: Optional[int] = None
+    problems: list[str] = field(default_factory=list)
+
+    def attempt(self, check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except USER_ERRORS as exc:
+            for problem in getattr(exc, "problems", None) or [str(exc)]:
+                message = " ".join(problem.split())
+                if message not in self.problems:
+                    self.problems.append(message)
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def load_tokenizer(cfg: Config, manifest):
+    """The dataset's tokenizer; the teacher's own tokenizer (if it has one) must be the same."""
+    from transformers import AutoTokenizer
+
+    from data_prep.tokenization import has_tokenizer_files
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
+    refuse_remote_code(os.path.join(cfg.data.path, TOKENIZER_DIR), "data.path tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(cfg.data.path, TOKENIZER_DIR), **LOCAL_ONLY)
+    if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
+        if has_tokenizer_files(cfg.teacher.path):
+            refuse_remote_code(cfg.teacher.path, "teacher.path")
+            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, **LOCAL_ONLY)
+            check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
+        else:
+            log.warning("teacher %s has no tokenizer files; checking only the vocabulary size against the dataset", cfg.teacher.path)
+    return tokenizer
+
+
+def preflight(cfg: Config, world_size: int, device: torch.device) -> Preflight:
+    """Run every weight-free check of `cfg` for `world_size` ranks on `device`; nothing is written."""
+    from distill.objective.objective import Objective
+
+    pf = Preflight()
+    precision = resolve_dtype(cfg.train.precision, device)
+    if device.type == "cpu" and precision != torch.float32 and not (precision == torch.bfloat16 and cpu_has_native_bf16()):
+        pf.problems.append(
+            f"train.precision={cfg.train.precision} needs a GPU (or, for bf16, a CPU with AVX512-BF16 or AMX); use fp32 (or auto) on this CPU"
+        )
+    pf.ds_config = pf.attempt(lambda: deepspeed_config(cfg, world_size, precision))
+    pf.problems += partition_problems(cfg, world_size)
+    pf.manifest = pf.attempt(lambda: load_manifest(cfg.data.path))
+    if pf.manifest is not None:
+        pf.attempt(lambda: verify_shards(cfg.data.path, pf.manifest, cfg.data.split, checksums=False))
+    if cfg.teacher.path:
+        pf.teacher_config = pf.attempt(lambda: load_teacher_config(cfg.teacher.path))
+    if pf.manifest is not None:
+        pf.tokenizer = pf.attempt(lambda: load_tokenizer(cfg, pf.manifest))
+        pf.vocab_size = pf.manifest.tokenizer.vocab_size
+        if pf.teacher_config is not None:
+            teacher_vocab = pf.teacher_config.vocab_size
+            if teacher_vocab < pf.manifest.tokenizer.vocab_size:
+                pf.problems.append(
+                    f"teacher vocabulary ({teacher_vocab}) is smaller than the dataset's tokenizer ({pf.manifest.tokenizer.vocab_size}); "
+                    f"re-run distill-prep with the teacher's tokenizer"
+                )
+            pf.vocab_size = teacher_vocab
+    if pf.manifest is None or pf.tokenizer is None or (cfg.teacher.path and pf.teacher_config is None):
+        return pf  # the model checks need the dataset and the teacher's config
+    if pf.teacher_config is not None and not pf.attempt(
+        lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
+    ):
+        return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
+    if pf.teacher_config is not None and not pf.attempt(
+        lambda: check_positions(
+            pf.teacher_config, pf.manifest.max_seq_len, f"teacher.path {cfg.teacher.path}", f"data.path {cfg.data.path}"
+        )
+    ):
+        return pf  # the student (shaped like the teacher) would be refused too, with advice that cannot help
+    with torch.device("meta"):  # shapes only: no weights, no memory
+        student = pf.attempt(
+            lambda: build_student(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
+        )
+    if student is None:
+        return pf
+    if cfg.student.init == "teacher" and pf.teacher_config is not None:
+        layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.config.num_hidden_layers))
+        if layers is not None:
+            pf.attempt(lambda: check_init(student, pf.teacher_config, layers))
+    pf.attempt(lambda: check_data_fits(student, pf.manifest.packing))
+    pf.attempt(
+        lambda: Objective(
+            cfg.loss,
+            pf.teacher_config,
+            student,
+            vocab_size=pf.manifest.tokenizer.vocab_size,
+            chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed,
+        )
+    )
+    return pf
