@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(vars(args), handle, indent=4)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"), local_files_only=True, trust_remote_code=False)
         special = {
             "pad": tokenizer.pad_token_id,
             "mask": tokenizer.mask_token_id,
@@ -557,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         row_lengths = np.array([len(seq) for seq in sequences], dtype=np.int32)
         del sequences
 
-        teacher = BertForMaskedLM.from_pretrained(args.teacher, output_hidden_states=True, local_files_only=True).to(device)
+        teacher = BertForMaskedLM.from_pretrained(
+            args.teacher, output_hidden_states=True, local_files_only=True, trust_remote_code=False
+        ).to(device)
         t = teacher.config
         student_config = DistilBertConfig(
             vocab_size=t.vocab_size,

@@ -130,7 +130,7 @@ def train_teacher(out: str, data: str, tokenizer: str, steps: int) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     rows = sum(
         (pq.read_table(os.path.join(data, s["path"])).column("input_ids").to_pylist() for s in manifest["splits"]["train"]["shards"]), []

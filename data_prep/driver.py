@@ -168,6 +168,8 @@ def run_prep(cfg: PrepConfig, beam_args: Optional[list[str]] = None, workers: in
     inputs = list_inputs(cfg.inputs)
     check_output(cfg.output, cfg.overwrite, cfg.inputs, [f.path for f in inputs], cfg.tokenizer)  # before the slow tokenizer load
     tokenizer = None if cfg.train_sentencepiece else load_tokenizer(cfg.tokenizer, cfg.max_piece_chars, cfg.packing)
+    if hasattr(tokenizer, "check_max_seq_len"):
+        tokenizer.check_max_seq_len(cfg.max_seq_len)
     with claim_output(cfg.output, cfg.overwrite, cfg.inputs, [f.path for f in inputs], cfg.tokenizer) as work_dir:
         manifest = _prepare(cfg, dataclasses.replace(cfg, output=work_dir), tokenizer, inputs, beam_args or [], workers or cfg.workers, t0)
     log.info("wrote %s in %.1fs", cfg.output, time.time() - t0)

@@ -197,10 +197,10 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
             raise DatasetError(f"shard {path} listed in the manifest is missing; re-run distill-prep")
         try:
             rows = pq.ParquetFile(path).metadata.num_rows
-        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a cut or overwritten file
+        except Exception as exc:  # pyarrow.ArrowInvalid for a cut or overwritten file, OSError for an unreadable one
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise DatasetError(
-                f"shard {path} is not a readable Parquet file ({' '.join(str(exc).split())[:160]}): it was cut short or damaged; "
-                f"re-run distill-prep to rebuild the dataset"
+                f"shard {path} is not a readable Parquet file ({first}); the dataset is damaged, re-run distill-prep"
             ) from None
         if rows != shard.rows:
             raise DatasetError(
@@ -235,8 +235,11 @@ def check_tokenizer_folder(folder: str, expected: TokenizerIdentity, source: str
     vocabulary hash, the hash distill-prep computed, and the same special-token ids); returns the tokenizer."""
     from transformers import AutoTokenizer
 
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
+    refuse_remote_code(folder, "the tokenizer")  # one line naming the auto_map entry, before anything loads
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **LOCAL_ONLY)
         found = tokenizer_identity(tokenizer, folder, expected.type)
     except Exception as exc:  # transformers raises many types for a damaged folder
         first = " ".join(str(exc).split())[:160] or type(exc).__name__

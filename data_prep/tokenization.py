@@ -45,6 +45,15 @@ class HFTokenizer:
         self._init_backend(self._json, {role: getattr(self.tokenizer, f"{role}_token_id") for role in ("cls", "sep", "eos", "unk")})
         self.vocab_size = len(self.tokenizer)
 
+    def check_max_seq_len(self, max_seq_len: int) -> None:
+        """A PrepInputError when --max-seq-len exceeds the tokenizer's own model_max_length (the model's positions)."""
+        limit = self.tokenizer.max_seq_len_limit
+        if limit is not None and max_seq_len > limit:
+            raise PrepInputError(
+                f"--max-seq-len {max_seq_len} is longer than --tokenizer {self.path!r} allows (model_max_length {limit} in its "
+                f"tokenizer_config.json: the model has that many positions); pass --max-seq-len {limit} or less"
+            )
+
     def _init_backend(self, tokenizer_json: str, ids: dict) -> None:
         self.backend = _fast_backend(tokenizer_json)
         self.cls_id, self.sep_id, self.eos_id, self.unk_id = ids["cls"], ids["sep"], ids["eos"], ids["unk"]
@@ -151,6 +160,8 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from kd_common.hf_dirs import LOCAL_ONLY, RemoteCodeError, refuse_remote_code
+
     hf_logging.set_verbosity_error()
     if not os.path.isdir(path):
         raise PrepInputError(
@@ -163,7 +174,11 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
             f"--tokenizer {path!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the teacher's tokenizer directory"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        refuse_remote_code(path, "--tokenizer")
+    except RemoteCodeError as exc:
+        raise PrepInputError(str(exc)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrepInputError(
@@ -181,6 +196,8 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
             f"--tokenizer {path!r} has no {', '.join(missing)} token(s); masked-LM data needs [CLS], [SEP], [PAD] and [MASK] equivalents "
             f"(for a GPT-2-style teacher pass --packing causal)"
         )
+    limit = tokenizer.model_max_length
+    tokenizer.max_seq_len_limit = int(limit) if isinstance(limit, (int, float)) and 0 < limit < 10**12 else None  # not the 1e30 "unset"
     tokenizer.model_max_length = 10**12  # we cut sequences ourselves; silence the length warning
     return tokenizer
 

@@ -374,13 +374,14 @@ def parts_of(manifest, split: str, rows_per_part: int) -> list[tuple[int, str, i
 def check_inputs(cfg: CacheConfig):
     """The dataset (manifest, causal packing, split), the teacher's config and vocabulary: every problem before any work."""
     from data_prep.manifest import load_dataset_tokenizer, load_manifest, verify_shards
-    from distill.models.build import load_teacher_config
+    from distill.models.build import check_positions, load_teacher_config
 
     manifest = load_manifest(cfg.data)
     masking_for(cfg, manifest)  # masked-LM data without static masks: refused here, before any work
     verify_shards(cfg.data, manifest, cfg.split, checksums=True)
     load_dataset_tokenizer(cfg.data, manifest)  # its tokenizer/ folder is the one the manifest records
     config = load_teacher_config(cfg.teacher)
+    check_positions(config, manifest.max_seq_len, f"--teacher {cfg.teacher}", f"--data {cfg.data}")
     vocab = manifest.tokenizer.vocab_size
     if config.vocab_size < vocab:
         raise CacheError(

@@ -153,8 +153,17 @@ def read_run_record(output_dir: str) -> dict[str, Any]:
     run_file = os.path.join(output_dir, RUN_FILE)
     if not os.path.exists(run_file):
         return {}
-    with open(run_file) as handle:
-        return json.load(handle)
+    try:
+        with open(run_file) as handle:
+            record = json.load(handle)
+        if not isinstance(record, dict) or not isinstance(record["identity"], dict):
+            raise TypeError("identity is not a mapping")
+    except (ValueError, KeyError, TypeError) as exc:  # empty, cut or edited (it is written atomically, so not by us)
+        raise CheckpointError(
+            f"{run_file} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'empty'}); it records "
+            f"which run output_dir holds: restore it from a copy, or use a new output_dir (nothing there was changed)"
+        ) from None
+    return record
 
 
 def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Optional[str] = None) -> bool:

@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_prep.manifest import Manifest, load_manifest, verify_shards
+from data_prep.manifest import DatasetError, Manifest, load_manifest, verify_shards
+from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,20 @@ class TokenSequences:
         import datasets
         import pyarrow.compute as pc
 
-        self.data_dir = data_dir
+        self.data_dir, self.split = data_dir, split
         self.manifest = manifest or load_manifest(data_dir)
         verify_shards(data_dir, self.manifest, split, checksums=verify_checksums)
         files = [os.path.join(data_dir, shard.path) for shard in self.manifest.splits[split].shards]
         datasets.disable_progress_bars()
-        self.dataset = datasets.Dataset.from_parquet(files, cache_dir=cache_dir, keep_in_memory=False)
+        try:
+            self.dataset = datasets.Dataset.from_parquet(files, cache_dir=cache_dir, keep_in_memory=False)
+        except Exception as exc:  # pyarrow's ArrowInvalid / OSError, wrapped by datasets: name the file that does not read
+            raise DatasetError(
+                f"{_unreadable_shard(files) or data_dir} is not a readable Parquet shard ({_first_line(exc)}); "
+                f"the dataset is damaged, re-run distill-prep"
+            ) from None
         self.has_word_start = "word_start" in self.dataset.column_names
+        self.id_limit: Optional[int] = None  # when set, `rows` refuses a token id >= it (the vocabulary) before anything indexes with it
         self._table = None
         column = self.dataset.data.column("input_ids")
         self.lengths = np.concatenate([pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]).astype(
@@ -60,6 +68,29 @@ class TokenSequences:
         state["_table"] = None  # the datasets object pickles by file path; never ship table data to workers
         return state
 
+    def where(self, row: int) -> tuple[str, int]:
+        """(shard file, row within it) of row `row` of the split."""
+        for shard in self.manifest.splits[self.split].shards:
+            if row < shard.rows:
+                return os.path.join(self.data_dir, shard.path), row
+            row -= shard.rows
+        raise IndexError(row)
+
+    def check_ids(self, ids: list[np.ndarray], indices: np.ndarray) -> None:
+        """Every token id of these rows is below `id_limit`, else a DatasetError naming the shard and row (ids are unsigned)."""
+        top = [int(row.max()) if len(row) else 0 for row in ids]
+        if not top or max(top) < self.id_limit:
+            return
+        bad = int(np.argmax(np.asarray(top) >= self.id_limit))
+        path, row = self.where(int(indices[bad]))
+        value, limit = top[bad], self.id_limit
+        error = DatasetError(
+            f"{path} row {row} holds token id {value}, outside the tokenizer's vocabulary of {limit} (ids 0..{limit - 1}); "
+            f"the dataset is damaged or was not written by distill-prep with this tokenizer: re-run distill-prep"
+        )
+        error.rank_local = True  # type: ignore[attr-defined]  # each rank reads its own rows: the rank that met it says so
+        raise error
+
     def rows(self, indices: np.ndarray) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
         """(token ids, word-start flags) of the given row indices, in that order."""
         if self._table is None:
@@ -67,7 +98,25 @@ class TokenSequences:
         table = self._table.take(np.asarray(indices, dtype=np.int64))
         ids = _split_lists(table.column("input_ids"), np.int64)  # numpy views of the list values, no Python lists
         starts = _split_lists(table.column("word_start"), bool) if self.has_word_start else [None] * len(ids)
+        if self.id_limit is not None:
+            self.check_ids(ids, indices)
         return list(zip(ids, starts))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _unreadable_shard(files: list[str]) -> Optional[str]:
+    """The first of `files` that pyarrow cannot read in full (only called after a read failed)."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            pq.read_table(path)
+        except Exception:
+            return path
+    return None
 
 
 def _split_lists(column, dtype) -> list[np.ndarray]:
@@ -247,6 +296,7 @@ class DataSource:
 
         manifest, cuda = plan.manifest, ctx.device.type == "cuda"
         sequences = TokenSequences(data_cfg.path, data_cfg.split, manifest, data_cfg.cache_dir, data_cfg.verify_checksums)
+        sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the dataset's vocabulary: one line naming shard and row
         steps = StepPlan(
             len(sequences),
             plan.global_batch,
@@ -291,7 +341,16 @@ class DataSource:
         """(Batch on the device, the collated CPU tensors) of the next micro batch."""
         from distill.objective.losses import Batch
 
-        raw = next(self._batches)
+        try:
+            raw = next(self._batches)
+        except UserError as exc:
+            text = str(exc).strip()
+            if "Original Traceback" not in text:
+                raise
+            # raised in a loader worker: torch re-raises it with the worker's traceback in the message; keep the one line
+            error = type(exc)(text.splitlines()[-1].split(": ", 1)[-1])
+            error.rank_local = True  # type: ignore[attr-defined]  # met by this rank's loader, on its own rows
+            raise error from None
         # what the step needs to know about the batch's layout is computed here, on the host, before the copy: the flat
         # positions of the real tokens and of the labelled ones, and whether anything is padded (no device read later)
         attention = raw["attention_mask"]

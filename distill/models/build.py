@@ -22,6 +22,7 @@ from distill.model_outputs import ModelOutputs, ModelShape, Needs
 from distill.models.families import FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
 from distill.models.layer_map import resolve_layers
 from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -283,7 +284,15 @@ def load_teacher_config(path: str):
     try:
         with open(os.path.join(path, "config.json")) as handle:
             json.load(handle)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"teacher {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
+            f"complete Hugging Face checkpoint"
+        ) from None
+    refuse_remote_code(path, "teacher.path")
+    try:
+        config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -294,6 +303,18 @@ def load_teacher_config(path: str):
     return config
 
 
+def check_positions(config, max_seq_len: int, label: str, data: str) -> bool:
+    """A model of `config` takes sequences of the dataset's max_seq_len (its position table is long enough): True, else a ModelError."""
+    positions = _family(config).shape(config).get("max_position_embeddings")
+    if positions and positions < max_seq_len:
+        raise ModelError(
+            f"{label} has {positions} positions (config.json max_position_embeddings) but {data} holds sequences of up to {max_seq_len} "
+            f"tokens (its max_seq_len); prepare the data again with distill-prep --max-seq-len {positions} (or less), or use a model "
+            f"with at least {max_seq_len} positions"
+        )
+    return True
+
+
 def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
     """Load a local masked-LM or causal-LM checkpoint of a known family with `from_pretrained`, frozen: eval mode, no gradients."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -301,7 +322,7 @@ def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device
     config = load_teacher_config(path)
     auto = AutoModelForCausalLM if _family(config).causal else AutoModelForMaskedLM
     try:
-        teacher = auto.from_pretrained(path, config=config, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+        teacher = auto.from_pretrained(path, config=config, **LOCAL_ONLY, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(

@@ -112,6 +112,14 @@ class CacheTeacher:
         with open(os.path.join(self.cache_dir, CACHE_MANIFEST), "rb") as handle:
             return "cache:" + hashlib.sha256(handle.read()).hexdigest()
 
+    def part_of(self, row: int) -> str:
+        """'part FILE' holding dataset row `row` (parts are listed in shard, then row order)."""
+        for part in self.manifest.parts:
+            if row < part.rows:
+                return f"part {os.path.join(self.cache_dir, part.path)}"
+            row -= part.rows
+        return "no part"
+
     def outputs(self, batch) -> ModelOutputs:
         """The cached targets at `batch.logit_positions`, looked up by each sample's dataset row (one gather per column)."""
         if batch.rows is None:
@@ -139,17 +147,24 @@ class CacheTeacher:
         if len(bad):
             b = int(bad[0])
             raise CacheError(
-                f"cache row {rows[b]} holds {counts[b] // k} positions, the data row has {stored[b]} to look up: the cache is not aligned "
-                f"with the data (or its masks are not the run's); re-run distill-cache"
+                f"cache row {rows[b]} ({self.part_of(int(rows[b]))}) holds {counts[b] // k} positions, the data row has {stored[b]} to look "
+                f"up: the cache is not aligned with the data (or its masks are not the run's); re-run distill-cache"
             )
         entries = (offsets[sample] + slot * k)[:, None] + np.arange(k)
+        picked_ids = ids[entries]
+        if picked_ids.size and (int(picked_ids.max()) >= self.manifest.vocab_size or int(picked_ids.min()) < 0):
+            b = int(sample[int(np.argmax(((picked_ids >= self.manifest.vocab_size) | (picked_ids < 0)).any(1)))])
+            raise CacheError(
+                f"cache row {rows[b]} ({self.part_of(int(rows[b]))}) holds token ids outside the vocabulary of {self.manifest.vocab_size}: "
+                f"the part was modified after distill-cache wrote it; re-run distill-cache"
+            )
         _, vals = _list_column(picked, "values")
         tail = None
         if self.manifest.mode == "topk":
             tail_offsets, tails = _list_column(picked, "tail")
             tail = torch.from_numpy(tails[tail_offsets[sample] + slot].astype(np.float32)).to(self.device)
         targets = SparseTargets(
-            indices=torch.from_numpy(ids[entries].astype(np.int64)).to(self.device),
+            indices=torch.from_numpy(picked_ids.astype(np.int64)).to(self.device),
             values=torch.from_numpy(vals[entries].astype(np.float32)).to(self.device),
             tail=tail,
             mode=self.manifest.mode,
@@ -213,6 +228,25 @@ def _check_masking(cfg, manifest, where: str, packing: str) -> None:
         )
 
 
+def _damaged(path: str, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cache part {path} is unreadable ({first}): it was modified after distill-cache wrote it (teacher.cache_verify=false "
+        f"skips its sha256 check, not this); re-run distill-cache"
+    )
+
+
+def _read_problem(path: str):
+    """The exception reading part `path` in full raises, or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets (rows + 1,), values) of a list column: row i is values[offsets[i]:offsets[i + 1]]."""
     array = table.column(column).combine_chunks()
@@ -223,9 +257,27 @@ def _open_parts(paths: list[str], manifest, cache_dir):
     """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order; a
     static-mask cache has its D variants of each row consecutive)."""
     import datasets
+    import pyarrow.parquet as pq
 
     datasets.disable_progress_bars()
-    dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir, keep_in_memory=False)
+    for path, part in zip(paths, manifest.parts):  # footers only: cheap, and names the part (the sha256 may be skipped)
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:
+            raise CacheError(_damaged(path, exc)) from None
+        if rows != part.rows * manifest.rows_per_data_row:
+            raise CacheError(
+                f"cache part {path} holds {rows} rows, the manifest says {part.rows * manifest.rows_per_data_row}; the cache is damaged: "
+                f"re-run distill-cache"
+            )
+    try:
+        dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir, keep_in_memory=False)
+    except Exception as exc:  # a part whose pages do not decode (pyarrow / datasets errors): find and name it
+        for path in paths:
+            problem = _read_problem(path)
+            if problem is not None:
+                raise CacheError(_damaged(path, problem)) from None
+        raise CacheError(f"the cache parts do not read ({exc}); re-run distill-cache") from None
     want = manifest.rows * manifest.rows_per_data_row
     if len(dataset) != want:
         raise CacheError(f"the cache parts hold {len(dataset)} rows, the manifest says {want}; re-run distill-cache")

@@ -107,7 +107,10 @@ def save_random_bert_teacher(
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
+    refuse_remote_code(tokenizer_dir, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **LOCAL_ONLY)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -191,13 +194,16 @@ def fill_mask_probes(models: list[tuple[str, str]], probes=None, top_k: int = 3)
     """Top-k fill-mask guesses of each (name, model dir) on each probe: one dict per probe."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
     probes = DEMO_PROBES if probes is None else probes
     fills = {}
     for name, path in models:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model {name!r}: {path!r} is not a directory")
-        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
-        fills[name] = pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True), top_k=top_k)
+        refuse_remote_code(path, f"model {name!r}")
+        model = AutoModelForMaskedLM.from_pretrained(path, **LOCAL_ONLY)
+        fills[name] = pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(path, **LOCAL_ONLY), top_k=top_k)
     results = []
     for sentence, expected in probes:
         guesses = {name: [(g["token_str"].strip(), float(g["score"])) for g in fill(sentence)] for name, fill in fills.items()}

@@ -31,10 +31,11 @@ import torch
 from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity
 from distill.data.masking import MaskingCollator, MaskingPolicy
 from distill.data.reader import TokenSequences
-from distill.models.build import ModelError, mlm_forward
+from distill.models.build import ModelError, check_positions, mlm_forward
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
 from kd_common.config import Int, Str, section, setting
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 EVAL_SEED = 1234
 TEACHER = "teacher"
@@ -78,18 +79,24 @@ class EvalConfig:
 
 def model_family(path: str) -> Family:
     """The family of the model in local directory `path`, from its config.json alone (no weights)."""
+    return family_of(model_config(path))
+
+
+def model_config(path: str):
+    """The Hugging Face config of the model in local directory `path` (config.json alone: no weights)."""
     from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
+    refuse_remote_code(path, "model")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained"
         ) from None
-    return family_of(config)
+    return config
 
 
 def load_lm(path: str, device: torch.device, causal: bool = False):
@@ -99,9 +106,10 @@ def load_lm(path: str, device: torch.device, causal: bool = False):
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
     kind = "causal LM" if causal else "masked LM"
+    refuse_remote_code(path, "model")
     try:
-        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, **LOCAL_ONLY)
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path!r} could not be loaded as a {kind} with its tokenizer ({first})") from None
@@ -170,15 +178,18 @@ def evaluate(
         raise ModelError(f"{data_dir} has no {split!r} rows to evaluate on (splits: {', '.join(manifest.splits) or 'none'})")
     causal = manifest.packing == "causal"
     for label, path in paths.items():  # every model's kind, from its config alone, before any weights load
+        config = model_config(path)
         try:
-            check_task(label, path, model_family(path), data_dir, manifest.packing)
+            check_task(label, path, family_of(config), data_dir, manifest.packing)
         except FamilyError as exc:
             raise ModelError(f"{label} {path!r}: {exc}") from None
+        check_positions(config, manifest.max_seq_len, f"{label} {path}", f"--data {data_dir}")
     models = {label: load_lm(path, dev, causal) for label, path in paths.items()}
     for label, (_, tokenizer) in models.items():
         check_tokenizer_matches(manifest, tokenizer_identity(tokenizer, paths[label]), label)
     tokenizer = models[name][1]
     sequences = TokenSequences(data_dir, split, manifest)
+    sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the vocabulary: one line naming shard and row
     n = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
     if causal:
         return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions)

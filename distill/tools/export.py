@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from distill.checkpoints import safe_load
 from distill.models.families import FamilyError, family_of
 from kd_common.config import Bool, Str, section, setting
 from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 from kd_common.output_rule import record_files, replace_when_complete, written_by
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,22 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     return {k[len(_WRAPPER_PREFIX) :]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def check_shapes(tensors: dict, state: dict, hf_config: str) -> None:
+    """Every saved weight has the shape the checkpoint's hf_config builds (else a one-line ExportError naming the first)."""
+    for name, tensor in tensors.items():
+        saved = state.get(name)
+        if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
+            raise ExportError(
+                f"{hf_config}/config.json does not match the checkpoint's weights: {name} is {list(saved.shape)} in the checkpoint "
+                f"but {list(tensor.shape)} in a model of that config (another width or vocabulary); restore the hf_config this "
+                f"checkpoint was saved with"
+            )
+
+
 PROVENANCE = "distill_provenance.json"
 COMMAND = "distill-export"
 
@@ -81,7 +99,8 @@ def checkpoint_tokenizer(tag_dir: str, state: dict):
             recorded, source = asdict(load_manifest(data).tokenizer), f"manifest {manifest}"
         else:
             log.warning("%s records no tokenizer identity and its dataset is gone or changed: exporting %s unchecked", tag_dir, folder)
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            refuse_remote_code(folder, "the checkpoint's tokenizer")
+            return AutoTokenizer.from_pretrained(folder, **LOCAL_ONLY)
     try:
         expected = TokenizerIdentity(**recorded)
     except TypeError:
@@ -110,7 +129,15 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         output, overwrite, is_export_dir, "distill-export output (it holds distill_provenance.json)", inputs
     ) as staging:
         ckpt.check_exportable(root, tag)
-        config = AutoConfig.from_pretrained(os.path.join(tag_dir, "hf_config"), local_files_only=True)
+        hf_config = os.path.join(tag_dir, "hf_config")
+        refuse_remote_code(hf_config, "checkpoint")
+        refuse_remote_code(os.path.join(tag_dir, "tokenizer"), "checkpoint")
+        try:
+            config = AutoConfig.from_pretrained(hf_config, **LOCAL_ONLY)
+        except Exception as exc:  # transformers raises many types for unreadable configs
+            raise ExportError(
+                f"checkpoint {hf_config}/config.json is unreadable ({_first_line(exc)}); restore the checkpoint's own hf_config"
+            ) from None
         try:
             family = family_of(config)
         except FamilyError as exc:
@@ -125,6 +152,7 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         tied = {k for k in missing if names_of[id(tensors[k])] - missing}  # shares its tensor with a weight that is there
         if missing - tied:
             raise ExportError(f"checkpoint {tag_dir} lacks weights {sorted(missing - tied)[:5]}; it does not belong to this student config")
+        check_shapes(tensors, state, hf_config)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ExportError(f"checkpoint {tag_dir} has unexpected weights {result.unexpected_keys[:5]}")
@@ -133,8 +161,16 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         tokenizer = checkpoint_tokenizer(tag_dir, state_info)
         if config.model_type == "distilbert":
             tokenizer.model_input_names = ["input_ids", "attention_mask"]  # DistilBERT takes no token_type_ids
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        except Exception as exc:  # safetensors raises SafetensorError, not OSError, for a full disk
+            if "No space left" not in str(exc) and getattr(exc, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ExportError(
+                f"no space left writing the export beside {output!r} (nothing was published: {output!r} is as it was); free space "
+                f"there and rerun"
+            ) from None
         with open(os.path.join(staging, PROVENANCE), "w") as handle:  # written last: it marks a finished export
             json.dump(
                 {

@@ -142,18 +142,21 @@ def load_classifier(path: str, num_labels: int, device):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+
     if not os.path.isdir(path):
         raise FinetuneError(f"--model {path!r} is not a directory; pass a directory written by distill-export or save_pretrained")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FinetuneError(f"--model {path!r} has no config.json; pass a directory written by distill-export or save_pretrained")
+    refuse_remote_code(path, "--model")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier weights" is expected here
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
         raise FinetuneError(f"--model {path!r} has no usable tokenizer ({_first_line(exc)})") from None
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **LOCAL_ONLY)
     except Exception as exc:
         raise FinetuneError(f"--model {path!r} could not be loaded for sequence classification ({_first_line(exc)})") from None
     finally:
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.json:
             check_result_file(cfg.json, _inputs(cfg) + [("--output", cfg.output)])  # --output is replaced whole
         result = finetune(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (FinetuneError, OutputError, ConfigError) as exc:
+    except (FinetuneError, OutputError, ConfigError, UserError) as exc:  # UserError: e.g. a --model that asks for remote code
         print(f"distill-finetune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(render_table(result))

@@ -20,7 +20,6 @@ import torch
 
 from data_prep.manifest import (
     MANIFEST_FILE,
-    DatasetError,
     check_tokenizer_matches,
     load_dataset_tokenizer,
     load_manifest,
@@ -30,9 +29,9 @@ from data_prep.manifest import (
 )
 from distill.config import Config, ConfigError
 from distill.models.build import (
-    ModelError,
     check_data_fits,
     check_init,
+    check_positions,
     check_teacher_fits,
     cpu_has_native_bf16,
     init_layers_for,
@@ -40,13 +39,12 @@ from distill.models.build import (
     resolve_dtype,
     student_config,
 )
-from distill.models.families import FamilyError
-from distill.models.layer_map import LayerMapError
 from distill.teachers.partitioned import partition_problems
 from distill.train.engine import deepspeed_config
+from kd_common.errors import UserError
 
 log = logging.getLogger("distill.train.preflight")
-USER_ERRORS = (ConfigError, DatasetError, ModelError, FamilyError, LayerMapError, OSError)
+USER_ERRORS = (UserError, OSError)  # every error a user can act on (kd_common.errors), and unreadable files
 
 
 @dataclass
@@ -92,11 +90,13 @@ def load_tokenizer(cfg: Config, manifest):
     from transformers import AutoTokenizer
 
     from data_prep.tokenization import has_tokenizer_files
+    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
     tokenizer = load_dataset_tokenizer(cfg.data.path, manifest)
     if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
         if has_tokenizer_files(cfg.teacher.path):
-            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, local_files_only=True)
+            refuse_remote_code(cfg.teacher.path, "teacher.path")
+            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, **LOCAL_ONLY)
             check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
         else:
             log.warning("teacher %s has no tokenizer files; checking only the vocabulary size against the dataset", cfg.teacher.path)
@@ -145,6 +145,12 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
         lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
     ):
         return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
+    if pf.teacher_config is not None and not pf.attempt(
+        lambda: check_positions(
+            pf.teacher_config, pf.manifest.max_seq_len, f"teacher.path {cfg.teacher.path}", f"data.path {cfg.data.path}"
+        )
+    ):
+        return pf  # the student (shaped like the teacher) would be refused too, with advice that cannot help
     student = pf.student_config = pf.attempt(  # shapes only: no weights, no memory
         lambda: student_config(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
     )

@@ -84,6 +84,20 @@ class RunLock:
         self.created_dir = False
 
     def acquire(self) -> "RunLock":
+        """Take the lock, or a one-line error: RunLockedError (held by another trainer), OutputError (cannot write there)."""
+        from kd_common.output_rule import OutputError
+
+        try:
+            return self._acquire()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # distill-train says "no space left" itself
+            raise OutputError(
+                f"output_dir {self.output_dir!r} cannot be written ({exc.strerror}: {exc.filename or self.path}); choose an output_dir "
+                f"this user can write, or make it writable"
+            ) from None
+
+    def _acquire(self) -> "RunLock":
         if not os.path.isdir(self.output_dir):
             os.makedirs(self.output_dir)
             self.created_dir = True

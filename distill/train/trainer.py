@@ -289,9 +289,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
         log.info("output_dir belongs to this run but holds no complete checkpoint: starting from step 0")
 
     stopper = Stopper(stop, cfg.train.max_nonfinite_steps, int(resume.state.get("nonfinite_skipped", 0)) if resume is not None else 0)
-    if ctx.is_main:
-        stop.clear_stop_file()
-    barrier()
+    on_main_then_broadcast(ctx, stop.clear_stop_file)  # an error there (STOP is a directory) reaches every rank
     data.start(start_step, total_steps)
     end_step = total_steps if cfg.train.halt_at_step is None else min(total_steps, cfg.train.halt_at_step)
     term_names = [n for n, w in cfg.loss.weights.items() if w > 0]
