@@ -6,33 +6,8 @@ import argparse
 import errno
 import logging
 import os
-import sys
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Every error a user can act on (kd_common.errors.UserError): one line, exit 2."""
-    from kd_common.errors import UserError
-
-    return (UserError,)
-
-
-def _fail(prog: str, exc: BaseException) -> int:
-    """One line on stderr (from rank 0 only when distributed), exit code 2."""
-    rank = os.environ.get("RANK", "0")
-    if rank == "0" or getattr(exc, "rank_local", False):  # an error only one rank saw is said by that rank
-        message = " ".join(str(exc).split())
-        where = "" if rank == "0" else f" (rank {rank})"
-        print(f"{prog}: error{where}: {message}", file=sys.stderr, flush=True)
-    return 2
-
-
-def check_result_file(path: str, inputs: list[tuple[str, str | None]], name: str = "--json") -> None:
-    """A result file (written atomically later) must not be an input, lie inside one, or be a directory."""
-    from kd_common.output_rule import OutputError, check_no_overlap
-
-    check_no_overlap(path, [(n, p) for n, p in inputs if p], name)
-    if os.path.isdir(path):
-        raise OutputError(f"{name} {path!r} is a directory; give a file path for the JSON result")
+from kd_common.errors import UserError, report_one_line
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -89,15 +64,15 @@ def train_main(argv: list[str] | None = None) -> int:
         from distill.train.trainer import train
 
         result = train(config, args.local_rank)
-    except _user_errors() as exc:
-        return _fail("distill-train", exc)
+    except UserError as exc:
+        return report_one_line("distill-train", exc)
     except RuntimeError as exc:  # a collective timed out (distill/train/heartbeat.py names a rank that went silent before)
         from distill.train.heartbeat import collective_timeout_error
 
         timeout = collective_timeout_error(exc)
         if timeout is None:
             raise
-        return _fail("distill-train", timeout)
+        return report_one_line("distill-train", timeout)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -106,7 +81,7 @@ def train_main(argv: list[str] | None = None) -> int:
             f"is kept: free space, then rerun the same command to resume"
         )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
-        return _fail("distill-train", full)
+        return report_one_line("distill-train", full)
     from distill.train.distributed import end_finished_rank
     from distill.train.preemption import PREEMPTED_EXIT_CODE
 
@@ -159,7 +134,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         cfg = from_arguments(ExportConfig, args)
         out = export_checkpoint(cfg.checkpoint, cfg.output, cfg.overwrite)
-    except _user_errors() as exc:
-        return _fail("distill-export", exc)
+    except UserError as exc:
+        return report_one_line("distill-export", exc)
     print(out)
     return 0

@@ -242,3 +242,10 @@ def _missing_ancestors(path: str) -> list[str]:
         missing.append(parent)
         parent = os.path.dirname(parent)
     return missing
+
+
+def check_result_file(path: str, inputs: list[tuple[str, Optional[str]]], name: str = "--json") -> None:
+    """A result file (written atomically later) must not be an input, lie inside one, or be a directory."""
+    check_no_overlap(path, [(n, p) for n, p in inputs if p], name)
+    if os.path.isdir(path):
+        raise OutputError(f"{name} {path!r} is a directory; give a file path for the JSON result")

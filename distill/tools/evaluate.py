@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """distill-eval: the table on stdout; bad input (settings first, before any model loads) is one line on stderr, exit code 2."""
-    from distill.cli import _fail, _user_errors, check_result_file
     from kd_common.config import from_arguments
+    from kd_common.errors import UserError, report_one_line
+    from kd_common.output_rule import check_result_file
 
     args = build_parser().parse_args(argv)
     try:
@@ -386,8 +387,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             compare=compare,
             chunk_positions=cfg.chunk_positions,
         )
-    except (ValueError,) + _user_errors() as exc:
-        return _fail("distill-eval", exc)
+    except (ValueError, UserError) as exc:
+        return report_one_line("distill-eval", exc)
     print(render_table(result))
     if cfg.json:
         write_json(result, cfg.json)

@@ -325,9 +325,8 @@ def render_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from data_prep.manifest import write_json_atomically
-    from distill.cli import check_result_file
     from kd_common.config import ConfigError, add_arguments, from_arguments
-    from kd_common.output_rule import OutputError
+    from kd_common.output_rule import OutputError, check_result_file
 
     p = argparse.ArgumentParser(
         prog="distill-finetune",
