@@ -13,7 +13,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from distill.config import ConfigError
 from distill.model_outputs import ModelShape
 from distill.models.build import AttentionCapture, model_forward
 from distill.models.families import FamilyError, family_of
@@ -31,6 +30,7 @@ from distill.objective.losses import (
     needs_teacher_logits,
     select_logit_positions,
 )
+from kd_common.config import ConfigError
 
 
 def shape_of(model_or_config: Any) -> ModelShape:
