@@ -32,6 +32,7 @@ from typing import Any
 
 from kd_common.errors import UserError
 from kd_common.files import sha256_file, write_json_atomically
+from kd_common.output_rule import unlisted
 
 FORMAT_NAME = "distill-teacher-cache"
 FORMAT_VERSION = 1
@@ -100,8 +101,6 @@ class CacheManifest:
 def is_cache_dir(path: str):
     """True when `path` holds a teacher cache and nothing else: its manifest and the parts it lists (what `--overwrite`
     may replace); else False, or why not."""
-    from kd_common.output_rule import unlisted
-
     try:
         with open(os.path.join(path, MANIFEST_FILE)) as handle:
             data = json.load(handle)

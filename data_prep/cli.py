@@ -12,11 +12,10 @@ import tempfile
 
 from data_prep.config import PrepConfig
 from data_prep.errors import extract_message, runner_failure
+from kd_common.config import ConfigError, add_arguments, from_arguments, leaves
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kd_common.config import add_arguments
-
     p = argparse.ArgumentParser(
         prog="distill-prep",
         description="Tokenize, pack and shard a text corpus for distillation. Settings: --config YAML < key=value < the flags below. "
@@ -29,8 +28,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def split_arguments(unknown: list[str]) -> tuple[list[str], list[str]]:
     """(key=value settings of PrepConfig, Beam options) from the arguments argparse did not know."""
-    from kd_common.config import leaves
-
     keys = {key for key, _, _ in leaves(PrepConfig)}
     overrides = [a for a in unknown if not a.startswith("-") and "=" in a and a.split("=", 1)[0] in keys]
     return overrides, [a for a in unknown if a not in overrides]
@@ -38,8 +35,8 @@ def split_arguments(unknown: list[str]) -> tuple[list[str], list[str]]:
 
 def print_summary(manifest) -> None:
     """The run's statistics as a table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # rich: not at start-up
+    from rich.table import Table  # rich: not at start-up
 
     stats = manifest.stats
     table = Table(title="distill-prep summary", show_header=True)
@@ -103,7 +100,7 @@ def _stop(signum, frame):
 
 def _stop_workers() -> None:
     """SIGTERM to every process this one started (the Beam SDK workers and their shells)."""
-    import psutil
+    import psutil  # psutil: not at start-up
 
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process().children(recursive=True):
@@ -112,8 +109,6 @@ def _stop_workers() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kd_common.config import ConfigError, from_arguments
-
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides, beam_args = split_arguments(unknown)
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with stderr_to_file(beam_log):
-            from data_prep.driver import run_prep
+            from data_prep.driver import run_prep  # apache_beam (via data_prep.driver): not at start-up
 
             manifest = run_prep(cfg, beam_args)
         for sig, handler in previous.items():  # published: nothing left to clean up

@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
 from data_prep import manifest as mf
 from data_prep.config import PrepConfig
@@ -26,6 +28,7 @@ from data_prep.errors import PrepInputError
 from data_prep.output_dir import TMP_DIR, check_output, claim_output, is_remote, remove_output
 from data_prep.pipeline import SPLIT_NAMES, build_pipeline, token_dtype_for
 from data_prep.runner import beam_options, check_runner, choose_workers, local_runner
+from data_prep.sentencepiece_tok import MODEL_FILE, SentencePieceTokenizer, train_sentencepiece
 from data_prep.sources import is_packed, list_inputs
 from data_prep.stats import structure
 from data_prep.storage import save_tokenizer, sha256, shard_infos, write_manifest
@@ -41,8 +44,6 @@ def finalize(
 
     `recorded`: the settings the manifest records (the user's `--output`, not the staging directory written to).
     """
-    from apache_beam.io.filesystems import FileSystems
-
     recorded = recorded or cfg
     tmp = os.path.join(cfg.output, TMP_DIR)
     with FileSystems.open(os.path.join(tmp, "stats.json"), compression_type="uncompressed") as handle:
@@ -141,10 +142,6 @@ def _train_tokenizer(cfg: PrepConfig, files: list[str]):
     The workers get the bytes inside the DoFn; the model is saved as OUTPUT/tokenizer/spiece.model
     (the path it is known by; it is written there with the rest of the dataset, when complete).
     """
-    import tempfile
-
-    from data_prep.sentencepiece_tok import MODEL_FILE, SentencePieceTokenizer, train_sentencepiece
-
     log.info(
         "training a sentencepiece model (vocab %d) on up to %d characters of the corpus",
         cfg.train_sentencepiece,

@@ -21,6 +21,7 @@ from typing import Any
 
 from kd_common.errors import UserError
 from kd_common.files import sha256_file, write_json_atomically  # noqa: F401  (the dataset contract's helpers)
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 FORMAT_NAME = "distill-prepared-dataset"
 FORMAT_VERSION = 1
@@ -182,7 +183,7 @@ def verify_shards(data_dir: str, manifest: Manifest, split: str, checksums: bool
 
     Row counts come from the Parquet footers (cheap); `checksums=True` also re-hashes every file.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
 
     if split not in manifest.splits:
         raise DatasetError(
@@ -233,9 +234,7 @@ def check_tokenizer_matches(manifest: Manifest, identity: TokenizerIdentity, wha
 def check_tokenizer_folder(folder: str, expected: TokenizerIdentity, source: str, advice: str = "restore it or prepare the data again"):
     """Load the tokenizer in `folder` and refuse it unless it is `expected` (the identity `source` recorded: the same
     vocabulary hash, the hash distill-prep computed, and the same special-token ids); returns the tokenizer."""
-    from transformers import AutoTokenizer
-
-    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+    from transformers import AutoTokenizer  # torch: not at start-up
 
     refuse_remote_code(folder, "the tokenizer")  # one line naming the auto_map entry, before anything loads
     try:

@@ -99,14 +99,14 @@ def check_apart(output: str, patterns: list[str], files: list[str], tokenizer: s
 
 def _list_files(pattern: str) -> list:
     """FileMetadata of the files matching `pattern`, sorted by path (none: empty)."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     return sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
 
 
 def remove_output(path: str) -> None:
     """Delete a (partial) output: the directory locally, every object under the prefix on an object store."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)

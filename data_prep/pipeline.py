@@ -13,6 +13,7 @@ The tokenizer is read once by the driver and travels inside TokenizeAndPack as b
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -181,17 +183,11 @@ class SumArrays(beam.CombineFn):
 
 
 def _write_json(data: dict, path: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
     with FileSystems.create(path) as handle:
         handle.write(json.dumps(data).encode())
 
 
 def _write_npy(array: np.ndarray, path: str) -> None:
-    import io
-
-    from apache_beam.io.filesystems import FileSystems
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     with FileSystems.create(path) as handle:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.portability.api import beam_provision_api_pb2
 
 from data_prep.config import PrepConfig
+from data_prep.errors import PrepInputError
+from data_prep.output_dir import is_remote
 from data_prep.sources import is_packed
 
 IN_PROCESS_MAX_BYTES = 16 << 20  # auto mode: smaller inputs run in the launcher process
@@ -51,13 +54,10 @@ def local_runner(options: PipelineOptions):
     Going to the FnApiRunner directly gives the same execution on every machine, with the pipeline options handed to
     its worker processes as the DirectRunner does. Returns None when the user named a runner.
     """
-    from apache_beam.options.pipeline_options import StandardOptions
-
     if options.view_as(StandardOptions).runner is not None:
         return None
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    from apache_beam.runners.portability.fn_api_runner import fn_runner  # apache_beam: not at start-up
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle  # apache_beam: not at start-up
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     return fn_runner.FnApiRunner(
@@ -76,11 +76,6 @@ def check_runner(options: PipelineOptions, paths: list[str]) -> None:
     workers in containers that see no host path. EXTERNAL, PROCESS and LOOPBACK workers run on the cluster's
     hosts, which must then share the filesystem holding the paths (not checkable from here).
     """
-    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
-
-    from data_prep.errors import PrepInputError
-    from data_prep.output_dir import is_remote
-
     runner = options.view_as(StandardOptions).runner
     local = [p for p in paths if not is_remote(p)]
     if runner is None or not local:

@@ -30,7 +30,7 @@ MODEL_FILE = "spiece.model"
 
 
 def _read_model(path: str) -> bytes:
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     try:
         with FileSystems.open(path, compression_type="uncompressed") as handle:
@@ -42,7 +42,7 @@ def _read_model(path: str) -> bytes:
 
 
 def _load_processor(path: str, model_bytes: bytes):
-    import sentencepiece as spm
+    import sentencepiece as spm  # sentencepiece: not at start-up
 
     try:
         return spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -113,8 +113,8 @@ class SentencePieceTokenizer:
     def hf_tokenizer(self):
         """A PreTrainedTokenizerFast with the model's pieces, scores and special tokens."""
         if self._hf is None:
-            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-            from transformers import PreTrainedTokenizerFast
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # tokenizers: not at start-up
+            from transformers import PreTrainedTokenizerFast  # transformers: not at start-up
 
             vocab = [(self.sp.id_to_piece(i), float(self.sp.get_score(i))) for i in range(self.vocab_size)]
             tok = Tokenizer(models.Unigram(vocab, unk_id=self.sp.unk_id()))
@@ -144,7 +144,7 @@ def train_sentencepiece(texts, vocab_size: int, model_prefix: str, model_type: s
     model serves masked-LM and causal packing alike. No extra normalisation (the pipeline already
     applied NFC/NFKC), so the Hugging Face copy in the dataset encodes the same way.
     """
-    import sentencepiece as spm
+    import sentencepiece as spm  # sentencepiece: not at start-up
 
     try:
         spm.SentencePieceTrainer.train(

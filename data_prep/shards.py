@@ -25,6 +25,9 @@ import uuid
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -38,8 +41,6 @@ _ROWS = struct.Struct("<Q")
 
 def parquet_schema(token_dtype: str, packing: str = "document"):
     """Columns of the shards: `input_ids`, plus `word_start` except in causal mode (no masking metadata)."""
-    import pyarrow as pa
-
     fields = [("input_ids", pa.list_(getattr(pa, token_dtype)()))]
     if packing != "causal":
         fields.append(("word_start", pa.list_(pa.bool_())))
@@ -54,10 +55,6 @@ class ShardWriter:
     """One Parquet shard, written from rows handed over in their final order, in row groups of ROW_GROUP rows."""
 
     def __init__(self, path: str, token_dtype: str, packing: str):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from apache_beam.io.filesystems import FileSystems
-
         # Arrow's default allocator (mimalloc) keeps the pages of every row group written; the system one hands
         # them back (a 20 MB shard: +72 MB peak RSS with mimalloc, +37 MB with the system allocator).
         pa.set_memory_pool(pa.system_memory_pool())
@@ -82,8 +79,6 @@ class ShardWriter:
             self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
 
     def _write_group(self, rows: RowBlock) -> None:
-        import pyarrow as pa
-
         offsets = rows.offsets.astype(np.int32)
         columns = [
             pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type)
@@ -173,8 +168,6 @@ class SpillRows(beam.DoFn):
             yield from self._spill()
 
     def _spill(self):
-        from apache_beam.io.filesystems import FileSystems
-
         for shard, parts in sorted(self.buffers.items()):
             keys = np.concatenate([k for k, _ in parts])
             order = np.argsort(keys, kind="stable")
@@ -207,8 +200,6 @@ class SpillFile:
     """A spill file's keys and row offsets in memory (12 bytes a row); its tokens read a key range at a time."""
 
     def __init__(self, path: str, token_dtype: str, with_flags: bool):
-        from apache_beam.io.filesystems import FileSystems
-
         self.path, self.dtype, self.with_flags = path, np.dtype(token_dtype), with_flags
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             (rows,) = _ROWS.unpack(_read_exactly(handle, _ROWS.size, path))
@@ -221,8 +212,6 @@ class SpillFile:
 
     def read(self, low: int, high: int) -> tuple[np.ndarray, RowBlock]:
         """(keys, rows) of the rows with low <= key < high."""
-        from apache_beam.io.filesystems import FileSystems
-
         a = int(np.searchsorted(self.keys, np.uint64(low), side="left"))
         b = len(self.keys) if high >= 1 << 64 else int(np.searchsorted(self.keys, np.uint64(high), side="left"))
         first, last = int(self.offsets[a]), int(self.offsets[b])
@@ -240,8 +229,6 @@ class SpillFile:
 
 def write_spilled_shard(shard: int, spill_files, directory: str, shards: int, token_dtype: str, packing: str) -> str:
     """Write one shard from its spill files, one key range at a time; delete the spill files."""
-    from apache_beam.io.filesystems import FileSystems
-
     spill_files = sorted(spill_files)
     with_flags = packing != "causal"
     files = [SpillFile(path, token_dtype, with_flags) for path in spill_files]

@@ -27,9 +27,11 @@ either stop the run with a one-line error or are counted and skipped (`on_error=
 from __future__ import annotations
 
 import bz2
+import glob as globs
 import json
 import lzma
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Union
@@ -112,7 +114,7 @@ def names_existing_path(pattern: str) -> bool:
         return os.path.exists(pattern)
     if not any(c in pattern for c in GLOB_CHARS):
         return True  # a plain object name (or prefix): Beam's match reads it literally
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     try:
         return FileSystems.exists(pattern)
@@ -121,9 +123,7 @@ def names_existing_path(pattern: str) -> bool:
 
 
 def _match(glob: str):
-    import warnings
-
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     with warnings.catch_warnings():  # an escaped '[' ('[[]') makes re warn about a nested set
         warnings.simplefilter("ignore", FutureWarning)
@@ -137,9 +137,7 @@ def list_inputs(patterns: list[str]) -> list[InputFile]:
     that does not exist is a glob. Files found by a glob or in a directory skip hidden ('.x') and '_x' names
     (Hadoop's _SUCCESS, Beam's temp files).
     """
-    import glob as globs
-
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     found: dict[str, InputFile] = {}
     for pattern in patterns:
@@ -172,7 +170,7 @@ def _decompressor(suffix: str):
         return bz2.BZ2Decompressor()
     if suffix in (".xz", ".lzma"):
         return lzma.LZMADecompressor()
-    import zstandard
+    import zstandard  # zstandard: not at start-up
 
     return zstandard.ZstdDecompressor().decompressobj()
 
@@ -252,7 +250,7 @@ class CheckedDecompression:
 
 def open_text(path: str):
     """A binary handle on the text of `path`: decompressed and checked (CheckedDecompression) by extension, else as stored."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     raw = FileSystems.open(path, compression_type="uncompressed")
     suffix = compression_of(path)
@@ -261,8 +259,8 @@ def open_text(path: str):
 
 def _parquet_damage(path: str, text_field: str) -> Optional[DamagedFile]:
     """Why a Parquet file cannot be read whole (no footer at its end, or a record batch that does not decode), or None."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     with FileSystems.open(path) as handle:
         try:
@@ -300,8 +298,8 @@ def _damage(path: str, text_field: str) -> Optional[DamagedFile]:
 
 def _stamp(path: str) -> tuple[int, Optional[float]]:
     """(size, modification time) of `path` now; a vanished file is an error."""
-    from apache_beam.io.filesystem import BeamIOError
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystem import BeamIOError  # apache_beam: not at start-up
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     try:
         meta = FileSystems.get_filesystem(path).metadata(path)
@@ -447,8 +445,8 @@ def _file_documents(
 
 
 def _parquet_documents(path: str, text_field: str, on_error: str) -> Iterator[Union[Document, Dropped]]:
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     with FileSystems.open(path) as handle:
         try:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 from data_prep import manifest as mf
 from data_prep.config import PrepConfig
@@ -13,7 +14,7 @@ from data_prep.output_dir import is_remote
 
 
 def sha256(path: str, chunk_size: int = 1 << 20) -> str:
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     digest = hashlib.sha256()
     with FileSystems.open(path, compression_type="uncompressed") as handle:
@@ -24,15 +25,15 @@ def sha256(path: str, chunk_size: int = 1 << 20) -> str:
 
 def list_files(pattern: str) -> list:
     """FileMetadata of the files matching `pattern`, sorted by path (none: empty)."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     return sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
 
 
 def shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
+    import pyarrow.compute as pc  # pyarrow: not at start-up
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     infos = []
     root = cfg.output.rstrip("/") + "/"
@@ -58,9 +59,7 @@ def shard_infos(cfg: PrepConfig, split: str) -> list[mf.ShardInfo]:
 
 def save_tokenizer(tokenizer, cfg: PrepConfig) -> None:
     """OUTPUT/tokenizer/: written in place locally, else written to a temporary directory and copied up."""
-    import tempfile
-
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     target = os.path.join(cfg.output, mf.TOKENIZER_DIR)
     if not is_remote(cfg.output):
@@ -75,7 +74,7 @@ def save_tokenizer(tokenizer, cfg: PrepConfig) -> None:
 
 def write_manifest(cfg: PrepConfig, manifest: mf.Manifest) -> None:
     """manifest.json, last: locally write-to-temp + rename; an object store publishes an object whole when it is closed."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # apache_beam: not at start-up
 
     path = os.path.join(cfg.output, mf.MANIFEST_FILE)
     if not is_remote(cfg.output):

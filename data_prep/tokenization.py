@@ -15,11 +15,12 @@ from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 from data_prep.sentencepiece_tok import SentencePieceTokenizer
 from data_prep.tokenizer_base import REQUIRED_SPECIALS, TOKENIZER_FILES, TokenizerPayload, has_tokenizer_files, split_pieces  # noqa: F401
+from kd_common.hf_dirs import LOCAL_ONLY, RemoteCodeError, refuse_remote_code
 
 
 def _fast_backend(tokenizer_json: str):
     """A `tokenizers.Tokenizer` from its JSON, with truncation and padding off (we cut sequences ourselves)."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # tokenizers: not at start-up
 
     backend = Tokenizer.from_str(tokenizer_json)
     backend.no_truncation()
@@ -133,7 +134,7 @@ def _continuation_table(backend):
     pieces with it, so a token starts a word exactly when it is not a continuation piece, which is what
     the word ids say (tests/test_data_prep.py compares the two) without asking the tokenizer for offsets.
     """
-    from tokenizers import models
+    from tokenizers import models  # tokenizers: not at start-up
 
     model = backend.model
     prefix = getattr(model, "continuing_subword_prefix", None) if isinstance(model, models.WordPiece) else None
@@ -157,10 +158,8 @@ def _ids_and_starts(encoding) -> tuple[np.ndarray, np.ndarray]:
 
 def load_hf_tokenizer(path: str, packing: str = "document"):
     """AutoTokenizer from a local directory, or a one-line PrepInputError saying what is wrong."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from kd_common.hf_dirs import LOCAL_ONLY, RemoteCodeError, refuse_remote_code
+    from transformers import AutoTokenizer  # torch: not at start-up
+    from transformers.utils import logging as hf_logging  # transformers: not at start-up
 
     hf_logging.set_verbosity_error()
     if not os.path.isdir(path):

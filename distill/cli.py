@@ -7,14 +7,13 @@ import errno
 import logging
 import os
 
+from distill.config import Config, ConfigError, describe_fields
+from kd_common.config import add_arguments, from_arguments
 from kd_common.errors import UserError, report_one_line
 
 
 def train_parser() -> argparse.ArgumentParser:
     """distill-train's command line (also how launch/slurm_env.py reads a job's arguments): flags, --config and key=value overrides."""
-    from distill.config import Config
-    from kd_common.config import add_arguments
-
     parser = argparse.ArgumentParser(
         prog="distill-train",
         description="Distil a teacher into a student with DeepSpeed. Start it with "
@@ -41,15 +40,10 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace):
     """The run config from parsed distill-train arguments (--config < key=value < flags), every problem checked."""
-    from distill.config import Config
-    from kd_common.config import from_arguments
-
     return from_arguments(Config, args, replace=("weights",))  # a weights override replaces the whole mapping
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from distill.config import ConfigError, describe_fields
-
     parser = train_parser()
     args = parser.parse_args(argv)
     if args.help_config:
@@ -61,13 +55,13 @@ def train_main(argv: list[str] | None = None) -> int:
         return _check_train(args, ConfigError)
     try:
         config = train_config(args)
-        from distill.train.trainer import train
+        from distill.train.trainer import train  # torch (via distill.train.trainer): not at start-up
 
         result = train(config, args.local_rank)
     except UserError as exc:
         return report_one_line("distill-train", exc)
     except RuntimeError as exc:  # a collective timed out (distill/train/heartbeat.py names a rank that went silent before)
-        from distill.train.heartbeat import collective_timeout_error
+        from distill.train.heartbeat import collective_timeout_error  # psutil (via distill.train.heartbeat): not at start-up
 
         timeout = collective_timeout_error(exc)
         if timeout is None:
@@ -82,8 +76,8 @@ def train_main(argv: list[str] | None = None) -> int:
         )
         full.rank_local = True  # type: ignore[attr-defined]  # every rank that hit it says so
         return report_one_line("distill-train", full)
-    from distill.train.distributed import end_finished_rank
-    from distill.train.preemption import PREEMPTED_EXIT_CODE
+    from distill.train.distributed import end_finished_rank  # torch (via distill.train.distributed): not at start-up
+    from distill.train.preemption import PREEMPTED_EXIT_CODE  # psutil (via distill.train.preemption): not at start-up
 
     # checkpointed on request (stopped_by): the scheduler requeues, the same command resumes
     code = PREEMPTED_EXIT_CODE if result.get("stopped_by") else 0
@@ -93,20 +87,20 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _check_train(args, config_error) -> int:
     """`distill-train --check`: the resolved config, then every problem (or none); exit 2 when there are problems."""
-    import torch
+    import torch  # torch: not at start-up
 
     try:
         config = train_config(args)
     except config_error as exc:
         print("problems (config):\n" + "\n".join(f"  - {p}" for p in exc.problems))
         return 2
-    from distill.train.preflight import preflight
+    from distill.train.preflight import preflight  # torch (via distill.train.preflight): not at start-up
 
     print(config.to_yaml(), end="")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = preflight(config, world, device)
-    from distill.train.memory_estimate import estimate_from_preflight
+    from distill.train.memory_estimate import estimate_from_preflight  # torch (via distill.train.memory_estimate): not at start-up
 
     estimate = estimate_from_preflight(config, world, device, found)
     if found.problems:
@@ -119,8 +113,7 @@ def _check_train(args, config_error) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    from distill.tools.export import ExportConfig, export_checkpoint
-    from kd_common.config import add_arguments, from_arguments
+    from distill.tools.export import ExportConfig, export_checkpoint  # torch (via distill.tools.export): not at start-up
 
     parser = argparse.ArgumentParser(
         prog="distill-export",

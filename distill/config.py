@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field
 
 from kd_common.config import Bool, ConfigError, Float, Int, Str, build, describe, load, parse_overrides, section, setting
+from kd_common.output_rule import OutputError, check_no_overlap
 
 PARTITION_DEPRECATED = "teacher.partition is deprecated: use teacher.source=partitioned"
 
@@ -268,6 +269,7 @@ class Config:
 
     def cache_problems(self) -> list[str]:
         """The rules of `teacher.source: cache` that need only the config."""
+        # torch (via distill.objective.losses): not at start-up
         from distill.objective.losses import LOSSES  # torch: imported when a config is checked, not when this module is
 
         p = []
@@ -295,7 +297,7 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every cross-field rule of a run, each written once (field bounds are checked by the loader)."""
-        from distill.objective.losses import LOSSES
+        from distill.objective.losses import LOSSES  # torch (via distill.objective.losses): not at start-up
 
         p: list[str] = []
         if not self.output_dir:
@@ -336,8 +338,6 @@ class Config:
 
 def output_overlap_problems(output_dir: str, inputs: list[tuple[str, Optional[str]]]) -> list[str]:
     """The output rule every command holds (kd_common/output_rule.py): output_dir is not an input, not inside one, and holds none."""
-    from kd_common.output_rule import OutputError, check_no_overlap
-
     try:
         check_no_overlap(output_dir, [(name, path) for name, path in inputs if path], "output_dir")
     except OutputError as exc:

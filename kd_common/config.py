@@ -18,6 +18,7 @@ validates it too. Nothing here executes code from a config: YAML is read with `s
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import types
@@ -255,8 +256,6 @@ def _drop(data: dict, loc: tuple) -> None:
 
 def build(cls: type, data: dict[str, Any]) -> Any:
     """Check `data` against section `cls` and its cross-field rules in one pass; every problem in one ConfigError."""
-    import copy
-
     problems: list[str] = []
     work = copy.deepcopy(data)
     adapter = TypeAdapter(cls)

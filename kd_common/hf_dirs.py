@@ -55,10 +55,10 @@ def refuse_remote_code(path: str, label: str) -> None:
             )
         model_type = data.get("model_type") if name == "config.json" else None
         if isinstance(model_type, str) and model_type:
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # torch: not at start-up
 
             if model_type not in CONFIG_MAPPING:
-                import transformers
+                import transformers  # transformers: not at start-up
 
                 raise RemoteCodeError(
                     f"{label} {file} has model_type {model_type!r}, which transformers {transformers.__version__} does not ship; "

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from kd_common.errors import UserError
-from kd_common.files import current_umask
+from kd_common.files import current_umask, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def files_under(path: str) -> list[str]:
 
 def record_files(directory: str, command: str) -> None:
     """List every file in the finished `directory` in its FILE_LIST: the files `--overwrite` may replace later."""
-    from kd_common.files import write_json_atomically
-
     listed = [name for name in files_under(directory) if name != FILE_LIST]
     write_json_atomically(os.path.join(directory, FILE_LIST), {"written_by": command, "files": listed})
 
@@ -114,8 +113,6 @@ def unlisted(path: str, listed: Iterable[str]) -> Optional[str]:
 
 def written_by(path: str, command: str) -> Union[bool, str]:
     """True when `path` holds only the files its FILE_LIST says `command` wrote; else a short reason (see check_replaceable)."""
-    import json
-
     record = os.path.join(path, FILE_LIST)
     try:
         if os.path.islink(record):

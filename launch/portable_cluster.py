@@ -26,7 +26,7 @@ PRISM_MODULE = "github.com/apache/beam/sdks/v2/go/cmd/prism"
 
 
 def beam_version() -> str:
-    import apache_beam
+    import apache_beam  # apache_beam: not at start-up
 
     return apache_beam.__version__
 
@@ -120,7 +120,7 @@ class PortableCluster:
 
     def pool_pids(self) -> list[int]:
         """The worker pool and the SDK harness processes it started."""
-        import psutil
+        import psutil  # psutil: not at start-up
 
         pool = self.procs.get("worker_pool")
         if pool is None or pool.poll() is not None:

@@ -44,7 +44,7 @@ class JobArgumentsError(UserError, ValueError):
 def job_config(job_args: list[str]):
     """The run config of distill-train's arguments, read by distill-train's own parser and config mechanism
     (--config < key=value < flags, generated flags such as --output-dir X included)."""
-    from distill.cli import train_config, train_parser
+    from distill.cli import train_config, train_parser  # pydantic (via distill.cli): not before the Slurm variables are checked
 
     parser = train_parser()
     parser.exit_on_error = False

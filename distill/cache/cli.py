@@ -9,6 +9,10 @@ import argparse
 import logging
 import sys
 
+from data_prep.errors import extract_message
+from kd_common.config import add_arguments, from_arguments, leaves
+from kd_common.errors import UserError
+
 
 def _quiet_beam_import() -> None:
     """Beam's import warns on the root logger that optional GCP clients are absent; not our users' concern."""
@@ -17,8 +21,7 @@ def _quiet_beam_import() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     _quiet_beam_import()
-    from distill.cache.pipeline import CacheConfig
-    from kd_common.config import add_arguments
+    from distill.cache.pipeline import CacheConfig  # apache_beam: imported after _quiet_beam_import()
 
     p = argparse.ArgumentParser(
         prog="distill-cache",
@@ -34,8 +37,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
     """(key=value settings of `cls`, Beam options) from the arguments argparse did not know."""
-    from kd_common.config import leaves
-
     keys = {key for key, _, _ in leaves(cls)}
     overrides = [a for a in unknown if not a.startswith("-") and "=" in a and a.split("=", 1)[0] in keys]
     return overrides, [a for a in unknown if a not in overrides]
@@ -43,10 +44,7 @@ def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_beam_import()
-    from data_prep.errors import extract_message
-    from distill.cache.pipeline import CacheConfig, run_cache
-    from kd_common.config import from_arguments
-    from kd_common.errors import UserError
+    from distill.cache.pipeline import CacheConfig, run_cache  # apache_beam: imported after _quiet_beam_import()
 
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)

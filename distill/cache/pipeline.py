@@ -18,6 +18,7 @@ settings come from the training config (`--train-config`), one source of truth, 
 from __future__ import annotations
 
 import dataclasses
+import dataclasses as dc
 import datetime
 import logging
 import os
@@ -27,10 +28,21 @@ import time
 from types import SimpleNamespace
 from typing import Literal, Optional
 
+import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep.cache_manifest import CacheError, CacheManifest, CachePart, is_cache_dir, write_cache_manifest
-from kd_common.config import Bool, Float, Int, Str, section, setting
+from data_prep.manifest import MANIFEST_FILE, load_dataset_tokenizer, load_manifest, verify_shards
+from data_prep.runner import local_runner
+from distill.config import Config, DataConfig
+from distill.models.fingerprint import content_identity, shape_fingerprint
+from kd_common.config import Bool, Float, Int, Str, build, read_yaml, section, setting
+from kd_common.files import sha256_file
+from kd_common.output_rule import replace_when_complete
 
 log = logging.getLogger("distill-cache")
 
@@ -98,11 +110,7 @@ def row_uniforms(seed: int, shard: int, row: int, length: int, n: int, variant: 
 def train_mask_settings(path: Optional[str]) -> dict:
     """The seed and data.* masking settings of a training config YAML (the trainer's defaults where it says nothing), by
     their training-config keys (distill.data.masking.mask_settings)."""
-    import dataclasses as dc
-
-    from distill.config import Config, DataConfig
-    from distill.data.masking import mask_settings
-    from kd_common.config import build, read_yaml
+    from distill.data.masking import mask_settings  # torch (via distill.data.masking): not at start-up
 
     raw = read_yaml(path) if path else {}
     data = build(DataConfig, dict(raw.get("data") or {}, path=None))
@@ -150,9 +158,8 @@ class StaticMasker:
         self.collator = None
 
     def _build(self):
-        from data_prep.manifest import load_dataset_tokenizer, load_manifest
-        from distill.data.masking import collator_for
-        from distill.data.reader import load_token_counts
+        from distill.data.masking import collator_for  # torch (via distill.data.masking): not at start-up
+        from distill.data.reader import load_token_counts  # torch (via distill.data.reader): not at start-up
 
         manifest = load_manifest(self.data_dir)
         tokenizer = load_dataset_tokenizer(self.data_dir, manifest)
@@ -171,7 +178,7 @@ class StaticMasker:
 
 def sparse_targets(log_probs, cfg: CacheConfig, uniforms: Optional[np.ndarray] = None):
     """(indices (P, k) int32, values (P, k) fp32 log-probs, tail (P,) or None) from (P, V) log-probabilities at T."""
-    import torch
+    import torch  # torch: not at start-up
 
     if cfg.mode == "topk":
         k = min(cfg.k, log_probs.shape[-1])
@@ -193,9 +200,9 @@ class TeacherScorer:
     """The frozen teacher on one worker: rows of token ids in, sparse targets per row out."""
 
     def __init__(self, cfg: CacheConfig, vocab_size: int):
-        import torch
+        import torch  # torch: not at start-up
 
-        from distill.models.build import load_teacher, resolve_dtype
+        from distill.models.build import load_teacher, resolve_dtype  # torch (via distill.models.build): not at start-up
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -209,7 +216,7 @@ class TeacherScorer:
     def score(self, rows: list[tuple], shard: int, first_row: int, masker: Optional[StaticMasker] = None) -> list[tuple]:
         """Sparse targets of rows of (token ids, word-start flags): one per row at every position (causal data), or with a
         `masker` one per (row, variant), row-major, on the trainer's masked inputs at the positions it stores."""
-        import torch
+        import torch  # torch: not at start-up
 
         if masker is None:
             lengths = [len(ids) for ids, _ in rows]
@@ -230,10 +237,10 @@ class TeacherScorer:
     def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]]) -> list[tuple]:
         """The teacher on (B, L) `ids` with attention `mask`: per row, the targets at its `keep` positions, ascending;
         sampled draws keyed by `keys` (shard, row, variant)."""
-        import torch
-        import torch.nn.functional as F
+        import torch  # torch: not at start-up
+        import torch.nn.functional as F  # torch: not at start-up
 
-        from distill.models.build import model_forward
+        from distill.models.build import model_forward  # torch (via distill.models.build): not at start-up
 
         lengths = keep.sum(1).tolist()
         positions = keep.reshape(-1).nonzero().squeeze(1)
@@ -275,9 +282,6 @@ def part_name(split: str, shard: int, row_start: int) -> str:
 
 def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
     """One part file: a row per dataset row (see data_prep/cache_manifest.py); temp file then rename."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     vtype = np.float16 if value_bits == 16 else np.float32
     columns = {
         "indices": pa.array([r[0].astype(np.int32) for r in rows], type=pa.list_(pa.int32())),
@@ -303,8 +307,6 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
 
 def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
     """(token ids, word-start flags or None) of rows [start, stop) of a data shard."""
-    import pyarrow.parquet as pq
-
     shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
     ids = read_column(shard, "input_ids", start, stop, np.int64)
     if "word_start" not in shard.schema_arrow.names:
@@ -314,8 +316,6 @@ def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[tup
 
 def read_column(shard, column: str, start: int, stop: int, dtype) -> list[np.ndarray]:
     """Rows [start, stop) of a list column of an open Parquet data shard, as numpy arrays."""
-    import pyarrow as pa
-
     groups, first, at = [], None, 0  # only the row groups that overlap [start, stop)
     for g in range(shard.metadata.num_row_groups):
         n = shard.metadata.row_group(g).num_rows
@@ -373,8 +373,7 @@ def parts_of(manifest, split: str, rows_per_part: int) -> list[tuple[int, str, i
 
 def check_inputs(cfg: CacheConfig):
     """The dataset (manifest, causal packing, split), the teacher's config and vocabulary: every problem before any work."""
-    from data_prep.manifest import load_dataset_tokenizer, load_manifest, verify_shards
-    from distill.models.build import check_positions, load_teacher_config
+    from distill.models.build import check_positions, load_teacher_config  # torch (via distill.models.build): not at start-up
 
     manifest = load_manifest(cfg.data)
     masking_for(cfg, manifest)  # masked-LM data without static masks: refused here, before any work
@@ -392,14 +391,6 @@ def check_inputs(cfg: CacheConfig):
 
 def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheManifest:
     """Check inputs and output, run the pipeline into a staging directory beside `output`, verify, write the manifest, publish."""
-    import apache_beam as beam
-
-    from data_prep.manifest import MANIFEST_FILE
-    from data_prep.runner import local_runner
-    from distill.models.fingerprint import content_identity, shape_fingerprint
-    from kd_common.files import sha256_file
-    from kd_common.output_rule import replace_when_complete
-
     t0 = time.time()
     manifest, config = check_inputs(cfg)
     teacher_content = content_identity(cfg.teacher)  # the teacher the workers read, by content (checked again at the end)
@@ -495,8 +486,6 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
 
 
 def _options(beam_args: list[str], workers: int):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     args = list(beam_args) + ["--no_pipeline_type_check", "--default_sdk_harness_log_level=WARNING"]
     if not any(a.startswith("--runner") for a in beam_args):
         args += (
@@ -510,11 +499,6 @@ def _options(beam_args: list[str], workers: int):
 def _verify_parts(work: str, manifest, cfg: CacheConfig, units, variants: int = 0) -> list[CachePart]:
     """Re-open every part: it exists and holds its rows (x D static masks), each with length x entries ids (masked
     positions only: a multiple of the entries)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from kd_common.files import sha256_file
-
     parts = []
     for shard, shard_path, start, stop in units:
         name = part_name(cfg.split, shard, start)

@@ -15,16 +15,22 @@ safe to unpickle, checksums, trainer_state.json) and falls back, loudly, past da
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
+from distill.checkpoints import safe_load
+from distill.config import Config
+from distill.models.fingerprint import content_identity, differing_files
 from kd_common.errors import UserError
 from kd_common.files import current_umask, write_atomically
 
@@ -140,8 +146,6 @@ def legacy_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_identity() -> dict[str, Any]:
-    from distill.config import Config
-
     return {k: v for k, v in flatten(Config().to_dict()).items() if k not in RESTARTABLE_KEYS}
 
 
@@ -173,8 +177,6 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Op
     per-file record run.json keeps (`teacher_files`: a file unchanged since is not read again). A run.json written
     before that key existed is matched by the old fingerprint (config + file sizes) alone, with a warning, and then
     records the content, so the next resume checks it."""
-    from distill.models.fingerprint import content_identity, differing_files
-
     run_file = os.path.join(output_dir, RUN_FILE)
     record = read_run_record(output_dir)
     files = None
@@ -319,8 +321,6 @@ def checkpoint_problem(root: str, tag: str, for_export: bool = False) -> Optiona
     """Why checkpoint `tag` cannot be resumed (or exported) from, or None; one read of each file (its CRC-32 checksums).
 
     Raises UntrustedCheckpointError when a file asks the unpickler for anything but tensors and DeepSpeed's plain types."""
-    from distill.checkpoints import safe_load
-
     tag_dir = os.path.join(root, tag)
     try:
         state = read_trainer_state(root, tag)
@@ -406,11 +406,6 @@ def universal_checkpoint(root: str, tag: str) -> str:
     The universal copy lives in `root/universal/<tag>` and, like every checkpoint here, counts only
     with its COMPLETE marker: the conversion writes to a temporary directory that is renamed when done.
     """
-    import subprocess
-    import sys
-
-    from distill.checkpoints import safe_load
-
     universal_root = os.path.join(root, UNIVERSAL)
     target = os.path.join(universal_root, tag)
     if is_complete(target):
@@ -463,10 +458,6 @@ def universal_checkpoint(root: str, tag: str) -> str:
 
 def _universal_problem(folder: str) -> Optional[str]:
     """Why a converted universal checkpoint cannot be loaded safely, or None (UntrustedCheckpointError for a crafted file)."""
-    import glob
-
-    from distill.checkpoints import safe_load
-
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
         problem = safe_load.file_problem(path)
         if problem and problem[0] == "untrusted":
@@ -495,11 +486,7 @@ def _name_model_states_for_every_stage(folder: str) -> None:
 def _optimizer_state_for_every_stage(folder: str) -> None:
     """ds_to_universal writes `zero/optimizer_state.pt` in the layout of the stage that saved it; ZeRO-1/2 read
     top-level `param_groups`/`ds_version`, ZeRO-3 reads `optimizer_state_dict` (step, param groups). Give it both."""
-    import glob
-
-    import torch
-
-    from distill.checkpoints import safe_load
+    import torch  # torch: not at start-up
 
     path = os.path.join(folder, "zero", "optimizer_state.pt")
     state = safe_load.load(path)
@@ -520,6 +507,6 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
 
 
 def _deepspeed_version() -> str:
-    import deepspeed
+    import deepspeed  # torch: not at start-up
 
     return deepspeed.__version__

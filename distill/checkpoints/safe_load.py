@@ -15,9 +15,11 @@ any other global (`os.system`, `builtins.exec`, ...) is refused before anything 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import re
+import sys
 import zipfile
 from typing import Any, Iterator, Optional
 
@@ -33,8 +35,6 @@ ALLOWED = (
 
 def allowed_globals() -> list:
     """The classes named in ALLOWED."""
-    import importlib
-
     out = []
     for name in ALLOWED:
         module, _, attr = name.rpartition(".")
@@ -45,7 +45,7 @@ def allowed_globals() -> list:
 @contextlib.contextmanager
 def guard() -> Iterator[None]:
     """Every `torch.load` inside (ours and DeepSpeed's, whatever they pass) is `weights_only=True` + ALLOWED."""
-    import torch
+    import torch  # torch: not at start-up
 
     saved = {k: os.environ.get(k) for k in (FORCE, FORCE_NOT)}
     os.environ[FORCE] = "1"
@@ -63,7 +63,7 @@ def guard() -> Iterator[None]:
 
 def load(path: str, mmap: bool = False) -> Any:
     """A checkpoint file's contents on CPU, unpickled safely (`mmap`: tensors mapped, not read, when the file allows it)."""
-    import torch
+    import torch  # torch: not at start-up
 
     with guard():
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
@@ -130,9 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """`python -m distill.checkpoints.safe_load ARGS`: DeepSpeed's ds_to_universal (same ARGS) with every load guarded.
 
     Every `.pt` file of `--input_folder` is checked first, so a refusal names the file."""
-    import sys
-
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # torch: not at start-up
 
     sys.argv = ["ds_to_universal"] + list(sys.argv[1:] if argv is None else argv)
     args = ds_to_universal.parse_arguments()

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kd_common.config import ConfigError
+
 IGNORE_INDEX = -100
 
 
@@ -333,8 +335,6 @@ def collator_for(
     static_masks = getattr(data_cfg, "static_masks", 0)
     if packing == "causal":  # no masking: labels are the next tokens
         if static_masks:
-            from kd_common.config import ConfigError
-
             raise ConfigError(
                 f"data.static_masks={static_masks} applies to masked-LM data, this dataset is causal (nothing is masked); set data.static_masks=0"
             )

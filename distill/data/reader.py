@@ -18,7 +18,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_prep.manifest import DatasetError, Manifest, load_manifest, verify_shards
+from data_prep.manifest import DatasetError, Manifest, load_manifest, sha256_file, verify_shards
+from distill.config import batch_problem
+from distill.data.masking import collator_for, static_mask_keys, static_mask_variants
+from distill.objective.losses import Batch
 from kd_common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,8 @@ class TokenSequences:
         cache_dir: Optional[str] = None,
         verify_checksums: bool = False,
     ):
-        import datasets
-        import pyarrow.compute as pc
+        import datasets  # datasets: not at start-up
+        import pyarrow.compute as pc  # pyarrow: not at start-up
 
         self.data_dir, self.split = data_dir, split
         self.manifest = manifest or load_manifest(data_dir)
@@ -109,7 +112,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _unreadable_shard(files: list[str]) -> Optional[str]:
     """The first of `files` that pyarrow cannot read in full (only called after a read failed)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
 
     for path in files:
         try:
@@ -141,8 +144,6 @@ class StepPlan:
     group_steps: int = 1  # >1 (with lengths): pool this many consecutive steps' samples, sort by length, deal out in seeded order
 
     def __post_init__(self):
-        from distill.config import batch_problem
-
         problem = batch_problem(self.global_batch, self.micro_batch, self.world_size)
         if problem:
             raise ValueError(problem)
@@ -237,8 +238,6 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def static_masked(self, stream: np.ndarray, rows: np.ndarray, variants: int) -> dict[str, torch.Tensor]:
         """The micro batch with static masks (data.static_masks = D): each sample masked at its key d * N + r, d = epoch mod D."""
-        from distill.data.masking import static_mask_keys, static_mask_variants
-
         n = self.plan.num_samples
         batch = self.collator(self.sequences.rows(rows), static_mask_keys(stream, rows, n, variants))
         batch["stream_indices"] = torch.as_tensor(np.asarray(stream, dtype=np.int64))
@@ -256,8 +255,6 @@ def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool,
 
 def load_token_counts(data_dir: str, manifest: Manifest) -> np.ndarray:
     """The train split's token counts (for masking smoothing), checked against the manifest's sha256; never unpickled."""
-    from data_prep.manifest import DatasetError, sha256_file
-
     path = os.path.join(data_dir, manifest.token_counts["path"])
     expected = manifest.token_counts.get("sha256")
     if expected and sha256_file(path) != expected:
@@ -292,8 +289,6 @@ class DataSource:
     @classmethod
     def build(cls, data_cfg, plan, ctx) -> "DataSource":
         """This rank's data from section `data` and the run's plan (distill/train/preflight.py: manifest, tokenizer, batch sizes, seed)."""
-        from distill.data.masking import collator_for
-
         manifest, cuda = plan.manifest, ctx.device.type == "cuda"
         sequences = TokenSequences(data_cfg.path, data_cfg.split, manifest, data_cfg.cache_dir, data_cfg.verify_checksums)
         sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the dataset's vocabulary: one line naming shard and row
@@ -339,8 +334,6 @@ class DataSource:
 
     def next(self):
         """(Batch on the device, the collated CPU tensors) of the next micro batch."""
-        from distill.objective.losses import Batch
-
         try:
             raw = next(self._batches)
         except UserError as exc:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distill.model_outputs import ModelOutputs, ModelShape, Needs
-from distill.models.families import FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
+from distill.models.families import FAMILIES, FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
 from distill.models.layer_map import resolve_layers
 from kd_common.errors import UserError
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
@@ -272,7 +272,7 @@ class StudentForDistillation(nn.Module):
 
 def load_teacher_config(path: str):
     """The teacher's Hugging Face config (config.json only: no weights), of a known family."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: not at start-up
 
     if not os.path.isdir(path):
         raise ModelError(
@@ -317,7 +317,7 @@ def check_positions(config, max_seq_len: int, label: str, data: str) -> bool:
 
 def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> nn.Module:
     """Load a local masked-LM or causal-LM checkpoint of a known family with `from_pretrained`, frozen: eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM  # transformers: not at start-up
 
     config = load_teacher_config(path)
     auto = AutoModelForCausalLM if _family(config).causal else AutoModelForMaskedLM
@@ -379,15 +379,13 @@ def build_student(cfg, teacher: Optional[nn.Module], vocab_size: int, pad_token_
 
 def make_student(config, attn_implementation: str) -> nn.Module:
     """The student model (random weights) of a config decided by `student_config` (the run's plan holds it)."""
-    import transformers
+    import transformers  # transformers: not at start-up
 
     return getattr(transformers, _family(config).auto_class).from_config(config, attn_implementation=attn_implementation)
 
 
 def student_config(cfg, teacher: Optional[Any], vocab_size: int, pad_token_id: int, max_seq_len: int):
     """The student's Hugging Face config (section `student` against the teacher's model or config): every shape rule, no weights."""
-    from distill.models.families import FAMILIES
-
     shape = student_shape(
         _config(teacher) if teacher is not None else None,
         {

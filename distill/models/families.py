@@ -123,7 +123,7 @@ def _roberta_offset(c) -> int:
 
 
 def _bert_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
-    from transformers import BertConfig
+    from transformers import BertConfig  # transformers: not at start-up
 
     return BertConfig(
         vocab_size=vocab_size,
@@ -153,7 +153,7 @@ def _distilbert_shape(c) -> dict:
 
 
 def _distilbert_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
-    from transformers import DistilBertConfig
+    from transformers import DistilBertConfig  # transformers: not at start-up
 
     activation = shape.get("activation", "gelu")
     if activation not in ("gelu", "relu"):
@@ -245,7 +245,7 @@ def _gpt2_shape(c) -> dict:
 
 
 def _gpt2_student_config(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
-    from transformers import GPT2Config
+    from transformers import GPT2Config  # transformers: not at start-up
 
     t = teacher_config
     return GPT2Config(
@@ -306,7 +306,7 @@ def _decoder_student_config(model_type: str):
     student's depth and widths; without a teacher, the family's defaults with the student's shape."""
 
     def build(shape: dict, vocab_size: int, pad_token_id: int, dropout: float, teacher_config: Any = None):
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # transformers: not at start-up
 
         values = teacher_config.to_dict() if teacher_config is not None else {}
         for key in ("layer_types", "architectures", "_name_or_path", "transformers_version", "model_type", "dtype", "torch_dtype"):

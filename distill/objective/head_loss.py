@@ -15,7 +15,7 @@ from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
 def _register_external(module: nn.Module, *params) -> None:
     """Tell DeepSpeed ZeRO-3 to gather `params` for `module`'s forward (a no-op without DeepSpeed or ZeRO-3)."""
     try:
-        import deepspeed
+        import deepspeed  # deepspeed: not at start-up
     except ImportError:  # DeepSpeed is a dependency, but the losses work without it
         return
     for param in params:

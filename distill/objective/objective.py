@@ -17,6 +17,7 @@ from distill.model_outputs import ModelShape
 from distill.models.build import AttentionCapture, model_forward
 from distill.models.families import FamilyError, family_of
 from distill.models.layer_map import LayerMapError, resolve_layers
+from distill.objective.head_loss import ChunkedLogitLoss
 from distill.objective.losses import (
     Batch,
     LossContext,
@@ -149,7 +150,6 @@ class Objective:
         (a submodule of the engine's wrapper, so ZeRO-3 gathers the head for it), or None when not chunked."""
         if not self.chunked:
             return None
-        from distill.objective.head_loss import ChunkedLogitLoss
 
         plan, cfg = self.plan, self.ctx.cfg
         module = ChunkedLogitLoss(

@@ -25,7 +25,11 @@ import torch
 
 from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
 from data_prep.cache_manifest import CacheError, load_cache_manifest, verify_cache_parts
+from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
+from distill.data.masking import mask_settings
 from distill.model_outputs import ModelOutputs
+from distill.models.build import load_teacher, load_teacher_config
+from distill.models.fingerprint import content_identity, differing_files, shape_fingerprint, weights_sha256
 from distill.objective.sparse_logits import SparseTargets
 
 log = logging.getLogger("distill.cache")
@@ -43,9 +47,6 @@ class CacheTeacher:
 
     @classmethod
     def load(cls, cfg, device: torch.device) -> "CacheTeacher":
-        from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
-        from distill.models.build import load_teacher_config
-
         problems = cfg.cache_problems()
         if problems:
             raise CacheError(problems[0])
@@ -99,8 +100,6 @@ class CacheTeacher:
 
     def init_model(self):
         """The teacher's weights for `student.init=teacher`, read once on the CPU (dropped by the caller after the copy)."""
-        from distill.models.build import load_teacher
-
         return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
 
     def describe(self) -> str:
@@ -177,8 +176,6 @@ def _check_teacher(path: str, recorded: dict, where: str) -> None:
     """The teacher at `path` is the one the cache was written with, by the content of its files (distill/models/fingerprint.py,
     re-hashing only files changed since the cache recorded them); a cache from before content fingerprints is checked
     by the sha256 of its weight files it recorded, one with neither by config and file sizes (with a warning)."""
-    from distill.models.fingerprint import content_identity, differing_files, shape_fingerprint, weights_sha256
-
     if "content_sha256" in recorded:
         now = content_identity(path, recorded.get("files"))
         was, found, changed = recorded["content_sha256"], now["sha256"], differing_files(recorded.get("files"), now["files"])
@@ -199,8 +196,6 @@ def _check_teacher(path: str, recorded: dict, where: str) -> None:
 
 def _check_masking(cfg, manifest, where: str, packing: str) -> None:
     """The run's masks are the cache's: the same static masks, seed and masking settings (masked-LM data), or none (causal)."""
-    from distill.data.masking import mask_settings
-
     if packing == "causal":
         return
     if not manifest.static_masks:
@@ -238,7 +233,7 @@ def _damaged(path: str, exc: BaseException) -> str:
 
 def _read_problem(path: str):
     """The exception reading part `path` in full raises, or None."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
 
     try:
         pq.read_table(path)
@@ -256,8 +251,8 @@ def _list_column(table, column: str) -> tuple[np.ndarray, np.ndarray]:
 def _open_parts(paths: list[str], manifest, cache_dir):
     """The parts as one memory-mapped Arrow table, rows in dataset order (parts are listed in shard, then row order; a
     static-mask cache has its D variants of each row consecutive)."""
-    import datasets
-    import pyarrow.parquet as pq
+    import datasets  # datasets: not at start-up
+    import pyarrow.parquet as pq  # pyarrow: not at start-up
 
     datasets.disable_progress_bars()
     for path, part in zip(paths, manifest.parts):  # footers only: cheap, and names the part (the sha256 may be skipped)

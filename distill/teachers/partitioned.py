@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from distill.config import read_deepspeed_json
 from distill.model_outputs import ModelOutputs
 from distill.models.build import load_teacher, resolve_dtype
 from distill.teachers.online import OnlineTeacher
@@ -41,7 +42,7 @@ class _TeacherForward(nn.Module):
         self.full_logits = False
 
     def forward(self, batch):
-        import deepspeed
+        import deepspeed  # deepspeed: not at start-up
 
         out = self.objective.teacher_forward(self.model, batch, self.inference_mode, self.full_logits)
         if isinstance(out.head, nn.Module):  # the chunked losses read the projection's weights outside its forward
@@ -74,7 +75,7 @@ def zero3_inference_config(user_zero: Optional[dict], micro_batch: int, dtype: t
 def partition(model: nn.Module, ds_config: dict) -> tuple[Any, _TeacherForward]:
     """Split `model`'s parameters across the ranks (deepspeed.zero.Init on the built module: each parameter moved to
     the device and partitioned in turn) and wrap it in a stage-3 engine without optimizer. Returns (engine, wrapper)."""
-    import deepspeed
+    import deepspeed  # deepspeed: not at start-up
 
     wrapper = _TeacherForward(model)
     deepspeed.zero.Init(module=wrapper, config_dict_or_path=ds_config)
@@ -112,8 +113,6 @@ class PartitionedTeacher(OnlineTeacher):
 
     @classmethod
     def load(cls, cfg, device: torch.device) -> "PartitionedTeacher":
-        from distill.config import read_deepspeed_json
-
         dtype = resolve_dtype(cfg.teacher.dtype, device)
         model = load_teacher(cfg.teacher.path, dtype, cfg.teacher.attn_implementation, torch.device("cpu"))  # whole, in host memory
         user_zero = read_deepspeed_json(cfg.deepspeed.config).get("zero_optimization")

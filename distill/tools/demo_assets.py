@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
 import os
+import platform
+import pydoc_data.topics
 import re
 import sys
 import sysconfig
+import tempfile
+
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -41,8 +48,6 @@ def _one_line(text: str) -> str:
 
 def pydoc_topic_documents() -> list[str]:
     """The documentation topics `help()` shows, one document per topic."""
-    import pydoc_data.topics
-
     return [_one_line(text) for _, text in sorted(pydoc_data.topics.topics.items()) if text.strip()]
 
 
@@ -83,8 +88,8 @@ def write_corpus(out_dir: str) -> list[str]:
 
 def train_wordpiece_tokenizer(files: list[str], out_dir: str, vocab_size: int = 8000, lowercase: bool = True) -> str:
     """Train a BERT WordPiece tokenizer on `files` and save it as a Hugging Face fast tokenizer dir."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+    from tokenizers import BertWordPieceTokenizer  # tokenizers: not at start-up
+    from transformers import BertTokenizerFast  # transformers: not at start-up
 
     wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
     wordpiece.train(files, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
@@ -104,10 +109,8 @@ def save_random_bert_teacher(
     seed: int = 0,
 ) -> str:
     """Save a randomly initialised `BertForMaskedLM` (+ its tokenizer) for tests and benchmarks."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+    import torch  # torch: not at start-up
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM  # torch: not at start-up
 
     refuse_remote_code(tokenizer_dir, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **LOCAL_ONLY)
@@ -134,11 +137,9 @@ CHECK_STEP = 200  # the step of the recipe that tests/test_demo.py reproduces (t
 def split_fingerprint(data_dir: str, split: str = "train") -> str:
     """sha256 of a prepared split's token ids, row by row in order: equal when two preps hold the same data,
     whatever their shard files' bytes."""
-    import hashlib
+    import numpy as np  # numpy: not at start-up
 
-    import numpy as np
-
-    from distill.data.reader import TokenSequences
+    from distill.data.reader import TokenSequences  # torch (via distill.data.reader): not at start-up
 
     sequences = TokenSequences(data_dir, split)
     digest = hashlib.sha256()
@@ -151,14 +152,10 @@ def split_fingerprint(data_dir: str, split: str = "train") -> str:
 def teacher_record(run_dir: str, data_dir: str, teacher_dir: str, check_step: int = CHECK_STEP) -> dict:
     """What tests/test_demo.py compares a rerun of the teacher recipe with: the run's loss at every step, the data it
     saw, and held-out scores of its step-`check_step` checkpoint and of the exported teacher."""
-    import json
-    import platform
-    import tempfile
+    import torch  # torch: not at start-up
 
-    import torch
-
-    from distill.tools.evaluate import evaluate
-    from distill.tools.export import export_checkpoint
+    from distill.tools.evaluate import evaluate  # torch (via distill.tools.evaluate): not at start-up
+    from distill.tools.export import export_checkpoint  # torch (via distill.tools.export): not at start-up
 
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         by_step = {m["step"]: m for m in map(json.loads, handle)}  # a resumed run logs the steps after its checkpoint again: keep the last
@@ -192,9 +189,7 @@ def teacher_record(run_dir: str, data_dir: str, teacher_dir: str, check_step: in
 
 def fill_mask_probes(models: list[tuple[str, str]], probes=None, top_k: int = 3) -> list[dict]:
     """Top-k fill-mask guesses of each (name, model dir) on each probe: one dict per probe."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
-
-    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline  # torch: not at start-up
 
     probes = DEMO_PROBES if probes is None else probes
     fills = {}
@@ -257,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args(argv)
     if args.command == "record-teacher":
-        import json
-
         path = os.path.join(args.teacher, RECORD_FILE)
         with open(path, "w") as handle:
             json.dump(teacher_record(args.run, args.data, args.teacher), handle, indent=1)

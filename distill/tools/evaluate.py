@@ -28,14 +28,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity
+from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity, write_json_atomically
 from distill.data.masking import MaskingCollator, MaskingPolicy
 from distill.data.reader import TokenSequences
 from distill.models.build import ModelError, check_positions, mlm_forward
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
-from kd_common.config import Int, Str, section, setting
+from distill.tools.eval_causal import evaluate_causal, render_causal_table, unigram_baseline
+from kd_common.config import Int, Str, add_arguments, from_arguments, section, setting
+from kd_common.errors import UserError, report_one_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+from kd_common.output_rule import check_result_file
 
 EVAL_SEED = 1234
 TEACHER = "teacher"
@@ -84,7 +87,7 @@ def model_family(path: str) -> Family:
 
 def model_config(path: str):
     """The Hugging Face config of the model in local directory `path` (config.json alone: no weights)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: not at start-up
 
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
@@ -101,7 +104,7 @@ def model_config(path: str):
 
 def load_lm(path: str, device: torch.device, causal: bool = False):
     """A local masked LM (or causal LM) and its tokenizer, for evaluation."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # transformers: not at start-up
 
     if not os.path.isdir(path):
         raise ModelError(f"model {path!r} is not a local directory; pass a directory written by distill-export or save_pretrained")
@@ -139,8 +142,6 @@ def check_task(label: str, path: str, family: Family, data_dir: str, packing: st
 
 def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
     """The context-free baseline of masked-token counts (`eval_causal.unigram_baseline`, loss under "mlm_loss")."""
-    from distill.tools.eval_causal import unigram_baseline
-
     return unigram_baseline(label_counts, tokenizer, loss_key="mlm_loss")
 
 
@@ -247,8 +248,6 @@ def evaluate(
 
 
 def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions) -> dict:
-    from distill.tools.eval_causal import evaluate_causal
-
     vocab = manifest.tokenizer.vocab_size
     small = [f"{label} ({m.config.vocab_size})" for label, (m, _) in models.items() if m.config.vocab_size < vocab]
     if small:
@@ -266,8 +265,6 @@ def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name,
 def render_table(result: dict) -> str:
     """The evaluation as a fixed-width text table, the baseline as its last row, then the comparison in words."""
     if result.get("task") == "causal_lm":
-        from distill.tools.eval_causal import render_causal_table
-
         return render_causal_table(result)
     models = result["models"]
     baseline = result.get("baseline")
@@ -329,8 +326,6 @@ def render_table(result: dict) -> str:
 
 def write_json(result: dict, path: str) -> None:
     """Atomically (temp file + rename): a reader never sees half a result."""
-    from data_prep.manifest import write_json_atomically
-
     write_json_atomically(path, result)
 
 
@@ -346,8 +341,6 @@ def parse_compare(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kd_common.config import add_arguments
-
     parser = argparse.ArgumentParser(
         prog="distill-eval",
         description="Held-out evaluation of a student, its teacher and any models "
@@ -362,10 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """distill-eval: the table on stdout; bad input (settings first, before any model loads) is one line on stderr, exit code 2."""
-    from kd_common.config import from_arguments
-    from kd_common.errors import UserError, report_one_line
-    from kd_common.output_rule import check_result_file
-
     args = build_parser().parse_args(argv)
     try:
         cfg = from_arguments(EvalConfig, args)

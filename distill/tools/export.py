@@ -6,10 +6,13 @@ import errno
 import json
 import logging
 import os
+import pickle
+from dataclasses import asdict
 from typing import Union
 
 import torch
 
+from data_prep.manifest import MANIFEST_FILE, TokenizerIdentity, check_tokenizer_folder, load_manifest, sha256_file
 from distill.checkpoints import layout as ckpt
 from distill.checkpoints import safe_load
 from distill.models.families import FamilyError, family_of
@@ -39,9 +42,7 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     Only the student (`model.*` inside the training wrapper) is kept: what exists only for training, such
     as TinyBERT's projections W_e / W_h (`projections.*`), is dropped.
     """
-    import pickle
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deepspeed: not at start-up
 
     try:
         with safe_load.guard():  # DeepSpeed's torch.load calls unpickle tensors only, never code
@@ -84,11 +85,7 @@ def is_export_dir(path: str) -> Union[bool, str]:
 def checkpoint_tokenizer(tag_dir: str, state: dict):
     """The checkpoint's tokenizer/ folder, refused unless it is the dataset's tokenizer the run trained with (the identity
     its trainer_state.json records; an older checkpoint: the dataset's manifest, if it is still the one the run read)."""
-    from dataclasses import asdict
-
-    from transformers import AutoTokenizer
-
-    from data_prep.manifest import MANIFEST_FILE, TokenizerIdentity, check_tokenizer_folder, load_manifest, sha256_file
+    from transformers import AutoTokenizer  # transformers: not at start-up
 
     folder = os.path.join(tag_dir, "tokenizer")
     recorded, source = state.get("tokenizer"), f"{os.path.join(tag_dir, ckpt.TRAINER_STATE)}"
@@ -118,7 +115,7 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     one `step_XXXXXXXX` directory. `output` must not overlap the checkpoint; an existing one is replaced
     only with `overwrite`, only if distill-export wrote it, and only once the new export is complete.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM  # transformers: not at start-up
 
     root, tag = ckpt.resolve_checkpoint(checkpoint)
     tag_dir = os.path.join(root, tag)

@@ -24,8 +24,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from kd_common.config import Bool, Float, Int, Str, section, setting
+from data_prep.manifest import write_json_atomically
+from distill.config import OptimConfig
+from kd_common.config import Bool, ConfigError, Float, Int, Str, add_arguments, from_arguments, section, setting
 from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+from kd_common.output_rule import (
+    OutputError,
+    check_no_overlap,
+    check_replaceable,
+    check_result_file,
+    record_files,
+    replace_when_complete,
+    written_by,
+)
 
 
 class FinetuneError(UserError, ValueError):
@@ -128,8 +140,6 @@ OUTPUT_KIND = "distill-finetune output (it holds eval_results.json)"
 
 def is_finetune_dir(path: str):
     """A directory distill-finetune wrote (it holds eval_results.json) and nothing else: True, or False / why not."""
-    from kd_common.output_rule import written_by
-
     return os.path.isfile(os.path.join(path, RESULTS)) and written_by(path, "distill-finetune")
 
 
@@ -139,10 +149,8 @@ def _inputs(cfg: FinetuneConfig) -> list[tuple[str, str]]:
 
 def load_classifier(path: str, num_labels: int, device):
     """A local model directory as a sequence classifier (fresh head) with its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # torch: not at start-up
+    from transformers.utils import logging as hf_logging  # transformers: not at start-up
 
     if not os.path.isdir(path):
         raise FinetuneError(f"--model {path!r} is not a directory; pass a directory written by distill-export or save_pretrained")
@@ -170,7 +178,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _batches(tokenizer, sentences: list[str], labels: list[int], order, batch_size: int, max_len: int, device):
-    import torch
+    import torch  # torch: not at start-up
 
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -182,7 +190,7 @@ def _batches(tokenizer, sentences: list[str], labels: list[int], order, batch_si
 
 def predict(model, tokenizer, data: TsvData, batch_size: int, max_len: int, device) -> list[int]:
     """Predicted label of every row of `data`, in row order."""
-    import torch
+    import torch  # torch: not at start-up
 
     model.eval()
     order = sorted(range(len(data.sentences)), key=lambda i: len(data.sentences[i]))  # less padding
@@ -216,10 +224,8 @@ def accuracy_report(labels: list[int], preds: list[int]) -> dict:
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
     """Fine-tune `cfg.model` on the TSV, evaluate on the held-out rows; returns a JSON-able dict."""
-    import numpy as np
-    import torch
-
-    from kd_common.output_rule import check_no_overlap, check_replaceable, record_files, replace_when_complete
+    import numpy as np  # numpy: not at start-up
+    import torch  # torch: not at start-up
 
     if cfg.output:  # checked before the work, and again when the result replaces it
         check_no_overlap(cfg.output, _inputs(cfg))
@@ -260,8 +266,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     n = len(train.labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    from distill.config import OptimConfig
-    from distill.train.engine import make_optimizer, warmup_linear_decay
+    from distill.train.engine import make_optimizer, warmup_linear_decay  # torch (via distill.train.engine): not at start-up
 
     # torch's AdamW defaults (betas 0.9/0.999, eps 1e-8), as fine-tuning recipes use; no decay on biases and LayerNorm
     optimizer = make_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=[0.9, 0.999], eps=1e-8), device)
@@ -324,10 +329,6 @@ def render_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.manifest import write_json_atomically
-    from kd_common.config import ConfigError, add_arguments, from_arguments
-    from kd_common.output_rule import OutputError, check_result_file
-
     p = argparse.ArgumentParser(
         prog="distill-finetune",
         description="Fine-tune an exported model for sentence classification "

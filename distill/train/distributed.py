@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,18 +43,15 @@ def default_collective_timeout_s(cuda: bool) -> float:
 def init_distributed(local_rank_arg: int | None = None, collective_timeout_s: float | None = None) -> DistContext:
     """Join the process group the launcher (deepspeed, torchrun, srun) set up, or make a 1-process one; its collectives wait
     `collective_timeout_s` for the other ranks (None: `default_collective_timeout_s`)."""
-    import datetime
-    import warnings
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed  # deepspeed: not at start-up
+    from deepspeed.accelerator import get_accelerator  # deepspeed: not at start-up
 
     # DeepSpeed's ZeRO calls a collective torch renamed; the warning repeats on every rank and step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if not torch.cuda.is_available() and os.environ.get("DISTILL_CPU_SHM_COMM", "0") != "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at every process start (minutes on a
         # small machine, and again whenever another environment rebuilt it); gloo is enough for CPU runs.
-        import deepspeed.ops
+        import deepspeed.ops  # deepspeed: not at start-up
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 

@@ -9,13 +9,18 @@ step reports, save and load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
+import resource
+import sys
 from typing import Any, Optional
 
 import torch
 
+from distill.checkpoints import layout as ckpt
+from distill.checkpoints import safe_load
 from distill.config import RECIPE_OWNED_DS_KEYS, ConfigError, batch_problem, read_deepspeed_json
 from distill.model_outputs import ModelOutputs
 from distill.train.profiling import COMMS_LOGGER
@@ -86,14 +91,14 @@ class _OneRankCollectives:
     the tensor itself (DeepSpeed still divides by the world size, 1). Used around the engine's backward and step only."""
 
     def __enter__(self):
-        import deepspeed.comm as ds_comm
+        import deepspeed.comm as ds_comm  # deepspeed: not at start-up
 
         self._saved = ds_comm.all_reduce
         ds_comm.all_reduce = _identity_all_reduce
         return self
 
     def __exit__(self, *exc) -> None:
-        import deepspeed.comm as ds_comm
+        import deepspeed.comm as ds_comm  # deepspeed: not at start-up
 
         ds_comm.all_reduce = self._saved
 
@@ -106,7 +111,7 @@ class _KnownFiniteNorm:
         self.optimizer, self.norm = optimizer, norm
 
     def __enter__(self):
-        from deepspeed.runtime.zero import stage_1_and_2
+        from deepspeed.runtime.zero import stage_1_and_2  # deepspeed: not at start-up
 
         self._saved_check = stage_1_and_2.is_invalid_grad_norm
         stage_1_and_2.is_invalid_grad_norm = _finite
@@ -114,7 +119,7 @@ class _KnownFiniteNorm:
         return self
 
     def __exit__(self, *exc) -> None:
-        from deepspeed.runtime.zero import stage_1_and_2
+        from deepspeed.runtime.zero import stage_1_and_2  # deepspeed: not at start-up
 
         stage_1_and_2.is_invalid_grad_norm = self._saved_check
         del self.optimizer.scaled_global_norm
@@ -134,12 +139,9 @@ def preload_muon_lazily() -> None:
     and inductor: ~1.5 s of every start-up on an idle CPU, more under load, for an optimizer the recipe never uses
     (AdamW). Imported here first with the decoration deferred to the first call (a Muon run still gets its compiled
     kernels, compiled when first used)."""
-    import functools
-    import sys
-
     if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
         return
-    from deepspeed.runtime import compiler
+    from deepspeed.runtime import compiler  # deepspeed: not at start-up
 
     def lazy_compile():
         def decorate(fn):
@@ -159,8 +161,8 @@ def preload_muon_lazily() -> None:
     original = compiler.compile
     compiler.compile = lazy_compile
     try:
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  # torch: not at start-up
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401  # torch: not at start-up
     finally:
         compiler.compile = original
 
@@ -190,7 +192,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by this rank, or on CPU the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -210,7 +211,7 @@ class StudentEngine:
         lean_single_process: bool = False,
         lean_startup: bool = False,
     ):
-        import deepspeed
+        import deepspeed  # deepspeed: not at start-up
 
         optimizer = make_optimizer(wrapper, optim_cfg, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup_steps))
@@ -314,9 +315,6 @@ class StudentEngine:
 
     def load(self, load_root: str, tag: str, universal: bool) -> None:
         """Weights, optimizer and schedule of checkpoint `tag`, every file read under the weights-only guard."""
-        from distill.checkpoints import layout as ckpt
-        from distill.checkpoints import safe_load
-
         hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in self.engine.optimizer.param_groups]
         try:
             with safe_load.guard():  # DeepSpeed's torch.load calls unpickle tensors only, never code

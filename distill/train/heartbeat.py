@@ -170,7 +170,7 @@ def _end_if_here(record: str) -> str:
 
 def collective_timeout_error(exc: BaseException) -> Optional[CollectiveTimeout]:
     """The one-line error for a collective of a multi-rank run that timed out (gloo: 'Timed out waiting'), else None."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: not at start-up
 
     text = str(exc)
     timed_out = "Timed out waiting" in text or "collective operation timeout" in text  # gloo's words, NCCL's

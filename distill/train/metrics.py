@@ -138,7 +138,7 @@ class MetricsLog:
     def __init__(
         self, output_dir: str, start_step: int, config_yaml: str, log_every: int, term_names: list[str], world_size: int, total_steps: int
     ):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # torch: not at start-up
 
         self.log_every = log_every
         self.term_names = term_names

@@ -18,6 +18,8 @@ from typing import Iterable
 
 import psutil
 
+from kd_common.output_rule import OutputError
+
 log = logging.getLogger(__name__)
 
 # "Stopped on request after a complete checkpoint; rerun the same command to continue."
@@ -74,8 +76,6 @@ class StopRequest:
     def clear_stop_file(self) -> None:
         """Called once at start: a stop file left by the previous (stopped) attempt must not stop this one."""
         if os.path.isdir(self.stop_file) and not os.path.islink(self.stop_file):
-            from kd_common.output_rule import OutputError
-
             raise OutputError(
                 f"{self.stop_file} is a directory; that name is the stop-request file (`touch` it to stop a run), which a new "
                 f"attempt removes: move that directory out of output_dir (it was left as it is) and rerun"

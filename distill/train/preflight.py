@@ -27,6 +27,7 @@ from data_prep.manifest import (
     tokenizer_identity,
     verify_shards,
 )
+from data_prep.tokenization import has_tokenizer_files
 from distill.config import Config, ConfigError
 from distill.models.build import (
     check_data_fits,
@@ -39,9 +40,11 @@ from distill.models.build import (
     resolve_dtype,
     student_config,
 )
+from distill.objective.objective import Objective
 from distill.teachers.partitioned import partition_problems
 from distill.train.engine import deepspeed_config
 from kd_common.errors import UserError
+from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 log = logging.getLogger("distill.train.preflight")
 USER_ERRORS = (UserError, OSError)  # every error a user can act on (kd_common.errors), and unreadable files
@@ -87,10 +90,7 @@ class RunPlan:
 
 def load_tokenizer(cfg: Config, manifest):
     """The dataset's tokenizer (its folder checked against the manifest); the teacher's own tokenizer (if it has one) must be the same."""
-    from transformers import AutoTokenizer
-
-    from data_prep.tokenization import has_tokenizer_files
-    from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
+    from transformers import AutoTokenizer  # transformers: not at start-up
 
     tokenizer = load_dataset_tokenizer(cfg.data.path, manifest)
     if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
@@ -108,8 +108,6 @@ Preflight = RunPlan  # the name before the plan was the run's
 
 def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
     """Run every weight-free check of `cfg` for `world_size` ranks on `device` and decide the run's plan; nothing is written."""
-    from distill.objective.objective import Objective
-
     pf = RunPlan(world_size=world_size, seed=cfg.seed, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
     pf.teacher_source = cfg.teacher.source if cfg.teacher.path else None
     pf.precision = precision = resolve_dtype(cfg.train.precision, device)

@@ -26,7 +26,7 @@ def _comm_seconds_so_far() -> float:
     The logger keeps one timer per operation name and reads it without resetting, so each latency it
     appends ({name: {bytes: [count, latencies ms, algbw, busbw]}}) is that operation's running total:
     the largest value per name is the total so far."""
-    from deepspeed.comm.comm import comms_logger
+    from deepspeed.comm.comm import comms_logger  # deepspeed: not at start-up
 
     total_ms = 0.0
     for sizes in comms_logger.comms_dict.values():

@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 from kd_common.errors import UserError
+from kd_common.output_rule import OutputError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -85,8 +86,6 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock, or a one-line error: RunLockedError (held by another trainer), OutputError (cannot write there)."""
-        from kd_common.output_rule import OutputError
-
         try:
             return self._acquire()
         except OSError as exc:

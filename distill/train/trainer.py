@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from distill.checkpoints import layout as ckpt
 from distill.config import Config
@@ -95,8 +96,6 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
 
 def run_steps(run: Run) -> dict[str, Any]:
     """The loop: each optimizer step runs its micro batches, reduces its metrics once, then logs, checks, saves."""
-    from tqdm.auto import tqdm
-
     cfg, ctx, phases, last = run.cfg, run.ctx, run.phases, {}
     progress = tqdm(
         total=run.total_steps,
