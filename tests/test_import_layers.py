@@ -4,7 +4,9 @@ imports from a layer above its own job. Computed from the source with `ast`, not
 from __future__ import annotations
 
 import ast
+import io
 import os
+import tokenize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("kd_common", "data_prep", "distill", "launch")
@@ -135,3 +137,62 @@ def test_no_module_imports_from_a_layer_above_its_own():
         if layer_of(target) > layer_of(module)
     )
     assert upward == []
+
+
+# another branch is editing this file; its function-level imports get their reasons when it merges
+UNREASONED_FOR_NOW = {os.path.join("distill", "train", "memory_estimate.py")}
+
+
+def imports_without_a_reason(source: str) -> list[int]:
+    """Line numbers of imports inside a function with no comment on their first line or on a comment line right above
+    (a comment line above a block of consecutive imports covers the block)."""
+    commented, comment_only = set(), set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            commented.add(token.start[0])
+            if not token.line[: token.start[1]].strip():
+                comment_only.add(token.start[0])
+    tree = ast.parse(source)
+    inner = {
+        node.lineno: node.end_lineno
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
+    ends = {end: start for start, end in inner.items()}
+
+    def has_reason(line: int) -> bool:
+        if line in commented or line - 1 in comment_only:
+            return True
+        return line - 1 in ends and has_reason(ends[line - 1])  # the import above, in the same block, has one
+
+    return sorted(line for line in inner if not has_reason(line))
+
+
+def test_the_reason_finder_finds_an_import_without_a_reason():
+    source = (
+        "def f():\n"
+        "    import json\n"  # 2: no reason
+        "    import torch  # heavy: torch\n"
+        "    # heavy: the block below\n"
+        "    import deepspeed\n"
+        "    from transformers import (\n"
+        "        AutoConfig,\n"
+        "    )\n"
+        "\n"
+        "    import numpy\n"  # 10: a blank line ends the block
+        "import os\n"
+    )
+    assert imports_without_a_reason(source) == [2, 10]
+
+
+def test_every_import_inside_a_function_says_why():
+    """Imports inside functions are only for start-up cost (heavy third-party modules), and each says so."""
+    missing = []
+    for module, path in sorted(modules().items()):
+        relative = os.path.relpath(path, REPO)
+        if relative not in UNREASONED_FOR_NOW:
+            source = open(path, encoding="utf-8").read()
+            missing += [f"{relative}:{line}" for line in imports_without_a_reason(source)]
+    assert missing == [], "import inside a function without a reason comment (move it to the top, or say what start-up it spares)"
