@@ -7,13 +7,14 @@ import errno
 import logging
 import os
 
-from distill.config import Config, ConfigError, describe_fields
 from kd_common.config import add_arguments, from_arguments
 from kd_common.errors import UserError, report_one_line
 
 
 def train_parser() -> argparse.ArgumentParser:
     """distill-train's command line (also how launch/slurm_env.py reads a job's arguments): flags, --config and key=value overrides."""
+    from distill.config import Config  # distill.config: not at start-up of distill-export
+
     parser = argparse.ArgumentParser(
         prog="distill-train",
         description="Distil a teacher into a student with DeepSpeed. Start it with "
@@ -40,10 +41,14 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace):
     """The run config from parsed distill-train arguments (--config < key=value < flags), every problem checked."""
+    from distill.config import Config  # distill.config: not at start-up of distill-export
+
     return from_arguments(Config, args, replace=("weights",))  # a weights override replaces the whole mapping
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    from distill.config import ConfigError, describe_fields  # distill.config: not at start-up of distill-export
+
     parser = train_parser()
     args = parser.parse_args(argv)
     if args.help_config:

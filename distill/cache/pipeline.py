@@ -36,10 +36,6 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep.cache_manifest import CacheError, CacheManifest, CachePart, is_cache_dir, write_cache_manifest
-from data_prep.manifest import MANIFEST_FILE, load_dataset_tokenizer, load_manifest, verify_shards
-from data_prep.runner import local_runner
-from distill.config import Config, DataConfig
-from distill.models.fingerprint import content_identity, shape_fingerprint
 from kd_common.config import Bool, Float, Int, Str, build, read_yaml, section, setting
 from kd_common.files import sha256_file
 from kd_common.output_rule import replace_when_complete
@@ -110,6 +106,7 @@ def row_uniforms(seed: int, shard: int, row: int, length: int, n: int, variant: 
 def train_mask_settings(path: Optional[str]) -> dict:
     """The seed and data.* masking settings of a training config YAML (the trainer's defaults where it says nothing), by
     their training-config keys (distill.data.masking.mask_settings)."""
+    from distill.config import Config, DataConfig  # distill.config: not at start-up of distill-cache
     from distill.data.masking import mask_settings  # torch (via distill.data.masking): not at start-up
 
     raw = read_yaml(path) if path else {}
@@ -158,6 +155,7 @@ class StaticMasker:
         self.collator = None
 
     def _build(self):
+        from data_prep.manifest import load_dataset_tokenizer, load_manifest  # data_prep.manifest: not at start-up of distill-cache
         from distill.data.masking import collator_for  # torch (via distill.data.masking): not at start-up
         from distill.data.reader import load_token_counts  # torch (via distill.data.reader): not at start-up
 
@@ -373,6 +371,8 @@ def parts_of(manifest, split: str, rows_per_part: int) -> list[tuple[int, str, i
 
 def check_inputs(cfg: CacheConfig):
     """The dataset (manifest, causal packing, split), the teacher's config and vocabulary: every problem before any work."""
+    # data_prep.manifest: not at start-up of distill-cache
+    from data_prep.manifest import load_dataset_tokenizer, load_manifest, verify_shards
     from distill.models.build import check_positions, load_teacher_config  # torch (via distill.models.build): not at start-up
 
     manifest = load_manifest(cfg.data)
@@ -391,6 +391,12 @@ def check_inputs(cfg: CacheConfig):
 
 def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheManifest:
     """Check inputs and output, run the pipeline into a staging directory beside `output`, verify, write the manifest, publish."""
+    from data_prep.manifest import MANIFEST_FILE  # data_prep.manifest: not at start-up of distill-cache
+    from data_prep.runner import local_runner  # data_prep.runner: not at start-up of distill-cache
+
+    # distill.models.fingerprint: not at start-up of distill-cache
+    from distill.models.fingerprint import content_identity, shape_fingerprint
+
     t0 = time.time()
     manifest, config = check_inputs(cfg)
     teacher_content = content_identity(cfg.teacher)  # the teacher the workers read, by content (checked again at the end)

@@ -29,8 +29,6 @@ from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
 from distill.checkpoints import safe_load
-from distill.config import Config
-from distill.models.fingerprint import content_identity, differing_files
 from kd_common.errors import UserError
 from kd_common.files import current_umask, write_atomically
 
@@ -146,6 +144,8 @@ def legacy_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_identity() -> dict[str, Any]:
+    from distill.config import Config  # distill.config: not at start-up of distill-export
+
     return {k: v for k, v in flatten(Config().to_dict()).items() if k not in RESTARTABLE_KEYS}
 
 
@@ -177,6 +177,9 @@ def claim_output_dir(output_dir: str, identity: dict[str, Any], teacher_path: Op
     per-file record run.json keeps (`teacher_files`: a file unchanged since is not read again). A run.json written
     before that key existed is matched by the old fingerprint (config + file sizes) alone, with a warning, and then
     records the content, so the next resume checks it."""
+    # distill.models.fingerprint: not at start-up of distill-export
+    from distill.models.fingerprint import content_identity, differing_files
+
     run_file = os.path.join(output_dir, RUN_FILE)
     record = read_run_record(output_dir)
     files = None

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from data_prep.manifest import DatasetError, Manifest, load_manifest, sha256_file, verify_shards
-from distill.config import batch_problem
 from distill.data.masking import collator_for, static_mask_keys, static_mask_variants
 from distill.objective.losses import Batch
 from kd_common.errors import UserError
@@ -144,6 +143,8 @@ class StepPlan:
     group_steps: int = 1  # >1 (with lengths): pool this many consecutive steps' samples, sort by length, deal out in seeded order
 
     def __post_init__(self):
+        from distill.config import batch_problem  # distill.config: not at start-up of distill-eval
+
         problem = batch_problem(self.global_batch, self.micro_batch, self.world_size)
         if problem:
             raise ValueError(problem)

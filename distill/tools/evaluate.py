@@ -34,7 +34,6 @@ from distill.data.reader import TokenSequences
 from distill.models.build import ModelError, check_positions, mlm_forward
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
-from distill.tools.eval_causal import evaluate_causal, render_causal_table, unigram_baseline
 from kd_common.config import Int, Str, add_arguments, from_arguments, section, setting
 from kd_common.errors import UserError, report_one_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
@@ -142,6 +141,8 @@ def check_task(label: str, path: str, family: Family, data_dir: str, packing: st
 
 def most_frequent_token_baseline(label_counts: np.ndarray, tokenizer=None) -> dict:
     """The context-free baseline of masked-token counts (`eval_causal.unigram_baseline`, loss under "mlm_loss")."""
+    from distill.tools.eval_causal import unigram_baseline  # distill.tools.eval_causal: not at start-up of distill-eval
+
     return unigram_baseline(label_counts, tokenizer, loss_key="mlm_loss")
 
 
@@ -248,6 +249,8 @@ def evaluate(
 
 
 def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions) -> dict:
+    from distill.tools.eval_causal import evaluate_causal  # distill.tools.eval_causal: not at start-up of distill-eval
+
     vocab = manifest.tokenizer.vocab_size
     small = [f"{label} ({m.config.vocab_size})" for label, (m, _) in models.items() if m.config.vocab_size < vocab]
     if small:
@@ -265,6 +268,8 @@ def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name,
 def render_table(result: dict) -> str:
     """The evaluation as a fixed-width text table, the baseline as its last row, then the comparison in words."""
     if result.get("task") == "causal_lm":
+        from distill.tools.eval_causal import render_causal_table  # distill.tools.eval_causal: not at start-up of distill-eval
+
         return render_causal_table(result)
     models = result["models"]
     baseline = result.get("baseline")
