@@ -251,3 +251,20 @@ def test_cache_overwrite_replaces_only_its_own_files(tmp_path, assets):  # noqa:
     assert code == 0, lines[-10:]
     assert (out / "manifest.json").stat().st_ino != manifest and mode(out / "manifest.json") == 0o644
     shutil.rmtree(out)
+
+
+def test_prep_overwrite_keeps_a_file_the_user_put_in_the_tokenizer_folder(tmp_path, tokenizer_dir):
+    """Before: prep --overwrite deleted a NOTES.txt inside the old dataset's tokenizer/ (the manifest lists no tokenizer files)."""
+    (tmp_path / "corpus.txt").write_text(_lines("tok", 9))
+    out = tmp_path / "data"
+    args = ["--input", tmp_path / "corpus.txt", "--tokenizer", tokenizer_dir, "--output", out, "--max-seq-len", 32]
+    code, lines, _ = cli("distill-prep", *args)
+    assert code == 0, lines[-10:]
+    (out / "tokenizer" / "NOTES.txt").write_text("mine")
+    before = tree(out)
+    code, lines, _ = cli("distill-prep", *args, "--overwrite")
+    one_line_error(code, lines, "distill-prep", "--overwrite")
+    assert tree(out) == before
+    (out / "tokenizer" / "NOTES.txt").unlink()
+    code, lines, _ = cli("distill-prep", *args, "--overwrite")
+    assert code == 0, lines[-10:]
