@@ -268,3 +268,24 @@ def test_prep_overwrite_keeps_a_file_the_user_put_in_the_tokenizer_folder(tmp_pa
     (out / "tokenizer" / "NOTES.txt").unlink()
     code, lines, _ = cli("distill-prep", *args, "--overwrite")
     assert code == 0, lines[-10:]
+
+
+def test_a_resumed_run_never_writes_through_a_symlinked_metrics_or_config_file(tmp_path, run_dir, teacher_dir, prepared_dir):
+    """Before: metrics.jsonl and config.yaml of a run directory were opened as they were, a symlink there followed."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.remove(run / "config.yaml")
+    os.symlink(victim, run / "config.yaml")
+    os.remove(run / "metrics.jsonl")
+    os.symlink(victim, run / "metrics.jsonl")
+    cmd = [sys.executable, "-m", "distill", "--config", os.path.join(REPO, "configs", "demo.yaml")]
+    cmd += [f"teacher.path={teacher_dir}", f"data.path={prepared_dir}", f"output_dir={run}", "train.max_steps=2", "train.micro_batch=2"]
+    cmd += ["train.global_batch=4", "student.num_layers=1", "student.init_layers=null", "checkpoint.every_steps=2", "train.log_every=1000"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    one_line_error(proc.returncode, proc.stderr.strip().splitlines(), "distill-train", "metrics.jsonl is a symbolic link")
+    assert victim.read_text() == "precious"
+    assert not os.path.islink(run / "config.yaml"), "config.yaml is replaced (atomically), not written through"
