@@ -202,7 +202,7 @@ def step_b(out: str, step: str, smoke: bool) -> dict:
     base = ["--config", "configs/llm_kd.yaml", "--data", data, "--teacher", teacher, "--procs", "1", "--paths", "fast"]
     base += ["--steps", str(steps), "--warmup", str(warmup), f"train.micro_batch={micro}", f"train.global_batch={micro}"]
     base += ["deepspeed.config=configs/deepspeed/zero2.json", "checkpoint.keep_last=0"]
-    result: dict = {"teacher": teacher}
+    result: dict = {"teacher": teacher, "seq": 32 if smoke else 2048, "zero_stage": 2}
     for name, extra in (("chunked", []), ("full", ["loss.chunked_logits=false"])):
         res = throughput(out, f"b_{name}", [*base, *extra])
         result[name] = {"summary": res.get("summary"), "device": res.get("device"), "peak_tflops": res.get("peak_tflops")}
