@@ -47,7 +47,10 @@ def test_smoke_suite_runs_every_step_and_resumes(tmp_path):
     assert baseline["tokens_per_s"] > 0
     profiled = a1["summary"]["fast (profiled)"]
     assert profiled["phase_seconds"] and all(v >= 0 for v in profiled["phase_seconds"].values())
-    assert 0 < sum(profiled["phase_seconds"].values()) <= 1.05 * profiled["step_seconds"]
+    # step_seconds is timed between the probe's optimizer-step stamps, which fall inside the optimizer phase: the phases of the
+    # measured steps may exceed that window by up to one optimizer phase (a few ms of a 10 ms smoke step, nothing on a GPU)
+    phases = profiled["phase_seconds"]
+    assert 0 < sum(phases.values()) <= 1.05 * profiled["step_seconds"] + phases["optimizer"], (phases, profiled["step_seconds"])
     assert a1["memory_estimate"]["total_mib"] > 0 and set(a1["memory_estimate"]["parts_mib"]) >= {"student states", "teacher weights"}
     assert _load(out, "a2")["largest_micro_batch"] == {"fast": 4, "baseline": 4}
     for step in ("a3", "a4"):
