@@ -1,4 +1,7 @@
-"""Shared fixtures: every test asset is built locally (no network), once per session."""
+"""Fixtures shared by tests/unit and tests/e2e: every test asset is built locally (no network), once per session.
+
+Plain helpers (paths, the argument builder, the tiny teacher factory) live in tests/support.py; e2e-only fixtures
+in tests/e2e/conftest.py."""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import os
 import sys
 
 import pytest
+import support
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,40 +45,12 @@ def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
     return save_random_bert_teacher(tokenizer_dir, out, layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> str:
-    """The demo corpus prepared by distill-prep (Beam, 2 workers) at max_seq_len 64."""
-    import subprocess
-
-    out = str(tmp_path_factory.mktemp("prepared") / "data")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "distill-prep"),
-        "--input",
-        corpus_dir,
-        "--tokenizer",
-        tokenizer_dir,
-        "--output",
-        out,
-        "--max-seq-len",
-        "64",
-        "--validation-fraction",
-        "0.05",
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
-
-
-def shared_data_path(*parts: str) -> str:
-    """Path under ../shared/data, or skip the test (a user's fresh clone has no shared folder)."""
-    path = os.path.join(SHARED_DATA, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is absent (../shared/data only exists beside the team's checkout)")
-    return path
-
-
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def make_teacher():
+    """The tiny teacher factory (support.tiny_teacher): a BERT or causal-family teacher, in memory or saved with its tokenizer."""
+    return support.tiny_teacher

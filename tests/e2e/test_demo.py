@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 BIN = os.path.dirname(sys.executable)
 SHIPPED = os.path.join(REPO_ROOT, "assets", "demo_teacher")

@@ -7,19 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from test_llm_distill import bpe_data, save_teacher  # noqa: F401  (fixtures)
-from test_recipes import small_corpus  # noqa: F401
+from support import BIN, ENV, REPO_ROOT, save_teacher
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 N = 12
 pytestmark = pytest.mark.timeout(600)
 

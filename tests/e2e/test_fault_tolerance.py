@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
-from test_train_e2e import BIN, ENV, REPO_ROOT, _safetensors, metrics, run
+from support import BIN, ENV, REPO_ROOT, latest, launcher, metrics, run, steps_logged, train_args, wait_for, worker
+from support import safetensors_of as _safetensors
 
 pytestmark = pytest.mark.timeout(900)
 STEPS = 12
@@ -22,12 +21,10 @@ STEPS = 12
 
 def job_args(teacher_dir, data_dir, out, zero=2):
     # dropout 0: the 1-rank elastic resume can then be compared with the 2-rank run numerically
-    return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={data_dir}",
-        f"output_dir={out}",
+    return train_args(
+        teacher_dir,
+        data_dir,
+        out,
         "student.init=random",
         "student.init_layers=null",
         "student.dropout=0.0",
@@ -39,11 +36,7 @@ def job_args(teacher_dir, data_dir, out, zero=2):
         "checkpoint.keep_last=0",
         "train.log_every=1",
         f"deepspeed.config=configs/deepspeed/zero{zero}.json",
-    ]
-
-
-def launcher(args, port):
-    return [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "distill"] + args
+    )
 
 
 def start(args, port, env=None):
@@ -58,34 +51,9 @@ def start(args, port, env=None):
     )
 
 
-def wait_for(predicate, proc, timeout=600, what="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def steps_logged(out) -> int:
-    path = os.path.join(out, "metrics.jsonl")
-    return len(metrics(out)) if os.path.exists(path) else 0
-
-
-def worker(proc, local_rank) -> psutil.Process:
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        if f"--local_rank={local_rank}" in child.cmdline():
-            return child
-    raise AssertionError(f"no worker with local rank {local_rank} under the launcher")
-
-
 def export(run_dir, dest):
     run([os.path.join(BIN, "distill-export"), "--checkpoint", str(run_dir), "--output", str(dest)])
     return _safetensors(str(dest))
-
-
-def latest(out) -> str:
-    return open(os.path.join(out, "checkpoints", "latest")).read()
 
 
 @pytest.fixture(scope="module")

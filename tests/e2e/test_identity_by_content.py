@@ -16,7 +16,7 @@ import pytest
 from distill.checkpoints import layout as ckpt
 from distill.models import fingerprint as fp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 ENV.pop("WORLD_SIZE", None)

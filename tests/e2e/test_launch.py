@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from test_train_e2e import BIN, ENV, REPO_ROOT, metrics
+from support import BIN, ENV, REPO_ROOT, metrics
 
 pytestmark = pytest.mark.timeout(900)
 

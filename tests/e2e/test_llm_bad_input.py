@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from test_llm_distill import TINY, bpe_data, save_teacher  # noqa: F401  (bpe_data is a fixture)
-from test_recipes import BIN, ENV, REPO_ROOT, small_corpus  # noqa: F401  (small_corpus is a fixture)
-from test_train_bad_input import assert_one_line_error
+from support import BIN, ENV, REPO_ROOT, assert_one_line_error, save_teacher
+from support import LLM_TINY as TINY
 
 pytestmark = pytest.mark.timeout(600)
 

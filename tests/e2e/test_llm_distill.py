@@ -10,81 +10,11 @@ import os
 
 import pytest
 import torch
-from test_recipes import BIN, assert_falls, deepspeed, losses, run, small_corpus  # noqa: F401  (small_corpus is a fixture)
+from support import LLM_TINY as TINY
+from support import assert_falls, losses, save_teacher
+from support import deepspeed_recipe as deepspeed
 
 pytestmark = pytest.mark.timeout(900)
-TINY = [
-    "train.global_batch=16",
-    "train.micro_batch=8",
-    "train.log_every=5",
-    "optim.warmup_fraction=0.0",
-    "optim.lr=3e-3",
-    "deepspeed.config=configs/deepspeed/zero2.json",
-    "student.dropout=0.0",
-]
-
-
-@pytest.fixture(scope="module")
-def bpe_data(tmp_path_factory, small_corpus):  # noqa: F811
-    """A byte-level BPE tokenizer (<|endoftext|> as BOS/EOS/pad) and the small corpus prepared for causal LMs with it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("bpe")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train(sorted(os.path.join(small_corpus, f) for f in os.listdir(small_corpus)), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    data = str(root / "data")
-    run(
-        [
-            os.path.join(BIN, "distill-prep"),
-            "--input",
-            small_corpus,
-            "--tokenizer",
-            str(root / "tokenizer"),
-            "--output",
-            data,
-            "--max-seq-len",
-            "48",
-            "--packing",
-            "causal",
-            "--validation-fraction",
-            "0.05",
-            "--workers",
-            "1",
-        ]
-    )
-    return tokenizer, data
-
-
-def save_teacher(model_type: str, tokenizer, path: str, vocab_rows: int) -> str:
-    """A tiny random teacher whose head is padded past the tokenizer's vocabulary (as real checkpoints are)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_rows,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-        **({"head_dim": 16} if model_type == "qwen3" else {}),
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def generate_from_export(export: str, model_type: str) -> None:

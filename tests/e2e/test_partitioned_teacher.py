@@ -10,15 +10,24 @@ import os
 import subprocess
 
 import pytest
-from test_llm_distill import TINY, bpe_data, save_teacher  # noqa: F401  (bpe_data is a fixture)
-from test_recipes import BIN, ENV, REPO_ROOT, deepspeed, losses, small_corpus  # noqa: F401  (small_corpus is a fixture)
+from support import BIN, ENV, REPO_ROOT, losses, save_teacher
+from support import LLM_TINY as TINY
+from support import deepspeed_recipe as deepspeed
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teachers(tmp_path):
     proc = subprocess.run(
-        [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29771", "tests/partitioned_teacher_worker.py", str(tmp_path)],
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29771",
+            "tests/e2e/partitioned_teacher_worker.py",
+            str(tmp_path),
+        ],
         cwd=REPO_ROOT,
         env=ENV,
         capture_output=True,

@@ -10,65 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from support import BIN, assert_falls, losses
+from support import deepspeed_recipe as deepspeed
+from support import run_log as run
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 pytestmark = pytest.mark.timeout(900)
 
 TINY = ["train.global_batch=16", "train.micro_batch=8", "train.log_every=5", "optim.warmup_fraction=0.0"]
 NARROW = ["student.hidden_size=32", "student.num_heads=4", "student.intermediate_size=64", "student.num_layers=2"]
-
-
-def run(cmd):
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{cmd[:6]} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
-    return proc.stdout + proc.stderr
-
-
-def deepspeed(recipe, args, port):
-    return run(
-        [
-            os.path.join(BIN, "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(port),
-            "--module",
-            "distill",
-            "--config",
-            f"configs/{recipe}.yaml",
-        ]
-        + args
-    )
-
-
-def losses(run_dir, key="loss"):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
-        return [json.loads(line)[key] for line in handle]
-
-
-def assert_falls(values, factor, what):
-    """The mean of the last 5 steps is below `factor` x the mean of the first 5 (far beyond step-to-step noise)."""
-    first, last = float(np.mean(values[:5])), float(np.mean(values[-5:]))
-    assert last < factor * first, f"{what} did not fall enough: first 5 steps {first:.4f}, last 5 {last:.4f} ({values})"
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory, corpus_dir):
-    out = tmp_path_factory.mktemp("small_corpus")
-    for name in sorted(os.listdir(corpus_dir)):
-        with open(os.path.join(corpus_dir, name)) as handle:
-            lines = handle.read().splitlines()[:1500]
-        (out / name).write_text("\n".join(lines) + "\n")
-    return str(out)
 
 
 @pytest.fixture(scope="module")

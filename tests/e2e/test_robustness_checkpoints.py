@@ -16,7 +16,8 @@ import sys
 
 import pytest
 import torch
-from test_train_e2e import BIN, _safetensors, run
+from support import BIN, run
+from support import safetensors_of as _safetensors
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 6

@@ -12,8 +12,7 @@ import subprocess
 
 import psutil
 import pytest
-from test_fault_tolerance import latest, steps_logged, wait_for, worker
-from test_train_e2e import BIN, ENV, REPO_ROOT, metrics, run
+from support import BIN, ENV, REPO_ROOT, latest, metrics, run, steps_logged, wait_for, worker
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 20  # the stop lands a step or two after the signal (at step 2), long before this

@@ -13,8 +13,8 @@ import subprocess
 import time
 
 import pytest
-import torch
-from test_train_e2e import BIN, ENV, REPO_ROOT, metrics
+from support import BIN, ENV, REPO_ROOT, metrics
+from support import blow_up_weights as _blow_up_weights
 
 from distill.config import Config, ConfigError, load_config
 
@@ -111,21 +111,6 @@ def test_a_typo_leaves_nothing_behind_and_every_problem_is_named_at_once(tmp_pat
 
 # ------------------------------------------------------------------------------------------------
 # Non-finite steps never reach a checkpoint
-
-
-def _blow_up_weights(out: str, tag: str) -> None:
-    """Make a saved checkpoint's weights huge (as a run that diverged would leave them): the next forward is inf/NaN."""
-    for path in glob.glob(os.path.join(out, "checkpoints", tag, "*optim_states.pt")):  # ZeRO-2: the fp32 master partitions
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for flat in state["optimizer_state_dict"]["single_partition_of_fp32_groups"]:
-            flat.data.mul_(1e30)
-        torch.save(state, path)
-    for path in glob.glob(os.path.join(out, "checkpoints", tag, "*model_states.pt")):  # and the module's copy
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for tensor in state["module"].values():
-            if tensor.is_floating_point():
-                tensor.mul_(1e30)
-        torch.save(state, path)
 
 
 def test_non_finite_step_stops_before_any_save_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir, prepared_dir):

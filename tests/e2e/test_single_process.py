@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 ENV.pop("WORLD_SIZE", None)
 pytestmark = pytest.mark.timeout(900)
@@ -86,7 +86,7 @@ def test_lean_single_process_checkpoint_converts_for_an_elastic_resume(tmp_path,
 def test_lean_single_process_skips_a_non_finite_update_as_zero2_does(tmp_path, teacher_dir, prepared_dir):
     """The deferred update (its gradient norm read with the step's sums, DeepSpeed's own reads skipped when it is finite) still
     leaves the weights untouched when the norm is not finite, and the non-finite guard counts and reports the skip."""
-    from test_robustness_train import _blow_up_weights
+    from support import blow_up_weights as _blow_up_weights
 
     out = tmp_path / "run"
     _train(teacher_dir, prepared_dir, out, "train.halt_at_step=3")

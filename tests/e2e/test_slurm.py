@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from test_train_e2e import REPO_ROOT, metrics
+from support import REPO_ROOT, metrics
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_recipes import BIN, ENV, REPO_ROOT, losses, run  # noqa: E402
+from support import BIN, ENV, REPO_ROOT, losses
+from support import run_log as run
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -447,7 +445,7 @@ def test_a_run_whose_masks_are_not_the_caches_is_refused(mlm, full_cache, overri
 def test_refusals_from_the_command_lines(mlm, full_cache, tmp_path):
     """distill-cache on masked-LM data without static masks; distill-train with dynamic masking from an MLM cache: exit 2,
     one line naming the fix, nothing trained."""
-    from test_teacher_cache import assert_one_line_error
+    from support import assert_one_line_error_of as assert_one_line_error
 
     proc = _cache_cli(mlm, tmp_path / "c")
     assert_one_line_error(proc.returncode, proc.stderr.strip().splitlines(), "distill-cache", "masked-LM", "--static-masks D")

@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_llm_distill import save_teacher
-from test_recipes import BIN, ENV, REPO_ROOT, deepspeed, losses, run  # noqa: F401
+from support import BIN, ENV, REPO_ROOT, losses, save_teacher
+from support import assert_one_line_error_of as assert_one_line_error
+from support import deepspeed_recipe as deepspeed
+from support import run_log as run  # noqa: F401
 
 pytestmark = pytest.mark.timeout(900)
 TINY = [
@@ -352,14 +354,6 @@ def test_a_run_from_the_cache_resumes_on_another_world_size(assets, cached_run, 
 def cli(name, *args):
     proc = subprocess.run([os.path.join(BIN, name), *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr.strip().splitlines()
-
-
-def assert_one_line_error(code, lines, prog, *fragments):
-    assert code == 2, lines
-    errors = [line for line in lines if line.startswith(f"{prog}: error")]
-    assert len(errors) == 1 and not any("Traceback" in line for line in lines), lines
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

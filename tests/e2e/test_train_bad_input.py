@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from support import REPO_ROOT, assert_one_line_error
 
 from distill.config import load_config
 from distill.train.engine import deepspeed_config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 BIN = os.path.dirname(sys.executable)
 
@@ -25,15 +25,6 @@ def cli(name, *args):
 
 def train(*args):
     return cli("distill-train", "--config", "configs/demo.yaml", *args)
-
-
-def assert_one_line_error(code, lines, *fragments):
-    assert code == 2, lines
-    errors = [line for line in lines if line.startswith("distill-")]
-    assert len(errors) == 1, lines
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert not any("Traceback" in line for line in lines), lines
 
 
 @pytest.fixture(scope="module")

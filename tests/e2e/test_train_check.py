@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import yaml
-from test_train_e2e import BIN, ENV, REPO_ROOT
+from support import BIN, ENV, REPO_ROOT
 
 TRAIN = os.path.join(BIN, "distill-train")
 

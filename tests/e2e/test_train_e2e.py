@@ -7,43 +7,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import BIN, metrics, run, train_args
+from support import deepspeed_run as deepspeed
+from support import safetensors_of as _safetensors
 
 pytestmark = pytest.mark.timeout(900)
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-BIN = os.path.dirname(sys.executable)
-
-
-def run(cmd, check=True, **kw):
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd[:6]} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def deepspeed(args, port, check=True):
-    return run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "distill"] + args, check=check)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
 
 
 def common_args(teacher_dir, data_dir, out, zero):
-    return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={data_dir}",
-        f"output_dir={out}",
+    return train_args(
+        teacher_dir,
+        data_dir,
+        out,
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=32",
@@ -54,13 +34,7 @@ def common_args(teacher_dir, data_dir, out, zero):
         "checkpoint.keep_last=0",
         "train.log_every=1",
         f"deepspeed.config=configs/deepspeed/zero{zero}.json",
-    ]
-
-
-def _safetensors(path):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "model.safetensors"))
+    )
 
 
 @pytest.mark.parametrize("zero", [2, 3])

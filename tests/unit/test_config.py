@@ -24,7 +24,7 @@ def test_shipped_recipes_load():
     import glob
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     recipes = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
     assert recipes
     for recipe in recipes:

@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_data_path
+from support import shared_data_path
 
 from data_prep.config import PrepConfig
 from data_prep.driver import run_prep

@@ -5,38 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import tiny_teacher
 
 from distill.config import StudentConfig
 from distill.models.build import ModelError, build_student, init_student_from_teacher, model_forward
 from distill.models.families import FAMILIES, family_of
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def tiny_teacher(model_type: str, layers: int = 4, tie: bool = False, vocab: int = 301):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **({"head_dim": 16} if model_type == "qwen3" else {}),
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)  # every weight distinct (norms start at 1)
-    return model.eval()
 
 
 @pytest.mark.parametrize("model_type", DECODERS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_families import tiny_teacher
+from support import tiny_teacher
 
 from distill.config import ConfigError, LossConfig, StudentConfig
 from distill.models.build import StudentForDistillation, build_student

@@ -18,7 +18,7 @@ from torch import nn
 
 from distill.objective.chunked_logits import ChunkedLogitLoss, chunked_logit_loss, naive_logit_loss
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N, H_S, H_T, ROWS_S, ROWS_T, VOCAB = 24, 8, 12, 40, 38, 36  # two heads padded differently; the first 36 rows count
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench"))
 from flops import BERT_BASE, DISTILBERT_STUDENT, Shape, per_token_mflops, step_flops  # noqa: E402
 
 from distill.config import LossConfig, StudentConfig
