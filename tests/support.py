@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -222,3 +223,19 @@ def blow_up_weights(out: str, tag: str) -> None:
             if tensor.is_floating_point():
                 tensor.mul_(1e30)
         torch.save(state, path)
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Max |difference| at most rtol times the reference's largest magnitude (and not all zero by accident)."""
+    scale = expected.abs().max().item()
+    diff = (actual.double() - expected.double()).abs().max().item()
+    assert diff <= rtol * max(scale, 1e-12), f"max abs diff {diff:.3e} vs scale {scale:.3e}"
+
+
+def private_tmpdir(tmp_path, monkeypatch) -> str:
+    """A fresh TMPDIR for this process and the processes it starts."""
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return str(scratch)
