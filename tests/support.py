@@ -239,3 +239,25 @@ def private_tmpdir(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     return str(scratch)
+
+
+def trainer_samples(seqs, plan, collator, steps):
+    """(stream index, row, masked ids, labels) of every sample of `steps` optimizer steps, as the trainer's loader gives them."""
+    from distill.data.reader import MicroBatches
+
+    items = MicroBatches(seqs, plan, collator, 0, steps)
+    out = []
+    for i in range(len(items)):
+        batch = items[i]
+        for b in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][b].sum())
+            out.append(
+                (
+                    int(batch["stream_indices"][b]),
+                    int(batch["rows"][b]),
+                    batch["input_ids"][b, :n].numpy(),
+                    batch["labels"][b, :n].numpy(),
+                    int(batch["mask_variants"][b]) if "mask_variants" in batch else None,
+                )
+            )
+    return out

@@ -1,4 +1,4 @@
-"""One rank of tests/test_partitioned_teacher.py (started by the deepspeed launcher, 2 processes, gloo on CPU).
+"""One rank of tests/e2e/test_partitioned_teacher.py (started by the deepspeed launcher, 2 processes, gloo on CPU).
 
 Builds the same tiny random Llama teacher on every rank, keeps a whole copy, partitions the other with
 distill.teachers.partitioned.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of

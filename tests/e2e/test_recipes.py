@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from support import BIN, assert_falls, losses
@@ -172,16 +171,6 @@ def test_minilm_recipe(tmp_path, peaked_teacher, mlm_data):
         assert_falls(losses(out, key), 0.9, key)  # measured: 3.91 -> 3.18 (0.81), steadily, step-to-step noise ~0.05
     model = export_and_reload(out, str(tmp_path / "minilm_export"))
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
-
-
-def test_causal_collator_does_not_mask_and_labels_are_next_tokens():
-    from distill.data.masking import CausalLMCollator
-
-    rows = [(np.array([7, 3, 9, 2, 5]), None), (np.array([4, 8, 6]), None)]
-    out = CausalLMCollator(pad_id=0, pad_to_multiple_of=4)(rows, [10, 11])
-    assert out["input_ids"].tolist() == [[7, 3, 9, 2, 5, 0, 0, 0], [4, 8, 6, 0, 0, 0, 0, 0]]
-    assert out["labels"].tolist() == [[3, 9, 2, 5, -100, -100, -100, -100], [8, 6, -100, -100, -100, -100, -100, -100]]
-    assert out["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 3 + [0] * 5]
 
 
 @pytest.fixture(scope="module")
