@@ -54,3 +54,45 @@ def python_exe() -> str:
 def make_teacher():
     """The tiny teacher factory (support.tiny_teacher): a BERT or causal-family teacher, in memory or saved with its tokenizer."""
     return support.tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def lines(corpus_dir) -> list[str]:
+    """300 distinct documents of the demo corpus (standard-library docstrings); data-prep robustness tests, unit and e2e."""
+    docstrings = os.path.join(corpus_dir, "stdlib_docstrings.txt")
+    found = list(dict.fromkeys(line.strip() for line in open(docstrings, encoding="utf-8") if line.strip()))[:300]
+    assert len(found) == 300
+    return found
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, lines, tokenizer_dir) -> str:
+    """A dataset prepared from `lines` (a template: tests copy it before touching it)."""
+    from data_prep.config import PrepConfig
+    from data_prep.driver import run_prep
+
+    root = tmp_path_factory.mktemp("robust")
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    run_prep(
+        PrepConfig(
+            inputs=[str(root / "corpus.txt")], tokenizer=tokenizer_dir, output=str(root / "data"), max_seq_len=64, validation_fraction=0.1
+        ),
+        workers=1,
+    )
+    return str(root / "data")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
+    """A GPT-2-style byte-level BPE tokenizer (vocab 1000, <|endoftext|> as BOS/EOS, no [CLS]/[MASK]/unk)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir)), trainer)
+    out = str(tmp_path_factory.mktemp("gpt2tok"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
+    return out

@@ -12,12 +12,11 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support import private_tmpdir as _private_tmpdir
-from support import shared_data_path
+from support import read_split as _read_split
 
 from data_prep.config import PrepConfig
 from data_prep.driver import run_prep
-from data_prep.manifest import load_manifest, sha256_file, verify_shards
+from data_prep.manifest import load_manifest, verify_shards
 from data_prep.packing import PackSpec, make_packer, pack_document, split_of
 from data_prep.sources import Document, Dropped, read_documents
 from data_prep.tokenization import load_tokenizer
@@ -199,89 +198,6 @@ def test_beam_transforms_with_test_pipeline(tmp_path, tokenizer_dir):
         )
 
 
-def _read_split(out, manifest, split):
-    rows = []
-    for shard in manifest.splits[split].shards:
-        table = pq.read_table(os.path.join(out, shard.path))
-        rows += list(zip(table.column("input_ids").to_pylist(), table.column("word_start").to_pylist()))
-    return rows
-
-
-def _expected_sequences(docs, tok, max_len, min_len):
-    """Independent tokenization and windowing of every document: {split: Counter(sequence tuples)}."""
-    out = {"train": collections.Counter(), "validation": collections.Counter()}
-    tokens_read = 0
-    encoded = tok.tokenizer(docs, add_special_tokens=False)
-    for doc, ids in zip(docs, encoded["input_ids"]):
-        tokens_read += len(ids)
-        for s in range(0, len(ids), max_len - 2):
-            window = ids[s : s + max_len - 2]
-            if len(window) + 2 >= min_len and sum(i == tok.unk_id for i in window) <= 0.5 * len(window):
-                out[split_of(doc, 0.05)][tuple([tok.cls_id] + window + [tok.sep_id])] += 1
-    return out, tokens_read
-
-
-def test_full_run_on_the_demo_corpus_is_exact(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
-    scratch = _private_tmpdir(tmp_path, monkeypatch)
-    out = str(tmp_path / "prepared")
-    cfg = PrepConfig(inputs=[corpus_dir], tokenizer=tokenizer_dir, output=out, max_seq_len=64, validation_fraction=0.05, num_shards=3)
-    manifest = run_prep(cfg, workers=2)  # local FnApiRunner, multi_processing, 2 worker processes
-    assert os.listdir(scratch) == [], "the run left temporary files behind (Beam's beam-temp* directories)"
-
-    reread = load_manifest(out)
-    assert reread.to_json() == manifest.to_json()
-    assert len(reread.splits["train"].shards) == 3 and reread.token_dtype == "uint16"
-    for split in ("train", "validation"):
-        verify_shards(out, reread, split, checksums=True)
-        for shard in reread.splits[split].shards:
-            assert sha256_file(os.path.join(out, shard.path)) == shard.sha256
-    tok = load_tokenizer(tokenizer_dir)
-    all_docs = [
-        line.strip()
-        for name in sorted(os.listdir(corpus_dir))
-        for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
-        if line.strip()
-    ]
-    docs = list(dict.fromkeys(all_docs))  # exact duplicates are dropped
-    expected, unique_tokens = _expected_sequences(docs, tok, 64, 12)
-    _, tokens_read = _expected_sequences(all_docs, tok, 64, 12)
-    stats = reread.stats
-    assert stats["documents_read"] == len(all_docs)
-    assert stats["dropped"]["duplicate"] == {"documents": len(all_docs) - len(docs), "tokens": tokens_read - unique_tokens}
-    assert stats["tokens_read"] == tokens_read
-    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
-
-    counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    for split in ("train", "validation"):
-        rows = _read_split(out, reread, split)
-        assert collections.Counter(tuple(ids) for ids, _ in rows) == expected[split], (
-            f"{split} sequences differ from an independent computation"
-        )
-        assert sum(len(ids) for ids, _ in rows) == reread.splits[split].tokens
-        for ids, starts in rows:
-            assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) <= 64 and len(starts) == len(ids)
-            if split == "train":
-                np.add.at(counts, ids, 1)
-    assert np.array_equal(np.load(os.path.join(out, "token_counts.npy")), counts)
-
-    # word starts: tokens that begin a word per the tokenizer's own word_ids, for a few documents
-    sample = docs[:20]
-    train_rows = {tuple(ids): starts for ids, starts in _read_split(out, reread, "train")}
-    enc = tok.tokenizer(sample, add_special_tokens=False)
-    checked = 0
-    for i, ids in enumerate(enc["input_ids"]):
-        words = enc.word_ids(i)
-        window = ids[:62]
-        key = tuple([tok.cls_id] + window + [tok.sep_id])
-        if key in train_rows:
-            want = [True] + [j == 0 or words[j] != words[j - 1] for j in range(len(window))] + [True]
-            assert train_rows[key] == want
-            checked += 1
-    assert checked >= 5
-    # the per-split equality above means every sequence sits in its document's split: no document is in both
-    assert stats["splits"]["validation"]["documents"] + stats["splits"]["train"]["documents"] == len(docs)
-
-
 def _object_store_on_disk():
     """A Beam filesystem for `testobj://` paths that behaves like an object store (no directories, no rename),
     its objects kept as files under `ObjectStoreOnDisk.root`; Beam finds it by its scheme once defined."""
@@ -363,7 +279,6 @@ def _object_store_on_disk():
 def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypatch):
     """--output gs://...: the driver too goes through Beam's filesystems only (no local directory, no rename)."""
     from data_prep.errors import PrepInputError
-    from data_prep.manifest import verify_shards
 
     store = _object_store_on_disk()
     store.root = str(tmp_path / "store")
@@ -403,92 +318,6 @@ def test_output_on_an_object_store(tmp_path, corpus_dir, tokenizer_dir, monkeypa
     assert not [f for _, _, files in os.walk(tmp_path / "store" / "bucket" / "other") for f in files], (
         "a failed run leaves no objects under the output prefix"
     )
-
-
-def test_wikitext_accounting(tmp_path, tokenizer_dir):
-    valid = shared_data_path("wikitext-2", "valid.txt")
-    out = str(tmp_path / "wiki")
-    manifest = run_prep(
-        PrepConfig(inputs=[valid], tokenizer=tokenizer_dir, output=out, max_seq_len=128, validation_fraction=0.01), workers=2
-    )
-    stats = manifest.stats
-    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
-    assert stats["dropped"]["too_short"]["sequences"] > 0  # the " = Title = " lines
-    tok = load_tokenizer(tokenizer_dir)
-    lines = [text.strip() for text in open(valid, encoding="utf-8") if text.strip()]
-    assert stats["documents_read"] == len(lines)
-    assert stats["tokens_read"] == sum(len(ids) for ids in tok.tokenizer(lines, add_special_tokens=False)["input_ids"])
-
-
-@pytest.fixture(scope="session")
-def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
-    """A GPT-2-style byte-level BPE tokenizer (vocab 1000, <|endoftext|> as BOS/EOS, no [CLS]/[MASK]/unk)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train(sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir)), trainer)
-    out = str(tmp_path_factory.mktemp("gpt2tok"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
-    return out
-
-
-def test_causal_run_eos_between_documents_no_masking_metadata(tmp_path, corpus_dir, gpt2_tokenizer_dir):
-    out = str(tmp_path / "causal")
-    L = 64
-    manifest = run_prep(
-        PrepConfig(
-            inputs=[corpus_dir],
-            tokenizer=gpt2_tokenizer_dir,
-            output=out,
-            max_seq_len=L,
-            min_seq_len=8,
-            packing="causal",
-            validation_fraction=0.05,
-        ),
-        workers=2,
-    )
-    assert load_manifest(out).packing == "causal" and manifest.tokenizer.special_token_ids["eos"] >= 0
-    tok = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
-    eos = tok.eos_id
-    docs = [
-        line.strip()
-        for name in sorted(os.listdir(corpus_dir))
-        for line in open(os.path.join(corpus_dir, name), encoding="utf-8")
-        if line.strip()
-    ]
-    encoded = list(zip(docs, tok.tokenizer(docs, add_special_tokens=False)["input_ids"]))
-    stats = manifest.stats
-    assert stats["tokens_read"] == sum(len(ids) for _, ids in encoded)
-    missing = 0
-    for split in ("train", "validation"):
-        rows = [r for s in manifest.splits[split].shards for r in pq.read_table(os.path.join(out, s.path)).column("input_ids").to_pylist()]
-        assert pq.read_schema(os.path.join(out, manifest.splits[split].shards[0].path)).names == ["input_ids"]  # no word_start
-        assert sum(len(r) < L for r in rows) <= 4, "only the end of a bundle's stream may be short"
-        want = collections.Counter(t for d, ids in encoded if split_of(d, 0.05) == split for t in ids)
-        got = collections.Counter(t for r in rows for t in r if t != eos)
-        assert not got - want, f"{split}: tokens written that no document of this split holds"
-        doc_set = {tuple(ids) for d, ids in encoded if split_of(d, 0.05) == split}
-        inner = [tuple(seg) for r in rows for seg in _segments(r, eos)[1:-1]]
-        assert inner and all(seg in doc_set for seg in inner), "a run between two EOS is one whole document"
-        missing += sum(want.values()) - sum(got.values())
-    assert missing == stats["tokens_dropped"], "every token not written is counted as dropped"
-    assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
-
-
-def _segments(row, eos):
-    segs, cur = [], []
-    for t in row:
-        if t == eos:
-            segs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    segs.append(cur)
-    return segs
 
 
 def test_sources_parquet_bz2_long_lines_binary_and_cleaning(tmp_path):
@@ -605,113 +434,6 @@ def test_train_sentencepiece_and_use_it(tmp_path, corpus_dir):
     assert ids.tolist() == sp.encode(docs[0]) and starts.tolist() == [
         i == 0 or sp.id_to_piece(int(t)).startswith("\u2581") for i, t in enumerate(ids)
     ]
-
-
-def test_shards_are_globally_shuffled_deterministically(tmp_path, corpus_dir, tokenizer_dir):
-    docs = list(
-        dict.fromkeys(
-            line.strip() for line in open(os.path.join(corpus_dir, sorted(os.listdir(corpus_dir))[0]), encoding="utf-8") if line.strip()
-        )
-    )[:800]
-    (tmp_path / "c.txt").write_text("\n".join(docs) + "\n")
-
-    def run(name, seed, workers):
-        cfg = PrepConfig(
-            inputs=[str(tmp_path / "c.txt")],
-            tokenizer=tokenizer_dir,
-            output=str(tmp_path / name),
-            max_seq_len=32,
-            validation_fraction=0.0,
-            shard_rows=300,
-            seed=seed,
-        )
-        m = run_prep(cfg, workers=workers)
-        return m, [tuple(ids) for ids, _ in _read_split(cfg.output, m, "train")]
-
-    m1, rows1 = run("a", 0, 1)
-    m2, rows2 = run("b", 0, 2)
-    _, rows3 = run("c", 1, 1)
-    assert (
-        m1.token_dtype == "uint16"
-        and pq.read_schema(os.path.join(str(tmp_path / "a"), m1.splits["train"].shards[0].path)).field("input_ids").type.value_type
-        == "uint16"
-    )
-    assert [s.sha256 for s in m1.splits["train"].shards] == [s.sha256 for s in m2.splits["train"].shards], (
-        "same seed, same shards (any worker count)"
-    )
-    assert rows1 != rows3 and sorted(rows1) == sorted(rows3), "another seed: same rows, another order"
-    tok = load_tokenizer(tokenizer_dir)
-    in_order = [
-        tuple([tok.cls_id] + ids[s : s + 30] + [tok.sep_id])
-        for ids in tok.tokenizer(docs, add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids), 30)
-    ]
-    in_order = [r for r in in_order if len(r) >= 12]
-    assert sorted(rows1) == sorted(in_order) and rows1 != in_order
-    n = len(rows1)
-    assert (
-        len(m1.splits["train"].shards) == -(-n // 300) or abs(len(m1.splits["train"].shards) - n / 300) <= 1 + n / 600
-    )  # about n / 300 shards
-    assert sum(m1.stats["length_histogram"].values()) == n
-
-
-@pytest.mark.parametrize("packing", ["document", "causal"])
-def test_shuffle_through_spill_files_writes_the_runners_shards(
-    tmp_path, corpus_dir, tokenizer_dir, gpt2_tokenizer_dir, packing, monkeypatch
-):
-    """The local route (rows in spill files, only file names grouped) and the distributed route (the runner's
-    GroupByKey) write byte-identical shards; tiny spill buffers force many spill files per shard, and tiny
-    key ranges many reads of each (the pipeline runs in this process, so the patched limit applies)."""
-    import apache_beam as beam
-
-    import data_prep.shards
-
-    monkeypatch.setattr(data_prep.shards, "SHARD_PIECE_BYTES", 5000)
-    monkeypatch.setattr(data_prep.shards, "ROW_GROUP", 100)
-
-    from data_prep.pipeline import build_pipeline, token_dtype_for
-    from data_prep.runner import beam_options, local_runner
-
-    tok_dir = tokenizer_dir if packing == "document" else gpt2_tokenizer_dir
-    tok = load_tokenizer(tok_dir, packing=packing)
-    files = [os.path.join(corpus_dir, name) for name in sorted(os.listdir(corpus_dir))]
-    contents = {}
-    for route, spill_bytes in (("runner", 0), ("spill", 4096)):
-        cfg = PrepConfig(
-            inputs=files, tokenizer=tok_dir, output=str(tmp_path / route), max_seq_len=32, validation_fraction=0.1, packing=packing
-        )
-        options = beam_options(cfg, [], workers=1)
-        with beam.Pipeline(runner=local_runner(options), options=options) as pipeline:
-            build_pipeline(
-                pipeline,
-                cfg,
-                files,
-                tok.payload(),
-                tok.vocab_size,
-                token_dtype_for(tok.vocab_size),
-                3,
-                spill=route == "spill",
-                spill_bytes=spill_bytes or 1 << 26,
-            )
-        contents[route] = {
-            os.path.relpath(os.path.join(d, f), cfg.output): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(cfg.output)
-            for f in names
-            if f.endswith(".parquet")
-        }
-        rows = sum(pq.read_metadata(os.path.join(cfg.output, path)).num_rows for path in contents[route])
-        assert rows * 16 > 20 * 4096, "the corpus must spill many times over"
-        assert sum(pq.read_metadata(os.path.join(cfg.output, path)).num_row_groups for path in contents[route]) > 8
-        assert not [f for _, _, names in os.walk(os.path.join(cfg.output, "_prep_tmp")) for f in names if f.endswith(".spill")], (
-            "spill files are deleted once their shard is written"
-        )
-    assert sorted(contents["spill"]) == [
-        "train/part-00000-of-00003.parquet",
-        "train/part-00001-of-00003.parquet",
-        "train/part-00002-of-00003.parquet",
-        "validation/part-00000-of-00001.parquet",
-    ]
-    assert contents["spill"] == contents["runner"]
 
 
 def test_row_blocks_keys_order_and_gather():
