@@ -96,3 +96,24 @@ def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
     out = str(tmp_path_factory.mktemp("gpt2tok"))
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def twin_teachers(tmp_path_factory, tokenizer_dir):
+    """Two random BERT teachers of one shape (same config.json, same file sizes), different weights (seeds 0 and 1); identity-by-content tests, unit and e2e."""
+    from distill.tools.demo_assets import save_random_bert_teacher
+
+    root = tmp_path_factory.mktemp("twins")
+    shape = dict(layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
+    a = save_random_bert_teacher(tokenizer_dir, str(root / "a"), seed=0, **shape)
+    b = save_random_bert_teacher(tokenizer_dir, str(root / "b"), seed=1, **shape)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
+    """A 1-layer BERT with the session's WordPiece tokenizer (random weights); the finetune tests, unit and e2e."""
+    from distill.tools.demo_assets import save_random_bert_teacher
+
+    out = str(tmp_path_factory.mktemp("tiny_bert"))
+    return save_random_bert_teacher(tokenizer_dir, out, layers=1, hidden=32, heads=2, intermediate=64, max_positions=64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -287,3 +288,31 @@ def read_split(out, manifest, split):
         table = pq.read_table(os.path.join(out, shard.path))
         rows += list(zip(table.column("input_ids").to_pylist(), table.column("word_start").to_pylist()))
     return rows
+
+
+POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
+NEGATIVE = ["bad", "poor", "awful", "sad", "hate", "wrong"]
+FILLER = ["the", "list", "is", "a", "module", "function", "value", "object", "file", "name"]
+
+
+def synthetic_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """A learnable task: label 1 iff the sentence holds a word from POSITIVE (else one from NEGATIVE)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(path: str, rows, header: bool = True, extra_lines: tuple[str, ...] = ()) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        if header:
+            handle.write("sentence\tlabel\n")
+        for sentence, label in rows:
+            handle.write(f"{sentence}\t{label}\n")
+        for line in extra_lines:
+            handle.write(line + "\n")
+    return path

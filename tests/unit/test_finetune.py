@@ -4,49 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import subprocess
-import sys
 
 import pytest
+from support import synthetic_rows, write_tsv
 
 from distill.tools.finetune import FinetuneConfig, FinetuneError, accuracy_report, finetune, main, read_tsv, split_holdout
-
-POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
-NEGATIVE = ["bad", "poor", "awful", "sad", "hate", "wrong"]
-FILLER = ["the", "list", "is", "a", "module", "function", "value", "object", "file", "name"]
-
-
-def synthetic_rows(n: int, seed: int) -> list[tuple[str, int]]:
-    """A learnable task: label 1 iff the sentence holds a word from POSITIVE (else one from NEGATIVE)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = rng.choices(FILLER, k=rng.randint(3, 8))
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_tsv(path: str, rows, header: bool = True, extra_lines: tuple[str, ...] = ()) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        if header:
-            handle.write("sentence\tlabel\n")
-        for sentence, label in rows:
-            handle.write(f"{sentence}\t{label}\n")
-        for line in extra_lines:
-            handle.write(line + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
-    """A 1-layer BERT with the session's WordPiece tokenizer (random weights)."""
-    from distill.tools.demo_assets import save_random_bert_teacher
-
-    out = str(tmp_path_factory.mktemp("tiny_bert"))
-    return save_random_bert_teacher(tokenizer_dir, out, layers=1, hidden=32, heads=2, intermediate=64, max_positions=64)
 
 
 def test_read_tsv_header_and_bad_rows(tmp_path):
@@ -136,42 +98,3 @@ def test_finetune_learns_and_accuracy_matches_independent_count(tmp_path, tiny_m
     assert result["accuracy"] == correct / 100
     with open(os.path.join(out, "eval_results.json")) as handle:
         assert json.load(handle)["eval"]["correct"] == correct
-
-
-@pytest.mark.timeout(120)
-def test_cli_table_and_json(tmp_path, tiny_model):
-    train = write_tsv(str(tmp_path / "train.tsv"), synthetic_rows(64, 2))
-    held = write_tsv(str(tmp_path / "eval.tsv"), synthetic_rows(16, 3))
-    out_json = str(tmp_path / "r.json")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill.tools.finetune",
-            "--model",
-            tiny_model,
-            "--train",
-            train,
-            "--eval",
-            held,
-            "--output",
-            str(tmp_path / "o"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--device",
-            "cpu",
-            "--no-save-model",
-            "--json",
-            out_json,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "accuracy" in proc.stdout and "majority" in proc.stdout
-    result = json.load(open(out_json))
-    assert result["eval"]["examples"] == 16 and 0 <= result["accuracy"] <= 1
-    assert not os.path.exists(os.path.join(tmp_path, "o", "config.json"))
