@@ -21,8 +21,10 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_N
 
 
 def train_args(teacher, data, out, *settings, config="configs/distilbert.yaml") -> list[str]:
-    """The one builder of distill-train arguments: the recipe, the three paths, then `key=value` settings in order."""
-    return ["--config", config, f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", *settings]
+    """The one builder of distill-train arguments: `--config` (none with config=None, where a helper adds it), the
+    teacher, data and output paths, then `key=value` settings in order."""
+    recipe = ["--config", config] if config is not None else []
+    return [*recipe, f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", *settings]
 
 
 def run(cmd, check=True, **kw) -> subprocess.CompletedProcess:

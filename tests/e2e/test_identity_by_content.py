@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from support import train_args
 
 from distill.checkpoints import layout as ckpt
 from distill.models import fingerprint as fp
@@ -40,11 +41,7 @@ def train(teacher, data, out, *extra) -> subprocess.CompletedProcess:
     """distill-train, one process, a 6-step run that checkpoints every 3 steps."""
     return cli(
         "distill-train",
-        "--config",
-        os.path.join(REPO, "configs", "demo.yaml"),
-        f"teacher.path={teacher}",
-        f"data.path={data}",
-        f"output_dir={out}",
+        *train_args(teacher, data, out, config=os.path.join(REPO, "configs", "demo.yaml")),
         "train.max_steps=6",
         "train.micro_batch=2",
         "train.global_batch=4",

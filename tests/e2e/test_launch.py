@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from support import BIN, ENV, REPO_ROOT, metrics
+from support import BIN, ENV, REPO_ROOT, metrics, train_args
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -20,11 +20,7 @@ def test_two_nodes_with_no_ssh_node_ranks_train_one_model(tmp_path, teacher_dir,
     """Two launchers (node ranks 0 and 1, one process each) rendezvous on 127.0.0.1: world size 2."""
     out = tmp_path / "run"
     args = [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=32",
@@ -115,11 +111,7 @@ def test_hostfile_flow_starts_both_nodes_through_pdsh_and_ssh(tmp_path, teacher_
             "29672",
             "--module",
             "distill",
-            "--config",
-            "configs/distilbert.yaml",
-            f"teacher.path={teacher_dir}",
-            f"data.path={prepared_dir}",
-            f"output_dir={out}",
+            *train_args(teacher_dir, prepared_dir, out),
             "student.init=random",
             "student.init_layers=null",
             "train.global_batch=32",

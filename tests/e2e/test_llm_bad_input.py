@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from support import BIN, ENV, REPO_ROOT, assert_one_line_error, save_teacher
+from support import BIN, ENV, REPO_ROOT, assert_one_line_error, save_teacher, train_args
 from support import LLM_TINY as TINY
 
 pytestmark = pytest.mark.timeout(600)
@@ -18,11 +18,7 @@ def train(tmp_path, teacher: str, data: str, *extra: str):
     proc = subprocess.run(
         [
             os.path.join(BIN, "distill-train"),
-            "--config",
-            "configs/llm_kd.yaml",
-            f"teacher.path={teacher}",
-            f"data.path={data}",
-            f"output_dir={tmp_path / 'run'}",
+            *train_args(teacher, data, tmp_path / "run", config="configs/llm_kd.yaml"),
             *TINY,
             *extra,
         ],

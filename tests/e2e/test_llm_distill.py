@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from support import LLM_TINY as TINY
-from support import assert_falls, losses, save_teacher
+from support import assert_falls, losses, save_teacher, train_args
 from support import deepspeed_recipe as deepspeed
 
 pytestmark = pytest.mark.timeout(900)
@@ -37,7 +37,7 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
     out = str(tmp_path / "run")
     log = deepspeed(
         "llm_kd",
-        [f"teacher.path={teacher}", f"data.path={data}", f"output_dir={out}", "train.max_steps=20", "checkpoint.every_steps=20"] + TINY,
+        [*train_args(teacher, data, out, config=None), "train.max_steps=20", "checkpoint.every_steps=20"] + TINY,
         port,
     )
     assert "student initialised from teacher layers [0, 3]" in log

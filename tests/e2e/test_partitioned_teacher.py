@@ -10,7 +10,7 @@ import os
 import subprocess
 
 import pytest
-from support import BIN, ENV, REPO_ROOT, losses, save_teacher
+from support import BIN, ENV, REPO_ROOT, losses, save_teacher, train_args
 from support import LLM_TINY as TINY
 from support import deepspeed_recipe as deepspeed
 
@@ -75,11 +75,7 @@ def test_where_it_cannot_work_it_is_refused_in_one_line(tmp_path, llama_teacher)
     teacher, data = llama_teacher
     base = [
         os.path.join(BIN, "distill-train"),
-        "--config",
-        "configs/llm_kd.yaml",
-        f"teacher.path={teacher}",
-        f"data.path={data}",
-        f"output_dir={tmp_path / 'o'}",
+        *train_args(teacher, data, tmp_path / "o", config="configs/llm_kd.yaml"),
         "teacher.partition=true",
     ] + TINY
     proc = subprocess.run(base, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from support import BIN, assert_falls, losses
+from support import BIN, assert_falls, losses, train_args
 from support import deepspeed_recipe as deepspeed
 from support import run_log as run
 
@@ -89,9 +89,7 @@ def test_pkd_recipe(tmp_path, peaked_teacher, mlm_data):
     log = deepspeed(
         "pkd",
         [
-            f"teacher.path={peaked_teacher}",
-            f"data.path={mlm_data}",
-            f"output_dir={out}",
+            *train_args(peaked_teacher, mlm_data, out, config=None),
             "student.num_layers=2",
             "loss.layer_map=last",
             "train.max_steps=25",
@@ -120,9 +118,7 @@ def test_tinybert_recipe_at_zero3_trains_and_drops_the_projections(tmp_path, pea
     log = deepspeed(
         "tinybert",
         [
-            f"teacher.path={peaked_teacher}",
-            f"data.path={mlm_data}",
-            f"output_dir={out}",
+            *train_args(peaked_teacher, mlm_data, out, config=None),
             "train.max_steps=30",
             "optim.lr=3e-3",
             "checkpoint.every_steps=30",
@@ -154,9 +150,7 @@ def test_minilm_recipe(tmp_path, peaked_teacher, mlm_data):
     log = deepspeed(
         "minilm",
         [
-            f"teacher.path={peaked_teacher}",
-            f"data.path={mlm_data}",
-            f"output_dir={out}",
+            *train_args(peaked_teacher, mlm_data, out, config=None),
             "train.max_steps=30",
             "optim.lr=3e-3",
             "checkpoint.every_steps=30",
@@ -236,9 +230,7 @@ def test_distilgpt2_recipe(tmp_path, gpt2_assets):
     log = deepspeed(
         "distilgpt2",
         [
-            f"teacher.path={teacher}",
-            f"data.path={data}",
-            f"output_dir={out}",
+            *train_args(teacher, data, out, config=None),
             "train.max_steps=40",
             "optim.lr=3e-3",
             "checkpoint.every_steps=40",

@@ -18,6 +18,7 @@ import pytest
 import torch
 from support import BIN, run
 from support import safetensors_of as _safetensors
+from support import train_args as kd_args
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 6
@@ -45,11 +46,7 @@ def craft(path, marker) -> None:
 
 def train_args(teacher_dir, data_dir, out):
     return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={data_dir}",
-        f"output_dir={out}",
+        *kd_args(teacher_dir, data_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=32",

@@ -12,7 +12,7 @@ import subprocess
 
 import psutil
 import pytest
-from support import BIN, ENV, REPO_ROOT, latest, metrics, run, steps_logged, wait_for, worker
+from support import BIN, ENV, REPO_ROOT, latest, metrics, run, steps_logged, train_args, wait_for, worker
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 20  # the stop lands a step or two after the signal (at step 2), long before this
@@ -21,11 +21,7 @@ SCRIPT_ENV = dict(ENV, PATH=f"{BIN}{os.pathsep}{ENV['PATH']}")
 
 def job_args(teacher_dir, data_dir, out, steps=STEPS):
     return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={data_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, data_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=32",

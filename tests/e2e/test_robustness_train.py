@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from support import BIN, ENV, REPO_ROOT, metrics
+from support import BIN, ENV, REPO_ROOT, metrics, train_args
 from support import blow_up_weights as _blow_up_weights
 
 pytestmark = pytest.mark.timeout(600)
@@ -22,11 +22,7 @@ TRAIN = os.path.join(BIN, "distill-train")
 
 def args(teacher_dir, data_dir, out, *extra):
     return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={data_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, data_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=16",

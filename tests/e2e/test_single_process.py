@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from support import train_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -23,11 +24,7 @@ def _run(teacher_dir, prepared_dir, out, *extra) -> subprocess.CompletedProcess:
         sys.executable,
         "-m",
         "distill",
-        "--config",
-        os.path.join(REPO, "configs", "demo.yaml"),
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out, config=os.path.join(REPO, "configs", "demo.yaml")),
         "train.max_steps=6",
         "train.micro_batch=2",
         "train.global_batch=4",

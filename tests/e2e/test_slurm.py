@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from support import REPO_ROOT, metrics
+from support import REPO_ROOT, metrics, train_args
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -153,11 +153,7 @@ def _submit(env, tmp_path, args, name):
 
 def _job_args(teacher_dir, prepared_dir, out, steps):
     return [
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "train.global_batch=32",

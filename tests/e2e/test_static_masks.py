@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from support import BIN, ENV, REPO_ROOT, losses
+from support import BIN, ENV, REPO_ROOT, losses, train_args
 from support import run_log as run
 from support import trainer_samples as _samples
 
@@ -201,11 +201,7 @@ def _deepspeed(mlm, out, port, *extra):
             str(port),
             "--module",
             "distill",
-            "--config",
-            mlm["config"],
-            f"teacher.path={mlm['teacher']}",
-            f"data.path={mlm['data']}",
-            f"output_dir={out}",
+            *train_args(mlm["teacher"], mlm["data"], out, config=mlm["config"]),
             "train.max_steps=9",  # 72 samples of 34 rows: epochs 0, 1, 2 (variants 0, 1, 0)
             *extra,
         ]
@@ -300,11 +296,7 @@ def test_refusals_from_the_command_lines(mlm, full_cache, tmp_path):
     out = tmp_path / "run"
     cmd = [
         os.path.join(BIN, "distill-train"),
-        "--config",
-        mlm["config"],
-        f"teacher.path={mlm['teacher']}",
-        f"data.path={mlm['data']}",
-        f"output_dir={out}",
+        *train_args(mlm["teacher"], mlm["data"], out, config=mlm["config"]),
         "teacher.source=cache",
         f"teacher.cache={full_cache}",
         "data.static_masks=0",

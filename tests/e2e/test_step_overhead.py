@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from support import train_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -44,11 +45,7 @@ def _probe(tmp_path, teacher_dir, prepared_dir, accumulation: int) -> dict:
     cmd = [
         sys.executable,
         os.path.join(REPO, "bench", "step_probe.py"),
-        "--config",
-        os.path.join(REPO, "configs", "demo.yaml"),
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={tmp_path / 'run'}",
+        *train_args(teacher_dir, prepared_dir, tmp_path / "run", config=os.path.join(REPO, "configs", "demo.yaml")),
         f"train.max_steps={STEPS}",
         "train.micro_batch=2",
         f"train.global_batch={2 * accumulation}",

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import BIN, ENV, REPO_ROOT, losses, save_teacher
+from support import BIN, ENV, REPO_ROOT, losses, save_teacher, train_args
 from support import assert_one_line_error_of as assert_one_line_error
 from support import deepspeed_recipe as deepspeed
 from support import run_log as run  # noqa: F401
@@ -180,9 +180,7 @@ def cached_run(assets, tmp_path_factory):
     log = deepspeed(
         "llm_kd",
         [
-            f"teacher.path={assets['teacher']}",
-            f"data.path={assets['data']}",
-            f"output_dir={run_dir}",
+            *train_args(assets["teacher"], assets["data"], run_dir, config=None),
             "teacher.source=cache",
             f"teacher.cache={out}",
         ]
@@ -197,7 +195,7 @@ def test_training_from_a_full_cache_equals_the_online_teacher_per_step(assets, c
     """k = vocabulary, 32-bit values: a 2-process DeepSpeed run from the cache has the online run's losses (1e-5)."""
     _, cached = cached_run
     online = str(tmp_path / "online")
-    deepspeed("llm_kd", [f"teacher.path={assets['teacher']}", f"data.path={assets['data']}", f"output_dir={online}"] + COMMON, 29782)
+    deepspeed("llm_kd", [*train_args(assets["teacher"], assets["data"], online, config=None)] + COMMON, 29782)
     a, b = losses(online, "loss_jsd"), losses(cached, "loss_jsd")
     assert len(a) == 4 and np.allclose(a, b, rtol=0, atol=1e-5), (a, b)
     assert np.allclose(losses(online), losses(cached), rtol=0, atol=1e-5)
@@ -208,9 +206,7 @@ def test_a_run_from_the_cache_halts_and_resumes_with_the_same_losses(assets, cac
     resumed = str(tmp_path / "resumed")
     args = (
         [
-            f"teacher.path={assets['teacher']}",
-            f"data.path={assets['data']}",
-            f"output_dir={resumed}",
+            *train_args(assets["teacher"], assets["data"], resumed, config=None),
             "teacher.source=cache",
             f"teacher.cache={cache_dir}",
         ]
@@ -228,9 +224,7 @@ def test_a_run_from_the_cache_resumes_on_another_world_size(assets, cached_run, 
     out = str(tmp_path / "elastic")
     args = (
         [
-            f"teacher.path={assets['teacher']}",
-            f"data.path={assets['data']}",
-            f"output_dir={out}",
+            *train_args(assets["teacher"], assets["data"], out, config=None),
             "teacher.source=cache",
             f"teacher.cache={cache_dir}",
         ]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from support import REPO_ROOT, assert_one_line_error
+from support import REPO_ROOT, assert_one_line_error, train_args
 
 from distill.config import load_config
 from distill.train.engine import deepspeed_config
@@ -55,7 +55,7 @@ def test_teacher_that_is_a_hub_name_or_broken(tmp_path, prepared):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "bert", "vocab_size": 2000}')
-    code, lines = train(f"teacher.path={broken}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}")
+    code, lines = train(*train_args(broken, prepared, tmp_path / "o", config=None))
     assert_one_line_error(code, lines, "could not be loaded")
     assert not (tmp_path / "o").exists(), "nothing written for a run that could not start"
 
@@ -67,17 +67,15 @@ def test_tokenizer_mismatch(tmp_path, prepared, corpus_dir):
     other_teacher = save_random_bert_teacher(
         other_tok, str(tmp_path / "teacher"), layers=2, hidden=32, heads=2, intermediate=64, max_positions=64
     )
-    code, lines = train(f"teacher.path={other_teacher}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}")
+    code, lines = train(*train_args(other_teacher, prepared, tmp_path / "o", config=None))
     assert_one_line_error(code, lines, "does not match", "re-run distill-prep with --tokenizer")
 
 
 def test_config_errors(tmp_path, prepared, teacher_dir):
-    code, lines = train(f"teacher.path={teacher_dir}", f"data.path={prepared}", f"output_dir={tmp_path / 'o'}", "train.micro_bach=4")
+    code, lines = train(*train_args(teacher_dir, prepared, tmp_path / "o", config=None), "train.micro_bach=4")
     assert_one_line_error(code, lines, "unknown config key train.micro_bach (did you mean train.micro_batch?)")
     code, lines = train(
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared}",
-        f"output_dir={tmp_path / 'o'}",
+        *train_args(teacher_dir, prepared, tmp_path / "o", config=None),
         "train.global_batch=100",
         "train.micro_batch=16",
     )
@@ -95,14 +93,14 @@ def test_unfinished_or_damaged_dataset(tmp_path, prepared, teacher_dir):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(prepared, unfinished)
     os.remove(unfinished / "manifest.json")
-    code, lines = train(f"teacher.path={teacher_dir}", f"data.path={unfinished}", f"output_dir={tmp_path / 'o'}")
+    code, lines = train(*train_args(teacher_dir, unfinished, tmp_path / "o", config=None))
     assert_one_line_error(code, lines, "has no manifest.json", "did not finish")
     damaged = tmp_path / "damaged"
     shutil.copytree(prepared, damaged)
     manifest = json.load(open(damaged / "manifest.json"))
     manifest["splits"]["train"]["shards"][0]["rows"] += 1
     json.dump(manifest, open(damaged / "manifest.json", "w"))
-    code, lines = train(f"teacher.path={teacher_dir}", f"data.path={damaged}", f"output_dir={tmp_path / 'o'}")
+    code, lines = train(*train_args(teacher_dir, damaged, tmp_path / "o", config=None))
     assert_one_line_error(code, lines, "rows but the manifest says")
 
 
@@ -110,15 +108,13 @@ def test_output_dir_with_foreign_data_or_another_run(tmp_path, prepared, teacher
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
-    code, lines = train(f"teacher.path={teacher_dir}", f"data.path={prepared}", f"output_dir={foreign}")
+    code, lines = train(*train_args(teacher_dir, prepared, foreign, config=None))
     assert_one_line_error(code, lines, "already holds data that is not a run")
     assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "precious"
 
     out = tmp_path / "run"
     args = [
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared, out, config=None),
         "train.max_steps=1",
         "train.global_batch=8",
         "train.micro_batch=8",

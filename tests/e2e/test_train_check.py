@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import yaml
-from support import BIN, ENV, REPO_ROOT
+from support import BIN, ENV, REPO_ROOT, train_args
 
 TRAIN = os.path.join(BIN, "distill-train")
 
@@ -18,11 +18,7 @@ def check(*argv):
 def test_a_good_recipe_prints_its_resolved_config_and_writes_nothing(tmp_path, teacher_dir, prepared_dir):
     out = tmp_path / "run"
     proc = check(
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out),
         "student.init_layers=null",
         "--train.global-batch",
         "32",
@@ -43,11 +39,7 @@ def test_every_problem_at_once_before_any_weight_loads(tmp_path, teacher_dir, pr
     # four independent problems: batch sizes for 2 ranks, init layers beyond the 4-layer teacher, a loss that needs the
     # teacher's width from a narrower student, and a DeepSpeed JSON that does not exist
     proc = check(
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out),
         "train.global_batch=24",
         "train.micro_batch=8",
         "student.init_layers=[0, 9]",
@@ -64,11 +56,7 @@ def test_every_problem_at_once_before_any_weight_loads(tmp_path, teacher_dir, pr
     ):
         assert part in problems, (part, proc.stdout)
     narrow = check(
-        "--config",
-        "configs/distilbert.yaml",
-        f"teacher.path={teacher_dir}",
-        f"data.path={prepared_dir}",
-        f"output_dir={out}",
+        *train_args(teacher_dir, prepared_dir, out),
         "student.init=random",
         "student.init_layers=null",
         "student.hidden_size=32",
