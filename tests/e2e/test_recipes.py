@@ -47,27 +47,13 @@ def mlm_data(tmp_path_factory, small_corpus, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def peaked_teacher(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+def peaked_teacher(tmp_path_factory, tokenizer_dir, make_teacher):
+    """A random 4-layer BERT of wide initialisation (initializer_range 0.2: peaked outputs) with the session's tokenizer."""
+    from transformers import AutoTokenizer
 
     out = str(tmp_path_factory.mktemp("peaked_teacher"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-            initializer_range=0.2,
-        )
-    )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_teacher("bert", tokenizer, out, initializer_range=0.2)
 
 
 def export_and_reload(run_dir, out):
