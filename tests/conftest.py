@@ -56,32 +56,6 @@ def make_teacher():
     return support.tiny_teacher
 
 
-@pytest.fixture(scope="module")
-def lines(corpus_dir) -> list[str]:
-    """300 distinct documents of the demo corpus (standard-library docstrings); data-prep robustness tests, unit and e2e."""
-    docstrings = os.path.join(corpus_dir, "stdlib_docstrings.txt")
-    found = list(dict.fromkeys(line.strip() for line in open(docstrings, encoding="utf-8") if line.strip()))[:300]
-    assert len(found) == 300
-    return found
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, lines, tokenizer_dir) -> str:
-    """A dataset prepared from `lines` (a template: tests copy it before touching it)."""
-    from data_prep.config import PrepConfig
-    from data_prep.driver import run_prep
-
-    root = tmp_path_factory.mktemp("robust")
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    run_prep(
-        PrepConfig(
-            inputs=[str(root / "corpus.txt")], tokenizer=tokenizer_dir, output=str(root / "data"), max_seq_len=64, validation_fraction=0.1
-        ),
-        workers=1,
-    )
-    return str(root / "data")
-
-
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
     """A GPT-2-style byte-level BPE tokenizer (vocab 1000, <|endoftext|> as BOS/EOS, no [CLS]/[MASK]/unk)."""

@@ -266,21 +266,6 @@ def trainer_samples(seqs, plan, collator, steps):
     return out
 
 
-def file_tree(path) -> dict:
-    """{relative path: bytes} of every file under `path`."""
-    return {
-        os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(path) for f in files
-    }
-
-
-def flip_middle_bytes(data: bytes) -> bytes:
-    """`data` with 64 bytes in the middle inverted."""
-    out = bytearray(data)
-    middle = len(out) // 2
-    out[middle : middle + 64] = bytes(b ^ 0xFF for b in out[middle : middle + 64])
-    return bytes(out)
-
-
 def read_split(out, manifest, split):
     """(input_ids, word_start) of every row of a prepared split, shard by shard."""
     import pyarrow.parquet as pq
