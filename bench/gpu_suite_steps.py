@@ -11,7 +11,7 @@ Steps (in the suite's priority order):
       chunked vs full logits
   c   distill-cache (top-k 64) of the same teacher over the same data: tokens/s, bytes/token
   d0 d1 ...  bench/quality.py --scale gpu, one call each: the teacher, then each variant x seed, then the table
---smoke: every step at tiny sizes on a CPU (part of the test suite, tests/test_gpu_suite.py).
+--smoke: every step at tiny sizes on a CPU (part of the test suite, tests/e2e/test_gpu_suite.py).
 """
 
 from __future__ import annotations
