@@ -11,7 +11,7 @@ Steps (in the suite's priority order):
       chunked vs full logits
   c   distill-cache (top-k 64) of the same teacher over the same data: tokens/s, bytes/token
   d0 d1 ...  bench/quality.py --scale gpu, one call each: the teacher, then each variant x seed, then the table
---smoke: every step at tiny sizes on a CPU (part of the test suite, tests/test_gpu_suite.py).
+--smoke: every step at tiny sizes on a CPU (part of the test suite, tests/e2e/test_gpu_suite.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def sh(cmd: list[str], log: str | None = None) -> subprocess.CompletedProcess:
     sys.stdout.write(proc.stdout[-20000:])
     sys.stderr.write(proc.stderr[-20000:])
     if proc.returncode:
-        raise SystemExit(f"{cmd[1] if len(cmd) > 1 else cmd[0]} exited {proc.returncode}")
+        name = cmd[2] if cmd[1:2] == ["-m"] else os.path.basename(cmd[1] if cmd[0] == PY else cmd[0])
+        raise SystemExit(f"{name} exited {proc.returncode}")
     return proc
 
 
@@ -60,13 +61,14 @@ def bert_setup(smoke: bool) -> dict:
         return dict(
             config="configs/demo.yaml",
             size="tiny",
-            student=["student.num_layers=1"],
+            student=["student.num_layers=1"],  # teacher 1 x 8 (train_throughput's "tiny"), student 1 layer
             vocab=1000,
             steps=3,
             warmup=1,
             seq=(32, 64),
             micro=4,
-            cap=(4, 4),
+            cap=(2, 4),  # one doubling
+            profile="fast",  # the baseline is profiled on the GPU only
         )
     return dict(
         config="configs/distilbert.yaml",
@@ -78,12 +80,24 @@ def bert_setup(smoke: bool) -> dict:
         seq=(128, 512),
         micro=256,
         cap=(128, 2048),
+        profile="fast,baseline",
     )
 
 
 def throughput(out: str, name: str, extra: list[str]) -> dict:
+    """bench/train_throughput.py run in this process (one interpreter start less per call: most of a smoke step)."""
+    import train_throughput
+
     json_path = os.path.join(out, "work", f"{name}.throughput.json")
-    sh([PY, os.path.join(BENCH, "train_throughput.py"), "--cache", os.path.join(out, "work", "cache"), "--json", json_path, *extra])
+    argv = ["train_throughput.py", "--cache", os.path.join(out, "work", "cache"), "--json", json_path, *extra]
+    print("+ " + " ".join(argv), flush=True)
+    saved, sys.argv = sys.argv, argv
+    try:
+        rc = train_throughput.main()
+    finally:
+        sys.argv = saved
+    if rc:
+        raise SystemExit(f"train_throughput.py exited {rc}")
     with open(json_path) as handle:
         return json.load(handle)
 
@@ -119,7 +133,9 @@ def step_a(out: str, step: str, smoke: bool) -> dict:
         res = throughput(out, step, [*base, *s["student"], "--find-max-micro-batch", "--micro-batch-range", *map(str, s["cap"])])
         return {"seq": seq, "largest_micro_batch": res.get("largest_micro_batch"), "device": res.get("device")}
     paths = "fast,baseline" if step == "a1" or not smoke else "fast"  # smoke: the baseline once
-    res = throughput(out, step, [*base, "--paths", paths, *(["--profile"] if step == "a1" else []), *batch])
+    res = throughput(
+        out, step, [*base, "--paths", paths, *(["--profile", "--profile-paths", s["profile"]] if step == "a1" else []), *batch]
+    )
     data, tok = prepare(os.path.join(out, "work", "cache"), seq, s["vocab"], "full_sentences")
     teacher = teacher_for(os.path.join(out, "work", "cache"), s["size"], s["vocab"], tok)
     estimate = memory_estimate_mib(s["config"], [f"teacher.path={teacher}", f"data.path={data}", "student.init_layers=null", *batch])
@@ -134,7 +150,7 @@ def step_a(out: str, step: str, smoke: bool) -> dict:
 def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
     """A byte-level BPE tokenizer on the demo corpus, the corpus prepared `--packing causal`, a random Llama teacher."""
     work = os.path.join(out, "work", "llm_smoke" if smoke else "llm")
-    seq = 64 if smoke else 2048
+    seq = 32 if smoke else 2048
     tok_dir, data, teacher = (os.path.join(work, d) for d in ("tokenizer", "data", "teacher"))
     corpus = os.path.join(out, "work", "corpus")
     if not os.path.isdir(corpus):
@@ -164,7 +180,7 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         shape = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2000
         )
         if not smoke:  # ~1.5B with its untied 128k head and embeddings (Llama-3.2-1B: 16 x 2048, FFN 8192, 32 / 8 heads)
             shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -177,6 +193,9 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
         model.save_pretrained(teacher + ".tmp")
         tokenizer.save_pretrained(teacher + ".tmp")
         os.replace(teacher + ".tmp", teacher)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this process stays alive beside the runs it starts: hand the ~3 GB back
     return data, teacher
 
 
@@ -186,7 +205,7 @@ def step_b(out: str, step: str, smoke: bool) -> dict:
     base = ["--config", "configs/llm_kd.yaml", "--data", data, "--teacher", teacher, "--procs", "1", "--paths", "fast"]
     base += ["--steps", str(steps), "--warmup", str(warmup), f"train.micro_batch={micro}", f"train.global_batch={micro}"]
     base += ["deepspeed.config=configs/deepspeed/zero2.json", "checkpoint.keep_last=0"]
-    result: dict = {"teacher": teacher}
+    result: dict = {"teacher": teacher, "seq": 32 if smoke else 2048, "zero_stage": 2}
     for name, extra in (("chunked", []), ("full", ["loss.chunked_logits=false"])):
         res = throughput(out, f"b_{name}", [*base, *extra])
         result[name] = {"summary": res.get("summary"), "device": res.get("device"), "peak_tflops": res.get("peak_tflops")}
@@ -203,15 +222,18 @@ def step_c(out: str, step: str, smoke: bool) -> dict:
 
     shutil.rmtree(path, ignore_errors=True)
     start = time.time()
-    sh([os.path.join(os.path.dirname(PY), "distill-cache"), "--data", data, "--teacher", teacher, "--output", path, "--mode", "topk",
-        "--k", "64", "--workers", "1", "--batch-size", "4" if smoke else "16"])  # fmt: skip
+    split = "validation" if smoke else "train"  # smoke: the 1% validation split (~160 rows of 32 tokens)
+    sh([PY, "-m", "distill.cache.cli", "--data", data, "--teacher", teacher, "--output", path, "--mode", "topk",
+        "--k", "64", "--workers", "1", "--split", split, "--batch-size", "4" if smoke else "16"])  # fmt: skip
     wall = time.time() - start
     with open(os.path.join(path, "manifest.json")) as handle:
         manifest = json.load(handle)
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-    tokens = manifest.get("totals", {}).get("positions") or manifest.get("totals", {}).get("tokens") or manifest.get("positions")
-    return {"wall_s": wall, "bytes": size, "tokens": tokens, "tokens_per_s": tokens / wall if tokens else None,
-            "bytes_per_token": size / tokens if tokens else None, "manifest_totals": manifest.get("totals")}  # fmt: skip
+    tokens = sum(part["tokens"] for part in manifest["parts"])
+    stats = manifest["stats"]  # the pipeline's own figures (its run, without the process start)
+    return {"split": split, "wall_s": wall, "bytes": size, "tokens": tokens, "tokens_per_s": stats["tokens_per_second"],
+            "tokens_per_s_whole_process": tokens / wall, "bytes_per_token": stats["bytes_per_token"],
+            "bytes_per_token_on_disk": size / tokens}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,16 +251,12 @@ def step_d(out: str, step: str, smoke: bool) -> dict:
     cmd = [PY, os.path.join(BENCH, "quality.py"), *scale, "--out", qout, "--seeds"]
     if piece == "teacher":
         cmd += ["1", "--variants"]
-    elif piece == "table":
-        cmd += ["1", "2", "--only-finished"]
+    elif piece == "table":  # what is trained, every variant and seed of the plan (smoke: seed 1)
+        cmd += ["1", "--only-finished"] if smoke else ["1", "2", "--only-finished"]
     else:
         cmd += [piece[1], "--variants", piece[0]]
     if smoke:
         cmd += ["--skip-finetune"]
-    if piece == "table" and smoke:
-        cmd[cmd.index("--seeds") + 1 : cmd.index("--seeds") + 3] = ["1"]
-        cmd[cmd.index("--only-finished")] = "--variants"
-        cmd.insert(cmd.index("--variants") + 1, "a")
     sh(cmd)
     result = {"piece": piece, "out": qout}
     if piece == "table":
@@ -293,6 +311,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     os.makedirs(os.path.join(args.out, "work"), exist_ok=True)
+    os.environ.update(ENV)  # for what runs in this process and starts its own (train_throughput.py's distill-train runs)
     if args.step == "summary":
         summary(args.out)
         return 0

@@ -46,6 +46,18 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+# run as modules, not through their console scripts (a stale editable install's scripts name pre-move modules)
+TOOLS = {
+    "distill-demo-assets": "distill.tools.demo_assets",
+    "distill-eval": "distill.tools.evaluate",
+    "distill-finetune": "distill.tools.finetune",
+}
+
+
+def tool(name: str) -> list[str]:
+    return [sys.executable, "-m", TOOLS[name]]
+
+
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 VARIANTS = {
     "a": ("student_a.yaml", "DistilBERT loss, teacher init"),
@@ -223,7 +235,7 @@ class Runner:
         if not os.path.exists(os.path.join(tok, "tokenizer.json")):
             log("tokenizer: WordPiece on valid.txt")
             self.sh(
-                [os.path.join(BIN, "distill-demo-assets"), "tokenizer", self.args.valid, "--output", tok, "--vocab-size", str(s.vocab)],
+                [*tool("distill-demo-assets"), "tokenizer", self.args.valid, "--output", tok, "--vocab-size", str(s.vocab)],
                 "tokenizer",
                 "prep",
             )
@@ -323,7 +335,7 @@ class Runner:
         if not os.path.exists(out_json):
             os.makedirs(os.path.dirname(out_json), exist_ok=True)
             cmd = [
-                os.path.join(BIN, "distill-eval"),
+                *tool("distill-eval"),
                 "--model",
                 model,
                 "--data",
@@ -349,7 +361,7 @@ class Runner:
         if not os.path.exists(out_json):
             s = self.scale
             cmd = [
-                os.path.join(BIN, "distill-finetune"),
+                *tool("distill-finetune"),
                 "--model",
                 model,
                 "--train",

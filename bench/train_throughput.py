@@ -921,6 +921,9 @@ def main() -> int:
         "step's time goes (data, teacher, student forward, loss, backward, optimizer, comm); phases are serialised, so only shares count",
     )
     parser.add_argument(
+        "--profile-paths", default="fast,baseline", help="--profile: the paths profiled (baseline only if it is in --paths)"
+    )
+    parser.add_argument(
         "--find-max-micro-batch", action="store_true", help="largest micro batch that fits, for the fast and the baseline path"
     )
     parser.add_argument(
@@ -1045,7 +1048,7 @@ def main() -> int:
     results = run_rounds(plan, args, train_args, env, cfg, teacher, data, rounds)
     summaries = {name: summarise(runs) for name, runs in results.items()}
     if args.profile:
-        for name in ("fast", "baseline"):
+        for name in args.profile_paths.split(","):
             if name == "fast" or name in wanted:
                 res = run_ours(
                     f"{name} (profiled)", args, train_args, [*known[name], "train.profile_phases=true"], args.master_port + 99, env

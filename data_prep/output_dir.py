@@ -31,6 +31,21 @@ from kd_common.output_rule import OutputError, check_no_overlap, check_replaceab
 log = logging.getLogger("distill-prep")
 TMP_DIR = "_prep_tmp"  # spill files and stats of a run, inside the dataset being written; removed before the manifest
 DATASET_ENTRIES = {MANIFEST_FILE, TOKEN_COUNTS_FILE, TOKENIZER_DIR, "train", "validation", TMP_DIR}
+# what a tokenizer's save_pretrained (HF fast, or the sentencepiece adapter: spiece.model + its AutoTokenizer copy) writes
+TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+}
 KIND = "prepared dataset"
 
 
@@ -64,6 +79,13 @@ def is_prepared_dataset(path: str) -> bool:
             return False
         if any(not (name.endswith(".parquet") or name.startswith("beam-temp-")) for name in os.listdir(directory)):
             return False
+    tokenizer = os.path.join(path, TOKENIZER_DIR)
+    if os.path.lexists(tokenizer):  # a file the user put beside the tokenizer's own is not ours to delete
+        if os.path.islink(tokenizer) or not os.path.isdir(tokenizer):
+            return False
+        for name in os.listdir(tokenizer):
+            if name not in TOKENIZER_FILES or os.path.islink(os.path.join(tokenizer, name)):
+                return False
     if MANIFEST_FILE in names:
         return _manifest_format(path) == FORMAT_NAME
     return TMP_DIR in names

@@ -134,7 +134,7 @@ def _count_drops(dropped: dict, reason: str, mask: np.ndarray, tokens: np.ndarra
 
 def pack_documents(docs: list[tuple[np.ndarray, np.ndarray]], spec: PackSpec, dropped: dict) -> RowBlock:
     """`document` mode for many documents at once, in numpy: the rows `_pack_windows` gives document by
-    document, in the same order, with the same drops counted into `dropped` (tests/test_data_prep.py compares them)."""
+    document, in the same order, with the same drops counted into `dropped` (tests/unit/test_data_prep.py compares them)."""
     width = spec.max_seq_len - 2
     lengths = np.fromiter((len(ids) for ids, _ in docs), dtype=np.int64, count=len(docs))
     if not lengths.sum():

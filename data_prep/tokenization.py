@@ -132,7 +132,7 @@ def _continuation_table(backend):
 
     WordPiece splits every pre-tokenized word into a first piece without the prefix and continuation
     pieces with it, so a token starts a word exactly when it is not a continuation piece, which is what
-    the word ids say (tests/test_data_prep.py compares the two) without asking the tokenizer for offsets.
+    the word ids say (tests/unit/test_data_prep.py compares the two) without asking the tokenizer for offsets.
     """
     from tokenizers import models  # tokenizers: not at start-up
 

@@ -3,7 +3,7 @@
 # torch is pinned first so that the dependency resolver never swaps it. From PyPI, torch==2.13.0 is the CUDA
 # build on Linux x86-64 (several GB with its nvidia-* wheels, a few minutes to download; it runs on CPU too);
 # set TORCH_SPEC (e.g. a local CPU wheel) to install another build.
-# Then, where Go exists, Beam's Prism job server (the portable runner tests/test_portable_runner.py runs on) is
+# Then, where Go exists, Beam's Prism job server (the portable runner tests/e2e/test_portable_runner.py runs on) is
 # built from the Go module proxy into ~/.cache/distill-kd/prism-BEAMVERSION/ (~65 MB, ~3 minutes on 2 cores the
 # first time; cached after). Skip it with PRISM=0.
 set -euo pipefail

@@ -1,4 +1,7 @@
-"""Shared fixtures: every test asset is built locally (no network), once per session."""
+"""Fixtures shared by tests/unit and tests/e2e: every test asset is built locally (no network), once per session.
+
+Plain helpers (paths, the argument builder, the tiny teacher factory) live in tests/support.py; e2e-only fixtures
+in tests/e2e/conftest.py."""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import os
 import sys
 
 import pytest
+import support
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,40 +45,49 @@ def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
     return save_random_bert_teacher(tokenizer_dir, out, layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> str:
-    """The demo corpus prepared by distill-prep (Beam, 2 workers) at max_seq_len 64."""
-    import subprocess
-
-    out = str(tmp_path_factory.mktemp("prepared") / "data")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "distill-prep"),
-        "--input",
-        corpus_dir,
-        "--tokenizer",
-        tokenizer_dir,
-        "--output",
-        out,
-        "--max-seq-len",
-        "64",
-        "--validation-fraction",
-        "0.05",
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
-
-
-def shared_data_path(*parts: str) -> str:
-    """Path under ../shared/data, or skip the test (a user's fresh clone has no shared folder)."""
-    path = os.path.join(SHARED_DATA, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is absent (../shared/data only exists beside the team's checkout)")
-    return path
-
-
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def make_teacher():
+    """The tiny teacher factory (support.tiny_teacher): a BERT or causal-family teacher, in memory or saved with its tokenizer."""
+    return support.tiny_teacher
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, corpus_dir) -> str:
+    """A GPT-2-style byte-level BPE tokenizer (vocab 1000, <|endoftext|> as BOS/EOS, no [CLS]/[MASK]/unk)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir)), trainer)
+    out = str(tmp_path_factory.mktemp("gpt2tok"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def twin_teachers(tmp_path_factory, tokenizer_dir):
+    """Two random BERT teachers of one shape (same config.json, same file sizes), different weights (seeds 0 and 1); identity-by-content tests, unit and e2e."""
+    from distill.tools.demo_assets import save_random_bert_teacher
+
+    root = tmp_path_factory.mktemp("twins")
+    shape = dict(layers=4, hidden=64, heads=4, intermediate=128, max_positions=128)
+    a = save_random_bert_teacher(tokenizer_dir, str(root / "a"), seed=0, **shape)
+    b = save_random_bert_teacher(tokenizer_dir, str(root / "b"), seed=1, **shape)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
+    """A 1-layer BERT with the session's WordPiece tokenizer (random weights); the finetune tests, unit and e2e."""
+    from distill.tools.demo_assets import save_random_bert_teacher
+
+    out = str(tmp_path_factory.mktemp("tiny_bert"))
+    return save_random_bert_teacher(tokenizer_dir, out, layers=1, hidden=32, heads=2, intermediate=64, max_positions=64)

@@ -131,7 +131,7 @@ def save_random_bert_teacher(
 
 
 RECORD_FILE = "training_record.json"  # beside a shipped demo teacher: how it was made and what it scored
-CHECK_STEP = 200  # the step of the recipe that tests/test_demo.py reproduces (the plateau is left by then)
+CHECK_STEP = 200  # the step of the recipe that tests/e2e/test_demo.py reproduces (the plateau is left by then)
 
 
 def split_fingerprint(data_dir: str, split: str = "train") -> str:
@@ -150,7 +150,7 @@ def split_fingerprint(data_dir: str, split: str = "train") -> str:
 
 
 def teacher_record(run_dir: str, data_dir: str, teacher_dir: str, check_step: int = CHECK_STEP) -> dict:
-    """What tests/test_demo.py compares a rerun of the teacher recipe with: the run's loss at every step, the data it
+    """What tests/e2e/test_demo.py compares a rerun of the teacher recipe with: the run's loss at every step, the data it
     saw, and held-out scores of its step-`check_step` checkpoint and of the exported teacher."""
     import torch  # torch: not at start-up
 

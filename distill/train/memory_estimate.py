@@ -6,9 +6,12 @@ models (exact, tied weights once); everything else is per-token arithmetic:
 - student states, bytes per parameter: weights w, gradients g, fp32 master m and Adam m+v (8); bf16/fp16 w = g = 2,
   m = 4; fp32 w = g = 4 and DeepSpeed's ZeRO still keeps its own fp32 partition (m = 4). At the step DeepSpeed also
   holds the gradient partition in fp32 (4), and on a CPU torch's unfused AdamW two temporaries (8). Stage 1 divides m, Adam and the fp32 gradient by the ranks R, stage 2 also
-  g, stage 3 everything (plus one gathered layer and embedding).
+  g, stage 3 everything (plus what is gathered at once: ZeRO-3 gathers one module at a time, the embedding, each
+  layer, the head, so the largest of them; DeepSpeed's prefetch bucket, 50M elements in configs/deepspeed/zero3.json,
+  may add up to one more bucket, not counted).
 - teacher: its weights in its dtype, on every rank (replicated) or 1/R of them plus what is gathered at once
-  (partitioned); its forward runs without autograd, so only one layer's activations live at a time.
+  (partitioned: the largest module, as for the student, plus the gathered copy of its head that the chunked losses
+  receive for the micro batch); its forward runs without autograd, so only one layer's activations live at a time.
 - student activations kept for backward: elements per token per layer (BERT/GPT-2: 8h + 2f, plus dropout masks and,
   with eager attention, the heads x seq attention probabilities; gated MLPs (Llama, Mistral, Qwen): 6h + 2 kv + 4f)
   x micro batch x max_seq_len (full windows: an upper bound with padding) x layers; with activation checkpointing
@@ -17,7 +20,11 @@ models (exact, tied weights once); everything else is per-token arithmetic:
   4 fp32 (positions x vocab) tensors (teacher and student logits, a softmax, the gradient); with mixed precision
   the head gradient summed in fp32 too.
 Not covered: the CUDA context, allocator slack and fragmentation, the libraries (on a CPU: the interpreter, torch,
-DeepSpeed, transformers), the data loader.
+DeepSpeed, transformers), the data loader. On a CPU the measured peak RSS of a small BERT run
+(tests/e2e/test_memory_estimate.py: estimate 553 MiB, measured 687 MiB above the libraries) is ~130 MiB (~20%) above the
+estimate, not located: neither the TensorBoard writer (+5 MiB) nor the gloo process group (+6 MiB); the likely rest
+is host-side transients (the teacher's checkpoint read, DeepSpeed's flattening copies at engine start, the
+allocator's unreturned pages), which are not device memory on a GPU.
 """
 
 from __future__ import annotations
@@ -77,6 +84,14 @@ def _shape(config) -> dict[str, int]:
     return {"h": h, "heads": heads, "f": f, "layers": layers, "kv": kv, "vocab": config.vocab_size}
 
 
+def _modules(config, params: int) -> tuple[float, float, float]:
+    """Parameters of (the token embedding, one layer, the untied head: 0 when tied) of a model of `params` parameters."""
+    s = _shape(config)
+    embedding = s["vocab"] * s["h"]
+    head = 0 if getattr(config, "tie_word_embeddings", True) else embedding
+    return embedding, (params - embedding - head) / max(1, s["layers"]), head
+
+
 def activation_elements_per_token_layer(config, seq: int, eager: bool, dropout: float) -> tuple[float, float]:
     """(elements kept for backward per token per layer in the activation dtype, one-byte dropout-mask elements)."""
     s = _shape(config)
@@ -128,11 +143,11 @@ def estimate_memory(
         est.parts["optimizer step temporaries"] = P_s * 8 / (1 if zero_stage == 0 else R)
         est.notes["optimizer step temporaries"] = "CPU: unfused AdamW, 8 B/param of the partition"
     if zero_stage == 3:
-        layer = (P_s - 2 * s["vocab"] * s["h"]) / max(1, s["layers"])
-        est.parts["student gathered (ZeRO-3)"] = (layer + s["vocab"] * s["h"]) * w
-        est.notes["student gathered (ZeRO-3)"] = "a layer and an embedding at once"
+        est.parts["student gathered (ZeRO-3)"] = max(_modules(student.config, P_s)) * w
+        est.notes["student gathered (ZeRO-3)"] = "the largest module (embedding, a layer, the head): one at a time"
 
     tokens = cfg.train.micro_batch * max_seq_len
+    chunked = cfg.loss.chunked_logits and cfg.train.logits_where_needed and causal
     teacher = _meta_teacher(teacher_config)
     t_bytes = torch.finfo(teacher_dtype).bits // 8
     teacher_extra = 0.0
@@ -140,7 +155,9 @@ def estimate_memory(
         P_t = _count(teacher)
         t = _shape(teacher_config)
         replicated = P_t * t_bytes
-        gathered = ((P_t - 2 * t["vocab"] * t["h"]) / max(1, t["layers"]) + 2 * t["vocab"] * t["h"]) * t_bytes
+        embedding, layer, head = _modules(teacher_config, P_t)
+        head_copy = (head or embedding) if chunked else 0  # the chunked losses read the teacher's projection outside its forward
+        gathered = (max(embedding, layer, head) + head_copy) * t_bytes
         partitioned = P_t * t_bytes / R + gathered
         use_partition = bool(cfg.teacher.partition) and R > 1
         est.parts["teacher weights"] = partitioned if use_partition else replicated
@@ -168,7 +185,6 @@ def estimate_memory(
         positions = tokens
     else:
         positions = tokens * cfg.data.mlm_probability
-    chunked = cfg.loss.chunked_logits and cfg.train.logits_where_needed and causal
     if chunked:
         from distill.objective.chunked_logits import CHUNK_ELEMENTS
 

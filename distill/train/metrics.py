@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kd_common.files import write_atomically
+from kd_common.output_rule import OutputError
 
 # TensorBoard tag of each logged name (loss terms are added as loss/<name>)
 TENSORBOARD_TAGS = {
@@ -148,11 +149,13 @@ class MetricsLog:
         # redone steps (> start_step; the first step this run logs is start_step + 1), so each step shows once
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", start_step)
-        with open(os.path.join(output_dir, "config.yaml"), "w") as handle:
-            handle.write(config_yaml)
+        write_atomically(os.path.join(output_dir, "config.yaml"), config_yaml)  # replaces a symlink there, never writes through it
         path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.islink(path):
+            raise OutputError(f"{path} is a symbolic link; this run writes its metrics there itself: remove the link and rerun")
         keep_steps_up_to(path, start_step)
-        self.jsonl = open(path, "a")
+        # O_NOFOLLOW: a link put there after the check is refused by the kernel, not followed
+        self.jsonl = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
 
     def write(self, metrics: dict[str, Any], last_step: bool, console) -> None:
         step = metrics["step"]
