@@ -34,6 +34,9 @@ from typing import Any, Optional
 
 import torch
 
+from distill.models.build import is_causal, make_student, resolve_dtype
+from distill.objective.chunked_logits import CHUNK_ELEMENTS
+
 GIB = 2**30
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "olmo", "olmo2")
 
@@ -64,15 +67,10 @@ def _count(model: torch.nn.Module) -> int:
 
 
 def _meta_teacher(teacher_config) -> Optional[torch.nn.Module]:
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    from distill.models.build import _family
-
     if teacher_config is None:
         return None
-    auto = AutoModelForCausalLM if _family(teacher_config).causal else AutoModelForMaskedLM
-    with torch.device("meta"):
-        return auto.from_config(teacher_config)
+    with torch.device("meta"):  # the family's own auto class (Family.auto_class), shapes only
+        return make_student(teacher_config, "sdpa")
 
 
 def _shape(config) -> dict[str, int]:
@@ -186,8 +184,6 @@ def estimate_memory(
     else:
         positions = tokens * cfg.data.mlm_probability
     if chunked:
-        from distill.objective.chunked_logits import CHUNK_ELEMENTS
-
         chunk = min(positions, max(1, CHUNK_ELEMENTS // V))
         head_sum = V * s["h"] * 4 if mixed else 0  # the head gradient summed in fp32 (in fp32: the gradient itself, counted above)
         logits = 3.5 * chunk * V * 4 + head_sum
@@ -214,8 +210,6 @@ def estimate_memory(
 
 def estimate_from_preflight(cfg, world_size: int, device: torch.device, pf) -> Optional[MemoryEstimate]:
     """The estimate for what `distill.train.preflight.preflight` read (None when it could not build the student)."""
-    from distill.models.build import is_causal, make_student, resolve_dtype
-
     if pf.student_config is None or pf.manifest is None or pf.ds_config is None:
         return None
     with torch.device("meta"):  # shapes only: no weights, no memory

@@ -139,10 +139,6 @@ def test_no_module_imports_from_a_layer_above_its_own():
     assert upward == []
 
 
-# another branch is editing this file; its function-level imports get their reasons when it merges
-UNREASONED_FOR_NOW = {os.path.join("distill", "train", "memory_estimate.py")}
-
-
 def imports_without_a_reason(source: str) -> list[int]:
     """Line numbers of imports inside a function with no comment on their first line or on a comment line right above
     (a comment line above a block of consecutive imports covers the block)."""
@@ -192,7 +188,6 @@ def test_every_import_inside_a_function_says_why():
     missing = []
     for module, path in sorted(modules().items()):
         relative = os.path.relpath(path, REPO)
-        if relative not in UNREASONED_FOR_NOW:
-            source = open(path, encoding="utf-8").read()
-            missing += [f"{relative}:{line}" for line in imports_without_a_reason(source)]
+        source = open(path, encoding="utf-8").read()
+        missing += [f"{relative}:{line}" for line in imports_without_a_reason(source)]
     assert missing == [], "import inside a function without a reason comment (move it to the top, or say what start-up it spares)"
