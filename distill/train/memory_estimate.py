@@ -157,7 +157,7 @@ def estimate_memory(
         head_copy = (head or embedding) if chunked else 0  # the chunked losses read the teacher's projection outside its forward
         gathered = (max(embedding, layer, head) + head_copy) * t_bytes
         partitioned = P_t * t_bytes / R + gathered
-        use_partition = bool(cfg.teacher.partition) and R > 1
+        use_partition = cfg.teacher.source == "partitioned" and R > 1
         est.parts["teacher weights"] = partitioned if use_partition else replicated
         est.notes["teacher weights"] = f"{P_t / 1e6:,.1f}M params x {t_bytes} B " + (
             f"/ {R} + gathered {gathered / GIB:.2f} GiB" if use_partition else "(replicated)"
@@ -197,7 +197,7 @@ def estimate_memory(
         "total with activation checkpointing": est.total - full_act + ckpt_act,
         **(
             {
-                "total, teacher " + ("replicated" if cfg.teacher.partition and R > 1 else "partitioned"): est.total
+                "total, teacher " + ("replicated" if use_partition else "partitioned"): est.total
                 - est.parts["teacher weights"]
                 + other_teacher
             }
