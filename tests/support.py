@@ -354,3 +354,28 @@ def cache(assets, out, *extra, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"distill-cache exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def byte_level_bpe(corpus_dir: str, root, lines: int, vocab: int = 320):
+    """The first `lines` lines of each file of `corpus_dir` copied to ROOT/corpus, and a byte-level BPE tokenizer
+    (`<|endoftext|>` as bos, eos and pad) trained on them and saved in ROOT/tokenizer; returns (corpus dir, tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in sorted(os.listdir(corpus_dir)):
+        with open(os.path.join(corpus_dir, name)) as handle:
+            (corpus / name).write_text("\n".join(handle.read().splitlines()[:lines]) + "\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(
+        sorted(str(corpus / f) for f in os.listdir(corpus)),
+        trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    return corpus, tokenizer

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from support import BIN, cache, run, run_log, save_teacher
+from support import BIN, byte_level_bpe, cache, run, run_log, save_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,26 +96,8 @@ def bpe_data(tmp_path_factory, small_corpus):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, corpus_dir):
     """A byte-level BPE tokenizer (vocab 320), ~100 rows of causal data (48 tokens), a tiny random Llama teacher."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("cache_assets")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in sorted(os.listdir(corpus_dir)):
-        with open(os.path.join(corpus_dir, name)) as handle:
-            (corpus / name).write_text("\n".join(handle.read().splitlines()[:40]) + "\n")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train(
-        sorted(str(corpus / f) for f in os.listdir(corpus)),
-        trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.save_pretrained(str(root / "tokenizer"))
+    corpus, tokenizer = byte_level_bpe(corpus_dir, root, lines=40)
     data = str(root / "data")
     run_log(
         [

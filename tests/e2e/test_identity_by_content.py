@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from support import train_args
+from support import byte_level_bpe, train_args
 
 from distill.checkpoints import layout as ckpt
 from distill.models import fingerprint as fp
@@ -100,26 +100,10 @@ def test_resume_with_another_teacher_of_the_same_shape_is_refused(twin_teachers,
 def causal_assets(tmp_path_factory, corpus_dir):
     """A byte-level BPE tokenizer (vocab 320), ~80 rows of causal data, and two tiny Llama teachers of one shape."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("identity_causal")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in sorted(os.listdir(corpus_dir)):
-        with open(os.path.join(corpus_dir, name)) as handle:
-            (corpus / name).write_text("\n".join(handle.read().splitlines()[:30]) + "\n")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train(
-        sorted(str(corpus / f) for f in os.listdir(corpus)),
-        trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.save_pretrained(str(root / "tokenizer"))
+    corpus, tokenizer = byte_level_bpe(corpus_dir, root, lines=30)
     data = str(root / "data")
     prep = cli(
         "distill-prep",
