@@ -179,7 +179,7 @@ def load_manifest(data_dir: str) -> Manifest:
             f"{path} has format {manifest.format!r} v{manifest.format_version}, this version reads "
             f"{FORMAT_NAME!r} v{'/v'.join(map(str, READABLE_VERSIONS))}; re-prepare the corpus with this version's `distill-prep`"
         )
-    if manifest.document_starts not in (None, DOCUMENT_START_COLUMN) or (manifest.document_starts and manifest.packing != "causal"):
+    if manifest.document_starts not in (None, DOCUMENT_START_COLUMN):
         raise DatasetError(f"{path} is not a valid manifest (document_starts {manifest.document_starts!r}); rerun `distill-prep`")
     for split, info in manifest.splits.items():
         for shard in info.shards:

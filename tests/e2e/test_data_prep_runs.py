@@ -302,6 +302,7 @@ def test_causal_rows_record_every_documents_first_token(tmp_path, gpt2_tokenizer
             min_seq_len=1,
             packing="causal",
             validation_fraction=0.0,
+            num_shards=1,
         ),
         workers=1,
     )
@@ -322,6 +323,27 @@ def test_causal_rows_record_every_documents_first_token(tmp_path, gpt2_tokenizer
     from_eos = sum(ids[i - 1] == eos for ids in rows for i in range(1, len(ids)))
     recorded = sum(f for starts in flags for f in starts[1:])
     assert from_eos == recorded + 1, "EOS ids alone would start a document inside the first one"
+    # the same rows as a format-1 dataset (no doc_start column): still read, documents begin after each EOS
+    from distill.data.masking import CausalLMCollator
+    from distill.data.reader import TokenSequences
+
+    shard = os.path.join(out, manifest.splits["train"].shards[0].path)
+    pq.write_table(table.drop(["doc_start"]), shard)
+    data = json.load(open(os.path.join(out, "manifest.json")))
+    data.update(format_version=1, document_starts=None)
+    data["splits"]["train"]["shards"][0]["sha256"] = sha256_file(shard)
+    json.dump(data, open(os.path.join(out, "manifest.json"), "w"))
+    r = next(i for i, ids in enumerate(rows) if ids[: len(encoded[0])] == encoded[0])  # the row the first document opens
+    (row,) = TokenSequences(out, "train", cache_dir=str(tmp_path / "arrow")).rows(np.array([r]))
+    assert row[1] is None and row[0].tolist() == rows[r]
+    positions = CausalLMCollator(0, 1, eos_id=eos)([row], [0])["position_ids"][0].tolist()
+    from_eos_starts = [i for i in range(1, len(rows[r])) if rows[r][i - 1] == eos]
+    assert [i for i, p in enumerate(positions) if p == 0] == [0] + from_eos_starts
+    assert from_eos_starts[0] == encoded[0].index(eos) + 1 and not flags[r][from_eos_starts[0]], "inside the first document"
+    data["format_version"] = 3
+    json.dump(data, open(os.path.join(out, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="this version reads 'distill-prepared-dataset' v1/v2; re-prepare the corpus"):
+        load_manifest(out)
 
 
 def _segments(row, eos):
