@@ -225,7 +225,6 @@ class TeacherScorer:
     def score(self, rows: list[tuple], shard: int, first_row: int, masker: Optional[StaticMasker] = None) -> list[tuple]:
         """Sparse targets of rows of (token ids, word-start flags): one per row at every position (causal data), or with a
         `masker` one per (row, variant), row-major, on the trainer's masked inputs at the positions it stores."""
-
         if masker is None:  # causal data, batched as the trainer batches it (its documents kept apart or not, as it will be)
             from distill.data.documents import batch_documents  # torch (via distill.data): not at start-up
             from distill.data.masking import CausalLMCollator  # torch (via distill.data.masking): not at start-up
