@@ -95,6 +95,8 @@ def model(family: str, implementation: str):
         net = GPT2LMHeadModel(
             GPT2Config(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=EOS, eos_token_id=EOS)
         )
+    elif family == "mistral":  # a sliding window shorter than the documents: transformers' second (sliding) mask
+        net = tiny_teacher(family, layers=2, vocab=101, positions=32, sliding_window=3)
     else:
         net = tiny_teacher(family, layers=2, vocab=101, positions=32)
     net.set_attn_implementation(implementation)
@@ -107,8 +109,10 @@ def one_at_a_time(net) -> torch.Tensor:
         return torch.cat([net(input_ids=torch.tensor(d)[None]).logits[0] for docs in DOCUMENTS for d in docs])
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager", "varlen_reference"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "family, implementation",
+    [(f, i) for f in ("llama", "gpt2") for i in ("sdpa", "eager", "varlen_reference")] + [("mistral", "sdpa"), ("mistral", "eager")],
+)
 def test_a_packed_batch_gives_the_logits_of_its_documents_run_one_at_a_time(family, implementation):
     net = model(family, implementation)
     raw = CausalLMCollator(pad_id=0, pad_to_multiple_of=4, eos_id=EOS)(rows(), [0, 1, 2])
