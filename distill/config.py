@@ -131,6 +131,13 @@ class DataConfig:
     )
     prefetch_factor: Int = setting(4, "micro batches each data-loader worker prepares ahead (only with num_workers > 0)", ge=1)
     cache_dir: Optional[Str] = setting(None, "where the Arrow cache of the shards goes; null = the Hugging Face datasets cache")
+    document_attention: Bool = setting(
+        True,
+        "causal data: keep the documents packed into a row apart: position ids restart at each document and attention never "
+        "crosses one (student and teacher; flash attention's varlen kernel on GPU, a block-diagonal mask with sdpa/eager), and a "
+        "document's last token predicts nothing. false = each row is one sequence (before issue 25). A teacher cache must "
+        "have been written with the same setting (distill-cache --document-attention / --no-document-attention)",
+    )
 
 
 @section

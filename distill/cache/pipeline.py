@@ -13,6 +13,10 @@ for every row and variant d the DoFn builds the masked input exactly as the trai
 `collator_for`, seed and masking settings, keyed d * N + r: distill/data/masking.py), runs the teacher on it and stores the
 targets at every real position (`--positions all`) or the masked ones (`--positions masked`). The seed and masking
 settings come from the training config (`--train-config`), one source of truth, and are recorded in the manifest.
+
+Causal data: rows are batched by the trainer's causal collator, so with `--document-attention` (the default, as the
+trainer's data.document_attention) the teacher's positions and attention restart at each document of a row
+(distill/data/documents.py); the manifest records the setting and a run with the other one refuses the cache.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ class CacheConfig:
         "masked-LM data: the training config (the distill-train --config YAML) whose seed and data.* masking settings "
         "(mlm_probability, mask/random fractions, token_frequency_smoothing, whole_word_masking, masking, static_masks) draw "
         "the masks: one source of truth with the run, which must match them; null = the trainer's defaults",
+    )
+    document_attention: Bool = setting(
+        True,
+        "causal data: the teacher sees each document of a row alone (position ids and attention restart at each document), as "
+        "training with data.document_attention=true, the default; false = each row as one sequence. A run needs the same setting",
     )
     positions: Literal["all", "masked"] = setting(
         "all",
@@ -200,6 +209,7 @@ class TeacherScorer:
     def __init__(self, cfg: CacheConfig, vocab_size: int):
         import torch  # torch: not at start-up
 
+        from data_prep.manifest import load_manifest  # data_prep.manifest: not at start-up of distill-cache
         from distill.models.build import load_teacher, resolve_dtype  # torch (via distill.models.build): not at start-up
 
         if cfg.threads:
@@ -208,22 +218,21 @@ class TeacherScorer:
         self.device = torch.device(want)
         self.cfg, self.vocab = cfg, vocab_size
         self.model = load_teacher(cfg.teacher, resolve_dtype(cfg.dtype, self.device), "sdpa", self.device)
+        self.eos = load_manifest(cfg.data).tokenizer.special_token_ids.get("eos")  # documents of format-1 rows begin after EOS
         width = self.model.config.hidden_size
         self.chunk = max(1, (1 << 24) // max(vocab_size, width))  # positions projected to the vocabulary at once
 
     def score(self, rows: list[tuple], shard: int, first_row: int, masker: Optional[StaticMasker] = None) -> list[tuple]:
         """Sparse targets of rows of (token ids, word-start flags): one per row at every position (causal data), or with a
         `masker` one per (row, variant), row-major, on the trainer's masked inputs at the positions it stores."""
-        import torch  # torch: not at start-up
+        if masker is None:  # causal data, batched as the trainer batches it (its documents kept apart or not, as it will be)
+            from distill.data.documents import batch_documents  # torch (via distill.data): not at start-up
+            from distill.data.masking import CausalLMCollator  # torch (via distill.data.masking): not at start-up
 
-        if masker is None:
-            lengths = [len(ids) for ids, _ in rows]
-            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (r, _) in enumerate(rows):
-                ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-                mask[i, : len(r)] = 1
-            return self._score(ids, mask, mask.bool(), [(shard, first_row + i, 0) for i in range(len(rows))])
+            batch = CausalLMCollator(0, 1, self.cfg.document_attention, self.eos)(rows, np.arange(len(rows)))
+            mask = batch["attention_mask"]
+            keys = [(shard, first_row + i, 0) for i in range(len(rows))]
+            return self._score(batch["input_ids"], mask, mask.bool(), keys, batch_documents(batch, self.device))
         per_variant = []
         for d in range(masker.variants):
             batch = masker.masked(rows, shard, first_row, d)
@@ -232,9 +241,9 @@ class TeacherScorer:
             per_variant.append(self._score(batch["input_ids"], batch["attention_mask"], keep, keys))
         return [per_variant[d][i] for i in range(len(rows)) for d in range(masker.variants)]
 
-    def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]]) -> list[tuple]:
-        """The teacher on (B, L) `ids` with attention `mask`: per row, the targets at its `keep` positions, ascending;
-        sampled draws keyed by `keys` (shard, row, variant)."""
+    def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]], documents=None) -> list[tuple]:
+        """The teacher on (B, L) `ids` with attention `mask` (and the rows' `documents` kept apart when given): per row, the
+        targets at its `keep` positions, ascending; sampled draws keyed by `keys` (shard, row, variant)."""
         import torch  # torch: not at start-up
         import torch.nn.functional as F  # torch: not at start-up
 
@@ -246,7 +255,9 @@ class TeacherScorer:
             none = np.zeros(0, dtype=np.float32)
             return [(none.astype(np.int32), none, none if self.cfg.mode == "topk" else None) for _ in lengths]
         with torch.inference_mode():
-            out = model_forward(self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True)
+            out = model_forward(
+                self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True, documents=documents
+            )
             weight, bias = (
                 out.head.weight[: self.vocab],
                 (out.head.bias[: self.vocab] if getattr(out.head, "bias", None) is not None else None),
@@ -304,12 +315,13 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
 
 
 def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
-    """(token ids, word-start flags or None) of rows [start, stop) of a data shard."""
+    """(token ids, word-start or document-start flags, or None) of rows [start, stop) of a data shard."""
     shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
     ids = read_column(shard, "input_ids", start, stop, np.int64)
-    if "word_start" not in shard.schema_arrow.names:
+    flags = next((c for c in ("word_start", "doc_start") if c in shard.schema_arrow.names), None)
+    if flags is None:
         return [(r, None) for r in ids]
-    return list(zip(ids, read_column(shard, "word_start", start, stop, bool)))
+    return list(zip(ids, read_column(shard, flags, start, stop, bool)))
 
 
 def read_column(shard, column: str, start: int, stop: int, dtype) -> list[np.ndarray]:
@@ -453,6 +465,7 @@ def run_cache(cfg: CacheConfig, beam_args: Optional[list[str]] = None) -> CacheM
             seed=cfg.seed,
             parts=parts,
             static_masks=variants,
+            document_attention=cfg.document_attention if manifest.packing == "causal" else None,
             positions=cfg.positions if variants else "all",
             masking=masking or {},
             teacher={

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from distill.model_outputs import ModelOutputs, ModelShape, Needs
+from distill.model_outputs import Documents, ModelOutputs, ModelShape, Needs
 from distill.models.families import FAMILIES, FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
 from distill.models.layer_map import resolve_layers
 from kd_common.errors import UserError
@@ -150,9 +150,11 @@ def model_forward(
     capture: Optional[AttentionCapture] = None,
     full_logits: bool = False,
     head_input: bool = False,
+    documents: Optional[Documents] = None,
 ) -> ModelOutputs:
     """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
-    states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
+    states of every layer and q/k/v of the `capture`d layers only when `needs` says so. `documents` (packed causal
+    data, distill/data/documents.py): position ids and attention restart at each document; the padding mask is not needed.
 
     `full_logits` (the benchmark's baseline path, `train.logits_where_needed=false`): project every position
     of the padded batch to the vocabulary, then select `logit_positions` (same values, (B*L)/P times the
@@ -162,6 +164,9 @@ def model_forward(
     want_states = needs.hidden_states or needs.projected
     kwargs = {"output_hidden_states": True} if want_states else {}
     attention_mask = sdpa_key_mask(model, family, attention_mask)
+    if documents is not None:
+        kwargs.update(documents.forward_kwargs(getattr(_config(model), "_attn_implementation", None)))
+        attention_mask = None
     out = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state
     logits = projected_input = head = None
@@ -229,7 +234,7 @@ class StudentForDistillation(nn.Module):
             # hidden_states[i] (0 = embeddings) -> projection index
             self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
 
-    def forward(self, input_ids, attention_mask, logit_positions=None):
+    def forward(self, input_ids, attention_mask, logit_positions=None, documents=None):
         out = model_forward(
             self.model,
             input_ids,
@@ -239,6 +244,7 @@ class StudentForDistillation(nn.Module):
             self.capture,
             self.full_logits,
             head_input=self.logit_loss is not None,
+            documents=documents,
         )
         result = {"hidden": out.hidden, "logits": out.logits, "head_input": out.head_input}
         if self.needs.hidden_states:

@@ -262,7 +262,7 @@ class StudentEngine:
     def forward(self, batch) -> ModelOutputs:
         # no attention mask without padding (decided on the host): transformers would read the mask back to drop it
         return self.engine.module.outputs(
-            self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions)
+            self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions, batch.documents)
         )
 
     def backward(self, loss: torch.Tensor) -> None:
