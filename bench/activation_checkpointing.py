@@ -226,7 +226,9 @@ def main() -> None:
             if "error" in m:
                 print(f"  {name:18s} memory: {m['error']}")
             else:
-                print(f"  {name:18s} peak {mib(m['peak_bytes'])} MiB (estimate {mib(est[name])}), loss {m['loss']:.9g} grad norm {m['grad_norm']:.9g}")
+                print(
+                    f"  {name:18s} peak {mib(m['peak_bytes'])} MiB (estimate {mib(est[name])}), loss {m['loss']:.9g} grad norm {m['grad_norm']:.9g}"
+                )
         if "error" in timing:
             print(f"  time: {timing['error']}")
         for name in VARIANTS:
