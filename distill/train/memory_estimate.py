@@ -215,7 +215,7 @@ def estimate_memory(
 
     dropout = float(getattr(cfg.student, "dropout", 0.0) or 0.0)
     eager = materialises_probabilities(cfg.student.attn_implementation, dropout, device_type)
-    every = int(getattr(cfg.train, "activation_checkpointing", 0) or 0)
+    every = cfg.train.activation_checkpointing
     captured = captured_layers(cfg.loss.weights, s["layers"])
     args = (student.config, tokens, max_seq_len, act_b, eager, dropout)
     full_act, full_how = student_activation_bytes(*args)
