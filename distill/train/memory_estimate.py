@@ -26,7 +26,8 @@ models (exact, tied weights once); everything else is per-token arithmetic:
   the head gradient summed in fp32 too.
 Not covered: the CUDA context, allocator slack and fragmentation, the libraries (on a CPU: the interpreter, torch,
 DeepSpeed, transformers), the data loader. On a CPU the measured peak RSS of a small BERT run
-(tests/e2e/test_memory_estimate.py: estimate 553 MiB, measured 687 MiB above the libraries) is ~130 MiB (~20%) above the
+(tests/e2e/test_memory_estimate.py: estimate 553 MiB, measured 687 MiB above the libraries; 563 MiB once SDPA's
+probabilities under dropout on a CPU were counted, measured 720 MiB in that run) is ~130-160 MiB (~20%) above the
 estimate, not located: neither the TensorBoard writer (+5 MiB) nor the gloo process group (+6 MiB); the likely rest
 is host-side transients (the teacher's checkpoint read, DeepSpeed's flattening copies at engine start, the
 allocator's unreturned pages), which are not device memory on a GPU.
