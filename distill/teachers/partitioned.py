@@ -151,6 +151,9 @@ def load_partitioned(path: str, dtype: torch.dtype, attn_implementation: str, ds
     if not files:
         raise ModelError(not_safetensors(path))
     auto = getattr(transformers, family_of(config).auto_class)
+    # the model's classes imported before zero.Init: a class created inside it keeps the __init__ it had before its
+    # decorators (transformers' hub-kernel wrappers) once zero.Init restores the originals at its exit
+    auto._model_mapping[type(config)]
     # zero.Init takes the parameters' dtype from the config's precision keys (its dtype argument is ignored on a CPU)
     ds_config = {k: v for k, v in ds_config.items() if k not in ("bf16", "fp16")} | precision_section(dtype)
     # prevent_arange_dtype_change: RoPE tables stay float32 under zero.Init; it must be entered before zero.Init

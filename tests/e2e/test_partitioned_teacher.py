@@ -1,7 +1,9 @@
-"""`teacher.source: partitioned` (distill/teachers/partitioned.py) in 2 DeepSpeed processes on CPU: each rank holds half of
-the teacher's parameter bytes (its actual partition tensors), the partitioned teacher's outputs equal the whole
-teacher's, a short distillation run with it has the replicated-teacher run's losses, and the settings it cannot
-work with are refused in one line before anything loads."""
+"""`teacher.source: partitioned` (distill/teachers/partitioned.py) in 2 DeepSpeed processes on CPU: each rank loads only its
+partition (peak host memory measured against the replicated load of the same 110 MiB teacher), its tensors equal the
+checkpoint's and a student's layer copy from it equals the copy from the whole teacher; each rank holds half of the
+teacher's parameter bytes (its actual partition tensors), the partitioned teacher's outputs equal the whole teacher's,
+a short distillation run with it has the replicated-teacher run's losses, and the settings it cannot work with are
+refused in one line before anything loads."""
 
 from __future__ import annotations
 
@@ -10,14 +12,39 @@ import os
 import subprocess
 
 import pytest
-from support import BIN, ENV, REPO_ROOT, losses, save_teacher, train_args
+from support import BIN, ENV, REPO_ROOT, losses, save_teacher, tiny_teacher, train_args
 from support import LLM_TINY as TINY
 from support import deepspeed_recipe as deepspeed
 
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teachers(tmp_path):
+def _teacher_of_110_mib(path: str) -> str:
+    """A random 16-layer Llama, hidden 384, of 28.7M parameters: 110 MiB in fp32, its largest tensor 1.5 MiB."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=512,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_each_rank_loads_and_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teachers(tmp_path):
+    tiny = tiny_teacher("llama", path=str(tmp_path / "tiny"))
+    big = _teacher_of_110_mib(str(tmp_path / "big"))
     proc = subprocess.run(
         [
             os.path.join(BIN, "deepspeed"),
@@ -27,6 +54,8 @@ def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teach
             "29771",
             "tests/e2e/partitioned_teacher_worker.py",
             str(tmp_path),
+            tiny,
+            big,
         ],
         cwd=REPO_ROOT,
         env=ENV,
@@ -35,6 +64,21 @@ def test_each_rank_holds_half_of_the_teacher_and_its_outputs_are_the_whole_teach
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(2):
+        load = json.load(open(tmp_path / f"load{r}.json"))
+        full, part, largest = load["full_bytes"], load["partition_bytes"], load["largest_tensor_bytes"]
+        assert full > 100 * 2**20 and full / 2 <= part <= full / 2 + 4 * 1024, load  # half of every tensor (+ 1 element of padding)
+        # the replicated load holds the whole teacher (mapped from the file, then read: as its first forward does)
+        assert load["replicated_load_peak"] + load["replicated_read_peak"] >= 0.95 * full, load
+        # the partitioned load holds its partition, plus what is alive at once besides it: one module's parameters whole
+        # while zero.Init builds and broadcasts it, one tensor's slice read from the file and its copy (4 x the largest
+        # tensor), and 16 MiB for the allocator and the model's Python objects; never the whole teacher, nor half of it
+        # twice (load + partition, as before)
+        assert load["partitioned_peak"] <= part + 4 * largest + 16 * 2**20, load
+        # the layer copy gathers one tensor at a time: what stays above the student is that (x 2: the gathered tensor and
+        # its copy) and the allocator's 16 MiB, far from the teacher's 110 MiB
+        assert load["copy_peak"] <= 2 * largest + 16 * 2**20, load
+        assert load["weights_diff"] == 0.0 and load["student_diff"] == 0.0, load
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     full = ranks[0]["full_bytes"]
     assert full == ranks[0]["whole_bytes_here"] > 0
