@@ -6,8 +6,9 @@ on one machine; and each rank's peak host memory while it loads a larger teacher
 
 Host memory of the load (first): a random 16-layer Llama, hidden 384 (28.7M parameters, 110 MiB in fp32), loaded by 2
 DeepSpeed processes, a fresh pair per setting: replicated (`load_teacher`, then every weight read once, as the first
-forward does: the weights may be mapped from the file until then) and partitioned (`load_partitioned`, every tensor
-partitioned). Each rank's peak resident memory (VmHWM, reset through /proc/self/clear_refs) above its resident memory
+forward does: the weights may be mapped from the file until then), whole then partitioned (`load_teacher`, then
+`partition`: how teacher.source=partitioned loaded before each rank read only its partition) and partitioned
+(`load_partitioned`, every tensor partitioned). Each rank's peak resident memory (VmHWM, reset through /proc/self/clear_refs) above its resident memory
 before the load, after a warm-up load of a tiny teacher (imports and first collectives not counted).
 
 Data: the demo corpus (first 1500 lines of each file), a byte-level BPE tokenizer (vocab 2000) trained on it,
@@ -163,7 +164,7 @@ def load_worker(mode: str, out: str, tiny: str, big: str) -> None:
     import torch
 
     from distill.models.build import load_teacher
-    from distill.teachers.partitioned import full_parameter_bytes, load_partitioned, zero3_inference_config
+    from distill.teachers.partitioned import full_parameter_bytes, load_partitioned, partition, zero3_inference_config
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -174,6 +175,9 @@ def load_worker(mode: str, out: str, tiny: str, big: str) -> None:
         if mode == "partitioned":
             return load_partitioned(path, torch.float32, "sdpa", ds)
         model = load_teacher(path, torch.float32, "sdpa", torch.device("cpu"))
+        if mode == "whole_then_partitioned":
+            partition(model, ds)
+            return model
         sum(float(p.sum()) for p in model.parameters())  # read every weight once, as the first forward does
         return model
 
@@ -215,14 +219,14 @@ def load_memory(out: str, port: int) -> None:
             )
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    for mode in ("replicated", "partitioned"):
+    for mode in ("replicated", "whole_then_partitioned", "partitioned"):
         prefix = os.path.join(out, f"load_{mode}")
         launch = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), os.path.abspath(__file__)]
         sh(launch + ["--load-worker", mode, prefix, tiny, big])
         for rank in range(2):
             f = json.load(open(f"{prefix}.rank{rank}.json"))
             print(
-                f"load {mode:<11} rank {rank}: peak host memory +{f['peak_above_start_mib']:.1f} MiB above the start "
+                f"load {mode:<22} rank {rank}: peak host memory +{f['peak_above_start_mib']:.1f} MiB above the start "
                 f"(+{f['resident_after_mib']:.1f} MiB after), teacher {f['teacher_mib']:.1f} MiB, parameter bytes held "
                 f"{f['held_mib']:.1f} MiB",
                 flush=True,
