@@ -157,13 +157,26 @@ def load_partitioned(path: str, dtype: torch.dtype, attn_implementation: str, ds
     # zero.Init takes the parameters' dtype from the config's precision keys (its dtype argument is ignored on a CPU)
     ds_config = {k: v for k, v in ds_config.items() if k not in ("bf16", "fp16")} | precision_section(dtype)
     # prevent_arange_dtype_change: RoPE tables stay float32 under zero.Init; it must be entered before zero.Init
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with no_init_weights(), prevent_arange_dtype_change(), _partitioned_init(deepspeed)(config_dict_or_path=ds_config):
         model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()  # skipped with the initialisation: an output projection tied to the input embedding is one parameter
     fill_partitions(model, files)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _partitioned_init(deepspeed):
+    """deepspeed.zero.Init that partitions each parameter as its module is built without first broadcasting rank 0's
+    values of it to every rank: every partition is written from the checkpoint next (a parameter it lacks is refused),
+    so the broadcast would only send the whole teacher, a parameter at a time, through every rank for nothing."""
+
+    class InitWithoutBroadcast(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return InitWithoutBroadcast
 
 
 def not_safetensors(path: str) -> str:

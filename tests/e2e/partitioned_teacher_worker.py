@@ -6,8 +6,10 @@ First, on the saved teacher at BIG (`main(out_dir, tiny, big)`), this rank's pea
 (`load_teacher`) of the same teacher, alone and with every weight read once (as its first forward does: the weights
 may be mapped from the file and only read then); with the teacher's bytes, this rank's partition bytes, the largest
 tensor's bytes, and the largest difference between the partitioned teacher's tensors (gathered) and the replicated
-one's, and between the two students' weights. Every path runs once on the teacher at TINY (of the same family) first,
-so the modules it imports and the buffers its first collectives allocate are not counted. Written to OUT/load<r>.json.
+one's, and between the two students' weights. Every path runs once on the teacher at TINY (of the same family, its
+output projection tied) first, so the modules it imports and the buffers its first collectives allocate are not
+counted; there it also records whether the tied projection stayed one parameter, and whether a bf16 partitioned load
+equals the bf16 replicated one tensor for tensor. Written to OUT/load<r>.json.
 
 Then builds the same tiny random Llama teacher on every rank, keeps a whole copy, partitions the other with
 distill.teachers.partitioned.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of
@@ -59,12 +61,23 @@ def measure_loads(out_dir: str, tiny: str, teacher: str, rank: int) -> None:
     from distill.teachers.partitioned import GatheredWeights, full_parameter_bytes, load_partitioned, zero3_inference_config
 
     ds = zero3_inference_config({"stage3_param_persistence_threshold": 0}, 1, torch.float32)  # every tensor partitioned
-    warm = load_partitioned(tiny, torch.float32, "sdpa", ds)  # the first time of every path, not measured
+    # the first time of every path, not measured; on the tiny teacher (its output projection tied to its input embedding):
+    # tied weights stay one parameter, and in bf16 (teacher.dtype) every tensor equals the replicated load's
+    warm = load_partitioned(tiny, torch.float32, "sdpa", ds)
+    tied = warm.get_output_embeddings().weight is warm.get_input_embeddings().weight
     [GatheredWeights(warm)[name] for name in GatheredWeights(warm)]
     _read_all(load_teacher(tiny, torch.float32, "sdpa", torch.device("cpu")))
-    del warm
+    half = load_partitioned(tiny, torch.bfloat16, "sdpa", zero3_inference_config({}, 1, torch.bfloat16))
+    reference = load_teacher(tiny, torch.bfloat16, "sdpa", torch.device("cpu")).state_dict()
+    gathered = GatheredWeights(half)
+    bf16_same = set(gathered) == set(reference) and all(
+        gathered[k].dtype == reference[k].dtype and torch.equal(gathered[k], reference[k]) for k in reference
+    )
+    del warm, half, reference, gathered
     split, split_peak = _peak_above_start(lambda: load_partitioned(teacher, torch.float32, "sdpa", ds))
     result = {
+        "tied": tied,
+        "bf16_same": bf16_same,
         "partitioned_peak": split_peak,
         "full_bytes": full_parameter_bytes(split),
         "partition_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in split.parameters()),
