@@ -122,6 +122,9 @@ def safetensors_files(path: str) -> list[str]:
         bad = [n for n in names if os.path.basename(n) != n or n in ("", ".", "..")]
         if bad:
             raise ModelError(f"{index} names weight files outside its directory ({bad[0]!r}); re-save the teacher with save_pretrained")
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise ModelError(f"{index} lists {missing[0]}, which is not in {path}: the teacher's checkpoint is incomplete")
         return [os.path.join(path, n) for n in names]
     single = os.path.join(path, "model.safetensors")
     return [single] if os.path.exists(single) else []

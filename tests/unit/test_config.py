@@ -113,6 +113,10 @@ def test_where_a_partitioned_teacher_cannot_load_each_rank_its_partition(tmp_pat
         f"re-save the teacher with save_pretrained"
     ]
     (teacher / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors"}}))
+    (teacher / "m-1.safetensors").write_bytes(b"")
+    (missing,) = partition_problems(section, 2, {})
+    assert "lists m-2.safetensors, which is not in" in missing and "incomplete" in missing
+    (teacher / "m-2.safetensors").write_bytes(b"")
     assert safetensors_files(str(teacher)) == [str(teacher / "m-1.safetensors"), str(teacher / "m-2.safetensors")]
     (nvme,) = partition_problems(section, 2, {"offload_param": {"device": "nvme"}})
     assert "offload_param device nvme" in nvme
