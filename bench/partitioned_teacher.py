@@ -1,14 +1,22 @@
-"""What `teacher.source: partitioned` costs in throughput: the same distillation run with the teacher replicated on every
-rank and partitioned across the ranks (ZeRO-3 style), interleaved in one run of this script on one machine.
+"""What `teacher.source: partitioned` costs in throughput and saves in host memory: the same distillation run with the
+teacher replicated on every rank and partitioned across the ranks (ZeRO-3 style), interleaved in one run of this script
+on one machine; and each rank's peak host memory while it loads a larger teacher either way.
 
-    OMP_NUM_THREADS=1 python bench/partitioned_teacher.py [--steps 30] [--rounds 2] [--out DIR]
+    OMP_NUM_THREADS=1 python bench/partitioned_teacher.py [--steps 30] [--rounds 2] [--out DIR] [--load-only]
+
+Host memory of the load (first): a random 16-layer Llama, hidden 384 (28.7M parameters, 110 MiB in fp32), loaded by 2
+DeepSpeed processes, a fresh pair per setting: replicated (`load_teacher`, then every weight read once, as the first
+forward does: the weights may be mapped from the file until then), whole then partitioned (`load_teacher`, then
+`partition`: how teacher.source=partitioned loaded before each rank read only its partition) and partitioned
+(`load_partitioned`, every tensor partitioned). Each rank's peak resident memory (VmHWM, reset through /proc/self/clear_refs) above its resident memory
+before the load, after a warm-up load of a tiny teacher (imports and first collectives not counted).
 
 Data: the demo corpus (first 1500 lines of each file), a byte-level BPE tokenizer (vocab 2000) trained on it,
 `distill-prep --packing causal --max-seq-len 64`. Teacher: a random 4-layer Llama, 256 wide. Runs: configs/llm_kd.yaml
 (forward KL + causal LM, chunked), 2 DeepSpeed processes, student at ZeRO-2, global batch 16, micro batch 8;
 the DeepSpeed JSON sets stage3_param_persistence_threshold 0, so every teacher parameter is partitioned (the
 most communication). Steps/s = steps after the first `--skip` / their summed step times (metrics.jsonl); also the median step time
-(the steadier figure on a shared machine).
+(the steadier figure on a shared machine), and rank 0's peak resident memory over the run (metrics.jsonl peak_memory_mb).
 """
 
 from __future__ import annotations
@@ -138,7 +146,91 @@ def run(out: str, name: str, teacher: str, data: str, ds_json: str, steps: int, 
         "median_step_s": statistics.median(times),
         "losses": [r["loss"] for r in rows],
         "held": held.groups() if held else None,
+        "peak_rss_mib": max(r["peak_memory_mb"] for r in rows),
     }
+
+
+def _memory_mib(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(key + ":")) / 1024
+
+
+def load_worker(mode: str, out: str, tiny: str, big: str) -> None:
+    """One rank of the host-memory measurement (started by the deepspeed launcher): load `big` as `mode` after a warm-up
+    load of `tiny`, write this rank's figures to OUT.rank<r>.json."""
+    import gc
+
+    import deepspeed
+    import torch
+
+    from distill.models.build import load_teacher
+    from distill.teachers.partitioned import full_parameter_bytes, load_partitioned, partition, zero3_inference_config
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    ds = zero3_inference_config({"stage3_param_persistence_threshold": 0}, 1, torch.float32)
+
+    def load(path: str):
+        if mode == "partitioned":
+            return load_partitioned(path, torch.float32, "sdpa", ds)
+        model = load_teacher(path, torch.float32, "sdpa", torch.device("cpu"))
+        if mode == "whole_then_partitioned":
+            partition(model, ds)
+            return model
+        sum(float(p.sum()) for p in model.parameters())  # read every weight once, as the first forward does
+        return model
+
+    load(tiny)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current VmRSS
+    before = _memory_mib("VmRSS")
+    model = load(big)
+    held = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in model.parameters())
+    figures = {
+        "rank": rank,
+        "peak_above_start_mib": _memory_mib("VmHWM") - before,
+        "resident_after_mib": _memory_mib("VmRSS") - before,
+        "teacher_mib": full_parameter_bytes(model) / 2**20,
+        "held_mib": held / 2**20,
+    }
+    with open(f"{out}.rank{rank}.json", "w") as handle:
+        json.dump(figures, handle)
+
+
+def load_memory(out: str, port: int) -> None:
+    """Print each rank's peak host memory while it loads the 110 MiB teacher replicated, then partitioned."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny, big = os.path.join(out, "load_tiny"), os.path.join(out, "load_big")
+    for path, layers, width, ffn in ((tiny, 2, 64, 112), (big, 16, 384, 1024)):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            config = AutoConfig.for_model(
+                "llama",
+                vocab_size=512,
+                hidden_size=width,
+                intermediate_size=ffn,
+                num_hidden_layers=layers,
+                num_attention_heads=width // 64,
+                num_key_value_heads=width // 64,
+                max_position_embeddings=64,
+            )
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for mode in ("replicated", "whole_then_partitioned", "partitioned"):
+        prefix = os.path.join(out, f"load_{mode}")
+        launch = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), os.path.abspath(__file__)]
+        sh(launch + ["--load-worker", mode, prefix, tiny, big])
+        for rank in range(2):
+            f = json.load(open(f"{prefix}.rank{rank}.json"))
+            print(
+                f"load {mode:<22} rank {rank}: peak host memory +{f['peak_above_start_mib']:.1f} MiB above the start "
+                f"(+{f['resident_after_mib']:.1f} MiB after), teacher {f['teacher_mib']:.1f} MiB, parameter bytes held "
+                f"{f['held_mib']:.1f} MiB",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -147,8 +239,16 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the rate (start-up)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--load-only", action="store_true", help="only the host memory of the load")
+    parser.add_argument("--load-worker", nargs=4, metavar=("MODE", "OUT", "TINY", "BIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args()
+    if args.load_worker:
+        return load_worker(*args.load_worker)
     out = args.out or tempfile.mkdtemp(prefix="bench_partitioned_teacher_")
+    load_memory(out, 29779)
+    if args.load_only:
+        return
     teacher, data = prepare(out)
     ds_json = os.path.join(out, "zero2_teacher_all_partitioned.json")
     with open(os.path.join(REPO, "configs", "deepspeed", "zero2.json")) as handle:
@@ -165,7 +265,7 @@ def main() -> None:
             medians[name].append(result["median_step_s"])
             print(
                 f"round {r} {name:<11} {result['steps_per_s']:.3f} steps/s (steps {args.skip + 1}-{args.steps}), median step "
-                f"{result['median_step_s'] * 1000:.0f} ms{held}; "
+                f"{result['median_step_s'] * 1000:.0f} ms{held}; rank 0 peak RSS {result['peak_rss_mib']:.0f} MiB; "
                 f"last loss {result['losses'][-1]:.6f}",
                 flush=True,
             )

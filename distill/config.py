@@ -40,7 +40,7 @@ class TeacherConfig:
     )
     source: Literal["online", "partitioned", "cache"] = setting(
         "online",
-        "where the teacher's outputs come from: online = the model replicated on every rank; partitioned = the model's parameters split across the data-parallel ranks, ZeRO-3 style (each rank holds about 1/N, each module's parameters gathered just before it runs, never in an optimizer: for a teacher too big to replicate on every GPU; needs 2 or more ranks, costs an all-gather per teacher module per micro batch; distill/teachers/partitioned.py); cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
+        "where the teacher's outputs come from: online = the model replicated on every rank; partitioned = the model's parameters split across the data-parallel ranks, ZeRO-3 style (each rank loads and holds about 1/N, never the whole teacher, host or device; each module's parameters gathered just before it runs, never in an optimizer: for a teacher too big to replicate on every GPU; needs 2 or more ranks and safetensors weights, costs an all-gather per teacher module per micro batch; distill/teachers/partitioned.py); cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
     )
     partition: Bool = setting(False, "deprecated: true is teacher.source=partitioned (say that instead)")
     cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")

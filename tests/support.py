@@ -356,6 +356,22 @@ def cache(assets, out, *extra, check=True):
     return proc
 
 
+def cache_teacher(cfg):
+    """The run's teacher cache opened as distill-train opens it: the weight-free pass (preflight, which checks the cache
+    against the run and raises its problems as one ConfigError), then `CacheTeacher.load` on one CPU rank."""
+    import torch
+
+    from distill.teachers.cache import CacheTeacher
+    from distill.train.distributed import DistContext
+    from distill.train.preflight import preflight
+
+    plan = preflight(cfg, 1, torch.device("cpu"))
+    plan.raise_if_any()
+    return CacheTeacher.load(
+        cfg.teacher, plan, DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    )
+
+
 def byte_level_bpe(corpus_dir: str, root, lines: int, vocab: int = 320):
     """The first `lines` lines of each file of `corpus_dir` copied to ROOT/corpus, and a byte-level BPE tokenizer
     (`<|endoftext|>` as bos, eos and pad) trained on them and saved in ROOT/tokenizer; returns (corpus dir, tokenizer)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -458,14 +458,21 @@ def student_config(cfg, teacher: Optional[Any], vocab_size: int, pad_token_id: i
 
 
 @torch.no_grad()
-def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True) -> dict[str, str]:
+def init_student_from_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: list[int],
+    fold_token_type: bool = True,
+    weights: Optional[Mapping[str, torch.Tensor]] = None,
+) -> dict[str, str]:
     """Copy embeddings, teacher layers `layers` (in order) and the LM head into the student (distill/models/families.py says how).
 
-    Returns the student-key -> teacher-key map that was applied (used by tests and logged).
+    `weights`: the teacher's tensors by state-dict name, read one at a time (a partitioned teacher gathers each on access);
+    None = `teacher.state_dict()`. Returns the student-key -> teacher-key map that was applied (used by tests and logged).
     """
     check_init(student, teacher, layers)
     try:
-        return init_from_teacher(student, teacher, layers, fold_token_type)
+        return init_from_teacher(student, teacher, layers, fold_token_type, weights)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -363,12 +363,13 @@ LLAMA, MISTRAL, QWEN2, QWEN3 = (_decoder(name) for name in ("llama", "mistral", 
 # Initialising a student from teacher layers
 
 
-def copy_same_family(student: nn.Module, teacher: nn.Module, layers: list[int]) -> dict[str, str]:
+def copy_same_family(student: nn.Module, teacher: nn.Module, layers: list[int], weights: Optional[Mapping] = None) -> dict[str, str]:
     """Copy every weight of a same-family teacher into the student; student layer i takes teacher layer layers[i];
-    tables longer in the teacher (positions) are cut to the student's size. Returns the student -> teacher key map."""
+    tables longer in the teacher (positions) are cut to the student's size. Returns the student -> teacher key map.
+    `weights`: the teacher's tensors by name (None: its state dict)."""
     family = family_of(teacher)
     prefix = f"{family.base}.{family.layers}."
-    t_sd = teacher.state_dict()
+    t_sd = teacher.state_dict() if weights is None else weights
     applied = {}
     with torch.no_grad():
         for s_key, param in student.state_dict(keep_vars=True).items():
@@ -438,13 +439,15 @@ def _bert_head_pairs(teacher_family: Family, student_family: Family) -> list[tup
     return [("cls.predictions.transform.dense", t_dense), ("cls.predictions.transform.LayerNorm", t_norm), ("cls.predictions.bias", t_bias)]
 
 
-def copy_bert_to_encoder(student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True) -> dict[str, str]:
+def copy_bert_to_encoder(
+    student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True, weights: Optional[Mapping] = None
+) -> dict[str, str]:
     """BERT-family teacher -> DistilBERT or BERT student: embeddings, layers `layers` (in order) and the MLM head.
 
     RoBERTa-family position rows start after the padding index; with `fold_token_type`, a DistilBERT student (which has
     no token types) gets the teacher's token-type-0 embedding added to its positions, so its embedding output equals the teacher's."""
     t_family, s_family = family_of(teacher), family_of(student)
-    t_sd = teacher.state_dict()
+    t_sd = teacher.state_dict() if weights is None else weights
     s_params = dict(student.state_dict(keep_vars=True))
     tp, sp = t_family.base, s_family.base
     pairs: list[tuple[str, str]] = [
@@ -482,8 +485,11 @@ def copy_bert_to_encoder(student: nn.Module, teacher: nn.Module, layers: list[in
     return applied
 
 
-def init_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True) -> dict[str, str]:
-    """Copy the teacher's weights into the student as the student's family says (see the module docstring)."""
+def init_from_teacher(
+    student: nn.Module, teacher: nn.Module, layers: list[int], fold_token_type: bool = True, weights: Optional[Mapping] = None
+) -> dict[str, str]:
+    """Copy the teacher's weights into the student as the student's family says (see the module docstring); `weights`: the
+    teacher's tensors by state-dict name (None: `teacher.state_dict()`)."""
     t_family, s_family = family_of(teacher), family_of(student)
     if t_family.name not in s_family.init_from:
         raise FamilyError(
@@ -491,8 +497,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int],
             f"(it can from: {', '.join(s_family.init_from) or 'none'}); use student.init=random"
         )
     if s_family is t_family:
-        return copy_same_family(student, teacher, layers)
-    return copy_bert_to_encoder(student, teacher, layers, fold_token_type)
+        return copy_same_family(student, teacher, layers, weights)
+    return copy_bert_to_encoder(student, teacher, layers, fold_token_type, weights)
 
 
 def student_shape(teacher_config: Any, overrides: dict) -> dict:

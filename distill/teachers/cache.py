@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
-from data_prep.cache_manifest import CacheError, load_cache_manifest, verify_cache_parts
-from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
+from data_prep.cache_manifest import CacheError, CacheManifest, load_cache_manifest, verify_cache_parts
 from distill.data.masking import mask_settings
 from distill.model_outputs import ModelOutputs
-from distill.models.build import load_teacher, load_teacher_config
+from distill.models.build import init_student_from_teacher, load_teacher
 from distill.models.fingerprint import content_identity, differing_files, shape_fingerprint, weights_sha256
 from distill.objective.sparse_logits import SparseTargets
 
@@ -38,55 +37,30 @@ log = logging.getLogger("distill.cache")
 class CacheTeacher:
     """A teacher source (distill/teachers/online.py) that reads a cache: `outputs(batch)` and `fingerprint()`."""
 
-    def __init__(self, cfg, cache_dir: str, manifest, table, teacher_config, device: torch.device):
-        self.cfg, self.cache_dir, self.manifest, self.table = cfg, cache_dir, manifest, table
+    def __init__(self, cache_dir: str, manifest, table, teacher_config, teacher_path: str, device: torch.device):
+        self.cache_dir, self.manifest, self.table = cache_dir, manifest, table
         self.config = self.model = teacher_config  # shapes only (the objective and the student's construction read them)
         self.device = device
-        self.path = cfg.teacher.path
+        self.path = teacher_path
         self.objective = None
 
     @classmethod
-    def load(cls, cfg, device: torch.device) -> "CacheTeacher":
-        problems = cfg.cache_problems()
-        if problems:
-            raise CacheError(problems[0])
-        cache_dir = cfg.teacher.cache
-        data = load_manifest(cfg.data.path)
-        manifest = load_cache_manifest(cache_dir)
-        where = os.path.join(cache_dir, CACHE_MANIFEST)
-        if manifest.dataset.get("manifest_sha256") != sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE)):
-            raise CacheError(
-                f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
-                f"run distill-cache on this dataset"
-            )
-        _check_teacher(cfg.teacher.path, manifest.teacher, where)
-        if manifest.split != cfg.data.split:
-            raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
-        if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
-            raise CacheError(
-                f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
-                f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature"
-            )
-        if manifest.vocab_size != data.tokenizer.vocab_size:
-            raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
-        _check_masking(cfg, manifest, where, data.packing)
-        rows = data.splits[cfg.data.split].rows
-        if manifest.rows != rows:
-            raise CacheError(
-                f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache"
-            )
-        paths = verify_cache_parts(cache_dir, manifest, checksums=cfg.teacher.cache_verify)
-        table = _open_parts(paths, manifest, cfg.data.cache_dir)
+    def load(cls, teacher_cfg, plan, ctx) -> "CacheTeacher":
+        """The cache the plan checked against the run (`check_cache`: dataset, teacher, split, temperature, masks, rows),
+        its parts verified (sizes; sha256 with teacher.cache_verify) and opened as one memory-mapped table."""
+        manifest = plan.cache_manifest
+        paths = verify_cache_parts(teacher_cfg.cache, manifest, checksums=teacher_cfg.cache_verify)
+        table = _open_parts(paths, manifest, plan.arrow_cache_dir)
         log.info(
             "teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token",
-            cache_dir,
+            teacher_cfg.cache,
             manifest.mode,
             manifest.k,
             manifest.temperature,
             manifest.value_dtype,
             manifest.stats.get("bytes_per_token", float("nan")),
         )
-        return cls(cfg, cache_dir, manifest, table, load_teacher_config(cfg.teacher.path), device)
+        return cls(teacher_cfg.cache, manifest, table, plan.teacher_config, teacher_cfg.path, ctx.device)
 
     def bind(self, objective) -> None:
         if not objective.chunked:
@@ -98,9 +72,10 @@ class CacheTeacher:
     def compile(self) -> None:
         pass
 
-    def init_model(self):
-        """The teacher's weights for `student.init=teacher`, read once on the CPU (dropped by the caller after the copy)."""
-        return load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
+    def init_student(self, student, layers: list[int], fold_token_type: bool) -> dict[str, str]:
+        """`student.init=teacher`: the teacher's weights read once on the CPU for the copy, then dropped."""
+        teacher = load_teacher(self.path, torch.float32, "sdpa", torch.device("cpu"))
+        return init_student_from_teacher(student, teacher, layers, fold_token_type)
 
     def describe(self) -> str:
         masks = f", {self.manifest.static_masks} static masks, {self.manifest.positions} positions" if self.manifest.static_masks else ""
@@ -170,6 +145,41 @@ class CacheTeacher:
             temperature=self.manifest.temperature,
         )
         return ModelOutputs(hidden=torch.empty(0, device=self.device), head_input=targets, head=None, causal=not variants)
+
+
+def check_cache(cfg, data, manifest_sha: str) -> CacheManifest:
+    """The cache at `teacher.cache` fits this run (distill/train/preflight.py asks, before anything loads): written for this
+    dataset (`data`: its manifest, `manifest_sha`: the sha256 of its manifest.json), teacher, split, temperature and
+    vocabulary, with the run's masks, every row present. Returns its manifest; a CacheError (one line) names the first
+    mismatch."""
+    problems = cfg.cache_problems()
+    if problems:
+        raise CacheError(problems[0])
+    cache_dir = cfg.teacher.cache
+    manifest = load_cache_manifest(cache_dir)
+    where = os.path.join(cache_dir, CACHE_MANIFEST)
+    if manifest.dataset.get("manifest_sha256") != manifest_sha:
+        raise CacheError(
+            f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
+            f"run distill-cache on this dataset"
+        )
+    _check_teacher(cfg.teacher.path, manifest.teacher, where)
+    if manifest.split != cfg.data.split:
+        raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
+    if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
+        raise CacheError(
+            f"{where} holds the teacher at temperature {manifest.temperature:g}, the run's loss.temperature is "
+            f"{cfg.loss.temperature:g}; set loss.temperature={manifest.temperature:g} or re-run distill-cache --temperature"
+        )
+    if manifest.vocab_size != data.tokenizer.vocab_size:
+        raise CacheError(f"{where} has vocabulary {manifest.vocab_size}, the dataset {data.tokenizer.vocab_size}; re-run distill-cache")
+    _check_masking(cfg, manifest, where, data.packing)
+    rows = data.splits[cfg.data.split].rows
+    if manifest.rows != rows:
+        raise CacheError(
+            f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache"
+        )
+    return manifest
 
 
 def _check_teacher(path: str, recorded: dict, where: str) -> None:

@@ -3,16 +3,20 @@
 `OnlineTeacher`: a frozen teacher replicated on every rank, run on each micro batch (eval mode, no
 gradients, `torch.inference_mode`), returning what the objective decided it must (logits where a loss
 reads them, hidden states, q/k/v). Other sources (a teacher partitioned across ranks, a cache of its
-distributions written once) implement `outputs(batch)` and `fingerprint()`; distill/teachers/sources.py names them.
+distributions written once) implement the same methods; distill/teachers/sources.py names them. Each is built by
+`load(teacher_section, plan, ctx)`: section `teacher` of the run config, the run's plan (distill/train/preflight.py:
+the teacher's dtype and config, the logits path, ...) and the rank's context (its device).
 """
 
 from __future__ import annotations
+
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from distill.model_outputs import ModelOutputs
-from distill.models.build import compile_encoder, count_parameters, load_teacher, resolve_dtype
+from distill.models.build import compile_encoder, count_parameters, init_student_from_teacher, load_teacher
 from distill.models.fingerprint import shape_fingerprint
 
 
@@ -27,9 +31,10 @@ class OnlineTeacher:
         self.objective = None
 
     @classmethod
-    def load(cls, cfg, device: torch.device) -> "OnlineTeacher":
-        model = load_teacher(cfg.teacher.path, resolve_dtype(cfg.teacher.dtype, device), cfg.teacher.attn_implementation, device)
-        return cls(model, cfg.teacher.path, cfg.teacher.inference_mode, not cfg.train.logits_where_needed)
+    def load(cls, teacher_cfg, plan, ctx) -> "OnlineTeacher":
+        """The whole teacher on this rank's device, in the plan's teacher dtype."""
+        model = load_teacher(teacher_cfg.path, plan.teacher_dtype, teacher_cfg.attn_implementation, ctx.device)
+        return cls(model, teacher_cfg.path, teacher_cfg.inference_mode, plan.full_logits)
 
     @property
     def config(self):
@@ -39,9 +44,13 @@ class OnlineTeacher:
         """The objective that decides what each forward returns."""
         self.objective = objective
 
-    def init_model(self) -> nn.Module:
-        """The weights `student.init=teacher` copies from."""
-        return self.model
+    def init_student(self, student: nn.Module, layers: list[int], fold_token_type: bool) -> dict[str, str]:
+        """`student.init=teacher`: copy the embeddings, teacher layers `layers` and the head into `student`."""
+        return init_student_from_teacher(student, self.model, layers, fold_token_type, self.init_weights())
+
+    def init_weights(self) -> Optional[Mapping[str, torch.Tensor]]:
+        """The teacher's weights by name as the layer copy reads them (None: the model's own state dict)."""
+        return None
 
     def compile(self) -> None:
         compile_encoder(self.model)

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from data_prep.manifest import write_json_atomically
@@ -43,20 +43,40 @@ class ResumePoint:
 
 
 class Checkpointer:
-    def __init__(self, cfg, ctx: DistContext, manifest_sha: str, total_steps: int, tokenizer, tokenizer_identity: Optional[dict] = None):
-        """`tokenizer`: the dataset's, as loaded and checked against its manifest at start (each checkpoint saves that one,
-        not the folder as it is at save time); `tokenizer_identity`: the manifest's record of it (distill-export checks it)."""
-        self.cfg = cfg
+    """This run's checkpoints under `output_dir`/checkpoints: claim, resume, save, prune (`build` makes one)."""
+
+    def __init__(self, output_dir: str, section, ctx: DistContext, tokenizer, run_state: dict, samples_per_step: int):
+        """`section`: the run's `checkpoint` settings (cadence, keep_last); `tokenizer`: the dataset's, as loaded and checked
+        against its manifest at start (each checkpoint saves that one, not the folder as it is at save time); `run_state`:
+        what every checkpoint's trainer_state.json records of the run (steps, seed, dataset and tokenizer identity, config)."""
+        self.output_dir = output_dir
+        self.every_steps, self.keep_last = section.every_steps, section.keep_last
         self.ctx = ctx
-        self.manifest_sha = manifest_sha
-        self.total_steps = total_steps
         self.tokenizer = tokenizer
-        self.tokenizer_identity = tokenizer_identity
-        self.root = ckpt.checkpoints_root(cfg.output_dir)
+        self.run_state = run_state
+        self.samples_per_step = samples_per_step
+        self.root = ckpt.checkpoints_root(output_dir)
+
+    @classmethod
+    def build(cls, section, plan, ctx: DistContext, output_dir: str, run_config: dict) -> "Checkpointer":
+        """From section `checkpoint`, the run's plan (steps, global batch, seed, the dataset's manifest and tokenizer), the run
+        directory and the resolved run config (`Config.to_dict()`, saved with every checkpoint)."""
+        run_state = {
+            "total_steps": plan.total_steps,
+            "world_size": ctx.world_size,
+            "rng": {
+                "scheme": "dropout: torch seeded per (seed, step, micro step, rank); masks: per (seed, stream index)",
+                "seed": plan.seed,
+            },
+            "data_manifest_sha256": plan.manifest_sha,
+            "tokenizer": asdict(plan.manifest.tokenizer),  # the manifest's record of the tokenizer (distill-export checks it)
+            "config": run_config,
+        }
+        return cls(output_dir, section, ctx, plan.tokenizer, run_state, plan.global_batch)
 
     def claim(self, identity: dict, teacher_path: Optional[str] = None) -> bool:
         """Make output_dir this run's (rank 0 decides, and only rank 0 hashes the teacher): True when it already was (resume)."""
-        return on_main_then_broadcast(self.ctx, lambda: ckpt.claim_output_dir(self.cfg.output_dir, identity, teacher_path))
+        return on_main_then_broadcast(self.ctx, lambda: ckpt.claim_output_dir(self.output_dir, identity, teacher_path))
 
     def resume_point(self, zero_stage: int) -> Optional[ResumePoint]:
         """The newest checkpoint that loads safely (a damaged newer one is reported loudly and set aside), or None."""
@@ -86,7 +106,7 @@ class Checkpointer:
         return os.path.join(self.root, found[1]) if found else None
 
     def due(self, step: int, end_step: int, stopping: bool) -> bool:
-        return step % self.cfg.checkpoint.every_steps == 0 or step == end_step or stopping
+        return step % self.every_steps == 0 or step == end_step or stopping
 
     def save(self, engine, step: int, extra_state: dict[str, Any]) -> None:
         """DeepSpeed shards on every rank, then (rank 0) our state, the COMPLETE marker and `latest`.
@@ -113,18 +133,10 @@ class Checkpointer:
         t0 = time.time()
         state = {
             "step": step,
-            "samples_consumed": step * self.cfg.train.global_batch,
-            "total_steps": self.total_steps,
-            "world_size": self.ctx.world_size,
+            "samples_consumed": step * self.samples_per_step,
             "zero_stage": engine.zero_stage,
-            "rng": {
-                "scheme": "dropout: torch seeded per (seed, step, micro step, rank); masks: per (seed, stream index)",
-                "seed": self.cfg.seed,
-            },
-            "data_manifest_sha256": self.manifest_sha,
-            **({"tokenizer": self.tokenizer_identity} if self.tokenizer_identity else {}),
+            **self.run_state,
             **extra_state,
-            "config": self.cfg.to_dict(),
         }
         try:
             engine.save(self.root, tag, {"trainer_state": state})
@@ -151,7 +163,7 @@ class Checkpointer:
         write_json_atomically(os.path.join(tag_dir, ckpt.TRAINER_STATE), state)
         ckpt.mark_complete(tag_dir)
         ckpt.write_latest(self.root, tag)
-        ckpt.prune(self.root, self.cfg.checkpoint.keep_last)  # only now: the older ones go after the new one is complete
+        ckpt.prune(self.root, self.keep_last)  # only now: the older ones go after the new one is complete
 
 
 def _clear_tag_dir(tag_dir: str) -> None:

@@ -1,11 +1,13 @@
 """Every check of a run that needs no weights, in one pass: `distill-train --check`, and the first thing a run does.
 
 Reads only configs — the dataset's manifest (and its shards' footers), the teacher's config.json and
-tokenizer files, the DeepSpeed JSON — decides the student's config, the layers it copies, the objective
-(built from the two configs' shapes), the DeepSpeed config, the teacher source and the step counts, and
-runs every rule of the model, data and objective that a real start would hit, collecting all problems
-instead of stopping at the first. The result is the run's `RunPlan`: the run makes it real (loads the
-teacher, builds the student from `student_config`, ...) and decides none of it again.
+tokenizer files, the DeepSpeed JSON, a teacher cache's manifest (and the teacher's content identity it records)
+— decides the student's config, the layers it copies, the objective (built from the two configs' shapes), the
+DeepSpeed config, the teacher source with its dtype (and its stage-3 config when partitioned) and the step
+counts, and runs every rule of the model, data, objective and teacher cache that a real start would hit,
+collecting all problems instead of stopping at the first. The result is the run's `RunPlan`: the run makes it
+real (loads the teacher, builds the student from `student_config`, each component from its own config section
+and the plan) and decides none of it again.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from distill.models.build import (
     student_config,
 )
 from distill.objective.objective import Objective
-from distill.teachers.partitioned import partition_problems
+from distill.teachers.cache import check_cache
+from distill.teachers.partitioned import partition_problems, zero3_inference_config
 from distill.train.engine import deepspeed_config
 from kd_common.errors import UserError
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
@@ -62,6 +65,11 @@ class RunPlan:
     tokenizer: Any = None
     teacher_source: str = "online"  # a key of distill.teachers.sources.TEACHER_SOURCES; None without teacher.path
     teacher_config: Any = None
+    teacher_dtype: Optional[torch.dtype] = None  # teacher.dtype resolved for the device
+    teacher_ds_config: Optional[dict] = None  # teacher.source=partitioned: its stage-3 inference engine's DeepSpeed config
+    cache_manifest: Any = None  # teacher.source=cache: the cache's manifest, checked against the run
+    arrow_cache_dir: Optional[str] = None  # data.cache_dir: where the Arrow files of the shards (and of a cache's parts) go
+    full_logits: bool = False  # train.logits_where_needed=false: vocabulary logits at every position (the baseline path)
     ds_config: Optional[dict] = None  # the DeepSpeed config: the JSON plus what the recipe owns (batch sizes, precision, clipping)
     vocab_size: Optional[int] = None  # rows of the embedding (the teacher's, else the tokenizer's)
     student_config: Any = None  # the student's Hugging Face config (distill.models.build.student_config)
@@ -110,16 +118,23 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
     """Run every weight-free check of `cfg` for `world_size` ranks on `device` and decide the run's plan; nothing is written."""
     pf = RunPlan(world_size=world_size, seed=cfg.seed, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
     pf.teacher_source = cfg.teacher.source if cfg.teacher.path else None
+    pf.teacher_dtype = resolve_dtype(cfg.teacher.dtype, device)
+    pf.full_logits, pf.arrow_cache_dir = not cfg.train.logits_where_needed, cfg.data.cache_dir
     pf.precision = precision = resolve_dtype(cfg.train.precision, device)
     if device.type == "cpu" and precision != torch.float32 and not (precision == torch.bfloat16 and cpu_has_native_bf16()):
         pf.problems.append(
             f"train.precision={cfg.train.precision} needs a GPU (or, for bf16, a CPU with AVX512-BF16 or AMX); use fp32 (or auto) on this CPU"
         )
     pf.ds_config = pf.attempt(lambda: deepspeed_config(cfg, world_size, precision))
-    pf.problems += partition_problems(cfg, world_size)
+    zero = pf.ds_config["zero_optimization"] if pf.ds_config else {}
+    pf.problems += partition_problems(cfg.teacher, world_size, zero)
+    if pf.teacher_source == "partitioned":
+        pf.teacher_ds_config = zero3_inference_config(zero, cfg.train.micro_batch, pf.teacher_dtype)
     pf.manifest = pf.attempt(lambda: load_manifest(cfg.data.path))
     if pf.manifest is not None:
         pf.manifest_sha = sha256_file(os.path.join(cfg.data.path, MANIFEST_FILE))
+        if pf.teacher_source == "cache":
+            pf.cache_manifest = pf.attempt(lambda: check_cache(cfg, pf.manifest, pf.manifest_sha))
         if pf.attempt(lambda: verify_shards(cfg.data.path, pf.manifest, cfg.data.split, checksums=False) or True):
             rows = pf.manifest.splits[cfg.data.split].rows
             pf.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * rows / cfg.train.global_batch))

@@ -1,7 +1,7 @@
 """The distillation loop over named components, each in its own module with one job:
 
     data          distill/data/reader.py         this rank's micro batches, masked and padded, on the device
-    teacher       distill/teachers/online.py      the teacher's outputs for a micro batch (online today; other sources plug in)
+    teacher       distill/teachers/sources.py     the teacher's outputs for a micro batch: online, partitioned or from a cache
     objective     distill/objective/objective.py   what each forward returns, and the weighted losses (distill/objective/losses.py)
     engine        distill/train/engine.py       the student in DeepSpeed: forward, backward, optimizer step
     checkpointer  distill/train/checkpointer.py claim the run directory, resume, save (guarded), prune
@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from distill.checkpoints import layout as ckpt
 from distill.config import Config
 from distill.data.reader import DataSource
-from distill.models.build import StudentForDistillation, compile_encoder, count_parameters, init_student_from_teacher, make_student
+from distill.models.build import StudentForDistillation, compile_encoder, count_parameters, make_student
 from distill.objective.objective import Objective
 from distill.teachers.online import OnlineTeacher
 from distill.teachers.sources import TEACHER_SOURCES
@@ -218,12 +218,12 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
     """Make the checked plan real (teacher, student, data), then claim the run directory, set up the engine and resume if there is a checkpoint."""
     plan = preflight(cfg, ctx.world_size, ctx.device)  # every weight-free check and decision, all problems at once, before anything loads
     plan.raise_if_any()
-    teacher = TEACHER_SOURCES[plan.teacher_source].load(cfg, ctx.device) if plan.teacher_source else None
+    teacher = TEACHER_SOURCES[plan.teacher_source].load(cfg.teacher, plan, ctx) if plan.teacher_source else None
 
     torch.manual_seed(cfg.seed)
     student = make_student(plan.student_config, cfg.student.attn_implementation)
     if plan.init_layers is not None:
-        init_student_from_teacher(student, teacher.init_model(), plan.init_layers, cfg.student.fold_token_type_embeddings)
+        teacher.init_student(student, plan.init_layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", plan.init_layers)
     objective = plan.objective
     if teacher is not None:
@@ -244,7 +244,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
         objective.student_needs,
         cfg.loss.projection,
         objective.teacher_width,
-        full_logits=not cfg.train.logits_where_needed,
+        full_logits=plan.full_logits,
         logit_loss=objective.student_logit_loss(student),
     )
     if cfg.train.compile:
@@ -253,7 +253,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
             teacher.compile()
 
     # Everything above only read: the run directory is claimed (run.json written) once every setting has been checked.
-    checkpointer = Checkpointer(cfg, ctx, plan.manifest_sha, total_steps, plan.tokenizer, asdict(plan.manifest.tokenizer))
+    checkpointer = Checkpointer.build(cfg.checkpoint, plan, ctx, cfg.output_dir, cfg.to_dict())
     identity = ckpt.run_identity(cfg.to_dict(), plan.manifest_sha)
     if teacher is not None:
         identity["teacher.fingerprint"] = teacher.fingerprint()

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import BIN, cache, cli, losses, save_teacher, train_args
+from support import BIN, cache, cache_teacher, cli, losses, save_teacher, train_args
 from support import assert_one_line_error_of as assert_one_line_error
 from support import deepspeed_recipe as deepspeed
 from support import run_log as run  # noqa: F401
@@ -270,9 +270,7 @@ def test_training_refuses_a_cache_of_another_dataset_or_teacher_and_live_teacher
 
 
 def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
-    from data_prep.cache_manifest import CacheError
-    from distill.config import load_config
-    from distill.teachers.cache import CacheTeacher
+    from distill.config import ConfigError, load_config
     from kd_common.files import sha256_file
 
     masked = tmp_path / "masked"
@@ -296,8 +294,8 @@ def test_masked_lm_data_is_refused_by_both_sides(assets, small_cache, tmp_path):
         f"teacher.cache={bound}",
         f"output_dir={tmp_path / 'o'}",
     ]
-    with pytest.raises(CacheError, match="holds no static masks"):
-        CacheTeacher.load(load_config("configs/llm_kd.yaml", overrides), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="holds no static masks"):  # preflight checks the cache against the run
+        cache_teacher(load_config("configs/llm_kd.yaml", overrides))
 
 
 def test_cache_output_rule(assets, small_cache, tmp_path):

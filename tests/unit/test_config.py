@@ -89,3 +89,34 @@ def test_teacher_source_and_the_deprecated_partition_alias(tmp_path, caplog):
     ]
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(path, ["teacher.source=online_partitioned"])
+
+
+def test_where_a_partitioned_teacher_cannot_load_each_rank_its_partition(tmp_path):
+    """teacher.source=partitioned reads safetensors a partition at a time: a teacher with only pickled weights, an index
+    naming a file outside its folder, and parameters offloaded to nvme (written in place) are refused, one line each."""
+    import json
+
+    from distill.config import TeacherConfig
+    from distill.teachers.partitioned import partition_problems, safetensors_files
+
+    teacher = tmp_path / "t"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    (teacher / "pytorch_model.bin").write_bytes(b"")
+    section = TeacherConfig(path=str(teacher), source="partitioned")
+    assert partition_problems(TeacherConfig(path=str(teacher)), 1, {}) == []  # online: not its business
+    (only,) = partition_problems(section, 2, {})
+    assert "has no safetensors weights" in only and "convert it once" in only
+    (teacher / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    assert partition_problems(section, 2, {}) == [
+        f"{teacher / 'model.safetensors.index.json'} names weight files outside its directory ('../elsewhere.safetensors'); "
+        f"re-save the teacher with save_pretrained"
+    ]
+    (teacher / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors"}}))
+    (teacher / "m-1.safetensors").write_bytes(b"")
+    (missing,) = partition_problems(section, 2, {})
+    assert "lists m-2.safetensors, which is not in" in missing and "incomplete" in missing
+    (teacher / "m-2.safetensors").write_bytes(b"")
+    assert safetensors_files(str(teacher)) == [str(teacher / "m-1.safetensors"), str(teacher / "m-2.safetensors")]
+    (nvme,) = partition_problems(section, 2, {"offload_param": {"device": "nvme"}})
+    assert "offload_param device nvme" in nvme
