@@ -376,7 +376,9 @@ class Config:
             return []
         p = []
         if s.init is not None:
-            p.append(f"student.path and student.init={s.init} exclude each other: the student's weights are student.path's; drop student.init")
+            p.append(
+                f"student.path and student.init={s.init} exclude each other: the student's weights are student.path's; drop student.init"
+            )
         shaped = [k for k in STUDENT_SHAPE_KEYS if getattr(s, k) is not None]
         if shaped:
             p.append(

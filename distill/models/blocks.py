@@ -117,7 +117,9 @@ def block_layout(block: nn.Module) -> BlockLayout:
     kind = type(block).__name__
     attention = _child(block, ATTENTION)
     if attention is None:
-        raise FamilyError(f"decoder block {kind} has no attention module (looked for {'/'.join(ATTENTION)}); name it in a families.py entry")
+        raise FamilyError(
+            f"decoder block {kind} has no attention module (looked for {'/'.join(ATTENTION)}); name it in a families.py entry"
+        )
     attn = getattr(block, attention)
     fused = _child(attn, FUSED_QKV)
     q, k, v = (None, None, None) if fused else (_child(attn, Q), _child(attn, K), _child(attn, V))

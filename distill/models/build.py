@@ -457,6 +457,8 @@ def check_logits(model: nn.Module, label: str) -> float:
     family = _family(model)
     base, head = family.base_model(model), family.vocab_projection(model)
     param = next(model.parameters())
+    if param.is_meta:
+        return 0.0  # shapes only (the memory estimate): nothing to run
     generator = torch.Generator().manual_seed(0)
     width, rows = model.config.hidden_size, head.weight.shape[0]
     hidden = (torch.randn(1, PROBE_TOKENS, width, generator=generator) * 3).to(param.device, param.dtype)
@@ -564,7 +566,9 @@ def build_student(
     """Create the student model of section `student` against the teacher (a model or only its config): random weights
     shaped like the teacher unless the student's settings say otherwise (`init_student_from_teacher` copies weights
     after), or the checkpoint at student.path."""
-    return make_student(student_config(cfg, teacher, vocab_size, pad_token_id, max_seq_len, tokenizer_vocab), cfg.attn_implementation, cfg.path)
+    return make_student(
+        student_config(cfg, teacher, vocab_size, pad_token_id, max_seq_len, tokenizer_vocab), cfg.attn_implementation, cfg.path
+    )
 
 
 def make_student(config, attn_implementation: str, path: Optional[str] = None) -> nn.Module:

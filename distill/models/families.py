@@ -66,7 +66,9 @@ class Family:
     layers: Optional[str]  # path of the layer list inside the base model; None = its one ModuleList of num_hidden_layers blocks
     qkv: Optional[tuple[str, ...]]  # q/k/v projections inside one layer (one name = fused); None = by the block layout (blocks.py)
     head_transform: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]]  # hidden -> input of the vocabulary projection
-    projection: Optional[Callable[[nn.Module], nn.Module]]  # the vocabulary projection (weight (V, H), optional bias); None = get_output_embeddings()
+    projection: Optional[
+        Callable[[nn.Module], nn.Module]
+    ]  # the vocabulary projection (weight (V, H), optional bias); None = get_output_embeddings()
     shape: Callable[[Any], dict]  # config -> hidden_size, num_heads, num_kv_heads, intermediate_size, num_layers, ...
     student_config: Callable[..., Any]  # (shape, vocab, pad id, dropout, teacher config or None, layers=...) -> a config of this family
     init_from: tuple[str, ...] = ()  # teacher families a student of this family can copy layers from
@@ -99,7 +101,9 @@ class Family:
             return self.projection(model)
         head = model.get_output_embeddings()
         if head is None or getattr(head, "weight", None) is None:
-            raise FamilyError(f"a {model.config.model_type} model has no output embeddings (get_output_embeddings()); it is not a language model")
+            raise FamilyError(
+                f"a {model.config.model_type} model has no output embeddings (get_output_embeddings()); it is not a language model"
+            )
         return head
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -477,7 +481,9 @@ def _decoder_student_config(model_type: str):
         if not same:
             ids = {k: getattr(teacher_config, k, None) for k in ("bos_token_id", "eos_token_id")} if teacher_config is not None else {}
             values.update({k: v for k, v in ids.items() if v is not None}, pad_token_id=pad_token_id)
-            values["tie_word_embeddings"] = bool(getattr(teacher_config, "tie_word_embeddings", True)) if teacher_config is not None else True
+            values["tie_word_embeddings"] = (
+                bool(getattr(teacher_config, "tie_word_embeddings", True)) if teacher_config is not None else True
+            )
         if values["num_attention_heads"] % values["num_key_value_heads"]:
             raise FamilyError(
                 f"student has {values['num_attention_heads']} attention heads and {values['num_key_value_heads']} key/value "
