@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -210,8 +211,6 @@ def model_forward(
 
 def _balancing_loss(model_class: type):
     """The load-balancing loss function of an MoE family (`load_balancing_loss_func` in its modeling module), or None."""
-    import sys
-
     return getattr(sys.modules.get(model_class.__module__), "load_balancing_loss_func", None)
 
 

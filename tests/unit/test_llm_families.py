@@ -1,5 +1,6 @@
-"""Decoder-LLM families in the registry (Llama, Mistral, Qwen2, Qwen3, and GPT-2): students of the teacher's family,
-initialised from chosen teacher layers, shapes of their own, logits only where needed — on tiny random configs."""
+"""Decoder-LLM families (Llama, Mistral, Qwen2, Qwen3 through the generic causal path, GPT-2 registered): students of the
+teacher's family, initialised from chosen teacher layers, shapes of their own, logits only where needed — on tiny
+random configs (every other family: tests/unit/test_any_causal_lm.py)."""
 
 from __future__ import annotations
 
