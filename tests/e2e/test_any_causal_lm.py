@@ -5,7 +5,7 @@ engine, distill-export, `generate` and distill-eval; and a student of the user's
 its head padded to another size than the teacher's) distilled from a Llama teacher.
 
 All the training runs share ONE deepspeed launch (tests/e2e/any_causal_lm_worker.py runs the real trainer once per
-run), so the launch's start-up is paid once; what needs no process is checked in tests/unit/test_any_causal_lm.py.
+run), so the launch's start-up is paid once; what needs no process is checked in tests/unit/test_causal_families.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decoder-LLM families (Llama, Mistral, Qwen2, Qwen3 through the generic causal path, GPT-2 registered): students of the
 teacher's family, initialised from chosen teacher layers, shapes of their own, logits only where needed — on tiny
-random configs (every other family: tests/unit/test_any_causal_lm.py)."""
+random configs (every other family: tests/unit/test_causal_families.py)."""
 
 from __future__ import annotations
 
