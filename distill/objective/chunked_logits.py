@@ -165,14 +165,18 @@ def default_chunk(vocab: int, dtype: torch.dtype) -> int:
     return max(1, CHUNK_ELEMENTS * 4 // (torch.empty((), dtype=work_dtype(dtype)).element_size() * vocab))
 
 
-def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    return z if temperature == 1.0 else z.div_(temperature)
+def _log_probs(z: torch.Tensor, temperature: float, work: torch.dtype) -> torch.Tensor:
+    """log_softmax(z / T) in `work` precision; may overwrite `z` when it is in `work` already."""
+    if temperature == 1.0:
+        return F.log_softmax(z, -1, dtype=work)
+    return F.log_softmax(z.to(work).div_(temperature), -1)
 
 
 def _logits(h: torch.Tensor, weight, bias, transform: Optional[LogitTransform], work: torch.dtype) -> torch.Tensor:
-    """A chunk's vocabulary logits as the model makes them (projection, then its output transform), a fresh `work` tensor."""
-    z = F.linear(h, weight, bias).to(work)
-    return transform.apply_(z) if transform is not None and not transform.identity else z
+    """A chunk's vocabulary logits as the model makes them: the projection in the model's dtype, then its output transform
+    (if any) on a fresh `work` copy."""
+    z = F.linear(h, weight, bias)
+    return transform.apply_(z.to(work)) if transform is not None and not transform.identity else z
 
 
 def _divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, want_grad: bool):
@@ -234,19 +238,19 @@ def _sweep(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, kd_ro
         dlogits = log_q1 = derivative = None
         if o.with_ce:  # -log softmax(z)[label] at T = 1; gradient softmax - onehot
             target = labels[rows].clamp(min=0)[:, None]  # ignored rows have ce_row 0
-            log_q1 = F.log_softmax(z, -1)
+            log_q1 = F.log_softmax(z, -1, dtype=work)
             ce_sum -= (ce_row[rows] * log_q1.gather(1, target).squeeze(1)).sum()
             if want_grads and o.ce_weight != 0:
                 coef = (ce_row[rows] * o.ce_weight).to(work)[:, None]
                 dlogits = log_q1.exp().mul_(coef)
                 dlogits.scatter_add_(1, target, -coef)
         if o.kind is not None:
-            s = log_q1 if log_q1 is not None and temperature == 1.0 else F.log_softmax(_tempered(z, temperature), -1)
+            s = log_q1 if log_q1 is not None and temperature == 1.0 else _log_probs(z, temperature, work)
             log_q1 = None
             if s_transform is not None and s_transform.softcap is not None and want_grads:
                 derivative = s_transform.derivative_(z, divided_by=temperature)
             z = None  # free before the teacher's logits exist
-            t = F.log_softmax(_tempered(_logits(t_hidden[rows], tw, tb, o.t_transform, work), temperature), -1)
+            t = _log_probs(_logits(t_hidden[rows], tw, tb, o.t_transform, work), temperature, work)
             div, grad = _divergence(s, t, o.kind, o.beta, want_grads and o.kd_weight != 0)
             kd_sum += (kd_row[rows] * div).sum() * temperature**2
             if grad is not None:  # d(T^2 div)/d logits = T d div/dz
