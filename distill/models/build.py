@@ -383,7 +383,8 @@ def check_layout(config, label: str) -> bool:
             blocks = family.layer_list(model)
             for block in {type(b): b for b in blocks}.values():  # one of each kind of block
                 block_layout(block)
-            family.vocab_projection(model)
+            if not isinstance(getattr(family.vocab_projection(model), "weight", None), torch.Tensor):
+                raise FamilyError(f"a {config.model_type} model's output embeddings have no weight: no vocabulary projection to distil")
     except FamilyError as exc:
         raise ModelError(f"{label}: {exc}") from None
     except Exception as exc:  # transformers raises many types for configs it cannot build

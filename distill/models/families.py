@@ -99,8 +99,8 @@ class Family:
     def vocab_projection(self, model: nn.Module) -> nn.Module:
         if self.projection is not None:
             return self.projection(model)
-        head = model.get_output_embeddings()
-        if head is None or getattr(head, "weight", None) is None:
+        head = model.get_output_embeddings()  # its weight is not read here: under ZeRO-3 a read inside a forward gathers it
+        if head is None:
             raise FamilyError(
                 f"a {model.config.model_type} model has no output embeddings (get_output_embeddings()); it is not a language model"
             )
