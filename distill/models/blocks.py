@@ -15,7 +15,7 @@ neurons, experts, norms) builds on the same layout. A family whose blocks use ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
@@ -163,8 +163,3 @@ def block_layout(block: nn.Module) -> BlockLayout:
         shared_expert=_joined(mlp_name, shared),
         norms=norms,
     )
-
-
-def parts(layout: BlockLayout) -> dict[str, str]:
-    """The layout's named parts (field -> dotted name), the ones present only."""
-    return {f.name: getattr(layout, f.name) for f in fields(layout) if isinstance(getattr(layout, f.name), str) and f.name != "block"}
