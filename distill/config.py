@@ -23,6 +23,18 @@ PARTITION_DEPRECATED = "teacher.partition is deprecated: use teacher.source=part
 __all__ = ["Config", "ConfigError", "batch_problem", "load_config", "config_from_dict", "describe_fields", "parse_overrides", "validate"]
 
 
+# the student settings that build a student of their own: student.path (the user's checkpoint) excludes them
+STUDENT_SHAPE_KEYS = (
+    "architecture",
+    "num_layers",
+    "init_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
 # logit kinds a teacher-logit cache can feed (ce: the student's own cross-entropy)
 CACHEABLE_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
 
@@ -61,11 +73,18 @@ class TeacherConfig:
 
 @section
 class StudentConfig:
-    architecture: Literal["distilbert", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "same"] = setting(
-        "distilbert",
-        "student model family (distill/models/families.py): distilbert or bert for BERT-family teachers, a causal teacher's own family (gpt2, llama, mistral, qwen2, qwen3), or same = the teacher's family",
+    path: Optional[Str] = setting(
+        None,
+        "your own student: a local Hugging Face directory (any family and size the teacher's tokenizer serves; its config.json is the student's, kept at export; its head may be padded to another size than the teacher's). Excludes student.init, architecture and the shape keys; dropout, init_mapping and fold_token_type_embeddings do not apply (docs/decoder-llms.md)",
     )
-    init: Literal["teacher", "random"] = setting("teacher", "copy embeddings, chosen layers and MLM head from the teacher, or random init")
+    architecture: Optional[Str] = setting(
+        None,
+        "student model family (distill/models/families.py): distilbert or bert for BERT-family teachers; for a causal teacher any causal model type transformers builds (llama, gemma2, qwen3_moe, ...); same = the teacher's; null = the teacher's for a causal teacher, else distilbert",
+    )
+    init: Optional[Literal["teacher", "random"]] = setting(
+        None,
+        "copy embeddings, chosen layers and the LM head from the teacher, or random init; null = teacher when there is a teacher (and no student.path), else random",
+    )
     num_layers: Optional[Int] = setting(None, "student depth; null = half the teacher's layers", ge=1)
     init_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
         None, "teacher layers copied into the student, in order (0-based); null = chosen by student.init_mapping"
@@ -326,10 +345,11 @@ class Config:
             p.append(f"losses {needs_teacher} need a teacher: set teacher.path or set their weights to 0")
         if self.student.init == "teacher" and not self.teacher.path:
             p.append("student.init=teacher needs teacher.path (or use student.init=random)")
-        if not self.teacher.path and not self.student.hidden_size:
+        if not self.teacher.path and not self.student.path and not self.student.hidden_size:
             p.append("without a teacher, give the student's shape: student.hidden_size, num_heads, intermediate_size, num_layers")
-        if not self.teacher.path and not self.student.num_layers:
+        if not self.teacher.path and not self.student.path and not self.student.num_layers:
             p.append("without a teacher, student.num_layers is required")
+        p += self.student_path_problems()
         if self.data.mask_token_fraction + self.data.random_token_fraction > 1:
             p.append("data.mask_token_fraction + data.random_token_fraction must be within [0, 1]")
         problem = batch_problem(self.train.global_batch, self.train.micro_batch)
@@ -339,11 +359,43 @@ class Config:
             p.append("optim.betas must have two values")
         if self.teacher.source == "cache":
             p += self.cache_problems()
-        if self.student.init_layers is not None and self.student.init != "teacher":
+        if self.student.init_layers is not None and self.student_init() != "teacher" and not self.student.path:
             p.append("student.init_layers only applies with student.init=teacher")
         if self.output_dir:
             p += output_overlap_problems(
-                self.output_dir, [("data.path", self.data.path), ("teacher.path", self.teacher.path), ("teacher.cache", self.teacher.cache)]
+                self.output_dir,
+                [
+                    ("data.path", self.data.path),
+                    ("teacher.path", self.teacher.path),
+                    ("teacher.cache", self.teacher.cache),
+                    ("student.path", self.student.path),
+                ],
+            )
+        return p
+
+    def student_init(self) -> str:
+        """How the student's weights start: "teacher" (layers copied), "random", or "path" (student.path's checkpoint)."""
+        if self.student.path:
+            return "path"
+        if self.student.init is not None:
+            return self.student.init
+        return "teacher" if self.teacher.path else "random"
+
+    def student_path_problems(self) -> list[str]:
+        """student.path is the student, weights and config: the keys that would build or fill another one are refused."""
+        s = self.student
+        if not s.path:
+            return []
+        p = []
+        if s.init is not None:
+            p.append(
+                f"student.path and student.init={s.init} exclude each other: the student's weights are student.path's; drop student.init"
+            )
+        shaped = [k for k in STUDENT_SHAPE_KEYS if getattr(s, k) is not None]
+        if shaped:
+            p.append(
+                f"student.path and {', '.join('student.' + k for k in shaped)} exclude each other: the student's family and shape are "
+                f"its config.json's; drop {'them' if len(shaped) > 1 else 'it'}"
             )
         return p
 

@@ -13,6 +13,43 @@ from typing import NamedTuple, Optional
 import torch
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to its vocabulary logits after the projection, as its family says:
+    ``.logits = softcap(scale * projection(h))`` with ``softcap(x) = cap * tanh(x / cap)``. Granite divides by
+    `logits_scaling` (scale = 1 / logits_scaling), Cohere multiplies by `logit_scale`, Gemma 2/3 cap with
+    `final_logit_softcapping`; most families do neither (the identity). Every logit path applies it: the chunked and full
+    logit losses, distill-eval and the teacher-logit cache."""
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The transformed logits (a new tensor unless the transform is the identity)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """`self(logits)` computed in place."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def derivative_(self, out: torch.Tensor, divided_by: float = 1.0) -> torch.Tensor:
+        """d out / d logits, elementwise, written over `out` (the transformed logits, divided by `divided_by`):
+        scale * (1 - (out / cap)^2) with a softcap (only then is a tensor needed: the scale alone is a number)."""
+        return out.mul_(divided_by / self.softcap).square_().neg_().add_(1.0).mul_(self.scale)
+
+
 @dataclass
 class ModelOutputs:
     """What a model produced for one micro batch (the optional parts only when a loss needs them)."""
@@ -27,6 +64,8 @@ class ModelOutputs:
     # instead of `logits`; `head` is the teacher's projection, or the student's ChunkedLogitLoss (which owns its projection)
     head_input: Optional[torch.Tensor] = None
     head: Optional[object] = None
+    head_transform: Optional[LogitTransform] = None  # what follows `head` in the model's forward (None: nothing)
+    aux_loss: Optional[torch.Tensor] = None  # an MoE student's load-balancing loss, times its config coefficient (None: no router loss)
 
 
 # attention implementations whose transformers mask builders read packed documents from `position_ids` (with no

@@ -123,8 +123,60 @@ def latest(out) -> str:
     return open(os.path.join(out, "checkpoints", "latest")).read()
 
 
+# What a tiny random model of each causal family needs beyond the common shape (hidden 64, 4 heads, 2 KV heads, FFN 112,
+# 4 layers): head sizes, experts, and output transforms small enough to matter on random logits (a softcap of 2, a
+# logits scaling of 4) so that a dropped transform shows.
+LLM_FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 2.0, "sliding_window": 16},
+    "gemma3_text": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 2.0,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],  # repeated to the model's depth
+    },
+    "phi3": {},
+    "olmo2": {},
+    "granite": {"logits_scaling": 4.0},
+    "cohere": {"logit_scale": 0.5},
+    "smollm3": {},
+    "glm4": {},
+    "ernie4_5": {},
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "router_aux_loss_coef": 0.02,
+        "mlp_only_layers": [3],
+    },
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 4.0},
+    "deepseek_v3": {
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+}
+
+
 def tiny_teacher(family: str, tokenizer=None, path: str | None = None, *, layers=4, vocab=None, tie=False, positions=None, **over):
-    """The one tiny random teacher factory: a masked (`bert`) or causal (llama, mistral, qwen2, qwen3, gpt2) family.
+    """The one tiny random teacher factory: a masked (`bert`) or causal (gpt2, or a family of LLM_FAMILIES) model.
 
     With `path` the model is saved there (with `tokenizer`, when given) and the path is returned; without, the
     model is returned in eval mode. Causal teachers: hidden 64, 4 heads, 2 KV heads, intermediate 112. With a
@@ -154,6 +206,9 @@ def tiny_teacher(family: str, tokenizer=None, path: str | None = None, *, layers
             else dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
         )
         shape = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+        extras = dict(LLM_FAMILIES.get(family, {}))
+        if "layer_types" in extras:
+            extras["layer_types"] = (extras["layer_types"] * layers)[:layers]
         if tokenizer is None:
             shape["tie_word_embeddings"] = tie
         config = AutoConfig.for_model(
@@ -162,8 +217,7 @@ def tiny_teacher(family: str, tokenizer=None, path: str | None = None, *, layers
             **shape,
             max_position_embeddings=positions or (64 if tokenizer is not None else 128),
             **ids,
-            **({"head_dim": 16} if family == "qwen3" else {}),
-            **over,
+            **{**extras, **over},
         )
     torch.manual_seed(0)
     auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
@@ -172,7 +226,10 @@ def tiny_teacher(family: str, tokenizer=None, path: str | None = None, *, layers
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         return path
-    model = auto.from_config(config, attn_implementation="sdpa")
+    try:
+        model = auto.from_config(config, attn_implementation="sdpa")
+    except ValueError:  # a family without an SDPA kernel (Gemma 2)
+        model = auto.from_config(config, attn_implementation="eager")
     if tokenizer is None:
         with torch.no_grad():
             for p in model.parameters():

@@ -248,6 +248,7 @@ class TeacherScorer:
         import torch.nn.functional as F  # torch: not at start-up
 
         from distill.models.build import model_forward  # torch (via distill.models.build): not at start-up
+        from distill.models.families import vocab_logits  # torch (via distill.models.families): not at start-up
 
         lengths = keep.sum(1).tolist()
         positions = keep.reshape(-1).nonzero().squeeze(1)
@@ -258,10 +259,6 @@ class TeacherScorer:
             out = model_forward(
                 self.model, ids.to(self.device), mask.to(self.device), positions.to(self.device), head_input=True, documents=documents
             )
-            weight, bias = (
-                out.head.weight[: self.vocab],
-                (out.head.bias[: self.vocab] if getattr(out.head, "bias", None) is not None else None),
-            )
             uniforms = None
             if self.cfg.mode == "sampled":
                 uniforms = np.concatenate(
@@ -270,7 +267,8 @@ class TeacherScorer:
             parts = []
             for start in range(0, len(positions), self.chunk):
                 sl = slice(start, start + self.chunk)
-                logits = F.linear(out.head_input[sl], weight, bias).float()
+                # the logits as the teacher's forward makes them (its output transform: scaling, final softcap)
+                logits = vocab_logits(out.head, out.head_transform, out.head_input[sl], self.vocab).float()
                 log_probs = F.log_softmax(logits / self.cfg.temperature, dim=-1)
                 parts.append(sparse_targets(log_probs, self.cfg, uniforms[sl] if uniforms is not None else None))
         indices = torch.cat([p[0] for p in parts]).cpu().numpy()

@@ -72,10 +72,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.model_outputs import LogitTransform
+
 IGNORE_INDEX = -100
 KINDS = ("forward_kl", "reverse_kl", "jsd")
-# default chunk: about 2^26 logits per (chunk x vocab) buffer (256 MiB in fp32; the sweep keeps ~3.5 such buffers
-# alive at once), whatever the vocabulary: 512 positions at 128k, 256 at 256k. Smaller chunks save memory but pay
+# default chunk: about 2^26 fp32 logits' bytes per (chunk x vocab) buffer (256 MiB; the sweep keeps ~3.5 such buffers
+# alive at once; fp32 models work in fp64, so half the positions), whatever the vocabulary: 512 positions at 128k, 256 at 256k. Smaller chunks save memory but pay
 # the per-chunk cost (reading both heads again, adding to the fp32 head gradient) more often: on a CPU, 128 and 64
 # positions per chunk cost 1.3x and 1.8x the direct computation's time at 128k, 256 about 1.0x, 512 0.9x.
 CHUNK_ELEMENTS = 1 << 26
@@ -102,6 +104,8 @@ class _Options:
     ce_weight: float
     with_ce: bool
     grads: tuple  # which of (student hidden, student weight, student bias) need a gradient
+    s_transform: Optional[LogitTransform] = None  # what the student's forward does after its projection (None: nothing)
+    t_transform: Optional[LogitTransform] = None  # the teacher's
 
 
 def weight_bias(head: Head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -144,61 +148,85 @@ def resolve_vocab(vocab_size: Optional[int], *weights: torch.Tensor) -> int:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 for fp64
+    """Sums and gradients: fp32 for bf16/fp16/fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) without a (rows x vocab) temporary."""
-    return torch.einsum("ij,ij->i", a, b)
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A chunk's softmax and divergence: fp32 for bf16/fp16 logits, fp64 for fp32 (and fp64) ones. In fp32 the
+    log-softmax's normaliser (about log(vocab), so rounded by ~5e-7) shifts each row's log-probabilities by an error
+    that does not cancel in the divergence: ~2e-5 relative at T = 1 where student and teacher are close; in fp64 the
+    fp32 loss is within 1e-6 of an fp64 reference (tests/unit/test_logit_losses.py)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _log_probs(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """log_softmax(logits / T) in `acc` precision (fp32 for bf16 logits); may overwrite `logits` when it is in `acc`."""
+def default_chunk(vocab: int, dtype: torch.dtype) -> int:
+    """Positions per chunk: about CHUNK_ELEMENTS fp32 logits' bytes per (chunk x vocab) buffer of the work dtype."""
+    return max(1, CHUNK_ELEMENTS * 4 // (torch.empty((), dtype=work_dtype(dtype)).element_size() * vocab))
+
+
+def _log_probs(z: torch.Tensor, temperature: float, work: torch.dtype) -> torch.Tensor:
+    """log_softmax(z / T) in `work` precision; may overwrite `z` when it is in `work` already."""
     if temperature == 1.0:
-        return F.log_softmax(logits, -1, dtype=acc)
-    return F.log_softmax(logits.to(acc).div_(temperature), -1)
+        return F.log_softmax(z, -1, dtype=work)
+    return F.log_softmax(z.to(work).div_(temperature), -1)
+
+
+def _logits(h: torch.Tensor, weight, bias, transform: Optional[LogitTransform], work: torch.dtype) -> torch.Tensor:
+    """A chunk's vocabulary logits as the model makes them: the projection in the model's dtype, then its output transform
+    (if any) on a fresh `work` copy."""
+    z = F.linear(h, weight, bias)
+    return transform.apply_(z.to(work)) if transform is not None and not transform.identity else z
 
 
 def _divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, want_grad: bool):
     """Per-row divergence of tempered log-probabilities s (student) and t (teacher), and its gradient w.r.t. the
-    student's tempered logits (None unless `want_grad`). Overwrites s and t."""
+    student's tempered logits (None unless `want_grad`). Overwrites s and t.
+
+    Each row's sum is a `.sum(-1)` of a product formed in place (no (rows x vocab) temporary): torch's summation keeps
+    fp32 within about 1e-6 of an fp64 reference even where the divergence is small against its terms (a fused row-dot,
+    `einsum`, was 3e-5 off at T = 1; tests/unit/test_logit_losses.py holds it)."""
     if kind == "jsd" and beta == 0.0:
         kind = "forward_kl"
     elif kind == "jsd" and beta == 1.0:
         kind = "reverse_kl"
     if kind == "forward_kl":  # sum p (t - s); d/dz = q - p
         p = t.exp()
-        loss = _rowdot(p, t.sub_(s))
+        loss = t.sub_(s).mul_(p).sum(-1)
         return loss, (s.exp_().sub_(p) if want_grad else None)
-    if kind == "reverse_kl":  # sum q (s - t); d/dz = q (s - t - KL)
+    if kind == "reverse_kl":  # sum q (s - t); d/dz = q (s - t - KL) = q (s - t) - q KL
         q = s.exp()
-        diff = t.neg_().add_(s)
-        loss = _rowdot(q, diff)
-        return loss, (diff.sub_(loss[:, None]).mul_(q) if want_grad else None)
+        weighted = t.neg_().add_(s).mul_(q)
+        loss = weighted.sum(-1)
+        return loss, (weighted.sub_(q.mul_(loss[:, None])) if want_grad else None)
     # jsd: log M = logaddexp(t + log beta, s + log(1 - beta)); dJSD/ds = (1 - beta) q (s - log M), then through log_softmax
     p, q = t.exp(), s.exp()
     log_m = t + math.log(beta)
     torch.logaddexp(log_m, s + math.log1p(-beta), out=log_m)
-    loss = beta * _rowdot(p, t.sub_(log_m))
+    loss = beta * t.sub_(log_m).mul_(p).sum(-1)
     del p
-    loss += (1 - beta) * _rowdot(q, s.sub_(log_m))
+    weighted = s.sub_(log_m).mul_(q)  # q (s - log M)
     del log_m
+    loss += (1 - beta) * weighted.sum(-1)
     if not want_grad:
         return loss, None
-    g = s.mul_(q).mul_(1 - beta)
+    g = weighted.mul_(1 - beta)
     return loss, g.addcmul_(q, g.sum(-1, keepdim=True).neg_())
 
 
 def _sweep(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, kd_row, ce_row, o: _Options, want_grads: bool):
     """One pass over the positions, `o.chunk_size` at a time: (kd, ce) sums weighted by kd_row / ce_row, and the
-    student's gradients of kd_weight * kd + ce_weight * ce (None unless `want_grads`)."""
-    acc = acc_dtype(s_hidden.dtype)
+    student's gradients of kd_weight * kd + ce_weight * ce (None unless `want_grads`). Each chunk's logits go through
+    the model's output transform (`o.s_transform`, `o.t_transform`) before the softmax, and the student's logit
+    gradient back through it (a softcap's derivative 1 - (z / cap)^2 takes one more chunk buffer)."""
+    acc, work = acc_dtype(s_hidden.dtype), work_dtype(s_hidden.dtype)
     vocab, temperature = o.vocab_size, o.temperature
     sw, sb = s_weight[:vocab], (s_bias[:vocab] if s_bias is not None else None)
     tw = t_weight[:vocab] if t_weight is not None else None
     tb = t_bias[:vocab] if t_bias is not None else None
-    kd_sum = torch.zeros((), dtype=acc, device=s_hidden.device)
-    ce_sum = torch.zeros((), dtype=acc, device=s_hidden.device)
+    s_transform = o.s_transform if o.s_transform is not None and not o.s_transform.identity else None
+    kd_sum = torch.zeros((), dtype=work, device=s_hidden.device)
+    ce_sum = torch.zeros((), dtype=work, device=s_hidden.device)
     want_h, want_w, want_b = o.grads if want_grads else (False, False, False)
     grad_h = torch.zeros_like(s_hidden) if want_h else None
     grad_w = torch.zeros(s_weight.shape, dtype=acc, device=s_weight.device) if want_w else None
@@ -206,29 +234,39 @@ def _sweep(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, kd_ro
     for start in range(0, s_hidden.shape[0], o.chunk_size):
         rows = slice(start, start + o.chunk_size)
         h = s_hidden[rows]
-        z = F.linear(h, sw, sb)  # the chunk's student logits
-        dlogits = log_q1 = None
+        z = _logits(h, sw, sb, s_transform, work)  # the chunk's student logits, as its forward makes them
+        dlogits = log_q1 = derivative = None
         if o.with_ce:  # -log softmax(z)[label] at T = 1; gradient softmax - onehot
             target = labels[rows].clamp(min=0)[:, None]  # ignored rows have ce_row 0
-            log_q1 = F.log_softmax(z, -1, dtype=acc)
+            log_q1 = F.log_softmax(z, -1, dtype=work)
             ce_sum -= (ce_row[rows] * log_q1.gather(1, target).squeeze(1)).sum()
             if want_grads and o.ce_weight != 0:
-                coef = (ce_row[rows] * o.ce_weight)[:, None]
+                coef = (ce_row[rows] * o.ce_weight).to(work)[:, None]
                 dlogits = log_q1.exp().mul_(coef)
                 dlogits.scatter_add_(1, target, -coef)
         if o.kind is not None:
-            s = log_q1 if log_q1 is not None and temperature == 1.0 else _log_probs(z, temperature, acc)
-            z = log_q1 = None  # free before the teacher's logits exist
-            t = _log_probs(F.linear(t_hidden[rows], tw, tb), temperature, acc)
+            s = log_q1 if log_q1 is not None and temperature == 1.0 else _log_probs(z, temperature, work)
+            log_q1 = None
+            if s_transform is not None and s_transform.softcap is not None and want_grads:
+                derivative = s_transform.derivative_(z, divided_by=temperature)
+            z = None  # free before the teacher's logits exist
+            t = _log_probs(_logits(t_hidden[rows], tw, tb, o.t_transform, work), temperature, work)
             div, grad = _divergence(s, t, o.kind, o.beta, want_grads and o.kd_weight != 0)
             kd_sum += (kd_row[rows] * div).sum() * temperature**2
             if grad is not None:  # d(T^2 div)/d logits = T d div/dz
-                coef = (kd_row[rows] * (o.kd_weight * temperature))[:, None]
+                coef = (kd_row[rows] * (o.kd_weight * temperature)).to(work)[:, None]
                 dlogits = grad.mul_(coef) if dlogits is None else dlogits.addcmul_(grad, coef)
             del s, t, grad
+        elif s_transform is not None and s_transform.softcap is not None and dlogits is not None:
+            derivative = s_transform.derivative_(z)
         z = log_q1 = None
         if dlogits is None:
             continue
+        if derivative is not None:  # back through the output transform
+            dlogits.mul_(derivative)
+            derivative = None
+        elif s_transform is not None:
+            dlogits.mul_(s_transform.scale)
         d = dlogits.to(sw.dtype)
         if want_h:
             grad_h[rows] = d @ sw
@@ -246,7 +284,7 @@ def _sweep(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, kd_ro
     grads = None
     if want_grads:
         grads = (grad_h, grad_w.to(s_weight.dtype) if want_w else None, grad_b.to(s_bias.dtype) if want_b else None)
-    return kd_sum, ce_sum, grads
+    return kd_sum.to(acc), ce_sum.to(acc), grads
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -320,6 +358,8 @@ def chunked_logit_loss(
     grad_in_forward: bool = True,
     check_labels: bool = True,
     all_positions: bool = False,
+    student_transform: Optional[LogitTransform] = None,
+    teacher_transform: Optional[LogitTransform] = None,
 ) -> LogitLosses:
     """KD loss (`kind` in KINDS, or None for the cross-entropy alone) and, with `labels`, the student's cross-entropy,
     from hidden states (..., H) and LM heads, `chunk_size` positions at a time (default: about CHUNK_ELEMENTS logits
@@ -329,7 +369,8 @@ def chunked_logit_loss(
     `check_labels=False` skips the range check of the labels (two host reads: the trainer's labels are dataset ids the
     embedding lookup already bounds). `all_positions=True` says that every position counts (kd_mask all true, as the
     trainer's soft targets at every logit position): the positions are then not looked up (no nonzero, no host sync).
-    See the module docstring for definitions."""
+    `student_transform` / `teacher_transform`: what each model's forward does to its logits after the projection
+    (distill.model_outputs.LogitTransform: a scale, a final softcap), applied chunk by chunk. See the module docstring."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)} (or None for the cross-entropy alone)")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -369,7 +410,7 @@ def chunked_logit_loss(
         labels_flat, kd_row, ce_row = labels_flat[index], kd_row[index], ce_row[index]
 
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // vocab)
+        chunk_size = default_chunk(vocab, s_hidden.dtype)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     grad_on = torch.is_grad_enabled()
@@ -378,7 +419,19 @@ def chunked_logit_loss(
         grad_on and s_weight.requires_grad,
         grad_on and s_bias is not None and s_bias.requires_grad,
     )
-    o = _Options(kind, float(temperature), float(beta), int(chunk_size), vocab, float(kd_weight), float(ce_weight), with_ce, grads)
+    o = _Options(
+        kind,
+        float(temperature),
+        float(beta),
+        int(chunk_size),
+        vocab,
+        float(kd_weight),
+        float(ce_weight),
+        with_ce,
+        grads,
+        student_transform,
+        teacher_transform if kind is not None else None,
+    )
     loss, kd, ce = _ChunkedLogitLoss.apply(
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels_flat, kd_row, ce_row, o, grad_in_forward
     )
@@ -400,9 +453,12 @@ def naive_logit_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    student_transform: Optional[LogitTransform] = None,
+    teacher_transform: Optional[LogitTransform] = None,
 ) -> LogitLosses:
-    """The direct computation, for tests and the benchmark: full (tokens x vocab) logits of both models, then the
-    loss with PyTorch's own ops (F.kl_div, F.cross_entropy, the mixture as in TRL) and autograd for gradients."""
+    """The direct computation, for tests and the benchmark: full (tokens x vocab) logits of both models (through their
+    output transforms), then the loss with PyTorch's own ops (F.kl_div, F.cross_entropy, the mixture as in TRL) and
+    autograd for gradients."""
     s_weight, s_bias = weight_bias(student_head)
     width = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, width)
@@ -414,6 +470,8 @@ def naive_logit_loss(
         weights.append(t_weight)
     vocab = resolve_vocab(vocab_size, *weights)
     s_logits = F.linear(s_hidden, s_weight[:vocab], s_bias[:vocab] if s_bias is not None else None).to(acc)
+    if student_transform is not None:
+        s_logits = student_transform(s_logits)
     labels = labels.reshape(-1) if labels is not None else None
     ce_mask = labels != ignore_index if labels is not None else None
     loss = torch.zeros((), dtype=acc, device=s_hidden.device)
@@ -422,6 +480,8 @@ def naive_logit_loss(
         with torch.no_grad():
             t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
             t_logits = F.linear(t_hidden, t_weight[:vocab], t_bias[:vocab] if t_bias is not None else None).to(acc)
+            if teacher_transform is not None:
+                t_logits = teacher_transform(t_logits)
         s = F.log_softmax(s_logits / temperature, dim=-1)
         t = F.log_softmax(t_logits / temperature, dim=-1)
         if kind == "forward_kl" or (kind == "jsd" and beta == 0):

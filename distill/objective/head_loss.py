@@ -8,6 +8,7 @@ from typing import Optional
 
 from torch import nn
 
+from distill.model_outputs import LogitTransform
 from distill.objective.chunked_logits import LogitLosses, chunked_logit_loss
 from distill.objective.sparse_logits import SparseTargets, sparse_logit_loss
 
@@ -29,25 +30,36 @@ class ChunkedLogitLoss(nn.Module):
     Holds a reference to `head` (not a submodule: its parameters stay where they are, once in the state dict) and
     registers the head's weight and bias as external parameters, so ZeRO-3 gathers them for this forward. Must be a
     submodule of the module DeepSpeed wraps, called from its forward or after it (``engine.module.<name>(...)``).
+    `transform`: what the student's forward does to its logits after `head` (a LogitTransform: Granite's scaling, Gemma's
+    final softcap; None = nothing), applied chunk by chunk; the teacher's comes with its head (`teacher_transform`).
     `options` are `chunked_logit_loss`'s keywords.
     """
 
-    def __init__(self, head: nn.Module, kind: Optional[str] = "forward_kl", **options):
+    def __init__(self, head: nn.Module, kind: Optional[str] = "forward_kl", transform: Optional[LogitTransform] = None, **options):
         super().__init__()
         self._head = (head,)  # a tuple hides it from nn.Module's registration
         self.kind = kind
+        self.transform = transform if transform is not None and not transform.identity else None
         self.options = options
         _register_external(self, head.weight, getattr(head, "bias", None))
 
     def extra_repr(self) -> str:
-        return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+        extra = [f"transform={self.transform}"] if self.transform is not None else []
+        return ", ".join([f"kind={self.kind!r}"] + extra + [f"{k}={v!r}" for k, v in self.options.items()])
 
     def forward(
-        self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False
+        self, student_hidden, teacher_hidden=None, teacher_head=None, labels=None, kd_mask=None, all_positions=False, teacher_transform=None
     ) -> LogitLosses:
         if isinstance(teacher_hidden, SparseTargets):  # the teacher from a cache (teacher.source: cache)
             return sparse_logit_loss(
-                student_hidden, self._head[0], teacher_hidden, self.kind, labels=labels, kd_mask=kd_mask, **self.options
+                student_hidden,
+                self._head[0],
+                teacher_hidden,
+                self.kind,
+                labels=labels,
+                kd_mask=kd_mask,
+                student_transform=self.transform,
+                **self.options,
             )
         return chunked_logit_loss(
             student_hidden,
@@ -58,5 +70,7 @@ class ChunkedLogitLoss(nn.Module):
             labels=labels,
             kd_mask=kd_mask,
             all_positions=all_positions,
+            student_transform=self.transform,
+            teacher_transform=teacher_transform,
             **self.options,
         )

@@ -471,6 +471,7 @@ def _fused_logit_losses(active, teacher: Optional[ModelOutputs], student: ModelO
         teacher.head if plan.kind else None,
         labels=batch.position_labels if plan.ce_name else None,
         kd_mask=kd_mask,
+        teacher_transform=teacher.head_transform if plan.kind else None,
         **extra,
     )
     terms = {}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from distill.model_outputs import ModelShape
-from distill.models.build import AttentionCapture, model_forward
+from distill.models.build import AttentionCapture, model_forward, router_aux_coefficient
 from distill.models.families import FamilyError, family_of
 from distill.models.layer_map import LayerMapError, resolve_layers
 from distill.objective.head_loss import ChunkedLogitLoss
@@ -32,6 +32,8 @@ from distill.objective.losses import (
     select_logit_positions,
 )
 from kd_common.config import ConfigError
+
+ROUTER_AUX = "router_aux"  # the logged name of an MoE student's load-balancing loss (metrics.jsonl: loss_router_aux)
 
 
 def shape_of(model_or_config: Any) -> ModelShape:
@@ -106,8 +108,15 @@ class Objective:
         self.uses_teacher = needs_teacher(self.weights)  # false e.g. for MLM only from a teacher-initialised student
         self.teacher_width = t_shape.hidden_size if t_shape is not None else None
         self.chunked = chunked and self.plan is not None
+        # an MoE student: its family's load-balancing loss x its config's router_aux_loss_coef joins the total (logged alone)
+        self.router_aux_coef = router_aux_coefficient(student)
         self.capture = None
         self.attach_teacher(teacher)
+
+    @property
+    def term_names(self) -> list[str]:
+        """The logged loss terms: every weighted loss, and `router_aux` (unweighted) for an MoE student."""
+        return [n for n, w in self.weights.items() if w > 0] + ([ROUTER_AUX] if self.router_aux_coef else [])
 
     def attach_teacher(self, teacher: Any) -> None:
         """The loaded teacher model (the plan's objective was built from configs): its q/k/v hooks, where a loss reads them."""
@@ -116,6 +125,8 @@ class Objective:
 
     def describe(self) -> str:
         parts = [f"losses {', '.join(f'{n} x{w:g}' for n, w in self.weights.items() if w > 0)}"]
+        if self.router_aux_coef:
+            parts.append(f"the student's router load-balancing loss x{self.router_aux_coef:g} (its router_aux_loss_coef)")
         if self.ctx.layer_map:
             parts.append(f"layer map (student -> teacher) {list(self.ctx.layer_map)}")
         for side, needs in (("teacher", self.teacher_needs), ("student", self.student_needs)):
@@ -153,9 +164,11 @@ class Objective:
             return None
 
         plan, cfg = self.plan, self.ctx.cfg
+        family = family_of(student)
         module = ChunkedLogitLoss(
-            family_of(student).projection(student),
+            family.vocab_projection(student),
             plan.kind,
+            transform=family.output_transform(student.config),
             temperature=cfg.temperature,
             beta=cfg.jsd_beta,
             chunk_size=cfg.chunk_positions,
@@ -168,4 +181,8 @@ class Objective:
         return module
 
     def losses(self, teacher_out: Optional[ModelOutputs], student_out: ModelOutputs, batch: Batch):
-        return compute_losses(self.weights, teacher_out, student_out, batch, self.ctx)
+        total, terms = compute_losses(self.weights, teacher_out, student_out, batch, self.ctx)
+        if student_out.aux_loss is not None:  # an MoE student's router loss, with its config coefficient
+            total = total + self.router_aux_coef * student_out.aux_loss
+            terms[ROUTER_AUX] = student_out.aux_loss.detach()
+        return total, terms

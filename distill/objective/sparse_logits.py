@@ -108,7 +108,8 @@ def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, c
         rows = slice(start, start + o["chunk"])
         h = s_hidden[rows]
         with torch.enable_grad():
-            z = F.linear(h.detach(), sw.detach(), sb.detach() if sb is not None else None).to(acc).requires_grad_(want_grads)
+            raw = F.linear(h.detach(), sw.detach(), sb.detach() if sb is not None else None).to(acc).requires_grad_(want_grads)
+            z = o["transform"](raw) if o["transform"] is not None else raw  # the student's logits as its forward makes them
             total = torch.zeros((), dtype=acc, device=z.device)
             if o["kind"] is not None:
                 div = sparse_divergence(
@@ -131,7 +132,7 @@ def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, c
                 total = total + o["ce_weight"] * ce
             if not want_grads or not total.requires_grad:
                 continue
-            (dlogits,) = torch.autograd.grad(total, z)
+            (dlogits,) = torch.autograd.grad(total, raw)
         d = dlogits.to(sw.dtype)
         if want_h:
             grad_h[rows] = d @ sw
@@ -139,7 +140,7 @@ def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, c
             grad_w[:vocab].addmm_(dlogits.t(), h.to(acc))
         if want_b:
             grad_b[:vocab] += dlogits.sum(0)
-        del d, dlogits, z
+        del d, dlogits, z, raw
     grads = None
     if want_grads:
         grads = (grad_h, grad_w.to(s_weight.dtype) if want_w else None, grad_b.to(s_bias.dtype) if want_b else None)
@@ -177,9 +178,11 @@ def sparse_logit_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    student_transform=None,
     **_unused,
 ) -> LogitLosses:
-    """`chunked_logit_loss` with the teacher's side from a cache (`targets`, one row per position of `student_hidden`)."""
+    """`chunked_logit_loss` with the teacher's side from a cache (`targets`, one row per position of `student_hidden`);
+    `student_transform` (a distill.model_outputs.LogitTransform) is what the student's forward does after its projection."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     if kind is not None and abs(targets.temperature - temperature) > 1e-9:
@@ -213,6 +216,7 @@ def sparse_logit_loss(
         "kd_weight": float(kd_weight),
         "ce_weight": float(ce_weight),
         "with_ce": with_ce,
+        "transform": student_transform if student_transform is not None and not student_transform.identity else None,
         "chunk": int(chunk_size or max(1, CHUNK_ELEMENTS // (2 * vocab))),
         "grads": (
             grad_on and s_hidden.requires_grad,

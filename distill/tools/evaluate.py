@@ -31,7 +31,7 @@ import torch
 from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity, write_json_atomically
 from distill.data.masking import CausalLMCollator, MaskingCollator, MaskingPolicy
 from distill.data.reader import TokenSequences
-from distill.models.build import ModelError, check_positions, mlm_forward
+from distill.models.build import ModelError, check_layout, check_logits, check_positions, mlm_forward
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
 from kd_common.config import Bool, Int, Str, add_arguments, from_arguments, section, setting
@@ -120,7 +120,9 @@ def load_lm(path: str, device: torch.device, causal: bool = False):
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path!r} could not be loaded as a {kind} with its tokenizer ({first})") from None
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    check_logits(model, f"model {path}")  # the metrics read its logits as its own forward makes them
+    return model, tokenizer
 
 
 def load_masked_lm(path: str, device: torch.device):
@@ -140,7 +142,7 @@ def check_task(label: str, path: str, family: Family, data_dir: str, packing: st
         )
     raise ModelError(
         f"{label} {path!r} is a masked LM ({family.name}) but {data_dir} is packed for causal LMs; evaluate a causal LM "
-        f"(gpt2, llama, mistral, qwen2, qwen3) on it, or a masked LM on data prepared with --packing document"
+        f"(any model AutoModelForCausalLM builds) on it, or a masked LM on data prepared with --packing document"
     )
 
 
@@ -191,6 +193,7 @@ def evaluate(
             check_task(label, path, family_of(config), data_dir, manifest.packing)
         except FamilyError as exc:
             raise ModelError(f"{label} {path!r}: {exc}") from None
+        check_layout(config, f"{label} {path}")
         check_positions(config, manifest.max_seq_len, f"{label} {path}", f"--data {data_dir}")
     models = {label: load_lm(path, dev, causal) for label, path in paths.items()}
     for label, (_, tokenizer) in models.items():

@@ -115,7 +115,7 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     one `step_XXXXXXXX` directory. `output` must not overlap the checkpoint; an existing one is replaced
     only with `overwrite`, only if distill-export wrote it, and only once the new export is complete.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM  # transformers: not at start-up
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig  # transformers: not at start-up
 
     root, tag = ckpt.resolve_checkpoint(checkpoint)
     tag_dir = os.path.join(root, tag)
@@ -154,6 +154,8 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         if result.unexpected_keys:
             raise ExportError(f"checkpoint {tag_dir} has unexpected weights {result.unexpected_keys[:5]}")
         model.tie_weights()
+        if os.path.isfile(os.path.join(hf_config, "generation_config.json")):  # the student's generation defaults, as trained
+            model.generation_config = GenerationConfig.from_pretrained(hf_config, **LOCAL_ONLY)
         state_info = ckpt.read_trainer_state(root, tag)
         tokenizer = checkpoint_tokenizer(tag_dir, state_info)
         if config.model_type == "distilbert":

@@ -159,6 +159,8 @@ class Checkpointer:
         student = engine.module.model
         student.config.architectures = [type(student).__name__]
         student.config.save_pretrained(os.path.join(tag_dir, "hf_config"))
+        if getattr(student, "generation_config", None) is not None:  # a causal LM's generation defaults (student.path: its own)
+            student.generation_config.save_pretrained(os.path.join(tag_dir, "hf_config"))
         self.tokenizer.save_pretrained(os.path.join(tag_dir, "tokenizer"))
         write_json_atomically(os.path.join(tag_dir, ckpt.TRAINER_STATE), state)
         ckpt.mark_complete(tag_dir)

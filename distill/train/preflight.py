@@ -101,17 +101,31 @@ def load_tokenizer(cfg: Config, manifest):
     from transformers import AutoTokenizer  # transformers: not at start-up
 
     tokenizer = load_dataset_tokenizer(cfg.data.path, manifest)
-    if cfg.teacher.path and os.path.isdir(cfg.teacher.path):
-        if has_tokenizer_files(cfg.teacher.path):
-            refuse_remote_code(cfg.teacher.path, "teacher.path")
-            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, **LOCAL_ONLY)
-            check_tokenizer_matches(manifest, tokenizer_identity(teacher_tok, cfg.teacher.path), f"teacher {cfg.teacher.path}")
-        else:
-            log.warning("teacher %s has no tokenizer files; checking only the vocabulary size against the dataset", cfg.teacher.path)
+    for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+        if path and os.path.isdir(path):
+            if has_tokenizer_files(path):
+                refuse_remote_code(path, key)
+                model_tok = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
+                check_tokenizer_matches(manifest, tokenizer_identity(model_tok, path), f"{key.split('.')[0]} {path}")
+            else:
+                log.warning("%s %s has no tokenizer files; checking only the vocabulary size against the dataset", key, path)
     return tokenizer
 
 
 Preflight = RunPlan  # the name before the plan was the run's
+
+
+def log_vocabulary(student, teacher, tokens: int) -> None:
+    """Say once how heads padded to different sizes line up: the logit losses read the tokenizer's rows only."""
+    rows = {"student": student.vocab_size, "teacher": teacher.vocab_size if teacher is not None else None}
+    padded = {name: n for name, n in rows.items() if n is not None and n != tokens}
+    if padded:
+        log.info(
+            "vocabulary: the tokenizer has %d tokens; %s: logits over the first %d rows (padded rows never count)",
+            tokens,
+            ", ".join(f"the {name} head {n} rows" for name, n in padded.items()),
+            tokens,
+        )
 
 
 def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
@@ -165,11 +179,19 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
     ):
         return pf  # the student (shaped like the teacher) would be refused too, with advice that cannot help
     student = pf.student_config = pf.attempt(  # shapes only: no weights, no memory
-        lambda: student_config(cfg.student, pf.teacher_config, pf.vocab_size, pf.tokenizer.pad_token_id, pf.manifest.max_seq_len)
+        lambda: student_config(
+            cfg.student,
+            pf.teacher_config,
+            pf.vocab_size,
+            pf.tokenizer.pad_token_id,
+            pf.manifest.max_seq_len,
+            tokenizer_vocab=pf.manifest.tokenizer.vocab_size,
+        )
     )
     if student is None:
         return pf
-    if cfg.student.init == "teacher" and pf.teacher_config is not None:
+    log_vocabulary(student, pf.teacher_config, pf.manifest.tokenizer.vocab_size)
+    if cfg.student_init() == "teacher" and pf.teacher_config is not None:
         layers = pf.attempt(lambda: init_layers_for(cfg.student, pf.teacher_config, student.num_hidden_layers))
         if layers is not None and pf.attempt(lambda: check_init(student, pf.teacher_config, layers) or True):
             pf.init_layers = layers

@@ -69,7 +69,7 @@ class Run:
 
     @property
     def term_names(self) -> list[str]:
-        return [n for n, w in self.cfg.loss.weights.items() if w > 0]
+        return self.objective.term_names
 
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
     teacher = TEACHER_SOURCES[plan.teacher_source].load(cfg.teacher, plan, ctx) if plan.teacher_source else None
 
     torch.manual_seed(cfg.seed)
-    student = make_student(plan.student_config, cfg.student.attn_implementation)
+    student = make_student(plan.student_config, cfg.student.attn_implementation, cfg.student.path)
     if plan.init_layers is not None:
         teacher.init_student(student, plan.init_layers, cfg.student.fold_token_type_embeddings)
         log.info("student initialised from teacher layers %s", plan.init_layers)
@@ -293,7 +293,7 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
     on_main_then_broadcast(ctx, stop.clear_stop_file)  # an error there (STOP is a directory) reaches every rank
     data.start(start_step, total_steps)
     end_step = total_steps if cfg.train.halt_at_step is None else min(total_steps, cfg.train.halt_at_step)
-    term_names = [n for n, w in cfg.loss.weights.items() if w > 0]
+    term_names = objective.term_names  # the weighted losses, and an MoE student's router loss
     metrics_log = (
         MetricsLog(cfg.output_dir, start_step, cfg.to_yaml(), cfg.train.log_every, term_names, ctx.world_size, total_steps)
         if ctx.is_main

@@ -53,7 +53,7 @@ def test_a_teacher_that_is_not_a_causal_lm(tmp_path, bpe_data):  # noqa: F811
     assert_one_line_error(*train(tmp_path, bert, data), f"teacher {bert!r} is a masked LM (bert), not a causal LM", "causal-LM teacher")
     t5 = tmp_path / "t5"
     T5Config(vocab_size=len(tokenizer), d_model=32, num_layers=2, num_heads=2, d_ff=64).save_pretrained(str(t5))
-    assert_one_line_error(*train(tmp_path, str(t5), data), "model type 't5' is not supported here")
+    assert_one_line_error(*train(tmp_path, str(t5), data), "model type 't5' is not a causal LM", "masked-LM families here (bert")
 
 
 def test_a_masked_lm_student_of_a_causal_teacher(tmp_path, bpe_data):  # noqa: F811
