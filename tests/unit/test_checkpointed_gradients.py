@@ -11,6 +11,7 @@ import torch
 from support import tiny_teacher
 
 from distill.config import LossConfig, StudentConfig
+from distill.models.blocks import block_layout
 from distill.models.build import ModelError, StudentForDistillation, build_student, enable_activation_checkpointing
 from distill.models.families import family_of, submodule
 from distill.objective.losses import Batch
@@ -77,7 +78,8 @@ def one_step(teacher, architecture: str, weights: dict, every: int, dropout_seed
     family = family_of(student)
     calls = [0] * 3
     for index, block in enumerate(family.layer_list(student)):
-        submodule(block, family.qkv[0]).register_forward_hook(lambda *a, i=index: calls.__setitem__(i, calls[i] + 1))
+        query = (family.qkv or block_layout(block).qkv_names())[0]  # the generic causal path finds it by name
+        submodule(block, query).register_forward_hook(lambda *a, i=index: calls.__setitem__(i, calls[i] + 1))
     batch = objective.prepare(batch_for(causal))
     t_out = objective.teacher_forward(teacher, batch)
     torch.manual_seed(dropout_seed)
