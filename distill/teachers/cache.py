@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
-from data_prep.cache_manifest import CacheError, load_cache_manifest, verify_cache_parts
+from data_prep.cache_manifest import CacheError, load_cache_manifest, support_label, verify_cache_parts
 from data_prep.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from distill.data.masking import mask_settings
 from distill.model_outputs import ModelOutputs
@@ -78,10 +78,9 @@ class CacheTeacher:
         paths = verify_cache_parts(cache_dir, manifest, checksums=cfg.teacher.cache_verify)
         table = _open_parts(paths, manifest, cfg.data.cache_dir)
         log.info(
-            "teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token",
+            "teacher from cache %s: %s per position, T=%g, %s values, %.1f bytes per token",
             cache_dir,
-            manifest.mode,
-            manifest.k,
+            support_label(manifest.mode, manifest.k),
             manifest.temperature,
             manifest.value_dtype,
             manifest.stats.get("bytes_per_token", float("nan")),
@@ -104,7 +103,7 @@ class CacheTeacher:
 
     def describe(self) -> str:
         masks = f", {self.manifest.static_masks} static masks, {self.manifest.positions} positions" if self.manifest.static_masks else ""
-        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
+        return f"cache {self.cache_dir} ({support_label(self.manifest.mode, self.manifest.k)}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
 
     def fingerprint(self) -> str:
         """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
