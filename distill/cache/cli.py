@@ -23,7 +23,7 @@ def _quiet_beam_import() -> None:
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 
-def _parser() -> argparse.ArgumentParser:
+def cache_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distill-cache",
         description="Run a frozen teacher once over a prepared dataset and write a "
@@ -48,7 +48,7 @@ def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None, ranks: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv) + (["--ranks"] if ranks else [])
-    parser = _parser()
+    parser = cache_parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides, extra = split_arguments(CacheConfig, unknown)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
