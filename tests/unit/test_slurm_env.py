@@ -33,7 +33,13 @@ def test_a_teacher_cache_job_keeps_its_logs_beside_the_cache(tmp_path):
     logs and stop file go to OUTPUT.slurm, never into the cache (moved into --output only when complete)."""
     from launch.slurm_env import launcher_env
 
-    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "2", "MASTER_ADDR": "n1", "DISTILL_MODULE": "distill.cache"}
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "MASTER_ADDR": "n1",
+        "DISTILL_MODULE": "distill.cache",
+    }
     args = ["--data", "/d", "--teacher", "/t", "--output", f"{tmp_path}/cache/", "--k", "64", "batch_size=8"]
     assert launcher_env(env, args)["OUTPUT_DIR"] == f"{tmp_path}/cache.slurm"
     with pytest.raises(ValueError, match="DISTILL_MODULE=distill.tools is not one of distill, distill.cache"):
