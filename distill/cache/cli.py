@@ -46,13 +46,19 @@ def split_arguments(cls, unknown: list[str]) -> tuple[list[str], list[str]]:
     return overrides, [a for a in unknown if a not in overrides]
 
 
+def _speaks() -> bool:
+    """Whether this process reports: rank 0 of a process group (every rank hears the same error), or a process before its
+    group was up (an error of its own)."""
+    dist = sys.modules.get("torch.distributed")
+    return int(os.environ.get("RANK", "0")) == 0 or dist is None or not dist.is_initialized()
+
+
 def main(argv: list[str] | None = None, ranks: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv) + (["--ranks"] if ranks else [])
     parser = cache_parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides, extra = split_arguments(CacheConfig, unknown)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    speaks = int(os.environ.get("RANK", "0")) == 0  # one line per problem, not one per rank
     try:
         cfg = from_arguments(CacheConfig, args)
         if cfg.ranks:
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None, ranks: bool = False) -> int:
 
             manifest = run_cache(cfg, extra)
     except UserError as exc:
-        if speaks:
+        if _speaks():
             print(f"distill-cache: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -79,10 +85,10 @@ def main(argv: list[str] | None = None, ranks: bool = False) -> int:
         message = extract_message(exc)
         if message is None:
             raise
-        if speaks:
+        if _speaks():
             print(f"distill-cache: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
-    if not speaks:
+    if not _speaks():
         return 0
     stats = manifest.stats
     masks = (

@@ -1,7 +1,7 @@
 """Which device each cache writer takes, and where the teacher goes (whole on every device, or partitioned).
 
-- A rank of a launcher (`deepspeed`, torchrun, srun) takes GPU `LOCAL_RANK mod count` of its node: 8 ranks on a node
-  of 8 GPUs take one each.
+- A rank of a launcher (`deepspeed`, torchrun, srun) takes GPU `LOCAL_RANK` of its node: 8 ranks on a node of 8 GPUs
+  take one each (NCCL takes one rank per GPU: distill/cache/ranks.py refuses more ranks than GPUs in one line).
 - A local Beam worker process takes GPU `i mod count`, i being its worker index (the local runner numbers its worker
   processes worker_0, worker_1, ... in WORKER_ID); in-process (--workers 1) that is GPU 0.
 - No GPU (or --device cpu): the CPU.

@@ -9,7 +9,7 @@ its share of the parts still to write (`shares`: a pure function of that list an
 `write_cache_part`, the function the Beam DoFn calls; at the end every rank re-opens and hashes its share of all the
 parts, and rank 0 writes the manifest last and moves the cache into place.
 
-The teacher is replicated (whole on each rank's device: GPU LOCAL_RANK mod the node's GPU count) or partitioned across
+The teacher is replicated (whole on each rank's device: GPU LOCAL_RANK, one rank per GPU) or partitioned across
 the ranks ZeRO-3 style (distill/teachers/partitioned.py; `--placement auto` picks by the teacher's size against the
 device memory). Partitioned, every forward gathers each layer from every rank, so all ranks run the same number of
 forwards: a rank with fewer rows runs one-token forwards whose results are dropped until it has run as many as the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 from types import SimpleNamespace
 from typing import Optional
@@ -116,18 +117,25 @@ def run_ranks(cfg: CacheConfig) -> CacheManifest:
 
     from distill.train.distributed import init_distributed, on_main_then_broadcast, setup_logging  # torch: not at start-up
 
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpus and local_rank >= gpus:  # NCCL takes one rank per GPU
+        raise CacheError(
+            f"rank with LOCAL_RANK {local_rank} but {gpus} GPU(s) on this node: launch one rank per GPU (deepspeed --num_gpus "
+            f"{gpus}, torchrun --nproc_per_node {gpus})"
+        )
     ctx = init_distributed(collective_timeout_s=cfg.collective_timeout_s or DEFAULT_TIMEOUT_S)
     setup_logging(ctx.rank, ctx.world_size, logging.INFO)  # every rank reports its own parts
     writers = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
     job = on_main_then_broadcast(ctx, lambda: CacheJob.start(cfg, writers))
     if job.finished is not None:
         return job.finished
-    device = device_for(ctx.local_rank, torch.cuda.device_count() if cfg.device != "cpu" else 0, cfg.device)
+    device = device_for(ctx.local_rank, gpus, cfg.device)
     placement = on_main_then_broadcast(ctx, lambda: decide_placement(cfg, job, device, ctx.local_world_size, ctx.world_size))
     mine = shares(job.pending, ctx.world_size)
     work = mine[ctx.rank]
     scorer: Optional[TeacherScorer] = None
-    if placement == "partitioned":
+    if placement == "partitioned" and job.pending:  # all ranks alike (the same pending list)
         scorer = load_partitioned(cfg, job.vocab, device)
     elif work:
         scorer = load_replicated(cfg, job.vocab, device)
@@ -148,7 +156,7 @@ def run_ranks(cfg: CacheConfig) -> CacheManifest:
             f"{tokens / max(seconds, 1e-9):,.0f}",
             datetime.timedelta(seconds=round(eta)),
         )
-    if placement == "partitioned":  # every rank runs as many forwards as the busiest (each gathers from every rank)
+    if scorer is not None and placement == "partitioned":  # every rank runs as many forwards as the busiest (each gathers from every rank)
         busiest = max(sum(forwards_of(u, cfg.batch_size, job.variants) for u in share) for share in mine)
         idle = busiest - scorer.forwards
         while scorer.forwards < busiest:

@@ -59,8 +59,8 @@ class CacheConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto",
-        "where each worker or rank runs the teacher; auto = a GPU when there is one: rank LOCAL_RANK takes GPU LOCAL_RANK mod "
-        "the GPU count, local Beam worker i takes GPU i mod the GPU count",
+        "where each worker or rank runs the teacher; auto = a GPU when there is one: rank LOCAL_RANK takes GPU LOCAL_RANK (one "
+        "rank per GPU), local Beam worker i takes GPU i mod the GPU count",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU (scores are fp32 either way)"
