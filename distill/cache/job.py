@@ -191,12 +191,13 @@ class CacheJob:
                     found = json.load(handle)
             except (OSError, ValueError):
                 found = None
+            found = found if isinstance(found, dict) else None
             if found is None and any(files for _, _, files in os.walk(self.work)):
                 raise CacheError(
                     f"{self.work} (the work directory of --output {self.cfg.output}) holds files but no {PROGRESS}/{RUN_RECORD}: "
                     f"distill-cache did not write them; move that directory away and rerun"
                 )
-            differs = _differences(found["identity"], self.record) if found else []
+            differs = _differences(found.get("identity") or {}, self.record) if found else []
             if differs and not self.cfg.overwrite:
                 raise CacheError(
                     f"{self.work} holds the parts of an unfinished cache of {', '.join(differs)}: rerun it with that, or pass "
@@ -207,7 +208,11 @@ class CacheJob:
                 shutil.rmtree(self.work)
             elif found:
                 log.info(
-                    "resuming the unfinished cache in %s (begun %s by %s; now %s)", self.work, found["begun"], found["writers"], writers
+                    "resuming the unfinished cache in %s (begun %s by %s; now %s)",
+                    self.work,
+                    found.get("begun"),
+                    found.get("writers"),
+                    writers,
                 )
         os.makedirs(os.path.join(self.work, PROGRESS), exist_ok=True)
         if not os.path.exists(record_file):

@@ -140,10 +140,9 @@ def run_ranks(cfg: CacheConfig) -> CacheManifest:
     elif work:
         scorer = load_replicated(cfg, job.vocab, device)
     log.info("%d parts to write here (%s, teacher %s)", len(work), device, placement)
-    t0, done_tokens = time.time(), 0
+    t0 = time.time()
     for i, unit in enumerate(work):
         name, tokens, seconds = write_cache_part(scorer, cfg, unit, job.work, job.identity, job.masker)
-        done_tokens += tokens
         rows_left = sum(u[3] - u[2] for u in work[i + 1 :])
         rows_done = sum(u[3] - u[2] for u in work[: i + 1])
         eta = (time.time() - t0) / rows_done * rows_left
@@ -156,7 +155,7 @@ def run_ranks(cfg: CacheConfig) -> CacheManifest:
             f"{tokens / max(seconds, 1e-9):,.0f}",
             datetime.timedelta(seconds=round(eta)),
         )
-    if scorer is not None and placement == "partitioned":  # every rank runs as many forwards as the busiest (each gathers from every rank)
+    if scorer is not None and placement == "partitioned":  # as many forwards as the busiest rank: each gathers from every rank
         busiest = max(sum(forwards_of(u, cfg.batch_size, job.variants) for u in share) for share in mine)
         idle = busiest - scorer.forwards
         while scorer.forwards < busiest:

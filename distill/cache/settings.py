@@ -28,7 +28,10 @@ BYTE_SETTINGS = (
 class CacheConfig:
     data: Str = setting(help="prepared dataset directory (distill-prep output; causal data)")
     teacher: Str = setting(help="the teacher: a local Hugging Face directory (config.json + weights)")
-    output: Str = setting(help="new directory for the cache (built beside it, moved into place when complete)")
+    output: Str = setting(
+        help="new directory for the cache (built in .NAME.partial beside it, moved into place when complete; the same command "
+        "rerun resumes an unfinished one)"
+    )
     mode: Literal["topk", "sampled"] = setting(
         "topk",
         "topk: the k most likely ids per position + the remaining mass; sampled: n ids drawn "
