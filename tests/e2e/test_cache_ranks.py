@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 
+import psutil
 import pytest
 from support import BIN, ENV, REPO_ROOT, cache, cli, save_teacher, wait_for, worker
 from support import assert_one_line_error_of as assert_one_line_error
@@ -111,12 +112,15 @@ def test_a_rank_killed_mid_part_then_the_same_command_on_one_rank_writes_only_th
         ranks(cache_args(assets, out), 29795), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     wait_for(marker.exists, proc, what="rank 1 half-way through a part")
-    worker(proc, 1).send_signal(signal.SIGKILL)
+    ranks_started = [worker(proc, 0), worker(proc, 1)]
+    ranks_started[1].send_signal(signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0, "the launcher reports the dead rank"
+    gone, alive = psutil.wait_procs(ranks_started, timeout=60)  # the launcher stops rank 0: nothing writes from here on
+    assert not alive, alive
     assert not out.exists() and not (work / "manifest.json").exists(), "no manifest, nothing published"
     parts = sorted(p for p in os.listdir(work / "train") if p.endswith(".parquet"))
-    records = os.listdir(work / ".progress" / "train")
+    records = sorted(r for r in os.listdir(work / ".progress" / "train") if not r.startswith("."))  # not a record's temp file
     assert any(".tmp-" in p for p in os.listdir(work / "train")), "the half-written part is on disk"
     assert 2 <= len(records) < PARTS and len(parts) >= len(records)
 
@@ -124,7 +128,7 @@ def test_a_rank_killed_mid_part_then_the_same_command_on_one_rank_writes_only_th
     other = save_teacher("llama", assets["tokenizer"], str(tmp_path / "other"), vocab_rows=assets["vocab"])
     code, lines = cli("python", "-m", "distill.cache", *cache_args(dict(assets, teacher=other), out))
     assert_one_line_error(code, lines, "distill-cache", "holds the parts of an unfinished cache of another teacher", "--overwrite")
-    assert len(os.listdir(work / ".progress" / "train")) == len(records)
+    assert sorted(r for r in os.listdir(work / ".progress" / "train") if not r.startswith(".")) == records
 
     # a complete part damaged since (one bit): written again with the rest, on 1 rank instead of 2
     damaged = work / "train" / records[0].replace(".json", ".parquet")
