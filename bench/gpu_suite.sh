@@ -21,12 +21,12 @@ cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH="$(dirname "$PY"):$PATH"
 
-ALL="a1 b a2 c a3 a4 d0 d1 d2 d3 d4 d5 d6 d7 d8 d9"  # d0 = quality teacher, d1..d8 = variant x seed, d9 = table
+ALL="a1 b a2 c b2 a3 a4 d0 d1 d2 d3 d4 d5 d6 d7 d8 d9"  # d0 = quality teacher, d1..d8 = variant x seed, d9 = table
 [ -n "$SMOKE" ] && ALL="a1 b a2 c a3 a4 d0 d1 d2"               # smoke: teacher, one student, its table
 if [ -n "$SMOKE" ]; then
     declare -A BOUND=([a1]=240 [a2]=120 [a3]=120 [a4]=120 [b]=240 [c]=180 [d]=300)
 else  # one GPU: a1 + b + a2 + c = 540 s (9 minutes, one 10-minute call); the rest in the next calls
-    declare -A BOUND=([a1]=200 [a2]=120 [a3]=150 [a4]=150 [b]=160 [c]=60 [d]=280)
+    declare -A BOUND=([a1]=200 [a2]=120 [a3]=150 [a4]=150 [b]=160 [b2]=120 [c]=60 [d]=280)
 fi
 failed=0
 for step in ${STEPS:-$ALL}; do

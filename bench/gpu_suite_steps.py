@@ -9,6 +9,8 @@ Steps (in the suite's priority order):
   a3  as a1 at ZeRO-2          a4  as a1 at seq 512
   b   configs/llm_kd.yaml, a random ~1B Llama-shaped teacher (16 x 2048, vocabulary 128,256) -> 8 layers, 2048 tokens:
       chunked vs full logits
+  b2  as b (chunked), with activation checkpointing of every student layer (train.activation_checkpointing=1): its cost
+      in tokens/s and what it saves in peak memory against b's chunked row (not in the smoke run: b covers its code)
   c   distill-cache (top-k 64) of the same teacher over the same data: tokens/s, bytes/token
   d0 d1 ...  bench/quality.py --scale gpu, one call each: the teacher, then each variant x seed, then the table
 --smoke: every step at tiny sizes on a CPU (part of the test suite, tests/e2e/test_gpu_suite.py).
@@ -199,6 +201,12 @@ def llm_assets(out: str, smoke: bool) -> tuple[str, str]:
     return data, teacher
 
 
+B_VARIANTS = {
+    "b": (("chunked", []), ("full", ["loss.chunked_logits=false"])),
+    "b2": (("checkpointed", ["train.activation_checkpointing=1"]),),
+}
+
+
 def step_b(out: str, step: str, smoke: bool) -> dict:
     data, teacher = llm_assets(out, smoke)
     steps, warmup, micro = (3, 1, 2) if smoke else (12, 3, 2)
@@ -206,7 +214,7 @@ def step_b(out: str, step: str, smoke: bool) -> dict:
     base += ["--steps", str(steps), "--warmup", str(warmup), f"train.micro_batch={micro}", f"train.global_batch={micro}"]
     base += ["deepspeed.config=configs/deepspeed/zero2.json", "checkpoint.keep_last=0"]
     result: dict = {"teacher": teacher, "seq": 32 if smoke else 2048, "zero_stage": 2}
-    for name, extra in (("chunked", []), ("full", ["loss.chunked_logits=false"])):
+    for name, extra in B_VARIANTS[step]:
         res = throughput(out, f"b_{name}", [*base, *extra])
         result[name] = {"summary": res.get("summary"), "device": res.get("device"), "peak_tflops": res.get("peak_tflops")}
         result[name]["memory_estimate"] = memory_estimate_mib(
@@ -274,8 +282,9 @@ def summary(out: str) -> None:
     for name in sorted(f[:-5] for f in os.listdir(out) if f.endswith(".json")):
         with open(os.path.join(out, name + ".json")) as handle:
             r = json.load(handle)
-        if "summary" in r or "chunked" in r:
-            variants = [(k, r[k]) for k in ("chunked", "full")] if "chunked" in r else [("", r)]
+        named = [k for k in ("chunked", "full", "checkpointed") if k in r]
+        if "summary" in r or named:
+            variants = [(k, r[k]) for k in named] if named else [("", r)]
             for label, v in variants:
                 peak = v.get("peak_tflops") or 0
                 est = (v.get("memory_estimate") or r.get("memory_estimate") or {}).get("total_mib")
@@ -306,7 +315,7 @@ def summary(out: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", help="a1 a2 a3 a4 b c d0..d9, or summary")
+    p.add_argument("step", help="a1 a2 a3 a4 b b2 c d0..d9, or summary")
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()

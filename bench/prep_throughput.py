@@ -118,7 +118,7 @@ def baseline(files: list[str], tokenizer_dir: str, max_seq_len: int, batch_size:
     def pack(rows, ids, starts):
         for seq in pack_document(ids, starts, tok.cls_id, tok.sep_id, tok.unk_id, max_seq_len, 12, 0.5).sequences:
             rows["input_ids"].append(seq.ids.tolist())
-            rows["word_start"].append(seq.word_start.tolist())
+            rows["word_start"].append(seq.flags.tolist())
 
     def with_adapter(batch):
         rows = {"input_ids": [], "word_start": []}

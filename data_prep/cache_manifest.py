@@ -15,7 +15,8 @@ keyed d * N + r, distill/data/masking.py), each with the teacher's targets on th
 `positions: all` = every real position (L x k entries; serves loss.ce_positions all and masked), `positions: masked` =
 the variant's masked positions only, ascending (M x k entries; only loss.ce_positions=masked). The manifest records D
 (`static_masks`), `positions` and `masking`: the seed and every masking setting by its training-config key, which a run
-from the cache must match. Causal data: `static_masks` 0, `masking` empty.
+from the cache must match. Causal data: `static_masks` 0, `masking` empty, `document_attention` whether the teacher saw each
+document of a row alone (a run must have the same data.document_attention).
 
 Columns of a part (one row per dataset row, or per (row, variant); a row of length L holds L x k entries, position-major):
 `indices` list<int32> (token ids, ascending within a position), `values` list<float16|float32> (the teacher's
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from kd_common.errors import UserError
 from kd_common.files import sha256_file, write_json_atomically
@@ -76,6 +77,9 @@ class CacheManifest:
     # so that a run without the teacher's files checks what the teacher's tokenizer would have
     tokenizer: dict[str, Any] = field(default_factory=dict)
     identity: str = ""  # sha256 of what fixes the bytes (settings, teacher and dataset content, parts): a rerun's "same cache"
+    # causal data: whether the teacher saw each document of a row alone (distill-cache --document-attention); None = a
+    # masked-LM cache, or a causal one written before the setting existed (the teacher then attended across documents)
+    document_attention: Optional[bool] = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created: str = ""

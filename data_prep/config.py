@@ -30,7 +30,8 @@ class PrepConfig:
     packing: Literal["document", "full_sentences", "causal"] = setting(
         "document",
         "document: [CLS] window [SEP] within one document; full_sentences: across documents with [SEP] between them "
-        "(RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly max_seq_len, no word-start flags",
+        "(RoBERTa); causal: GPT-2 style, EOS after each document, windows of exactly max_seq_len, each document's first token "
+        "flagged (doc_start: the trainer keeps attention and positions within documents)",
     )
     doc_split: Literal["line", "paragraph"] = setting("line", ".txt documents: one per line, or blank-line separated paragraphs")
     text_field: Str = setting("text", "field of .jsonl records / column of .parquet files holding the text")

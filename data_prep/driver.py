@@ -81,6 +81,7 @@ def finalize(
         token_counts={"path": mf.TOKEN_COUNTS_FILE, "sha256": sha256(os.path.join(cfg.output, mf.TOKEN_COUNTS_FILE)), "split": "train"},
         stats=stats,
         pipeline_options={"prep": recorded.to_json(), "beam": options, "files": len(files)},
+        document_starts=mf.DOCUMENT_START_COLUMN if cfg.packing == "causal" else None,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     remove_output(tmp)
@@ -119,7 +120,7 @@ def estimate_shards(cfg: PrepConfig, tokenizer, files: list[tuple[str, int]], to
     """
     if cfg.num_shards:
         return cfg.num_shards
-    row_bytes = np.dtype(token_dtype).itemsize + (0 if cfg.packing == "causal" else 1)
+    row_bytes = np.dtype(token_dtype).itemsize + 1  # a token id and its flag byte (word or document start)
     packed = any(is_packed(p) for p, _ in files)
     if not cfg.shard_rows and not packed and 2 * sum(size for _, size in files) * row_bytes <= cfg.shard_mb * (1 << 20):
         return 1

@@ -5,8 +5,13 @@ A prepared dataset is a directory::
     manifest.json          written last, atomically: its presence means the pipeline finished
     token_counts.npy       int64[vocab_size]: how often each id occurs in the train split
     tokenizer/             the tokenizer that produced the ids (save_pretrained output)
-    train/*.parquet        shards; columns `input_ids` (list<uint16|int32>, with [CLS] ... [SEP])
-    validation/*.parquet   and `word_start` (list<bool>, True where a token begins a word)
+    train/*.parquet        shards; columns `input_ids` (list<uint16|int32>, with [CLS] ... [SEP]) and
+    validation/*.parquet   `word_start` (list<bool>, True where a token begins a word); causal data (--packing causal):
+                           `input_ids` (documents each followed by EOS) and `doc_start` (list<bool>, True at the first
+                           token of each document that begins in the row; the manifest's `document_starts` names it)
+
+Format 2 added `doc_start` to causal shards. Format 1 is still read: its causal shards have no boundaries recorded, and
+the trainer then takes every token after an EOS as a document's first (distill/data/documents.py).
 
 This module has no Beam dependency so that the trainer can import it cheaply.
 """
@@ -17,14 +22,17 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from kd_common.errors import UserError
 from kd_common.files import sha256_file, write_json_atomically  # noqa: F401  (the dataset contract's helpers)
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 FORMAT_NAME = "distill-prepared-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 = causal shards record document starts
+READABLE_VERSIONS = (1, 2)  # read: format 1 is format 2 without `doc_start` in causal shards
+WORD_START_COLUMN = "word_start"
+DOCUMENT_START_COLUMN = "doc_start"
 MANIFEST_FILE = "manifest.json"
 TOKEN_COUNTS_FILE = "token_counts.npy"
 TOKENIZER_DIR = "tokenizer"
@@ -79,6 +87,9 @@ class Manifest:
     token_counts: dict[str, Any]  # {"path", "sha256", "split"}
     stats: dict[str, Any]
     pipeline_options: dict[str, Any]
+    # causal data: the shard column flagging each document's first token (DOCUMENT_START_COLUMN); None = not recorded
+    # (masked-LM data, or causal data of format 1, whose documents are then taken to start after each EOS)
+    document_starts: Optional[str] = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created: str = ""
@@ -163,11 +174,13 @@ def load_manifest(data_dir: str) -> Manifest:
         manifest = Manifest.from_json(raw)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DatasetError(f"{path} is not a valid manifest ({' '.join(str(exc).split())[:200]}); rerun `distill-prep`") from None
-    if manifest.format != FORMAT_NAME or manifest.format_version != FORMAT_VERSION:
+    if manifest.format != FORMAT_NAME or manifest.format_version not in READABLE_VERSIONS:
         raise DatasetError(
             f"{path} has format {manifest.format!r} v{manifest.format_version}, this version reads "
-            f"{FORMAT_NAME!r} v{FORMAT_VERSION}; re-prepare the corpus with this version's `distill-prep`"
+            f"{FORMAT_NAME!r} v{'/v'.join(map(str, READABLE_VERSIONS))}; re-prepare the corpus with this version's `distill-prep`"
         )
+    if manifest.document_starts not in (None, DOCUMENT_START_COLUMN):
+        raise DatasetError(f"{path} is not a valid manifest (document_starts {manifest.document_starts!r}); rerun `distill-prep`")
     for split, info in manifest.splits.items():
         for shard in info.shards:
             dataset_file(data_dir, shard.path, f"a {split} shard")

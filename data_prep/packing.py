@@ -8,7 +8,11 @@ Modes (`PrepConfig.packing`):
   documents, cut into windows of `max_seq_len - 2`, each wrapped as `[CLS] window [SEP]`; sequences
   cross document boundaries (RoBERTa FULL-SENTENCES).
 - `causal`: documents are concatenated with EOS after each one (GPT-2's `<|endoftext|>`), cut into
-  windows of exactly `max_seq_len` tokens, no other special tokens and no word-start flags.
+  windows of exactly `max_seq_len` tokens, no other special tokens. Instead of word-start flags each row
+  carries document-start flags: True at the first token of every document that begins in the row (a row
+  that starts inside a document has no flag at its first token). The trainer restarts position ids and
+  attention there (distill/data/documents.py); the flags, not the EOS ids, are the boundaries, so a
+  document whose own text encodes to the EOS id stays one document.
 
 In the stream modes only the last window of a stream (a bundle of documents) can be short.
 Sequences shorter than `min_seq_len` (specials included) are dropped as `too_short`; sequences whose
@@ -33,7 +37,7 @@ PACKING_MODES = ("document", "full_sentences", "causal")
 @dataclass
 class Sequence:
     ids: np.ndarray  # int64, specials included
-    word_start: Optional[np.ndarray]  # bool, same length; None in causal mode
+    flags: np.ndarray  # bool, same length: word starts (masked-LM modes) or document starts (causal)
     content_tokens: int  # tokens that came from documents (not inserted specials)
 
 
@@ -183,11 +187,11 @@ class DocumentPacker:
         return block, len(block.ids) - 2 * len(block)
 
     def flush_batch(self) -> tuple[RowBlock, int]:
-        return _as_block([], True)
+        return _as_block([])
 
 
-def _as_block(sequences: list[Sequence], with_flags: bool) -> tuple[RowBlock, int]:
-    return RowBlock.from_sequences(sequences, "int64", with_flags), sum(s.content_tokens for s in sequences)
+def _as_block(sequences: list[Sequence]) -> tuple[RowBlock, int]:
+    return RowBlock.from_sequences(sequences, "int64"), sum(s.content_tokens for s in sequences)
 
 
 class StreamPacker:
@@ -201,8 +205,8 @@ class StreamPacker:
         self.suffix = [] if causal else [spec.sep_id]
         self.between = None if causal else spec.sep_id  # inserted before a document that continues a stream
         self.after = spec.eos_id if causal else None  # appended after every document
-        self.keep_flags = not causal
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, word_start, real)
+        self.causal = causal  # flags are document starts (each document's first token), not word starts
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, flags, real)
         self._length = 0
         self.dropped: dict[str, list[int]] = {}
 
@@ -211,14 +215,20 @@ class StreamPacker:
         self._length += len(ids)
 
     def _special(self, token_id: int):
-        return np.array([token_id], np.int64), np.ones(1, bool), np.zeros(1, bool)
+        # an inserted special: a word of its own (masked-LM modes), never a document's first token (causal)
+        return np.array([token_id], np.int64), np.full(1, not self.causal), np.zeros(1, bool)
 
     def add(self, ids: np.ndarray, word_start: np.ndarray) -> list[Sequence]:
         if not len(ids):
             return []
         if self.between is not None and self._length:
             self._append(*self._special(self.between))
-        self._append(np.asarray(ids, np.int64), np.asarray(word_start, bool), np.ones(len(ids), bool))
+        if self.causal:
+            flags = np.zeros(len(ids), bool)
+            flags[0] = True  # the document's first token
+        else:
+            flags = np.asarray(word_start, bool)
+        self._append(np.asarray(ids, np.int64), flags, np.ones(len(ids), bool))
         if self.after is not None:
             self._append(*self._special(self.after))
         if self._length < self.width:
@@ -247,18 +257,18 @@ class StreamPacker:
 
     def add_batch(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[RowBlock, int]:
         """(rows completed by adding these documents in order as one block of int64 ids, their content tokens)."""
-        return _as_block([seq for ids, starts in docs for seq in self.add(ids, starts)], self.keep_flags)
+        return _as_block([seq for ids, starts in docs for seq in self.add(ids, starts)])
 
     def flush_batch(self) -> tuple[RowBlock, int]:
-        return _as_block(self.flush(), self.keep_flags)
+        return _as_block(self.flush())
 
     def _emit(self, window, starts, real) -> list[Sequence]:
         packed = Packed(dropped=self.dropped)
         if not _check(packed, self.spec, window, real, len(self.prefix) + len(self.suffix)):
             return []
         content = int(np.count_nonzero(real))
-        if not self.keep_flags:
-            return [Sequence(window.copy(), None, content)]
+        if self.causal:
+            return [Sequence(window.copy(), starts.copy(), content)]
         seq = np.concatenate((self.prefix, window, self.suffix)).astype(np.int64)
         flags = np.concatenate(([True] * len(self.prefix), starts, [True] * len(self.suffix))).astype(bool)
         return [Sequence(seq, flags, content)]

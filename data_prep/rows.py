@@ -1,7 +1,8 @@
 """Packed rows in blocks: many rows as three flat arrays, so per-row work is numpy work.
 
 A `RowBlock` holds rows back to back: `lengths` (tokens per row), `ids` (the token ids of every row,
-in the dataset's token dtype) and `flags` (word-start flags, one bool per token; None in causal mode).
+in the dataset's token dtype) and `flags` (one bool per token: word starts in the masked-LM modes, document
+starts in causal mode).
 TokenizeAndPack emits one block per batch and split; the shuffle, the spill files and the shard
 writer all work on blocks. `shuffle_keys` gives every row a seeded 64-bit key from its ids alone,
 which is what makes the shuffle deterministic: same rows and seed, same shards, on any runner.
@@ -10,7 +11,7 @@ which is what makes the shuffle deterministic: same rows and seed, same shards, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -29,7 +30,7 @@ def _mix(z: np.ndarray) -> np.ndarray:
 class RowBlock:
     lengths: np.ndarray  # int64, tokens per row (every row holds at least one token)
     ids: np.ndarray  # token dtype, all rows concatenated
-    flags: Optional[np.ndarray] = None  # bool, all rows concatenated; None when rows carry no word starts
+    flags: np.ndarray  # bool, all rows concatenated: word starts, or document starts (causal)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -42,26 +43,22 @@ class RowBlock:
 
     @property
     def nbytes(self) -> int:
-        return self.lengths.nbytes + self.ids.nbytes + (0 if self.flags is None else self.flags.nbytes)
+        return self.lengths.nbytes + self.ids.nbytes + self.flags.nbytes
 
     @classmethod
-    def from_sequences(cls, sequences, token_dtype: str, with_flags: bool) -> "RowBlock":
+    def from_sequences(cls, sequences, token_dtype: str) -> "RowBlock":
         """A block of `Sequence`s (data_prep/packing.py)."""
         lengths = np.array([len(s.ids) for s in sequences], dtype=np.int64)
         ids = np.concatenate([s.ids for s in sequences]).astype(token_dtype) if sequences else np.zeros(0, token_dtype)
-        flags = None
-        if with_flags:
-            flags = np.concatenate([s.word_start for s in sequences]).astype(bool) if sequences else np.zeros(0, bool)
+        flags = np.concatenate([s.flags for s in sequences]).astype(bool) if sequences else np.zeros(0, bool)
         return cls(lengths, ids, flags)
 
     @classmethod
-    def concat(cls, blocks: list["RowBlock"], token_dtype: str, with_flags: bool) -> "RowBlock":
+    def concat(cls, blocks: list["RowBlock"], token_dtype: str) -> "RowBlock":
         if not blocks:
-            return cls(np.zeros(0, np.int64), np.zeros(0, token_dtype), np.zeros(0, bool) if with_flags else None)
+            return cls(np.zeros(0, np.int64), np.zeros(0, token_dtype), np.zeros(0, bool))
         return cls(
-            np.concatenate([b.lengths for b in blocks]),
-            np.concatenate([b.ids for b in blocks]),
-            np.concatenate([b.flags for b in blocks]) if with_flags else None,
+            np.concatenate([b.lengths for b in blocks]), np.concatenate([b.ids for b in blocks]), np.concatenate([b.flags for b in blocks])
         )
 
     def token_index(self, order: np.ndarray) -> np.ndarray:
@@ -75,16 +72,16 @@ class RowBlock:
     def take(self, order: np.ndarray) -> "RowBlock":
         """The rows `order` (indices), in that order."""
         index = self.token_index(order)
-        return RowBlock(self.lengths[order], self.ids[index], None if self.flags is None else self.flags[index])
+        return RowBlock(self.lengths[order], self.ids[index], self.flags[index])
 
-    def row(self, i: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.ids[start:end], None if self.flags is None else self.flags[start:end]
+        return self.ids[start:end], self.flags[start:end]
 
-    def rows(self) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+    def rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         offsets = self.offsets
         for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-            yield self.ids[start:end], None if self.flags is None else self.flags[start:end]
+            yield self.ids[start:end], self.flags[start:end]
 
     def shuffle_keys(self, seed: int) -> np.ndarray:
         """A seeded 64-bit key per row from its token ids and their positions (and nothing else)."""
@@ -111,7 +108,7 @@ class RowBlock:
 
         def content(i: int) -> tuple[bytes, bytes]:
             a, b = offsets[i], offsets[i + 1]
-            return self.ids[a:b].tobytes(), b"" if self.flags is None else self.flags[a:b].tobytes()
+            return self.ids[a:b].tobytes(), self.flags[a:b].tobytes()
 
         for start, size in zip(bounds[:-1][sizes > 1].tolist(), sizes[sizes > 1].tolist()):
             order[start : start + size] = sorted(order[start : start + size].tolist(), key=content)

@@ -13,8 +13,8 @@ runner and worker count; row groups hold `ROW_GROUP` rows (the last one fewer) o
   the rows of that range (`SHARD_PIECE_BYTES` of tokens at most, on average). Memory stays bounded by the
   spill buffer and one key range, whatever the corpus and shard sizes.
 
-Spill file: rows n (u64), keys (n × u64, ascending), lengths (n × u32), ids (token dtype), word-start
-flags (one byte per token, absent in causal mode).
+Spill file: rows n (u64), keys (n × u64, ascending), lengths (n × u32), ids (token dtype), flags (one byte
+per token: word starts, or document starts in causal mode).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from data_prep import manifest as mf
 from data_prep.rows import RowBlock
 
 SPILL_BYTES = 16 << 20
@@ -39,12 +40,14 @@ ROW_GROUP = 8192  # rows per Parquet row group
 _ROWS = struct.Struct("<Q")
 
 
+def flag_column(packing: str) -> str:
+    """The shards' per-token flag column: `doc_start` (each document's first token) in causal mode, else `word_start`."""
+    return mf.DOCUMENT_START_COLUMN if packing == "causal" else mf.WORD_START_COLUMN
+
+
 def parquet_schema(token_dtype: str, packing: str = "document"):
-    """Columns of the shards: `input_ids`, plus `word_start` except in causal mode (no masking metadata)."""
-    fields = [("input_ids", pa.list_(getattr(pa, token_dtype)()))]
-    if packing != "causal":
-        fields.append(("word_start", pa.list_(pa.bool_())))
-    return pa.schema(fields)
+    """Columns of the shards: `input_ids` and the flags (`flag_column`), list<bool> with one flag per token."""
+    return pa.schema([("input_ids", pa.list_(getattr(pa, token_dtype)())), (flag_column(packing), pa.list_(pa.bool_()))])
 
 
 def shard_path(directory: str, shard: int, shards: int) -> str:
@@ -60,7 +63,7 @@ class ShardWriter:
         pa.set_memory_pool(pa.system_memory_pool())
         self.path, self.token_dtype = path, token_dtype
         self.schema = parquet_schema(token_dtype, packing)
-        self.with_flags = packing != "causal"
+        self.flags = flag_column(packing)
         self.handle = FileSystems.create(path)
         self.writer = pq.ParquetWriter(self.handle, self.schema, compression="snappy")
         self.pending: list[RowBlock] = []
@@ -71,7 +74,7 @@ class ShardWriter:
         self.pending.append(rows)
         self.pending_rows += len(rows)
         if self.pending_rows >= ROW_GROUP:
-            block = RowBlock.concat(self.pending, self.token_dtype, self.with_flags)
+            block = RowBlock.concat(self.pending, self.token_dtype)
             full = (len(block) // ROW_GROUP) * ROW_GROUP
             for start in range(0, full, ROW_GROUP):
                 self._write_group(block.take(np.arange(start, start + ROW_GROUP)))
@@ -81,16 +84,15 @@ class ShardWriter:
     def _write_group(self, rows: RowBlock) -> None:
         offsets = rows.offsets.astype(np.int32)
         columns = [
-            pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type)
+            pa.ListArray.from_arrays(offsets, rows.ids.astype(self.token_dtype, copy=False), type=self.schema.field("input_ids").type),
+            pa.ListArray.from_arrays(offsets, rows.flags, type=self.schema.field(self.flags).type),
         ]
-        if self.with_flags:
-            columns.append(pa.ListArray.from_arrays(offsets, rows.flags, type=self.schema.field("word_start").type))
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.rows_written += len(rows)
 
     def close(self) -> str:
         if self.pending_rows or not self.rows_written:
-            self._write_group(RowBlock.concat(self.pending, self.token_dtype, self.with_flags))
+            self._write_group(RowBlock.concat(self.pending, self.token_dtype))
         self.writer.close()
         self.handle.close()
         return self.path
@@ -123,7 +125,7 @@ class ShuffleThroughRunner(beam.PTransform):
         def keyed_rows(block: RowBlock):
             keys = block.shuffle_keys(seed)
             for key, (ids, flags) in zip(keys.tolist(), block.rows()):
-                yield key % shards, (key, ids.tobytes(), None if flags is None else flags.tobytes())
+                yield key % shards, (key, ids.tobytes(), flags.tobytes())
 
         def write(shard, rows):
             rows = list(rows)
@@ -132,7 +134,7 @@ class ShuffleThroughRunner(beam.PTransform):
             block = RowBlock(
                 np.array([len(i) for i in ids], dtype=np.int64),
                 np.concatenate(ids) if ids else np.zeros(0, dtype),
-                None if packing == "causal" else np.frombuffer(b"".join(f for _, _, f in rows), dtype=bool),
+                np.frombuffer(b"".join(f for _, _, f in rows), dtype=bool),
             )
             return write_shard(block, keys, shard_path(directory, shard, shards), dtype, packing)
 
@@ -144,9 +146,9 @@ class SpillRows(beam.DoFn):
     whenever `spill_bytes` are held. File names are unique per write, so a retried bundle never
     clobbers a file another attempt emitted."""
 
-    def __init__(self, directory: str, shards: int, seed: int, token_dtype: str, with_flags: bool, spill_bytes: int = SPILL_BYTES):
+    def __init__(self, directory: str, shards: int, seed: int, token_dtype: str, spill_bytes: int = SPILL_BYTES):
         self.directory, self.shards, self.seed, self.spill_bytes = directory, shards, seed, spill_bytes
-        self.token_dtype, self.with_flags = token_dtype, with_flags
+        self.token_dtype = token_dtype
 
     def start_bundle(self):
         self.buffers: dict[int, list[tuple[np.ndarray, RowBlock]]] = {}
@@ -171,8 +173,8 @@ class SpillRows(beam.DoFn):
         for shard, parts in sorted(self.buffers.items()):
             keys = np.concatenate([k for k, _ in parts])
             order = np.argsort(keys, kind="stable")
-            block = RowBlock.concat([b for _, b in parts], self.token_dtype, self.with_flags).take(order)
-            arrays = [keys[order].astype("<u8"), block.lengths.astype("<u4"), block.ids] + ([block.flags] if self.with_flags else [])
+            block = RowBlock.concat([b for _, b in parts], self.token_dtype).take(order)
+            arrays = [keys[order].astype("<u8"), block.lengths.astype("<u4"), block.ids, block.flags]
             path = os.path.join(self.directory, f"{shard:05d}", f"{uuid.uuid4().hex}.spill")
             with FileSystems.create(path) as handle:
                 handle.write(_ROWS.pack(len(keys)))
@@ -199,8 +201,8 @@ def _read_exactly(handle, size: int, path: str) -> bytes:
 class SpillFile:
     """A spill file's keys and row offsets in memory (12 bytes a row); its tokens read a key range at a time."""
 
-    def __init__(self, path: str, token_dtype: str, with_flags: bool):
-        self.path, self.dtype, self.with_flags = path, np.dtype(token_dtype), with_flags
+    def __init__(self, path: str, token_dtype: str):
+        self.path, self.dtype = path, np.dtype(token_dtype)
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             (rows,) = _ROWS.unpack(_read_exactly(handle, _ROWS.size, path))
             self.keys = np.frombuffer(_read_exactly(handle, 8 * rows, path), dtype="<u8")
@@ -216,30 +218,27 @@ class SpillFile:
         b = len(self.keys) if high >= 1 << 64 else int(np.searchsorted(self.keys, np.uint64(high), side="left"))
         first, last = int(self.offsets[a]), int(self.offsets[b])
         if a == b:
-            return self.keys[a:b], RowBlock(self.lengths[a:b], np.zeros(0, self.dtype), np.zeros(0, bool) if self.with_flags else None)
+            return self.keys[a:b], RowBlock(self.lengths[a:b], np.zeros(0, self.dtype), np.zeros(0, bool))
         with FileSystems.open(self.path, compression_type="uncompressed") as handle:
             handle.seek(self.ids_at + first * self.dtype.itemsize)
             ids = np.frombuffer(_read_exactly(handle, (last - first) * self.dtype.itemsize, self.path), dtype=self.dtype)
-            flags = None
-            if self.with_flags:
-                handle.seek(self.flags_at + first)
-                flags = np.frombuffer(_read_exactly(handle, last - first, self.path), dtype=bool)
+            handle.seek(self.flags_at + first)
+            flags = np.frombuffer(_read_exactly(handle, last - first, self.path), dtype=bool)
         return self.keys[a:b], RowBlock(self.lengths[a:b], ids, flags)
 
 
 def write_spilled_shard(shard: int, spill_files, directory: str, shards: int, token_dtype: str, packing: str) -> str:
     """Write one shard from its spill files, one key range at a time; delete the spill files."""
     spill_files = sorted(spill_files)
-    with_flags = packing != "causal"
-    files = [SpillFile(path, token_dtype, with_flags) for path in spill_files]
+    files = [SpillFile(path, token_dtype) for path in spill_files]
     tokens = sum(int(f.offsets[-1]) for f in files)
-    pieces = max(1, -(-tokens * (np.dtype(token_dtype).itemsize + with_flags) // SHARD_PIECE_BYTES))
+    pieces = max(1, -(-tokens * (np.dtype(token_dtype).itemsize + 1) // SHARD_PIECE_BYTES))
     bounds = [(i << 64) // pieces for i in range(pieces + 1)]  # keys are uniform: equal key ranges hold about equal tokens
     writer = ShardWriter(shard_path(directory, shard, shards), token_dtype, packing)
     for low, high in zip(bounds[:-1], bounds[1:]):
         parts = [f.read(low, high) for f in files]
         keys = np.concatenate([k for k, _ in parts]).astype(np.uint64) if parts else np.zeros(0, np.uint64)
-        write_sorted(writer, RowBlock.concat([b for _, b in parts], token_dtype, with_flags), keys)
+        write_sorted(writer, RowBlock.concat([b for _, b in parts], token_dtype), keys)
     path = writer.close()
     FileSystems.delete(spill_files)
     return path
@@ -257,7 +256,7 @@ class ShuffleThroughFiles(beam.PTransform):
 
     def expand(self, blocks):
         directory, shards, dtype, packing = self.directory, self.shards, self.token_dtype, self.packing
-        spill = SpillRows(self.spill_directory, shards, self.seed, dtype, packing != "causal", self.spill_bytes)
+        spill = SpillRows(self.spill_directory, shards, self.seed, dtype, self.spill_bytes)
         return (
             blocks
             | "Spill" >> beam.ParDo(spill)

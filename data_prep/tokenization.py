@@ -122,7 +122,7 @@ class HFTokenizer:
         if self._needs_word_ids():
             return _ids_and_starts(encoding)
         ids = np.asarray(encoding.ids, dtype=np.int64)
-        if self.packing == "causal":  # no masking metadata: the flags are never stored
+        if self.packing == "causal":  # no word starts: the causal packer flags document starts itself
             return ids, np.ones(len(ids), dtype=bool)
         return ids, ~self.continues_word[ids]
 

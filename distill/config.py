@@ -132,6 +132,13 @@ class DataConfig:
     )
     prefetch_factor: Int = setting(4, "micro batches each data-loader worker prepares ahead (only with num_workers > 0)", ge=1)
     cache_dir: Optional[Str] = setting(None, "where the Arrow cache of the shards goes; null = the Hugging Face datasets cache")
+    document_attention: Bool = setting(
+        True,
+        "causal data: keep the documents packed into a row apart: position ids restart at each document and attention never "
+        "crosses one (student and teacher; flash attention's varlen kernel on GPU, a block-diagonal mask with sdpa/eager), and a "
+        "document's last token predicts nothing. false = each row is one sequence (before issue 25). A teacher cache must "
+        "have been written with the same setting (distill-cache --document-attention / --no-document-attention)",
+    )
 
 
 @section
@@ -225,6 +232,11 @@ class TrainConfig:
     compile: Bool = setting(
         False,
         "torch.compile the teacher's and the student's transformer (in place: parameter names and checkpoints are unchanged); costs compile time at start and for new sequence lengths",
+    )
+    activation_checkpointing: Int = setting(
+        0,
+        "recompute the student's layer activations in backward instead of keeping them from the forward (transformers' activation checkpointing, non-reentrant torch.utils.checkpoint): 0 = off; k = every k-th transformer layer (layers 0, k, 2k, ...). 1 = every layer: a layer then keeps only its input (a Llama layer of width 4096: ~8 KB per token instead of ~170 KB in bf16) for about one more student forward per step; 2 = every other layer: about half the saving for half the recomputation. Same losses and gradients (dropout masks are drawn again identically). distill-train --check prints the activations with and without it; bench/activation_checkpointing.py measures both",
+        ge=0,
     )
 
 

@@ -250,6 +250,7 @@ class CacheJob:
             seed=cfg.seed,
             parts=parts,
             static_masks=self.variants,
+            document_attention=cfg.document_attention if self.manifest.packing == "causal" else None,
             positions=cfg.positions if self.variants else "all",
             masking=self.record["masking"],
             teacher={

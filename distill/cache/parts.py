@@ -127,12 +127,13 @@ def write_part(path: str, rows: list[tuple], value_bits: int) -> None:
 
 
 def read_rows(data_dir: str, shard_path: str, start: int, stop: int) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
-    """(token ids, word-start flags or None) of rows [start, stop) of a data shard."""
+    """(token ids, word-start or document-start flags, or None) of rows [start, stop) of a data shard."""
     shard = pq.ParquetFile(os.path.join(data_dir, shard_path))
     ids = read_column(shard, "input_ids", start, stop, np.int64)
-    if "word_start" not in shard.schema_arrow.names:
+    flags = next((c for c in ("word_start", "doc_start") if c in shard.schema_arrow.names), None)
+    if flags is None:
         return [(r, None) for r in ids]
-    return list(zip(ids, read_column(shard, "word_start", start, stop, bool)))
+    return list(zip(ids, read_column(shard, flags, start, stop, bool)))
 
 
 def read_column(shard, column: str, start: int, stop: int, dtype) -> list[np.ndarray]:

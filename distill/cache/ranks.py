@@ -58,7 +58,9 @@ class _CacheForward:
         from distill.models.build import model_forward  # torch (via distill.models.build): not at start-up
 
         with torch.inference_mode():
-            return model_forward(model, batch.input_ids, batch.attention_mask, batch.logit_positions, head_input=True)
+            return model_forward(
+                model, batch.input_ids, batch.attention_mask, batch.logit_positions, head_input=True, documents=batch.documents
+            )
 
 
 def load_partitioned(cfg: CacheConfig, vocab_size: int, device) -> TeacherScorer:
@@ -75,8 +77,12 @@ def load_partitioned(cfg: CacheConfig, vocab_size: int, device) -> TeacherScorer
         "teacher partitioned across the ranks: this rank holds %.1f MB of its parameters", local_parameter_bytes(wrapper.model) / 2**20
     )
 
-    def forward(ids, mask, positions):
-        out = engine(SimpleNamespace(input_ids=ids.to(device), attention_mask=mask.to(device), logit_positions=positions.to(device)))
+    def forward(ids, mask, positions, documents=None):
+        out = engine(
+            SimpleNamespace(
+                input_ids=ids.to(device), attention_mask=mask.to(device), logit_positions=positions.to(device), documents=documents
+            )
+        )
         weight, bias = out["head"]
         return out["head_input"], weight, bias
 

@@ -5,6 +5,10 @@ position): the output is the same whichever worker, rank or placement computes i
 function handed to `TeacherScorer` (`replicated_forward`: the whole model on this device; the launcher's ranks can hand
 a partitioned one, distill/cache/ranks.py), so both run the same projection and selection code.
 
+Causal data is batched by the trainer's causal collator, so with `--document-attention` (the default, as the trainer's
+data.document_attention) the teacher's positions and attention restart at each document of a row
+(distill/data/documents.py); the manifest records the setting and a run with the other one refuses the cache.
+
 Masked-LM data needs static masks (`--static-masks D`): `StaticMasker` builds each row's D masked inputs exactly as the
 trainer's collator does (the same `collator_for`, seed and masking settings, keyed d * N + r: distill/data/masking.py).
 """
@@ -21,7 +25,8 @@ from data_prep.cache_manifest import CacheError
 from distill.cache.settings import CacheConfig
 from kd_common.config import build, read_yaml
 
-# (input ids (B, L), attention mask (B, L), flat positions (P,)) -> (head input (P, H), head weight (V', H), bias or None)
+# (input ids (B, L), attention mask (B, L), flat positions (P,), the rows' documents or None) -> (head input (P, H), head
+# weight (V', H), bias or None)
 Forward = Callable[..., tuple]
 
 
@@ -127,9 +132,9 @@ def replicated_forward(model, device) -> Forward:
 
     from distill.models.build import model_forward  # torch (via distill.models.build): not at start-up
 
-    def forward(ids, mask, positions):
+    def forward(ids, mask, positions, documents=None):
         with torch.inference_mode():
-            out = model_forward(model, ids.to(device), mask.to(device), positions.to(device), head_input=True)
+            out = model_forward(model, ids.to(device), mask.to(device), positions.to(device), head_input=True, documents=documents)
         return out.head_input, out.head.weight, getattr(out.head, "bias", None)
 
     return forward
@@ -152,25 +157,26 @@ class TeacherScorer:
     def __init__(self, cfg: CacheConfig, vocab_size: int, device, forward: Forward, width: int):
         import torch  # torch: not at start-up
 
+        from data_prep.manifest import load_manifest  # data_prep.manifest: not at start-up of distill-cache
+
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.vocab, self.device, self.forward = cfg, vocab_size, torch.device(device), forward
+        self.eos = load_manifest(cfg.data).tokenizer.special_token_ids.get("eos")  # documents of format-1 rows begin after EOS
         self.chunk = max(1, (1 << 24) // max(vocab_size, width))  # positions projected to the vocabulary at once
         self.forwards = 0
 
     def score(self, rows: list[tuple], shard: int, first_row: int, masker: Optional[StaticMasker] = None) -> list[tuple]:
         """Sparse targets of rows of (token ids, word-start flags): one per row at every position (causal data), or with a
         `masker` one per (row, variant), row-major, on the trainer's masked inputs at the positions it stores."""
-        import torch  # torch: not at start-up
+        if masker is None:  # causal data, batched as the trainer batches it (its documents kept apart or not, as it will be)
+            from distill.data.documents import batch_documents  # torch (via distill.data): not at start-up
+            from distill.data.masking import CausalLMCollator  # torch (via distill.data.masking): not at start-up
 
-        if masker is None:
-            lengths = [len(ids) for ids, _ in rows]
-            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (r, _) in enumerate(rows):
-                ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-                mask[i, : len(r)] = 1
-            return self._score(ids, mask, mask.bool(), [(shard, first_row + i, 0) for i in range(len(rows))])
+            batch = CausalLMCollator(0, 1, self.cfg.document_attention, self.eos)(rows, np.arange(len(rows)))
+            mask = batch["attention_mask"]
+            keys = [(shard, first_row + i, 0) for i in range(len(rows))]
+            return self._score(batch["input_ids"], mask, mask.bool(), keys, batch_documents(batch, self.device))
         per_variant = []
         for d in range(masker.variants):
             batch = masker.masked(rows, shard, first_row, d)
@@ -188,15 +194,15 @@ class TeacherScorer:
         self.forward(one, torch.ones_like(one), torch.zeros(1, dtype=torch.long))
         self.forwards += 1
 
-    def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]]) -> list[tuple]:
-        """The teacher on (B, L) `ids` with attention `mask`: per row, the targets at its `keep` positions, ascending;
-        sampled draws keyed by `keys` (shard, row, variant)."""
+    def _score(self, ids, mask, keep, keys: list[tuple[int, int, int]], documents=None) -> list[tuple]:
+        """The teacher on (B, L) `ids` with attention `mask` (and the rows' `documents` kept apart when given): per row, the
+        targets at its `keep` positions, ascending; sampled draws keyed by `keys` (shard, row, variant)."""
         import torch  # torch: not at start-up
         import torch.nn.functional as F  # torch: not at start-up
 
         lengths = keep.sum(1).tolist()
         positions = keep.reshape(-1).nonzero().squeeze(1)
-        head_input, weight, bias = self.forward(ids, mask, positions)  # always: a partitioned teacher counts forwards
+        head_input, weight, bias = self.forward(ids, mask, positions, documents)  # always: a partitioned teacher counts forwards
         self.forwards += 1
         if len(positions) == 0:  # nothing to store (e.g. masked positions of rows with nothing maskable)
             none = np.zeros(0, dtype=np.float32)

@@ -93,6 +93,11 @@ class CacheConfig:
         "(mlm_probability, mask/random fractions, token_frequency_smoothing, whole_word_masking, masking, static_masks) draw "
         "the masks: one source of truth with the run, which must match them; null = the trainer's defaults",
     )
+    document_attention: Bool = setting(
+        True,
+        "causal data: the teacher sees each document of a row alone (position ids and attention restart at each document), as "
+        "training with data.document_attention=true, the default; false = each row as one sequence. A run needs the same setting",
+    )
     positions: Literal["all", "masked"] = setting(
         "all",
         "masked-LM data: store the teacher at every real position (serves loss.ce_positions all and masked) or at the masked "

@@ -74,6 +74,7 @@ RESTARTABLE_KEYS = {
     "loss.chunk_positions",
     "deepspeed.lean_single_process",
     "train.lean_startup",
+    "train.activation_checkpointing",  # memory against recomputation: the same losses and gradients (tests/e2e/test_activation_checkpointing.py)
     # what to do about non-finite steps is a guard, not part of what is learned
     "train.max_nonfinite_steps",
     "train.collective_timeout_s",  # how long a rank waits for the others, not what is learned

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from distill.data.documents import document_layout, document_starts, drop_cross_document_labels
 from kd_common.config import ConfigError
 
 IGNORE_INDEX = -100
@@ -307,22 +308,40 @@ class CausalLMCollator:
     """Micro batches of causal-LM data (`distill-prep --packing causal`): nothing is masked, the labels are
     the next tokens (-100 at each sequence's last token, which has no next token, and on padding).
 
-    `input_ids` stay as stored; padding (right side, `pad_id`, attention 0) only fills the micro batch.
+    `input_ids` stay as stored; padding (right side, `pad_id`, attention 0) only fills the micro batch. With
+    `documents` (data.document_attention) the rows' documents are kept apart (distill/data/documents.py): the batch also
+    holds `position_ids` (restarting at each document), the segments' offsets `cu_seqlens` and their longest `max_document`,
+    and a document's last token has no label. Rows are (ids, document-start flags); flags None (a format-1 dataset) =
+    documents begin after each `eos_id`.
     """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8, documents: bool = True, eos_id: Optional[int] = None):
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.documents = documents
+        self.eos_id = eos_id
 
     def __call__(self, rows: list[tuple[np.ndarray, Optional[np.ndarray]]], stream_indices: Sequence[int]) -> dict[str, torch.Tensor]:
         batch_ids, labels, attention = _padded_arrays(rows, self.pad_id, self.pad_to_multiple_of)
-        for i, (ids, _) in enumerate(rows):
+        starts = []
+        for i, (ids, flags) in enumerate(rows):
             ids = np.asarray(ids, dtype=np.int64)
             n = len(ids)
             batch_ids[i, :n] = ids
             labels[i, : n - 1] = ids[1:]
             attention[i, :n] = 1
-        return _as_batch(batch_ids, attention, labels, stream_indices)
+            if self.documents:
+                starts.append(document_starts(ids, flags, self.eos_id))
+                drop_cross_document_labels(labels[i], starts[-1])
+        batch = _as_batch(batch_ids, attention, labels, stream_indices)
+        if self.documents:
+            position_ids, cu_seqlens, longest = document_layout(starts, batch_ids.shape[1])
+            batch.update(
+                position_ids=torch.from_numpy(position_ids),
+                cu_seqlens=torch.from_numpy(cu_seqlens),
+                max_document=torch.tensor(longest),
+            )
+        return batch
 
 
 def collator_for(
@@ -339,7 +358,7 @@ def collator_for(
                 f"data.static_masks={static_masks} applies to masked-LM data, this dataset is causal (nothing is masked); set data.static_masks=0"
             )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return CausalLMCollator(pad, pad_multiple)
+        return CausalLMCollator(pad, pad_multiple, getattr(data_cfg, "document_attention", True), tokenizer.eos_token_id)
     policy = MaskingPolicy.with_smoothing(
         token_counts,
         data_cfg.token_frequency_smoothing,

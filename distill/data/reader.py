@@ -18,7 +18,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_prep.manifest import DatasetError, Manifest, load_manifest, sha256_file, verify_shards
+from data_prep.manifest import (
+    DOCUMENT_START_COLUMN,
+    WORD_START_COLUMN,
+    DatasetError,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    verify_shards,
+)
+from distill.data.documents import batch_documents
 from distill.data.masking import collator_for, static_mask_keys, static_mask_variants
 from distill.objective.losses import Batch
 from kd_common.errors import UserError
@@ -52,7 +61,9 @@ class TokenSequences:
                 f"{_unreadable_shard(files) or data_dir} is not a readable Parquet shard ({_first_line(exc)}); "
                 f"the dataset is damaged, re-run distill-prep"
             ) from None
-        self.has_word_start = "word_start" in self.dataset.column_names
+        # the per-token flags the collator reads: word starts (masked-LM data) or document starts (causal data, format 2)
+        names = self.dataset.column_names
+        self.flag_column = next((c for c in (WORD_START_COLUMN, DOCUMENT_START_COLUMN) if c in names), None)
         self.id_limit: Optional[int] = None  # when set, `rows` refuses a token id >= it (the vocabulary) before anything indexes with it
         self._table = None
         column = self.dataset.data.column("input_ids")
@@ -94,12 +105,12 @@ class TokenSequences:
         raise error
 
     def rows(self, indices: np.ndarray) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:
-        """(token ids, word-start flags) of the given row indices, in that order."""
+        """(token ids, word-start or document-start flags, None where the shards hold none) of the given row indices, in that order."""
         if self._table is None:
-            self._table = self.dataset.data.table.select(["input_ids", "word_start"] if self.has_word_start else ["input_ids"])
+            self._table = self.dataset.data.table.select(["input_ids"] + ([self.flag_column] if self.flag_column else []))
         table = self._table.take(np.asarray(indices, dtype=np.int64))
         ids = _split_lists(table.column("input_ids"), np.int64)  # numpy views of the list values, no Python lists
-        starts = _split_lists(table.column("word_start"), bool) if self.has_word_start else [None] * len(ids)
+        starts = _split_lists(table.column(self.flag_column), bool) if self.flag_column else [None] * len(ids)
         if self.id_limit is not None:
             self.check_ids(ids, indices)
         return list(zip(ids, starts))
@@ -254,6 +265,21 @@ def make_loader(micro_batches: MicroBatches, num_workers: int, pin_memory: bool,
     )
 
 
+def document_attention_line(data_dir: str, manifest: Manifest, on: bool) -> str:
+    """What a run (or distill-eval) on causal data does with its documents, in one line for the log."""
+    if not on:
+        return f"{data_dir}: data.document_attention=false: each row is one sequence, its documents attend to each other"
+    if manifest.document_starts:
+        return (
+            f"{data_dir}: attention and position ids restart at each document (the {manifest.document_starts} flags distill-prep recorded)"
+        )
+    eos = manifest.tokenizer.special_token_ids.get("eos")
+    return (
+        f"{data_dir} (format {manifest.format_version}) records no document starts: documents are taken to begin after each EOS "
+        f"(id {eos}); attention and position ids restart there (re-run distill-prep to record them)"
+    )
+
+
 def load_token_counts(data_dir: str, manifest: Manifest) -> np.ndarray:
     """The train split's token counts (for masking smoothing), checked against the manifest's sha256; never unpickled."""
     path = os.path.join(data_dir, manifest.token_counts["path"])
@@ -304,6 +330,8 @@ class DataSource:
             data_cfg.length_group_steps,
         )
         counts = load_token_counts(data_cfg.path, manifest) if data_cfg.token_frequency_smoothing > 0 else np.zeros(0)
+        if ctx.rank == 0 and manifest.packing == "causal":
+            log.info("%s", document_attention_line(data_cfg.path, manifest, data_cfg.document_attention))
         collator = collator_for(
             data_cfg,
             plan.seed,
@@ -348,6 +376,7 @@ class DataSource:
         # what the step needs to know about the batch's layout is computed here, on the host, before the copy: the flat
         # positions of the real tokens and of the labelled ones, and whether anything is padded (no device read later)
         attention = raw["attention_mask"]
+        documents = batch_documents(raw, self.device)  # causal data with data.document_attention: documents kept apart
         tokens = attention.reshape(-1).nonzero(as_tuple=True)[0]
         masked = (raw["labels"].reshape(-1) != -100).nonzero(as_tuple=True)[0]
         batch = Batch(
@@ -359,6 +388,7 @@ class DataSource:
             token_positions=tokens.to(self.device, non_blocking=True),
             masked_positions=masked.to(self.device, non_blocking=True),
             padded=tokens.numel() != attention.numel(),
+            documents=documents,
         )
         return batch, raw
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from distill.model_outputs import ModelOutputs, ModelShape, Needs
+from distill.model_outputs import Documents, ModelOutputs, ModelShape, Needs
 from distill.models.families import FAMILIES, FamilyError, family_of, init_from_teacher, student_config_for, student_shape, submodule
 from distill.models.layer_map import resolve_layers
 from kd_common.errors import UserError
@@ -97,6 +97,7 @@ class AttentionCapture:
         self.num_heads = model.config.num_attention_heads
         self.fused = len(qkv_names) == 1
         self._store: dict[tuple[int, int], torch.Tensor] = {}
+        self._recording = False
         self._handles = []
         for layer in self.layers:
             for slot, name in enumerate(qkv_names):
@@ -105,9 +106,15 @@ class AttentionCapture:
 
     def _hook(self, layer: int, slot: int):
         def hook(module, args, output):
-            self._store[(layer, slot)] = output
+            if self._recording:  # not when activation checkpointing recomputes the layer in backward (after `collect`)
+                self._store[(layer, slot)] = output
 
         return hook
+
+    def start(self) -> None:
+        """Record the q/k/v of the forward that follows, until `collect`."""
+        self._store.clear()
+        self._recording = True
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, length, width = x.shape
@@ -122,6 +129,7 @@ class AttentionCapture:
                 q, k, v = (self._store[(layer, slot)] for slot in range(3))
             out[layer] = (self._heads(q), self._heads(k), self._heads(v))
         self._store.clear()  # never keep a step's graph alive past its loss
+        self._recording = False
         return out
 
     def remove(self) -> None:
@@ -150,9 +158,11 @@ def model_forward(
     capture: Optional[AttentionCapture] = None,
     full_logits: bool = False,
     head_input: bool = False,
+    documents: Optional[Documents] = None,
 ) -> ModelOutputs:
     """Base-model forward; vocabulary logits only at the flat `logit_positions` (None: no logits); hidden
-    states of every layer and q/k/v of the `capture`d layers only when `needs` says so.
+    states of every layer and q/k/v of the `capture`d layers only when `needs` says so. `documents` (packed causal
+    data, distill/data/documents.py): position ids and attention restart at each document; the padding mask is not needed.
 
     `full_logits` (the benchmark's baseline path, `train.logits_where_needed=false`): project every position
     of the padded batch to the vocabulary, then select `logit_positions` (same values, (B*L)/P times the
@@ -161,7 +171,14 @@ def model_forward(
     family = _family(model)
     want_states = needs.hidden_states or needs.projected
     kwargs = {"output_hidden_states": True} if want_states else {}
+    if family.causal:
+        kwargs["use_cache"] = False  # no key/value cache in a training or scoring forward (nor beside checkpointed layers)
     attention_mask = sdpa_key_mask(model, family, attention_mask)
+    if documents is not None:
+        kwargs.update(documents.forward_kwargs(getattr(_config(model), "_attn_implementation", None)))
+        attention_mask = None
+    if capture is not None:
+        capture.start()
     out = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state
     logits = projected_input = head = None
@@ -229,7 +246,7 @@ class StudentForDistillation(nn.Module):
             # hidden_states[i] (0 = embeddings) -> projection index
             self._projection_of = [min(i, count - 1) for i in range(depth + 1)]
 
-    def forward(self, input_ids, attention_mask, logit_positions=None):
+    def forward(self, input_ids, attention_mask, logit_positions=None, documents=None):
         out = model_forward(
             self.model,
             input_ids,
@@ -239,6 +256,7 @@ class StudentForDistillation(nn.Module):
             self.capture,
             self.full_logits,
             head_input=self.logit_loss is not None,
+            documents=documents,
         )
         result = {"hidden": out.hidden, "logits": out.logits, "head_input": out.head_input}
         if self.needs.hidden_states:
@@ -503,6 +521,35 @@ def check_teacher_fits(path: str, teacher, packing: str) -> bool:
             f"causal-LM teacher (gpt2, llama, mistral, qwen2, qwen3) or prepare the data with --packing document"
         )
     return True
+
+
+def enable_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+    """Recompute the activations of every `every`-th transformer layer of `model` (layers 0, every, 2 every, ...) in
+    backward instead of keeping them: transformers' own activation checkpointing (GradientCheckpointingLayer), non-reentrant
+    (torch.utils.checkpoint, use_reentrant=False). Non-reentrant because the forward then builds the usual autograd
+    graph (only the saved tensors are dropped and recomputed): what forward hooks capture inside a layer (AttentionCapture's
+    q/k/v) and the hidden states keep their gradients, and dropout draws the same masks again (the RNG state is restored
+    for the recomputation). Returns the checkpointed layers."""
+    family = _family(model)
+    if every < 1:
+        raise ModelError(f"activation checkpointing every {every} layers: give a stride of 1 or more")
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"{type(model).__name__} does not support activation checkpointing in transformers; set train.activation_checkpointing=0"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x (gradient_checkpointing_enable before)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    blocks = family.layer_list(model)
+    if not all(hasattr(block, "gradient_checkpointing") for block in blocks):
+        raise ModelError(
+            f"the layers of {type(model).__name__} cannot be checkpointed one by one here; set train.activation_checkpointing=0"
+        )
+    for index, block in enumerate(blocks):
+        block.gradient_checkpointing = index % every == 0
+    return [index for index in range(len(blocks)) if index % every == 0]
 
 
 def compile_encoder(model: nn.Module) -> None:

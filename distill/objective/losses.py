@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from distill.model_outputs import ModelOutputs, ModelShape, Needs  # noqa: F401  (re-exported: losses are written against these)
+from distill.model_outputs import Documents, ModelOutputs, ModelShape, Needs  # noqa: F401  (re-exported: losses are written against these)
 
 IGNORE_INDEX = -100
 
@@ -68,6 +68,7 @@ class Batch:
     token_positions: Optional[torch.Tensor] = None  # (T,) flat indices of the real (non-padding) tokens
     masked_positions: Optional[torch.Tensor] = None  # (M,) flat indices of the selected (labelled) positions
     padded: bool = True  # False when no sequence of the micro batch is padded: the models then get no attention mask
+    documents: Optional[Documents] = None  # causal data with data.document_attention: the models keep its documents apart
 
     @property
     def position_is_masked(self) -> torch.Tensor:
@@ -288,13 +289,17 @@ def tinybert_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Ba
     return sum(_masked_mse(student.projected[m + 1], teacher.hidden_states[t + 1], mask) for m, t in enumerate(cfg.layer_map))
 
 
-def _key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B, 1, L, L) True where query i may attend key j: both real tokens (and j <= i when causal)."""
+def _key_mask(attention_mask: torch.Tensor, causal: bool, documents: Optional[Documents] = None) -> torch.Tensor:
+    """(B, 1, L, L) True where query i may attend key j: both real tokens (and j <= i when causal, in the same document
+    when the micro batch keeps its documents apart)."""
     real = attention_mask.bool()
     mask = real[:, None, :, None] & real[:, None, None, :]
     if causal:
         length = attention_mask.shape[1]
         mask = mask & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if documents is not None:
+        segment = documents.segment_ids()
+        mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
     return mask
 
 
@@ -315,7 +320,7 @@ def tinybert_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch:
     (q k^T / sqrt(d), per head) of student layer m and teacher layer g(m), averaged over the (query, key)
     pairs where both are real tokens: padding is excluded through the attention mask, not by thresholding
     scores as TinyBERT's released code does."""
-    allowed = _key_mask(batch.attention_mask, student.causal)
+    allowed = _key_mask(batch.attention_mask, student.causal, batch.documents)
     total = 0.0
     for m, t in enumerate(cfg.layer_map):
         s_q, s_k, _ = student.attention[m]
@@ -325,9 +330,11 @@ def tinybert_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch:
     return total
 
 
-def _relation_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+def _relation_kl(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, attention_mask: torch.Tensor, causal: bool, documents: Optional[Documents] = None
+) -> torch.Tensor:
     """KL(softmax(t) || softmax(s)) over the visible keys of each (batch, head, real query), averaged."""
-    allowed = _key_mask(attention_mask, causal)
+    allowed = _key_mask(attention_mask, causal, documents)
     fill = torch.finfo(torch.float32).min
     t_log = F.log_softmax(t_logits.masked_fill(~allowed, fill), dim=-1)
     s_log = F.log_softmax(s_logits.masked_fill(~allowed, fill), dim=-1)
@@ -356,7 +363,7 @@ def minilm_attention_loss(teacher: ModelOutputs, student: ModelOutputs, batch: B
     the student's last layer, per head and real query, averaged over heads and queries."""
     s_q, s_k, _ = student.attention[cfg.student.num_layers - 1]
     t_q, t_k, _ = teacher.attention[cfg.attention_teacher_layer]
-    return _relation_kl(_scores(t_q, t_k), _scores(s_q, s_k), batch.attention_mask, student.causal)
+    return _relation_kl(_scores(t_q, t_k), _scores(s_q, s_k), batch.attention_mask, student.causal, batch.documents)
 
 
 @register(
@@ -371,7 +378,7 @@ def minilm_value_relation_loss(teacher: ModelOutputs, student: ModelOutputs, bat
     same layers, per head and real query; head dims (so widths) may differ, no projection."""
     _, _, s_v = student.attention[cfg.student.num_layers - 1]
     _, _, t_v = teacher.attention[cfg.attention_teacher_layer]
-    return _relation_kl(_scores(t_v, t_v), _scores(s_v, s_v), batch.attention_mask, student.causal)
+    return _relation_kl(_scores(t_v, t_v), _scores(s_v, s_v), batch.attention_mask, student.causal, batch.documents)
 
 
 def active_losses(weights: dict[str, float]) -> dict[str, tuple[LossSpec, float]]:

@@ -143,6 +143,7 @@ class Objective:
                 self.capture,
                 full_logits,
                 head_input=self.chunked and not full_logits,
+                documents=batch.documents,
             )
 
     def student_logit_loss(self, student: nn.Module):

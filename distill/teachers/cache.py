@@ -221,8 +221,19 @@ def _check_teacher(path: str, recorded: dict, where: str) -> None:
 
 
 def _check_masking(cfg, manifest, where: str, packing: str) -> None:
-    """The run's masks are the cache's: the same static masks, seed and masking settings (masked-LM data), or none (causal)."""
+    """The run's masks are the cache's: the same static masks, seed and masking settings (masked-LM data), or none (causal,
+    where the teacher must have seen the documents of a row as the run's student does: data.document_attention)."""
     if packing == "causal":
+        cached = bool(manifest.document_attention)
+        if cached != cfg.data.document_attention:
+            how = "each document of a row alone" if cached else "each row as one sequence, its documents attending to each other"
+            raise CacheError(
+                f"{where} holds the teacher on {how}"
+                + ("" if cached or manifest.document_attention is not None else " (written before distill-cache kept documents apart)")
+                + f", the run has data.document_attention={str(cfg.data.document_attention).lower()}; set "
+                f"data.document_attention={str(cached).lower()} or re-run distill-cache "
+                + ("--document-attention" if cfg.data.document_attention else "--no-document-attention")
+            )
         return
     if not manifest.static_masks:
         raise CacheError(

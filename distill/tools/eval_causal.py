@@ -1,7 +1,8 @@
 """Held-out causal-LM metrics of a student, its teacher and other models on a prepared causal split.
 
-At every real next-token position (each sequence's tokens but its last; never padding), as training sees them
-(`CausalLMCollator`): each model's cross-entropy (perplexity = exp of its mean), next-token accuracy and, with a
+At every real next-token position (each sequence's tokens but its last, and with document attention not a document's
+last; never padding), as training sees them (the collator it is given, `CausalLMCollator`: with document attention each
+model's positions and attention restart at every document, distill/data/documents.py): each model's cross-entropy (perplexity = exp of its mean), next-token accuracy and, with a
 teacher, top-1 agreement with the teacher and the per-token KL(teacher || student) at temperature 1.
 
 Each model runs its transformer once per batch; vocabulary logits are then computed a chunk of positions at a
@@ -17,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from distill.data.masking import CausalLMCollator
+from distill.data.documents import batch_documents
 from distill.models.build import apply_mlm_head, model_forward
 from distill.objective.chunked_logits import CHUNK_ELEMENTS
 from distill.objective.losses import Batch, select_logit_positions
@@ -51,15 +52,15 @@ def evaluate_causal(
     sequences,
     n: int,
     vocab_size: int,
-    pad_id: int,
+    collator,
     batch_size: int,
     device: torch.device,
     name: str,
     tokenizer=None,
     chunk_positions: Optional[int] = None,
 ) -> dict:
-    """Metrics of `models` (label -> causal LM; the teacher under "teacher") on the first `n` of `sequences`."""
-    collator = CausalLMCollator(pad_id, pad_to_multiple_of=8)
+    """Metrics of `models` (label -> causal LM; the teacher under "teacher") on the first `n` of `sequences`, batched by
+    `collator` (distill/data/masking.py CausalLMCollator: padding, labels, and the documents when it keeps them apart)."""
     order = np.argsort(sequences.lengths[:n], kind="stable")  # similar lengths together: less padding
     chunk = chunk_positions or max(1, CHUNK_ELEMENTS // vocab_size)
     has_teacher = TEACHER in models
@@ -70,12 +71,18 @@ def evaluate_causal(
         rows = order[start : start + batch_size]
         raw = collator(sequences.rows(rows), rows)
         batch = select_logit_positions(
-            Batch(raw["input_ids"].to(device), raw["attention_mask"].to(device), raw["labels"].to(device)), "masked"
+            Batch(
+                raw["input_ids"].to(device),
+                raw["attention_mask"].to(device),
+                raw["labels"].to(device),
+                documents=batch_documents(raw, device),
+            ),
+            "masked",
         )
         labels = batch.position_labels
         hidden = {}
         for label, model in models.items():
-            h = model_forward(model, batch.input_ids, batch.attention_mask, None).hidden
+            h = model_forward(model, batch.input_ids, batch.attention_mask, None, documents=batch.documents).hidden
             hidden[label] = h.reshape(-1, h.shape[-1]).index_select(0, batch.logit_positions)
         for c in range(0, len(labels), chunk):
             y = labels[c : c + chunk]

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from data_prep.manifest import check_tokenizer_matches, load_dataset_tokenizer, load_manifest, tokenizer_identity, write_json_atomically
-from distill.data.masking import MaskingCollator, MaskingPolicy
+from distill.data.masking import CausalLMCollator, MaskingCollator, MaskingPolicy
 from distill.data.reader import TokenSequences
 from distill.models.build import ModelError, check_positions, mlm_forward
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
-from kd_common.config import Int, Str, add_arguments, from_arguments, section, setting
+from kd_common.config import Bool, Int, Str, add_arguments, from_arguments, section, setting
 from kd_common.errors import UserError, report_one_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 from kd_common.output_rule import check_result_file
@@ -65,6 +65,11 @@ class EvalConfig:
         "causal: positions whose vocabulary logits are computed at once; null = about 2^26 "
         "logits per model per chunk (512 positions at a 128k vocabulary)",
         ge=1,
+    )
+    document_attention: Bool = setting(
+        True,
+        "causal data: each document of a row attends only within itself, with position ids restarting at each (as training "
+        "with data.document_attention, the default); false = each row is one sequence (before issue 25)",
     )
     json: Optional[Str] = setting(None, "also write the results to this JSON file (atomically; not inside an input)")
     device: Optional[Str] = setting(None, "cpu, cuda, cuda:1 ...; null = cuda if available")
@@ -159,6 +164,7 @@ def evaluate(
     name: str = "student",
     compare: Sequence[tuple[str, str]] = (),
     chunk_positions: Optional[int] = None,
+    document_attention: bool = True,
 ) -> dict:
     """Metrics of the model `name`, the teacher and the `compare` (name, dir) models on `split`: causal-LM metrics
     (distill/tools/eval_causal.py) when the dataset is packed causal, else the masked-LM metrics below.
@@ -194,7 +200,7 @@ def evaluate(
     sequences.id_limit = manifest.tokenizer.vocab_size  # an id beyond the vocabulary: one line naming shard and row
     n = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
     if causal:
-        return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions)
+        return _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions, document_attention)
     vocab = max(m.config.vocab_size for m, _ in models.values())
     policy = MaskingPolicy(
         mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab, special_ids=manifest.tokenizer.all_special_ids
@@ -248,7 +254,7 @@ def evaluate(
     return result
 
 
-def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions) -> dict:
+def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name, tokenizer, chunk_positions, documents) -> dict:
     from distill.tools.eval_causal import evaluate_causal  # distill.tools.eval_causal: not at start-up of distill-eval
 
     vocab = manifest.tokenizer.vocab_size
@@ -258,10 +264,22 @@ def _causal(models, paths, sequences, n, manifest, split, batch_size, dev, name,
             f"{', '.join(small)}: vocabulary smaller than the dataset's tokenizer ({vocab}); evaluate on data prepared with its tokenizer"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = CausalLMCollator(pad, pad_to_multiple_of=8, documents=documents, eos_id=tokenizer.eos_token_id)
     result = evaluate_causal(
-        {label: m for label, (m, _) in models.items()}, paths, sequences, n, vocab, pad, batch_size, dev, name, tokenizer, chunk_positions
+        {label: m for label, (m, _) in models.items()},
+        paths,
+        sequences,
+        n,
+        vocab,
+        collator,
+        batch_size,
+        dev,
+        name,
+        tokenizer,
+        chunk_positions,
     )
     result["split"] = split
+    result["document_attention"] = documents
     return result
 
 
@@ -380,6 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             name=cfg.name,
             compare=compare,
             chunk_positions=cfg.chunk_positions,
+            document_attention=cfg.document_attention,
         )
     except (ValueError, UserError) as exc:
         return report_one_line("distill-eval", exc)

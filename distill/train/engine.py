@@ -23,6 +23,7 @@ from distill.checkpoints import layout as ckpt
 from distill.checkpoints import safe_load
 from distill.config import RECIPE_OWNED_DS_KEYS, ConfigError, batch_problem, read_deepspeed_json
 from distill.model_outputs import ModelOutputs
+from distill.models.build import enable_activation_checkpointing
 from distill.train.profiling import COMMS_LOGGER
 
 log = logging.getLogger("distill.train.engine")
@@ -210,9 +211,13 @@ class StudentEngine:
         world_size: int = 1,
         lean_single_process: bool = False,
         lean_startup: bool = False,
+        activation_checkpointing: int = 0,
     ):
         import deepspeed  # deepspeed: not at start-up
 
+        if activation_checkpointing:  # before DeepSpeed wraps the module; recomputation runs inside the layers, under its hooks
+            layers = enable_activation_checkpointing(wrapper.model, activation_checkpointing)
+            log.info("activation checkpointing: student layers %s recomputed in backward", layers)
         optimizer = make_optimizer(wrapper, optim_cfg, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, warmup_steps))
         configured = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -238,8 +243,11 @@ class StudentEngine:
         )
 
     @classmethod
-    def build(cls, optim_cfg, deepspeed_cfg, plan, ctx, wrapper: torch.nn.Module, lean_startup: bool = False) -> "StudentEngine":
-        """The engine from sections `optim` and `deepspeed` and the run's plan (its DeepSpeed config and step counts)."""
+    def build(
+        cls, optim_cfg, deepspeed_cfg, plan, ctx, wrapper: torch.nn.Module, lean_startup: bool = False, activation_checkpointing: int = 0
+    ) -> "StudentEngine":
+        """The engine from sections `optim` and `deepspeed` and the run's plan (its DeepSpeed config and step counts);
+        `activation_checkpointing` (train.activation_checkpointing): checkpoint every k-th layer of the student, 0 = none."""
         return cls(
             wrapper,
             optim_cfg,
@@ -250,6 +258,7 @@ class StudentEngine:
             ctx.world_size,
             deepspeed_cfg.lean_single_process,
             lean_startup=lean_startup,
+            activation_checkpointing=activation_checkpointing,
         )
 
     @property
@@ -262,7 +271,7 @@ class StudentEngine:
     def forward(self, batch) -> ModelOutputs:
         # no attention mask without padding (decided on the host): transformers would read the mask back to drop it
         return self.engine.module.outputs(
-            self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions)
+            self.engine(batch.input_ids, batch.attention_mask if batch.padded else None, batch.logit_positions, batch.documents)
         )
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -13,15 +13,21 @@ models (exact, tied weights once); everything else is per-token arithmetic:
   (partitioned: the largest module, as for the student, plus the gathered copy of its head that the chunked losses
   receive for the micro batch); its forward runs without autograd, so only one layer's activations live at a time.
 - student activations kept for backward: elements per token per layer (BERT/GPT-2: 8h + 2f, plus dropout masks and,
-  with eager attention, the heads x seq attention probabilities; gated MLPs (Llama, Mistral, Qwen): 6h + 2 kv + 4f)
-  x micro batch x max_seq_len (full windows: an upper bound with padding) x layers; with activation checkpointing
-  (not a setting of this job: shown for comparison) one h per token per layer plus one layer's full set.
+  where attention probabilities are materialised, the heads x seq probabilities, twice with dropout (before and after
+  it, + the mask): eager attention, and SDPA with dropout on a CPU, where torch falls back to its math kernel (its
+  flash kernel for CPUs has no dropout; the CUDA kernels have); gated MLPs (Llama, Mistral, Qwen): 6h + 2 kv + 4f)
+  x micro batch x max_seq_len (full windows: an upper bound with padding) x layers. With activation checkpointing
+  (train.activation_checkpointing = k: every k-th layer) a checkpointed layer keeps only its input, h per token, and
+  backward recomputes one layer's full set at a time; q/k/v captured for the attention losses (tinybert_attn: every
+  layer, minilm_*: one) stay alive until the loss's backward either way, so they are added when checkpointing. The
+  other setting is printed beside the total for comparison. bench/activation_checkpointing.py measures both.
 - logit buffers: chunked logit losses ~3.5 fp32 (chunk x vocab) buffers plus the fp32 head gradient; full logits
   4 fp32 (positions x vocab) tensors (teacher and student logits, a softmax, the gradient); with mixed precision
   the head gradient summed in fp32 too.
 Not covered: the CUDA context, allocator slack and fragmentation, the libraries (on a CPU: the interpreter, torch,
 DeepSpeed, transformers), the data loader. On a CPU the measured peak RSS of a small BERT run
-(tests/e2e/test_memory_estimate.py: estimate 553 MiB, measured 687 MiB above the libraries) is ~130 MiB (~20%) above the
+(tests/e2e/test_memory_estimate.py: estimate 553 MiB, measured 687 MiB above the libraries; 563 MiB once SDPA's
+probabilities under dropout on a CPU were counted, measured 720 MiB in that run) is ~130-160 MiB (~20%) above the
 estimate, not located: neither the TensorBoard writer (+5 MiB) nor the gloo process group (+6 MiB); the likely rest
 is host-side transients (the teacher's checkpoint read, DeepSpeed's flattening copies at engine start, the
 allocator's unreturned pages), which are not device memory on a GPU.
@@ -43,7 +49,7 @@ GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "m
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per rank by component; `total` is the run as configured (no activation checkpointing)."""
+    """Bytes per rank by component; `total` is the run as configured, `alternatives` other settings' totals."""
 
     world_size: int
     zero_stage: int
@@ -55,10 +61,10 @@ class MemoryEstimate:
     def lines(self) -> list[str]:
         out = [f"expected peak memory per rank ({self.world_size} rank{'s' if self.world_size > 1 else ''}, ZeRO-{self.zero_stage}):"]
         for name, value in self.parts.items():
-            out.append(f"  {name:<34} {value / GIB:>8.2f} GiB   {self.notes.get(name, '')}".rstrip())
-        out.append(f"  {'total':<34} {self.total / GIB:>8.2f} GiB   (+ CUDA context, allocator slack, libraries, data loader)")
+            out.append(f"  {name:<40} {value / GIB:>8.2f} GiB   {self.notes.get(name, '')}".rstrip())
+        out.append(f"  {'total':<40} {self.total / GIB:>8.2f} GiB   (+ CUDA context, allocator slack, libraries, data loader)")
         for name, value in self.alternatives.items():
-            out.append(f"  {name:<34} {value / GIB:>8.2f} GiB")
+            out.append(f"  {name:<40} {value / GIB:>8.2f} GiB")
         return out
 
 
@@ -90,6 +96,12 @@ def _modules(config, params: int) -> tuple[float, float, float]:
     return embedding, (params - embedding - head) / max(1, s["layers"]), head
 
 
+def materialises_probabilities(attn_implementation: str, dropout: float, device_type: str) -> bool:
+    """Whether a training forward keeps the (heads x seq x seq) attention probabilities: eager attention, or SDPA with
+    dropout on a CPU (torch's math fallback: its CPU flash kernel takes no dropout)."""
+    return attn_implementation == "eager" or (attn_implementation == "sdpa" and dropout > 0 and device_type == "cpu")
+
+
 def activation_elements_per_token_layer(config, seq: int, eager: bool, dropout: float) -> tuple[float, float]:
     """(elements kept for backward per token per layer in the activation dtype, one-byte dropout-mask elements)."""
     s = _shape(config)
@@ -100,10 +112,43 @@ def activation_elements_per_token_layer(config, seq: int, eager: bool, dropout: 
     else:
         elements = 8 * h + 2 * f  # qkv input, q, k, v, attention out, two layer norms' inputs, fc1 input, fc1 out, act out
         masks = 2 * h if dropout > 0 else 0.0
-    if eager:
-        elements += heads * seq  # attention probabilities
+    if eager:  # attention probabilities, and with dropout the dropped copy the product with v keeps + the mask
+        elements += heads * seq * (2 if dropout > 0 else 1)
         masks += heads * seq if dropout > 0 else 0.0
     return elements, masks
+
+
+def captured_layers(weights: dict[str, float], student_layers: int) -> int:
+    """Student layers whose q/k/v the attention losses hold until their backward (tinybert_attn: all; minilm_*: the last)."""
+    if weights.get("tinybert_attn", 0) > 0:
+        return student_layers
+    return 1 if any(weights.get(name, 0) > 0 for name in ("minilm_attn", "minilm_value")) else 0
+
+
+def student_activation_bytes(
+    config, tokens: int, seq: int, act_bytes: int, eager: bool, dropout: float, every: int = 0, captured: int = 0
+) -> tuple[float, str]:
+    """(bytes the student keeps for backward, how): per layer, or with checkpointing of every `every`-th layer (0: none)
+    its input only plus one layer recomputed at a time and the q/k/v of `captured` layers; plus the embeddings' output and
+    the final hidden states."""
+    s = _shape(config)
+    elem, masks = activation_elements_per_token_layer(config, seq, eager, dropout)
+    per_token_layer = elem * act_bytes + masks
+    per_layer = tokens * per_token_layer
+    ends = tokens * 2 * s["h"] * act_bytes
+    if not every:
+        return per_layer * s["layers"] + ends, f"{per_token_layer:,.0f} B/token/layer x {tokens:,} tokens x {s['layers']} layers"
+    checkpointed = len(range(0, s["layers"], every))
+    kept = s["layers"] - checkpointed
+    qkv = captured * tokens * (s["h"] + 2 * s["kv"]) * act_bytes
+    total = checkpointed * tokens * s["h"] * act_bytes + (kept + 1) * per_layer + qkv + ends
+    how = (
+        f"checkpointed every {every}: {checkpointed} layers x {s['h'] * act_bytes:,} B/token (their input)"
+        + (f" + {kept} x {per_token_layer:,.0f}" if kept else "")
+        + f" + one recomputed ({per_token_layer:,.0f}), {tokens:,} tokens"
+        + (f" + q/k/v of {captured} layers" if captured else "")
+    )
+    return total, how
 
 
 def estimate_memory(
@@ -170,13 +215,14 @@ def estimate_memory(
         other_teacher = replicated if use_partition else partitioned
 
     dropout = float(getattr(cfg.student, "dropout", 0.0) or 0.0)
-    eager = cfg.student.attn_implementation == "eager"
-    elem, masks = activation_elements_per_token_layer(student.config, max_seq_len, eager, dropout)
-    per_layer = tokens * (elem * act_b + masks)
-    full_act = per_layer * s["layers"] + tokens * 2 * s["h"] * act_b  # + embeddings output, final hidden states
-    ckpt_act = tokens * s["h"] * act_b * s["layers"] + per_layer + tokens * 2 * s["h"] * act_b
-    est.parts["student activations"] = full_act
-    est.notes["student activations"] = f"{elem * act_b + masks:,.0f} B/token/layer x {tokens:,} tokens x {s['layers']} layers"
+    eager = materialises_probabilities(cfg.student.attn_implementation, dropout, device_type)
+    every = cfg.train.activation_checkpointing
+    captured = captured_layers(cfg.loss.weights, s["layers"])
+    args = (student.config, tokens, max_seq_len, act_b, eager, dropout)
+    full_act, full_how = student_activation_bytes(*args)
+    ckpt_act, ckpt_how = student_activation_bytes(*args, every=every or 1, captured=captured)
+    est.parts["student activations"] = ckpt_act if every else full_act
+    est.notes["student activations"] = ckpt_how if every else full_how
 
     V = max(vocab_size, s["vocab"])
     if causal or cfg.loss.ce_positions == "all" or not cfg.train.logits_where_needed:
@@ -194,7 +240,11 @@ def estimate_memory(
     est.parts["logit buffers"] = logits
     est.total = sum(est.parts.values())
     est.alternatives = {
-        "total with activation checkpointing": est.total - full_act + ckpt_act,
+        **(
+            {"total without activation checkpointing": est.total - ckpt_act + full_act}
+            if every
+            else {"total with activation checkpointing": est.total - full_act + ckpt_act}
+        ),
         **(
             {
                 "total, teacher " + ("replicated" if use_partition else "partitioned"): est.total

@@ -262,7 +262,9 @@ def build_run(cfg: Config, ctx: DistContext, stop: StopRequest, watchdog: RankWa
     resume = checkpointer.resume_point(plan.ds_config["zero_optimization"]["stage"]) if resuming else None
     if resume is not None and resume.universal:
         plan.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    engine = StudentEngine.build(cfg.optim, cfg.deepspeed, plan, ctx, wrapper, lean_startup=cfg.train.lean_startup)
+    engine = StudentEngine.build(
+        cfg.optim, cfg.deepspeed, plan, ctx, wrapper, cfg.train.lean_startup, activation_checkpointing=cfg.train.activation_checkpointing
+    )
     log.info(
         "DeepSpeed ZeRO-%d, %d ranks x micro batch %d x accumulation %d = global batch %d, precision %s, %d steps (%d warmup)",
         engine.zero_stage,

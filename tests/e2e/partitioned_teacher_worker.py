@@ -4,8 +4,8 @@ Builds the same tiny random Llama teacher on every rank, keeps a whole copy, par
 distill.teachers.partitioned.partition (ZeRO-3, no optimizer), and writes to OUT/rank<r>.json: the bytes of
 teacher parameters this rank holds (its actual partition tensors) before and after the forwards, and with
 DeepSpeed's default persistence threshold (every parameter of this tiny model stays whole), the whole teacher's bytes, and the largest
-difference between the partitioned and the whole teacher's outputs on the same micro batch, for the chunked
-(hidden states + gathered head) and the logits paths.
+difference between the partitioned and the whole teacher's outputs on the same micro batch (packed documents kept apart,
+data.document_attention), for the chunked (hidden states + gathered head) and the logits paths.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 
@@ -23,6 +24,8 @@ def main(out_dir: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill.config import LossConfig
+    from distill.data.documents import batch_documents
+    from distill.data.masking import CausalLMCollator
     from distill.model_outputs import ModelOutputs
     from distill.objective.losses import Batch, select_logit_positions
     from distill.objective.objective import Objective
@@ -46,12 +49,12 @@ def main(out_dir: str) -> None:
     whole = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().requires_grad_(False)
     split = copy.deepcopy(whole)
     torch.manual_seed(1 + rank)  # each rank its own micro batch, as in training
-    ids = torch.randint(3, 301, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-    batch = select_logit_positions(Batch(ids, mask, labels), "masked")
+    ids = torch.randint(3, 301, (2, 12)).numpy()
+    starts = [np.isin(np.arange(12), [0, 5]), np.isin(np.arange(8), [0, 3, 7])]  # packed documents, the second row padded
+    raw = CausalLMCollator(0, 1, eos_id=2)([(ids[0], starts[0]), (ids[1, :8], starts[1])], [0, 1])
+    batch = select_logit_positions(
+        Batch(raw["input_ids"], raw["attention_mask"], raw["labels"], documents=batch_documents(raw, torch.device("cpu"))), "masked"
+    )
 
     engine, wrapper = partition(split, zero3_inference_config({"stage3_param_persistence_threshold": 0}, 2, torch.float32))
     result = {

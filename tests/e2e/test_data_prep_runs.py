@@ -269,7 +269,7 @@ def test_causal_run_eos_between_documents_no_masking_metadata(tmp_path, corpus_d
     missing = 0
     for split in ("train", "validation"):
         rows = [r for s in manifest.splits[split].shards for r in pq.read_table(os.path.join(out, s.path)).column("input_ids").to_pylist()]
-        assert pq.read_schema(os.path.join(out, manifest.splits[split].shards[0].path)).names == ["input_ids"]  # no word_start
+        assert pq.read_schema(os.path.join(out, manifest.splits[split].shards[0].path)).names == ["input_ids", "doc_start"]
         assert sum(len(r) < L for r in rows) <= 4, "only the end of a bundle's stream may be short"
         want = collections.Counter(t for d, ids in encoded if split_of(d, 0.05) == split for t in ids)
         got = collections.Counter(t for r in rows for t in r if t != eos)
@@ -280,6 +280,70 @@ def test_causal_run_eos_between_documents_no_masking_metadata(tmp_path, corpus_d
         missing += sum(want.values()) - sum(got.values())
     assert missing == stats["tokens_dropped"], "every token not written is counted as dropped"
     assert stats["tokens_read"] == stats["content_tokens_written"] + stats["tokens_dropped"]
+
+
+def test_causal_rows_record_every_documents_first_token(tmp_path, gpt2_tokenizer_dir):
+    """The `doc_start` flags of causal shards are the documents' first tokens, counted against the raw documents: one flag
+    per document (nothing dropped at --min-seq-len 1), each flagged run up to the next flag in a row is a whole document and
+    its EOS, and a document whose text holds the EOS token's text stays one document (EOS ids alone would cut it in two)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = ["a document that says <|endoftext|> in its own text"] + [
+        " ".join(f"w{i}x{j}" for j in range(1 + (i * 7) % 23)) for i in range(60)
+    ]
+    (corpus / "docs.txt").write_text("\n".join(docs[:30]) + "\n\n   \n" + "\n".join(docs[30:]) + "\n")
+    out = str(tmp_path / "causal")
+    manifest = run_prep(
+        PrepConfig(
+            inputs=[str(corpus)],
+            tokenizer=gpt2_tokenizer_dir,
+            output=out,
+            max_seq_len=40,
+            min_seq_len=1,
+            packing="causal",
+            validation_fraction=0.0,
+            num_shards=1,
+        ),
+        workers=1,
+    )
+    assert manifest.format_version == 2 and load_manifest(out).document_starts == "doc_start"
+    tok = load_tokenizer(gpt2_tokenizer_dir, packing="causal")
+    eos = tok.eos_id
+    encoded = tok.tokenizer(docs, add_special_tokens=False)["input_ids"]
+    assert encoded[0].count(eos) == 1, "the first document's text encodes to the EOS id"
+    table = pq.read_table(os.path.join(out, manifest.splits["train"].shards[0].path))
+    rows, flags = table.column("input_ids").to_pylist(), table.column("doc_start").to_pylist()
+    assert sum(map(sum, flags)) == len(docs) == manifest.stats["documents_read"], "one flag per document"
+    whole = collections.Counter()
+    for ids, starts in zip(rows, flags):
+        at = [i for i, f in enumerate(starts) if f] + [len(ids)]
+        whole.update(tuple(ids[a:b]) for a, b in zip(at[:-1], at[1:-1]))  # runs that end at the next flag: complete documents
+    want = collections.Counter(tuple(ids) + (eos,) for ids in encoded)
+    assert whole and not whole - want, "a run from one flag to the next is one whole document and its EOS"
+    from_eos = sum(ids[i - 1] == eos for ids in rows for i in range(1, len(ids)))
+    recorded = sum(f for starts in flags for f in starts[1:])
+    assert from_eos == recorded + 1, "EOS ids alone would start a document inside the first one"
+    # the same rows as a format-1 dataset (no doc_start column): still read, documents begin after each EOS
+    from distill.data.masking import CausalLMCollator
+    from distill.data.reader import TokenSequences
+
+    shard = os.path.join(out, manifest.splits["train"].shards[0].path)
+    pq.write_table(table.drop(["doc_start"]), shard)
+    data = json.load(open(os.path.join(out, "manifest.json")))
+    data.update(format_version=1, document_starts=None)
+    data["splits"]["train"]["shards"][0]["sha256"] = sha256_file(shard)
+    json.dump(data, open(os.path.join(out, "manifest.json"), "w"))
+    r = next(i for i, ids in enumerate(rows) if ids[: len(encoded[0])] == encoded[0])  # the row the first document opens
+    (row,) = TokenSequences(out, "train", cache_dir=str(tmp_path / "arrow")).rows(np.array([r]))
+    assert row[1] is None and row[0].tolist() == rows[r]
+    positions = CausalLMCollator(0, 1, eos_id=eos)([row], [0])["position_ids"][0].tolist()
+    from_eos_starts = [i for i in range(1, len(rows[r])) if rows[r][i - 1] == eos]
+    assert [i for i, p in enumerate(positions) if p == 0] == [0] + from_eos_starts
+    assert from_eos_starts[0] == encoded[0].index(eos) + 1 and not flags[r][from_eos_starts[0]], "inside the first document"
+    data["format_version"] = 3
+    json.dump(data, open(os.path.join(out, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="this version reads 'distill-prepared-dataset' v1/v2; re-prepare the corpus"):
+        load_manifest(out)
 
 
 def _segments(row, eos):

@@ -1,6 +1,7 @@
 """distill-eval on causal data: perplexity, next-token accuracy, top-1 agreement and KL(teacher || student) per
-token, against an independent computation (each sequence alone through Hugging Face's forward, torch's
-cross_entropy and kl_div over the tokenizer's vocabulary); the CLI's settings on the one config mechanism."""
+token, against an independent computation (each document of a row alone through Hugging Face's forward, or each row
+alone with --no-document-attention; torch's cross_entropy and kl_div over the tokenizer's vocabulary); the CLI's
+settings on the one config mechanism."""
 
 from __future__ import annotations
 
@@ -45,26 +46,29 @@ def save_student(tokenizer, path: str, vocab_rows: int) -> str:
     return path
 
 
-def validation_rows(data: str, n: int) -> list[np.ndarray]:
-    """The first n validation sequences, read from the shards the manifest lists (pyarrow, not the job's reader)."""
+def validation_rows(data: str, n: int, documents: bool = True) -> list[np.ndarray]:
+    """The first n validation sequences, read from the shards the manifest lists (pyarrow, not the job's reader): each
+    row cut at its documents' starts (the doc_start flags), or whole."""
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     rows = []
     for shard in manifest["splits"]["validation"]["shards"]:
-        rows += [
-            np.asarray(r, dtype=np.int64)
-            for r in pq.read_table(os.path.join(data, shard["path"]), columns=["input_ids"]).column(0).to_pylist()
-        ]
-    return rows[:n]
+        table = pq.read_table(os.path.join(data, shard["path"]))
+        rows += zip(table.column("input_ids").to_pylist(), table.column("doc_start").to_pylist())
+    pieces = []
+    for ids, starts in rows[:n]:
+        cuts = [0] + [i for i in range(1, len(ids)) if starts[i] and documents] + [len(ids)]
+        pieces += [np.asarray(ids[a:b], dtype=np.int64) for a, b in zip(cuts, cuts[1:])]
+    return pieces
 
 
-def direct(student_dir: str, teacher_dir: str, rows, vocab: int) -> dict:
+def direct(student_dir: str, teacher_dir: str, pieces, vocab: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     s = AutoModelForCausalLM.from_pretrained(student_dir, local_files_only=True).eval()
     t = AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True).eval()
     sums = {"ce_s": 0.0, "ce_t": 0.0, "kl": 0.0, "agree": 0, "acc_s": 0, "positions": 0}
     with torch.no_grad():
-        for ids in rows:
+        for ids in pieces:
             x = torch.as_tensor(ids)[None]
             ls = s(input_ids=x).logits[0, :-1, :vocab].log_softmax(-1)
             lt = t(input_ids=x).logits[0, :-1, :vocab].log_softmax(-1)
@@ -105,6 +109,12 @@ def test_causal_metrics_equal_the_direct_computation(models):
     assert 0.0 < s["teacher_agreement"] < 1.0 and s["kl_from_teacher"] > 0.1, "a student that differs from its teacher"
     table = render_table(result)
     assert "KL(t||s)" in table and f"{s['kl_from_teacher']:.4f}" in table and f"{s['perplexity']:.2f}" in table
+    assert len(validation_rows(data, N)) > N, "the rows hold several documents"
+    # the switch off: each row one sequence, as before document attention
+    whole = evaluate(student, data, teacher, max_sequences=N, batch_size=5, device="cpu", document_attention=False)
+    d = direct(student, teacher, validation_rows(data, N, documents=False), vocab)
+    assert whole["tokens"] == d["positions"] > result["tokens"] and not whole["document_attention"]
+    assert whole["models"]["student"]["loss"] == pytest.approx(d["ce_s"] / d["positions"], rel=1e-5)
 
 
 def test_cli_json_and_bad_input(tmp_path, models, teacher_dir):

@@ -1,7 +1,8 @@
 """Decoder-LLM distillation end to end, on real components: a byte-level BPE tokenizer trained here, causal data
 prepared by distill-prep, tiny random Llama / Mistral / Qwen2 / Qwen3 teachers saved with save_pretrained, the
-configs/llm_kd.yaml recipe (forward KL + causal LM, chunked logit losses) in 2 DeepSpeed processes: losses fall, the
-student exports, reloads with AutoModelForCausalLM and generates; at ZeRO-3 a halted run resumes bit for bit."""
+configs/llm_kd.yaml recipe (forward KL + causal LM, chunked logit losses) in 2 DeepSpeed processes, each document of a
+packed row attending only within itself (data.document_attention, the default): losses fall, the student exports,
+reloads with AutoModelForCausalLM and generates; at ZeRO-3 a halted run resumes bit for bit."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def test_each_family_distils_at_zero2_exports_and_generates(tmp_path, bpe_data, 
         port,
     )
     assert "student initialised from teacher layers [0, 3]" in log
+    assert "attention and position ids restart at each document (the doc_start flags distill-prep recorded)" in log
     assert_falls(losses(out, "loss_clm"), 0.95, "causal LM loss")
     export = str(tmp_path / "export")
     export_checkpoint(out, export)

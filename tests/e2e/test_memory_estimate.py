@@ -186,3 +186,19 @@ def test_estimate_arithmetic_of_the_readme_8b_table(world):
     assert (est.total / 1e9, est.alternatives["total, teacher replicated"] / 1e9) == pytest.approx(totals, abs=0.5)
     assert est.total / GIB == pytest.approx(sum(est.parts.values()) / GIB)
     assert est.alternatives["total with activation checkpointing"] < est.total - 15e9
+    # train.activation_checkpointing=k: a checkpointed layer keeps its input (4096 x 2 B per token), one layer is recomputed at
+    # a time; every layer (k = 1): ~2.6 GB instead of ~22 GB; every other layer (k = 2): 8 layers keep everything
+    layer = 8192 * (6 * 4096 + 2 * 1024 + 4 * 14336) * 2  # one layer's full set, bf16
+    ends = 2 * 8192 * 4096 * 2  # the embeddings' output and the final hidden states
+    for every, expected in ((1, 16 * 8192 * 4096 * 2 + layer + ends), (2, 8 * 8192 * 4096 * 2 + 9 * layer + ends)):
+        checkpointed = load_config(
+            os.path.join(REPO, "configs", "llm_kd.yaml"),
+            ["teacher.path=x", "data.path=y", "output_dir=z", "teacher.source=partitioned", f"train.activation_checkpointing={every}"],
+        )
+        ckpt = estimate_memory(checkpointed, world, student, config, 3, torch.bfloat16, torch.bfloat16, 2048, 128256, causal=True)
+        assert ckpt.parts["student activations"] == pytest.approx(expected, rel=1e-9)
+        assert ckpt.total - ckpt.parts["student activations"] == pytest.approx(est.total - est.parts["student activations"])
+        assert ckpt.alternatives["total without activation checkpointing"] == pytest.approx(est.total)
+        if every == 1:
+            assert ckpt.total == pytest.approx(est.alternatives["total with activation checkpointing"])
+            assert ckpt.total / 1e9 == pytest.approx({8: 23.6, 32: 13.6}[world], abs=0.1)

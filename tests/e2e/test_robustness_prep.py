@@ -328,15 +328,15 @@ def test_a_cut_spill_file_is_never_read_as_complete(tmp_path):
 
     lengths = np.array([3, 5, 2] * 50)
     block = RowBlock(lengths, np.arange(lengths.sum(), dtype=np.uint16) % 1000, np.ones(lengths.sum(), dtype=bool))
-    spill = SpillRows(str(tmp_path), 1, 0, "uint16", True)
+    spill = SpillRows(str(tmp_path), 1, 0, "uint16")
     spill.start_bundle()
     list(spill.process(block))
     ((_, path),) = [out.value for out in spill.finish_bundle()]
-    keys, rows = SpillFile(path, "uint16", True).read(0, 1 << 64)
+    keys, rows = SpillFile(path, "uint16").read(0, 1 << 64)
     assert len(rows) == 150 and len(rows.ids) == len(rows.flags) == lengths.sum()  # the whole file reads back
     data = open(path, "rb").read()
     for cut in (len(data) - 7, 8 + 8 * 150 + 10):  # in the flags, in the lengths
         with open(path, "wb") as handle:
             handle.write(data[:cut])
         with pytest.raises(OSError, match="is cut short"):
-            SpillFile(path, "uint16", True).read(0, 1 << 64)
+            SpillFile(path, "uint16").read(0, 1 << 64)

@@ -31,21 +31,26 @@ TINY = [
 ]
 
 
-def teacher_log_probs(assets, ids: np.ndarray, temperature: float) -> torch.Tensor:
-    """The teacher's log-softmax over the tokenizer's vocabulary at every position of one row, computed directly."""
+def teacher_log_probs(assets, row: tuple, temperature: float) -> torch.Tensor:
+    """The teacher's log-softmax over the tokenizer's vocabulary at every position of one row (ids, document starts),
+    computed directly: each document of the row run alone, as the cache (and training) keep them apart."""
     from transformers import AutoModelForCausalLM
 
+    ids, starts = row
     model = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32).eval()
+    cuts = [0] + [i for i in range(1, len(ids)) if starts[i]] + [len(ids)]
     with torch.no_grad():
-        logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0, :, : assets["vocab"]]
-    return torch.log_softmax(logits / temperature, -1)
+        logits = torch.cat([model(input_ids=torch.as_tensor(ids[a:b])[None]).logits[0] for a, b in zip(cuts, cuts[1:])])
+    return torch.log_softmax(logits[:, : assets["vocab"]] / temperature, -1)
 
 
 def data_rows(assets, split="train"):
+    """(token ids, document-start flags) of every row of `split`, in dataset order."""
     manifest = json.load(open(os.path.join(assets["data"], "manifest.json")))
     rows = []
     for shard in manifest["splits"][split]["shards"]:
-        rows += pq.read_table(os.path.join(assets["data"], shard["path"])).column("input_ids").to_pylist()
+        table = pq.read_table(os.path.join(assets["data"], shard["path"]))
+        rows += zip(table.column("input_ids").to_pylist(), table.column("doc_start").to_pylist())
     return rows
 
 
@@ -63,9 +68,10 @@ def test_topk_cache_with_two_workers_matches_the_teacher_and_one_worker(assets, 
     rows = data_rows(assets)
     assert manifest["mode"] == "topk" and manifest["k"] == 8 and manifest["value_dtype"] == "float16" and len(cols["indices"]) == len(rows)
     assert manifest["dataset"]["rows"] == len(rows) and len(manifest["parts"]) > 2
-    for r in (0, len(rows) // 2, len(rows) - 1):  # reopened rows against the teacher run here
-        ids = np.asarray(rows[r])
-        lp = teacher_log_probs(assets, ids, 2.0)
+    several = [r for r, (_, starts) in enumerate(rows) if sum(starts[1:]) >= 1]  # rows holding two documents or more
+    for r in (several[0], several[len(several) // 2], len(rows) - 1):  # reopened rows against the teacher run here
+        ids = np.asarray(rows[r][0])
+        lp = teacher_log_probs(assets, rows[r], 2.0)
         top = torch.topk(lp, 8, -1)
         got_idx = np.asarray(cols["indices"][r]).reshape(len(ids), 8)
         got_val = np.asarray(cols["values"][r], dtype=np.float32).reshape(len(ids), 8)
@@ -88,8 +94,9 @@ def test_sampled_cache_is_worker_count_independent_and_draws_from_the_teacher(as
     m = [json.load(open(o / "manifest.json")) for o in outs]
     assert [p["sha256"] for p in m[0]["parts"]] == [p["sha256"] for p in m[1]["parts"]]
     _, cols = cache_rows(outs[0])
-    ids = np.asarray(data_rows(assets)[0])
-    lp = teacher_log_probs(assets, ids, 1.0)
+    row = data_rows(assets)[0]
+    ids = np.asarray(row[0])
+    lp = teacher_log_probs(assets, row, 1.0)
     draws = np.asarray(cols["indices"][0]).reshape(len(ids), 32)
     values = np.asarray(cols["values"][0], dtype=np.float32).reshape(len(ids), 32)
     np.testing.assert_allclose(values, lp.gather(1, torch.as_tensor(draws, dtype=torch.long)).numpy(), atol=2e-2, rtol=2e-3)

@@ -45,7 +45,7 @@ def test_a_key_added_by_a_newer_version_counts_as_its_default_in_older_runs(tmp_
 def test_restartable_keys_may_change_but_what_is_learned_may_not(tmp_path):
     base = Config().to_dict()
     a = ckpt.run_identity(base, "sha")
-    b = ckpt.run_identity(dict(base, train=dict(base["train"], micro_batch=4, log_every=1)), "sha")
+    b = ckpt.run_identity(dict(base, train=dict(base["train"], micro_batch=4, log_every=1, activation_checkpointing=1)), "sha")
     assert _claim_after(tmp_path, a, b) is True
     with pytest.raises(ckpt.CheckpointError, match="data.manifest_sha256"):
         _claim_after(tmp_path, a, ckpt.run_identity(base, "other"))

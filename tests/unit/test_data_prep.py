@@ -35,7 +35,7 @@ def test_pack_document_windows_specials_and_drops():
         [CLS, 16, 17, 18, 19, 20, 21, SEP],
         [CLS, 22, 23, 24, 25, 26, 27, SEP],
     ]
-    assert packed.sequences[1].word_start.tolist() == [True] + starts[6:12].tolist() + [True]
+    assert packed.sequences[1].flags.tolist() == [True] + starts[6:12].tolist() + [True]
     assert packed.dropped == {"too_short": [1, 2]}
     unk_heavy = np.array([UNK, UNK, UNK, 40, 41, 42, UNK, UNK])
     packed = pack_document(unk_heavy, np.ones(8, bool), CLS, SEP, UNK, 8, 3, 0.5)
@@ -67,7 +67,7 @@ def test_document_packing_in_numpy_equals_the_per_document_loop():
                 entry = want_dropped.setdefault(reason, [0, 0])
                 entry[0] += n
                 entry[1] += t
-        assert [(ids.tolist(), flags.tolist()) for ids, flags in block.rows()] == [(s.ids.tolist(), s.word_start.tolist()) for s in want]
+        assert [(ids.tolist(), flags.tolist()) for ids, flags in block.rows()] == [(s.ids.tolist(), s.flags.tolist()) for s in want]
         assert dropped == want_dropped
         reasons |= set(dropped)
     assert reasons == {"too_short", "mostly_unknown"}
@@ -94,7 +94,9 @@ def test_causal_packing_eos_after_documents_fixed_windows():
     seqs, dropped = _run_packer(spec, [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]])
     # stream: 10 11 12 EOS 20 21 EOS 30 31 32 33 34 EOS -> 3 windows of 4 and a remainder [EOS] (1 < 2, dropped, 0 content)
     assert [s.ids.tolist() for s in seqs] == [[10, 11, 12, EOS], [20, 21, EOS, 30], [31, 32, 33, 34]]
-    assert all(s.word_start is None for s in seqs) and [s.content_tokens for s in seqs] == [3, 3, 4]
+    assert [s.content_tokens for s in seqs] == [3, 3, 4]
+    # the flags are document starts: 10, 20 and 30 begin documents; the third row starts inside the third document
+    assert [s.flags.tolist() for s in seqs] == [[True, False, False, False], [True, False, False, True], [False] * 4]
     assert dropped == {"too_short": [1, 0]}
     with pytest.raises(ValueError, match="EOS"):
         PackSpec("causal", 8, 2, 0.5, None)
