@@ -16,7 +16,7 @@ Every stage whose output exists is reused on a rerun with the same --out.
 
     OMP_NUM_THREADS=1 python bench/teacher_cache.py --mlm [--mlm-chars 100000]     # ~3 min: static masks only
 
-    OMP_NUM_THREADS=1 python bench/teacher_cache.py --writers [--teacher-steps 0]    # ~7 min (+4 to train the teacher): the writers
+    OMP_NUM_THREADS=1 python bench/teacher_cache.py --writers [--teacher-steps 0]    # ~5 min (+4 to train the teacher): the writers
 
 Masked-LM data with static masks (`--mlm`, instead of the above): a WordPiece tokenizer (vocab 2048) and
 `distill-prep --max-seq-len 64` (document packing) on the first --mlm-chars of the training text, a random 4-layer BERT
