@@ -16,10 +16,19 @@ Every stage whose output exists is reused on a rerun with the same --out.
 
     OMP_NUM_THREADS=1 python bench/teacher_cache.py --mlm [--mlm-chars 100000]     # ~3 min: static masks only
 
+    OMP_NUM_THREADS=1 python bench/teacher_cache.py --writers [--teacher-steps 0]    # ~5 min (+4 to train the teacher): the writers
+
 Masked-LM data with static masks (`--mlm`, instead of the above): a WordPiece tokenizer (vocab 2048) and
 `distill-prep --max-seq-len 64` (document packing) on the first --mlm-chars of the training text, a random 4-layer BERT
 teacher (128 wide), and `distill-cache --static-masks D` for D = 1, 2, 4 at k = 64 (16-bit values), storing every
 position or the masked ones: bytes per dataset token (all D masked copies), per token of one copy, tokens/s.
+
+The cache writers (`--writers`, instead of the above; issue 27): the same data and teacher (step 1 and 2; `--teacher-steps
+0` keeps the teacher random, which changes nothing here but the values), top-k 64 with 16-bit values, parts of
+--writer-rows rows, written by each orchestrator in turn in this one run: Beam with 1 and 2 local worker processes, the
+launcher's ranks (`python -m distill.cache`, `deepspeed --num_gpus 2 --module distill.cache`) replicated and partitioned.
+Per writer: tokens/s of the writing (the writer's own figure: from its inputs checked to the manifest written) and of the
+whole command (process start-up included), bytes per token, and whether its parts are byte-identical to the first's.
 """
 
 from __future__ import annotations
@@ -240,7 +249,7 @@ def synthetic_bytes_per_token(vocab: int = 128_256, k: int = 64, positions: int 
 
     import numpy as np
 
-    from distill.cache.pipeline import write_part
+    from distill.cache.parts import write_part
 
     rng = np.random.default_rng(0)
     profile = -1.1 * np.log(np.arange(1, k + 1)) - 2.0
@@ -301,6 +310,61 @@ def print_static_mask_sizes(results: list[dict]) -> None:
         )
 
 
+WRITERS = {
+    "Beam, 1 worker": (["distill-cache"], ["--workers", "1"]),
+    "Beam, 2 workers": (["distill-cache"], ["--workers", "2"]),
+    "ranks, 1": (["python", "-m", "distill.cache"], []),
+    "ranks, 2": (["deepspeed", "--num_gpus", "2", "--master_port", "29591", "--module", "distill.cache"], []),
+    "ranks, 2, partitioned": (
+        ["deepspeed", "--num_gpus", "2", "--master_port", "29592", "--module", "distill.cache"],
+        ["--placement", "partitioned"],
+    ),
+}
+
+
+def writer_throughput(out: str, data: str, teacher: str, rows_per_part: int) -> list[dict]:
+    """Each writer of WRITERS over the same data and teacher, one after the other, into a fresh directory."""
+    import shutil
+
+    results, first = [], None
+    for name, (command, extra) in WRITERS.items():
+        path = os.path.join(out, "writers", name.replace(" ", "").replace(",", "-"))
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.time()
+        settings = ["--data", data, "--teacher", teacher, "--output", path, "--rows-per-part", str(rows_per_part), "--k", "64"]
+        sh([os.path.join(BIN, command[0]), *command[1:], *settings, *extra])
+        wall = time.time() - t0
+        manifest = json.load(open(os.path.join(path, "manifest.json")))
+        parts = [p["sha256"] for p in manifest["parts"]]
+        first = first or parts
+        stats = manifest["stats"]
+        results.append(
+            {
+                "writer": name,
+                "tokens": sum(p["tokens"] for p in manifest["parts"]),
+                "parts": len(parts),
+                "tokens_per_s": stats["tokens_per_second"],
+                "tokens_per_s_wall": sum(p["tokens"] for p in manifest["parts"]) / wall,
+                "wall_s": wall,
+                "bytes_per_token": stats["bytes_per_token"],
+                "same_bytes": parts == first,
+            }
+        )
+        print(f"  {name}: {wall:.0f}s", flush=True)
+    return results
+
+
+def print_writers(results: list[dict]) -> None:
+    base = results[0]["tokens_per_s"]
+    print(f"{'writer':<22} {'tok/s writing':>13} {'vs first':>8} {'tok/s wall':>10} {'wall s':>7} {'bytes/token':>11} {'same bytes':>10}")
+    for r in results:
+        print(
+            f"{r['writer']:<22} {r['tokens_per_s']:>13,.0f} {r['tokens_per_s'] / base:>7.2f}x {r['tokens_per_s_wall']:>10,.0f} "
+            f"{r['wall_s']:>7.0f} {r['bytes_per_token']:>11.1f} {str(r['same_bytes']):>10}"
+        )
+    print(f"{results[0]['tokens']:,} tokens in {results[0]['parts']} parts, top-k 64, 16-bit values")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "bench_teacher_cache"), help="work directory (reused on a rerun)")
@@ -311,6 +375,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--mlm", action="store_true", help="only the masked-LM static-mask cache sizes (see above)")
     p.add_argument("--mlm-chars", type=int, default=100_000, help="--mlm: characters of the training text to prepare")
+    p.add_argument("--writers", action="store_true", help="only the cache writers side by side (see above)")
+    p.add_argument("--writer-rows", type=int, default=128, help="--writers: rows per part")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -328,6 +394,14 @@ def main() -> None:
     held_data = prepare(a.out, "held", held, tok, 0.0)
     print(f"[{time.time() - t0:.0f}s] data ready; training the teacher", flush=True)
     teacher = train_teacher(a.out, data, tok, a.teacher_steps)
+    if a.writers:
+        results = writer_throughput(a.out, data, teacher, a.writer_rows)
+        print_writers(results)
+        print(f"total {time.time() - t0:.0f}s")
+        if a.json:
+            with open(a.json, "w") as handle:
+                json.dump({"writers": results}, handle, indent=2)
+        return
     caches = {}
     for name, args in CACHES.items():
         print(f"[{time.time() - t0:.0f}s] cache {name}", flush=True)

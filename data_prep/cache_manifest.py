@@ -3,9 +3,10 @@
 
 A cache directory::
 
-    manifest.json        written last: format, mode (topk | sampled), k, temperature, value dtype, the teacher's
-                         identity (fingerprint, config, content sha256 of its weight files), the dataset manifest's sha256,
-                         and the parts with their rows, tokens, bytes and sha256
+    manifest.json        written last: format, mode (topk | sampled), k, temperature, value dtype, vocabulary, the teacher's
+                         identity (fingerprint, full config, content sha256 of its weight files), the dataset manifest's
+                         sha256, the tokenizer's identity (vocabulary sha256, special-token ids), and the parts with their
+                         rows, tokens, bytes and sha256: all a run needs to check a cache without the teacher's files
     train/SSSSS-RRRRRRRRR.parquet   part files: data shard SSSSS, rows from RRRRRRRRR on, row for row with the data
 
 Masked-LM data (static masks, `distill-cache --static-masks D`): a part holds D rows per dataset row, row-major (part
@@ -72,6 +73,10 @@ class CacheManifest:
     static_masks: int = 0  # masked-LM data: D masks per row (part rows per dataset row); 0 = causal data
     positions: str = "all"  # all real positions, or (masked-LM) "masked" positions only
     masking: dict[str, Any] = field(default_factory=dict)  # masked-LM: seed and data.* masking settings (training-config keys)
+    # the dataset tokenizer's identity (type, vocab size and sha256, special-token ids: data_prep.manifest.TokenizerIdentity),
+    # so that a run without the teacher's files checks what the teacher's tokenizer would have
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    identity: str = ""  # sha256 of what fixes the bytes (settings, teacher and dataset content, parts): a rerun's "same cache"
     # causal data: whether the teacher saw each document of a row alone (distill-cache --document-attention); None = a
     # masked-LM cache, or a causal one written before the setting existed (the teacher then attended across documents)
     document_attention: Optional[bool] = None
@@ -100,6 +105,11 @@ class CacheManifest:
         data = dict(data)
         parts = [CachePart(**p) for p in data.pop("parts")]
         return cls(parts=parts, **data)
+
+
+def support_label(mode: str, entries: int) -> str:
+    """What a cache holds per position, for logs: 'top-k 8 ids + tail' or 'sampled, 64 draws'."""
+    return f"top-k {entries} ids + tail" if mode == "topk" else f"sampled, {entries} draws"
 
 
 def is_cache_dir(path: str):

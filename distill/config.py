@@ -42,7 +42,8 @@ CACHEABLE_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
 @section
 class TeacherConfig:
     path: Optional[Str] = setting(
-        None, "local Hugging Face masked-LM directory (config.json + weights); null = no teacher (plain MLM pretraining)"
+        None,
+        "local Hugging Face masked-LM directory (config.json + weights); null = no teacher (plain MLM pretraining), or with teacher.source=cache the teacher the cache records",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "teacher weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel of the teacher")
@@ -52,7 +53,7 @@ class TeacherConfig:
     )
     source: Literal["online", "partitioned", "cache"] = setting(
         "online",
-        "where the teacher's outputs come from: online = the model replicated on every rank; partitioned = the model's parameters split across the data-parallel ranks, ZeRO-3 style (each rank loads and holds about 1/N, never the whole teacher, host or device; each module's parameters gathered just before it runs, never in an optimizer: for a teacher too big to replicate on every GPU; needs 2 or more ranks and safetensors weights, costs an all-gather per teacher module per micro batch; distill/teachers/partitioned.py); cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; causal data, logit losses only; teacher.path still names the teacher, whose weights are then read only for student.init=teacher)",
+        "where the teacher's outputs come from: online = the model replicated on every rank; partitioned = the model's parameters split across the data-parallel ranks, ZeRO-3 style (each rank loads and holds about 1/N, never the whole teacher, host or device; each module's parameters gathered just before it runs, never in an optimizer: for a teacher too big to replicate on every GPU; needs 2 or more ranks and safetensors weights, costs an all-gather per teacher module per micro batch; distill/teachers/partitioned.py); cache = a sparse cache of its distribution written once by distill-cache (teacher.cache; logit losses only; teacher.path is optional: the cache records the teacher's config, tokenizer and identity, a teacher.path given is checked against it, and its weights are read only for student.init=teacher)",
     )
     partition: Bool = setting(False, "deprecated: true is teacher.source=partitioned (say that instead)")
     cache: Optional[Str] = setting(None, "with teacher.source=cache: the directory distill-cache wrote (for this dataset and teacher)")
@@ -306,10 +307,8 @@ class Config:
         p = []
         if not self.teacher.cache:
             p.append("teacher.source=cache needs teacher.cache (the directory distill-cache wrote)")
-        if not self.teacher.path:
-            p.append(
-                "teacher.source=cache needs teacher.path, the teacher the cache was written with (its identity is checked; its weights are not loaded)"
-            )
+        # teacher.path is optional here: the cache's manifest records the teacher's config, tokenizer and identity; when given,
+        # the teacher there is checked against it. Only reading the teacher's weights needs it (`reads_teacher_weights`).
         live = sorted(
             n
             for n, w in self.loss.weights.items()
@@ -326,6 +325,17 @@ class Config:
             )
         return p
 
+    @property
+    def teacher_from_cache(self) -> bool:
+        """teacher.source=cache with a cache: the cache stands for the teacher (its outputs, config, tokenizer, identity)."""
+        return self.teacher.source == "cache" and bool(self.teacher.cache)
+
+    def reads_teacher_weights(self) -> bool:
+        """Whether the run reads the teacher's weights for more than its outputs: student.init=teacher copies its layers. (A
+        student from its own checkpoint, student.path, reads none.) With teacher.source=cache, nothing else
+        needs the teacher's files, so teacher.path is required only when this is true."""
+        return self.student_init() == "teacher"
+
     def problems(self) -> list[str]:
         """Every cross-field rule of a run, each written once (field bounds are checked by the loader)."""
         from distill.objective.losses import LOSSES  # torch (via distill.objective.losses): not at start-up
@@ -341,13 +351,17 @@ class Config:
         if not any(w > 0 for w in self.loss.weights.values()):
             p.append("loss.weights must give at least one loss a positive weight")
         needs_teacher = sorted(n for n, w in self.loss.weights.items() if w > 0 and n in LOSSES and LOSSES[n].needs_teacher)
-        if needs_teacher and not self.teacher.path:
+        has_teacher = bool(self.teacher.path) or self.teacher_from_cache  # a cache records the teacher's config
+        if needs_teacher and not has_teacher:
             p.append(f"losses {needs_teacher} need a teacher: set teacher.path or set their weights to 0")
-        if self.student.init == "teacher" and not self.teacher.path:
-            p.append("student.init=teacher needs teacher.path (or use student.init=random)")
-        if not self.teacher.path and not self.student.path and not self.student.hidden_size:
+        if self.reads_teacher_weights() and not self.teacher.path:
+            p.append(
+                "student.init=teacher needs teacher.path (or use student.init=random)"
+                + ("; a teacher cache holds no weights" if self.teacher_from_cache else "")
+            )
+        if not has_teacher and not self.student.path and not self.student.hidden_size:
             p.append("without a teacher, give the student's shape: student.hidden_size, num_heads, intermediate_size, num_layers")
-        if not self.teacher.path and not self.student.path and not self.student.num_layers:
+        if not has_teacher and not self.student.path and not self.student.num_layers:
             p.append("without a teacher, student.num_layers is required")
         p += self.student_path_problems()
         if self.data.mask_token_fraction + self.data.random_token_fraction > 1:

@@ -7,7 +7,8 @@
 #       launch/node_launch.sh --config configs/distilbert.yaml teacher.path=... data.path=... output_dir=...
 #
 # GPUS_PER_NODE processes start on this node (on CPU: that many gloo processes); world size is
-# NNODES x GPUS_PER_NODE. The job's arguments go to distill-train unchanged.
+# NNODES x GPUS_PER_NODE. The job's arguments go to distill-train unchanged (DISTILL_MODULE=distill.cache: to the
+# teacher cache's ranks, `python -m distill.cache`, instead).
 # SIGTERM, SIGINT or SIGUSR1 to this script on any one node: the ranks of every node checkpoint after the
 # same step and each node's script exits 99 (see launch/supervise.sh).
 set -euo pipefail
@@ -28,4 +29,4 @@ rank_logs=()  # RANK_LOG_DIR: one log file per rank (the launcher's --enable_eac
 [ -n "${RANK_LOG_DIR:-}" ] && mkdir -p "$RANK_LOG_DIR" && rank_logs=(--enable_each_rank_log "$RANK_LOG_DIR")
 source "$(dirname "$0")/supervise.sh"  # SIGTERM/SIGINT/SIGUSR1: all ranks of all nodes checkpoint, exit 99
 run_supervised deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" "${rank_logs[@]}" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module distill "$@"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module "${DISTILL_MODULE:-distill}" "$@"

@@ -5,7 +5,9 @@ temperature T, plus for top-k `tail` (P,) the teacher's mass outside them.
 
 - top-k: the distributions are compared over k + 1 buckets, the cached ids and one tail bucket (everything else): the
   student's bucket log-probabilities are its log-softmax gathered at the ids and the logsumexp of the rest. With k = the
-  vocabulary (tail 0) these are exactly the full forward KL / reverse KL / JSD.
+  vocabulary (tail 0) these are exactly the full forward KL / reverse KL / JSD. The teacher's stored buckets are
+  renormalised to sum to 1 (16-bit values and tail are rounded: 1 +- ~1e-4, which made the logged KL of a student near
+  the teacher negative), so each position's divergence is that of two distributions, >= 0.
 - sampled: the k ids are n draws x ~ P_T (weight 1/n each); the divergences are importance-weighted estimates whose
   expectations (values and gradients) are the full ones: KL(P_T||P_S) = E_x[log p - log q], KL(P_S||P_T) =
   E_x[(q/p)(log q - log p)], JSD_beta = E_x[beta (log p - log m) + (1 - beta)(q/p)(log q - log m)].
@@ -84,14 +86,22 @@ def sparse_divergence(
     # probabilities, ~1e-7), which against the student's empty bucket (log-mass ~ the dtype's min) would blow up
     p_tail = torch.where(rest <= low / 2, 0.0, tail[:, None].to(ls.dtype))
     lp = torch.cat([tv, torch.log(p_tail.clamp(min=torch.finfo(ls.dtype).tiny))], dim=1)
+    # the stored buckets are rounded (16-bit values and tail): they sum to 1 +- ~1e-4, and against a student near the
+    # teacher an unnormalised p gives a divergence of that size and either sign; renormalised, p is a distribution again
     p = torch.cat([tv.exp(), p_tail], dim=1)
+    total = p.sum(-1, keepdim=True)
+    p, lp = p / total, lp - total.log()  # an empty tail bucket stays exactly 0
     if kind == "forward_kl":
-        return (p * (lp - ls)).sum(-1)
-    q = ls.exp()
-    if kind == "reverse_kl":
-        return (q * (ls - lp)).sum(-1)
-    lm = torch.logaddexp(lp + math.log(beta), ls + math.log1p(-beta))
-    return beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
+        per = (p * (lp - ls)).sum(-1)
+    else:
+        q = ls.exp()
+        if kind == "reverse_kl":
+            per = (q * (ls - lp)).sum(-1)
+        else:
+            lm = torch.logaddexp(lp + math.log(beta), ls + math.log1p(-beta))
+            per = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
+    # two distributions: >= 0 up to the last bits of the sum (~1e-9 below 0 where the student equals the teacher)
+    return per.clamp(min=0.0)
 
 
 def _sweep(s_hidden, s_weight, s_bias, targets: SparseTargets, labels, kd_row, ce_row, o, want_grads: bool):

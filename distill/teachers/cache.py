@@ -3,7 +3,8 @@
 No teacher model is in memory while training (with `student.init=teacher` its weights are read once on the CPU for
 the copy, then dropped). Each micro batch's targets are looked up by the dataset row every sample came from
 (`Batch.rows`, from the data order, a pure function of (seed, epoch, index)), so data order, resume and elastic
-resume are those of an online run. The soft-target loss (ce / reverse_kl / jsd) is computed by the student's
+resume are those of an online run. `teacher.path` is optional: the manifest records the teacher's config, the tokenizer
+(checked against the dataset's) and the teacher's content sha256 (checked against a teacher.path given). The soft-target loss (ce / reverse_kl / jsd) is computed by the student's
 ChunkedLogitLoss from the cached support (distill/objective/sparse_logits.py). Refused with one line: a cache of another
 dataset, teacher, split, temperature or vocabulary, one with fewer (or more) rows than the data, a damaged part,
 losses that need the live teacher (hidden states, attention), and on masked-LM data dynamic masking or static masks
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from data_prep.cache_manifest import MANIFEST_FILE as CACHE_MANIFEST
-from data_prep.cache_manifest import CacheError, CacheManifest, load_cache_manifest, verify_cache_parts
+from data_prep.cache_manifest import CacheError, CacheManifest, load_cache_manifest, support_label, verify_cache_parts
+from data_prep.manifest import TokenizerIdentity, check_tokenizer_matches
 from distill.data.masking import mask_settings
 from distill.model_outputs import ModelOutputs
 from distill.models.build import init_student_from_teacher, load_teacher
@@ -52,10 +54,9 @@ class CacheTeacher:
         paths = verify_cache_parts(teacher_cfg.cache, manifest, checksums=teacher_cfg.cache_verify)
         table = _open_parts(paths, manifest, plan.arrow_cache_dir)
         log.info(
-            "teacher from cache %s: %s, %d entries per position, T=%g, %s values, %.1f bytes per token",
+            "teacher from cache %s: %s per position, T=%g, %s values, %.1f bytes per token",
             teacher_cfg.cache,
-            manifest.mode,
-            manifest.k,
+            support_label(manifest.mode, manifest.k),
             manifest.temperature,
             manifest.value_dtype,
             manifest.stats.get("bytes_per_token", float("nan")),
@@ -79,7 +80,7 @@ class CacheTeacher:
 
     def describe(self) -> str:
         masks = f", {self.manifest.static_masks} static masks, {self.manifest.positions} positions" if self.manifest.static_masks else ""
-        return f"cache {self.cache_dir} ({self.manifest.mode}, k={self.manifest.k}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
+        return f"cache {self.cache_dir} ({support_label(self.manifest.mode, self.manifest.k)}, {self.manifest.value_dtype}{masks}); no teacher model in memory"
 
     def fingerprint(self) -> str:
         """The cache's manifest hash (it binds the teacher, the dataset and the settings)."""
@@ -163,7 +164,10 @@ def check_cache(cfg, data, manifest_sha: str) -> CacheManifest:
             f"{where} was written for another dataset ({manifest.dataset.get('path')}), not {cfg.data.path}; "
             f"run distill-cache on this dataset"
         )
-    _check_teacher(cfg.teacher.path, manifest.teacher, where)
+    if cfg.teacher.path:  # optional: the manifest records the teacher; one given must be the one the cache was written with
+        _check_teacher(cfg.teacher.path, manifest.teacher, where)
+    if manifest.tokenizer:  # what the teacher's tokenizer was checked against when the cache was written
+        check_tokenizer_matches(data, TokenizerIdentity(**manifest.tokenizer), f"teacher cache {cache_dir}")
     if manifest.split != cfg.data.split:
         raise CacheError(f"{where} caches split {manifest.split!r}, the run trains on {cfg.data.split!r}")
     if abs(manifest.temperature - cfg.loss.temperature) > 1e-9:
@@ -180,6 +184,28 @@ def check_cache(cfg, data, manifest_sha: str) -> CacheManifest:
             f"{where} holds {manifest.rows} rows of {cfg.data.split!r}, the dataset has {rows}; the cache is incomplete: re-run distill-cache"
         )
     return manifest
+
+
+def teacher_config_of(manifest, where: str):
+    """The teacher's Hugging Face config as the cache recorded it (no teacher files needed): its model type's own config
+    class from transformers, filled from the recorded dict (nothing in it can name code to run)."""
+    from transformers import AutoConfig  # transformers: not at start-up
+
+    recorded = dict(manifest.teacher.get("config") or {})
+    model_type = recorded.pop("model_type", None)
+    recorded.pop("auto_map", None)
+    try:
+        return AutoConfig.for_model(model_type, **recorded)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CacheError(
+            f"{where} records no usable teacher config (model type {model_type!r}: {' '.join(str(exc).split())[:120]}); set "
+            f"teacher.path to the teacher the cache was written with"
+        ) from None
+
+
+def cache_teacher_config(cache_dir: str):
+    """The config of the teacher a cache was written with, from its manifest (distill-train without teacher.path)."""
+    return teacher_config_of(load_cache_manifest(cache_dir), os.path.join(cache_dir, CACHE_MANIFEST))
 
 
 def _check_teacher(path: str, recorded: dict, where: str) -> None:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from data_prep.config import PrepConfig
-from distill.cache.pipeline import CacheConfig
+from distill.cache.settings import CacheConfig
 from distill.config import Config
 from distill.tools.evaluate import EvalConfig
 from distill.tools.export import ExportConfig

@@ -43,7 +43,7 @@ from distill.models.build import (
     student_config,
 )
 from distill.objective.objective import Objective
-from distill.teachers.cache import check_cache
+from distill.teachers.cache import cache_teacher_config, check_cache
 from distill.teachers.partitioned import partition_problems, zero3_inference_config
 from distill.train.engine import deepspeed_config
 from kd_common.errors import UserError
@@ -131,7 +131,7 @@ def log_vocabulary(student, teacher, tokens: int) -> None:
 def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
     """Run every weight-free check of `cfg` for `world_size` ranks on `device` and decide the run's plan; nothing is written."""
     pf = RunPlan(world_size=world_size, seed=cfg.seed, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
-    pf.teacher_source = cfg.teacher.source if cfg.teacher.path else None
+    pf.teacher_source = cfg.teacher.source if cfg.teacher.path or cfg.teacher_from_cache else None
     pf.teacher_dtype = resolve_dtype(cfg.teacher.dtype, device)
     pf.full_logits, pf.arrow_cache_dir = not cfg.train.logits_where_needed, cfg.data.cache_dir
     pf.precision = precision = resolve_dtype(cfg.train.precision, device)
@@ -155,6 +155,8 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
             pf.warmup_steps = int(cfg.optim.warmup_fraction * pf.total_steps)
     if cfg.teacher.path:
         pf.teacher_config = pf.attempt(lambda: load_teacher_config(cfg.teacher.path))
+    elif cfg.teacher_from_cache:  # no teacher files: the config the cache recorded
+        pf.teacher_config = pf.attempt(lambda: cache_teacher_config(cfg.teacher.cache))
     if pf.manifest is not None:
         pf.tokenizer = pf.attempt(lambda: load_tokenizer(cfg, pf.manifest))
         pf.vocab_size = pf.manifest.tokenizer.vocab_size
@@ -166,16 +168,14 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
                     f"re-run distill-prep with the teacher's tokenizer"
                 )
             pf.vocab_size = teacher_vocab
-    if pf.manifest is None or pf.tokenizer is None or (cfg.teacher.path and pf.teacher_config is None):
+    teacher_label = cfg.teacher.path or f"{cfg.teacher.cache} (the teacher.cache's teacher)"
+    where = f"teacher.path {cfg.teacher.path}" if cfg.teacher.path else f"the teacher of teacher.cache {cfg.teacher.cache}"
+    if pf.manifest is None or pf.tokenizer is None or (pf.teacher_source and pf.teacher_config is None):
         return pf  # the model checks need the dataset and the teacher's config
-    if pf.teacher_config is not None and not pf.attempt(
-        lambda: check_teacher_fits(cfg.teacher.path, pf.teacher_config, pf.manifest.packing)
-    ):
+    if pf.teacher_config is not None and not pf.attempt(lambda: check_teacher_fits(teacher_label, pf.teacher_config, pf.manifest.packing)):
         return pf  # a teacher of the wrong kind for the data: said once, not again for the student built from it
     if pf.teacher_config is not None and not pf.attempt(
-        lambda: check_positions(
-            pf.teacher_config, pf.manifest.max_seq_len, f"teacher.path {cfg.teacher.path}", f"data.path {cfg.data.path}"
-        )
+        lambda: check_positions(pf.teacher_config, pf.manifest.max_seq_len, where, f"data.path {cfg.data.path}")
     ):
         return pf  # the student (shaped like the teacher) would be refused too, with advice that cannot help
     student = pf.student_config = pf.attempt(  # shapes only: no weights, no memory
