@@ -15,6 +15,7 @@ from data_prep.errors import PrepInputError
 from data_prep.manifest import TokenizerIdentity, tokenizer_identity
 from data_prep.sentencepiece_tok import SentencePieceTokenizer
 from data_prep.tokenizer_base import REQUIRED_SPECIALS, TOKENIZER_FILES, TokenizerPayload, has_tokenizer_files, split_pieces  # noqa: F401
+from kd_common.errors import first_line
 from kd_common.hf_dirs import LOCAL_ONLY, RemoteCodeError, refuse_remote_code
 
 
@@ -179,7 +180,7 @@ def load_hf_tokenizer(path: str, packing: str = "document"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise PrepInputError(
             f"--tokenizer {path!r} is not a loadable tokenizer ({first[:200]}); pass a directory written by save_pretrained"
         ) from None

@@ -10,6 +10,12 @@ class UserError(Exception):
     """Bad input, a bad setting or a fault the user can act on; the message names the problem and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (its type's name when it has none): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def report_one_line(prog: str, exc: BaseException) -> int:
     """`exc` as one line on stderr (said by rank 0 when distributed, or by the one rank that saw it); returns exit code 2."""
     rank = os.environ.get("RANK", "0")

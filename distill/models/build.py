@@ -32,7 +32,7 @@ from distill.models.families import (
     submodule,
 )
 from distill.models.layer_map import resolve_layers
-from kd_common.errors import UserError
+from kd_common.errors import UserError, first_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def load_model_config(path: str, key: str):
         with open(os.path.join(path, "config.json")) as handle:
             json.load(handle)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"{key} {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
             f"complete Hugging Face checkpoint"
@@ -376,7 +376,7 @@ def load_model_config(path: str, key: str):
     try:
         config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"{key} {path!r} could not be loaded as a masked or causal LM (config.json: {first}); check the directory holds a "
             f"complete Hugging Face checkpoint"
@@ -406,7 +406,7 @@ def check_layout(config, label: str) -> bool:
     except FamilyError as exc:
         raise ModelError(f"{label}: {exc}") from None
     except Exception as exc:  # transformers raises many types for configs it cannot build
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"{label}: transformers cannot build a {config.model_type} causal LM from its config.json ({first})") from None
     return True
 
@@ -448,7 +448,7 @@ def load_teacher(path: str, dtype: torch.dtype, attn_implementation: str, device
             path, config=config, **LOCAL_ONLY, dtype=dtype, attn_implementation=attention_kernel(config, attn_implementation)
         )
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"teacher {path!r} could not be loaded as a masked or causal LM ({first}); check the directory holds a complete Hugging Face checkpoint"
         ) from None
@@ -603,7 +603,7 @@ def make_student(config, attn_implementation: str, path: Optional[str] = None) -
         try:
             model = auto.from_pretrained(path, config=config, **LOCAL_ONLY, dtype=torch.float32, attn_implementation=kernel)
         except Exception as exc:  # transformers raises many types for unreadable checkpoints
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(
                 f"student.path {path!r} could not be loaded as a {config.model_type} model ({first}); check the directory holds a "
                 f"complete Hugging Face checkpoint"

@@ -35,7 +35,7 @@ from distill.models.build import ModelError, check_layout, check_logits, check_p
 from distill.models.families import Family, FamilyError, family_of
 from distill.objective.losses import IGNORE_INDEX, Batch, select_logit_positions
 from kd_common.config import Bool, Int, Str, add_arguments, from_arguments, section, setting
-from kd_common.errors import UserError, report_one_line
+from kd_common.errors import UserError, first_line, report_one_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 from kd_common.output_rule import check_result_file
 
@@ -99,7 +99,7 @@ def model_config(path: str):
     try:
         config = AutoConfig.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable configs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"{path!r} could not be loaded as a model ({first}); pass a directory written by distill-export or save_pretrained"
         ) from None
@@ -118,7 +118,7 @@ def load_lm(path: str, device: torch.device, causal: bool = False):
         model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path, **LOCAL_ONLY)
         tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"{path!r} could not be loaded as a {kind} with its tokenizer ({first})") from None
     model = model.to(device).eval()
     check_logits(model, f"model {path}")  # the metrics read its logits as its own forward makes them

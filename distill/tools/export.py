@@ -17,7 +17,7 @@ from distill.checkpoints import layout as ckpt
 from distill.checkpoints import safe_load
 from distill.models.families import FamilyError, family_of
 from kd_common.config import Bool, Str, section, setting
-from kd_common.errors import UserError
+from kd_common.errors import UserError, first_line
 from kd_common.hf_dirs import LOCAL_ONLY, refuse_remote_code
 from kd_common.output_rule import record_files, replace_when_complete, written_by
 
@@ -53,10 +53,6 @@ def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
     if dropped:
         log.info("not exported (training-only weights): %s", ", ".join(dropped))
     return {k[len(_WRAPPER_PREFIX) :]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def check_shapes(tensors: dict, state: dict, hf_config: str) -> None:
@@ -133,7 +129,7 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
             config = AutoConfig.from_pretrained(hf_config, **LOCAL_ONLY)
         except Exception as exc:  # transformers raises many types for unreadable configs
             raise ExportError(
-                f"checkpoint {hf_config}/config.json is unreadable ({_first_line(exc)}); restore the checkpoint's own hf_config"
+                f"checkpoint {hf_config}/config.json is unreadable ({first_line(exc)}); restore the checkpoint's own hf_config"
             ) from None
         try:
             family = family_of(config)

@@ -124,7 +124,7 @@ def test_sampled_caches_are_labelled_with_their_draws():
 
     assert support_label("topk", 8) == "top-k 8 ids + tail" and support_label("sampled", 64) == "sampled, 64 draws"
     manifest = SimpleNamespace(mode="sampled", k=64, value_dtype="float16", static_masks=0)
-    teacher = CacheTeacher(SimpleNamespace(teacher=SimpleNamespace(path=None)), "/c", manifest, None, None, None)
+    teacher = CacheTeacher("/c", manifest, None, None, None, None)  # no teacher.path: the cache stands for the teacher
     assert teacher.describe() == "cache /c (sampled, 64 draws, float16); no teacher model in memory"
 
 
