@@ -193,7 +193,12 @@ def layer_axes(block: nn.Module, layout: BlockLayout, geo: Geometry) -> dict[str
 def layouts(model: nn.Module, family: Family) -> list[BlockLayout]:
     """The block layout of every layer of `model`; a one-line PruneError for a block the pruner cannot read."""
     try:
-        return [family_block_layout(family, block) for block in family.layer_list(model)]
+        found = [family_block_layout(family, block) for block in family.layer_list(model)]
+        for layout in found:
+            layout.qkv_names()  # attention the pruner can cut by heads: q/k/v projections (or a fused one) by their standard names
+            if layout.moe and layout.router is None:
+                raise FamilyError(f"decoder block {layout.block}: its mixture of experts has no router (gate / router) by the standard names")
+        return found
     except FamilyError as exc:
         raise PruneError(f"cannot prune a {model.config.model_type} model: {exc}") from None
 
