@@ -22,6 +22,7 @@ and the sums are all-reduced: the same scores as one process, up to summation or
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -352,20 +353,27 @@ SCORES_FORMAT = "distill-prune-scores"
 
 
 def save_scores(path: str, scores: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """The scores as safetensors; `metadata` (the teacher's fingerprint, the calibration data and timing) kept in its header as JSON."""
     from safetensors.torch import save_file  # safetensors: not at start-up
 
-    meta = {"format": SCORES_FORMAT, "version": "1", **{k: str(v) for k, v in metadata.items()}}
-    save_file({k: v.contiguous() for k, v in scores.items()}, path, metadata=meta)
+    header = {
+        "format": SCORES_FORMAT,
+        "version": "1",
+        "teacher_sha256": str(metadata.get("teacher_sha256")),
+        "record": json.dumps(metadata),
+    }
+    save_file({k: v.contiguous() for k, v in scores.items()}, path, metadata=header)
 
 
-def load_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(scores, metadata) of a file `save_scores` wrote; a ValueError for any other file."""
     from safetensors import safe_open  # safetensors: not at start-up
 
     with safe_open(path, framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != SCORES_FORMAT:
-            raise ValueError(f"not a distill-prune scores file (format {meta.get('format')!r})")
-        return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+        header = handle.metadata() or {}
+        if header.get("format") != SCORES_FORMAT:
+            raise ValueError(f"not a distill-prune scores file (format {header.get('format')!r})")
+        return {k: handle.get_tensor(k) for k in handle.keys()}, json.loads(header.get("record") or "{}")
 
 
 def _units(values: torch.Tensor, count: int, prefix: str) -> str:

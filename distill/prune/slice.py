@@ -197,7 +197,9 @@ def layouts(model: nn.Module, family: Family) -> list[BlockLayout]:
         for layout in found:
             layout.qkv_names()  # attention the pruner can cut by heads: q/k/v projections (or a fused one) by their standard names
             if layout.moe and layout.router is None:
-                raise FamilyError(f"decoder block {layout.block}: its mixture of experts has no router (gate / router) by the standard names")
+                raise FamilyError(
+                    f"decoder block {layout.block}: its mixture of experts has no router (gate / router) by the standard names"
+                )
         return found
     except FamilyError as exc:
         raise PruneError(f"cannot prune a {model.config.model_type} model: {exc}") from None
