@@ -100,7 +100,8 @@ class PruneConfig:
         "auto", "where the teacher runs the calibration pass; auto = the GPU when there is one"
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = setting(
-        "auto", "teacher dtype for the calibration pass and of the written student; auto = bf16 on GPU, fp32 on CPU (scores are fp64)"
+        "auto",
+        "teacher dtype of the calibration pass; auto = bf16 on GPU, fp32 on CPU (scores are kept in fp64; the student is cut from the weights in the dtype they are stored in)",
     )
     threads: Int = setting(0, "torch CPU threads (0 = torch's default)", ge=0)
     attn_implementation: Literal["sdpa", "eager"] = setting("sdpa", "attention kernel of the teacher in the calibration pass")
@@ -280,7 +281,10 @@ def run_prune(cfg: PruneConfig) -> dict:
         log.info("calibration pass: %s s, %s tokens/s", timing["seconds"], timing["tokens_per_second"])
     if not main:
         return {}
-    model = model.to("cpu")
+    stored = stored_dtype(teacher_config)
+    if next(model.parameters()).dtype != stored or device.type != "cpu":  # the student is cut from the weights as stored
+        del model
+        model = load_teacher(cfg.teacher, stored, cfg.attn_implementation, torch.device("cpu"))
 
     def layers_for(depth: int) -> list[int]:
         return choose_layers(scores, depth, cfg.layer_metric)
@@ -363,6 +367,16 @@ def write_student(cfg, staging, model, family, teacher, shape, keep, scores, sco
         f"{counter.teacher:,}",
     )
     return record
+
+
+def stored_dtype(config):
+    """The dtype the teacher's weights are stored in (config.json's dtype; float32 when it says none)."""
+    import torch  # torch: not at start-up
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def vars_of(shape) -> dict:
