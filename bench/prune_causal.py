@@ -199,12 +199,12 @@ class Bench:
 
 
 def render(result: dict) -> str:
-    lines = [f"{'model':<34} {'params':>9} {'ppl (test)':>11} {'KL(T||S)':>9} {'top-1 agree':>12}"]
+    lines = [f"{'model':<48} {'params':>9} {'ppl (test)':>11} {'KL(T||S)':>9} {'top-1 agree':>12}"]
     for name, r in result["rows"].items():
         label = "teacher" if name == "teacher" else f"{name} ({STUDENTS[name]})"
         kl = "-" if r.get("kl") is None else f"{r['kl']:.4f}"
         agree = "-" if r.get("agree") is None else f"{100 * r['agree']:.2f}%"
-        lines.append(f"{label:<34} {r['parameters'] / 1e6:>8.2f}M {r['perplexity']:>11.2f} {kl:>9} {agree:>12}")
+        lines.append(f"{label:<48} {r['parameters'] / 1e6:>8.2f}M {r['perplexity']:>11.2f} {kl:>9} {agree:>12}")
     for name, r in result["untrained"].items():
         lines.append(f"  {name} before training: ppl {r['perplexity']:.1f}, KL {r['kl']:.3f}")
     for name, record in result["pruning"].items():

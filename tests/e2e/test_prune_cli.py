@@ -5,7 +5,7 @@ line with nothing written, and training from pruned students under the real Deep
 with Patient-KD on a width-pruned BERT, llm_kd on a pruned Llama) in ONE 2-process launch.
 
 What needs no process (exactness of the slicing, the scores against an independent computation, the shape rules) is in
-tests/unit/test_prune.py."""
+tests/unit/test_pruning.py."""
 
 from __future__ import annotations
 
