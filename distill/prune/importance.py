@@ -63,15 +63,7 @@ class ImportanceRecorder:
         self.layouts = layouts(model, family)
         self.dense = [i for i, lay in enumerate(self.layouts) if not lay.moe]
         self.moe = [i for i, lay in enumerate(self.layouts) if lay.moe]
-        self.intermediate = None
-        if self.dense:
-            down = submodule(self.blocks[self.dense[0]], self.layouts[self.dense[0]].down)
-            self.intermediate = down.weight.shape[0] if type(down).__name__ == "Conv1D" else down.in_features
-        self.experts = None
-        if self.moe:
-            router = submodule(self.blocks[self.moe[0]], self.layouts[self.moe[0]].router)
-            self.experts = router.weight.shape[0]
-            self.top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
+        self.top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
         self.sums: dict[str, torch.Tensor] = {}
         self.squares: dict[str, torch.Tensor] = {}
         self.sequences = 0
@@ -106,7 +98,8 @@ class ImportanceRecorder:
             if not is_norm(module) or any(part in name.split(".") for part in ("q_norm", "k_norm", "q_layernorm", "k_layernorm")):
                 continue
             weight = getattr(module, "weight", None)
-            if weight is not None and weight.dim() == 1 and weight.shape[0] == self.geo.hidden:
+            shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", None)  # ds_shape: a ZeRO-3 partitioned parameter
+            if shape is not None and len(shape) == 1 and shape[0] == self.geo.hidden:
                 found.append(module)
         return found
 
@@ -254,18 +247,43 @@ class ImportanceRecorder:
                 handle.remove()
 
 
-def _log_probs(model: nn.Module, family: Family, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    hidden = family.base_model(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return family.logits(model, hidden).float().log_softmax(-1)
+class TeacherPass(nn.Module):
+    """One calibration forward of the teacher: its transformer body (the hooks see every block), or with `log_probs` the whole
+    model's next-token / masked-LM log-probabilities (its own logits: `check_logits` holds them to the family's head and output
+    transform). A module of its own so that a partitioned teacher's DeepSpeed engine wraps exactly one call per batch."""
+
+    def __init__(self, model: nn.Module, family: Family):
+        super().__init__()
+        self.model = model
+        self.family = family
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, log_probs: bool = False) -> torch.Tensor:
+        if log_probs:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)
+        return self.family.base_model(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def layer_drop_kl(recorder: ImportanceRecorder, input_ids: torch.Tensor, attention_mask: torch.Tensor, full: torch.Tensor) -> None:
+def partitioned(model: nn.Module, family: Family, dtype: torch.dtype):
+    """A DeepSpeed ZeRO-3 engine without optimizer over the teacher (every parameter split across the processes of the launch,
+    each module's gathered just before it runs: distill/teachers/partitioned.py's configuration, no parameter kept whole)."""
+    import deepspeed  # deepspeed: not at start-up
+
+    from distill.teachers.partitioned import zero3_inference_config  # deepspeed (via distill.teachers): not at start-up
+
+    config = zero3_inference_config({"stage3_param_persistence_threshold": 0}, 1, dtype)
+    wrapper = TeacherPass(model, family)
+    deepspeed.zero.Init(module=wrapper, config_dict_or_path=config)
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def layer_drop_kl(recorder: ImportanceRecorder, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, full: torch.Tensor) -> None:
     """KL(teacher || teacher without block l) per sequence (mean over real tokens), for every layer, into the current batch."""
-    model, family = recorder.model, recorder.family
     values = torch.zeros(input_ids.shape[0], recorder.geo.layers, device=full.device)
     for layer in range(recorder.geo.layers):
         with recorder.skipping(layer):
-            dropped = _log_probs(model, family, input_ids, attention_mask)
+            dropped = forward(input_ids, attention_mask, log_probs=True)
         kl = (full.exp() * (full - dropped)).sum(-1)
         values[:, layer] = _masked_mean(kl, attention_mask)
     recorder.current["layer_drop_kl"] = values
@@ -301,29 +319,40 @@ def calibrate(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    forward: Optional[nn.Module] = None,
+    device: Optional[torch.device] = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Score `model` over rows `indices` of `sequences` (distill.data.reader.TokenSequences); with `world` > 1 this process
-    takes every world-th batch and the sums are all-reduced. Returns (scores, timing: seconds, sequences, tokens, tokens/s)."""
+    takes every world-th batch and the sums are all-reduced. `forward`: the teacher's pass (a TeacherPass, or the engine of a
+    partitioned one: then every process runs as many batches, a process short of one repeating a batch it does not count).
+    Returns (scores, timing: seconds, sequences, tokens, tokens/s, device, processes)."""
     from tqdm import tqdm  # tqdm: not at start-up
 
-    device = next(model.parameters()).device
-    recorder = ImportanceRecorder(model, family, geometry, aggregation)
+    device = device or next(model.parameters()).device
+    lockstep = forward is not None and world > 1  # a partitioned teacher: its forwards are collectives
+    forward = forward or TeacherPass(model, family)
     todo = batches(sequences.lengths, indices, batch_size)
+    if len(todo) < world:
+        raise ValueError(f"{len(todo)} calibration batches for {world} processes")
+    recorder = ImportanceRecorder(model, family, geometry, aggregation)
     mine = todo[rank::world]
-    base = family.base_model(model)
+    count = -(-len(todo) // world) if lockstep else len(mine)
+    filler = [None] * (count - len(mine))  # a partitioned teacher: every process runs the same number of forwards
     start = time.perf_counter()
     bar = tqdm(total=int(sum(len(b) for b in mine)), unit="seq", desc="calibration", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
-        for chunk in mine:
-            input_ids, mask = collate(sequences.rows(chunk), pad_id, device)
+        for chunk in mine + filler:
+            counted = chunk is not None
+            input_ids, mask = collate(sequences.rows(chunk if counted else todo[0]), pad_id, device)
             recorder.begin(mask)
             if drop_kl:
-                full = family.logits(model, base(input_ids=input_ids, attention_mask=mask).last_hidden_state).float().log_softmax(-1)
-                layer_drop_kl(recorder, input_ids, mask, full)
+                full = forward(input_ids, mask, log_probs=True)
+                layer_drop_kl(recorder, forward, input_ids, mask, full)
             else:
-                base(input_ids=input_ids, attention_mask=mask)
-            recorder.commit()
-            bar.update(len(chunk))
+                forward(input_ids, mask)
+            if counted:
+                recorder.commit()
+                bar.update(len(chunk))
     finally:
         bar.close()
         recorder.remove()

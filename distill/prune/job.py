@@ -103,6 +103,12 @@ class PruneConfig:
         "auto",
         "teacher dtype of the calibration pass; auto = bf16 on GPU, fp32 on CPU (scores are kept in fp64; the student is cut from the weights in the dtype they are stored in)",
     )
+    partition: Bool = setting(
+        False,
+        "in a launch of several processes (deepspeed --num_gpus N --module distill.prune): split the teacher's parameters across "
+        "them, ZeRO-3 style (each holds about 1/N; each module gathered just before it runs), for a teacher bigger than one "
+        "device; without it every process holds the whole teacher and scores its share of the batches",
+    )
     threads: Int = setting(0, "torch CPU threads (0 = torch's default)", ge=0)
     attn_implementation: Literal["sdpa", "eager"] = setting("sdpa", "attention kernel of the teacher in the calibration pass")
     overwrite: Bool = setting(False, "replace --output if it holds a distill-prune output, once the new one is complete")
@@ -230,8 +236,9 @@ def run_prune(cfg: PruneConfig) -> dict:
     import torch  # torch: not at start-up
 
     from distill.models.build import load_teacher, resolve_dtype  # torch: not at start-up
-    from distill.prune.importance import calibrate  # torch: not at start-up
+    from distill.prune.importance import calibrate, partitioned  # torch: not at start-up
     from distill.prune.shape import ParameterCount, choose_keep, choose_layers, describe_teacher, resolve_shape  # torch: not at start-up
+    from distill.teachers.partitioned import full_parameter_bytes, local_parameter_bytes  # deepspeed: not at start-up
 
     ctx = _distributed()
     if cfg.threads:
@@ -252,7 +259,29 @@ def run_prune(cfg: PruneConfig) -> dict:
     device = _device(cfg, ctx)
     dtype = resolve_dtype(cfg.dtype, device)
     identity = content_identity(cfg.teacher)
-    model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, device)
+    world = ctx.world_size if ctx else 1
+    if cfg.partition and world < 2:
+        raise PruneRunError(
+            "--partition splits the teacher across the processes of a launch, but this is 1 process: start 2 or more "
+            "(deepspeed --num_gpus N --module distill.prune ...), or drop --partition"
+        )
+    if not cfg.scores and -(-len(indices) // cfg.batch_size) < world:
+        raise PruneRunError(
+            f"--sequences {len(indices)} in batches of {cfg.batch_size} make fewer batches than the {world} processes; "
+            f"give more sequences or a smaller --batch-size"
+        )
+    forward = None
+    if cfg.partition and not cfg.scores:
+        model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, torch.device("cpu"))  # whole in host memory, then split
+        forward = partitioned(model, family, dtype)
+        log.info(
+            "teacher partitioned across the %d processes (ZeRO-3, no optimizer): this process holds %.1f of %.1f MB",
+            world,
+            local_parameter_bytes(model) / 2**20,
+            full_parameter_bytes(model) / 2**20,
+        )
+    else:
+        model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, device)
     if cfg.scores:
         scores, scores_meta = read_scores(cfg, identity["sha256"], model, teacher.shape.num_layers)
     else:
@@ -268,8 +297,11 @@ def run_prune(cfg: PruneConfig) -> dict:
             cfg.aggregation,
             drop_kl=cfg.layer_metric == "drop_kl",
             rank=ctx.rank if ctx else 0,
-            world=ctx.world_size if ctx else 1,
+            world=world,
+            forward=forward,
+            device=device,
         )
+        timing["partitioned"] = forward is not None
         scores_meta = {
             "teacher": os.path.abspath(cfg.teacher),
             "teacher_sha256": identity["sha256"],
@@ -282,7 +314,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     if not main:
         return {}
     stored = stored_dtype(teacher_config)
-    if next(model.parameters()).dtype != stored or device.type != "cpu":  # the student is cut from the weights as stored
+    if forward is not None or next(model.parameters()).dtype != stored or device.type != "cpu":  # cut from the weights as stored
         del model
         model = load_teacher(cfg.teacher, stored, cfg.attn_implementation, torch.device("cpu"))
 

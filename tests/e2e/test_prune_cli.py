@@ -150,35 +150,28 @@ def test_scores_reused_for_another_shape_and_the_output_rule(bert_pruned, teache
     assert json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"] == 3
 
 
-def test_two_processes_share_the_calibration_and_give_the_scores_of_one(bert_pruned, teacher_dir, prepared_dir, tmp_path):
+@pytest.mark.parametrize("partition", [False, True], ids=["replicated", "partitioned"])
+def test_two_processes_share_the_calibration_and_give_the_scores_of_one(partition, bert_pruned, teacher_dir, prepared_dir, tmp_path):
+    """Each process scores every second batch and the sums are all-reduced; with --partition the teacher's parameters are split
+    across the two (ZeRO-3, each module gathered as it runs, both processes in lockstep: 3 batches, one repeated uncounted)."""
     from safetensors.torch import load_file
 
     one, _ = bert_pruned
     out = str(tmp_path / "two")
-    args = [
-        "--teacher",
-        teacher_dir,
-        "--data",
-        prepared_dir,
-        "--output",
-        out,
-        "--num-layers",
-        "3",
-        "--num-heads",
-        "2",
-        "--intermediate-size",
-        "64",
-    ]
+    shape = ["--num-layers", "3", "--num-heads", "2", "--intermediate-size", "64"]
+    args = ["--teacher", teacher_dir, "--data", prepared_dir, "--output", out, *shape, *(["--partition"] if partition else [])]
+    port = str(29871 + partition)
     log = run_log(
-        [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29871", "--module", "distill.prune", *CALIBRATION, *args]
+        [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "distill.prune", *CALIBRATION, *args]
     )
-    assert "rank 0/2" in log
+    assert "rank 0/2" in log and ("teacher partitioned across the 2 processes" in log) == partition
     a, b = load_file(os.path.join(one, "importance.safetensors")), load_file(os.path.join(out, "importance.safetensors"))
     assert set(a) == set(b)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-9, atol=1e-12, equal_nan=True, msg=name)
-    assert json.load(open(os.path.join(out, "prune.json")))["scores"]["processes"] == 2
-    assert json.load(open(os.path.join(out, "prune.json")))["kept"] == json.load(open(os.path.join(one, "prune.json")))["kept"]
+    for name in a:  # the same sums in another order (partitioned: from gathered weights, in other processes' kernels)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5 if partition else 1e-9, atol=1e-12, equal_nan=True, msg=name)
+    record = json.load(open(os.path.join(out, "prune.json")))
+    assert record["scores"]["processes"] == 2 and record["scores"]["sequences"] == 48 and record["scores"]["partitioned"] == partition
+    assert record["kept"] == json.load(open(os.path.join(one, "prune.json")))["kept"]
 
 
 @pytest.fixture(scope="module")
