@@ -199,7 +199,7 @@ def calibration_data(cfg: PruneConfig, teacher_config, family):
     return sequences, indices, pad, record
 
 
-def read_scores(cfg: PruneConfig, teacher_sha: str, teacher_model, recorder_layers: int):
+def read_scores(cfg: PruneConfig, teacher_sha: str):
     """Scores of an earlier run (--scores), bound to this teacher by its content fingerprint."""
     from distill.prune.importance import load_scores  # torch: not at start-up
 
@@ -253,38 +253,38 @@ def run_prune(cfg: PruneConfig) -> dict:
         resolve_shape(teacher, asked)  # the shape's problems before any work
     else:
         _budget(cfg, teacher, counter, lambda depth: list(range(depth)))  # a budget no shape meets, before any work
-    calibration = None
-    if not cfg.scores:
-        sequences, indices, pad, calibration = calibration_data(cfg, teacher_config, family)
-    device = _device(cfg, ctx)
-    dtype = resolve_dtype(cfg.dtype, device)
-    identity = content_identity(cfg.teacher)
     world = ctx.world_size if ctx else 1
     if cfg.partition and world < 2:
         raise PruneRunError(
             "--partition splits the teacher across the processes of a launch, but this is 1 process: start 2 or more "
             "(deepspeed --num_gpus N --module distill.prune ...), or drop --partition"
         )
-    if not cfg.scores and -(-len(indices) // cfg.batch_size) < world:
-        raise PruneRunError(
-            f"--sequences {len(indices)} in batches of {cfg.batch_size} make fewer batches than the {world} processes; "
-            f"give more sequences or a smaller --batch-size"
-        )
-    forward = None
-    if cfg.partition and not cfg.scores:
-        model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, torch.device("cpu"))  # whole in host memory, then split
-        forward = partitioned(model, family, dtype)
-        log.info(
-            "teacher partitioned across the %d processes (ZeRO-3, no optimizer): this process holds %.1f of %.1f MB",
-            world,
-            local_parameter_bytes(model) / 2**20,
-            full_parameter_bytes(model) / 2**20,
-        )
-    else:
-        model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, device)
+    identity = content_identity(cfg.teacher)
+    stored = stored_dtype(teacher_config)
+    model = None
     if cfg.scores:
-        scores, scores_meta = read_scores(cfg, identity["sha256"], model, teacher.shape.num_layers)
+        scores, scores_meta = read_scores(cfg, identity["sha256"])
     else:
+        sequences, indices, pad, calibration = calibration_data(cfg, teacher_config, family)
+        if -(-len(indices) // cfg.batch_size) < world:
+            raise PruneRunError(
+                f"--sequences {len(indices)} in batches of {cfg.batch_size} make fewer batches than the {world} processes; "
+                f"give more sequences or a smaller --batch-size"
+            )
+        device = _device(cfg, ctx)
+        dtype = resolve_dtype(cfg.dtype, device)
+        forward = None
+        if cfg.partition:
+            model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, torch.device("cpu"))  # whole in host memory, then split
+            forward = partitioned(model, family, dtype)
+            log.info(
+                "teacher partitioned across the %d processes (ZeRO-3, no optimizer): this process holds %.1f of %.1f MB",
+                world,
+                local_parameter_bytes(model) / 2**20,
+                full_parameter_bytes(model) / 2**20,
+            )
+        else:
+            model = load_teacher(cfg.teacher, dtype, cfg.attn_implementation, device)
         log.info("calibration: %d sequences of %s (%s) on %s, %s", len(indices), cfg.data, cfg.split, device, dtype)
         scores, timing = calibrate(
             model,
@@ -311,11 +311,11 @@ def run_prune(cfg: PruneConfig) -> dict:
             **timing,
         }
         log.info("calibration pass: %s s, %s tokens/s", timing["seconds"], timing["tokens_per_second"])
+        if forward is not None or device.type != "cpu" or next(model.parameters()).dtype != stored:
+            model = None  # the student is cut from the weights as stored, on the host
     if not main:
         return {}
-    stored = stored_dtype(teacher_config)
-    if forward is not None or next(model.parameters()).dtype != stored or device.type != "cpu":  # cut from the weights as stored
-        del model
+    if model is None:
         model = load_teacher(cfg.teacher, stored, cfg.attn_implementation, torch.device("cpu"))
 
     def layers_for(depth: int) -> list[int]:

@@ -128,26 +128,27 @@ def test_the_pruned_directory_is_a_model_with_its_provenance(bert_pruned, teache
     assert "importance of" in open(os.path.join(out, "importance.txt")).read()
 
 
-def test_scores_reused_for_another_shape_and_the_output_rule(bert_pruned, teacher_dir, tmp_path):
+def test_scores_reused_for_another_shape_and_the_output_rule(bert_pruned, teacher_dir, prepared_dir, tmp_path):
     from safetensors.torch import load_file
 
     first, _ = bert_pruned
     out = str(tmp_path / "depth_only")
-    log = run_log([*PRUNE, "--teacher", teacher_dir, "--scores", first, "--output", out, "--num-layers", "2", "--dtype", "bf16"])
+    log = run_log([*PRUNE, "--teacher", teacher_dir, "--scores", first, "--output", out, "--num-layers", "2"])
     assert "calibration" not in log  # no pass: the scores are the first run's
-    # the teacher was loaded in bf16 (as on a GPU), the student is cut from its weights as stored (fp32): equal to the library's
-    assert (
-        json.load(open(os.path.join(out, "prune.json")))["scores"]["sha256"]
-        == json.load(open(os.path.join(first, "prune.json")))["scores"]["sha256"]
-    )
+    scores_sha = json.load(open(os.path.join(first, "prune.json")))["scores"]["sha256"]
+    assert json.load(open(os.path.join(out, "prune.json")))["scores"]["sha256"] == scores_sha
     expected, _ = library_student(teacher_dir, os.path.join(first, "importance.safetensors"), {"num_layers": 2})
     written = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(written[k], expected.state_dict()[k]) for k in written)
     again = run([*PRUNE, "--teacher", teacher_dir, "--scores", first, "--output", out, "--num-layers", "3"], check=False)
     assert_one_line_error_of(again.returncode, again.stderr.splitlines(), "distill-prune", "already holds data", "--overwrite")
     assert json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"] == 2  # untouched
-    run([*PRUNE, "--teacher", teacher_dir, "--scores", first, "--output", out, "--num-layers", "3", "--overwrite"])
+    # replaced by a run whose calibration pass is in bf16 (as on a GPU): the student is still cut from the fp32 weights as stored
+    prune("--teacher", teacher_dir, "--data", prepared_dir, "--output", out, "--num-layers", "3", "--dtype", "bf16", "--overwrite")
     assert json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"] == 3
+    expected, _ = library_student(teacher_dir, os.path.join(out, "importance.safetensors"), {"num_layers": 3})
+    written = load_file(os.path.join(out, "model.safetensors"))
+    assert all(written[k].dtype == torch.float32 and torch.equal(written[k], expected.state_dict()[k]) for k in written)
 
 
 @pytest.mark.parametrize("partition", [False, True], ids=["replicated", "partitioned"])
