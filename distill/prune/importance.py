@@ -15,8 +15,9 @@ over its real tokens (padding excluded) of:
   skipped, the increase of the distillation loss a student without that block starts from.
 
 The per-sequence values are then aggregated over the sequences as Minitron documents: `l2` = sqrt(sum of squares) or
-`mean`. Scores are kept in float64. Several processes (a data-parallel launch) each score their share of the sequences
-and the sums are all-reduced: the same scores as one process, up to summation order.
+`mean`. Scores are kept in float64. Several processes (a launch of N) each score every N-th batch and the sums are
+all-reduced: the same scores as one process, up to summation order. The teacher is then either whole in each process or
+partitioned across them (`partitioned`: a ZeRO-3 engine without optimizer, every process running as many forwards).
 """
 
 from __future__ import annotations
