@@ -76,9 +76,8 @@ class Family:
     position_offset: Callable[[Any], int] = field(default=lambda config: 0)  # first usable position row (RoBERTa: pad + 1)
     output_transform: Callable[[Any], LogitTransform] = _identity_transform  # config -> what follows the projection in forward
     generic: bool = False  # built by the generic causal path, not registered
-    block_parts: Optional[dict] = field(
-        default=None, hash=False, compare=False
-    )  # a block's parts by name (blocks.BlockLayout fields) where the standard names miss them
+    # a block's parts by name (blocks.BlockLayout fields) where the standard names miss them (BERT's attention.self.query ...)
+    block_parts: Optional[dict] = field(default=None, hash=False, compare=False)
 
     @property
     def auto_class(self) -> str:
