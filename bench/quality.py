@@ -18,6 +18,11 @@ Protocol, on WikiText-2 from ../shared/data/ (valid.txt to train, test.txt held 
      (a) DistilBERT objective (ce 5 / mlm 2 / cos 1, T=2, ce over all tokens), teacher-layer init
      (b) MLM only, random init          (c) MLM only, teacher-layer init
      (d) as (a) with the soft-target loss at masked positions only
+     and students cut from the teacher by importance (issue 26; `distill-prune`, 1,024 calibration sequences of the
+     training split, scored once and reused):
+     (e) as (a), the teacher pruned in depth only (half its layers, the most important; (a)'s shape)
+     (f) half the teacher's hidden size (so heads), MLP and layers, pruned; soft targets + MLM
+     (g) (f)'s shape and objective at random init
   5. Every checkpoint of every run is exported and scored on the choice split (masked-LM loss): the
      held-out loss curves (PNG). The final models go through `distill-eval` on test.txt (masked-token
      accuracy, perplexity, top-1 agreement with the teacher).
@@ -51,6 +56,7 @@ TOOLS = {
     "distill-demo-assets": "distill.tools.demo_assets",
     "distill-eval": "distill.tools.evaluate",
     "distill-finetune": "distill.tools.finetune",
+    "distill-prune": "distill.prune",
 }
 
 
@@ -64,7 +70,11 @@ VARIANTS = {
     "b": ("student_b.yaml", "MLM only, random init"),
     "c": ("student_c.yaml", "MLM only, teacher init"),
     "d": ("student_d.yaml", "as (a), ce at masked only"),
+    "e": ("student_e.yaml", "as (a), depth-pruned teacher"),
+    "f": ("student_f.yaml", "half width+depth, pruned"),
+    "g": ("student_g.yaml", "half width+depth, random init"),
 }
+PRUNED = {"e": "pruned_depth", "f": "pruned_narrow"}  # the students distill-prune cuts (models/<name>), once for every seed
 
 
 @dataclass
@@ -287,6 +297,62 @@ class Runner:
         )
         return model_dir
 
+    def pruned_shape(self, v: str) -> list[str]:
+        """distill-prune's shape for student (e) (half the layers, the teacher's width) or (f)/(g) (half of every width and the layers)."""
+        t = self.scale.teacher
+        shape = ["--num-layers", str(t["layers"] // 2)]
+        if v in ("f", "g"):
+            shape += ["--hidden-size", str(t["hidden"] // 2), "--intermediate-size", str(t["intermediate"] // 2)]
+        return shape
+
+    def prune(self, v: str, teacher: str) -> str:
+        """The student (e) or (f) cut from the teacher (models/pruned_*); the scores of the first one cut are reused for the other."""
+        out = self.path("models", PRUNED[v])
+        if os.path.exists(os.path.join(out, "prune.json")):
+            return out
+        others = [
+            self.path("models", name) for name in PRUNED.values() if os.path.exists(self.path("models", name, "importance.safetensors"))
+        ]
+        source = ["--scores", others[0]] if others else ["--data", self.path("data"), "--sequences", "1024", "--batch-size", "16"]
+        log(f"distill-prune ({v}): {' '.join(self.pruned_shape(v))}" + (" (scores reused)" if others else ", calibration pass"))
+        threads = ["--threads", str(self.args.threads)] if self.args.threads else []
+        device = ["--device", "cuda" if self.args.device and self.args.device.startswith("cuda") else "cpu"] if self.args.device else []
+        self.sh(
+            [
+                *tool("distill-prune"),
+                "--teacher",
+                teacher,
+                *source,
+                "--output",
+                out,
+                *self.pruned_shape(v),
+                *threads,
+                *device,
+                "--overwrite",
+            ],
+            f"prune_{v}",
+            "prune",
+        )
+        return out
+
+    def pruning_record(self) -> dict:
+        """Each pruned student's shape, parameters and calibration pass (from its prune.json)."""
+        found = {}
+        for v, name in PRUNED.items():
+            path = self.path("models", name, "prune.json")
+            if os.path.exists(path):
+                record = json.load(open(path))
+                scores = record["scores"]
+                found[v] = {
+                    "shape": record["shape"]["student"],
+                    "params": record["params"],
+                    "layers": record["kept"]["layers"],
+                    "calibration": {
+                        k: scores.get(k) for k in ("sequences", "tokens", "seconds", "tokens_per_second", "device", "processes")
+                    },
+                }
+        return found
+
     def curve(self, name: str) -> list[dict]:
         """Held-out (choice split) masked-LM loss of every checkpoint of a run."""
         out_json = self.path("curves", name + ".json")
@@ -423,6 +489,8 @@ class Runner:
                     continue
                 plan.append((v, seed, name))
 
+        pruned = {v: self.prune(v, teacher) for v in PRUNED if v in a.variants}  # before the jobs: (f) reuses (e)'s scores
+
         def student(job: int, v: str, seed: int, name: str) -> dict:
             recipe, _ = VARIANTS[v]
             over = common + [f"train.max_steps={s.student_steps}", f"checkpoint.every_steps={s.student_eval_every}", f"seed={seed}"]
@@ -435,6 +503,15 @@ class Runner:
                 ]
             else:
                 over += [f"teacher.path={teacher}"]
+            if v in pruned:
+                over += [f"student.path={pruned[v]}"]
+            if v == "g":  # (f)'s shape: half the teacher's widths (heads of the teacher's head width) and layers
+                over += [
+                    f"student.num_layers={student_layers}",
+                    f"student.hidden_size={t['hidden'] // 2}",
+                    f"student.num_heads={t['heads'] // 2}",
+                    f"student.intermediate_size={t['intermediate'] // 2}",
+                ]
             if s.student_lr:
                 over.append(f"optim.lr={s.student_lr}")
             model = self.train(name, recipe, over + a.student_overrides, port_offset=job + 1)
@@ -457,6 +534,7 @@ class Runner:
         runs["teacher"]["test"] = self.mlm_eval("teacher", teacher, None)
         runs["teacher"]["sst2"] = self.finetune("teacher", teacher)
         result = self.summarise(runs)
+        result["pruning"] = self.pruning_record()
         result["wall_seconds_this_invocation"] = time.time() - t_start
         result["stage_seconds_this_invocation"] = self.timings
         return result
@@ -563,6 +641,13 @@ class Runner:
                         checks[f"a_beats_{other}_sst2_by_more_than_seed_spread"] = (a["sst2_mean"] - o["sst2_mean"]) > max(
                             a["sst2_spread"], o["sst2_spread"]
                         )
+        for cut, same_shape in (("e", "a"), ("f", "g")):  # issue 26: does pruning beat its baseline of the same shape?
+            if cut in rows and same_shape in rows:
+                c_row, s_row = rows[cut], rows[same_shape]
+                spread = max(c_row["mask_acc_spread"], s_row["mask_acc_spread"])
+                checks[f"{cut}_beats_{same_shape}_mask_acc_by_more_than_seed_spread"] = (
+                    c_row["mask_acc_mean"] - s_row["mask_acc_mean"]
+                ) > spread
         curve = teacher["curve"]
         flat = None
         if len(curve) >= 4:
@@ -620,6 +705,12 @@ def render_table(result: dict) -> str:
         )
     for name, ok in result["checks"].items():
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    for v, p in (result.get("pruning") or {}).items():
+        c = p["calibration"]
+        lines.append(
+            f"({v}) cut by distill-prune: {p['params']['student']:,} parameters ({p['params']['fraction']:.1%} of the teacher), teacher layers "
+            f"{p['layers']}; calibration {c['sequences']} sequences, {c['tokens']:,} tokens in {c['seconds']} s ({c['tokens_per_second']} tokens/s, {c['device']})"
+        )
     return "\n".join(lines)
 
 
@@ -632,7 +723,16 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         log("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    colors = {"teacher": "black", "a": "tab:blue", "b": "tab:red", "c": "tab:orange", "d": "tab:green"}
+    colors = {
+        "teacher": "black",
+        "a": "tab:blue",
+        "b": "tab:red",
+        "c": "tab:orange",
+        "d": "tab:green",
+        "e": "tab:purple",
+        "f": "tab:brown",
+        "g": "tab:gray",
+    }
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, r in result["runs"].items():
         pts = r["curve"]

@@ -170,9 +170,9 @@ class LossConfig:
     ce_positions: Literal["all", "masked"] = setting(
         "all", "positions of the soft-target loss: all non-padding tokens (the DistilBERT release) or masked tokens only"
     )
-    layer_map: Literal["spread", "every_other", "first", "last", "uniform"] = setting(
-        "uniform",
-        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/models/layer_map.py)",
+    layer_map: Optional[Literal["spread", "every_other", "first", "last", "uniform", "pruned"]] = setting(
+        None,
+        "teacher layer distilled into each student layer by the layer-wise losses (pkd, tinybert_*): uniform = TinyBERT's g(m)=m*N/M and PKD-Skip, last = PKD-Last, first, every_other, spread (see distill/models/layer_map.py); pruned = the teacher layer each layer of a pruned student was cut from (student.path written by distill-prune: its prune.json); null = pruned for a pruned student, else uniform",
     )
     layer_map_layers: Optional[list[Annotated[Int, Field(ge=0)]]] = setting(
         None, "explicit teacher layers (0-based), one per student layer; overrides loss.layer_map"

@@ -15,8 +15,8 @@ neurons, experts, norms) builds on the same layout. A family whose blocks use ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
 
 from torch import nn
 
@@ -28,7 +28,7 @@ FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv")
 OUT = ("o_proj", "out_proj", "dense", "c_proj", "out_lin")
 Q_NORM, K_NORM = ("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")
 MLP = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
-GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3", "c_fc", "fc1"), ("down_proj", "w2", "c_proj", "fc2")
+GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3", "c_fc", "fc1", "lin1"), ("down_proj", "w2", "c_proj", "fc2", "lin2")
 FUSED_GATE_UP = ("gate_up_proj",)
 EXPERTS, ROUTER, SHARED_EXPERT = ("experts",), ("gate", "router"), ("shared_expert", "shared_experts", "shared_mlp")
 LOOKED_FOR = {
@@ -111,10 +111,14 @@ def _is_norm(name: str, module: nn.Module) -> bool:
     return "norm" in kind or "norm" in name.lower() or name.startswith("ln_")
 
 
-def block_layout(block: nn.Module) -> BlockLayout:
+def block_layout(block: nn.Module, names: Optional[Mapping[str, Any]] = None) -> BlockLayout:
     """The parts of decoder block `block` by the standard names (see the module docstring); a one-line FamilyError when it
-    has no attention module, no output projection in it, or no MLP / mixture of experts."""
+    has no attention module, no output projection in it, or no MLP / mixture of experts. `names`: a family's own part
+    names (its `Family.block_parts`, e.g. BERT's nested attention.self.query), taken as they are instead."""
     kind = type(block).__name__
+    if names is not None:
+        given = {f.name: None for f in fields(BlockLayout) if f.name != "block"}
+        return BlockLayout(block=kind, **{**given, "norms": (), **names})
     attention = _child(block, ATTENTION)
     if attention is None:
         raise FamilyError(
@@ -163,3 +167,13 @@ def block_layout(block: nn.Module) -> BlockLayout:
         shared_expert=_joined(mlp_name, shared),
         norms=norms,
     )
+
+
+def family_block_layout(family: Any, block: nn.Module) -> BlockLayout:
+    """The layout of `block` of a model of `family` (a distill.models.families.Family): its `block_parts`, else by the standard names."""
+    return block_layout(block, getattr(family, "block_parts", None))
+
+
+def parts(layout: BlockLayout) -> dict[str, str]:
+    """The layout's named parts (field -> dotted name), the ones present only."""
+    return {f.name: getattr(layout, f.name) for f in fields(layout) if isinstance(getattr(layout, f.name), str) and f.name != "block"}

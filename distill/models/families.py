@@ -76,6 +76,8 @@ class Family:
     position_offset: Callable[[Any], int] = field(default=lambda config: 0)  # first usable position row (RoBERTa: pad + 1)
     output_transform: Callable[[Any], LogitTransform] = _identity_transform  # config -> what follows the projection in forward
     generic: bool = False  # built by the generic causal path, not registered
+    # a block's parts by name (blocks.BlockLayout fields) where the standard names miss them (BERT's attention.self.query ...)
+    block_parts: Optional[dict] = field(default=None, hash=False, compare=False)
 
     @property
     def auto_class(self) -> str:
@@ -294,6 +296,17 @@ def _distilbert_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 _BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
+_BERT_BLOCK = {
+    "attention": "attention",
+    "q": _BERT_QKV[0],
+    "k": _BERT_QKV[1],
+    "v": _BERT_QKV[2],
+    "o": "attention.output.dense",
+    "mlp": "intermediate",
+    "up": "intermediate.dense",
+    "down": "output.dense",
+    "norms": ("attention.output.LayerNorm", "output.LayerNorm"),
+}
 
 BERT = register(
     Family(
@@ -303,6 +316,7 @@ BERT = register(
         base="bert",
         layers="encoder.layer",
         qkv=_BERT_QKV,
+        block_parts=_BERT_BLOCK,
         head_transform=lambda m, h: m.cls.predictions.transform(h),
         projection=lambda m: m.cls.predictions.decoder,
         shape=_bert_shape,
@@ -318,6 +332,7 @@ ROBERTA = register(
         base="roberta",
         layers="encoder.layer",
         qkv=_BERT_QKV,
+        block_parts=_BERT_BLOCK,
         head_transform=lambda m, h: m.lm_head.layer_norm(torch.nn.functional.gelu(m.lm_head.dense(h))),
         projection=lambda m: m.lm_head.decoder,
         shape=_bert_shape,

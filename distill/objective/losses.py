@@ -39,6 +39,7 @@ class LossContext:
     layer_map: tuple = ()  # teacher layer (0-based) distilled into each student layer, one per student layer
     attention_teacher_layer: int = -1  # MiniLM: the teacher layer (0-based, resolved) mimicked by the student's last layer
     vocab_size: Optional[int] = None  # the tokenizer's real vocabulary: logit losses ignore the rows a head is padded with
+    teacher_channels: Optional[tuple] = None  # a width-pruned student: the teacher's hidden channels it kept (its prune.json)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -163,10 +164,13 @@ def logit_divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, 
 
 def _same_width(name: str):
     def check(ctx: LossContext) -> Optional[str]:
+        if ctx.teacher_channels is not None:
+            return None  # a width-pruned student: compared with the teacher's kept channels
         if ctx.teacher and ctx.student and ctx.teacher.hidden_size != ctx.student.hidden_size:
             return (
                 f"loss '{name}' compares hidden states directly and needs the teacher's width {ctx.teacher.hidden_size}, the student has "
-                f"{ctx.student.hidden_size}; set loss.weights.{name}=0 (or use the projected tinybert_* losses)"
+                f"{ctx.student.hidden_size}; set loss.weights.{name}=0 (or use the projected tinybert_* losses, or a student pruned from "
+                f"this teacher by distill-prune: its kept channels are compared)"
             )
         return None
 
@@ -223,9 +227,24 @@ def causal_lm_loss(teacher: Optional[ModelOutputs], student: ModelOutputs, batch
     return masked_lm_loss(teacher, student, batch, cfg)
 
 
+_CHANNELS: dict = {}  # (channels, device) -> index tensor: a width-pruned student's kept teacher channels, made once per device
+
+
+def kept_channels(hidden: torch.Tensor, cfg) -> torch.Tensor:
+    """The teacher's hidden states (..., H) on the channels a width-pruned student kept (all of them otherwise)."""
+    channels = getattr(cfg, "teacher_channels", None)
+    if channels is None:
+        return hidden
+    key = (channels, hidden.device)
+    if key not in _CHANNELS:
+        _CHANNELS[key] = torch.tensor(channels, dtype=torch.long, device=hidden.device)
+    return hidden.index_select(-1, _CHANNELS[key])
+
+
 @register("cos", needs_teacher=True, check=_same_width("cos"))
 def cosine_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
-    """1 - cos(student, teacher) of last hidden states, averaged over non-padding tokens."""
+    """1 - cos(student, teacher) of last hidden states, averaged over non-padding tokens (a width-pruned student: against the
+    teacher's kept channels)."""
     if batch.token_positions is not None:  # the same rows, gathered by positions known on the host (no device read)
         s_hidden = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, batch.token_positions).float()
         t_hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, batch.token_positions).float()
@@ -233,7 +252,7 @@ def cosine_hidden_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batc
         mask = batch.attention_mask.bool()
         s_hidden = student.hidden[mask].float()
         t_hidden = teacher.hidden[mask].float()
-    return (1.0 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
+    return (1.0 - F.cosine_similarity(s_hidden, kept_channels(t_hidden, cfg), dim=-1)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,10 +281,11 @@ def _all_student_layers(ctx: LossContext) -> Needs:
 def patient_loss(teacher: ModelOutputs, student: ModelOutputs, batch: Batch, cfg) -> torch.Tensor:
     """Patient-KD (Sun et al., 2019): MSE between the L2-normalised [CLS] (position 0) hidden states of
     student layer j and teacher layer g(j), over the pairs `cfg.pkd_pairs`; the mean over (batch, layers,
-    features) as in the released code (F.mse_loss of the normalised (B, layers, H) stacks)."""
+    features) as in the released code (F.mse_loss of the normalised (B, layers, H) stacks). A width-pruned student:
+    against the teacher's kept channels."""
     pairs = cfg.pkd_pairs
     s_cls = torch.stack([student.hidden_states[j + 1][:, 0] for j, _ in pairs], dim=1).float()
-    t_cls = torch.stack([teacher.hidden_states[t + 1][:, 0] for _, t in pairs], dim=1).float()
+    t_cls = kept_channels(torch.stack([teacher.hidden_states[t + 1][:, 0] for _, t in pairs], dim=1).float(), cfg)
     return F.mse_loss(F.normalize(s_cls, p=2, dim=-1), F.normalize(t_cls, p=2, dim=-1))
 
 

@@ -17,6 +17,7 @@ from distill.model_outputs import ModelShape
 from distill.models.build import AttentionCapture, model_forward, router_aux_coefficient
 from distill.models.families import FamilyError, family_of
 from distill.models.layer_map import LayerMapError, resolve_layers
+from distill.models.provenance import Provenance
 from distill.objective.head_loss import ChunkedLogitLoss
 from distill.objective.losses import (
     Batch,
@@ -44,32 +45,69 @@ def shape_of(model_or_config: Any) -> ModelShape:
         raise ConfigError(str(exc)) from None
 
 
+def pruned_from(provenance: Optional[Provenance], teacher: ModelShape, student: ModelShape) -> bool:
+    """Whether `provenance` (a pruned student's prune.json) maps this student onto this teacher: the teacher has the depth and
+    width the student was cut from, and the student has one recorded teacher layer per layer (and one kept channel per channel)."""
+    if provenance is None:
+        return False
+    record = provenance.record["shape"]["teacher"]
+    channels = provenance.hidden_channels
+    return (
+        record["num_layers"] == teacher.num_layers
+        and record["hidden_size"] == teacher.hidden_size
+        and len(provenance.layers) == student.num_layers
+        and (len(channels) if channels is not None else teacher.hidden_size) == student.hidden_size
+    )
+
+
 class Objective:
     """`teacher` and `student` are models, or only their Hugging Face configs (shapes are all the checks need).
 
     `vocab_size`: the tokenizer's real vocabulary (logit losses ignore padded head rows). `chunked`: compute the logit
     losses in one chunked sweep from hidden states and LM-head weights (`student_logit_loss` builds the student's side)."""
 
-    def __init__(self, loss_cfg, teacher: Optional[Any], student: Any, vocab_size: Optional[int] = None, chunked: bool = False):
+    def __init__(
+        self,
+        loss_cfg,
+        teacher: Optional[Any],
+        student: Any,
+        vocab_size: Optional[int] = None,
+        chunked: bool = False,
+        provenance: Optional[Provenance] = None,
+    ):
         self.weights = loss_cfg.weights
         t_shape = shape_of(teacher) if teacher is not None else None
         s_shape = shape_of(student)
         problems = []
         layer_map: tuple = ()
         attention_layer = -1
+        channels = None
         if t_shape is not None:
-            try:
-                layer_map = tuple(
-                    resolve_layers(
-                        loss_cfg.layer_map,
-                        t_shape.num_layers,
-                        s_shape.num_layers,
-                        loss_cfg.layer_map_layers,
-                        key="loss.layer_map_layers" if loss_cfg.layer_map_layers else "loss.layer_map",
+            pruned = pruned_from(provenance, t_shape, s_shape)
+            strategy = loss_cfg.layer_map or ("pruned" if pruned else "uniform")
+            if loss_cfg.layer_map_layers is None and strategy == "pruned":
+                if pruned:
+                    layer_map = tuple(provenance.layers)
+                else:
+                    problems.append(
+                        "loss.layer_map=pruned pairs each student layer with the teacher layer it was cut from: it needs a student.path "
+                        "written by distill-prune from a teacher of this shape (its prune.json); use another loss.layer_map"
                     )
-                )
-            except LayerMapError as exc:
-                problems.append(str(exc))
+            else:
+                try:
+                    layer_map = tuple(
+                        resolve_layers(
+                            strategy,
+                            t_shape.num_layers,
+                            s_shape.num_layers,
+                            loss_cfg.layer_map_layers,
+                            key="loss.layer_map_layers" if loss_cfg.layer_map_layers else "loss.layer_map",
+                        )
+                    )
+                except LayerMapError as exc:
+                    problems.append(str(exc))
+            if pruned and provenance.width_pruned:
+                channels = provenance.hidden_channels  # cos / pkd compare the student with the teacher's kept channels
             attention_layer = loss_cfg.attention_teacher_layer
             if not -t_shape.num_layers <= attention_layer < t_shape.num_layers:
                 problems.append(f"loss.attention_teacher_layer={attention_layer} is out of range for a {t_shape.num_layers}-layer teacher")
@@ -81,6 +119,7 @@ class Objective:
             layer_map=layer_map,
             attention_teacher_layer=attention_layer,
             vocab_size=vocab_size,
+            teacher_channels=channels,
         )
         self.plan, plan_problem = logit_plan(self.weights)
         if plan_problem and chunked:
@@ -129,6 +168,8 @@ class Objective:
             parts.append(f"the student's router load-balancing loss x{self.router_aux_coef:g} (its router_aux_loss_coef)")
         if self.ctx.layer_map:
             parts.append(f"layer map (student -> teacher) {list(self.ctx.layer_map)}")
+        if self.ctx.teacher_channels is not None:
+            parts.append(f"hidden states compared on the teacher's {len(self.ctx.teacher_channels)} kept channels")
         for side, needs in (("teacher", self.teacher_needs), ("student", self.student_needs)):
             extra = [name for name, on in (("hidden states", needs.hidden_states), ("projected states", needs.projected)) if on]
             if needs.attention_layers:

@@ -12,6 +12,7 @@ import sys
 from data_prep.config import PrepConfig
 from distill.cache.settings import CacheConfig
 from distill.config import Config
+from distill.prune.job import PruneConfig
 from distill.tools.evaluate import EvalConfig
 from distill.tools.export import ExportConfig
 from distill.tools.finetune import FinetuneConfig
@@ -21,6 +22,7 @@ COMMANDS = (
     ("distill-prep", PrepConfig),
     ("distill-train", Config),
     ("distill-cache", CacheConfig),
+    ("distill-prune", PruneConfig),
     ("distill-export", ExportConfig),
     ("distill-eval", EvalConfig),
     ("distill-finetune", FinetuneConfig),

@@ -42,6 +42,8 @@ from distill.models.build import (
     resolve_dtype,
     student_config,
 )
+from distill.models.fingerprint import content_identity
+from distill.models.provenance import Provenance, read_provenance
 from distill.objective.objective import Objective
 from distill.teachers.cache import cache_teacher_config, check_cache
 from distill.teachers.partitioned import partition_problems, zero3_inference_config
@@ -196,6 +198,7 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
         if layers is not None and pf.attempt(lambda: check_init(student, pf.teacher_config, layers) or True):
             pf.init_layers = layers
     pf.attempt(lambda: check_data_fits(student, pf.manifest.packing))
+    provenance = pf.attempt(lambda: pruned_student(cfg))
     pf.objective = pf.attempt(
         lambda: Objective(
             cfg.loss,
@@ -203,6 +206,29 @@ def preflight(cfg: Config, world_size: int, device: torch.device) -> RunPlan:
             student,
             vocab_size=pf.manifest.tokenizer.vocab_size,
             chunked=cfg.loss.chunked_logits and cfg.train.logits_where_needed,
+            provenance=provenance,
         )
     )
     return pf
+
+
+def pruned_student(cfg: Config) -> Optional[Provenance]:
+    """The provenance of a student.path written by distill-prune (None for any other student): the layer-wise losses pair
+    its layers with the teacher layers they were cut from. A teacher other than the one it was cut from (by content) is
+    said once: the recorded layers and channels are used as they are (a fine-tuned teacher of the same shape is a fair use)."""
+    provenance = read_provenance(cfg.student.path) if cfg.student.path else None
+    if provenance is None:
+        return None
+    if cfg.teacher.path and provenance.teacher_sha256:
+        now = content_identity(cfg.teacher.path, provenance.teacher_files)["sha256"]
+        if now != provenance.teacher_sha256:
+            log.warning(
+                "student.path %s was pruned from another teacher (%s, content sha256 %s; teacher.path has %s): its prune.json's layer "
+                "map and kept channels are used as recorded",
+                cfg.student.path,
+                provenance.teacher_path,
+                provenance.teacher_sha256[:12],
+                now[:12],
+            )
+    log.info("student.path %s: pruned from %s, teacher layers %s", cfg.student.path, provenance.teacher_path, list(provenance.layers))
+    return provenance

@@ -23,6 +23,7 @@ LAYERS = (
     "distill.teachers",
     "distill.train",
     "distill.cache",
+    "distill.prune",
     "distill.tools",
     "distill.cli",
     "distill.__main__",

@@ -79,3 +79,17 @@ def test_summary_teacher_with_zero_accuracy_skips_the_ratio_check(runner):
     assert result["rows"]["a"]["mask_acc_retained"] is None
     assert "a_keeps_97pct_mask_acc" not in result["checks"]
     quality.render_table(result)  # renders without a ratio
+
+
+def test_summary_compares_pruned_students_with_their_baselines(runner):
+    """Issue 26: (e) against (a) (the same shape, layers by importance vs evenly spaced), (f) against (g) (pruned vs random init)."""
+    runs = {"teacher": scored(0.25, 200.0, None, None)}
+    for seed, (a, e, f, g) in enumerate([(0.18, 0.19, 0.15, 0.10), (0.182, 0.184, 0.151, 0.11)], start=1):
+        for variant, acc in (("a", a), ("e", e), ("f", f), ("g", g)):
+            runs[f"{variant}_seed{seed}"] = scored(acc, 500.0, 0.4, None, variant=variant, seed=seed)
+    result = runner.summarise(runs)
+    checks = result["checks"]
+    assert result["rows"]["e"]["mask_acc_spread"] == pytest.approx(0.006)
+    assert checks["e_beats_a_mask_acc_by_more_than_seed_spread"] is False  # 0.187 - 0.181 = 0.006: not more than (e)'s spread
+    assert checks["f_beats_g_mask_acc_by_more_than_seed_spread"] is True  # 0.1505 - 0.105 > 0.01
+    assert "(e) as (a), depth-pruned teacher" in quality.render_table(result)
