@@ -1,4 +1,5 @@
-"""Fixtures for tests/e2e only (assets made by real CLIs); every test under tests/e2e/ carries the `e2e` marker."""
+"""Fixtures for tests/e2e only (assets made by real CLIs, once per session: a test that changes one works on a copy, and
+writes beside one only under a name of its own); every test under tests/e2e/ carries the `e2e` marker."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory, corpus_dir):
     """The first 1500 lines of each demo corpus file."""
     out = tmp_path_factory.mktemp("small_corpus")
@@ -54,7 +55,7 @@ def small_corpus(tmp_path_factory, corpus_dir):
     return str(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bpe_data(tmp_path_factory, small_corpus):
     """A byte-level BPE tokenizer (<|endoftext|> as BOS/EOS/pad) and the small corpus prepared for causal LMs with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -93,7 +94,7 @@ def bpe_data(tmp_path_factory, small_corpus):
     return tokenizer, data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def assets(tmp_path_factory, corpus_dir):
     """A byte-level BPE tokenizer (vocab 320), ~100 rows of causal data (48 tokens), a tiny random Llama teacher."""
     root = tmp_path_factory.mktemp("cache_assets")
@@ -124,7 +125,7 @@ def assets(tmp_path_factory, corpus_dir):
     return {"root": root, "data": data, "teacher": teacher, "tokenizer": tokenizer, "vocab": len(tokenizer)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_cache(assets):
     out = assets["root"] / "cache_k8"
     cache(assets, out, "--workers", "1", "--k", "8")
