@@ -99,7 +99,22 @@ def logits(model, ids, mask=None):
 
 IDS = torch.tensor([[5, 17, 33, 8, 91, 4, 60, 12, 7, 3], [9, 44, 2, 81, 16, 5, 70, 3, 3, 3]])
 MASK = torch.tensor([[1] * 10, [1] * 7 + [0] * 3])
-FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "qwen3", "qwen3_moe", "mixtral", "phi3"]
+FAMILIES = [
+    "bert",
+    "roberta",
+    "distilbert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "granite",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,15 +131,14 @@ def test_keeping_everything_reproduces_the_teacher_bit_for_bit(name):
 
 
 # the modules whose input is the heads' outputs / the MLP neurons, named here per family (not through blocks.py)
-HEADS_OUT = {"llama": "self_attn.o_proj", "qwen3": "self_attn.o_proj", "phi3": "self_attn.o_proj"}
+GENERIC = ["llama", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "granite"]
+HEADS_OUT = {name: "self_attn.o_proj" for name in GENERIC}
 NEURONS_IN = {
     "bert": "output.dense",
     "roberta": "output.dense",
     "distilbert": "ffn.lin2",
     "gpt2": "mlp.c_proj",
-    "llama": "mlp.down_proj",
-    "qwen3": "mlp.down_proj",
-    "phi3": "mlp.down_proj",
+    **{name: "mlp.down_proj" for name in GENERIC},
 }
 
 
@@ -158,7 +172,7 @@ def zeroing(teacher, keep, heads: bool):
     return handles
 
 
-@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "gpt2", "llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "gpt2", *GENERIC])
 def test_pruning_heads_and_neurons_equals_the_teacher_with_them_zeroed(name):
     teacher = teacher_of(name)
     generic = name in HEADS_OUT
