@@ -268,13 +268,9 @@ def partitioned(model: nn.Module, family: Family, config: dict):
     """A DeepSpeed ZeRO-3 engine without optimizer over the teacher loaded by `load_partitioned` (every parameter split
     across the processes of the launch, each module's gathered just before it runs; `config`: distill/teachers/partitioned.py's
     `zero3_inference_config`)."""
-    import deepspeed  # deepspeed: not at start-up
+    from distill.teachers.partitioned import inference_engine  # deepspeed (via distill.teachers): not at start-up
 
-    wrapper = TeacherPass(model, family)
-    deepspeed.zero.Init(module=wrapper, config_dict_or_path=config)
-    engine, _, _, _ = deepspeed.initialize(model=wrapper, config=config, dist_init_required=False)
-    engine.eval()
-    return engine
+    return inference_engine(TeacherPass(model, family), config)
 
 
 def layer_drop_kl(recorder: ImportanceRecorder, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, full: torch.Tensor) -> None:

@@ -83,13 +83,19 @@ def partition(model: nn.Module, ds_config: dict) -> tuple[Any, _TeacherForward]:
     """Wrap `model` in a stage-3 engine without optimizer, its parameters split across the ranks: already partitioned
     by `load_partitioned`, or (a model built whole) each moved to the device and partitioned in turn by
     deepspeed.zero.Init. Returns (engine, wrapper)."""
+    wrapper = _TeacherForward(model)
+    return inference_engine(wrapper, ds_config), wrapper
+
+
+def inference_engine(module: nn.Module, ds_config: dict) -> Any:
+    """A stage-3 DeepSpeed engine without optimizer around `module` (its parameters partitioned, each submodule's
+    gathered just before it runs), in eval mode: one forward call of the engine per batch."""
     import deepspeed  # deepspeed: not at start-up
 
-    wrapper = _TeacherForward(model)
-    deepspeed.zero.Init(module=wrapper, config_dict_or_path=ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=wrapper, config=ds_config, dist_init_required=False)
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False)
     engine.eval()
-    return engine, wrapper
+    return engine
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
